@@ -1,0 +1,176 @@
+//! Building and running the service: [`App::build`] turns a config and a key
+//! into a bound listener and a router; [`App::run_until`] serves until a
+//! shutdown future resolves, then drains for at most the grace period.
+//! Binding happens in `build` so callers (tests) can use port 0 and ask for
+//! the real address.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, middleware};
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::{
+    cache::LocalCache,
+    config::{self, Config},
+    key::HashtagRules,
+    observe,
+    proxy::Proxy,
+    routes,
+    upstream::Upstream,
+};
+
+/// Why the service could not start. Messages never contain the API key.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build the upstream HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Shared, read-only state of the running service (cheap to clone).
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+struct Shared {
+    proxy: Proxy,
+    rules: HashtagRules,
+    allow_client_refresh: bool,
+    ready: AtomicBool,
+}
+
+impl AppState {
+    /// The cache/single-flight/upstream pipeline.
+    pub fn proxy(&self) -> &Proxy {
+        &self.0.proxy
+    }
+
+    /// The hashtag route's parameter rules and TTLs.
+    pub fn rules(&self) -> &HashtagRules {
+        &self.0.rules
+    }
+
+    /// Whether clients may force a refresh with `Cache-Control: no-cache`.
+    pub fn allow_client_refresh(&self) -> bool {
+        self.0.allow_client_refresh
+    }
+
+    /// True while serving; false before start and while draining.
+    pub fn is_ready(&self) -> bool {
+        self.0.ready.load(Ordering::Relaxed)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.0.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+/// A built, bound, not yet running service.
+pub struct App {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: Router,
+    state: AppState,
+    shutdown_grace: Duration,
+}
+
+impl App {
+    /// Validates `config`, builds the pipeline and binds the listener.
+    pub async fn build(config: Config, api_key: SecretString) -> Result<Self, StartupError> {
+        config.validate()?;
+        if !config::is_valid_api_key(&api_key) {
+            return Err(config::ConfigError::BadApiKey("the caller").into());
+        }
+        let upstream = Upstream::new(&config.upstream, api_key)?;
+        let state = AppState(Arc::new(Shared {
+            proxy: Proxy::new(LocalCache::new(config.cache.max_bytes), upstream),
+            rules: HashtagRules::from_config(&config),
+            allow_client_refresh: config.cache.allow_client_refresh,
+            ready: AtomicBool::new(false),
+        }));
+        let router = routes::router(state.clone())
+            .layer(middleware::from_fn(observe::request_context))
+            .layer(CatchPanicLayer::new());
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            local_addr,
+            router,
+            state,
+            shutdown_grace: config.server.shutdown_grace,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Shared state, e.g. to inspect the cache.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets
+    /// in-flight requests finish for at most the configured grace period.
+    pub async fn run_until<F>(self, shutdown: F) -> std::io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Self {
+            listener,
+            local_addr,
+            router,
+            state,
+            shutdown_grace,
+        } = self;
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal_state = state.clone();
+        let signal = async move {
+            shutdown.await;
+            signal_state.set_ready(false);
+            let _ = draining_tx.send(());
+        };
+        state.set_ready(true);
+        tracing::info!(%local_addr, "listening");
+        let server = axum::serve(listener, router).with_graceful_shutdown(signal);
+        let grace = async move {
+            if draining_rx.await.is_ok() {
+                tokio::time::sleep(shutdown_grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = server => {
+                tracing::info!("stopped");
+                result
+            }
+            () = grace => {
+                tracing::warn!(?shutdown_grace, "grace period over; dropping remaining connections");
+                Ok(())
+            }
+        }
+    }
+}

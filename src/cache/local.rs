@@ -1,0 +1,73 @@
+//! The in-process tier: a moka cache bounded by stored body bytes, with each
+//! entry expiring after its own TTL.
+
+use std::{sync::Arc, time::Duration};
+
+use moka::{Expiry, future::Cache};
+
+use super::{CacheKey, Entry};
+
+/// In-memory cache of successful answers. Cloning shares the same store.
+#[derive(Clone)]
+pub struct LocalCache {
+    inner: Cache<CacheKey, Arc<Entry>>,
+}
+
+/// Per-entry expiry: routes choose TTLs per key (e.g. per period).
+struct EntryTtl;
+
+impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        entry: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(entry.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        entry: &Arc<Entry>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.ttl)
+    }
+}
+
+impl LocalCache {
+    /// A cache holding at most `max_bytes` of keys and bodies.
+    pub fn new(max_bytes: u64) -> Self {
+        let inner = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|key: &CacheKey, entry: &Arc<Entry>| {
+                let bytes = key.path_and_query().len() + entry.body.len();
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            })
+            .expire_after(EntryTtl)
+            .build();
+        Self { inner }
+    }
+
+    /// The fresh entry for `key`, if any.
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.inner.get(key).await
+    }
+
+    /// Stores (or replaces) the entry for `key`.
+    pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+        self.inner.insert(key, entry).await;
+    }
+
+    /// Number of entries (approximate until pending maintenance runs).
+    pub fn entry_count(&self) -> u64 {
+        self.inner.entry_count()
+    }
+
+    /// Stored bytes (approximate until pending maintenance runs).
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.weighted_size()
+    }
+}

@@ -1,0 +1,82 @@
+//! Response headers that describe where an answer came from: RFC 9211
+//! `Cache-Status`, `Age` and `Cache-Control`. Constant values are built once.
+
+use std::time::SystemTime;
+
+use axum::http::{
+    HeaderMap, HeaderValue,
+    header::{AGE, CACHE_CONTROL},
+};
+
+use crate::cache::Entry;
+
+/// `Cache-Status` header name (RFC 9211).
+pub const CACHE_STATUS: &str = "cache-status";
+
+/// How a cached answer reached this client. Also a log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheState {
+    /// Served from the cache, no upstream call.
+    Hit,
+    /// This request's miss fetched and stored the answer.
+    Stored,
+    /// This request waited on another request's fetch (single flight).
+    Collapsed,
+    /// The client asked for a refresh (`Cache-Control: no-cache`, when allowed).
+    Refreshed,
+}
+
+impl CacheState {
+    /// Bounded label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Stored => "stored",
+            Self::Collapsed => "collapsed",
+            Self::Refreshed => "refreshed",
+        }
+    }
+}
+
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
+/// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in the cache.
+pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry) {
+    let now = SystemTime::now();
+    let ttl = entry.remaining_ttl(now).as_secs();
+    let status = match state {
+        CacheState::Hit => format_value(format_args!("keyapi-proxy; hit; ttl={ttl}")),
+        CacheState::Stored => HeaderValue::from_static("keyapi-proxy; fwd=uri-miss; stored"),
+        CacheState::Collapsed => HeaderValue::from_static("keyapi-proxy; fwd=uri-miss; collapsed"),
+        CacheState::Refreshed => HeaderValue::from_static("keyapi-proxy; fwd=request; stored"),
+    };
+    headers.insert(CACHE_STATUS, status);
+    headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
+    headers.insert(
+        CACHE_CONTROL,
+        format_value(format_args!("public, max-age={ttl}")),
+    );
+}
+
+/// Marks an answer that went upstream and was not stored. `fwd_status` is the
+/// upstream's HTTP status when it answered; otherwise `detail` says why not.
+pub fn set_forwarded_uncached(headers: &mut HeaderMap, fwd_status: Option<u16>, detail: &str) {
+    let status = match fwd_status {
+        Some(code) => format_value(format_args!(
+            "keyapi-proxy; fwd=uri-miss; fwd-status={code}"
+        )),
+        None => format_value(format_args!("keyapi-proxy; fwd=uri-miss; detail={detail}")),
+    };
+    headers.insert(CACHE_STATUS, status);
+    set_no_store(headers);
+}
+
+/// `Cache-Control: no-store`: for answers that must not be kept by anyone.
+pub fn set_no_store(headers: &mut HeaderMap) {
+    headers.insert(CACHE_CONTROL, NO_STORE);
+}
+
+fn format_value(args: std::fmt::Arguments<'_>) -> HeaderValue {
+    // Only ever formatted from ASCII literals and integers.
+    HeaderValue::try_from(args.to_string()).unwrap_or(HeaderValue::from_static("keyapi-proxy"))
+}

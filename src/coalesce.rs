@@ -1,0 +1,116 @@
+//! Single flight: concurrent requests for one key share one fetch.
+//!
+//! The first caller (the leader) spawns the fetch as its own task, so a caller
+//! that disconnects cancels nothing: the fetch finishes and every waiter gets
+//! its result. The in-flight slot is removed when the task ends, even if it
+//! panics (a drop guard, as in pingora-cache's `lock.rs`), so a failed fetch is
+//! shared only with the waiters of that moment and the next request tries again.
+//!
+//! Note: moka's `try_get_with` would re-run the loader in another waiter when
+//! the first caller is dropped — a second paid call — hence this module.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::Hash,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use tokio::sync::watch;
+
+/// Whether this caller started the fetch or joined one already running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+/// The fetch task ended without producing a value (it panicked or the runtime
+/// is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the shared fetch ended without a result")]
+pub struct Abandoned;
+
+type Slot<V> = watch::Receiver<Option<V>>;
+
+/// Map of in-flight fetches, one per key.
+pub struct Coalescer<K, V> {
+    inflight: Mutex<HashMap<K, Slot<V>>>,
+}
+
+impl<K, V> Default for Coalescer<K, V> {
+    fn default() -> Self {
+        Self {
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K, V> Coalescer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Returns the result of the one fetch for `key`, starting it with `fetch`
+    /// if none is running. `fetch` is only called by the leader.
+    pub async fn run<F, Fut>(self: &Arc<Self>, key: K, fetch: F) -> Result<(V, Role), Abandoned>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V> + Send + 'static,
+    {
+        let (mut rx, role) = {
+            let mut inflight = self.lock();
+            match inflight.get(&key) {
+                Some(rx) => (rx.clone(), Role::Follower),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(key.clone(), rx.clone());
+                    let guard = SlotGuard {
+                        owner: Arc::clone(self),
+                        key,
+                    };
+                    let fut = fetch();
+                    tokio::spawn(async move {
+                        let value = fut.await;
+                        // Publish first, then free the slot (guard drop): nobody
+                        // can start a second fetch while waiters lack the value.
+                        tx.send_replace(Some(value));
+                        drop(guard);
+                    });
+                    (rx, Role::Leader)
+                }
+            }
+        };
+        let value = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Abandoned)?
+            .clone();
+        value.map(|v| (v, role)).ok_or(Abandoned)
+    }
+}
+
+impl<K, V> Coalescer<K, V> {
+    /// Number of fetches in flight.
+    pub fn in_flight(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Slot<V>>> {
+        // The map stays consistent even if a holder panicked: every operation
+        // on it is a single insert/remove.
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Frees a key's slot when its fetch task ends, however it ends.
+struct SlotGuard<K: Hash + Eq, V> {
+    owner: Arc<Coalescer<K, V>>,
+    key: K,
+}
+
+impl<K: Hash + Eq, V> Drop for SlotGuard<K, V> {
+    fn drop(&mut self) {
+        self.owner.lock().remove(&self.key);
+    }
+}

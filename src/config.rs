@@ -1,0 +1,264 @@
+//! Configuration: the compiled-in `config/default.toml`, then an optional `--config`
+//! file, then `KEYAPI_PROXY__<SECTION>__<KEY>` environment variables, merged by
+//! `figment` into one typed tree that is validated once at start-up.
+//!
+//! The KeyAPI key is deliberately *not* part of this tree: it comes only from
+//! `KEYAPI_API_KEY` / `KEYAPI_API_KEY_FILE` and lives in a [`SecretString`], so
+//! printing or logging a [`Config`] can never reveal it.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// The documented defaults, compiled in so the binary runs without any file.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "KEYAPI_PROXY__";
+/// Environment variable holding the KeyAPI key itself.
+pub const API_KEY_ENV: &str = "KEYAPI_API_KEY";
+/// Environment variable naming a file that holds the KeyAPI key (Docker secret).
+pub const API_KEY_FILE_ENV: &str = "KEYAPI_API_KEY_FILE";
+
+/// Why configuration could not be loaded. Messages never contain the API key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("configuration: {0}")]
+    Invalid(String),
+    #[error("no KeyAPI key: set {API_KEY_ENV} or {API_KEY_FILE_ENV} (or run with --demo)")]
+    MissingApiKey,
+    #[error("both {API_KEY_ENV} and {API_KEY_FILE_ENV} are set; set only one")]
+    AmbiguousApiKey,
+    #[error("cannot read the KeyAPI key from {API_KEY_FILE_ENV}={path}: {source}")]
+    ApiKeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the KeyAPI key (from {0}) is empty or contains characters not allowed in an HTTP header"
+    )]
+    BadApiKey(&'static str),
+}
+
+/// The whole configuration tree. Every field is documented in `config/default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+    pub hashtag: HashtagConfig,
+    pub normalize: NormalizeConfig,
+    pub log: LogConfig,
+}
+
+/// `[server]`: the listening socket and shutdown behaviour.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `KEYAPI_PROXY__SERVER__LISTEN`
+    pub listen: SocketAddr,
+    /// `KEYAPI_PROXY__SERVER__SHUTDOWN_GRACE`: drain time for in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[upstream]`: where KeyAPI is and how long we wait for it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `KEYAPI_PROXY__UPSTREAM__BASE_URL`: https, or http only to loopback.
+    pub base_url: String,
+    /// `KEYAPI_PROXY__UPSTREAM__CONNECT_TIMEOUT`
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// `KEYAPI_PROXY__UPSTREAM__REQUEST_TIMEOUT`: bounds the whole call, body included.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// `KEYAPI_PROXY__UPSTREAM__MAX_BODY_BYTES`: protects memory from a runaway answer.
+    pub max_body_bytes: usize,
+}
+
+/// `[cache]`: capacity and freshness of stored answers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// `KEYAPI_PROXY__CACHE__MAX_BYTES`: bound on stored body bytes.
+    pub max_bytes: u64,
+    /// `KEYAPI_PROXY__CACHE__TTL`: default freshness lifetime.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Per-`period` TTL overrides (keys are period values as strings).
+    pub ttl_by_period: BTreeMap<String, humantime_serde::Serde<Duration>>,
+    /// `KEYAPI_PROXY__CACHE__ALLOW_CLIENT_REFRESH`: honour `Cache-Control: no-cache`.
+    pub allow_client_refresh: bool,
+}
+
+/// `[hashtag]`: the parameters the hashtag-detail route accepts.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashtagConfig {
+    /// `KEYAPI_PROXY__HASHTAG__PERIODS`, e.g. `[7,30]`.
+    pub periods: Vec<u32>,
+    /// `KEYAPI_PROXY__HASHTAG__DEFAULT_PERIOD`
+    pub default_period: u32,
+}
+
+/// `[normalize]`: how raw parameters become a cache key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizeConfig {
+    /// `KEYAPI_PROXY__NORMALIZE__LOWERCASE`: fold hashtag case (Unicode-aware).
+    pub lowercase: bool,
+}
+
+/// `[log]`: output format; the filter comes from `RUST_LOG`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `KEYAPI_PROXY__LOG__FORMAT`: `pretty` or `json`.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl Config {
+    /// Only the compiled-in defaults: what tests start from.
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::extract(Figment::from(Toml::string(DEFAULT_TOML)))
+    }
+
+    /// Defaults → optional file → `KEYAPI_PROXY__*` environment, then validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile(path.to_owned()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        Self::extract(figment.merge(Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    fn extract(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules that serde types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        validate_base_url(&self.upstream.base_url)?;
+        if self.hashtag.periods.is_empty() {
+            return invalid("hashtag.periods must not be empty".into());
+        }
+        if !self.hashtag.periods.contains(&self.hashtag.default_period) {
+            return invalid(format!(
+                "hashtag.default_period {} is not one of hashtag.periods",
+                self.hashtag.default_period
+            ));
+        }
+        for period in self.cache.ttl_by_period.keys() {
+            let known = period
+                .parse::<u32>()
+                .is_ok_and(|p| self.hashtag.periods.contains(&p));
+            if !known {
+                return invalid(format!(
+                    "cache.ttl_by_period key {period:?} is not one of hashtag.periods"
+                ));
+            }
+        }
+        let ttls = std::iter::once(self.cache.ttl)
+            .chain(self.cache.ttl_by_period.values().map(|t| t.into_inner()));
+        if ttls.into_iter().any(|t| t.is_zero()) {
+            return invalid("cache TTLs must be greater than zero".into());
+        }
+        if self.upstream.max_body_bytes == 0 || self.upstream.max_body_bytes > u32::MAX as usize {
+            return invalid("upstream.max_body_bytes must be between 1 and 4294967295".into());
+        }
+        if self.upstream.request_timeout.is_zero() || self.upstream.connect_timeout.is_zero() {
+            return invalid("upstream timeouts must be greater than zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// Plain http is only accepted to loopback: anywhere else the key would cross
+/// the network in clear text.
+fn validate_base_url(raw: &str) -> Result<(), ConfigError> {
+    let url = reqwest::Url::parse(raw)
+        .map_err(|e| ConfigError::Invalid(format!("upstream.base_url {raw:?}: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => {
+            return Err(ConfigError::Invalid(format!(
+                "upstream.base_url {raw:?}: plain http is only allowed to a loopback host; use https"
+            )));
+        }
+        other => {
+            return Err(ConfigError::Invalid(format!(
+                "upstream.base_url {raw:?}: unsupported scheme {other:?}"
+            )));
+        }
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "upstream.base_url {raw:?} must not carry a query, fragment or credentials"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the KeyAPI key from `KEYAPI_API_KEY` or the file named by `KEYAPI_API_KEY_FILE`.
+pub fn api_key_from_env() -> Result<SecretString, ConfigError> {
+    let direct = std::env::var(API_KEY_ENV).ok().filter(|v| !v.is_empty());
+    let file = std::env::var_os(API_KEY_FILE_ENV).filter(|v| !v.is_empty());
+    let (key, source) = match (direct, file) {
+        (Some(_), Some(_)) => return Err(ConfigError::AmbiguousApiKey),
+        (None, None) => return Err(ConfigError::MissingApiKey),
+        (Some(key), None) => (SecretString::from(key), API_KEY_ENV),
+        (None, Some(path)) => {
+            let path = PathBuf::from(path);
+            let raw = std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::ApiKeyFile { path, source })?;
+            (SecretString::from(raw.trim()), API_KEY_FILE_ENV)
+        }
+    };
+    if !is_valid_api_key(&key) {
+        return Err(ConfigError::BadApiKey(source));
+    }
+    Ok(key)
+}
+
+/// A key must be usable in `Authorization: Bearer <key>`: visible ASCII, no spaces.
+pub fn is_valid_api_key(key: &SecretString) -> bool {
+    let k = key.expose_secret();
+    !k.is_empty() && k.bytes().all(|b| b.is_ascii_graphic())
+}

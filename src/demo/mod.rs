@@ -1,0 +1,243 @@
+//! A fake KeyAPI on a loopback port: used by `--demo` (so the service can be
+//! tried without a key) and by the tests (which need an upstream that counts
+//! calls, records what it received, and fails on command).
+//!
+//! Answers are shaped like the real sample body in `hashtag-detail-ufc324.json`
+//! and echo the requested hashtag and region.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderMap, StatusCode, header::AUTHORIZATION, header::CONTENT_TYPE},
+    response::Response,
+};
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+const SAMPLE: &str = include_str!("hashtag-detail-ufc324.json");
+
+/// How the fake answers the next calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeMode {
+    /// HTTP 200 with a fixture-shaped success body.
+    Normal,
+    /// The given HTTP status with a KeyAPI-style error envelope.
+    Status(u16),
+    /// HTTP 200 with an envelope whose `code` is the given non-zero value.
+    CodeError(i64),
+    /// HTTP 200 with a body that is not JSON.
+    Garbage,
+    /// Never answers.
+    Hang,
+    /// HTTP 200 with a valid success body of at least this many bytes.
+    Oversize(usize),
+    /// HTTP 404 whose body quotes the `Authorization` header it received.
+    EchoAuthorization,
+}
+
+/// One request as the fake received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+}
+
+struct FakeState {
+    expected_key: String,
+    latency: Mutex<Duration>,
+    mode: Mutex<FakeMode>,
+    calls: watch::Sender<usize>,
+    /// While false, calls are counted and recorded but not answered.
+    open: watch::Sender<bool>,
+    recorded: Mutex<Vec<Recorded>>,
+    sample: Value,
+}
+
+/// A running fake KeyAPI. Stops when dropped.
+pub struct FakeUpstream {
+    addr: SocketAddr,
+    state: Arc<FakeState>,
+    task: JoinHandle<()>,
+}
+
+impl FakeUpstream {
+    /// Starts on `127.0.0.1:<free port>`, accepting `Bearer <expected_key>`
+    /// and answering after `latency`.
+    pub async fn start(expected_key: &str, latency: Duration) -> std::io::Result<Self> {
+        let sample = serde_json::from_str(SAMPLE).map_err(std::io::Error::other)?;
+        let state = Arc::new(FakeState {
+            expected_key: format!("Bearer {expected_key}"),
+            latency: Mutex::new(latency),
+            mode: Mutex::new(FakeMode::Normal),
+            calls: watch::Sender::new(0),
+            open: watch::Sender::new(true),
+            recorded: Mutex::new(Vec::new()),
+            sample,
+        });
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let app = Router::new()
+            .fallback(answer)
+            .with_state(Arc::clone(&state));
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "fake upstream stopped");
+            }
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    /// `http://127.0.0.1:<port>`, to use as `upstream.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Calls received so far.
+    pub fn calls(&self) -> usize {
+        *self.state.calls.borrow()
+    }
+
+    /// Resolves once at least `n` calls have arrived.
+    pub async fn wait_for_calls(&self, n: usize) {
+        let mut rx = self.state.calls.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we wait.
+        let _ = rx.wait_for(|calls| *calls >= n).await;
+    }
+
+    /// Every request received so far, in order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        lock(&self.state.recorded).clone()
+    }
+
+    /// Changes how the next calls are answered.
+    pub fn set_mode(&self, mode: FakeMode) {
+        *lock(&self.state.mode) = mode;
+    }
+
+    /// Changes the answer latency of the next calls.
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.state.latency) = latency;
+    }
+
+    /// Holds calls (counted, not answered) until [`FakeUpstream::release`].
+    pub fn hold(&self) {
+        self.state.open.send_replace(false);
+    }
+
+    /// Lets held and future calls be answered.
+    pub fn release(&self) {
+        self.state.open.send_replace(true);
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Response {
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_owned())
+        .unwrap_or_default();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let headers = request.headers().clone();
+    lock(&state.recorded).push(Recorded {
+        method: request.method().to_string(),
+        path_and_query,
+        headers: headers.clone(),
+    });
+    state.calls.send_modify(|c| *c += 1);
+
+    let mut open = state.open.subscribe();
+    let _ = open.wait_for(|open| *open).await;
+    let latency = *lock(&state.latency);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let mode = lock(&state.mode).clone();
+    let authorized = headers
+        .get(AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes() == state.expected_key.as_bytes());
+    if !authorized {
+        return envelope(StatusCode::UNAUTHORIZED, 401, "invalid api key");
+    }
+    match mode {
+        FakeMode::Normal => json_response(StatusCode::OK, success_body(&state.sample, &query, 0)),
+        FakeMode::Oversize(n) => {
+            json_response(StatusCode::OK, success_body(&state.sample, &query, n))
+        }
+        FakeMode::Status(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            envelope(status, i64::from(code), "fake upstream error")
+        }
+        FakeMode::CodeError(code) => envelope(StatusCode::OK, code, "hashtag not found"),
+        FakeMode::Garbage => Response::new(Body::from("<html>502 Bad Gateway</html>")),
+        FakeMode::Hang => std::future::pending().await,
+        FakeMode::EchoAuthorization => {
+            let echoed = format!("bad request from {}", state.expected_key);
+            envelope(StatusCode::NOT_FOUND, 404, &echoed)
+        }
+    }
+}
+
+/// The sample body with the requested hashtag and region, and `pad` bytes of padding.
+fn success_body(sample: &Value, query: &str, pad: usize) -> Value {
+    let mut body = sample.clone();
+    let mut hashtag = "ufc324".to_owned();
+    let mut region = "all_regions".to_owned();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "hashtag_name" => hashtag = v.into_owned(),
+            "region" => region = v.into_owned(),
+            _ => {}
+        }
+    }
+    let country = if region == "all_regions" {
+        "ALL".to_owned()
+    } else {
+        region
+    };
+    let info = &mut body["data"]["info"];
+    info["hashtag_name"] = json!(hashtag);
+    info["video_url"] = json!(format!("https://www.tiktok.com/tag/{hashtag}"));
+    info["country_info"] = json!({ "id": country, "value": country, "label": country });
+    if pad > 0 {
+        info["padding"] = json!("x".repeat(pad));
+    }
+    body["requestId"] = json!(uuid::Uuid::new_v4().to_string());
+    body
+}
+
+fn envelope(status: StatusCode, code: i64, message: &str) -> Response {
+    let body = json!({
+        "code": code,
+        "message": message,
+        "data": null,
+        "requestId": uuid::Uuid::new_v4().to_string(),
+    });
+    json_response(status, body)
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, crate::error::APPLICATION_JSON);
+    response
+}

@@ -1,0 +1,111 @@
+//! Every error a client can see, mapped to a response in one place: the
+//! upstream's own envelope `{"code","message","data":null,"requestId"}` with
+//! the right HTTP status. Client mistakes are 400, upstream trouble 502/504,
+//! our own faults 500. Internal detail goes to the log, never to the body.
+
+use axum::{
+    body::Body,
+    http::{HeaderValue, StatusCode, header::CONTENT_TYPE},
+    response::Response,
+};
+use serde::Serialize;
+
+use crate::{
+    cache_status, coalesce::Abandoned, key::KeyError, observe::RequestId, upstream::UpstreamError,
+};
+
+/// An error answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    BadRequest(#[from] KeyError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Abandoned(#[from] Abandoned),
+    #[error("no such route")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope<'a> {
+    code: u16,
+    message: &'a str,
+    data: (),
+    request_id: &'a str,
+}
+
+/// `application/json`, shared by every JSON answer.
+pub const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+impl ApiError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Abandoned(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            // KeyAPI's 4xx statuses (other than 401/403) keep their meaning.
+            Self::Upstream(UpstreamError::Status(code)) if (400..500).contains(code) => {
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// What the client is told: the input problem for 400s, a fixed sentence
+    /// for everything else (upstream detail stays in the log).
+    fn public_message(&self) -> String {
+        let fixed = match self {
+            Self::BadRequest(e) => return e.to_string(),
+            Self::NotFound => {
+                "no such route; the proxied route is GET /v1/tiktok/trending/hashtag/detail"
+            }
+            Self::MethodNotAllowed => "method not allowed; use GET or HEAD",
+            Self::Abandoned(_) => "internal error while fetching from upstream; try again",
+            Self::Upstream(e) => match e {
+                UpstreamError::KeyRejected(_) => "upstream rejected the configured API key",
+                UpstreamError::Status(code) if (400..500).contains(code) => {
+                    return format!("upstream refused the request (HTTP {code})");
+                }
+                UpstreamError::Status(code) => return format!("upstream error (HTTP {code})"),
+                UpstreamError::Timeout => "upstream did not answer in time",
+                UpstreamError::Connect(_) => "upstream is unreachable",
+                UpstreamError::Transport(_) => "upstream request failed",
+                UpstreamError::Malformed { .. } => "upstream sent an invalid answer",
+                UpstreamError::TooLarge { .. } => "upstream answer is too large",
+            },
+        };
+        fixed.to_owned()
+    }
+
+    /// The error as an HTTP response carrying `request_id` in its envelope.
+    pub fn to_response(&self, request_id: &RequestId) -> Response {
+        let status = self.status();
+        let message = self.public_message();
+        let envelope = Envelope {
+            code: status.as_u16(),
+            message: &message,
+            data: (),
+            request_id: request_id.as_str(),
+        };
+        // Serializing a struct of strings and integers cannot fail.
+        let body = serde_json::to_vec(&envelope).unwrap_or_default();
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, APPLICATION_JSON);
+        match self {
+            Self::Upstream(e) => {
+                cache_status::set_forwarded_uncached(headers, e.upstream_status(), e.as_str())
+            }
+            _ => cache_status::set_no_store(headers),
+        }
+        response
+    }
+}

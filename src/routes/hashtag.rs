@@ -1,0 +1,85 @@
+//! `GET|HEAD /v1/tiktok/trending/hashtag/detail`: the proxied KeyAPI route.
+//! Parses the query into a key, asks the proxy, and turns the outcome into
+//! headers. Nothing of the client's request other than the three known
+//! parameters (and, if allowed, `Cache-Control: no-cache`) is used.
+
+use axum::{
+    Extension,
+    body::Body,
+    extract::{RawQuery, State},
+    http::{HeaderMap, header::CACHE_CONTROL, header::CONTENT_TYPE},
+    response::Response,
+};
+
+use crate::{
+    app::AppState,
+    cache_status,
+    error::{APPLICATION_JSON, ApiError},
+    key::HashtagKey,
+    observe::{AccessLog, RequestId},
+    proxy::{Outcome, ProxyError},
+};
+
+pub(super) async fn hashtag_detail(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let rules = state.rules();
+    let question = match HashtagKey::parse(query.as_deref(), rules) {
+        Ok(question) => question,
+        Err(e) => return ApiError::from(e).to_response(&request_id),
+    };
+    let key = question.cache_key();
+    let ttl = rules.ttl(question.period);
+    let refresh = state.allow_client_refresh() && asks_for_refresh(&headers);
+
+    let (mut response, cache, upstream_status) = match state.proxy().serve(&key, ttl, refresh).await
+    {
+        Ok(Outcome::Cached { entry, state }) => {
+            let mut response = Response::new(Body::from(entry.body.clone()));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, APPLICATION_JSON);
+            cache_status::set_cached(headers, state, &entry);
+            let upstream = (state != cache_status::CacheState::Hit).then_some(200);
+            (response, state.as_str(), upstream)
+        }
+        Ok(Outcome::Declined { status, body }) => {
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = status;
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, APPLICATION_JSON);
+            cache_status::set_forwarded_uncached(headers, Some(status.as_u16()), "declined");
+            (response, "declined", Some(status.as_u16()))
+        }
+        Err(error) => {
+            let upstream_status = match &error {
+                ProxyError::Upstream(e) => e.upstream_status(),
+                ProxyError::Abandoned(_) => None,
+            };
+            let api_error = match error {
+                ProxyError::Upstream(e) => ApiError::from(e),
+                ProxyError::Abandoned(e) => ApiError::from(e),
+            };
+            (api_error.to_response(&request_id), "error", upstream_status)
+        }
+    };
+    response.extensions_mut().insert(AccessLog {
+        key,
+        cache,
+        upstream_status,
+    });
+    response
+}
+
+/// `Cache-Control: no-cache` (or `max-age=0`) from the client.
+fn asks_for_refresh(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|d| d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("max-age=0"))
+}
