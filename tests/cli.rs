@@ -1,0 +1,150 @@
+//! The binary's start-up contract: configuration layering, key sources,
+//! refusals, and the healthcheck subcommand.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::spawn_app;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KEYAPI_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.args(args).envs(env.iter().copied()).output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn missing_key_names_both_variables() {
+    for args in [&["check-config"][..], &["serve"][..]] {
+        let out = run(args, &[]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains("KEYAPI_API_KEY ") && err.contains("KEYAPI_API_KEY_FILE"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn defaults_file_and_env_are_layered() {
+    let dir = std::env::temp_dir().join(format!("keyapi-proxy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proxy.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"0.0.0.0:9000\"\n[cache]\nttl = \"5m\"\n",
+    )
+    .unwrap();
+    let out = run(
+        &["--config", file.to_str().unwrap(), "check-config"],
+        &[("KEYAPI_API_KEY", "k"), ("KEYAPI_PROXY__CACHE__TTL", "2h")],
+    );
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("listen = \"0.0.0.0:9000\""),
+        "file wins over defaults: {text}"
+    );
+    assert!(text.contains("ttl = \"2h\""), "env wins over file: {text}");
+    assert!(
+        text.contains("request_timeout = \"10s\""),
+        "defaults remain: {text}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn key_file_is_accepted() {
+    let dir = std::env::temp_dir().join(format!("keyapi-proxy-keyfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("key");
+    std::fs::write(&file, "sk-from-file\n").unwrap();
+    let out = run(
+        &["check-config"],
+        &[("KEYAPI_API_KEY_FILE", file.to_str().unwrap())],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let both = run(
+        &["check-config"],
+        &[
+            ("KEYAPI_API_KEY_FILE", file.to_str().unwrap()),
+            ("KEYAPI_API_KEY", "x"),
+        ],
+    );
+    assert!(!both.status.success());
+    assert!(stderr(&both).contains("only one"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn invalid_configuration_is_refused() {
+    let cases = [
+        (
+            "KEYAPI_PROXY__UPSTREAM__BASE_URL",
+            "http://api.keyapi.ai",
+            "loopback",
+        ),
+        (
+            "KEYAPI_PROXY__UPSTREAM__BASE_URL",
+            "ftp://127.0.0.1",
+            "scheme",
+        ),
+        (
+            "KEYAPI_PROXY__HASHTAG__DEFAULT_PERIOD",
+            "9",
+            "default_period",
+        ),
+        ("KEYAPI_PROXY__CACHE__TTL", "soon", "ttl"),
+        ("KEYAPI_PROXY__CACHE__TLL", "1h", "tll"),
+    ];
+    for (name, value, hint) in cases {
+        let out = run(&["check-config"], &[("KEYAPI_API_KEY", "k"), (name, value)]);
+        assert!(!out.status.success(), "{name}={value} accepted");
+        let err = stderr(&out);
+        assert!(err.to_lowercase().contains(hint), "{name}={value}: {err}");
+    }
+    let missing = run(
+        &["--config", "/nonexistent.toml", "check-config"],
+        &[("KEYAPI_API_KEY", "k")],
+    );
+    assert!(stderr(&missing).contains("does not exist"));
+    let local = run(
+        &["check-config"],
+        &[
+            ("KEYAPI_API_KEY", "k"),
+            ("KEYAPI_PROXY__UPSTREAM__BASE_URL", "http://127.0.0.1:9"),
+        ],
+    );
+    assert!(local.status.success(), "plain http to loopback is allowed");
+}
+
+#[tokio::test]
+async fn healthcheck_subcommand_probes_a_running_proxy() {
+    let app = spawn_app().await;
+    let url = app.url("/healthz");
+    let ok = tokio::task::spawn_blocking(move || run(&["healthcheck", "--url", &url], &[]))
+        .await
+        .unwrap();
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let down = tokio::task::spawn_blocking(|| {
+        run(&["healthcheck", "--url", "http://127.0.0.1:9/healthz"], &[])
+    })
+    .await
+    .unwrap();
+    assert!(!down.status.success());
+}

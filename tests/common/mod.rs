@@ -1,0 +1,145 @@
+//! Test harness: spawns the real app on port 0 against a local fake KeyAPI
+//! that counts calls and records what it received.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures_util::future::join_all;
+use keyapi_proxy::{app::App, config::Config, demo::FakeUpstream, key::HASHTAG_DETAIL_PATH};
+use secrecy::SecretString;
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// The KeyAPI key the tests configure; it must never come back out.
+pub const TEST_API_KEY: &str = "sk-live-TESTKEY-9f8e7d6c5b4a39281706";
+
+/// A running proxy plus its fake upstream.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub upstream: FakeUpstream,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Compiled-in defaults with a free port and a quiet upstream.
+pub fn test_config() -> Config {
+    let mut config = Config::defaults().expect("defaults are valid");
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+/// The app with default configuration.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// The app with configuration adjusted by `adjust`.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    init_test_logging();
+    let upstream = FakeUpstream::start(TEST_API_KEY, Duration::ZERO)
+        .await
+        .expect("fake upstream starts");
+    let mut config = test_config();
+    config.upstream.base_url = upstream.base_url();
+    adjust(&mut config);
+    let app = App::build(config, SecretString::from(TEST_API_KEY))
+        .await
+        .expect("app builds");
+    let addr = app.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap(),
+        upstream,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// `GET /v1/tiktok/trending/hashtag/detail?<query>`.
+    pub async fn get_hashtag(&self, query: &str) -> reqwest::Response {
+        self.hashtag_request(reqwest::Method::GET, query)
+            .send()
+            .await
+            .expect("request reaches the proxy")
+    }
+
+    /// Starts `GET <route>?<query>` in its own task (it outlives this borrow).
+    pub fn spawn_get_hashtag(&self, query: &str) -> JoinHandle<Parts> {
+        let request = self.hashtag_request(reqwest::Method::GET, query);
+        tokio::spawn(async move {
+            parts(request.send().await.expect("request reaches the proxy")).await
+        })
+    }
+
+    /// A request builder for the proxied route, to add headers.
+    pub fn hashtag_request(&self, method: reqwest::Method, query: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(&format!("{HASHTAG_DETAIL_PATH}?{query}")))
+    }
+
+    /// Sends the shutdown signal; returns the server task to await.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.take().expect("server still running")
+    }
+}
+
+/// A response as (status, headers, body text).
+pub type Parts = (u16, reqwest::header::HeaderMap, String);
+
+/// Reads a response as (status, headers, body text).
+pub async fn parts(response: reqwest::Response) -> Parts {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.text().await.expect("body");
+    (status, headers, body)
+}
+
+/// Header value as `&str` (empty if absent).
+pub fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+}
+
+/// Asserts the body is our error envelope with `code` and returns its message.
+pub fn assert_envelope(body: &str, code: u16, request_id: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).expect("envelope is JSON");
+    assert_eq!(v["code"], code, "envelope code in {body}");
+    assert!(v["data"].is_null(), "data must be null in {body}");
+    assert_eq!(v["requestId"], request_id, "requestId in {body}");
+    let message = v["message"].as_str().expect("message").to_owned();
+    assert!(!message.is_empty());
+    message
+}
+
+/// Quiet unless TEST_LOG=1.
+fn init_test_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Awaits every spawned request, in order.
+pub async fn join(handles: Vec<JoinHandle<Parts>>) -> Vec<Parts> {
+    join_all(handles)
+        .await
+        .into_iter()
+        .map(|r| r.expect("request task"))
+        .collect()
+}

@@ -1,0 +1,171 @@
+//! The KeyAPI key never leaves: not in a response (body or header, on any
+//! path, errors included), not in a log line at any level, not in `Debug`
+//! output, not in `check-config`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    io::Write,
+    process::Command,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use common::{TEST_API_KEY, parts, spawn_app_with};
+use keyapi_proxy::{config::Config, demo::FakeMode, upstream::Upstream};
+use secrecy::SecretString;
+
+/// Everything every test in this binary logged, at TRACE, from every crate.
+fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || Capture(Arc::clone(&sink)))
+            .init();
+        logs
+    })
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn assert_no_key(what: &str, text: &str) {
+    assert!(
+        !text.contains(TEST_API_KEY),
+        "{what} contains the API key:\n{text}"
+    );
+    // Nor a recognisable fragment of it.
+    assert!(
+        !text.contains("TESTKEY"),
+        "{what} contains part of the API key:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn key_appears_in_no_response_and_no_log_line() {
+    let logs = captured_logs();
+    let app = spawn_app_with(|c| c.upstream.request_timeout = Duration::from_millis(300)).await;
+    let modes = [
+        FakeMode::Normal,
+        FakeMode::Status(401),
+        FakeMode::Status(403),
+        FakeMode::Status(500),
+        FakeMode::Status(404),
+        FakeMode::CodeError(3),
+        FakeMode::Garbage,
+        FakeMode::Hang,
+        FakeMode::EchoAuthorization,
+    ];
+    for (i, mode) in modes.iter().enumerate() {
+        app.upstream.set_mode(mode.clone());
+        for query in [
+            format!("hashtag_name=k{i}"),
+            format!("hashtag_name=k{i}"),
+            "period=x".into(),
+        ] {
+            let response = app
+                .hashtag_request(reqwest::Method::GET, &query)
+                .header("Authorization", "Bearer some-client-token")
+                .send()
+                .await
+                .unwrap();
+            let (status, headers, body) = parts(response).await;
+            let what = format!("{mode:?} {query} -> {status}");
+            assert_no_key(&format!("{what} body"), &body);
+            for (name, value) in &headers {
+                assert_no_key(
+                    &format!("{what} header {name}"),
+                    &String::from_utf8_lossy(value.as_bytes()),
+                );
+            }
+        }
+    }
+    // The fake really received the key, so its absence above means something.
+    assert!(
+        app.upstream
+            .requests()
+            .iter()
+            .all(|r| r.headers["authorization"] == format!("Bearer {TEST_API_KEY}").as_str())
+    );
+
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("upstream call failed"),
+        "error paths were logged"
+    );
+    assert_no_key("captured logs", &text);
+}
+
+#[tokio::test]
+async fn an_upstream_body_quoting_the_key_is_not_forwarded() {
+    let app = spawn_app_with(|_| {}).await;
+    app.upstream.set_mode(FakeMode::EchoAuthorization);
+    let (status, _, body) = parts(app.get_hashtag("hashtag_name=echo").await).await;
+    assert_eq!(status, 404, "{body}");
+    assert_no_key("echoed body", &body);
+}
+
+#[test]
+fn debug_output_redacts_the_key() {
+    let config = Config::defaults().unwrap();
+    let upstream = Upstream::new(&config.upstream, SecretString::from(TEST_API_KEY)).unwrap();
+    assert_no_key("Debug of Upstream", &format!("{upstream:?}"));
+    assert_no_key("Debug of Config", &format!("{config:?}"));
+}
+
+fn proxy_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KEYAPI_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn check_config_redacts_the_key() {
+    let out = proxy_command()
+        .arg("check-config")
+        .env("KEYAPI_API_KEY", TEST_API_KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("api_key = \"[redacted]\""), "{stdout}");
+    assert_no_key("check-config stdout", &stdout);
+    assert_no_key("check-config stderr", &String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_rejected_key_file_is_not_echoed() {
+    let dir = std::env::temp_dir().join(format!("keyapi-proxy-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("key");
+    // A key with a space is invalid; the error must not quote it.
+    std::fs::write(&file, format!("{TEST_API_KEY} extra\n")).unwrap();
+    let out = proxy_command()
+        .arg("check-config")
+        .env("KEYAPI_API_KEY_FILE", &file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("KEYAPI_API_KEY_FILE"), "{stderr}");
+    assert_no_key("stderr", &stderr);
+    assert_no_key("stdout", &String::from_utf8_lossy(&out.stdout));
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,126 @@
+//! Operating behaviour: health endpoints, HEAD, TTL expiry, client refresh,
+//! graceful shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{header, parts, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn health_endpoints_answer_without_spending_credits() {
+    let app = spawn_app().await;
+    for path in ["/healthz", "/readyz"] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert!(response.headers().contains_key("x-request-id"));
+    }
+    assert_eq!(app.upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn head_is_served_like_get_without_a_body() {
+    let app = spawn_app().await;
+    let head = app
+        .hashtag_request(reqwest::Method::HEAD, "hashtag_name=ufc324")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(header(head.headers(), "content-type"), "application/json");
+    assert_eq!(
+        header(head.headers(), "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    let length: usize = header(head.headers(), "content-length").parse().unwrap();
+    assert!(head.text().await.unwrap().is_empty());
+
+    let (status, headers, body) = parts(app.get_hashtag("hashtag_name=ufc324").await).await;
+    assert_eq!(status, 200);
+    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_eq!(body.len(), length);
+    assert_eq!(app.upstream.calls(), 1, "HEAD filled the cache for GET");
+}
+
+#[tokio::test]
+async fn expired_entries_are_fetched_again() {
+    let ttl = Duration::from_millis(300);
+    let app = spawn_app_with(|c| c.cache.ttl = ttl).await;
+    app.get_hashtag("hashtag_name=ufc324").await;
+    app.get_hashtag("hashtag_name=ufc324").await;
+    assert_eq!(app.upstream.calls(), 1);
+    // Waiting for time itself to pass, not for another task.
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    let (_, headers, _) = parts(app.get_hashtag("hashtag_name=ufc324").await).await;
+    assert_eq!(
+        header(&headers, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    assert_eq!(app.upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn client_no_cache_is_ignored_by_default() {
+    let app = spawn_app().await;
+    for _ in 0..3 {
+        app.hashtag_request(reqwest::Method::GET, "hashtag_name=ufc324")
+            .header("Cache-Control", "no-cache")
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(app.upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn client_no_cache_refreshes_when_allowed() {
+    let app = spawn_app_with(|c| c.cache.allow_client_refresh = true).await;
+    app.get_hashtag("hashtag_name=ufc324").await;
+    let response = app
+        .hashtag_request(reqwest::Method::GET, "hashtag_name=ufc324")
+        .header("Cache-Control", "no-cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        header(response.headers(), "cache-status"),
+        "keyapi-proxy; fwd=request; stored"
+    );
+    assert_eq!(app.upstream.calls(), 2);
+    let (_, headers, _) = parts(app.get_hashtag("hashtag_name=ufc324").await).await;
+    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_eq!(app.upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let mut app = spawn_app().await;
+    app.upstream.hold();
+    let in_flight = app.spawn_get_hashtag("hashtag_name=ufc324");
+    app.upstream.wait_for_calls(1).await;
+
+    let server = app.begin_shutdown();
+    // The drain has started (readiness flips) but the request is still held.
+    assert!(!server.is_finished());
+    app.upstream.release();
+
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    server.await.unwrap().unwrap();
+    assert!(
+        app.client.get(app.url("/healthz")).send().await.is_err(),
+        "no longer accepting connections"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_the_drain() {
+    let mut app = spawn_app_with(|c| c.server.shutdown_grace = Duration::from_millis(200)).await;
+    app.upstream.hold();
+    let stuck = app.spawn_get_hashtag("hashtag_name=ufc324");
+    app.upstream.wait_for_calls(1).await;
+    // The server returns after the grace period although the request never ends.
+    app.begin_shutdown().await.unwrap().unwrap();
+    stuck.abort();
+}

@@ -1,0 +1,119 @@
+//! Equivalent questions are one cache key, paid once; the upstream request is
+//! built from the normalized key only.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{TEST_API_KEY, header, parts, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn equivalent_queries_share_one_upstream_call() {
+    let app = spawn_app().await;
+    let queries = [
+        "hashtag_name=%23UFC324",
+        "hashtag_name=ufc324&period=7&region=ALL_REGIONS",
+        "region=all_regions&hashtag_name=ufc324",
+        "hashtag_name=+UfC324+&_=123&utm_source=x",
+        "hashtag_name=ufc324&period=&region=",
+    ];
+    let mut bodies = Vec::new();
+    for q in queries {
+        let (status, _, body) = parts(app.get_hashtag(q).await).await;
+        assert_eq!(status, 200, "query {q}");
+        bodies.push(body);
+    }
+    assert_eq!(app.upstream.calls(), 1);
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "bodies differ");
+}
+
+#[tokio::test]
+async fn upstream_receives_exactly_the_normalized_request() {
+    let app = spawn_app().await;
+    let response = app
+        .hashtag_request(
+            reqwest::Method::GET,
+            "hashtag_name=%23%C3%89T%C3%89&region=fr&period=30&_=1&api_key=evil",
+        )
+        .header("Authorization", "Bearer client-token-must-not-leak")
+        .header("Cookie", "session=abc")
+        .header("X-Forwarded-For", "10.0.0.1")
+        .header("X-Api-Key", "client-api-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let recorded = app.upstream.requests();
+    assert_eq!(recorded.len(), 1);
+    let r = &recorded[0];
+    assert_eq!(r.method, "GET");
+    assert_eq!(
+        r.path_and_query,
+        "/v1/tiktok/trending/hashtag/detail?period=30&region=FR&hashtag_name=%C3%A9t%C3%A9"
+    );
+    let mut names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    // Exactly what reqwest adds plus our three headers: nothing from the client.
+    assert_eq!(names, ["accept", "authorization", "host", "user-agent"]);
+    assert_eq!(
+        r.headers["authorization"],
+        format!("Bearer {TEST_API_KEY}").as_str()
+    );
+    assert_eq!(r.headers["accept"], "application/json");
+    assert_eq!(
+        r.headers["user-agent"],
+        format!("keyapi-proxy/{}", env!("CARGO_PKG_VERSION")).as_str()
+    );
+}
+
+#[tokio::test]
+async fn same_key_gives_byte_identical_upstream_requests() {
+    let app = spawn_app_with(|c| c.cache.ttl = std::time::Duration::from_millis(1)).await;
+    // TTL of 1 ms: the second question misses again, from a different spelling.
+    app.get_hashtag("hashtag_name=%23Cats&region=us").await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    app.get_hashtag("region=US&hashtag_name=cats&period=7")
+        .await;
+    let recorded = app.upstream.requests();
+    assert_eq!(recorded.len(), 2);
+    assert_eq!(recorded[0].path_and_query, recorded[1].path_and_query);
+    assert_eq!(recorded[0].headers, recorded[1].headers);
+}
+
+#[tokio::test]
+async fn distinct_questions_are_distinct_keys() {
+    let app = spawn_app().await;
+    for q in [
+        "hashtag_name=ufc324",
+        "hashtag_name=ufc324&region=US",
+        "hashtag_name=ufc324&period=30",
+        "hashtag_name=ufc325",
+    ] {
+        assert_eq!(app.get_hashtag(q).await.status(), 200);
+    }
+    assert_eq!(app.upstream.calls(), 4);
+}
+
+#[tokio::test]
+async fn lowercase_can_be_turned_off() {
+    let app = spawn_app_with(|c| c.normalize.lowercase = false).await;
+    app.get_hashtag("hashtag_name=UFC").await;
+    app.get_hashtag("hashtag_name=ufc").await;
+    assert_eq!(app.upstream.calls(), 2);
+    assert!(
+        app.upstream.requests()[0]
+            .path_and_query
+            .ends_with("hashtag_name=UFC")
+    );
+}
+
+#[tokio::test]
+async fn demo_answer_echoes_the_question() {
+    let app = spawn_app().await;
+    let (_, headers, body) = parts(app.get_hashtag("hashtag_name=Cats&region=us").await).await;
+    assert_eq!(header(&headers, "content-type"), "application/json");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["code"], 0);
+    assert_eq!(v["data"]["info"]["hashtag_name"], "cats");
+    assert_eq!(v["data"]["info"]["country_info"]["id"], "US");
+}
