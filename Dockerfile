@@ -1,0 +1,31 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: release binary in a full Rust image, run in a slim Debian
+# image as a non-root user.
+
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin keyapi-proxy \
+ && cp target/release/keyapi-proxy /usr/local/bin/keyapi-proxy
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin keyapi
+COPY --from=build /usr/local/bin/keyapi-proxy /usr/local/bin/keyapi-proxy
+COPY config/default.toml /etc/keyapi-proxy/default.toml
+USER keyapi
+# Listen on all interfaces inside the container; logs as JSON for collectors.
+ENV KEYAPI_PROXY__SERVER__LISTEN=0.0.0.0:8080 \
+    KEYAPI_PROXY__LOG__FORMAT=json
+EXPOSE 8080
+# The key comes from KEYAPI_API_KEY or, better, a secret file:
+#   docker run -e KEYAPI_API_KEY_FILE=/run/secrets/keyapi_key ...
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["keyapi-proxy", "healthcheck"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["keyapi-proxy"]
+CMD ["serve"]
