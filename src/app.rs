@@ -20,10 +20,11 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
-    cache::LocalCache,
+    cache::{FreshnessPolicy, LocalCache},
     config::{self, Config},
     key::HashtagRules,
     observe,
+    protect::Protection,
     proxy::Proxy,
     routes,
     upstream::Upstream,
@@ -98,7 +99,12 @@ impl App {
         }
         let upstream = Upstream::new(&config.upstream, api_key)?;
         let state = AppState(Arc::new(Shared {
-            proxy: Proxy::new(LocalCache::new(config.cache.max_bytes), upstream),
+            proxy: Proxy::new(
+                LocalCache::new(config.cache.max_bytes),
+                upstream,
+                Protection::from_config(&config.upstream),
+                FreshnessPolicy::from_config(&config.cache),
+            ),
             rules: HashtagRules::from_config(&config),
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),

@@ -24,6 +24,10 @@ pub enum CacheState {
     Collapsed,
     /// The client asked for a refresh (`Cache-Control: no-cache`, when allowed).
     Refreshed,
+    /// Served stale within stale-while-revalidate; a background refresh runs.
+    Stale,
+    /// Served stale because the upstream failed (stale-if-error).
+    StaleIfError { fwd_status: Option<u16> },
 }
 
 impl CacheState {
@@ -34,6 +38,8 @@ impl CacheState {
             Self::Stored => "stored",
             Self::Collapsed => "collapsed",
             Self::Refreshed => "refreshed",
+            Self::Stale => "stale",
+            Self::StaleIfError { .. } => "stale_if_error",
         }
     }
 }
@@ -43,15 +49,40 @@ const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 /// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in the cache.
 pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry) {
     let now = SystemTime::now();
-    let ttl = entry.remaining_ttl(now).as_secs();
+    let age = entry.age(now);
+    let ttl = entry.ttl.saturating_sub(age).as_secs();
+    // RFC 9211 `ttl` goes negative once stale.
+    let stale_ttl = -i64::try_from(age.saturating_sub(entry.ttl).as_secs()).unwrap_or(i64::MAX);
+    let negative = if entry.negative {
+        "; detail=negative"
+    } else {
+        ""
+    };
     let status = match state {
-        CacheState::Hit => format_value(format_args!("keyapi-proxy; hit; ttl={ttl}")),
-        CacheState::Stored => HeaderValue::from_static("keyapi-proxy; fwd=uri-miss; stored"),
-        CacheState::Collapsed => HeaderValue::from_static("keyapi-proxy; fwd=uri-miss; collapsed"),
-        CacheState::Refreshed => HeaderValue::from_static("keyapi-proxy; fwd=request; stored"),
+        CacheState::Hit => format_value(format_args!("keyapi-proxy; hit; ttl={ttl}{negative}")),
+        CacheState::Stored => {
+            format_value(format_args!("keyapi-proxy; fwd=uri-miss; stored{negative}"))
+        }
+        CacheState::Collapsed => format_value(format_args!(
+            "keyapi-proxy; fwd=uri-miss; collapsed{negative}"
+        )),
+        CacheState::Refreshed => {
+            format_value(format_args!("keyapi-proxy; fwd=request; stored{negative}"))
+        }
+        CacheState::Stale => format_value(format_args!(
+            "keyapi-proxy; hit; ttl={stale_ttl}; detail=stale-while-revalidate"
+        )),
+        CacheState::StaleIfError {
+            fwd_status: Some(code),
+        } => format_value(format_args!(
+            "keyapi-proxy; fwd=stale; fwd-status={code}; ttl={stale_ttl}; detail=stale-if-error"
+        )),
+        CacheState::StaleIfError { fwd_status: None } => format_value(format_args!(
+            "keyapi-proxy; fwd=stale; ttl={stale_ttl}; detail=stale-if-error"
+        )),
     };
     headers.insert(CACHE_STATUS, status);
-    headers.insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
+    headers.insert(AGE, HeaderValue::from(age.as_secs()));
     headers.insert(
         CACHE_CONTROL,
         format_value(format_args!("public, max-age={ttl}")),

@@ -5,6 +5,7 @@
 //! its result. The in-flight slot is removed when the task ends, even if it
 //! panics (a drop guard, as in pingora-cache's `lock.rs`), so a failed fetch is
 //! shared only with the waiters of that moment and the next request tries again.
+//! Background refreshes use the same slots, so a key never has two fetches.
 //!
 //! Note: moka's `try_get_with` would re-run the loader in another waiter when
 //! the first caller is dropped — a second paid call — hence this module.
@@ -27,7 +28,7 @@ pub enum Role {
 
 /// The fetch task ended without producing a value (it panicked or the runtime
 /// is shutting down).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("the shared fetch ended without a result")]
 pub struct Abandoned;
 
@@ -36,12 +37,15 @@ type Slot<V> = watch::Receiver<Option<V>>;
 /// Map of in-flight fetches, one per key.
 pub struct Coalescer<K, V> {
     inflight: Mutex<HashMap<K, Slot<V>>>,
+    /// Number of fetches in flight, so callers can await quiescence.
+    count: watch::Sender<usize>,
 }
 
 impl<K, V> Default for Coalescer<K, V> {
     fn default() -> Self {
         Self {
             inflight: Mutex::new(HashMap::new()),
+            count: watch::Sender::new(0),
         }
     }
 }
@@ -58,29 +62,7 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
-        let (mut rx, role) = {
-            let mut inflight = self.lock();
-            match inflight.get(&key) {
-                Some(rx) => (rx.clone(), Role::Follower),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    inflight.insert(key.clone(), rx.clone());
-                    let guard = SlotGuard {
-                        owner: Arc::clone(self),
-                        key,
-                    };
-                    let fut = fetch();
-                    tokio::spawn(async move {
-                        let value = fut.await;
-                        // Publish first, then free the slot (guard drop): nobody
-                        // can start a second fetch while waiters lack the value.
-                        tx.send_replace(Some(value));
-                        drop(guard);
-                    });
-                    (rx, Role::Leader)
-                }
-            }
-        };
+        let (mut rx, role) = self.join_or_start(key, fetch);
         let value = rx
             .wait_for(Option::is_some)
             .await
@@ -88,12 +70,55 @@ where
             .clone();
         value.map(|v| (v, role)).ok_or(Abandoned)
     }
+
+    /// Starts a fetch for `key` unless one is running, without waiting for it.
+    pub fn start<F, Fut>(self: &Arc<Self>, key: K, fetch: F) -> Role
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V> + Send + 'static,
+    {
+        self.join_or_start(key, fetch).1
+    }
+
+    fn join_or_start<F, Fut>(self: &Arc<Self>, key: K, fetch: F) -> (Slot<V>, Role)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V> + Send + 'static,
+    {
+        let mut inflight = self.lock();
+        if let Some(rx) = inflight.get(&key) {
+            return (rx.clone(), Role::Follower);
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(key.clone(), rx.clone());
+        self.count.send_replace(inflight.len());
+        let guard = SlotGuard {
+            owner: Arc::clone(self),
+            key,
+        };
+        let fut = fetch();
+        tokio::spawn(async move {
+            let value = fut.await;
+            // Publish first, then free the slot (guard drop): nobody can start
+            // a second fetch while waiters lack the value.
+            tx.send_replace(Some(value));
+            drop(guard);
+        });
+        (rx, Role::Leader)
+    }
 }
 
 impl<K, V> Coalescer<K, V> {
     /// Number of fetches in flight.
     pub fn in_flight(&self) -> usize {
-        self.lock().len()
+        *self.count.borrow()
+    }
+
+    /// Resolves when no fetch is in flight (e.g. after background refreshes).
+    pub async fn idle(&self) {
+        let mut rx = self.count.subscribe();
+        // `self` owns the sender, so it outlives this wait.
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<K, Slot<V>>> {
@@ -111,6 +136,8 @@ struct SlotGuard<K: Hash + Eq, V> {
 
 impl<K: Hash + Eq, V> Drop for SlotGuard<K, V> {
     fn drop(&mut self) {
-        self.owner.lock().remove(&self.key);
+        let mut inflight = self.owner.lock();
+        inflight.remove(&self.key);
+        self.owner.count.send_replace(inflight.len());
     }
 }

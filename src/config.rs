@@ -90,6 +90,23 @@ pub struct UpstreamConfig {
     pub request_timeout: Duration,
     /// `KEYAPI_PROXY__UPSTREAM__MAX_BODY_BYTES`: protects memory from a runaway answer.
     pub max_body_bytes: usize,
+    /// `KEYAPI_PROXY__UPSTREAM__RETRIES`: extra attempts on connect errors and 502/503/504.
+    pub retries: u32,
+    /// `KEYAPI_PROXY__UPSTREAM__RETRY_BACKOFF`: base of the exponential backoff (full jitter).
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// `KEYAPI_PROXY__UPSTREAM__MAX_IN_FLIGHT`: concurrent upstream calls at most.
+    pub max_in_flight: usize,
+    /// `KEYAPI_PROXY__UPSTREAM__MAX_CALLS_PER_MINUTE`: spend-rate cap; 0 = off.
+    pub max_calls_per_minute: u32,
+    /// `KEYAPI_PROXY__UPSTREAM__QUEUE_TIMEOUT`: how long a call may wait for the caps above.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// `KEYAPI_PROXY__UPSTREAM__BREAKER_FAILURES`: consecutive failures that open the circuit.
+    pub breaker_failures: u32,
+    /// `KEYAPI_PROXY__UPSTREAM__BREAKER_COOLDOWN`: how long the circuit stays open.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
 }
 
 /// `[cache]`: capacity and freshness of stored answers.
@@ -105,6 +122,21 @@ pub struct CacheConfig {
     pub ttl_by_period: BTreeMap<String, humantime_serde::Serde<Duration>>,
     /// `KEYAPI_PROXY__CACHE__ALLOW_CLIENT_REFRESH`: honour `Cache-Control: no-cache`.
     pub allow_client_refresh: bool,
+    /// `KEYAPI_PROXY__CACHE__STALE_WHILE_REVALIDATE`: after the TTL, serve stale and refresh in the background.
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// `KEYAPI_PROXY__CACHE__STALE_IF_ERROR`: after the TTL, serve stale when the upstream fails.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    /// `KEYAPI_PROXY__CACHE__NEGATIVE_TTL`: lifetime of cached deterministic refusals.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// `KEYAPI_PROXY__CACHE__NEGATIVE_CODES`: KeyAPI `code` values cached as refusals, e.g. `[10001]`.
+    pub negative_codes: Vec<i64>,
+    /// `KEYAPI_PROXY__CACHE__REFRESH_AHEAD`: fraction of the TTL after which a hit refreshes; 0 = off.
+    pub refresh_ahead: f64,
+    /// `KEYAPI_PROXY__CACHE__REFRESH_AHEAD_MIN_HITS`: hits an entry needs before refresh-ahead applies.
+    pub refresh_ahead_min_hits: u32,
 }
 
 /// `[hashtag]`: the parameters the hashtag-detail route accepts.
@@ -198,6 +230,14 @@ impl Config {
         }
         if self.upstream.request_timeout.is_zero() || self.upstream.connect_timeout.is_zero() {
             return invalid("upstream timeouts must be greater than zero".into());
+        }
+        if self.upstream.max_in_flight == 0 || self.upstream.breaker_failures == 0 {
+            return invalid(
+                "upstream.max_in_flight and upstream.breaker_failures must be at least 1".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&self.cache.refresh_ahead) {
+            return invalid("cache.refresh_ahead must be 0 (off) or a fraction below 1".into());
         }
         Ok(())
     }

@@ -5,7 +5,10 @@
 
 use axum::{
     body::Body,
-    http::{HeaderValue, StatusCode, header::CONTENT_TYPE},
+    http::{
+        HeaderValue, StatusCode,
+        header::{CONTENT_TYPE, RETRY_AFTER},
+    },
     response::Response,
 };
 use serde::Serialize;
@@ -50,6 +53,14 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Abandoned(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Upstream(UpstreamError::RateLimited { .. } | UpstreamError::HeldBack { .. }) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Upstream(
+                UpstreamError::CircuitOpen { .. }
+                | UpstreamError::Overloaded { .. }
+                | UpstreamError::SpendCap { .. },
+            ) => StatusCode::SERVICE_UNAVAILABLE,
             // KeyAPI's 4xx statuses (other than 401/403) keep their meaning.
             Self::Upstream(UpstreamError::Status(code)) if (400..500).contains(code) => {
                 StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)
@@ -79,6 +90,18 @@ impl ApiError {
                 UpstreamError::Transport(_) => "upstream request failed",
                 UpstreamError::Malformed { .. } => "upstream sent an invalid answer",
                 UpstreamError::TooLarge { .. } => "upstream answer is too large",
+                UpstreamError::RateLimited { .. } | UpstreamError::HeldBack { .. } => {
+                    "upstream rate limit reached; retry after the time in Retry-After"
+                }
+                UpstreamError::CircuitOpen { .. } => {
+                    "upstream is failing; calls are paused (circuit open); retry after the time in Retry-After"
+                }
+                UpstreamError::Overloaded { .. } => {
+                    "too many upstream calls in flight; retry after the time in Retry-After"
+                }
+                UpstreamError::SpendCap { .. } => {
+                    "upstream spend-rate cap reached; retry after the time in Retry-After"
+                }
             },
         };
         fixed.to_owned()
@@ -102,7 +125,10 @@ impl ApiError {
         headers.insert(CONTENT_TYPE, APPLICATION_JSON);
         match self {
             Self::Upstream(e) => {
-                cache_status::set_forwarded_uncached(headers, e.upstream_status(), e.as_str())
+                cache_status::set_forwarded_uncached(headers, e.upstream_status(), e.as_str());
+                if let Some(secs) = e.retry_after_secs() {
+                    headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+                }
             }
             _ => cache_status::set_no_store(headers),
         }

@@ -4,11 +4,13 @@
 //! One request, top to bottom: [`routes`] (HTTP) → [`key`] (raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`upstream`] (KeyAPI, key
-//! injected) → [`cache`] → response headers from [`cache_status`]. Errors are
+//! injected, gated by [`protect`] and its [`breaker`]) → [`cache`] → response
+//! headers from [`cache_status`]. Errors are
 //! rendered in one place, [`error`]. [`app`] wires it together; [`config`]
 //! loads settings; [`demo`] is a fake KeyAPI for `--demo` and the tests.
 
 pub mod app;
+pub mod breaker;
 pub mod cache;
 pub mod cache_status;
 pub mod coalesce;
@@ -17,6 +19,7 @@ pub mod demo;
 pub mod error;
 pub mod key;
 pub mod observe;
+pub mod protect;
 pub mod proxy;
 pub mod routes;
 pub mod shutdown;

@@ -1,47 +1,65 @@
 //! The request's story, route-independent: cache → single flight → upstream →
 //! cache. Given a normalized [`CacheKey`] and its TTL, returns the answer and
-//! how it was obtained.
+//! how it was obtained, applying the freshness model of [`crate::cache`]:
+//! fresh hits, stale-while-revalidate, stale-if-error, negative entries and
+//! refresh-ahead. Only the fetch task ever writes the cache, and it never
+//! replaces a good entry with a bad answer.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use reqwest::StatusCode;
 
 use crate::{
-    cache::{CacheKey, Entry, LocalCache},
+    cache::{CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache},
     cache_status::CacheState,
     coalesce::{Abandoned, Coalescer, Role},
+    protect::Protection,
     upstream::{Upstream, UpstreamAnswer, UpstreamError},
 };
+
+/// Why a fetch was started; decides whether a cached entry makes it moot.
+#[derive(Debug, Clone)]
+enum Trigger {
+    /// No usable entry: a fresh one stored meanwhile answers it.
+    Miss,
+    /// The client asked for a new answer: always call.
+    ClientRefresh,
+    /// Revalidating this entry: moot if it was replaced meanwhile.
+    Background(Arc<Entry>),
+}
 
 /// What one shared fetch produced; cloned to every waiter.
 #[derive(Debug, Clone)]
 enum Fetched {
-    /// Fetched and stored by this fetch.
+    /// Fetched and stored (a success, or a negative entry).
     Stored(Arc<Entry>),
-    /// Found in the cache by the fetch task itself: another fetch stored it
-    /// between our cache miss and taking the single-flight slot.
+    /// A usable entry was already there (stored by a fetch that finished
+    /// between our lookup and taking the single-flight slot).
     AlreadyCached(Arc<Entry>),
     /// KeyAPI's own refusal, forwarded but not cached.
     Declined { status: StatusCode, body: Bytes },
 }
 
-type FetchResult = Result<Fetched, UpstreamError>;
+type FetchResult = Result<Fetched, ProxyError>;
 
 /// How a request was answered.
 #[derive(Debug)]
 pub enum Outcome {
-    /// An answer that is in the cache.
+    /// An answer from the cache (possibly just stored, possibly stale).
     Cached {
         entry: Arc<Entry>,
         state: CacheState,
     },
-    /// KeyAPI refused the question itself (4xx or `code != 0`); not cached.
+    /// KeyAPI refused the question itself and it is not cacheable.
     Declined { status: StatusCode, body: Bytes },
 }
 
 /// Why no answer could be produced.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -49,26 +67,53 @@ pub enum ProxyError {
     Abandoned(#[from] Abandoned),
 }
 
+/// Everything a fetch task needs; cheap to clone into it.
+#[derive(Clone)]
+struct Fetcher {
+    cache: LocalCache,
+    upstream: Arc<Upstream>,
+    protection: Arc<Protection>,
+    policy: Arc<FreshnessPolicy>,
+}
+
 /// Ties the cache, the single-flight map and the upstream client together.
 pub struct Proxy {
-    cache: LocalCache,
+    fetcher: Fetcher,
     inflight: Arc<Coalescer<CacheKey, FetchResult>>,
-    upstream: Arc<Upstream>,
 }
 
 impl Proxy {
     /// A proxy over an empty cache.
-    pub fn new(cache: LocalCache, upstream: Upstream) -> Self {
+    pub fn new(
+        cache: LocalCache,
+        upstream: Upstream,
+        protection: Protection,
+        policy: FreshnessPolicy,
+    ) -> Self {
         Self {
-            cache,
+            fetcher: Fetcher {
+                cache,
+                upstream: Arc::new(upstream),
+                protection: Arc::new(protection),
+                policy: Arc::new(policy),
+            },
             inflight: Arc::default(),
-            upstream: Arc::new(upstream),
         }
     }
 
     /// The cache (for operational endpoints).
     pub fn cache(&self) -> &LocalCache {
-        &self.cache
+        &self.fetcher.cache
+    }
+
+    /// Upstream protection state (for operational endpoints).
+    pub fn protection(&self) -> &Protection {
+        &self.fetcher.protection
+    }
+
+    /// Resolves when no fetch (foreground or background) is in flight.
+    pub async fn idle(&self) {
+        self.inflight.idle().await;
     }
 
     /// Answers `key`. With `refresh`, skips the cache lookup (still single flight).
@@ -78,68 +123,160 @@ impl Proxy {
         ttl: Duration,
         refresh: bool,
     ) -> Result<Outcome, ProxyError> {
-        if !refresh && let Some(entry) = self.cache.get(key).await {
-            return Ok(Outcome::Cached {
-                entry,
-                state: CacheState::Hit,
-            });
+        let mut fallback = None;
+        if !refresh && let Some(entry) = self.cache().get(key).await {
+            let now = SystemTime::now();
+            match entry.freshness(now) {
+                Freshness::Fresh { .. } => {
+                    self.maybe_refresh_ahead(key, ttl, &entry, now);
+                    return Ok(cached(entry, CacheState::Hit));
+                }
+                Freshness::StaleWhileRevalidate { .. } => {
+                    self.revalidate(key, ttl, &entry);
+                    return Ok(cached(entry, CacheState::Stale));
+                }
+                Freshness::StaleIfError { .. } => fallback = Some(entry),
+                Freshness::Expired => {}
+            }
         }
-        let (fetched, role) = self
+        let trigger = if refresh {
+            Trigger::ClientRefresh
+        } else {
+            Trigger::Miss
+        };
+        let result = self
             .inflight
             .run(key.clone(), || {
-                fetch_and_store(
-                    self.cache.clone(),
-                    Arc::clone(&self.upstream),
-                    key.clone(),
-                    ttl,
-                    refresh,
-                )
+                self.fetcher.clone().fetch(key.clone(), ttl, trigger)
             })
-            .await?;
-        Ok(match fetched? {
-            Fetched::Stored(entry) => {
+            .await;
+        let (fetched, role) = match result {
+            Ok((fetched, role)) => (fetched, role),
+            Err(abandoned) => (Err(abandoned.into()), Role::Follower),
+        };
+        match (fetched, fallback) {
+            (Ok(Fetched::Stored(entry)), _) => {
                 let state = match (role, refresh) {
                     (Role::Follower, _) => CacheState::Collapsed,
                     (Role::Leader, true) => CacheState::Refreshed,
                     (Role::Leader, false) => CacheState::Stored,
                 };
-                Outcome::Cached { entry, state }
+                Ok(cached(entry, state))
             }
-            Fetched::AlreadyCached(entry) => Outcome::Cached {
-                entry,
-                state: CacheState::Hit,
-            },
-            Fetched::Declined { status, body } => Outcome::Declined { status, body },
-        })
+            (Ok(Fetched::AlreadyCached(entry)), _) => Ok(cached(entry, CacheState::Hit)),
+            (Ok(Fetched::Declined { status, body }), _) => Ok(Outcome::Declined { status, body }),
+            (Err(error), Some(stale)) => {
+                tracing::warn!(%key, error = %error, "serving stale answer because the upstream failed");
+                let fwd_status = match &error {
+                    ProxyError::Upstream(e) => e.upstream_status(),
+                    ProxyError::Abandoned(_) => None,
+                };
+                Ok(cached(stale, CacheState::StaleIfError { fwd_status }))
+            }
+            (Err(error), None) => Err(error),
+        }
+    }
+
+    /// Refresh-ahead: a hot entry late in its fresh life is refreshed in the
+    /// background so it never goes stale.
+    fn maybe_refresh_ahead(
+        &self,
+        key: &CacheKey,
+        ttl: Duration,
+        entry: &Arc<Entry>,
+        now: SystemTime,
+    ) {
+        let policy = &self.fetcher.policy;
+        let Some(fraction) = policy.refresh_ahead else {
+            return;
+        };
+        if entry.negative {
+            return;
+        }
+        let hits = entry.record_hit();
+        if hits >= policy.refresh_ahead_min_hits && entry.age(now) >= entry.ttl.mul_f64(fraction) {
+            self.revalidate(key, ttl, entry);
+        }
+    }
+
+    /// Starts one background refresh of `entry` (none if a fetch is running).
+    fn revalidate(&self, key: &CacheKey, ttl: Duration, entry: &Arc<Entry>) {
+        let trigger = Trigger::Background(Arc::clone(entry));
+        let role = self.inflight.start(key.clone(), || {
+            self.fetcher.clone().fetch(key.clone(), ttl, trigger)
+        });
+        if role == Role::Leader {
+            tracing::debug!(%key, "background refresh started");
+        }
     }
 }
 
-/// The body of one single-flight fetch; runs in its own task.
-async fn fetch_and_store(
-    cache: LocalCache,
-    upstream: Arc<Upstream>,
-    key: CacheKey,
-    ttl: Duration,
-    refresh: bool,
-) -> FetchResult {
-    // Closes the race where another fetch stored the key after our caller's
-    // miss but before we took the slot: without it, that key is paid twice.
-    if !refresh && let Some(entry) = cache.get(&key).await {
-        return Ok(Fetched::AlreadyCached(entry));
+fn cached(entry: Arc<Entry>, state: CacheState) -> Outcome {
+    Outcome::Cached { entry, state }
+}
+
+impl Fetcher {
+    /// The body of one single-flight fetch; runs in its own task.
+    async fn fetch(self, key: CacheKey, ttl: Duration, trigger: Trigger) -> FetchResult {
+        if let Some(entry) = self.moot(&key, &trigger).await {
+            return Ok(Fetched::AlreadyCached(entry));
+        }
+        let admission = self.protection.admit().await.inspect_err(|error| {
+            tracing::warn!(%key, error = %error, "upstream call refused by protection");
+        })?;
+        let result = self.upstream.fetch(&key).await;
+        admission.settle(&result);
+        match result {
+            Ok(UpstreamAnswer::Success(body)) => {
+                let entry = Arc::new(Entry::success(body, ttl, &self.policy));
+                self.cache.insert(key, Arc::clone(&entry)).await;
+                Ok(Fetched::Stored(entry))
+            }
+            Ok(UpstreamAnswer::Declined { status, code, body }) => {
+                self.declined(key, status, code, body).await
+            }
+            Err(error) => {
+                tracing::warn!(%key, error = %error, kind = error.as_str(), "upstream call failed; not cached");
+                Err(error.into())
+            }
+        }
     }
-    match upstream.fetch(&key).await {
-        Ok(UpstreamAnswer::Success(body)) => {
-            let entry = Arc::new(Entry::new(body, ttl));
-            cache.insert(key, Arc::clone(&entry)).await;
-            Ok(Fetched::Stored(entry))
+
+    /// A usable entry that makes this fetch unnecessary, if any. Closes the
+    /// race where another fetch stored the key after our caller looked but
+    /// before we took the slot: without it, that key would be paid twice.
+    async fn moot(&self, key: &CacheKey, trigger: &Trigger) -> Option<Arc<Entry>> {
+        let current = self.cache.get(key).await?;
+        let usable = match trigger {
+            Trigger::ClientRefresh => false,
+            Trigger::Miss => current.is_fresh(SystemTime::now()),
+            Trigger::Background(old) => !Arc::ptr_eq(old, &current),
+        };
+        usable.then_some(current)
+    }
+
+    /// Caches deterministic refusals as negative entries — unless a good
+    /// entry exists, which a refusal never replaces.
+    async fn declined(
+        &self,
+        key: CacheKey,
+        status: StatusCode,
+        code: i64,
+        body: Bytes,
+    ) -> FetchResult {
+        let deterministic = matches!(status.as_u16(), 400 | 404 | 422)
+            || (status == StatusCode::OK && self.policy.negative_codes.contains(&code));
+        let keeps_good_entry = match self.cache.get(&key).await {
+            Some(current) => !current.negative,
+            None => false,
+        };
+        if deterministic && !keeps_good_entry && !self.policy.negative_ttl.is_zero() {
+            tracing::info!(%key, status = status.as_u16(), code, "upstream refusal cached as negative entry");
+            let entry = Arc::new(Entry::negative(status, body, &self.policy));
+            self.cache.insert(key, Arc::clone(&entry)).await;
+            return Ok(Fetched::Stored(entry));
         }
-        Ok(UpstreamAnswer::Declined { status, body }) => {
-            tracing::info!(%key, status = status.as_u16(), "upstream declined; not cached");
-            Ok(Fetched::Declined { status, body })
-        }
-        Err(error) => {
-            tracing::warn!(%key, error = %error, kind = error.as_str(), "upstream call failed; not cached");
-            Err(error)
-        }
+        tracing::info!(%key, status = status.as_u16(), code, "upstream refusal forwarded; not cached");
+        Ok(Fetched::Declined { status, body })
     }
 }

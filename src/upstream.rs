@@ -5,15 +5,16 @@
 //! The request is built from the [`CacheKey`] alone — nothing of the client's
 //! request reaches KeyAPI — so one key always means one byte-identical request.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::{
     StatusCode,
-    header::{ACCEPT, AUTHORIZATION, HeaderValue},
+    header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER},
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use crate::{cache::CacheKey, config::UpstreamConfig};
 
@@ -25,9 +26,14 @@ pub const USER_AGENT: &str = concat!("keyapi-proxy/", env!("CARGO_PKG_VERSION"))
 pub enum UpstreamAnswer {
     /// HTTP 200, valid JSON, `code == 0`: safe to cache.
     Success(Bytes),
-    /// KeyAPI's own, well-formed refusal (a 4xx other than 401/403, or
-    /// `code != 0`): forwarded as is, never cached.
-    Declined { status: StatusCode, body: Bytes },
+    /// KeyAPI's own, well-formed refusal (a 4xx other than 401/403/429, or
+    /// `code != 0`): forwarded as is; cached only as a negative answer.
+    Declined {
+        status: StatusCode,
+        /// The envelope's `code`.
+        code: i64,
+        body: Bytes,
+    },
 }
 
 /// Why a call did not produce a forwardable answer. Cloneable so one failure
@@ -50,6 +56,16 @@ pub enum UpstreamError {
     Malformed { status: u16, detail: String },
     #[error("upstream body exceeds the {limit}-byte limit")]
     TooLarge { limit: usize },
+    #[error("upstream answered 429; retry after {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("holding back upstream calls after a 429 for {retry_after_secs} s more")]
+    HeldBack { retry_after_secs: u64 },
+    #[error("circuit open after repeated upstream failures; retry after {retry_after_secs} s")]
+    CircuitOpen { retry_after_secs: u64 },
+    #[error("too many upstream calls in flight")]
+    Overloaded { retry_after_secs: u64 },
+    #[error("upstream spend-rate cap reached; retry after {retry_after_secs} s")]
+    SpendCap { retry_after_secs: u64 },
 }
 
 impl UpstreamError {
@@ -57,8 +73,43 @@ impl UpstreamError {
     pub fn upstream_status(&self) -> Option<u16> {
         match self {
             Self::KeyRejected(s) | Self::Status(s) | Self::Malformed { status: s, .. } => Some(*s),
-            Self::Timeout | Self::Connect(_) | Self::Transport(_) | Self::TooLarge { .. } => None,
+            Self::RateLimited { .. } => Some(429),
+            _ => None,
         }
+    }
+
+    /// Seconds a client should wait before retrying, when we know.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after_secs }
+            | Self::HeldBack { retry_after_secs }
+            | Self::CircuitOpen { retry_after_secs }
+            | Self::Overloaded { retry_after_secs }
+            | Self::SpendCap { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
+    /// True when the upstream itself misbehaved (counts towards the circuit
+    /// breaker); false for its deliberate answers and for our own refusals.
+    pub fn is_upstream_failure(&self) -> bool {
+        match self {
+            Self::Status(code) => *code >= 500,
+            Self::Timeout
+            | Self::Connect(_)
+            | Self::Transport(_)
+            | Self::Malformed { .. }
+            | Self::TooLarge { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Safe to try again without risking a second charge: the request never
+    /// reached KeyAPI (connect error) or KeyAPI said it did not process it
+    /// (502/503/504). A timeout after sending is *not* retried: the first
+    /// call may have been charged.
+    fn is_retryable(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::Status(502..=504))
     }
 
     /// Short, bounded label for logs and metrics.
@@ -71,6 +122,11 @@ impl UpstreamError {
             Self::Transport(_) => "transport",
             Self::Malformed { .. } => "malformed",
             Self::TooLarge { .. } => "too_large",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::HeldBack { .. } => "held_back",
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::Overloaded { .. } => "overloaded",
+            Self::SpendCap { .. } => "spend_cap",
         }
     }
 }
@@ -89,6 +145,9 @@ pub struct Upstream {
     base_url: String,
     api_key: SecretString,
     max_body_bytes: usize,
+    request_timeout: Duration,
+    retries: u32,
+    retry_backoff: Duration,
 }
 
 impl Upstream {
@@ -107,6 +166,9 @@ impl Upstream {
             base_url: config.base_url.trim_end_matches('/').to_owned(),
             api_key,
             max_body_bytes: config.max_body_bytes,
+            request_timeout: config.request_timeout,
+            retries: config.retries,
+            retry_backoff: config.retry_backoff,
         })
     }
 
@@ -115,17 +177,54 @@ impl Upstream {
         format!("{}{}", self.base_url, key.path_and_query())
     }
 
-    /// Performs one (paid) call and classifies the answer.
+    /// Calls KeyAPI for `key` and classifies the answer, retrying where that
+    /// cannot double-charge, all within `request_timeout`.
     pub async fn fetch(&self, key: &CacheKey) -> Result<UpstreamAnswer, UpstreamError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let mut attempt = 0;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(UpstreamError::Timeout);
+            }
+            let result = self.attempt(key, remaining).await;
+            let Err(error) = &result else { return result };
+            if attempt >= self.retries || !error.is_retryable() {
+                return result;
+            }
+            // Exponential backoff with full jitter, only if it fits the deadline.
+            let ceiling = self.retry_backoff.saturating_mul(1 << attempt.min(16));
+            let backoff = ceiling.mul_f64(fastrand::f64());
+            if Instant::now() + backoff >= deadline {
+                return result;
+            }
+            attempt += 1;
+            tracing::info!(%key, error = %error, attempt, ?backoff, "retrying upstream call");
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// One (paid) call.
+    async fn attempt(
+        &self,
+        key: &CacheKey,
+        timeout: Duration,
+    ) -> Result<UpstreamAnswer, UpstreamError> {
         let response = self
             .client
             .get(self.url_for(key))
             .header(AUTHORIZATION, self.authorization()?)
             .header(ACCEPT, HeaderValue::from_static("application/json"))
+            .timeout(timeout)
             .send()
             .await
             .map_err(classify_transport)?;
         let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(UpstreamError::RateLimited {
+                retry_after_secs: retry_after_secs(response.headers()),
+            });
+        }
         let body = self.read_capped(response).await?;
         self.classify(status, body)
     }
@@ -182,7 +281,11 @@ impl Upstream {
         if status == StatusCode::OK && head.code == 0 {
             Ok(UpstreamAnswer::Success(body))
         } else {
-            Ok(UpstreamAnswer::Declined { status, body })
+            Ok(UpstreamAnswer::Declined {
+                status,
+                code: head.code,
+                body,
+            })
         }
     }
 
@@ -195,11 +298,26 @@ impl Upstream {
 fn classify_transport(err: reqwest::Error) -> UpstreamError {
     // `without_url` keeps log detail short; the URL never holds the key anyway.
     let err = err.without_url();
-    if err.is_timeout() {
-        UpstreamError::Timeout
-    } else if err.is_connect() {
+    // Connect first: a connect timeout never sent the request, so it is retryable.
+    if err.is_connect() {
         UpstreamError::Connect(err.to_string())
+    } else if err.is_timeout() {
+        UpstreamError::Timeout
     } else {
         UpstreamError::Transport(err.to_string())
     }
+}
+
+/// `Retry-After` as seconds (delta-seconds or HTTP-date); 1 s when absent or unreadable.
+fn retry_after_secs(headers: &HeaderMap) -> u64 {
+    let Some(value) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()) else {
+        return 1;
+    };
+    let value = value.trim();
+    value.parse::<u64>().ok().unwrap_or_else(|| {
+        httpdate::parse_http_date(value)
+            .ok()
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .map_or(1, |d| d.as_secs().max(1))
+    })
 }

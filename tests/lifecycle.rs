@@ -46,7 +46,12 @@ async fn head_is_served_like_get_without_a_body() {
 #[tokio::test]
 async fn expired_entries_are_fetched_again() {
     let ttl = Duration::from_millis(300);
-    let app = spawn_app_with(|c| c.cache.ttl = ttl).await;
+    let app = spawn_app_with(|c| {
+        c.cache.ttl = ttl;
+        c.cache.stale_while_revalidate = Duration::ZERO;
+        c.cache.stale_if_error = Duration::ZERO;
+    })
+    .await;
     app.get_hashtag("hashtag_name=ufc324").await;
     app.get_hashtag("hashtag_name=ufc324").await;
     assert_eq!(app.upstream.calls(), 1);

@@ -13,7 +13,8 @@ pub struct LocalCache {
     inner: Cache<CacheKey, Arc<Entry>>,
 }
 
-/// Per-entry expiry: routes choose TTLs per key (e.g. per period).
+/// Per-entry expiry: each entry lives until the end of its longest stale
+/// window (routes choose TTLs per key, e.g. per period).
 struct EntryTtl;
 
 impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
@@ -23,7 +24,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
         entry: &Arc<Entry>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(entry.ttl)
+        Some(entry.lifetime())
     }
 
     fn expire_after_update(
@@ -33,7 +34,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(entry.ttl)
+        Some(entry.lifetime())
     }
 }
 
@@ -51,7 +52,7 @@ impl LocalCache {
         Self { inner }
     }
 
-    /// The fresh entry for `key`, if any.
+    /// The entry for `key`, fresh or stale, if any.
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
         self.inner.get(key).await
     }

@@ -1,20 +1,36 @@
-//! What a cached answer is ([`Entry`]) and what it is filed under ([`CacheKey`]).
+//! What a cached answer is ([`Entry`]), what it is filed under ([`CacheKey`]),
+//! and how its age decides what we may do with it ([`Freshness`]).
 //!
 //! The cache knows nothing about hashtags: a key is the canonical upstream
 //! request (path and query) that a route derived from the client's request, so
 //! new routes can reuse the cache and single-flight machinery unchanged.
+//!
+//! Timeline of one entry (ttl = fresh lifetime, swr / sie = stale windows):
+//!
+//! ```text
+//! stored_at        +ttl                +ttl+swr              +ttl+sie
+//!    |---- fresh ----|-- stale: serve, ---|-- stale: only if  ---|  gone
+//!    |  serve as hit |  refresh in the    |  upstream fails     |
+//!    |               |  background        |  (stale-if-error)   |
+//! ```
 
 mod local;
 
 use std::{
     fmt,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
+use axum::http::StatusCode;
 use bytes::Bytes;
 
 pub use local::LocalCache;
+
+use crate::config::CacheConfig;
 
 /// Normalized identity of an answer: the exact upstream path and query that
 /// produces it. Equal keys mean byte-identical upstream requests.
@@ -45,27 +61,100 @@ impl fmt::Display for CacheKey {
     }
 }
 
-/// One successful upstream answer, kept as the exact bytes received so a hit
+/// The freshness rules that apply to every entry (the TTL itself is chosen
+/// per key by the route).
+#[derive(Debug, Clone)]
+pub struct FreshnessPolicy {
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub negative_ttl: Duration,
+    /// KeyAPI `code` values (with HTTP 200) that are cached as negative answers.
+    pub negative_codes: Vec<i64>,
+    /// Fraction of the TTL after which a hit triggers a background refresh.
+    pub refresh_ahead: Option<f64>,
+    pub refresh_ahead_min_hits: u32,
+}
+
+impl FreshnessPolicy {
+    /// The `[cache]` section's freshness rules.
+    pub fn from_config(cache: &CacheConfig) -> Self {
+        Self {
+            stale_while_revalidate: cache.stale_while_revalidate,
+            stale_if_error: cache.stale_if_error,
+            negative_ttl: cache.negative_ttl,
+            negative_codes: cache.negative_codes.clone(),
+            refresh_ahead: (cache.refresh_ahead > 0.0).then_some(cache.refresh_ahead),
+            refresh_ahead_min_hits: cache.refresh_ahead_min_hits,
+        }
+    }
+}
+
+/// What an entry's age allows at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Serve it; `remaining` is the freshness left.
+    Fresh { remaining: Duration },
+    /// Serve it and refresh in the background; `past` is the time since expiry.
+    StaleWhileRevalidate { past: Duration },
+    /// Serve it only if the upstream fails.
+    StaleIfError { past: Duration },
+    /// Useless (moka will evict it).
+    Expired,
+}
+
+/// One stored upstream answer, kept as the exact bytes received so a hit
 /// never parses or re-serializes JSON.
 #[derive(Debug)]
 pub struct Entry {
     /// Raw upstream body, validated once when it was fetched.
     pub body: Bytes,
+    /// HTTP status to answer with: 200, or KeyAPI's status for a negative entry.
+    pub status: StatusCode,
+    /// True for a cached refusal (e.g. unknown hashtag): no stale windows.
+    pub negative: bool,
     /// Wall-clock time of storage; wall clock (not `Instant`) so `Age` stays
     /// meaningful if entries are ever shared between processes.
     pub stored_at: SystemTime,
-    /// Freshness lifetime chosen by the route at store time.
+    /// Freshness lifetime.
     pub ttl: Duration,
+    stale_while_revalidate: Duration,
+    stale_if_error: Duration,
+    /// Hits served from this entry, for refresh-ahead's "hot key" rule.
+    hits: AtomicU32,
 }
 
 impl Entry {
-    /// A new entry stored now.
-    pub fn new(body: Bytes, ttl: Duration) -> Self {
+    /// A successful answer stored now, with the policy's stale windows.
+    pub fn success(body: Bytes, ttl: Duration, policy: &FreshnessPolicy) -> Self {
         Self {
             body,
+            status: StatusCode::OK,
+            negative: false,
             stored_at: SystemTime::now(),
             ttl,
+            stale_while_revalidate: policy.stale_while_revalidate,
+            stale_if_error: policy.stale_if_error,
+            hits: AtomicU32::new(0),
         }
+    }
+
+    /// A deterministic refusal stored now for the policy's negative TTL.
+    pub fn negative(status: StatusCode, body: Bytes, policy: &FreshnessPolicy) -> Self {
+        Self {
+            body,
+            status,
+            negative: true,
+            stored_at: SystemTime::now(),
+            ttl: policy.negative_ttl,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            hits: AtomicU32::new(0),
+        }
+    }
+
+    /// How long the cache must keep it: the end of its longest window.
+    pub fn lifetime(&self) -> Duration {
+        self.ttl + self.stale_while_revalidate.max(self.stale_if_error)
     }
 
     /// Time since storage (zero if the clock stepped back).
@@ -73,8 +162,28 @@ impl Entry {
         now.duration_since(self.stored_at).unwrap_or_default()
     }
 
-    /// Freshness left at `now` (zero once expired).
-    pub fn remaining_ttl(&self, now: SystemTime) -> Duration {
-        self.ttl.saturating_sub(self.age(now))
+    /// Where `now` falls on this entry's timeline.
+    pub fn freshness(&self, now: SystemTime) -> Freshness {
+        let age = self.age(now);
+        match age.checked_sub(self.ttl) {
+            None => Freshness::Fresh {
+                remaining: self.ttl - age,
+            },
+            Some(past) if past < self.stale_while_revalidate => {
+                Freshness::StaleWhileRevalidate { past }
+            }
+            Some(past) if past < self.stale_if_error => Freshness::StaleIfError { past },
+            Some(_) => Freshness::Expired,
+        }
+    }
+
+    /// True while within the fresh lifetime.
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        matches!(self.freshness(now), Freshness::Fresh { .. })
+    }
+
+    /// Counts a hit; returns the hits so far including this one.
+    pub fn record_hit(&self) -> u32 {
+        self.hits.fetch_add(1, Ordering::Relaxed).saturating_add(1)
     }
 }

@@ -6,8 +6,12 @@
 //! and echo the requested hashtag and region.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -15,13 +19,20 @@ use axum::{
     Router,
     body::Body,
     extract::{Request, State},
-    http::{HeaderMap, StatusCode, header::AUTHORIZATION, header::CONTENT_TYPE},
+    http::{
+        HeaderMap, HeaderValue, StatusCode,
+        header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER},
+    },
     response::Response,
+    routing::get,
 };
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 const SAMPLE: &str = include_str!("hashtag-detail-ufc324.json");
+/// Path of the fake's own call counter, for tools outside the process (the
+/// benchmark script). Requests to it are neither counted nor recorded.
+pub const CALLS_PATH: &str = "/__fake/calls";
 
 /// How the fake answers the next calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +51,8 @@ pub enum FakeMode {
     Oversize(usize),
     /// HTTP 404 whose body quotes the `Authorization` header it received.
     EchoAuthorization,
+    /// HTTP 429 with `Retry-After: <secs>`.
+    RateLimited { retry_after_secs: u64 },
 }
 
 /// One request as the fake received it.
@@ -58,6 +71,10 @@ struct FakeState {
     /// While false, calls are counted and recorded but not answered.
     open: watch::Sender<bool>,
     recorded: Mutex<Vec<Recorded>>,
+    /// Modes for the next calls, one each, before falling back to `mode`.
+    script: Mutex<VecDeque<FakeMode>>,
+    concurrent: AtomicUsize,
+    max_concurrent: AtomicUsize,
     sample: Value,
 }
 
@@ -80,11 +97,15 @@ impl FakeUpstream {
             calls: watch::Sender::new(0),
             open: watch::Sender::new(true),
             recorded: Mutex::new(Vec::new()),
+            script: Mutex::new(VecDeque::new()),
+            concurrent: AtomicUsize::new(0),
+            max_concurrent: AtomicUsize::new(0),
             sample,
         });
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let app = Router::new()
+            .route(CALLS_PATH, get(calls))
             .fallback(answer)
             .with_state(Arc::clone(&state));
         let task = tokio::spawn(async move {
@@ -118,6 +139,17 @@ impl FakeUpstream {
     }
 
     /// Changes how the next calls are answered.
+    /// Answers the next calls with these modes, one per call, then the current mode.
+    pub fn script(&self, modes: impl IntoIterator<Item = FakeMode>) {
+        lock(&self.state.script).extend(modes);
+    }
+
+    /// The most calls that were being answered at the same time.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.max_concurrent.load(Ordering::SeqCst)
+    }
+
+    /// Changes how the next calls are answered (after any scripted ones).
     pub fn set_mode(&self, mode: FakeMode) {
         *lock(&self.state.mode) = mode;
     }
@@ -161,6 +193,10 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         path_and_query,
         headers: headers.clone(),
     });
+    let now = state.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_concurrent.fetch_max(now, Ordering::SeqCst);
+    let _concurrent = Decrement(&state.concurrent);
+    let scripted = lock(&state.script).pop_front();
     state.calls.send_modify(|c| *c += 1);
 
     let mut open = state.open.subscribe();
@@ -169,7 +205,7 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let mode = lock(&state.mode).clone();
+    let mode = scripted.unwrap_or_else(|| lock(&state.mode).clone());
     let authorized = headers
         .get(AUTHORIZATION)
         .is_some_and(|v| v.as_bytes() == state.expected_key.as_bytes());
@@ -188,11 +224,23 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         FakeMode::CodeError(code) => envelope(StatusCode::OK, code, "hashtag not found"),
         FakeMode::Garbage => Response::new(Body::from("<html>502 Bad Gateway</html>")),
         FakeMode::Hang => std::future::pending().await,
+        FakeMode::RateLimited { retry_after_secs } => {
+            let mut response = envelope(StatusCode::TOO_MANY_REQUESTS, 429, "rate limited");
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            response
+        }
         FakeMode::EchoAuthorization => {
             let echoed = format!("bad request from {}", state.expected_key);
             envelope(StatusCode::NOT_FOUND, 404, &echoed)
         }
     }
+}
+
+/// `GET /__fake/calls`: the number of calls received so far, as plain text.
+async fn calls(State(state): State<Arc<FakeState>>) -> String {
+    state.calls.borrow().to_string()
 }
 
 /// The sample body with the requested hashtag and region, and `pad` bytes of padding.
@@ -240,4 +288,13 @@ fn json_response(status: StatusCode, body: Value) -> Response {
         .headers_mut()
         .insert(CONTENT_TYPE, crate::error::APPLICATION_JSON);
     response
+}
+
+/// Counts a call as finished when its handler ends, however it ends.
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }

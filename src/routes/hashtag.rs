@@ -13,7 +13,7 @@ use axum::{
 
 use crate::{
     app::AppState,
-    cache_status,
+    cache_status::{self, CacheState},
     error::{APPLICATION_JSON, ApiError},
     key::HashtagKey,
     observe::{AccessLog, RequestId},
@@ -39,10 +39,17 @@ pub(super) async fn hashtag_detail(
     {
         Ok(Outcome::Cached { entry, state }) => {
             let mut response = Response::new(Body::from(entry.body.clone()));
+            *response.status_mut() = entry.status;
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, APPLICATION_JSON);
             cache_status::set_cached(headers, state, &entry);
-            let upstream = (state != cache_status::CacheState::Hit).then_some(200);
+            let upstream = match state {
+                CacheState::Hit | CacheState::Stale => None,
+                CacheState::StaleIfError { fwd_status } => fwd_status,
+                CacheState::Stored | CacheState::Collapsed | CacheState::Refreshed => {
+                    Some(entry.status.as_u16())
+                }
+            };
             (response, state.as_str(), upstream)
         }
         Ok(Outcome::Declined { status, body }) => {

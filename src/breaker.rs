@@ -1,0 +1,161 @@
+//! Circuit breaker: after `threshold` consecutive failures the circuit opens
+//! for `cooldown`; then exactly one probe goes through (half-open). Its
+//! success closes the circuit, its failure opens it again.
+//!
+//! While open, misses fail fast instead of piling up sockets on a dead
+//! upstream (and spending credits on calls that fail).
+
+use std::{
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen,
+}
+
+/// Shared breaker state for one upstream.
+#[derive(Debug)]
+pub struct Breaker {
+    state: Mutex<State>,
+    threshold: u32,
+    cooldown: Duration,
+}
+
+/// The circuit is open; try again after `retry_after`.
+#[derive(Debug, Clone, Copy)]
+pub struct Open {
+    pub retry_after: Duration,
+}
+
+/// Leave to make one call. Must be settled with [`Pass::record`]; dropping
+/// it unsettled counts as a failure, so a lost probe cannot wedge half-open.
+#[derive(Debug)]
+pub struct Pass<'a> {
+    breaker: &'a Breaker,
+    settled: bool,
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            state: Mutex::new(State::Closed { failures: 0 }),
+            threshold: threshold.max(1),
+            cooldown,
+        }
+    }
+
+    /// Asks to make a call now.
+    pub fn try_pass(&self) -> Result<Pass<'_>, Open> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        match *state {
+            State::Closed { .. } => {}
+            State::Open { until } if now < until => {
+                return Err(Open {
+                    retry_after: until - now,
+                });
+            }
+            State::Open { .. } => {
+                tracing::info!("circuit half-open: sending one probe");
+                *state = State::HalfOpen;
+            }
+            // A probe is already out: everyone else waits for its verdict.
+            State::HalfOpen => {
+                return Err(Open {
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+        }
+        Ok(Pass {
+            breaker: self,
+            settled: false,
+        })
+    }
+
+    /// `closed`, `open` or `half_open`, for logs and status pages.
+    pub fn state_str(&self) -> &'static str {
+        match *self.lock() {
+            State::Closed { .. } => "closed",
+            State::Open { .. } => "open",
+            State::HalfOpen => "half_open",
+        }
+    }
+
+    fn settle(&self, success: bool) {
+        let mut state = self.lock();
+        let next = match (*state, success) {
+            (_, true) => State::Closed { failures: 0 },
+            (State::Closed { failures }, false) if failures + 1 < self.threshold => State::Closed {
+                failures: failures + 1,
+            },
+            (State::Open { until }, false) => State::Open { until },
+            (_, false) => {
+                tracing::warn!(cooldown = ?self.cooldown, "circuit open: upstream keeps failing");
+                State::Open {
+                    until: Instant::now() + self.cooldown,
+                }
+            }
+        };
+        if matches!((*state, next), (State::HalfOpen, State::Closed { .. })) {
+            tracing::info!("circuit closed: probe succeeded");
+        }
+        *state = next;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Pass<'_> {
+    /// Reports the call's outcome.
+    pub fn record(mut self, success: bool) {
+        self.settled = true;
+        self.breaker.settle(success);
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.breaker.settle(false);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_then_half_opens_with_one_probe() {
+        let breaker = Breaker::new(2, Duration::ZERO);
+        breaker.try_pass().unwrap().record(false);
+        assert_eq!(breaker.state_str(), "closed");
+        breaker.try_pass().unwrap().record(false);
+        assert_eq!(breaker.state_str(), "open");
+        // Cool-down of zero: the next caller is the probe, the one after waits.
+        let probe = breaker.try_pass().unwrap();
+        assert_eq!(breaker.state_str(), "half_open");
+        assert!(breaker.try_pass().is_err());
+        probe.record(true);
+        assert_eq!(breaker.state_str(), "closed");
+    }
+
+    #[test]
+    fn a_dropped_probe_counts_as_failure() {
+        let breaker = Breaker::new(1, Duration::from_secs(60));
+        breaker.try_pass().unwrap().record(false);
+        assert!(breaker.try_pass().is_err());
+        let breaker = Breaker::new(1, Duration::ZERO);
+        breaker.try_pass().unwrap().record(false);
+        drop(breaker.try_pass().unwrap());
+        assert_eq!(breaker.state_str(), "open");
+    }
+}

@@ -1,0 +1,153 @@
+//! Upstream protection, checked before every paid call: a hold after KeyAPI
+//! answered 429, a spend-rate cap, a concurrency cap, and the circuit breaker.
+//! A burst of misses therefore never becomes a burst of credits or sockets;
+//! callers that cannot get through in `queue_timeout` get a fast refusal with
+//! a `Retry-After`.
+
+use std::{
+    num::NonZeroU32,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use governor::{
+    DefaultDirectRateLimiter, Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use crate::{
+    breaker::{Breaker, Pass},
+    config::UpstreamConfig,
+    upstream::{UpstreamAnswer, UpstreamError},
+};
+
+/// Longest hold we accept from a KeyAPI `Retry-After`.
+const MAX_HOLD: Duration = Duration::from_secs(3600);
+
+/// Gatekeeper for upstream calls.
+#[derive(Debug)]
+pub struct Protection {
+    breaker: Breaker,
+    in_flight: Semaphore,
+    max_in_flight: usize,
+    spend: Option<DefaultDirectRateLimiter>,
+    queue_timeout: Duration,
+    hold_until: Mutex<Option<Instant>>,
+}
+
+/// Leave to make one call: holds a concurrency slot and a breaker pass.
+#[derive(Debug)]
+pub struct Admission<'a> {
+    _slot: SemaphorePermit<'a>,
+    pass: Pass<'a>,
+    protection: &'a Protection,
+}
+
+impl Protection {
+    /// From the `[upstream]` section.
+    pub fn from_config(config: &UpstreamConfig) -> Self {
+        let spend = NonZeroU32::new(config.max_calls_per_minute)
+            .map(|n| RateLimiter::direct(Quota::per_minute(n)));
+        Self {
+            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+            in_flight: Semaphore::new(config.max_in_flight),
+            max_in_flight: config.max_in_flight,
+            spend,
+            queue_timeout: config.queue_timeout,
+            hold_until: Mutex::new(None),
+        }
+    }
+
+    /// Waits (at most `queue_timeout`) for leave to call upstream.
+    pub async fn admit(&self) -> Result<Admission<'_>, UpstreamError> {
+        if let Some(wait) = self.held_for() {
+            return Err(UpstreamError::HeldBack {
+                retry_after_secs: ceil_secs(wait),
+            });
+        }
+        let queue_deadline = tokio::time::Instant::now() + self.queue_timeout;
+        if let Some(spend) = &self.spend
+            && tokio::time::timeout_at(queue_deadline, spend.until_ready())
+                .await
+                .is_err()
+        {
+            let now = DefaultClock::default().now();
+            let wait = spend
+                .check()
+                .err()
+                .map_or(Duration::from_secs(1), |not_until| {
+                    not_until.wait_time_from(now)
+                });
+            return Err(UpstreamError::SpendCap {
+                retry_after_secs: ceil_secs(wait),
+            });
+        }
+        let slot = tokio::time::timeout_at(queue_deadline, self.in_flight.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(UpstreamError::Overloaded {
+                retry_after_secs: 1,
+            })?;
+        let pass = self
+            .breaker
+            .try_pass()
+            .map_err(|open| UpstreamError::CircuitOpen {
+                retry_after_secs: ceil_secs(open.retry_after),
+            })?;
+        Ok(Admission {
+            _slot: slot,
+            pass,
+            protection: self,
+        })
+    }
+
+    /// Upstream calls currently running.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.in_flight.available_permits()
+    }
+
+    /// `closed`, `open` or `half_open`.
+    pub fn circuit(&self) -> &'static str {
+        self.breaker.state_str()
+    }
+
+    fn held_for(&self) -> Option<Duration> {
+        let hold = *self.lock_hold();
+        hold.and_then(|until| until.checked_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero())
+    }
+
+    fn hold(&self, wait: Duration) {
+        let until = Instant::now() + wait.min(MAX_HOLD);
+        let mut hold = self.lock_hold();
+        if hold.is_none_or(|current| current < until) {
+            tracing::warn!(?wait, "upstream rate limit: holding back upstream calls");
+            *hold = Some(until);
+        }
+    }
+
+    fn lock_hold(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.hold_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Admission<'_> {
+    /// Reports the call's result to the breaker (and the hold, on a 429).
+    pub fn settle(self, result: &Result<UpstreamAnswer, UpstreamError>) {
+        let healthy = match result {
+            Ok(_) => true,
+            Err(UpstreamError::RateLimited { retry_after_secs }) => {
+                self.protection.hold(Duration::from_secs(*retry_after_secs));
+                true
+            }
+            Err(e) => !e.is_upstream_failure(),
+        };
+        self.pass.record(healthy);
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
