@@ -5,7 +5,12 @@
 use std::{net::SocketAddr, time::Duration};
 
 use futures_util::future::join_all;
-use keyapi_proxy::{app::App, config::Config, demo::FakeUpstream, key::HASHTAG_DETAIL_PATH};
+use keyapi_proxy::{
+    app::{App, AppState},
+    config::Config,
+    demo::FakeUpstream,
+    key::HASHTAG_DETAIL_PATH,
+};
 use secrecy::SecretString;
 use tokio::{sync::oneshot, task::JoinHandle};
 
@@ -17,6 +22,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
     pub upstream: FakeUpstream,
+    /// The app's shared state, e.g. to await background refreshes.
+    pub state: AppState,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -46,6 +53,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         .await
         .expect("app builds");
     let addr = app.local_addr();
+    let state = app.state().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
@@ -57,6 +65,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
             .build()
             .unwrap(),
         upstream,
+        state,
         shutdown: Some(tx),
         server: Some(server),
     }

@@ -1,0 +1,387 @@
+//! Answers keep coming when KeyAPI is slow or down, and bursts never become
+//! bursts of credits: stale-while-revalidate, stale-if-error, negative caching,
+//! retries, the 429 hold, the circuit breaker, the caps and refresh-ahead.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestApp, assert_envelope, header, join, parts, spawn_app_with};
+use keyapi_proxy::{config::Config, demo::FakeMode};
+
+const TTL: Duration = Duration::from_millis(200);
+
+/// Lets time itself pass (an entry's TTL), not a stand-in for a signal.
+async fn let_expire(ttl: Duration) {
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+}
+
+/// Short TTL, stale windows as given, single attempts, no breaker trips.
+fn short_ttl(c: &mut Config, swr: Duration, sie: Duration) {
+    c.cache.ttl = TTL;
+    c.cache.stale_while_revalidate = swr;
+    c.cache.stale_if_error = sie;
+    c.upstream.retries = 0;
+    c.upstream.breaker_failures = 1000;
+    c.upstream.request_timeout = Duration::from_millis(300);
+}
+
+async fn get(app: &TestApp, query: &str) -> common::Parts {
+    parts(app.get_hashtag(query).await).await
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_answers_at_once_with_one_background_call() {
+    let app = spawn_app_with(|c| short_ttl(c, Duration::from_secs(600), Duration::ZERO)).await;
+    let (_, _, old_body) = get(&app, "hashtag_name=ufc324").await;
+    let_expire(TTL).await;
+
+    // Upstream held: if any of these waited for the refresh, they would hang.
+    app.upstream.hold();
+    let results = join(
+        (0..100)
+            .map(|_| app.spawn_get_hashtag("hashtag_name=ufc324"))
+            .collect(),
+    )
+    .await;
+    for (status, headers, body) in &results {
+        assert_eq!(*status, 200);
+        assert_eq!(body, &old_body);
+        let cache_status = header(headers, "cache-status");
+        // ttl is 0 or negative once stale (whole seconds past freshness).
+        assert!(
+            cache_status.starts_with("keyapi-proxy; hit; ttl="),
+            "{cache_status}"
+        );
+        let ttl: i64 = cache_status
+            .split("ttl=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(ttl <= 0, "{cache_status}");
+        assert!(
+            cache_status.ends_with("detail=stale-while-revalidate"),
+            "{cache_status}"
+        );
+        assert!(header(headers, "age").parse::<u64>().is_ok());
+    }
+    app.upstream.wait_for_calls(2).await;
+    app.upstream.release();
+    app.state.proxy().idle().await;
+    assert_eq!(app.upstream.calls(), 2, "exactly one background refresh");
+
+    let (_, headers, new_body) = get(&app, "hashtag_name=ufc324").await;
+    let cache_status = header(&headers, "cache-status");
+    assert!(
+        cache_status.starts_with("keyapi-proxy; hit; ttl="),
+        "{cache_status}"
+    );
+    assert!(!cache_status.contains("detail=stale"), "{cache_status}");
+    assert_ne!(new_body, old_body, "the refresh replaced the entry");
+    assert_eq!(app.upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_old_answer_when_upstream_fails() {
+    let app = spawn_app_with(|c| short_ttl(c, Duration::ZERO, Duration::from_secs(3600))).await;
+    let (_, _, old_body) = get(&app, "hashtag_name=ufc324").await;
+    let_expire(TTL).await;
+
+    for (mode, fwd) in [
+        (FakeMode::Status(500), "fwd=stale; fwd-status=500; "),
+        (FakeMode::Hang, "fwd=stale; ttl="),
+        (FakeMode::Garbage, "fwd=stale; fwd-status=200; "),
+        (FakeMode::Status(401), "fwd=stale; fwd-status=401; "),
+    ] {
+        app.upstream.set_mode(mode.clone());
+        let (status, headers, body) = get(&app, "hashtag_name=ufc324").await;
+        let cache_status = header(&headers, "cache-status");
+        assert_eq!(status, 200, "{mode:?}");
+        assert_eq!(body, old_body, "{mode:?}");
+        assert!(cache_status.contains(fwd), "{mode:?}: {cache_status}");
+        assert!(
+            cache_status.ends_with("detail=stale-if-error"),
+            "{cache_status}"
+        );
+    }
+    assert_eq!(
+        app.upstream.calls(),
+        5,
+        "every stale answer tried upstream first"
+    );
+
+    app.upstream.set_mode(FakeMode::Normal);
+    let (_, headers, body) = get(&app, "hashtag_name=ufc324").await;
+    assert_eq!(
+        header(&headers, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    assert_ne!(body, old_body);
+
+    // Without a stale copy, the error as usual.
+    app.upstream.set_mode(FakeMode::Status(500));
+    let (status, _, _) = get(&app, "hashtag_name=other").await;
+    assert_eq!(status, 502);
+}
+
+#[tokio::test]
+async fn a_failed_background_refresh_keeps_the_old_body() {
+    let app = spawn_app_with(|c| short_ttl(c, Duration::from_secs(600), Duration::ZERO)).await;
+    let (_, _, old_body) = get(&app, "hashtag_name=ufc324").await;
+    let_expire(TTL).await;
+    for mode in [
+        FakeMode::Status(500),
+        FakeMode::Garbage,
+        FakeMode::CodeError(7),
+    ] {
+        app.upstream.set_mode(mode.clone());
+        let before = app.upstream.calls();
+        let (status, _, body) = get(&app, "hashtag_name=ufc324").await;
+        assert_eq!((status, &body), (200, &old_body), "{mode:?}");
+        app.state.proxy().idle().await;
+        assert_eq!(app.upstream.calls(), before + 1, "{mode:?}: one refresh");
+    }
+    let (_, headers, body) = get(&app, "hashtag_name=ufc324").await;
+    assert_eq!(body, old_body);
+    assert!(header(&headers, "cache-status").contains("stale-while-revalidate"));
+}
+
+#[tokio::test]
+async fn deterministic_refusals_are_cached_briefly_and_errors_never() {
+    let negative_ttl = Duration::from_millis(300);
+    let app = spawn_app_with(|c| {
+        short_ttl(c, Duration::ZERO, Duration::from_secs(3600));
+        c.cache.negative_ttl = negative_ttl;
+        c.cache.negative_codes = vec![10001];
+    })
+    .await;
+    let cases = [
+        (FakeMode::CodeError(10001), 200, 1),
+        (FakeMode::Status(404), 404, 1),
+        (FakeMode::Status(400), 400, 1),
+        (FakeMode::Status(422), 422, 1),
+        (FakeMode::CodeError(5), 200, 2),
+        (FakeMode::Status(500), 502, 2),
+        (FakeMode::Status(401), 502, 2),
+        (
+            FakeMode::RateLimited {
+                retry_after_secs: 0,
+            },
+            429,
+            2,
+        ),
+        (FakeMode::Garbage, 502, 2),
+    ];
+    for (i, (mode, status, calls)) in cases.iter().enumerate() {
+        app.upstream.set_mode(mode.clone());
+        let before = app.upstream.calls();
+        let query = format!("hashtag_name=neg{i}");
+        let (first, _, body) = get(&app, &query).await;
+        let (second, headers, _) = get(&app, &query).await;
+        assert_eq!((first, second), (*status, *status), "{mode:?}: {body}");
+        assert_eq!(app.upstream.calls() - before, *calls, "{mode:?}");
+        if *calls == 1 {
+            let cache_status = header(&headers, "cache-status");
+            assert!(cache_status.contains("; hit;") && cache_status.ends_with("detail=negative"));
+        }
+    }
+    // Negative entries expire (no stale windows for them).
+    app.upstream.set_mode(FakeMode::Normal);
+    let_expire(negative_ttl).await;
+    let (status, _, _) = get(&app, "hashtag_name=neg0").await;
+    assert_eq!(status, 200);
+
+    // A refusal never replaces a good entry: after it, the good copy still serves stale.
+    let_expire(TTL).await;
+    app.upstream.set_mode(FakeMode::Status(404));
+    let (status, _, _) = get(&app, "hashtag_name=neg0").await;
+    assert_eq!(status, 404, "the refusal itself is forwarded");
+    app.upstream.set_mode(FakeMode::Status(500));
+    let (status, headers, _) = get(&app, "hashtag_name=neg0").await;
+    assert_eq!(status, 200);
+    assert!(header(&headers, "cache-status").contains("stale-if-error"));
+}
+
+#[tokio::test]
+async fn retries_happen_only_where_they_cannot_double_charge() {
+    let app = spawn_app_with(|c| {
+        short_ttl(c, Duration::ZERO, Duration::ZERO);
+        c.upstream.retries = 1;
+        c.upstream.retry_backoff = Duration::from_millis(10);
+    })
+    .await;
+    let cases = [
+        (vec![FakeMode::Status(503)], 200, 2),
+        (vec![FakeMode::Status(502)], 200, 2),
+        (vec![FakeMode::Status(504), FakeMode::Status(504)], 502, 2),
+        (vec![FakeMode::Status(500)], 502, 1),
+        (vec![FakeMode::Hang], 504, 1),
+        (vec![FakeMode::Garbage], 502, 1),
+        (
+            vec![FakeMode::RateLimited {
+                retry_after_secs: 0,
+            }],
+            429,
+            1,
+        ),
+    ];
+    for (i, (script, status, calls)) in cases.into_iter().enumerate() {
+        let what = format!("{script:?}");
+        app.upstream.script(script);
+        let before = app.upstream.calls();
+        let (got, _, body) = get(&app, &format!("hashtag_name=retry{i}")).await;
+        assert_eq!(got, status, "{what}: {body}");
+        assert_eq!(app.upstream.calls() - before, calls, "{what}");
+    }
+}
+
+#[tokio::test]
+async fn circuit_opens_fails_fast_half_opens_with_one_probe_and_closes() {
+    let cooldown = Duration::from_millis(300);
+    let app = spawn_app_with(|c| {
+        short_ttl(c, Duration::ZERO, Duration::ZERO);
+        c.upstream.breaker_failures = 3;
+        c.upstream.breaker_cooldown = cooldown;
+    })
+    .await;
+    app.upstream.set_mode(FakeMode::Status(500));
+    for i in 0..3 {
+        assert_eq!(get(&app, &format!("hashtag_name=a{i}")).await.0, 502);
+    }
+    assert_eq!(app.upstream.calls(), 3);
+
+    // Open: fast 503 with Retry-After, no upstream call.
+    let (status, headers, body) = get(&app, "hashtag_name=b").await;
+    assert_eq!(status, 503);
+    assert!(header(&headers, "retry-after").parse::<u64>().unwrap() >= 1);
+    let message = assert_envelope(&body, 503, header(&headers, "x-request-id"));
+    assert!(message.contains("circuit open"), "{message}");
+    assert_eq!(app.upstream.calls(), 3);
+
+    // After the cool-down: exactly one probe goes through.
+    let_expire(cooldown).await;
+    app.upstream.set_mode(FakeMode::Normal);
+    app.upstream.hold();
+    let probe = app.spawn_get_hashtag("hashtag_name=probe");
+    app.upstream.wait_for_calls(4).await;
+    for i in 0..4 {
+        let (status, _, _) = get(&app, &format!("hashtag_name=c{i}")).await;
+        assert_eq!(status, 503, "half-open lets only the probe through");
+    }
+    app.upstream.release();
+    assert_eq!(probe.await.unwrap().0, 200);
+
+    // Closed again.
+    for i in 0..3 {
+        assert_eq!(get(&app, &format!("hashtag_name=d{i}")).await.0, 200);
+    }
+    assert_eq!(app.upstream.calls(), 7);
+}
+
+#[tokio::test]
+async fn max_in_flight_holds_under_500_concurrent_distinct_keys() {
+    let app = spawn_app_with(|c| {
+        c.upstream.max_in_flight = 8;
+        c.upstream.queue_timeout = Duration::from_secs(60);
+    })
+    .await;
+    app.upstream.set_latency(Duration::from_millis(2));
+    let results = join(
+        (0..500)
+            .map(|i| app.spawn_get_hashtag(&format!("hashtag_name=k{i}")))
+            .collect(),
+    )
+    .await;
+    assert!(results.iter().all(|(status, _, _)| *status == 200));
+    assert_eq!(app.upstream.calls(), 500);
+    let max = app.upstream.max_concurrent();
+    assert!(
+        (1..=8).contains(&max),
+        "upstream saw {max} concurrent calls"
+    );
+}
+
+#[tokio::test]
+async fn spend_rate_cap_refuses_misses_but_serves_hits() {
+    let app = spawn_app_with(|c| {
+        c.upstream.max_calls_per_minute = 2;
+        c.upstream.queue_timeout = Duration::from_millis(50);
+    })
+    .await;
+    assert_eq!(get(&app, "hashtag_name=a").await.0, 200);
+    assert_eq!(get(&app, "hashtag_name=b").await.0, 200);
+    let (status, headers, body) = get(&app, "hashtag_name=c").await;
+    assert_eq!(status, 503);
+    assert!(header(&headers, "retry-after").parse::<u64>().unwrap() >= 1);
+    assert!(assert_envelope(&body, 503, header(&headers, "x-request-id")).contains("spend-rate"));
+    assert_eq!(app.upstream.calls(), 2);
+    assert_eq!(
+        get(&app, "hashtag_name=a").await.0,
+        200,
+        "hits are not capped"
+    );
+}
+
+#[tokio::test]
+async fn upstream_429_holds_back_every_call_until_retry_after() {
+    let app = spawn_app_with(|c| short_ttl(c, Duration::ZERO, Duration::ZERO)).await;
+    app.upstream.set_mode(FakeMode::RateLimited {
+        retry_after_secs: 1,
+    });
+    let (status, headers, _) = get(&app, "hashtag_name=a").await;
+    assert_eq!(status, 429);
+    assert_eq!(header(&headers, "retry-after"), "1");
+    assert!(header(&headers, "cache-status").contains("fwd-status=429"));
+
+    app.upstream.set_mode(FakeMode::Normal);
+    let (status, headers, _) = get(&app, "hashtag_name=b").await;
+    assert_eq!(status, 429, "held back without calling");
+    assert_eq!(header(&headers, "retry-after"), "1");
+    assert_eq!(app.upstream.calls(), 1);
+
+    let_expire(Duration::from_secs(1)).await;
+    assert_eq!(get(&app, "hashtag_name=b").await.0, 200);
+    assert_eq!(app.upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn refresh_ahead_keeps_hot_keys_fresh_and_leaves_cold_keys_alone() {
+    let ttl = Duration::from_millis(600);
+    let app = spawn_app_with(|c| {
+        c.cache.ttl = ttl;
+        c.cache.stale_while_revalidate = Duration::ZERO;
+        c.cache.stale_if_error = Duration::ZERO;
+        c.cache.refresh_ahead = 0.5;
+        c.cache.refresh_ahead_min_hits = 2;
+    })
+    .await;
+    let (_, _, hot_body) = get(&app, "hashtag_name=hot").await;
+    get(&app, "hashtag_name=cold").await;
+    for _ in 0..2 {
+        let (_, headers, _) = get(&app, "hashtag_name=hot").await;
+        assert!(header(&headers, "cache-status").contains("; hit;"));
+    }
+    app.state.proxy().idle().await;
+    assert_eq!(app.upstream.calls(), 2, "young entries are not refreshed");
+
+    // Past half the TTL: the next hit on the hot key refreshes it in the background.
+    tokio::time::sleep(ttl / 2 + Duration::from_millis(50)).await;
+    for query in ["hashtag_name=cold", "hashtag_name=hot"] {
+        let (_, headers, _) = get(&app, query).await;
+        assert!(
+            header(&headers, "cache-status").contains("; hit;"),
+            "no client sees a miss"
+        );
+    }
+    app.state.proxy().idle().await;
+    assert_eq!(app.upstream.calls(), 3, "one refresh, for the hot key only");
+
+    let (_, headers, body) = get(&app, "hashtag_name=hot").await;
+    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_ne!(body, hot_body, "served from the refreshed entry");
+}
