@@ -7,6 +7,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,13 +21,13 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
-    cache::{FreshnessPolicy, LocalCache},
+    cache::{FreshnessPolicy, LocalCache, redis::RedisTier},
     config::{self, Config},
     key::HashtagRules,
     observe,
     protect::Protection,
     proxy::Proxy,
-    routes,
+    routes, snapshot,
     upstream::Upstream,
 };
 
@@ -42,6 +43,8 @@ pub enum StartupError {
     },
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("cannot set up the Redis client: {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
 /// Shared, read-only state of the running service (cheap to clone).
@@ -88,6 +91,7 @@ pub struct App {
     router: Router,
     state: AppState,
     shutdown_grace: Duration,
+    snapshot: Option<(PathBuf, Duration)>,
 }
 
 impl App {
@@ -98,9 +102,14 @@ impl App {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
         let upstream = Upstream::new(&config.upstream, api_key)?;
+        let redis = match &config.cache.redis.url {
+            Some(url) => Some(RedisTier::new(url, &config.cache.redis)?),
+            None => None,
+        };
         let state = AppState(Arc::new(Shared {
             proxy: Proxy::new(
                 LocalCache::new(config.cache.max_bytes),
+                redis,
                 upstream,
                 Protection::from_config(&config.upstream),
                 FreshnessPolicy::from_config(&config.cache),
@@ -112,6 +121,17 @@ impl App {
         let router = routes::router(state.clone())
             .layer(middleware::from_fn(observe::request_context))
             .layer(CatchPanicLayer::new());
+        let snapshot = config
+            .cache
+            .snapshot_path
+            .clone()
+            .map(|path| (path, config.cache.snapshot_interval));
+        if let Some((path, _)) = &snapshot {
+            match snapshot::load(path, state.proxy().cache()).await {
+                Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot loaded"),
+                Err(e) => tracing::warn!(error = %e, "cache snapshot skipped"),
+            }
+        }
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
             .await
@@ -125,6 +145,7 @@ impl App {
             router,
             state,
             shutdown_grace: config.server.shutdown_grace,
+            snapshot,
         })
     }
 
@@ -150,7 +171,11 @@ impl App {
             router,
             state,
             shutdown_grace,
+            snapshot,
         } = self;
+        let saver = snapshot.as_ref().map(|(path, interval)| {
+            tokio::spawn(save_periodically(path.clone(), *interval, state.clone()))
+        });
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let signal_state = state.clone();
         let signal = async move {
@@ -168,15 +193,36 @@ impl App {
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
-            result = server => {
-                tracing::info!("stopped");
-                result
-            }
+        let result = tokio::select! {
+            result = server => result,
             () = grace => {
                 tracing::warn!(?shutdown_grace, "grace period over; dropping remaining connections");
                 Ok(())
             }
+        };
+        if let Some(saver) = saver {
+            saver.abort();
         }
+        if let Some((path, _)) = &snapshot {
+            save_snapshot(path, &state).await;
+        }
+        tracing::info!("stopped");
+        result
+    }
+}
+
+async fn save_periodically(path: PathBuf, interval: Duration, state: AppState) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.tick().await; // the first tick is immediate
+    loop {
+        ticks.tick().await;
+        save_snapshot(&path, &state).await;
+    }
+}
+
+async fn save_snapshot(path: &Path, state: &AppState) {
+    match snapshot::save(path, state.proxy().cache()).await {
+        Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot written"),
+        Err(e) => tracing::warn!(error = %e, "cache snapshot not written"),
     }
 }

@@ -137,6 +137,34 @@ pub struct CacheConfig {
     pub refresh_ahead: f64,
     /// `KEYAPI_PROXY__CACHE__REFRESH_AHEAD_MIN_HITS`: hits an entry needs before refresh-ahead applies.
     pub refresh_ahead_min_hits: u32,
+    /// `KEYAPI_PROXY__CACHE__SNAPSHOT_PATH`: file the in-memory cache is saved to and loaded from.
+    #[serde(default)]
+    pub snapshot_path: Option<PathBuf>,
+    /// `KEYAPI_PROXY__CACHE__SNAPSHOT_INTERVAL`: how often the snapshot is rewritten while running.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+    /// `[cache.redis]`: the shared second tier.
+    pub redis: RedisConfig,
+}
+
+/// `[cache.redis]`: a Redis (or Valkey) tier shared by several replicas.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `KEYAPI_PROXY__CACHE__REDIS__URL`, e.g. `redis://127.0.0.1:6379`; absent = off.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `KEYAPI_PROXY__CACHE__REDIS__PREFIX`: namespace and format version of our keys.
+    pub prefix: String,
+    /// `KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT`: after this, a Redis call counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub op_timeout: Duration,
+    /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_TTL`: expiry of a fetch lock (a crashed holder blocks no longer).
+    #[serde(with = "humantime_serde")]
+    pub lock_ttl: Duration,
+    /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_WAIT`: how long to wait for another replica's fetch.
+    #[serde(with = "humantime_serde")]
+    pub lock_wait: Duration,
 }
 
 /// `[hashtag]`: the parameters the hashtag-detail route accepts.
@@ -234,6 +262,17 @@ impl Config {
         if self.upstream.max_in_flight == 0 || self.upstream.breaker_failures == 0 {
             return invalid(
                 "upstream.max_in_flight and upstream.breaker_failures must be at least 1".into(),
+            );
+        }
+        if let Some(url) = &self.cache.redis.url {
+            // Parse only: the URL may hold a password, so it is never echoed.
+            if redis::Client::open(url.as_str()).is_err() {
+                return invalid("cache.redis.url is not a valid redis:// URL".into());
+            }
+        }
+        if self.cache.redis.lock_ttl <= self.upstream.request_timeout {
+            return invalid(
+                "cache.redis.lock_ttl must be longer than upstream.request_timeout".into(),
             );
         }
         if !(0.0..1.0).contains(&self.cache.refresh_ahead) {

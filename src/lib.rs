@@ -23,5 +23,6 @@ pub mod protect;
 pub mod proxy;
 pub mod routes;
 pub mod shutdown;
+pub mod snapshot;
 pub mod telemetry;
 pub mod upstream;

@@ -14,7 +14,10 @@ use bytes::Bytes;
 use reqwest::StatusCode;
 
 use crate::{
-    cache::{CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache},
+    cache::{
+        CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache,
+        redis::{Claim, RedisTier},
+    },
     cache_status::CacheState,
     coalesce::{Abandoned, Coalescer, Role},
     protect::Protection,
@@ -28,8 +31,19 @@ enum Trigger {
     Miss,
     /// The client asked for a new answer: always call.
     ClientRefresh,
-    /// Revalidating this entry: moot if it was replaced meanwhile.
+    /// Revalidating this entry: moot if a newer one was stored meanwhile.
     Background(Arc<Entry>),
+}
+
+impl Trigger {
+    /// Whether `candidate` (found in L1 or L2) answers this fetch.
+    fn satisfied_by(&self, candidate: &Entry, now: SystemTime) -> bool {
+        match self {
+            Trigger::Miss => candidate.is_fresh(now),
+            Trigger::ClientRefresh => false,
+            Trigger::Background(old) => candidate.stored_at > old.stored_at,
+        }
+    }
 }
 
 /// What one shared fetch produced; cloned to every waiter.
@@ -37,8 +51,9 @@ enum Trigger {
 enum Fetched {
     /// Fetched and stored (a success, or a negative entry).
     Stored(Arc<Entry>),
-    /// A usable entry was already there (stored by a fetch that finished
-    /// between our lookup and taking the single-flight slot).
+    /// A usable entry was already there: stored by a fetch that finished
+    /// between our lookup and taking the single-flight slot, or by another
+    /// replica (Redis tier).
     AlreadyCached(Arc<Entry>),
     /// KeyAPI's own refusal, forwarded but not cached.
     Declined { status: StatusCode, body: Bytes },
@@ -74,6 +89,7 @@ struct Fetcher {
     upstream: Arc<Upstream>,
     protection: Arc<Protection>,
     policy: Arc<FreshnessPolicy>,
+    redis: Option<Arc<RedisTier>>,
 }
 
 /// Ties the cache, the single-flight map and the upstream client together.
@@ -83,9 +99,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A proxy over an empty cache.
+    /// A proxy over `cache`, with an optional shared Redis tier.
     pub fn new(
         cache: LocalCache,
+        redis: Option<RedisTier>,
         upstream: Upstream,
         protection: Protection,
         policy: FreshnessPolicy,
@@ -96,6 +113,7 @@ impl Proxy {
                 upstream: Arc::new(upstream),
                 protection: Arc::new(protection),
                 policy: Arc::new(policy),
+                redis: redis.map(Arc::new),
             },
             inflight: Arc::default(),
         }
@@ -104,6 +122,11 @@ impl Proxy {
     /// The cache (for operational endpoints).
     pub fn cache(&self) -> &LocalCache {
         &self.fetcher.cache
+    }
+
+    /// The Redis tier, when configured (for operational endpoints).
+    pub fn redis(&self) -> Option<&RedisTier> {
+        self.fetcher.redis.as_deref()
     }
 
     /// Upstream protection state (for operational endpoints).
@@ -217,20 +240,49 @@ fn cached(entry: Arc<Entry>, state: CacheState) -> Outcome {
 
 impl Fetcher {
     /// The body of one single-flight fetch; runs in its own task.
+    /// Order: L1 (moot?) → L2 (another replica's answer, or its lock) → KeyAPI.
     async fn fetch(self, key: CacheKey, ttl: Duration, trigger: Trigger) -> FetchResult {
         if let Some(entry) = self.moot(&key, &trigger).await {
             return Ok(Fetched::AlreadyCached(entry));
         }
+        let mut lock = None;
+        if let Some(redis) = &self.redis {
+            let usable = |e: &Entry| trigger.satisfied_by(e, SystemTime::now());
+            let shared = match redis.get(&key).await.filter(|e| usable(e)) {
+                Some(entry) => Some(entry),
+                None => match redis.claim(&key, usable).await {
+                    Claim::Filled(entry) => Some(entry),
+                    Claim::Locked(token) => {
+                        lock = Some(token);
+                        None
+                    }
+                    Claim::Alone => None,
+                },
+            };
+            if let Some(entry) = shared {
+                let entry = Arc::new(entry);
+                self.cache.insert(key, Arc::clone(&entry)).await;
+                return Ok(Fetched::AlreadyCached(entry));
+            }
+        }
+        let result = self.call_upstream(&key, ttl).await;
+        if let (Some(redis), Some(token)) = (&self.redis, lock) {
+            redis.unlock(&key, token).await;
+        }
+        result
+    }
+
+    /// One guarded upstream call; stores what deserves storing.
+    async fn call_upstream(&self, key: &CacheKey, ttl: Duration) -> FetchResult {
         let admission = self.protection.admit().await.inspect_err(|error| {
             tracing::warn!(%key, error = %error, "upstream call refused by protection");
         })?;
-        let result = self.upstream.fetch(&key).await;
+        let result = self.upstream.fetch(key).await;
         admission.settle(&result);
         match result {
             Ok(UpstreamAnswer::Success(body)) => {
-                let entry = Arc::new(Entry::success(body, ttl, &self.policy));
-                self.cache.insert(key, Arc::clone(&entry)).await;
-                Ok(Fetched::Stored(entry))
+                let entry = Entry::success(body, ttl, &self.policy);
+                Ok(Fetched::Stored(self.store(key, entry).await))
             }
             Ok(UpstreamAnswer::Declined { status, code, body }) => {
                 self.declined(key, status, code, body).await
@@ -242,39 +294,45 @@ impl Fetcher {
         }
     }
 
-    /// A usable entry that makes this fetch unnecessary, if any. Closes the
+    /// Writes an entry to every tier.
+    async fn store(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
+        if let Some(redis) = &self.redis {
+            redis.put(key, &entry).await;
+        }
+        let entry = Arc::new(entry);
+        self.cache.insert(key.clone(), Arc::clone(&entry)).await;
+        entry
+    }
+
+    /// A usable L1 entry that makes this fetch unnecessary, if any. Closes the
     /// race where another fetch stored the key after our caller looked but
     /// before we took the slot: without it, that key would be paid twice.
     async fn moot(&self, key: &CacheKey, trigger: &Trigger) -> Option<Arc<Entry>> {
         let current = self.cache.get(key).await?;
-        let usable = match trigger {
-            Trigger::ClientRefresh => false,
-            Trigger::Miss => current.is_fresh(SystemTime::now()),
-            Trigger::Background(old) => !Arc::ptr_eq(old, &current),
-        };
-        usable.then_some(current)
+        trigger
+            .satisfied_by(&current, SystemTime::now())
+            .then_some(current)
     }
 
     /// Caches deterministic refusals as negative entries — unless a good
     /// entry exists, which a refusal never replaces.
     async fn declined(
         &self,
-        key: CacheKey,
+        key: &CacheKey,
         status: StatusCode,
         code: i64,
         body: Bytes,
     ) -> FetchResult {
         let deterministic = matches!(status.as_u16(), 400 | 404 | 422)
             || (status == StatusCode::OK && self.policy.negative_codes.contains(&code));
-        let keeps_good_entry = match self.cache.get(&key).await {
+        let keeps_good_entry = match self.cache.get(key).await {
             Some(current) => !current.negative,
             None => false,
         };
         if deterministic && !keeps_good_entry && !self.policy.negative_ttl.is_zero() {
             tracing::info!(%key, status = status.as_u16(), code, "upstream refusal cached as negative entry");
-            let entry = Arc::new(Entry::negative(status, body, &self.policy));
-            self.cache.insert(key, Arc::clone(&entry)).await;
-            return Ok(Fetched::Stored(entry));
+            let entry = Entry::negative(status, body, &self.policy);
+            return Ok(Fetched::Stored(self.store(key, entry).await));
         }
         tracing::info!(%key, status = status.as_u16(), code, "upstream refusal forwarded; not cached");
         Ok(Fetched::Declined { status, body })

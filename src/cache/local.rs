@@ -1,7 +1,10 @@
 //! The in-process tier: a moka cache bounded by stored body bytes, with each
 //! entry expiring after its own TTL.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use moka::{Expiry, future::Cache};
 
@@ -14,7 +17,8 @@ pub struct LocalCache {
 }
 
 /// Per-entry expiry: each entry lives until the end of its longest stale
-/// window (routes choose TTLs per key, e.g. per period).
+/// window, counted from when it was first stored (which may predate this
+/// process: Redis, snapshots). Routes choose TTLs per key, e.g. per period.
 struct EntryTtl;
 
 impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
@@ -24,7 +28,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
         entry: &Arc<Entry>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(entry.lifetime())
+        Some(entry.remaining_lifetime(SystemTime::now()))
     }
 
     fn expire_after_update(
@@ -34,7 +38,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(entry.lifetime())
+        Some(entry.remaining_lifetime(SystemTime::now()))
     }
 }
 
@@ -60,6 +64,14 @@ impl LocalCache {
     /// Stores (or replaces) the entry for `key`.
     pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
         self.inner.insert(key, entry).await;
+    }
+
+    /// A point-in-time copy of every entry (for snapshots).
+    pub fn entries(&self) -> Vec<(CacheKey, Arc<Entry>)> {
+        self.inner
+            .iter()
+            .map(|(key, entry)| ((*key).clone(), entry))
+            .collect()
     }
 
     /// Number of entries (approximate until pending maintenance runs).

@@ -14,7 +14,9 @@
 //!    |               |  background        |  (stale-if-error)   |
 //! ```
 
+pub mod codec;
 mod local;
+pub mod redis;
 
 use std::{
     fmt,
@@ -152,6 +154,27 @@ impl Entry {
         }
     }
 
+    /// An entry as it was stored elsewhere (Redis, a snapshot), keeping its
+    /// original timestamp. Windows are `[ttl, stale_while_revalidate, stale_if_error]`.
+    pub fn restore(
+        body: Bytes,
+        status: StatusCode,
+        negative: bool,
+        stored_at: SystemTime,
+        [ttl, stale_while_revalidate, stale_if_error]: [Duration; 3],
+    ) -> Self {
+        Self {
+            body,
+            status,
+            negative,
+            stored_at,
+            ttl,
+            stale_while_revalidate,
+            stale_if_error,
+            hits: AtomicU32::new(0),
+        }
+    }
+
     /// How long the cache must keep it: the end of its longest window.
     pub fn lifetime(&self) -> Duration {
         self.ttl + self.stale_while_revalidate.max(self.stale_if_error)
@@ -175,6 +198,11 @@ impl Entry {
             Some(past) if past < self.stale_if_error => Freshness::StaleIfError { past },
             Some(_) => Freshness::Expired,
         }
+    }
+
+    /// Time left until the end of its longest window (zero once over).
+    pub fn remaining_lifetime(&self, now: SystemTime) -> Duration {
+        self.lifetime().saturating_sub(self.age(now))
     }
 
     /// True while within the fresh lifetime.

@@ -2,7 +2,9 @@
 //! that counts calls and records what it received.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{net::SocketAddr, time::Duration};
+pub mod redis_server;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use keyapi_proxy::{
@@ -21,7 +23,8 @@ pub const TEST_API_KEY: &str = "sk-live-TESTKEY-9f8e7d6c5b4a39281706";
 pub struct TestApp {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
-    pub upstream: FakeUpstream,
+    /// Shared by replicas made with [`TestApp::spawn_replica`].
+    pub upstream: Arc<FakeUpstream>,
     /// The app's shared state, e.g. to await background refreshes.
     pub state: AppState,
     shutdown: Option<oneshot::Sender<()>>,
@@ -46,6 +49,10 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let upstream = FakeUpstream::start(TEST_API_KEY, Duration::ZERO)
         .await
         .expect("fake upstream starts");
+    spawn_on(Arc::new(upstream), adjust).await
+}
+
+async fn spawn_on(upstream: Arc<FakeUpstream>, adjust: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = test_config();
     config.upstream.base_url = upstream.base_url();
     adjust(&mut config);
@@ -72,6 +79,11 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
 }
 
 impl TestApp {
+    /// Another instance of the proxy (a replica) using the same fake upstream.
+    pub async fn spawn_replica(&self, adjust: impl FnOnce(&mut Config)) -> TestApp {
+        spawn_on(Arc::clone(&self.upstream), adjust).await
+    }
+
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.addr, path_and_query)
     }

@@ -1,0 +1,159 @@
+//! Binary form of an [`Entry`], shared by the Redis tier and the snapshot
+//! file: a fixed header (magic, version, timestamps, windows, status, body
+//! length, CRC-32 of the body) followed by the raw body. Anything that does
+//! not decode exactly — foreign values, truncation, bit rot — is rejected and
+//! treated as a miss, never served.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::Entry;
+
+const MAGIC: &[u8; 4] = b"KAPE";
+const VERSION: u8 = 1;
+/// magic + version + stored_at + ttl + swr + sie + status + negative + len + crc
+const HEADER_LEN: usize = 4 + 1 + 8 + 8 + 8 + 8 + 2 + 1 + 4 + 4;
+
+/// Why bytes are not an entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a keyapi-proxy entry (bad magic or version)")]
+    Foreign,
+    #[error("entry is truncated or has trailing bytes")]
+    Length,
+    #[error("entry body checksum mismatch")]
+    Checksum,
+    #[error("entry header holds an invalid value")]
+    Invalid,
+}
+
+/// Serializes `entry` (timestamps in milliseconds).
+pub fn encode(entry: &Entry) -> Bytes {
+    let mut out = BytesMut::with_capacity(HEADER_LEN + entry.body.len());
+    out.put_slice(MAGIC);
+    out.put_u8(VERSION);
+    out.put_u64_le(unix_millis(entry.stored_at));
+    for window in [
+        entry.ttl,
+        entry.stale_while_revalidate,
+        entry.stale_if_error,
+    ] {
+        out.put_u64_le(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+    }
+    out.put_u16_le(entry.status.as_u16());
+    out.put_u8(u8::from(entry.negative));
+    // Bodies are capped by upstream.max_body_bytes (validated to fit in u32).
+    out.put_u32_le(u32::try_from(entry.body.len()).unwrap_or(u32::MAX));
+    out.put_u32_le(crc32fast::hash(&entry.body));
+    out.put_slice(&entry.body);
+    out.freeze()
+}
+
+/// Parses bytes produced by [`encode`]; the body is a zero-copy slice of `raw`.
+pub fn decode(raw: &Bytes) -> Result<Entry, DecodeError> {
+    if raw.len() < HEADER_LEN {
+        return Err(if raw.starts_with(MAGIC) {
+            DecodeError::Length
+        } else {
+            DecodeError::Foreign
+        });
+    }
+    let (header, body) = raw.split_at(HEADER_LEN);
+    if &header[..4] != MAGIC || header[4] != VERSION {
+        return Err(DecodeError::Foreign);
+    }
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&header[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    let u32_at = |i: usize| {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&header[i..i + 4]);
+        u32::from_le_bytes(b)
+    };
+    let stored_at = UNIX_EPOCH + Duration::from_millis(u64_at(5));
+    let [ttl, swr, sie] = [13, 21, 29].map(|i| Duration::from_millis(u64_at(i)));
+    let status = StatusCode::from_u16(u16::from_le_bytes([header[37], header[38]]))
+        .map_err(|_| DecodeError::Invalid)?;
+    let negative = match header[39] {
+        0 => false,
+        1 => true,
+        _ => return Err(DecodeError::Invalid),
+    };
+    if body.len() != u32_at(40) as usize {
+        return Err(DecodeError::Length);
+    }
+    if crc32fast::hash(body) != u32_at(44) {
+        return Err(DecodeError::Checksum);
+    }
+    Ok(Entry::restore(
+        raw.slice(HEADER_LEN..),
+        status,
+        negative,
+        stored_at,
+        [ttl, swr, sie],
+    ))
+}
+
+fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::{cache::FreshnessPolicy, config::Config};
+
+    fn entry() -> Entry {
+        let policy = FreshnessPolicy::from_config(&Config::defaults().unwrap().cache);
+        Entry::success(
+            Bytes::from_static(br#"{"code":0}"#),
+            Duration::from_secs(60),
+            &policy,
+        )
+    }
+
+    #[test]
+    fn round_trips() {
+        let original = entry();
+        let decoded = decode(&encode(&original)).unwrap();
+        assert_eq!(decoded.body, original.body);
+        assert_eq!(decoded.status, original.status);
+        assert_eq!(decoded.lifetime(), original.lifetime());
+        let drift = original.age(decoded.stored_at) + decoded.age(original.stored_at);
+        assert!(
+            drift < Duration::from_millis(1),
+            "stored_at kept to the millisecond"
+        );
+    }
+
+    #[test]
+    fn rejects_damage_and_foreign_values() {
+        let good = encode(&entry());
+        assert_eq!(
+            decode(&Bytes::from_static(b"hello world")).unwrap_err(),
+            DecodeError::Foreign
+        );
+        assert_eq!(
+            decode(&good.slice(..good.len() - 1)).unwrap_err(),
+            DecodeError::Length
+        );
+        let mut flipped = good.to_vec();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            decode(&Bytes::from(flipped)).unwrap_err(),
+            DecodeError::Checksum
+        );
+        let mut longer = good.to_vec();
+        longer.push(b' ');
+        assert_eq!(
+            decode(&Bytes::from(longer)).unwrap_err(),
+            DecodeError::Length
+        );
+    }
+}

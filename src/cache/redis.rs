@@ -1,0 +1,207 @@
+//! The shared second tier: entries in Redis (or Valkey) so several replicas
+//! pay for each question once, plus a cluster-wide fetch lock.
+//!
+//! Keys: `<prefix>entry:<path?query>` holds an [`codec`]-encoded entry with a
+//! Redis TTL equal to the end of its longest window; `<prefix>lock:<path?query>`
+//! is the fetch lock, taken with `SET NX PX` and an owner token, and released
+//! only by its owner (check-and-delete script). Waiters poll for the value up
+//! to `lock_wait`, then fetch themselves — like nginx's `proxy_cache_lock_timeout`;
+//! a crashed holder blocks a key no longer than `lock_ttl`.
+//!
+//! Redis is an optimisation, never a dependency: every call has a short
+//! timeout, and any error or timeout is reported as "unavailable" so the
+//! caller carries on with memory and the upstream. The connection manager
+//! reconnects in the background; state changes are logged once.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use redis::{AsyncCommands, Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
+use tokio::time::Instant;
+
+use super::{CacheKey, Entry, codec};
+use crate::config::RedisConfig;
+
+/// Deletes the lock only if we still own it.
+const UNLOCK: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
+/// Poll interval while waiting for another replica's fetch.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Proof of holding a key's fetch lock.
+#[derive(Debug)]
+pub struct LockToken(String);
+
+/// What waiting for a key produced.
+#[derive(Debug)]
+pub enum Claim {
+    /// Another replica stored a usable entry.
+    Filled(Entry),
+    /// We hold the lock: fetch, store, then [`RedisTier::unlock`].
+    Locked(LockToken),
+    /// Redis is unavailable or the wait timed out: fetch without a lock.
+    Alone,
+}
+
+/// Connection and naming for the Redis tier.
+pub struct RedisTier {
+    conn: ConnectionManager,
+    prefix: String,
+    op_timeout: Duration,
+    lock_ttl: Duration,
+    lock_wait: Duration,
+    up: AtomicBool,
+    unlock: Script,
+}
+
+impl RedisTier {
+    /// Prepares a lazily connecting, self-reconnecting client; never blocks on Redis.
+    pub fn new(url: &str, config: &RedisConfig) -> Result<Self, redis::RedisError> {
+        let client = Client::open(url)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.op_timeout.max(Duration::from_millis(100))))
+            .set_response_timeout(Some(config.op_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        Ok(Self {
+            conn,
+            prefix: config.prefix.clone(),
+            op_timeout: config.op_timeout,
+            lock_ttl: config.lock_ttl,
+            lock_wait: config.lock_wait,
+            up: AtomicBool::new(true),
+            unlock: Script::new(UNLOCK),
+        })
+    }
+
+    /// Whether the last Redis call succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The Redis key holding `key`'s entry.
+    pub fn entry_key(&self, key: &CacheKey) -> String {
+        format!("{}entry:{}", self.prefix, key.path_and_query())
+    }
+
+    /// The Redis key holding `key`'s fetch lock.
+    pub fn lock_key(&self, key: &CacheKey) -> String {
+        format!("{}lock:{}", self.prefix, key.path_and_query())
+    }
+
+    /// The stored entry for `key`; corrupt or foreign values count as absent.
+    pub async fn get(&self, key: &CacheKey) -> Option<Entry> {
+        let redis_key = self.entry_key(key);
+        let mut conn = self.conn.clone();
+        let raw: Vec<u8> = self
+            .call(conn.get::<_, Option<Vec<u8>>>(&redis_key))
+            .await
+            .flatten()?;
+        let raw = Bytes::from(raw);
+        match codec::decode(&raw) {
+            Ok(entry) => Some(entry),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "ignoring unreadable Redis value");
+                None
+            }
+        }
+    }
+
+    /// Stores `entry` until the end of its longest window.
+    pub async fn put(&self, key: &CacheKey, entry: &Entry) {
+        let remaining = entry.remaining_lifetime(SystemTime::now());
+        let millis = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
+        if millis == 0 {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let value = codec::encode(entry).to_vec();
+        let set = conn.pset_ex::<_, _, ()>(self.entry_key(key), value, millis);
+        let _ = self.call(set).await;
+    }
+
+    /// Takes `key`'s fetch lock, or waits for its holder's answer (`usable`
+    /// decides whether a stored entry answers us) for at most `lock_wait`.
+    pub async fn claim(&self, key: &CacheKey, usable: impl Fn(&Entry) -> bool) -> Claim {
+        let deadline = Instant::now() + self.lock_wait;
+        let token = uuid::Uuid::new_v4().to_string();
+        loop {
+            match self.try_lock(key, &token).await {
+                None => return Claim::Alone,
+                Some(true) => {
+                    // The previous holder may have stored and released just
+                    // before we took the lock: look once more before paying.
+                    let token = LockToken(token);
+                    if let Some(entry) = self.get(key).await.filter(|e| usable(e)) {
+                        self.unlock(key, token).await;
+                        return Claim::Filled(entry);
+                    }
+                    return Claim::Locked(token);
+                }
+                Some(false) => {}
+            }
+            if Instant::now() + POLL >= deadline {
+                tracing::info!(%key, wait = ?self.lock_wait, "lock wait over; fetching without the lock");
+                return Claim::Alone;
+            }
+            tokio::time::sleep(POLL).await;
+            if let Some(entry) = self.get(key).await.filter(|e| usable(e)) {
+                return Claim::Filled(entry);
+            }
+        }
+    }
+
+    /// Releases a lock we hold (a no-op if it expired and someone else took it).
+    pub async fn unlock(&self, key: &CacheKey, token: LockToken) {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.unlock.key(self.lock_key(key));
+        invocation.arg(token.0);
+        let _ = self.call(invocation.invoke_async::<i64>(&mut conn)).await;
+    }
+
+    /// `Some(true)` if taken, `Some(false)` if held by another, `None` if Redis failed.
+    async fn try_lock(&self, key: &CacheKey, token: &str) -> Option<bool> {
+        let mut conn = self.conn.clone();
+        let millis = u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut set = redis::cmd("SET");
+        set.arg(self.lock_key(key))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis);
+        let reply = self
+            .call(set.query_async::<Option<String>>(&mut conn))
+            .await;
+        reply.map(|taken| taken.is_some())
+    }
+
+    /// Runs one Redis call under the op timeout; `None` on any failure.
+    async fn call<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let result = match tokio::time::timeout(self.op_timeout, fut).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        };
+        match result {
+            Ok(value) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("Redis tier available again");
+                }
+                Some(value)
+            }
+            Err(error) => {
+                if self.up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(%error, "Redis tier unavailable; serving from memory and upstream");
+                }
+                None
+            }
+        }
+    }
+}

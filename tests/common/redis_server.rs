@@ -1,0 +1,95 @@
+//! A real `redis-server` per test, on a free port, from the binary on PATH.
+//! Missing binary: the test says so loudly and is skipped — unless
+//! `KEYAPI_REQUIRE_REDIS=1` (set by CI), where it fails.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+};
+
+/// A running `redis-server`, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server, or `None` (after a loud message) if the binary is missing.
+    pub async fn start() -> Option<Self> {
+        let available = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !available {
+            assert!(
+                std::env::var_os("KEYAPI_REQUIRE_REDIS").is_none(),
+                "redis-server is required (KEYAPI_REQUIRE_REDIS is set) but not on PATH"
+            );
+            eprintln!(
+                "\n*** SKIPPED: redis-server is not on PATH; install it to run the Redis tests ***\n"
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut server = Self { port, child: None };
+        server.restart().await;
+        Some(server)
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (like a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// (Re)starts the server on the same port; returns once it accepts connections.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let port = self.port;
+        let child = tokio::task::spawn_blocking(move || {
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("redis-server starts");
+            let stdout = child.stdout.take().expect("piped stdout");
+            // The server's own readiness line is the signal, not a sleep.
+            let ready = BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .any(|line| line.contains("Ready to accept connections"));
+            assert!(ready, "redis-server on port {port} did not become ready");
+            child
+        })
+        .await
+        .expect("redis start task");
+        self.child = Some(child);
+    }
+
+    /// A plain connection for arranging and inspecting state.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

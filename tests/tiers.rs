@@ -1,0 +1,234 @@
+//! Scale-out and restarts: a Redis tier shared by replicas (one upstream call
+//! per question across the cluster, a cluster-wide fetch lock, Redis faults
+//! invisible to clients) and the snapshot that survives a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestApp, header, join, parts, redis_server::RedisServer, spawn_app_with};
+use keyapi_proxy::config::Config;
+use redis::AsyncCommands;
+
+const KEY: &str =
+    "/v1/tiktok/trending/hashtag/detail?period=7&region=all_regions&hashtag_name=ufc324";
+
+fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
+    move |c: &mut Config| {
+        c.cache.redis.url = Some(url.to_owned());
+        // Generous under a loaded CI machine; still far below any client timeout.
+        c.cache.redis.op_timeout = Duration::from_millis(250);
+    }
+}
+
+async fn get(app: &TestApp, query: &str) -> common::Parts {
+    parts(app.get_hashtag(query).await).await
+}
+
+#[tokio::test]
+async fn two_replicas_pay_once_for_200_concurrent_cold_requests() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let a = spawn_app_with(with_redis(&redis.url())).await;
+    let b = a.spawn_replica(with_redis(&redis.url())).await;
+    a.upstream.hold();
+    let handles = (0..200)
+        .map(|i| {
+            let replica = if i % 2 == 0 { &a } else { &b };
+            replica.spawn_get_hashtag("hashtag_name=ufc324")
+        })
+        .collect();
+    a.upstream.wait_for_calls(1).await;
+    a.upstream.release();
+    let results = join(handles).await;
+    assert!(results.iter().all(|(status, _, _)| *status == 200));
+    let first = &results[0].2;
+    assert!(
+        results.iter().all(|(_, _, body)| body == first),
+        "identical bodies"
+    );
+    assert_eq!(a.upstream.calls(), 1, "one call for the whole cluster");
+    let mut conn = redis.connection().await;
+    let lock: bool = conn
+        .exists(format!("keyapi-proxy:v1:lock:{KEY}"))
+        .await
+        .unwrap();
+    assert!(!lock, "the lock was released by its owner");
+}
+
+#[tokio::test]
+async fn an_entry_stored_by_one_replica_is_a_hit_on_another() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let a = spawn_app_with(with_redis(&redis.url())).await;
+    let b = a.spawn_replica(with_redis(&redis.url())).await;
+    let (_, stored, body_a) = get(&a, "hashtag_name=ufc324").await;
+    assert_eq!(
+        header(&stored, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    let (status, hit, body_b) = get(&b, "hashtag_name=%23UFC324").await;
+    assert_eq!(status, 200);
+    assert!(header(&hit, "cache-status").starts_with("keyapi-proxy; hit; ttl="));
+    assert_eq!(body_a, body_b);
+    assert_eq!(a.upstream.calls(), 1);
+    // The value in Redis is our versioned format with a TTL.
+    let mut conn = redis.connection().await;
+    let ttl: i64 = conn
+        .pttl(format!("keyapi-proxy:v1:entry:{KEY}"))
+        .await
+        .unwrap();
+    assert!(
+        ttl > 3_600_000,
+        "Redis TTL covers the stale windows: {ttl} ms"
+    );
+}
+
+#[tokio::test]
+async fn a_crashed_lock_holder_blocks_a_key_only_until_the_lock_expires() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let lock_ttl = Duration::from_millis(600);
+    let a = spawn_app_with(|c| {
+        with_redis(&redis.url())(c);
+        c.upstream.request_timeout = Duration::from_millis(500);
+        c.cache.redis.lock_ttl = lock_ttl;
+        c.cache.redis.lock_wait = Duration::from_secs(30);
+    })
+    .await;
+    // A replica took the lock and died: nobody will release it.
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("keyapi-proxy:v1:lock:{KEY}"))
+        .arg("crashed-replica")
+        .arg("PX")
+        .arg(lock_ttl.as_millis() as u64)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, headers, _) = get(&a, "hashtag_name=ufc324").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&headers, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    assert_eq!(a.upstream.calls(), 1);
+    let pttl: i64 = conn
+        .pttl(format!("keyapi-proxy:v1:lock:{KEY}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        pttl, -2,
+        "the lock is gone (expired, then taken and released)"
+    );
+}
+
+#[tokio::test]
+async fn redis_outage_is_invisible_to_clients_and_sharing_resumes() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let a = spawn_app_with(with_redis(&redis.url())).await;
+    let b = a.spawn_replica(with_redis(&redis.url())).await;
+    get(&a, "hashtag_name=before").await;
+    assert!(
+        get(&b, "hashtag_name=before").await.1["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("; hit;")
+    );
+
+    redis.kill();
+    for i in 0..20 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        let (status, _, body) = get(replica, &format!("hashtag_name=down{i}")).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(&format!("\"hashtag_name\":\"down{i}\"")));
+    }
+    assert!(!a.state.proxy().redis().unwrap().is_up());
+    for path in ["/readyz", "/healthz"] {
+        let ready = a.client.get(a.url(path)).send().await.unwrap();
+        assert_eq!(ready.status(), 200, "{path} stays OK without Redis");
+    }
+
+    redis.restart().await;
+    // The replicas reconnect in the background; poll the observable outcome.
+    let mut shared = false;
+    for i in 0..100 {
+        let query = format!("hashtag_name=after{i}");
+        get(&a, &query).await;
+        let (_, headers, _) = get(&b, &query).await;
+        if header(&headers, "cache-status").contains("; hit;") {
+            shared = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(shared, "sharing resumed after Redis came back");
+    assert!(a.state.proxy().redis().unwrap().is_up());
+}
+
+#[tokio::test]
+async fn a_garbage_value_under_our_key_is_a_miss() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let a = spawn_app_with(with_redis(&redis.url())).await;
+    let mut conn = redis.connection().await;
+    let entry_key = format!("keyapi-proxy:v1:entry:{KEY}");
+    let _: () = conn
+        .set(&entry_key, "{\"code\":0,\"data\":\"not ours\"}")
+        .await
+        .unwrap();
+    let (status, headers, body) = get(&a, "hashtag_name=ufc324").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&headers, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    assert!(!body.contains("not ours"));
+    assert_eq!(a.upstream.calls(), 1);
+    let raw: Vec<u8> = conn.get(&entry_key).await.unwrap();
+    assert!(raw.starts_with(b"KAPE"), "replaced by a valid entry");
+}
+
+#[tokio::test]
+async fn a_snapshot_carries_the_cache_across_a_restart() {
+    let dir = std::env::temp_dir().join(format!("keyapi-proxy-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cache.snap");
+    let with_snapshot = |c: &mut Config| c.cache.snapshot_path = Some(path.clone());
+
+    let mut first = spawn_app_with(with_snapshot).await;
+    let (_, _, body) = get(&first, "hashtag_name=ufc324").await;
+    // Let a whole second pass so the restored Age is visibly the original one.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    first.begin_shutdown().await.unwrap().unwrap();
+    assert!(path.exists(), "written on graceful shutdown");
+
+    let second = first.spawn_replica(with_snapshot).await;
+    let (status, headers, restored) = get(&second, "hashtag_name=ufc324").await;
+    assert_eq!(status, 200);
+    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert!(
+        header(&headers, "age").parse::<u64>().unwrap() >= 1,
+        "original Age kept"
+    );
+    assert_eq!(restored, body);
+    assert_eq!(second.upstream.calls(), 1, "the restart spent nothing");
+
+    // A damaged snapshot is skipped, not fatal.
+    std::fs::write(&path, b"KAPSNAP1\xff\xff\xff\xffgarbage").unwrap();
+    let third = first.spawn_replica(with_snapshot).await;
+    let (status, headers, _) = get(&third, "hashtag_name=ufc324").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&headers, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
