@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{header, parts, spawn_app, spawn_app_with};
+use common::{header, parts, plain_ttl, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn health_endpoints_answer_without_spending_credits() {
@@ -46,12 +46,7 @@ async fn head_is_served_like_get_without_a_body() {
 #[tokio::test]
 async fn expired_entries_are_fetched_again() {
     let ttl = Duration::from_millis(300);
-    let app = spawn_app_with(|c| {
-        c.cache.ttl = ttl;
-        c.cache.stale_while_revalidate = Duration::ZERO;
-        c.cache.stale_if_error = Duration::ZERO;
-    })
-    .await;
+    let app = spawn_app_with(|c| plain_ttl(c, ttl)).await;
     app.get_hashtag("hashtag_name=ufc324").await;
     app.get_hashtag("hashtag_name=ufc324").await;
     assert_eq!(app.upstream.calls(), 1);

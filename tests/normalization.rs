@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TEST_API_KEY, header, parts, spawn_app, spawn_app_with};
+use common::{TEST_API_KEY, header, parts, plain_ttl, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn equivalent_queries_share_one_upstream_call() {
@@ -68,12 +68,7 @@ async fn upstream_receives_exactly_the_normalized_request() {
 
 #[tokio::test]
 async fn same_key_gives_byte_identical_upstream_requests() {
-    let app = spawn_app_with(|c| {
-        c.cache.ttl = std::time::Duration::from_millis(1);
-        c.cache.stale_while_revalidate = std::time::Duration::ZERO;
-        c.cache.stale_if_error = std::time::Duration::ZERO;
-    })
-    .await;
+    let app = spawn_app_with(|c| plain_ttl(c, std::time::Duration::from_millis(1))).await;
     // TTL of 1 ms: the second question misses again, from a different spelling.
     app.get_hashtag("hashtag_name=%23Cats&region=us").await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;

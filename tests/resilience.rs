@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestApp, assert_envelope, header, join, parts, spawn_app_with};
+use common::{assert_envelope, header, join, plain_ttl, spawn_app_with};
 use keyapi_proxy::{config::Config, demo::FakeMode};
 
 const TTL: Duration = Duration::from_millis(200);
@@ -27,14 +27,10 @@ fn short_ttl(c: &mut Config, swr: Duration, sie: Duration) {
     c.upstream.request_timeout = Duration::from_millis(300);
 }
 
-async fn get(app: &TestApp, query: &str) -> common::Parts {
-    parts(app.get_hashtag(query).await).await
-}
-
 #[tokio::test]
 async fn stale_while_revalidate_answers_at_once_with_one_background_call() {
     let app = spawn_app_with(|c| short_ttl(c, Duration::from_secs(600), Duration::ZERO)).await;
-    let (_, _, old_body) = get(&app, "hashtag_name=ufc324").await;
+    let (_, _, old_body) = app.get("hashtag_name=ufc324").await;
     let_expire(TTL).await;
 
     // Upstream held: if any of these waited for the refresh, they would hang.
@@ -75,7 +71,7 @@ async fn stale_while_revalidate_answers_at_once_with_one_background_call() {
     app.state.proxy().idle().await;
     assert_eq!(app.upstream.calls(), 2, "exactly one background refresh");
 
-    let (_, headers, new_body) = get(&app, "hashtag_name=ufc324").await;
+    let (_, headers, new_body) = app.get("hashtag_name=ufc324").await;
     let cache_status = header(&headers, "cache-status");
     assert!(
         cache_status.starts_with("keyapi-proxy; hit; ttl="),
@@ -89,7 +85,7 @@ async fn stale_while_revalidate_answers_at_once_with_one_background_call() {
 #[tokio::test]
 async fn stale_if_error_serves_the_old_answer_when_upstream_fails() {
     let app = spawn_app_with(|c| short_ttl(c, Duration::ZERO, Duration::from_secs(3600))).await;
-    let (_, _, old_body) = get(&app, "hashtag_name=ufc324").await;
+    let (_, _, old_body) = app.get("hashtag_name=ufc324").await;
     let_expire(TTL).await;
 
     for (mode, fwd) in [
@@ -99,7 +95,7 @@ async fn stale_if_error_serves_the_old_answer_when_upstream_fails() {
         (FakeMode::Status(401), "fwd=stale; fwd-status=401; "),
     ] {
         app.upstream.set_mode(mode.clone());
-        let (status, headers, body) = get(&app, "hashtag_name=ufc324").await;
+        let (status, headers, body) = app.get("hashtag_name=ufc324").await;
         let cache_status = header(&headers, "cache-status");
         assert_eq!(status, 200, "{mode:?}");
         assert_eq!(body, old_body, "{mode:?}");
@@ -116,7 +112,7 @@ async fn stale_if_error_serves_the_old_answer_when_upstream_fails() {
     );
 
     app.upstream.set_mode(FakeMode::Normal);
-    let (_, headers, body) = get(&app, "hashtag_name=ufc324").await;
+    let (_, headers, body) = app.get("hashtag_name=ufc324").await;
     assert_eq!(
         header(&headers, "cache-status"),
         "keyapi-proxy; fwd=uri-miss; stored"
@@ -125,14 +121,14 @@ async fn stale_if_error_serves_the_old_answer_when_upstream_fails() {
 
     // Without a stale copy, the error as usual.
     app.upstream.set_mode(FakeMode::Status(500));
-    let (status, _, _) = get(&app, "hashtag_name=other").await;
+    let (status, _, _) = app.get("hashtag_name=other").await;
     assert_eq!(status, 502);
 }
 
 #[tokio::test]
 async fn a_failed_background_refresh_keeps_the_old_body() {
     let app = spawn_app_with(|c| short_ttl(c, Duration::from_secs(600), Duration::ZERO)).await;
-    let (_, _, old_body) = get(&app, "hashtag_name=ufc324").await;
+    let (_, _, old_body) = app.get("hashtag_name=ufc324").await;
     let_expire(TTL).await;
     for mode in [
         FakeMode::Status(500),
@@ -141,12 +137,12 @@ async fn a_failed_background_refresh_keeps_the_old_body() {
     ] {
         app.upstream.set_mode(mode.clone());
         let before = app.upstream.calls();
-        let (status, _, body) = get(&app, "hashtag_name=ufc324").await;
+        let (status, _, body) = app.get("hashtag_name=ufc324").await;
         assert_eq!((status, &body), (200, &old_body), "{mode:?}");
         app.state.proxy().idle().await;
         assert_eq!(app.upstream.calls(), before + 1, "{mode:?}: one refresh");
     }
-    let (_, headers, body) = get(&app, "hashtag_name=ufc324").await;
+    let (_, headers, body) = app.get("hashtag_name=ufc324").await;
     assert_eq!(body, old_body);
     assert!(header(&headers, "cache-status").contains("stale-while-revalidate"));
 }
@@ -181,8 +177,8 @@ async fn deterministic_refusals_are_cached_briefly_and_errors_never() {
         app.upstream.set_mode(mode.clone());
         let before = app.upstream.calls();
         let query = format!("hashtag_name=neg{i}");
-        let (first, _, body) = get(&app, &query).await;
-        let (second, headers, _) = get(&app, &query).await;
+        let (first, _, body) = app.get(&query).await;
+        let (second, headers, _) = app.get(&query).await;
         assert_eq!((first, second), (*status, *status), "{mode:?}: {body}");
         assert_eq!(app.upstream.calls() - before, *calls, "{mode:?}");
         if *calls == 1 {
@@ -193,16 +189,16 @@ async fn deterministic_refusals_are_cached_briefly_and_errors_never() {
     // Negative entries expire (no stale windows for them).
     app.upstream.set_mode(FakeMode::Normal);
     let_expire(negative_ttl).await;
-    let (status, _, _) = get(&app, "hashtag_name=neg0").await;
+    let (status, _, _) = app.get("hashtag_name=neg0").await;
     assert_eq!(status, 200);
 
     // A refusal never replaces a good entry: after it, the good copy still serves stale.
     let_expire(TTL).await;
     app.upstream.set_mode(FakeMode::Status(404));
-    let (status, _, _) = get(&app, "hashtag_name=neg0").await;
+    let (status, _, _) = app.get("hashtag_name=neg0").await;
     assert_eq!(status, 404, "the refusal itself is forwarded");
     app.upstream.set_mode(FakeMode::Status(500));
-    let (status, headers, _) = get(&app, "hashtag_name=neg0").await;
+    let (status, headers, _) = app.get("hashtag_name=neg0").await;
     assert_eq!(status, 200);
     assert!(header(&headers, "cache-status").contains("stale-if-error"));
 }
@@ -234,7 +230,7 @@ async fn retries_happen_only_where_they_cannot_double_charge() {
         let what = format!("{script:?}");
         app.upstream.script(script);
         let before = app.upstream.calls();
-        let (got, _, body) = get(&app, &format!("hashtag_name=retry{i}")).await;
+        let (got, _, body) = app.get(&format!("hashtag_name=retry{i}")).await;
         assert_eq!(got, status, "{what}: {body}");
         assert_eq!(app.upstream.calls() - before, calls, "{what}");
     }
@@ -251,12 +247,12 @@ async fn circuit_opens_fails_fast_half_opens_with_one_probe_and_closes() {
     .await;
     app.upstream.set_mode(FakeMode::Status(500));
     for i in 0..3 {
-        assert_eq!(get(&app, &format!("hashtag_name=a{i}")).await.0, 502);
+        assert_eq!(app.get(&format!("hashtag_name=a{i}")).await.0, 502);
     }
     assert_eq!(app.upstream.calls(), 3);
 
     // Open: fast 503 with Retry-After, no upstream call.
-    let (status, headers, body) = get(&app, "hashtag_name=b").await;
+    let (status, headers, body) = app.get("hashtag_name=b").await;
     assert_eq!(status, 503);
     assert!(header(&headers, "retry-after").parse::<u64>().unwrap() >= 1);
     let message = assert_envelope(&body, 503, header(&headers, "x-request-id"));
@@ -270,7 +266,7 @@ async fn circuit_opens_fails_fast_half_opens_with_one_probe_and_closes() {
     let probe = app.spawn_get_hashtag("hashtag_name=probe");
     app.upstream.wait_for_calls(4).await;
     for i in 0..4 {
-        let (status, _, _) = get(&app, &format!("hashtag_name=c{i}")).await;
+        let (status, _, _) = app.get(&format!("hashtag_name=c{i}")).await;
         assert_eq!(status, 503, "half-open lets only the probe through");
     }
     app.upstream.release();
@@ -278,7 +274,7 @@ async fn circuit_opens_fails_fast_half_opens_with_one_probe_and_closes() {
 
     // Closed again.
     for i in 0..3 {
-        assert_eq!(get(&app, &format!("hashtag_name=d{i}")).await.0, 200);
+        assert_eq!(app.get(&format!("hashtag_name=d{i}")).await.0, 200);
     }
     assert_eq!(app.upstream.calls(), 7);
 }
@@ -313,15 +309,15 @@ async fn spend_rate_cap_refuses_misses_but_serves_hits() {
         c.upstream.queue_timeout = Duration::from_millis(50);
     })
     .await;
-    assert_eq!(get(&app, "hashtag_name=a").await.0, 200);
-    assert_eq!(get(&app, "hashtag_name=b").await.0, 200);
-    let (status, headers, body) = get(&app, "hashtag_name=c").await;
+    assert_eq!(app.get("hashtag_name=a").await.0, 200);
+    assert_eq!(app.get("hashtag_name=b").await.0, 200);
+    let (status, headers, body) = app.get("hashtag_name=c").await;
     assert_eq!(status, 503);
     assert!(header(&headers, "retry-after").parse::<u64>().unwrap() >= 1);
     assert!(assert_envelope(&body, 503, header(&headers, "x-request-id")).contains("spend-rate"));
     assert_eq!(app.upstream.calls(), 2);
     assert_eq!(
-        get(&app, "hashtag_name=a").await.0,
+        app.get("hashtag_name=a").await.0,
         200,
         "hits are not capped"
     );
@@ -333,19 +329,19 @@ async fn upstream_429_holds_back_every_call_until_retry_after() {
     app.upstream.set_mode(FakeMode::RateLimited {
         retry_after_secs: 1,
     });
-    let (status, headers, _) = get(&app, "hashtag_name=a").await;
+    let (status, headers, _) = app.get("hashtag_name=a").await;
     assert_eq!(status, 429);
     assert_eq!(header(&headers, "retry-after"), "1");
     assert!(header(&headers, "cache-status").contains("fwd-status=429"));
 
     app.upstream.set_mode(FakeMode::Normal);
-    let (status, headers, _) = get(&app, "hashtag_name=b").await;
+    let (status, headers, _) = app.get("hashtag_name=b").await;
     assert_eq!(status, 429, "held back without calling");
     assert_eq!(header(&headers, "retry-after"), "1");
     assert_eq!(app.upstream.calls(), 1);
 
     let_expire(Duration::from_secs(1)).await;
-    assert_eq!(get(&app, "hashtag_name=b").await.0, 200);
+    assert_eq!(app.get("hashtag_name=b").await.0, 200);
     assert_eq!(app.upstream.calls(), 2);
 }
 
@@ -353,17 +349,15 @@ async fn upstream_429_holds_back_every_call_until_retry_after() {
 async fn refresh_ahead_keeps_hot_keys_fresh_and_leaves_cold_keys_alone() {
     let ttl = Duration::from_millis(600);
     let app = spawn_app_with(|c| {
-        c.cache.ttl = ttl;
-        c.cache.stale_while_revalidate = Duration::ZERO;
-        c.cache.stale_if_error = Duration::ZERO;
+        plain_ttl(c, ttl);
         c.cache.refresh_ahead = 0.5;
         c.cache.refresh_ahead_min_hits = 2;
     })
     .await;
-    let (_, _, hot_body) = get(&app, "hashtag_name=hot").await;
-    get(&app, "hashtag_name=cold").await;
+    let (_, _, hot_body) = app.get("hashtag_name=hot").await;
+    app.get("hashtag_name=cold").await;
     for _ in 0..2 {
-        let (_, headers, _) = get(&app, "hashtag_name=hot").await;
+        let (_, headers, _) = app.get("hashtag_name=hot").await;
         assert!(header(&headers, "cache-status").contains("; hit;"));
     }
     app.state.proxy().idle().await;
@@ -372,7 +366,7 @@ async fn refresh_ahead_keeps_hot_keys_fresh_and_leaves_cold_keys_alone() {
     // Past half the TTL: the next hit on the hot key refreshes it in the background.
     tokio::time::sleep(ttl / 2 + Duration::from_millis(50)).await;
     for query in ["hashtag_name=cold", "hashtag_name=hot"] {
-        let (_, headers, _) = get(&app, query).await;
+        let (_, headers, _) = app.get(query).await;
         assert!(
             header(&headers, "cache-status").contains("; hit;"),
             "no client sees a miss"
@@ -381,7 +375,7 @@ async fn refresh_ahead_keeps_hot_keys_fresh_and_leaves_cold_keys_alone() {
     app.state.proxy().idle().await;
     assert_eq!(app.upstream.calls(), 3, "one refresh, for the hot key only");
 
-    let (_, headers, body) = get(&app, "hashtag_name=hot").await;
+    let (_, headers, body) = app.get("hashtag_name=hot").await;
     assert!(header(&headers, "cache-status").contains("; hit;"));
     assert_ne!(body, hot_body, "served from the refreshed entry");
 }

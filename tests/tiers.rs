@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestApp, header, join, parts, redis_server::RedisServer, spawn_app_with};
+use common::{header, join, redis_server::RedisServer, spawn_app_with};
 use keyapi_proxy::config::Config;
 use redis::AsyncCommands;
 
@@ -20,10 +20,6 @@ fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
         // Generous under a loaded CI machine; still far below any client timeout.
         c.cache.redis.op_timeout = Duration::from_millis(250);
     }
-}
-
-async fn get(app: &TestApp, query: &str) -> common::Parts {
-    parts(app.get_hashtag(query).await).await
 }
 
 #[tokio::test]
@@ -65,12 +61,12 @@ async fn an_entry_stored_by_one_replica_is_a_hit_on_another() {
     };
     let a = spawn_app_with(with_redis(&redis.url())).await;
     let b = a.spawn_replica(with_redis(&redis.url())).await;
-    let (_, stored, body_a) = get(&a, "hashtag_name=ufc324").await;
+    let (_, stored, body_a) = a.get("hashtag_name=ufc324").await;
     assert_eq!(
         header(&stored, "cache-status"),
         "keyapi-proxy; fwd=uri-miss; stored"
     );
-    let (status, hit, body_b) = get(&b, "hashtag_name=%23UFC324").await;
+    let (status, hit, body_b) = b.get("hashtag_name=%23UFC324").await;
     assert_eq!(status, 200);
     assert!(header(&hit, "cache-status").starts_with("keyapi-proxy; hit; ttl="));
     assert_eq!(body_a, body_b);
@@ -110,7 +106,7 @@ async fn a_crashed_lock_holder_blocks_a_key_only_until_the_lock_expires() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let (status, headers, _) = get(&a, "hashtag_name=ufc324").await;
+    let (status, headers, _) = a.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
     assert_eq!(
         header(&headers, "cache-status"),
@@ -134,9 +130,9 @@ async fn redis_outage_is_invisible_to_clients_and_sharing_resumes() {
     };
     let a = spawn_app_with(with_redis(&redis.url())).await;
     let b = a.spawn_replica(with_redis(&redis.url())).await;
-    get(&a, "hashtag_name=before").await;
+    a.get("hashtag_name=before").await;
     assert!(
-        get(&b, "hashtag_name=before").await.1["cache-status"]
+        b.get("hashtag_name=before").await.1["cache-status"]
             .to_str()
             .unwrap()
             .contains("; hit;")
@@ -145,7 +141,7 @@ async fn redis_outage_is_invisible_to_clients_and_sharing_resumes() {
     redis.kill();
     for i in 0..20 {
         let replica = if i % 2 == 0 { &a } else { &b };
-        let (status, _, body) = get(replica, &format!("hashtag_name=down{i}")).await;
+        let (status, _, body) = replica.get(&format!("hashtag_name=down{i}")).await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains(&format!("\"hashtag_name\":\"down{i}\"")));
     }
@@ -160,8 +156,8 @@ async fn redis_outage_is_invisible_to_clients_and_sharing_resumes() {
     let mut shared = false;
     for i in 0..100 {
         let query = format!("hashtag_name=after{i}");
-        get(&a, &query).await;
-        let (_, headers, _) = get(&b, &query).await;
+        a.get(&query).await;
+        let (_, headers, _) = b.get(&query).await;
         if header(&headers, "cache-status").contains("; hit;") {
             shared = true;
             break;
@@ -184,7 +180,7 @@ async fn a_garbage_value_under_our_key_is_a_miss() {
         .set(&entry_key, "{\"code\":0,\"data\":\"not ours\"}")
         .await
         .unwrap();
-    let (status, headers, body) = get(&a, "hashtag_name=ufc324").await;
+    let (status, headers, body) = a.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
     assert_eq!(
         header(&headers, "cache-status"),
@@ -204,14 +200,14 @@ async fn a_snapshot_carries_the_cache_across_a_restart() {
     let with_snapshot = |c: &mut Config| c.cache.snapshot_path = Some(path.clone());
 
     let mut first = spawn_app_with(with_snapshot).await;
-    let (_, _, body) = get(&first, "hashtag_name=ufc324").await;
+    let (_, _, body) = first.get("hashtag_name=ufc324").await;
     // Let a whole second pass so the restored Age is visibly the original one.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     first.begin_shutdown().await.unwrap().unwrap();
     assert!(path.exists(), "written on graceful shutdown");
 
     let second = first.spawn_replica(with_snapshot).await;
-    let (status, headers, restored) = get(&second, "hashtag_name=ufc324").await;
+    let (status, headers, restored) = second.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
     assert!(header(&headers, "cache-status").contains("; hit;"));
     assert!(
@@ -224,7 +220,7 @@ async fn a_snapshot_carries_the_cache_across_a_restart() {
     // A damaged snapshot is skipped, not fatal.
     std::fs::write(&path, b"KAPSNAP1\xff\xff\xff\xffgarbage").unwrap();
     let third = first.spawn_replica(with_snapshot).await;
-    let (status, headers, _) = get(&third, "hashtag_name=ufc324").await;
+    let (status, headers, _) = third.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
     assert_eq!(
         header(&headers, "cache-status"),

@@ -38,6 +38,13 @@ pub fn test_config() -> Config {
     config
 }
 
+/// A plain TTL with no stale windows: entries simply expire (for expiry tests).
+pub fn plain_ttl(config: &mut Config, ttl: Duration) {
+    config.cache.ttl = ttl;
+    config.cache.stale_while_revalidate = Duration::ZERO;
+    config.cache.stale_if_error = Duration::ZERO;
+}
+
 /// The app with default configuration.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
@@ -94,6 +101,11 @@ impl TestApp {
             .send()
             .await
             .expect("request reaches the proxy")
+    }
+
+    /// `GET <route>?<query>`, read whole.
+    pub async fn get(&self, query: &str) -> Parts {
+        parts(self.get_hashtag(query).await).await
     }
 
     /// Starts `GET <route>?<query>` in its own task (it outlives this borrow).
