@@ -23,6 +23,7 @@ use crate::{
     cache::LocalCache,
     config::{self, Config},
     key::HashtagRules,
+    metrics::Metrics,
     observe,
     proxy::Proxy,
     routes,
@@ -49,6 +50,7 @@ pub struct AppState(Arc<Shared>);
 
 struct Shared {
     proxy: Proxy,
+    metrics: Arc<Metrics>,
     rules: HashtagRules,
     allow_client_refresh: bool,
     ready: AtomicBool,
@@ -58,6 +60,11 @@ impl AppState {
     /// The cache/single-flight/upstream pipeline.
     pub fn proxy(&self) -> &Proxy {
         &self.0.proxy
+    }
+
+    /// This app's metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
     }
 
     /// The hashtag route's parameter rules and TTLs.
@@ -96,15 +103,20 @@ impl App {
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
-        let upstream = Upstream::new(&config.upstream, api_key)?;
+        let metrics = Arc::new(Metrics::new(config.credits.per_call));
+        let upstream = Upstream::new(&config.upstream, api_key)?.with_metrics(Arc::clone(&metrics));
         let state = AppState(Arc::new(Shared {
             proxy: Proxy::new(LocalCache::new(config.cache.max_bytes), upstream),
+            metrics: Arc::clone(&metrics),
             rules: HashtagRules::from_config(&config),
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),
         }));
         let router = routes::router(state.clone())
-            .layer(middleware::from_fn(observe::request_context))
+            .layer(middleware::from_fn_with_state(
+                metrics,
+                observe::request_context,
+            ))
             .layer(CatchPanicLayer::new());
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)

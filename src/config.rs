@@ -63,6 +63,7 @@ pub struct Config {
     pub hashtag: HashtagConfig,
     pub normalize: NormalizeConfig,
     pub log: LogConfig,
+    pub credits: CreditsConfig,
 }
 
 /// `[server]`: the listening socket and shutdown behaviour.
@@ -141,6 +142,14 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[credits]`: what KeyAPI charges, for metrics and budgets.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsConfig {
+    /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs.
+    pub per_call: u64,
+}
+
 impl Config {
     /// Only the compiled-in defaults: what tests start from.
     pub fn defaults() -> Result<Self, ConfigError> {
@@ -198,6 +207,9 @@ impl Config {
         }
         if self.upstream.request_timeout.is_zero() || self.upstream.connect_timeout.is_zero() {
             return invalid("upstream timeouts must be greater than zero".into());
+        }
+        if self.credits.per_call == 0 {
+            return invalid("credits.per_call must be at least 1".into());
         }
         Ok(())
     }

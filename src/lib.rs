@@ -6,7 +6,8 @@
 //! here) → [`coalesce`] (one fetch per key) → [`upstream`] (KeyAPI, key
 //! injected) → [`cache`] → response headers from [`cache_status`]. Errors are
 //! rendered in one place, [`error`]. [`app`] wires it together; [`config`]
-//! loads settings; [`demo`] is a fake KeyAPI for `--demo` and the tests.
+//! loads settings; [`observe`] logs and counts every request into
+//! [`metrics`]; [`demo`] is a fake KeyAPI for `--demo` and the tests.
 
 pub mod app;
 pub mod cache;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod key;
+pub mod metrics;
 pub mod observe;
 pub mod proxy;
 pub mod routes;

@@ -5,7 +5,7 @@
 //! The request is built from the [`CacheKey`] alone — nothing of the client's
 //! request reaches KeyAPI — so one key always means one byte-identical request.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::{
@@ -15,7 +15,7 @@ use reqwest::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::{cache::CacheKey, config::UpstreamConfig};
+use crate::{cache::CacheKey, config::UpstreamConfig, metrics::Metrics};
 
 /// `User-Agent` sent upstream.
 pub const USER_AGENT: &str = concat!("keyapi-proxy/", env!("CARGO_PKG_VERSION"));
@@ -89,6 +89,8 @@ pub struct Upstream {
     base_url: String,
     api_key: SecretString,
     max_body_bytes: usize,
+    /// Counts, times and prices every call (credits spent), when set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Upstream {
@@ -107,7 +109,14 @@ impl Upstream {
             base_url: config.base_url.trim_end_matches('/').to_owned(),
             api_key,
             max_body_bytes: config.max_body_bytes,
+            metrics: None,
         })
+    }
+
+    /// Records every call in `metrics` (calls by outcome, latency, in flight, credits).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The full upstream URL for a key: a pure function of the key.
@@ -117,6 +126,15 @@ impl Upstream {
 
     /// Performs one (paid) call and classifies the answer.
     pub async fn fetch(&self, key: &CacheKey) -> Result<UpstreamAnswer, UpstreamError> {
+        let call = self.metrics.as_deref().map(Metrics::upstream_call);
+        let result = self.fetch_once(key).await;
+        if let Some(call) = call {
+            call.finish(&result);
+        }
+        result
+    }
+
+    async fn fetch_once(&self, key: &CacheKey) -> Result<UpstreamAnswer, UpstreamError> {
         let response = self
             .client
             .get(self.url_for(key))

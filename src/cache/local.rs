@@ -70,4 +70,9 @@ impl LocalCache {
     pub fn weighted_size(&self) -> u64 {
         self.inner.weighted_size()
     }
+
+    /// Applies pending inserts and evictions so the counts above are exact.
+    pub async fn sync(&self) {
+        self.inner.run_pending_tasks().await;
+    }
 }

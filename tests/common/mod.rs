@@ -89,6 +89,13 @@ impl TestApp {
             .request(method, self.url(&format!("{HASHTAG_DETAIL_PATH}?{query}")))
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    }
+
     /// Sends the shutdown signal; returns the server task to await.
     pub fn begin_shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
         if let Some(tx) = self.shutdown.take() {
@@ -123,6 +130,17 @@ pub fn assert_envelope(body: &str, code: u16, request_id: &str) -> String {
     let message = v["message"].as_str().expect("message").to_owned();
     assert!(!message.is_empty());
     message
+}
+
+/// The value of one series in Prometheus text, e.g.
+/// `keyapi_proxy_upstream_calls_total{outcome="success"}`; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            Some(value.split(' ').next()?.parse::<f64>().unwrap())
+        })
+        .unwrap_or(0.0)
 }
 
 /// Quiet unless TEST_LOG=1.
