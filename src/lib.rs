@@ -4,8 +4,9 @@
 //! One request, top to bottom: [`routes`] (HTTP) → [`key`] (raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`upstream`] (KeyAPI, key
-//! injected) → [`cache`] → response headers from [`cache_status`]. Errors are
-//! rendered in one place, [`error`]. [`app`] wires it together; [`config`]
+//! injected) → [`cache`] → [`negotiate`] (304 or gzip, from what the entry
+//! precomputed) with headers from [`cache_status`]. Errors are rendered in
+//! one place, [`error`]. [`app`] wires it together; [`config`]
 //! loads settings; [`observe`] logs and counts every request into
 //! [`metrics`]; [`demo`] is a fake KeyAPI for `--demo` and the tests.
 
@@ -18,6 +19,7 @@ pub mod demo;
 pub mod error;
 pub mod key;
 pub mod metrics;
+pub mod negotiate;
 pub mod observe;
 pub mod proxy;
 pub mod routes;

@@ -3,6 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use moka::{Expiry, future::Cache};
 
 use super::{CacheKey, Entry};
@@ -43,7 +44,8 @@ impl LocalCache {
         let inner = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &CacheKey, entry: &Arc<Entry>| {
-                let bytes = key.path_and_query().len() + entry.body.len();
+                let gzip = entry.gzip.as_ref().map_or(0, Bytes::len);
+                let bytes = key.path_and_query().len() + entry.body.len() + gzip;
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .expire_after(EntryTtl)

@@ -4,6 +4,7 @@
 //! request (path and query) that a route derived from the client's request, so
 //! new routes can reuse the cache and single-flight machinery unchanged.
 
+mod encoding;
 mod local;
 
 use std::{
@@ -12,6 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use axum::http::HeaderValue;
 use bytes::Bytes;
 
 pub use local::LocalCache;
@@ -46,11 +48,16 @@ impl fmt::Display for CacheKey {
 }
 
 /// One successful upstream answer, kept as the exact bytes received so a hit
-/// never parses or re-serializes JSON.
+/// never parses or re-serializes JSON. Everything a hit needs besides the
+/// body (validator, compressed form) is computed once, here, at store time.
 #[derive(Debug)]
 pub struct Entry {
     /// Raw upstream body, validated once when it was fetched.
     pub body: Bytes,
+    /// Strong `ETag` of `body` (a quoted SHA-256 prefix), ready to send.
+    pub etag: HeaderValue,
+    /// `body` gzip-compressed, when that is smaller.
+    pub gzip: Option<Bytes>,
     /// Wall-clock time of storage; wall clock (not `Instant`) so `Age` stays
     /// meaningful if entries are ever shared between processes.
     pub stored_at: SystemTime,
@@ -62,6 +69,8 @@ impl Entry {
     /// A new entry stored now.
     pub fn new(body: Bytes, ttl: Duration) -> Self {
         Self {
+            etag: encoding::strong_etag(&body),
+            gzip: encoding::gzip(&body),
             body,
             stored_at: SystemTime::now(),
             ttl,

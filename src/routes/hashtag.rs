@@ -16,6 +16,7 @@ use crate::{
     cache_status,
     error::{APPLICATION_JSON, ApiError},
     key::HashtagKey,
+    negotiate,
     observe::{AccessLog, RequestId},
     proxy::{Outcome, ProxyError},
 };
@@ -38,10 +39,7 @@ pub(super) async fn hashtag_detail(
     let (mut response, cache, upstream_status) = match state.proxy().serve(&key, ttl, refresh).await
     {
         Ok(Outcome::Cached { entry, state }) => {
-            let mut response = Response::new(Body::from(entry.body.clone()));
-            let headers = response.headers_mut();
-            headers.insert(CONTENT_TYPE, APPLICATION_JSON);
-            cache_status::set_cached(headers, state, &entry);
+            let response = negotiate::cached_response(&headers, &entry, state);
             let upstream = (state != cache_status::CacheState::Hit).then_some(200);
             (response, state.as_str(), upstream)
         }
