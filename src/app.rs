@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
+    access::Access,
     cache::LocalCache,
     config::{self, Config},
     key::HashtagRules,
@@ -51,6 +52,7 @@ pub struct AppState(Arc<Shared>);
 struct Shared {
     proxy: Proxy,
     metrics: Arc<Metrics>,
+    access: Access,
     rules: HashtagRules,
     allow_client_refresh: bool,
     ready: AtomicBool,
@@ -65,6 +67,11 @@ impl AppState {
     /// This app's metrics registry.
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// The configured clients (empty: open proxy).
+    pub fn access(&self) -> &Access {
+        &self.0.access
     }
 
     /// The hashtag route's parameter rules and TTLs.
@@ -108,6 +115,7 @@ impl App {
         let state = AppState(Arc::new(Shared {
             proxy: Proxy::new(LocalCache::new(config.cache.max_bytes), upstream),
             metrics: Arc::clone(&metrics),
+            access: Access::new(&config.clients, &metrics),
             rules: HashtagRules::from_config(&config),
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),
@@ -125,6 +133,13 @@ impl App {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?;
+        if state.access().is_open() && !local_addr.ip().is_loopback() {
+            tracing::warn!(
+                %local_addr,
+                "no [[clients]] configured and listening on a non-loopback address: \
+                 anyone who can reach this port spends your KeyAPI credits"
+            );
+        }
         Ok(Self {
             listener,
             local_addr,

@@ -1,7 +1,8 @@
 //! keyapi-proxy: a caching, single-flight proxy in front of KeyAPI's paid
 //! TikTok hashtag-detail endpoint.
 //!
-//! One request, top to bottom: [`routes`] (HTTP) → [`key`] (raw query →
+//! One request, top to bottom: [`routes`] (HTTP) → [`access`] (who is
+//! calling) → [`key`] (raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`upstream`] (KeyAPI, key
 //! injected) → [`cache`] → [`negotiate`] (304 or gzip, from what the entry
@@ -10,12 +11,14 @@
 //! loads settings; [`observe`] logs and counts every request into
 //! [`metrics`]; [`demo`] is a fake KeyAPI for `--demo` and the tests.
 
+pub mod access;
 pub mod app;
 pub mod cache;
 pub mod cache_status;
 pub mod coalesce;
 pub mod config;
 pub mod demo;
+pub mod digest;
 pub mod error;
 pub mod key;
 pub mod metrics;

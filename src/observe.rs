@@ -51,6 +51,8 @@ impl RequestId {
 /// What a handler reports about its answer for the access log (a response extension).
 #[derive(Debug, Clone)]
 pub struct AccessLog {
+    /// The configured client's id, when clients are configured.
+    pub client: Option<Arc<str>>,
     pub key: CacheKey,
     /// `hit`, `stored`, `collapsed`, `refreshed`, `declined` or `error`.
     pub cache: &'static str,
@@ -105,6 +107,7 @@ pub async fn request_context(
             %method,
             path,
             status,
+            client = log.client.as_deref(),
             key = %log.key,
             cache = log.cache,
             upstream_status = log.upstream_status,

@@ -1,25 +1,21 @@
 //! What is precomputed from a body when it is stored, so a hit only picks
 //! bytes: its strong `ETag` and its gzip form.
 
-use std::{fmt::Write as _, io::Write as _};
+use std::io::Write as _;
 
 use axum::http::HeaderValue;
 use bytes::Bytes;
 use flate2::{Compression, write::GzEncoder};
-use sha2::{Digest, Sha256};
+
+use crate::digest;
 
 /// Bodies smaller than this are not worth compressing.
 const MIN_GZIP_BYTES: usize = 256;
 
 /// `"<first 128 bits of SHA-256, hex>"`: equal bodies, equal tags.
 pub(super) fn strong_etag(body: &[u8]) -> HeaderValue {
-    let digest = Sha256::digest(body);
-    let mut tag = String::with_capacity(34);
-    tag.push('"');
-    for byte in &digest[..16] {
-        let _ = write!(tag, "{byte:02x}");
-    }
-    tag.push('"');
+    let hash = digest::sha256(body);
+    let tag = format!("\"{}\"", digest::hex(&hash[..16]));
     // Quotes and hex digits are always a valid header value.
     HeaderValue::try_from(tag).unwrap_or(HeaderValue::from_static("\"0\""))
 }

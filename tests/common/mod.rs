@@ -5,7 +5,13 @@
 use std::{net::SocketAddr, time::Duration};
 
 use futures_util::future::join_all;
-use keyapi_proxy::{app::App, config::Config, demo::FakeUpstream, key::HASHTAG_DETAIL_PATH};
+use keyapi_proxy::{
+    app::App,
+    config::{ClientConfig, Config},
+    demo::FakeUpstream,
+    digest,
+    key::HASHTAG_DETAIL_PATH,
+};
 use secrecy::SecretString;
 use tokio::{sync::oneshot, task::JoinHandle};
 
@@ -26,6 +32,16 @@ pub fn test_config() -> Config {
     let mut config = Config::defaults().expect("defaults are valid");
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config
+}
+
+/// A `[[clients]]` entry for `token` (only its hash is configured).
+pub fn client(id: &str, token: &str) -> ClientConfig {
+    ClientConfig {
+        id: id.into(),
+        token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
+        refresh: false,
+        purge: false,
+    }
 }
 
 /// The app with default configuration.
@@ -87,6 +103,15 @@ impl TestApp {
     pub fn hashtag_request(&self, method: reqwest::Method, query: &str) -> reqwest::RequestBuilder {
         self.client
             .request(method, self.url(&format!("{HASHTAG_DETAIL_PATH}?{query}")))
+    }
+
+    /// `GET <route>?<query>` with `Authorization: Bearer <token>`.
+    pub async fn get_hashtag_as(&self, token: &str, query: &str) -> reqwest::Response {
+        self.hashtag_request(reqwest::Method::GET, query)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request reaches the proxy")
     }
 
     /// `GET /metrics` as text.
