@@ -21,9 +21,11 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
+    access::Access,
     cache::{FreshnessPolicy, LocalCache, redis::RedisTier},
     config::{self, Config},
     key::HashtagRules,
+    metrics::Metrics,
     observe,
     protect::Protection,
     proxy::Proxy,
@@ -53,6 +55,8 @@ pub struct AppState(Arc<Shared>);
 
 struct Shared {
     proxy: Proxy,
+    metrics: Arc<Metrics>,
+    access: Access,
     rules: HashtagRules,
     allow_client_refresh: bool,
     ready: AtomicBool,
@@ -62,6 +66,16 @@ impl AppState {
     /// The cache/single-flight/upstream pipeline.
     pub fn proxy(&self) -> &Proxy {
         &self.0.proxy
+    }
+
+    /// This app's metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// The configured clients (empty: open proxy).
+    pub fn access(&self) -> &Access {
+        &self.0.access
     }
 
     /// The hashtag route's parameter rules and TTLs.
@@ -101,7 +115,8 @@ impl App {
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
-        let upstream = Upstream::new(&config.upstream, api_key)?;
+        let metrics = Arc::new(Metrics::new(config.credits.per_call));
+        let upstream = Upstream::new(&config.upstream, api_key)?.with_metrics(Arc::clone(&metrics));
         let redis = match &config.cache.redis.url {
             Some(url) => Some(RedisTier::new(url, &config.cache.redis)?),
             None => None,
@@ -114,12 +129,17 @@ impl App {
                 Protection::from_config(&config.upstream),
                 FreshnessPolicy::from_config(&config.cache),
             ),
+            metrics: Arc::clone(&metrics),
+            access: Access::new(&config.clients, &metrics),
             rules: HashtagRules::from_config(&config),
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),
         }));
         let router = routes::router(state.clone())
-            .layer(middleware::from_fn(observe::request_context))
+            .layer(middleware::from_fn_with_state(
+                metrics,
+                observe::request_context,
+            ))
             .layer(CatchPanicLayer::new());
         let snapshot = config
             .cache
@@ -139,6 +159,13 @@ impl App {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?;
+        if state.access().is_open() && !local_addr.ip().is_loopback() {
+            tracing::warn!(
+                %local_addr,
+                "no [[clients]] configured and listening on a non-loopback address: \
+                 anyone who can reach this port spends your KeyAPI credits"
+            );
+        }
         Ok(Self {
             listener,
             local_addr,

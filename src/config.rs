@@ -63,6 +63,10 @@ pub struct Config {
     pub hashtag: HashtagConfig,
     pub normalize: NormalizeConfig,
     pub log: LogConfig,
+    pub credits: CreditsConfig,
+    /// `[[clients]]` (file only). Empty: the proxy is open to anyone who can reach it.
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
 }
 
 /// `[server]`: the listening socket and shutdown behaviour.
@@ -201,6 +205,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[credits]`: what KeyAPI charges, for metrics and budgets.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsConfig {
+    /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs.
+    pub per_call: u64,
+}
+
+/// One `[[clients]]` entry: a caller allowed to use the proxy. The token itself
+/// is never configured, only its SHA-256 (`keyapi-proxy hash-token` makes both).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Shown in logs, metrics (`client` label) and `/stats`: 1-64 of `[A-Za-z0-9._-]`.
+    pub id: String,
+    /// Lower-case hex SHA-256 of the client's token (64 digits).
+    pub token_sha256: String,
+    /// May force a refetch with `Cache-Control: no-cache` (spends credits).
+    #[serde(default)]
+    pub refresh: bool,
+    /// May use the admin endpoints (`/admin/cache`: list and purge).
+    #[serde(default)]
+    pub purge: bool,
+}
+
 impl Config {
     /// Only the compiled-in defaults: what tests start from.
     pub fn defaults() -> Result<Self, ConfigError> {
@@ -278,8 +307,45 @@ impl Config {
         if !(0.0..1.0).contains(&self.cache.refresh_ahead) {
             return invalid("cache.refresh_ahead must be 0 (off) or a fraction below 1".into());
         }
-        Ok(())
+        if self.credits.per_call == 0 {
+            return invalid("credits.per_call must be at least 1".into());
+        }
+        validate_clients(&self.clients)
     }
+}
+
+/// Client ids become metric labels and log fields; hashes must be usable.
+fn validate_clients(clients: &[ClientConfig]) -> Result<(), ConfigError> {
+    let mut ids = std::collections::HashSet::new();
+    let mut hashes = std::collections::HashSet::new();
+    for client in clients {
+        let id = &client.id;
+        let id_ok = (1..=64).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !id_ok {
+            return Err(ConfigError::Invalid(format!(
+                "clients: id {id:?} must be 1-64 characters of [A-Za-z0-9._-]"
+            )));
+        }
+        if !ids.insert(id.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "clients: id {id:?} is used twice"
+            )));
+        }
+        let Some(hash) = crate::digest::parse_sha256_hex(&client.token_sha256) else {
+            return Err(ConfigError::Invalid(format!(
+                "clients: token_sha256 of {id:?} must be 64 hex digits (run `keyapi-proxy hash-token`)"
+            )));
+        };
+        if !hashes.insert(hash) {
+            return Err(ConfigError::Invalid(format!(
+                "clients: token_sha256 of {id:?} is used by another client"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Plain http is only accepted to loopback: anywhere else the key would cross

@@ -7,14 +7,15 @@ use axum::{
     body::Body,
     http::{
         HeaderValue, StatusCode,
-        header::{CONTENT_TYPE, RETRY_AFTER},
+        header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE},
     },
     response::Response,
 };
 use serde::Serialize;
 
 use crate::{
-    cache_status, coalesce::Abandoned, key::KeyError, observe::RequestId, upstream::UpstreamError,
+    access::AuthError, cache_status, coalesce::Abandoned, key::KeyError, observe::RequestId,
+    upstream::UpstreamError,
 };
 
 /// An error answer.
@@ -26,6 +27,8 @@ pub enum ApiError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Abandoned(#[from] Abandoned),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -49,6 +52,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
+            Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Abandoned(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -74,6 +79,7 @@ impl ApiError {
     fn public_message(&self) -> String {
         let fixed = match self {
             Self::BadRequest(e) => return e.to_string(),
+            Self::Auth(e) => return e.to_string(),
             Self::NotFound => {
                 "no such route; the proxied route is GET /v1/tiktok/trending/hashtag/detail"
             }
@@ -129,6 +135,10 @@ impl ApiError {
                 if let Some(secs) = e.retry_after_secs() {
                     headers.insert(RETRY_AFTER, HeaderValue::from(secs));
                 }
+            }
+            Self::Auth(AuthError::Unauthorized) => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                cache_status::set_no_store(headers);
             }
             _ => cache_status::set_no_store(headers),
         }

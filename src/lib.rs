@@ -1,14 +1,18 @@
 //! keyapi-proxy: a caching, single-flight proxy in front of KeyAPI's paid
 //! TikTok hashtag-detail endpoint.
 //!
-//! One request, top to bottom: [`routes`] (HTTP) → [`key`] (raw query →
+//! One request, top to bottom: [`routes`] (HTTP) → [`access`] (who is
+//! calling) → [`key`] (raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`upstream`] (KeyAPI, key
-//! injected, gated by [`protect`] and its [`breaker`]) → [`cache`] → response
-//! headers from [`cache_status`]. Errors are
-//! rendered in one place, [`error`]. [`app`] wires it together; [`config`]
-//! loads settings; [`demo`] is a fake KeyAPI for `--demo` and the tests.
+//! injected, gated by [`protect`] and its [`breaker`]) → [`cache`] →
+//! [`negotiate`] (304 or gzip, from what the entry precomputed) with headers
+//! from [`cache_status`]. Errors are rendered in one place, [`error`]. [`app`]
+//! wires it together; [`config`] loads settings; [`observe`] logs and counts
+//! every request into [`metrics`]; [`demo`] is a fake KeyAPI for `--demo` and
+//! the tests.
 
+pub mod access;
 pub mod app;
 pub mod breaker;
 pub mod cache;
@@ -16,8 +20,11 @@ pub mod cache_status;
 pub mod coalesce;
 pub mod config;
 pub mod demo;
+pub mod digest;
 pub mod error;
 pub mod key;
+pub mod metrics;
+pub mod negotiate;
 pub mod observe;
 pub mod protect;
 pub mod proxy;

@@ -4,6 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use keyapi_proxy::{
+    access,
     app::App,
     config::{self, Config},
     demo::FakeUpstream,
@@ -32,6 +33,8 @@ enum Command {
     Serve,
     /// Print the effective configuration (key redacted); exit 1 if it is invalid.
     CheckConfig,
+    /// Print a new random client token and its SHA-256 (for a [[clients]] entry).
+    HashToken,
     /// Probe /healthz of a running proxy; exit 0 when healthy (for Docker HEALTHCHECK).
     Healthcheck {
         /// Full URL to probe; defaults to the configured listen address.
@@ -43,6 +46,9 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::HashToken)) {
+        return hash_token();
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => return fail(&e),
@@ -51,6 +57,21 @@ async fn main() -> ExitCode {
         Command::CheckConfig => check_config(&config, cli.demo),
         Command::Healthcheck { url } => healthcheck(&config, url).await,
         Command::Serve => serve(config, cli.demo).await,
+        Command::HashToken => hash_token(),
+    }
+}
+
+fn hash_token() -> ExitCode {
+    match access::new_token() {
+        Ok((token, hash)) => {
+            println!(
+                "token:        {token}\ntoken_sha256: {hash}\n\n\
+                 # Give the token to the client; put only the hash in the configuration:\n\
+                 [[clients]]\nid = \"CHANGE-ME\"\ntoken_sha256 = \"{hash}\""
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("no randomness available: {e}")),
     }
 }
 

@@ -1,20 +1,21 @@
-//! Request ids and the one access-log line per request.
+//! Request ids, the one access-log line per request, and request metrics.
 //!
 //! A sane client `X-Request-Id` is kept (so ids can be followed across
 //! services), otherwise one is generated. Handlers attach an [`AccessLog`] to
-//! their response so the log line can name the normalized key, cache state and
-//! upstream status without the middleware knowing any route.
+//! their response so the log line (and the request metrics) can name the
+//! normalized key, cache state and upstream status without the middleware
+//! knowing any route; [`tag_route`] attaches the matched route template.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use axum::{
-    extract::Request,
+    extract::{MatchedPath, Request, State},
     http::{HeaderName, HeaderValue},
     middleware::Next,
     response::Response,
 };
 
-use crate::cache::CacheKey;
+use crate::{cache::CacheKey, metrics::Metrics, routes};
 
 /// `X-Request-Id`, on every response.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -50,14 +51,36 @@ impl RequestId {
 /// What a handler reports about its answer for the access log (a response extension).
 #[derive(Debug, Clone)]
 pub struct AccessLog {
+    /// The configured client's id, when clients are configured.
+    pub client: Option<Arc<str>>,
     pub key: CacheKey,
     /// `hit`, `stored`, `collapsed`, `refreshed`, `declined` or `error`.
     pub cache: &'static str,
     pub upstream_status: Option<u16>,
 }
 
-/// Middleware: assigns the request id, echoes it, and logs one line per request.
-pub async fn request_context(mut request: Request, next: Next) -> Response {
+/// The route template that answered (a response extension): a bounded metric label.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
+
+/// Route middleware (inside routing): tags the response with its route template.
+pub async fn tag_route(request: Request, next: Next) -> Response {
+    let label = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(routes::UNMATCHED, |m| routes::label(m.as_str()));
+    let mut response = next.run(request).await;
+    response.extensions_mut().insert(RouteLabel(label));
+    response
+}
+
+/// Middleware: assigns the request id, echoes it, logs one line per request
+/// and counts it in the metrics.
+pub async fn request_context(
+    State(metrics): State<Arc<Metrics>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let id = request
         .headers()
@@ -72,12 +95,19 @@ pub async fn request_context(mut request: Request, next: Next) -> Response {
 
     let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     let status = response.status().as_u16();
-    match response.extensions().get::<AccessLog>() {
+    let route = response
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or(routes::UNMATCHED, |r| r.0);
+    let access = response.extensions().get::<AccessLog>();
+    metrics.record_request(route, status, access.map(|log| log.cache));
+    match access {
         Some(log) => tracing::info!(
             request_id = id.as_str(),
             %method,
             path,
             status,
+            client = log.client.as_deref(),
             key = %log.key,
             cache = log.cache,
             upstream_status = log.upstream_status,

@@ -5,7 +5,10 @@
 //! The request is built from the [`CacheKey`] alone — nothing of the client's
 //! request reaches KeyAPI — so one key always means one byte-identical request.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::{
@@ -16,7 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::{cache::CacheKey, config::UpstreamConfig};
+use crate::{cache::CacheKey, config::UpstreamConfig, metrics::Metrics};
 
 /// `User-Agent` sent upstream.
 pub const USER_AGENT: &str = concat!("keyapi-proxy/", env!("CARGO_PKG_VERSION"));
@@ -148,6 +151,8 @@ pub struct Upstream {
     request_timeout: Duration,
     retries: u32,
     retry_backoff: Duration,
+    /// Counts, times and prices every call (credits spent), when set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Upstream {
@@ -169,7 +174,14 @@ impl Upstream {
             request_timeout: config.request_timeout,
             retries: config.retries,
             retry_backoff: config.retry_backoff,
+            metrics: None,
         })
+    }
+
+    /// Records every call in `metrics` (calls by outcome, latency, in flight, credits).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The full upstream URL for a key: a pure function of the key.
@@ -187,7 +199,11 @@ impl Upstream {
             if remaining.is_zero() {
                 return Err(UpstreamError::Timeout);
             }
+            let call = self.metrics.as_deref().map(Metrics::upstream_call);
             let result = self.attempt(key, remaining).await;
+            if let Some(call) = call {
+                call.finish(&result);
+            }
             let Err(error) = &result else { return result };
             if attempt >= self.retries || !error.is_retryable() {
                 return result;

@@ -6,6 +6,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use bytes::Bytes;
 use moka::{Expiry, future::Cache};
 
 use super::{CacheKey, Entry};
@@ -48,7 +49,8 @@ impl LocalCache {
         let inner = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &CacheKey, entry: &Arc<Entry>| {
-                let bytes = key.path_and_query().len() + entry.body.len();
+                let gzip = entry.gzip.as_ref().map_or(0, Bytes::len);
+                let bytes = key.path_and_query().len() + entry.body.len() + gzip;
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .expire_after(EntryTtl)
@@ -82,5 +84,10 @@ impl LocalCache {
     /// Stored bytes (approximate until pending maintenance runs).
     pub fn weighted_size(&self) -> u64 {
         self.inner.weighted_size()
+    }
+
+    /// Applies pending inserts and evictions so the counts above are exact.
+    pub async fn sync(&self) {
+        self.inner.run_pending_tasks().await;
     }
 }

@@ -15,6 +15,7 @@
 //! ```
 
 pub mod codec;
+mod encoding;
 mod local;
 pub mod redis;
 
@@ -27,7 +28,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use bytes::Bytes;
 
 pub use local::LocalCache;
@@ -105,7 +106,8 @@ pub enum Freshness {
 }
 
 /// One stored upstream answer, kept as the exact bytes received so a hit
-/// never parses or re-serializes JSON.
+/// never parses or re-serializes JSON. Everything a hit needs besides the
+/// body (validator, compressed form) is computed once, here, at store time.
 #[derive(Debug)]
 pub struct Entry {
     /// Raw upstream body, validated once when it was fetched.
@@ -114,6 +116,10 @@ pub struct Entry {
     pub status: StatusCode,
     /// True for a cached refusal (e.g. unknown hashtag): no stale windows.
     pub negative: bool,
+    /// Strong `ETag` of `body` (a quoted SHA-256 prefix), ready to send.
+    pub etag: HeaderValue,
+    /// `body` gzip-compressed, when that is smaller.
+    pub gzip: Option<Bytes>,
     /// Wall-clock time of storage; wall clock (not `Instant`) so `Age` stays
     /// meaningful if entries are ever shared between processes.
     pub stored_at: SystemTime,
@@ -128,34 +134,18 @@ pub struct Entry {
 impl Entry {
     /// A successful answer stored now, with the policy's stale windows.
     pub fn success(body: Bytes, ttl: Duration, policy: &FreshnessPolicy) -> Self {
-        Self {
-            body,
-            status: StatusCode::OK,
-            negative: false,
-            stored_at: SystemTime::now(),
-            ttl,
-            stale_while_revalidate: policy.stale_while_revalidate,
-            stale_if_error: policy.stale_if_error,
-            hits: AtomicU32::new(0),
-        }
+        let windows = [ttl, policy.stale_while_revalidate, policy.stale_if_error];
+        Self::restore(body, StatusCode::OK, false, SystemTime::now(), windows)
     }
 
     /// A deterministic refusal stored now for the policy's negative TTL.
     pub fn negative(status: StatusCode, body: Bytes, policy: &FreshnessPolicy) -> Self {
-        Self {
-            body,
-            status,
-            negative: true,
-            stored_at: SystemTime::now(),
-            ttl: policy.negative_ttl,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-            hits: AtomicU32::new(0),
-        }
+        let windows = [policy.negative_ttl, Duration::ZERO, Duration::ZERO];
+        Self::restore(body, status, true, SystemTime::now(), windows)
     }
 
-    /// An entry as it was stored elsewhere (Redis, a snapshot), keeping its
-    /// original timestamp. Windows are `[ttl, stale_while_revalidate, stale_if_error]`.
+    /// An entry stored at `stored_at` (now, or earlier elsewhere: Redis, a
+    /// snapshot). Windows are `[ttl, stale_while_revalidate, stale_if_error]`.
     pub fn restore(
         body: Bytes,
         status: StatusCode,
@@ -164,6 +154,8 @@ impl Entry {
         [ttl, stale_while_revalidate, stale_if_error]: [Duration; 3],
     ) -> Self {
         Self {
+            etag: encoding::strong_etag(&body),
+            gzip: encoding::gzip(&body),
             body,
             status,
             negative,

@@ -1,7 +1,10 @@
 //! `GET|HEAD /v1/tiktok/trending/hashtag/detail`: the proxied KeyAPI route.
 //! Parses the query into a key, asks the proxy, and turns the outcome into
-//! headers. Nothing of the client's request other than the three known
-//! parameters (and, if allowed, `Cache-Control: no-cache`) is used.
+//! headers. Nothing of the client's request other than its token (checked,
+//! never forwarded), the three known parameters, `If-None-Match`,
+//! `Accept-Encoding` and, if allowed, `Cache-Control: no-cache` is used.
+
+use std::sync::Arc;
 
 use axum::{
     Extension,
@@ -16,6 +19,7 @@ use crate::{
     cache_status::{self, CacheState},
     error::{APPLICATION_JSON, ApiError},
     key::HashtagKey,
+    negotiate,
     observe::{AccessLog, RequestId},
     proxy::{Outcome, ProxyError},
 };
@@ -26,6 +30,13 @@ pub(super) async fn hashtag_detail(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let client = match state.access().authenticate(&headers) {
+        Ok(client) => client,
+        Err(e) => return ApiError::from(e).to_response(&request_id),
+    };
+    if let Some(client) = &client {
+        client.counters.requests.inc();
+    }
     let rules = state.rules();
     let question = match HashtagKey::parse(query.as_deref(), rules) {
         Ok(question) => question,
@@ -33,16 +44,14 @@ pub(super) async fn hashtag_detail(
     };
     let key = question.cache_key();
     let ttl = rules.ttl(question.period);
-    let refresh = state.allow_client_refresh() && asks_for_refresh(&headers);
+    let may_refresh =
+        state.allow_client_refresh() || client.as_ref().is_some_and(|c| c.may_refresh);
+    let refresh = may_refresh && asks_for_refresh(&headers);
 
     let (mut response, cache, upstream_status) = match state.proxy().serve(&key, ttl, refresh).await
     {
         Ok(Outcome::Cached { entry, state }) => {
-            let mut response = Response::new(Body::from(entry.body.clone()));
-            *response.status_mut() = entry.status;
-            let headers = response.headers_mut();
-            headers.insert(CONTENT_TYPE, APPLICATION_JSON);
-            cache_status::set_cached(headers, state, &entry);
+            let response = negotiate::cached_response(&headers, &entry, state);
             let upstream = match state {
                 CacheState::Hit | CacheState::Stale => None,
                 CacheState::StaleIfError { fwd_status } => fwd_status,
@@ -73,6 +82,7 @@ pub(super) async fn hashtag_detail(
         }
     };
     response.extensions_mut().insert(AccessLog {
+        client: client.map(|c| Arc::clone(&c.id)),
         key,
         cache,
         upstream_status,

@@ -2,10 +2,30 @@
 
 mod hashtag;
 mod health;
+mod metrics;
 
-use axum::{Extension, Router, response::Response, routing::get};
+use axum::{Extension, Router, middleware, response::Response, routing::get};
 
-use crate::{app::AppState, error::ApiError, key::HASHTAG_DETAIL_PATH, observe::RequestId};
+use crate::{
+    app::AppState, error::ApiError, key::HASHTAG_DETAIL_PATH, observe, observe::RequestId,
+};
+
+const METRICS_PATH: &str = "/metrics";
+
+/// Every route template: the values of the `route` metric label.
+const PATHS: [&str; 4] = [HASHTAG_DETAIL_PATH, "/healthz", "/readyz", METRICS_PATH];
+
+/// The `route` label of requests that matched no route.
+pub const UNMATCHED: &str = "unmatched";
+
+/// The static label for a matched route template.
+pub fn label(template: &str) -> &'static str {
+    PATHS
+        .iter()
+        .find(|p| **p == template)
+        .copied()
+        .unwrap_or(UNMATCHED)
+}
 
 /// All routes. Layers (request ids, panics) are added by [`crate::app`].
 pub fn router(state: AppState) -> Router {
@@ -16,6 +36,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route(METRICS_PATH, get(metrics::metrics))
+        .route_layer(middleware::from_fn(observe::tag_route))
         .fallback(not_found)
         .with_state(state)
 }

@@ -9,8 +9,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use futures_util::future::join_all;
 use keyapi_proxy::{
     app::{App, AppState},
-    config::Config,
+    config::{ClientConfig, Config},
     demo::FakeUpstream,
+    digest,
     key::HASHTAG_DETAIL_PATH,
 };
 use secrecy::SecretString;
@@ -43,6 +44,16 @@ pub fn plain_ttl(config: &mut Config, ttl: Duration) {
     config.cache.ttl = ttl;
     config.cache.stale_while_revalidate = Duration::ZERO;
     config.cache.stale_if_error = Duration::ZERO;
+}
+
+/// A `[[clients]]` entry for `token` (only its hash is configured).
+pub fn client(id: &str, token: &str) -> ClientConfig {
+    ClientConfig {
+        id: id.into(),
+        token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
+        refresh: false,
+        purge: false,
+    }
 }
 
 /// The app with default configuration.
@@ -122,6 +133,22 @@ impl TestApp {
             .request(method, self.url(&format!("{HASHTAG_DETAIL_PATH}?{query}")))
     }
 
+    /// `GET <route>?<query>` with `Authorization: Bearer <token>`.
+    pub async fn get_hashtag_as(&self, token: &str, query: &str) -> reqwest::Response {
+        self.hashtag_request(reqwest::Method::GET, query)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request reaches the proxy")
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    }
+
     /// Sends the shutdown signal; returns the server task to await.
     pub fn begin_shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
         if let Some(tx) = self.shutdown.take() {
@@ -156,6 +183,17 @@ pub fn assert_envelope(body: &str, code: u16, request_id: &str) -> String {
     let message = v["message"].as_str().expect("message").to_owned();
     assert!(!message.is_empty());
     message
+}
+
+/// The value of one series in Prometheus text, e.g.
+/// `keyapi_proxy_upstream_calls_total{outcome="success"}`; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            Some(value.split(' ').next()?.parse::<f64>().unwrap())
+        })
+        .unwrap_or(0.0)
 }
 
 /// Quiet unless TEST_LOG=1.

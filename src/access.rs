@@ -1,0 +1,218 @@
+//! Who is calling: optional client tokens from the `[[clients]]` section.
+//!
+//! A client sends `Authorization: Bearer <token>` or `X-Api-Key: <token>`. The
+//! token is hashed (SHA-256) and compared in constant time with every
+//! configured hash — the configuration never holds a token, and the time a
+//! check takes does not depend on which client (if any) matched. With no
+//! client configured the proxy is open. The client's token is only read here;
+//! nothing of the client's request is forwarded upstream.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderName, header::AUTHORIZATION};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+use crate::{
+    config::ClientConfig,
+    digest,
+    metrics::{ClientCounters, Metrics},
+};
+
+/// `X-Api-Key`: the alternative to `Authorization: Bearer`.
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// A configured, authenticated caller.
+#[derive(Debug)]
+pub struct Client {
+    /// Configured id: a log field and a bounded metric label.
+    pub id: Arc<str>,
+    /// May force a refetch with `Cache-Control: no-cache`.
+    pub may_refresh: bool,
+    /// May use `/admin/cache`.
+    pub may_purge: bool,
+    /// This client's metric counters, resolved at start-up.
+    pub counters: ClientCounters,
+    token_sha256: [u8; 32],
+}
+
+/// Why a request is not let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "missing or invalid client token; send `Authorization: Bearer <token>` or `X-Api-Key: <token>`"
+    )]
+    Unauthorized,
+    #[error("this client token may not use the admin endpoints (needs the purge flag)")]
+    Forbidden,
+}
+
+/// The configured clients.
+#[derive(Debug)]
+pub struct Access {
+    clients: Vec<Arc<Client>>,
+}
+
+impl Access {
+    /// Clients from (validated) configuration.
+    pub fn new(config: &[ClientConfig], metrics: &Metrics) -> Self {
+        let clients = config
+            .iter()
+            .filter_map(|c| {
+                Some(Arc::new(Client {
+                    id: Arc::from(c.id.as_str()),
+                    may_refresh: c.refresh,
+                    may_purge: c.purge,
+                    counters: metrics.client(&c.id),
+                    token_sha256: digest::parse_sha256_hex(&c.token_sha256)?,
+                }))
+            })
+            .collect();
+        Self { clients }
+    }
+
+    /// True when no client is configured: everyone is let in anonymously.
+    pub fn is_open(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// The client presenting a valid token; `Ok(None)` when the proxy is open.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Arc<Client>>, AuthError> {
+        if self.is_open() {
+            return Ok(None);
+        }
+        let token = presented_token(headers).ok_or(AuthError::Unauthorized)?;
+        let presented = digest::sha256(token);
+        // Visit every client and select without branching on the comparison.
+        let mut found = 0u32.ct_eq(&1);
+        let mut index = 0u32;
+        for (i, client) in self.clients.iter().enumerate() {
+            let equal = client.token_sha256.ct_eq(&presented);
+            index.conditional_assign(&u32::try_from(i).unwrap_or(u32::MAX), equal);
+            found |= equal;
+        }
+        if bool::from(found) {
+            let client = self.clients.get(index as usize);
+            client.cloned().map(Some).ok_or(AuthError::Unauthorized)
+        } else {
+            Err(AuthError::Unauthorized)
+        }
+    }
+
+    /// A client with the purge flag, or why not.
+    pub fn authenticate_admin(&self, headers: &HeaderMap) -> Result<Arc<Client>, AuthError> {
+        if self.is_open() {
+            // Without clients nobody can hold the purge flag.
+            return Err(AuthError::Forbidden);
+        }
+        let client = self.authenticate(headers)?.ok_or(AuthError::Unauthorized)?;
+        if client.may_purge {
+            Ok(client)
+        } else {
+            Err(AuthError::Forbidden)
+        }
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`, else of `X-Api-Key`.
+fn presented_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let bearer = headers.get(AUTHORIZATION).and_then(|v| {
+        let value = v.as_bytes();
+        let (scheme, rest) = value.split_at_checked(7)?;
+        scheme
+            .eq_ignore_ascii_case(b"bearer ")
+            .then(|| rest.trim_ascii())
+    });
+    bearer
+        .or_else(|| headers.get(&X_API_KEY).map(|v| v.as_bytes().trim_ascii()))
+        .filter(|t| !t.is_empty())
+}
+
+/// A new random token (`kp_` + 64 hex digits) and its SHA-256 hex, for
+/// `keyapi-proxy hash-token`.
+pub fn new_token() -> Result<(String, String), getrandom::Error> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret)?;
+    let token = format!("kp_{}", digest::hex(&secret));
+    let hash = digest::hex(&digest::sha256(token.as_bytes()));
+    Ok((token, hash))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn access(tokens: &[(&str, &str)]) -> Access {
+        let config: Vec<ClientConfig> = tokens
+            .iter()
+            .map(|(id, token)| ClientConfig {
+                id: (*id).into(),
+                token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
+                refresh: false,
+                purge: *id == "admin",
+            })
+            .collect();
+        Access::new(&config, &Metrics::new(2))
+    }
+
+    fn with(name: HeaderName, value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(name, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn tokens_select_their_client() {
+        let access = access(&[("a", "tok-a"), ("b", "tok-b"), ("admin", "tok-c")]);
+        let id = |h: &HeaderMap| access.authenticate(h).map(|c| c.map(|c| c.id.to_string()));
+        assert_eq!(
+            id(&with(AUTHORIZATION, "Bearer tok-b")),
+            Ok(Some("b".into()))
+        );
+        assert_eq!(
+            id(&with(AUTHORIZATION, "bearer  tok-a ")),
+            Ok(Some("a".into()))
+        );
+        assert_eq!(id(&with(X_API_KEY, "tok-c")), Ok(Some("admin".into())));
+        for bad in [
+            with(AUTHORIZATION, "Bearer tok-x"),
+            with(AUTHORIZATION, "Basic tok-a"),
+            with(AUTHORIZATION, "Bearer "),
+            with(X_API_KEY, "TOK-A"),
+            HeaderMap::new(),
+        ] {
+            assert_eq!(id(&bad), Err(AuthError::Unauthorized), "{bad:?}");
+        }
+        assert_eq!(
+            access
+                .authenticate_admin(&with(X_API_KEY, "tok-a"))
+                .map(|c| c.id.to_string()),
+            Err(AuthError::Forbidden)
+        );
+        assert!(access.authenticate_admin(&with(X_API_KEY, "tok-c")).is_ok());
+    }
+
+    #[test]
+    fn open_when_no_client_is_configured() {
+        let access = access(&[]);
+        assert!(access.is_open());
+        assert_eq!(
+            access.authenticate(&HeaderMap::new()).map(|c| c.is_none()),
+            Ok(true)
+        );
+        assert_eq!(
+            access.authenticate_admin(&HeaderMap::new()).map(|_| ()),
+            Err(AuthError::Forbidden)
+        );
+    }
+
+    #[test]
+    fn new_tokens_hash_to_their_printed_hash() {
+        let (token, hash) = new_token().unwrap();
+        assert!(token.starts_with("kp_") && token.len() == 67);
+        assert_eq!(hash, digest::hex(&digest::sha256(token.as_bytes())));
+        assert_ne!(new_token().unwrap().0, token);
+    }
+}

@@ -1,0 +1,350 @@
+//! Prometheus metrics, owned by one [`App`](crate::app::App): each app has its
+//! own [`Registry`] (no global recorder), so parallel tests in one binary see
+//! exact numbers and two apps in one process never mix their counters.
+//!
+//! Every label is bounded: route templates, cache states, upstream outcome
+//! kinds, limit scopes and client ids from configuration — never a raw
+//! hashtag or anything else a client can choose.
+
+use std::{
+    sync::atomic::{AtomicI64, AtomicU64},
+    time::Instant,
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::upstream::{UpstreamAnswer, UpstreamError};
+
+/// `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+    cache: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClientLabels {
+    client: String,
+}
+
+/// Who a limit or budget belonged to (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole proxy.
+    Global,
+    /// One configured client.
+    Client,
+}
+
+impl Scope {
+    /// Bounded label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Global => "global",
+            Self::Client => "client",
+        }
+    }
+}
+
+/// Counters of one configured client, resolved once at start-up so the
+/// request path does no label lookup for them.
+#[derive(Debug, Clone)]
+pub struct ClientCounters {
+    pub requests: Counter,
+    pub credits_spent: Counter,
+}
+
+/// All metrics of one running proxy.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    credits_per_call: u64,
+    requests: Family<RequestLabels, Counter>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    collapsed: Counter,
+    credits_spent: Counter,
+    credits_saved: Counter,
+    upstream_calls: Family<OutcomeLabels, Counter>,
+    upstream_latency: Histogram,
+    upstream_in_flight: Gauge<i64, AtomicI64>,
+    cache_entries: Gauge<u64, AtomicU64>,
+    cache_bytes: Gauge<u64, AtomicU64>,
+    rate_limited: Family<ScopeLabels, Counter>,
+    budget_refused: Family<ScopeLabels, Counter>,
+    client_requests: Family<ClientLabels, Counter>,
+    client_credits: Family<ClientLabels, Counter>,
+}
+
+impl Metrics {
+    /// A fresh registry; `credits_per_call` is what one upstream call costs.
+    pub fn new(credits_per_call: u64) -> Self {
+        let mut registry = Registry::with_prefix("keyapi_proxy");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "HTTP requests answered, by route template, status and cache state",
+            requests.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "cache_hits",
+            "Requests answered from the cache (no upstream call)",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "cache_misses",
+            "Requests of the proxied route that were not in the cache (stored, collapsed, refreshed, declined or failed)",
+            cache_misses.clone(),
+        );
+        let collapsed = Counter::default();
+        registry.register(
+            "collapsed",
+            "Misses answered by another request's upstream call (single flight)",
+            collapsed.clone(),
+        );
+        let credits_spent = Counter::default();
+        registry.register(
+            "credits_spent",
+            "KeyAPI credits spent: credits_per_call for every upstream call",
+            credits_spent.clone(),
+        );
+        let credits_saved = Counter::default();
+        registry.register(
+            "credits_saved",
+            "KeyAPI credits saved: credits_per_call for every request answered without an upstream call of its own (hits, collapsed)",
+            credits_saved.clone(),
+        );
+        let upstream_calls = Family::default();
+        registry.register(
+            "upstream_calls",
+            "Upstream calls made, by outcome (success, declined or an error kind)",
+            upstream_calls.clone(),
+        );
+        let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        registry.register(
+            "upstream_latency_seconds",
+            "Duration of upstream calls, body included",
+            upstream_latency.clone(),
+        );
+        let upstream_in_flight = Gauge::default();
+        registry.register(
+            "upstream_in_flight",
+            "Upstream calls in progress",
+            upstream_in_flight.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Answers in the cache",
+            cache_entries.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "cache_bytes",
+            "Bytes weighed by the cache (keys, bodies and precomputed encodings)",
+            cache_bytes.clone(),
+        );
+        let rate_limited = Family::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a rate limit, by scope (global, client)",
+            rate_limited.clone(),
+        );
+        let budget_refused = Family::default();
+        registry.register(
+            "budget_refused",
+            "Misses refused with 429 because a daily credit budget was spent, by scope",
+            budget_refused.clone(),
+        );
+        let client_requests = Family::default();
+        registry.register(
+            "client_requests",
+            "Authenticated requests of the proxied route, by configured client id",
+            client_requests.clone(),
+        );
+        let client_credits = Family::default();
+        registry.register(
+            "client_credits_spent",
+            "Credits charged to a configured client's daily budget",
+            client_credits.clone(),
+        );
+        Self {
+            registry,
+            credits_per_call,
+            requests,
+            cache_hits,
+            cache_misses,
+            collapsed,
+            credits_spent,
+            credits_saved,
+            upstream_calls,
+            upstream_latency,
+            upstream_in_flight,
+            cache_entries,
+            cache_bytes,
+            rate_limited,
+            budget_refused,
+            client_requests,
+            client_credits,
+        }
+    }
+
+    /// Credits one upstream call costs.
+    pub fn credits_per_call(&self) -> u64 {
+        self.credits_per_call
+    }
+
+    /// Counts one answered request. `cache` is the access log's cache state
+    /// (`None` for routes and refusals that never looked at the cache).
+    pub fn record_request(&self, route: &'static str, status: u16, cache: Option<&'static str>) {
+        let label = cache.unwrap_or("none");
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                status,
+                cache: label,
+            })
+            .inc();
+        match cache {
+            Some("hit") => {
+                self.cache_hits.inc();
+                self.credits_saved.inc_by(self.credits_per_call);
+            }
+            Some("collapsed") => {
+                self.cache_misses.inc();
+                self.collapsed.inc();
+                self.credits_saved.inc_by(self.credits_per_call);
+            }
+            Some(_) => {
+                self.cache_misses.inc();
+            }
+            None => {}
+        }
+    }
+
+    /// Starts timing one upstream call; finish it with [`UpstreamCall::finish`].
+    pub fn upstream_call(&self) -> UpstreamCall<'_> {
+        self.upstream_in_flight.inc();
+        UpstreamCall {
+            metrics: self,
+            started: Instant::now(),
+        }
+    }
+
+    /// Counts a request refused by a rate limit.
+    pub fn rate_limited(&self, scope: Scope) {
+        self.rate_limited
+            .get_or_create(&ScopeLabels {
+                scope: scope.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts a miss refused by a daily credit budget.
+    pub fn budget_refused(&self, scope: Scope) {
+        self.budget_refused
+            .get_or_create(&ScopeLabels {
+                scope: scope.as_str(),
+            })
+            .inc();
+    }
+
+    /// The counters of a configured client (created once, at start-up).
+    pub fn client(&self, id: &str) -> ClientCounters {
+        let labels = ClientLabels {
+            client: id.to_owned(),
+        };
+        ClientCounters {
+            requests: self.client_requests.get_or_create(&labels).clone(),
+            credits_spent: self.client_credits.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Prometheus/OpenMetrics text, after updating the cache gauges.
+    pub fn render(&self, cache_entries: u64, cache_bytes: u64) -> String {
+        self.cache_entries.set(cache_entries);
+        self.cache_bytes.set(cache_bytes);
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Totals for `/stats`.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            hits: self.cache_hits.get(),
+            misses: self.cache_misses.get(),
+            collapsed: self.collapsed.get(),
+            credits_spent: self.credits_spent.get(),
+            credits_saved: self.credits_saved.get(),
+            upstream_in_flight: u64::try_from(self.upstream_in_flight.get()).unwrap_or(0),
+        }
+    }
+}
+
+/// Cumulative counters since start, as numbers.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Totals {
+    pub hits: u64,
+    pub misses: u64,
+    pub collapsed: u64,
+    pub credits_spent: u64,
+    pub credits_saved: u64,
+    pub upstream_in_flight: u64,
+}
+
+/// One upstream call being timed. Dropping it without [`finish`](Self::finish)
+/// still releases the in-flight gauge.
+pub struct UpstreamCall<'a> {
+    metrics: &'a Metrics,
+    started: Instant,
+}
+
+impl UpstreamCall<'_> {
+    /// Records the call's outcome, latency and cost.
+    pub fn finish(self, result: &Result<UpstreamAnswer, UpstreamError>) {
+        let m = self.metrics;
+        let outcome = match result {
+            Ok(UpstreamAnswer::Success(_)) => "success",
+            Ok(UpstreamAnswer::Declined { .. }) => "declined",
+            Err(e) => e.as_str(),
+        };
+        m.upstream_calls
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        m.upstream_latency
+            .observe(self.started.elapsed().as_secs_f64());
+        m.credits_spent.inc_by(m.credits_per_call);
+    }
+}
+
+impl Drop for UpstreamCall<'_> {
+    fn drop(&mut self) {
+        self.metrics.upstream_in_flight.dec();
+    }
+}
