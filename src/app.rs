@@ -118,7 +118,11 @@ impl App {
         let metrics = Arc::new(Metrics::new(config.credits.per_call));
         let upstream = Upstream::new(&config.upstream, api_key)?.with_metrics(Arc::clone(&metrics));
         let redis = match &config.cache.redis.url {
-            Some(url) => Some(RedisTier::new(url, &config.cache.redis)?),
+            Some(url) => Some(RedisTier::new(
+                url,
+                &config.cache.redis,
+                Arc::clone(&metrics),
+            )?),
             None => None,
         };
         let state = AppState(Arc::new(Shared {
@@ -128,6 +132,7 @@ impl App {
                 upstream,
                 Protection::from_config(&config.upstream),
                 FreshnessPolicy::from_config(&config.cache),
+                Arc::clone(&metrics),
             ),
             metrics: Arc::clone(&metrics),
             access: Access::new(&config.clients, &metrics),

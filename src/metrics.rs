@@ -40,6 +40,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ScopeLabels {
     scope: &'static str,
 }
@@ -96,6 +101,10 @@ pub struct Metrics {
     budget_refused: Family<ScopeLabels, Counter>,
     client_requests: Family<ClientLabels, Counter>,
     client_credits: Family<ClientLabels, Counter>,
+    stale_served: Counter,
+    upstream_retries: Counter,
+    upstream_refused: Family<ReasonLabels, Counter>,
+    redis_errors: Counter,
 }
 
 impl Metrics {
@@ -192,6 +201,30 @@ impl Metrics {
             "Credits charged to a configured client's daily budget",
             client_credits.clone(),
         );
+        let stale_served = Counter::default();
+        registry.register(
+            "stale_served",
+            "Requests answered from a stale copy (stale-while-revalidate or stale-if-error)",
+            stale_served.clone(),
+        );
+        let upstream_retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream calls retried after a connect error or HTTP 502/503/504",
+            upstream_retries.clone(),
+        );
+        let upstream_refused = Family::default();
+        registry.register(
+            "upstream_refused",
+            "Upstream calls not made because of upstream protection, by reason (held_back, circuit_open, overloaded, spend_cap)",
+            upstream_refused.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Redis tier calls that failed or timed out (served from memory and upstream instead)",
+            redis_errors.clone(),
+        );
         Self {
             registry,
             credits_per_call,
@@ -210,6 +243,10 @@ impl Metrics {
             budget_refused,
             client_requests,
             client_credits,
+            stale_served,
+            upstream_retries,
+            upstream_refused,
+            redis_errors,
         }
     }
 
@@ -234,6 +271,15 @@ impl Metrics {
                 self.cache_hits.inc();
                 self.credits_saved.inc_by(self.credits_per_call);
             }
+            Some("stale") => {
+                self.cache_hits.inc();
+                self.stale_served.inc();
+                self.credits_saved.inc_by(self.credits_per_call);
+            }
+            Some("stale_if_error") => {
+                self.cache_misses.inc();
+                self.stale_served.inc();
+            }
             Some("collapsed") => {
                 self.cache_misses.inc();
                 self.collapsed.inc();
@@ -253,6 +299,23 @@ impl Metrics {
             metrics: self,
             started: Instant::now(),
         }
+    }
+
+    /// Counts a retried upstream call.
+    pub fn upstream_retry(&self) {
+        self.upstream_retries.inc();
+    }
+
+    /// Counts an upstream call that protection did not let through.
+    pub fn upstream_refused(&self, reason: &'static str) {
+        self.upstream_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a failed or timed-out Redis call.
+    pub fn redis_error(&self) {
+        self.redis_errors.inc();
     }
 
     /// Counts a request refused by a rate limit.

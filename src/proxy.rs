@@ -20,6 +20,7 @@ use crate::{
     },
     cache_status::CacheState,
     coalesce::{Abandoned, Coalescer, Role},
+    metrics::Metrics,
     protect::Protection,
     upstream::{Upstream, UpstreamAnswer, UpstreamError},
 };
@@ -90,6 +91,7 @@ struct Fetcher {
     protection: Arc<Protection>,
     policy: Arc<FreshnessPolicy>,
     redis: Option<Arc<RedisTier>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Ties the cache, the single-flight map and the upstream client together.
@@ -106,6 +108,7 @@ impl Proxy {
         upstream: Upstream,
         protection: Protection,
         policy: FreshnessPolicy,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             fetcher: Fetcher {
@@ -114,6 +117,7 @@ impl Proxy {
                 protection: Arc::new(protection),
                 policy: Arc::new(policy),
                 redis: redis.map(Arc::new),
+                metrics,
             },
             inflight: Arc::default(),
         }
@@ -275,6 +279,7 @@ impl Fetcher {
     /// One guarded upstream call; stores what deserves storing.
     async fn call_upstream(&self, key: &CacheKey, ttl: Duration) -> FetchResult {
         let admission = self.protection.admit().await.inspect_err(|error| {
+            self.metrics.upstream_refused(error.as_str());
             tracing::warn!(%key, error = %error, "upstream call refused by protection");
         })?;
         let result = self.upstream.fetch(key).await;

@@ -216,6 +216,9 @@ impl Upstream {
             }
             attempt += 1;
             tracing::info!(%key, error = %error, attempt, ?backoff, "retrying upstream call");
+            if let Some(metrics) = &self.metrics {
+                metrics.upstream_retry();
+            }
             tokio::time::sleep(backoff).await;
         }
     }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_envelope, header, join, plain_ttl, spawn_app_with};
+use common::{assert_envelope, header, join, metric, plain_ttl, spawn_app_with};
 use keyapi_proxy::{config::Config, demo::FakeMode};
 
 const TTL: Duration = Duration::from_millis(200);
@@ -70,6 +70,10 @@ async fn stale_while_revalidate_answers_at_once_with_one_background_call() {
     app.upstream.release();
     app.state.proxy().idle().await;
     assert_eq!(app.upstream.calls(), 2, "exactly one background refresh");
+    let text = app.metrics().await;
+    assert_eq!(metric(&text, "keyapi_proxy_stale_served_total"), 100.0);
+    assert_eq!(metric(&text, "keyapi_proxy_credits_saved_total"), 200.0);
+    assert_eq!(metric(&text, "keyapi_proxy_credits_spent_total"), 4.0);
 
     let (_, headers, new_body) = app.get("hashtag_name=ufc324").await;
     let cache_status = header(&headers, "cache-status");
@@ -110,6 +114,16 @@ async fn stale_if_error_serves_the_old_answer_when_upstream_fails() {
         5,
         "every stale answer tried upstream first"
     );
+    let text = app.metrics().await;
+    assert_eq!(metric(&text, "keyapi_proxy_stale_served_total"), 4.0);
+    let failed = |outcome: &str| {
+        metric(
+            &text,
+            &format!("keyapi_proxy_upstream_calls_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    let failures = ["status", "timeout", "malformed", "key_rejected"].map(failed);
+    assert_eq!(failures, [1.0; 4], "each failure counted by kind");
 
     app.upstream.set_mode(FakeMode::Normal);
     let (_, headers, body) = app.get("hashtag_name=ufc324").await;
@@ -234,6 +248,8 @@ async fn retries_happen_only_where_they_cannot_double_charge() {
         assert_eq!(got, status, "{what}: {body}");
         assert_eq!(app.upstream.calls() - before, calls, "{what}");
     }
+    let text = app.metrics().await;
+    assert_eq!(metric(&text, "keyapi_proxy_upstream_retries_total"), 3.0);
 }
 
 #[tokio::test]
@@ -258,6 +274,14 @@ async fn circuit_opens_fails_fast_half_opens_with_one_probe_and_closes() {
     let message = assert_envelope(&body, 503, header(&headers, "x-request-id"));
     assert!(message.contains("circuit open"), "{message}");
     assert_eq!(app.upstream.calls(), 3);
+    let text = app.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "keyapi_proxy_upstream_refused_total{reason=\"circuit_open\"}"
+        ),
+        1.0
+    );
 
     // After the cool-down: exactly one probe goes through.
     let_expire(cooldown).await;

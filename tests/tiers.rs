@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{header, join, redis_server::RedisServer, spawn_app_with};
+use common::{header, join, metric, redis_server::RedisServer, spawn_app_with};
 use keyapi_proxy::config::Config;
 use redis::AsyncCommands;
 
@@ -146,6 +146,8 @@ async fn redis_outage_is_invisible_to_clients_and_sharing_resumes() {
         assert!(body.contains(&format!("\"hashtag_name\":\"down{i}\"")));
     }
     assert!(!a.state.proxy().redis().unwrap().is_up());
+    let errors = metric(&a.metrics().await, "keyapi_proxy_redis_errors_total");
+    assert!(errors >= 1.0, "Redis failures are counted: {errors}");
     for path in ["/readyz", "/healthz"] {
         let ready = a.client.get(a.url(path)).send().await.unwrap();
         assert_eq!(ready.status(), 200, "{path} stays OK without Redis");

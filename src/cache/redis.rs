@@ -14,7 +14,10 @@
 //! reconnects in the background; state changes are logged once.
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -23,7 +26,7 @@ use redis::{AsyncCommands, Client, Script, aio::ConnectionManager, aio::Connecti
 use tokio::time::Instant;
 
 use super::{CacheKey, Entry, codec};
-use crate::config::RedisConfig;
+use crate::{config::RedisConfig, metrics::Metrics};
 
 /// Deletes the lock only if we still own it.
 const UNLOCK: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
@@ -54,11 +57,16 @@ pub struct RedisTier {
     lock_wait: Duration,
     up: AtomicBool,
     unlock: Script,
+    metrics: Arc<Metrics>,
 }
 
 impl RedisTier {
     /// Prepares a lazily connecting, self-reconnecting client; never blocks on Redis.
-    pub fn new(url: &str, config: &RedisConfig) -> Result<Self, redis::RedisError> {
+    pub fn new(
+        url: &str,
+        config: &RedisConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, redis::RedisError> {
         let client = Client::open(url)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.op_timeout.max(Duration::from_millis(100))))
@@ -75,6 +83,7 @@ impl RedisTier {
             lock_wait: config.lock_wait,
             up: AtomicBool::new(true),
             unlock: Script::new(UNLOCK),
+            metrics,
         })
     }
 
@@ -197,6 +206,7 @@ impl RedisTier {
                 Some(value)
             }
             Err(error) => {
+                self.metrics.redis_error();
                 if self.up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(%error, "Redis tier unavailable; serving from memory and upstream");
                 }
