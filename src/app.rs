@@ -22,9 +22,11 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::{
     access::Access,
     cache::LocalCache,
+    clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
     key::HashtagRules,
-    metrics::Metrics,
+    limits::{Budget, RateLimit},
+    metrics::{Metrics, Scope},
     observe,
     proxy::Proxy,
     routes,
@@ -53,6 +55,9 @@ struct Shared {
     proxy: Proxy,
     metrics: Arc<Metrics>,
     access: Access,
+    clock: SharedClock,
+    rate_limit: Option<RateLimit>,
+    budget: Option<Budget>,
     rules: HashtagRules,
     allow_client_refresh: bool,
     ready: AtomicBool,
@@ -72,6 +77,21 @@ impl AppState {
     /// The configured clients (empty: open proxy).
     pub fn access(&self) -> &Access {
         &self.0.access
+    }
+
+    /// The clock that rate limits, budgets and statistics count with.
+    pub fn clock(&self) -> &SharedClock {
+        &self.0.clock
+    }
+
+    /// The global rate limit, if configured.
+    pub fn rate_limit(&self) -> Option<&RateLimit> {
+        self.0.rate_limit.as_ref()
+    }
+
+    /// The global daily credit budget, if configured.
+    pub fn budget(&self) -> Option<&Budget> {
+        self.0.budget.as_ref()
     }
 
     /// The hashtag route's parameter rules and TTLs.
@@ -106,7 +126,17 @@ pub struct App {
 impl App {
     /// Validates `config`, builds the pipeline and binds the listener.
     pub async fn build(config: Config, api_key: SecretString) -> Result<Self, StartupError> {
+        Self::build_with_clock(config, api_key, Arc::new(SystemClock)).await
+    }
+
+    /// [`App::build`] with a chosen clock (tests move time by hand).
+    pub async fn build_with_clock(
+        config: Config,
+        api_key: SecretString,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartupError> {
         config.validate()?;
+        let clock = SharedClock::new(clock);
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
@@ -115,7 +145,15 @@ impl App {
         let state = AppState(Arc::new(Shared {
             proxy: Proxy::new(LocalCache::new(config.cache.max_bytes), upstream),
             metrics: Arc::clone(&metrics),
-            access: Access::new(&config.clients, &metrics),
+            access: Access::new(&config.clients, &metrics, &clock),
+            rate_limit: RateLimit::new(
+                config.rate_limit.per_minute,
+                config.rate_limit.burst,
+                Scope::Global,
+                &clock,
+            ),
+            budget: Budget::new(config.credits.daily_budget, Scope::Global),
+            clock,
             rules: HashtagRules::from_config(&config),
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),

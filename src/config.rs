@@ -64,6 +64,7 @@ pub struct Config {
     pub normalize: NormalizeConfig,
     pub log: LogConfig,
     pub credits: CreditsConfig,
+    pub rate_limit: RateLimitConfig,
     /// `[[clients]]` (file only). Empty: the proxy is open to anyone who can reach it.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
@@ -151,6 +152,19 @@ pub enum LogFormat {
 pub struct CreditsConfig {
     /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs.
     pub per_call: u64,
+    /// `KEYAPI_PROXY__CREDITS__DAILY_BUDGET`: credits all upstream calls may
+    /// spend per UTC day; 0 = no budget.
+    pub daily_budget: u64,
+}
+
+/// `[rate_limit]`: requests per minute over all callers together.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// `KEYAPI_PROXY__RATE_LIMIT__PER_MINUTE`: 0 = no global limit.
+    pub per_minute: u32,
+    /// `KEYAPI_PROXY__RATE_LIMIT__BURST`: requests allowed at once; 0 = `per_minute`.
+    pub burst: u32,
 }
 
 /// One `[[clients]]` entry: a caller allowed to use the proxy. The token itself
@@ -168,6 +182,15 @@ pub struct ClientConfig {
     /// May use the admin endpoints (`/admin/cache`: list and purge).
     #[serde(default)]
     pub purge: bool,
+    /// This client's requests per minute (absent or 0 = no client limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_minute: Option<u32>,
+    /// This client's burst (absent or 0 = `rate_per_minute`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Credits this client's misses may spend per UTC day (absent or 0 = no budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_budget: Option<u64>,
 }
 
 impl Config {

@@ -2,7 +2,7 @@
 //! TikTok hashtag-detail endpoint.
 //!
 //! One request, top to bottom: [`routes`] (HTTP) → [`access`] (who is
-//! calling) → [`key`] (raw query →
+//! calling) → [`limits`] (rate limits; credit budgets for misses) → [`key`] (raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`upstream`] (KeyAPI, key
 //! injected) → [`cache`] → [`negotiate`] (304 or gzip, from what the entry
@@ -15,12 +15,14 @@ pub mod access;
 pub mod app;
 pub mod cache;
 pub mod cache_status;
+pub mod clock;
 pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod digest;
 pub mod error;
 pub mod key;
+pub mod limits;
 pub mod metrics;
 pub mod negotiate;
 pub mod observe;

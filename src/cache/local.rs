@@ -58,6 +58,11 @@ impl LocalCache {
         self.inner.get(key).await
     }
 
+    /// Whether a fresh entry for `key` exists (not counted as a read).
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.inner.contains_key(key)
+    }
+
     /// Stores (or replaces) the entry for `key`.
     pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
         self.inner.insert(key, entry).await;

@@ -2,11 +2,12 @@
 //! that counts calls and records what it received.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use keyapi_proxy::{
     app::App,
+    clock::{Clock, SystemClock},
     config::{ClientConfig, Config},
     demo::FakeUpstream,
     digest,
@@ -41,6 +42,9 @@ pub fn client(id: &str, token: &str) -> ClientConfig {
         token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
         refresh: false,
         purge: false,
+        rate_per_minute: None,
+        burst: None,
+        daily_budget: None,
     }
 }
 
@@ -51,6 +55,14 @@ pub async fn spawn_app() -> TestApp {
 
 /// The app with configuration adjusted by `adjust`.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_with_clock(Arc::new(SystemClock), adjust).await
+}
+
+/// The app counting time (rate limits, budgets, stats) with `clock`.
+pub async fn spawn_app_with_clock(
+    clock: Arc<dyn Clock>,
+    adjust: impl FnOnce(&mut Config),
+) -> TestApp {
     init_test_logging();
     let upstream = FakeUpstream::start(TEST_API_KEY, Duration::ZERO)
         .await
@@ -58,7 +70,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = test_config();
     config.upstream.base_url = upstream.base_url();
     adjust(&mut config);
-    let app = App::build(config, SecretString::from(TEST_API_KEY))
+    let app = App::build_with_clock(config, SecretString::from(TEST_API_KEY), clock)
         .await
         .expect("app builds");
     let addr = app.local_addr();
