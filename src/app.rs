@@ -24,6 +24,7 @@ use crate::{
     cache::LocalCache,
     clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
+    cors,
     key::HashtagRules,
     limits::{Budget, RateLimit},
     metrics::{Metrics, Scope},
@@ -158,7 +159,11 @@ impl App {
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),
         }));
-        let router = routes::router(state.clone())
+        let mut router = routes::router(state.clone());
+        if let Some(cors) = cors::layer(&config.cors) {
+            router = router.layer(cors);
+        }
+        let router = router
             .layer(middleware::from_fn_with_state(
                 metrics,
                 observe::request_context,

@@ -65,6 +65,7 @@ pub struct Config {
     pub log: LogConfig,
     pub credits: CreditsConfig,
     pub rate_limit: RateLimitConfig,
+    pub cors: CorsConfig,
     /// `[[clients]]` (file only). Empty: the proxy is open to anyone who can reach it.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
@@ -167,6 +168,18 @@ pub struct RateLimitConfig {
     pub burst: u32,
 }
 
+/// `[cors]`: which browser origins may call the proxy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// `KEYAPI_PROXY__CORS__ALLOWED_ORIGINS`, e.g. `["https://app.example.com"]`;
+    /// empty = no CORS headers at all.
+    pub allowed_origins: Vec<String>,
+    /// `KEYAPI_PROXY__CORS__MAX_AGE`: how long browsers may cache a preflight answer.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
 /// One `[[clients]]` entry: a caller allowed to use the proxy. The token itself
 /// is never configured, only its SHA-256 (`keyapi-proxy hash-token` makes both).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -253,6 +266,19 @@ impl Config {
         }
         if self.credits.per_call == 0 {
             return invalid("credits.per_call must be at least 1".into());
+        }
+        for origin in &self.cors.allowed_origins {
+            let url = reqwest::Url::parse(origin).ok();
+            let exact = url.as_ref().is_some_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.origin().ascii_serialization() == *origin
+            });
+            if !exact {
+                return invalid(format!(
+                    "cors.allowed_origins: {origin:?} is not an origin like \"https://app.example.com\" (scheme, host, optional port; no path, no `*`)"
+                ));
+            }
         }
         validate_clients(&self.clients)
     }

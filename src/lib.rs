@@ -18,6 +18,7 @@ pub mod cache_status;
 pub mod clock;
 pub mod coalesce;
 pub mod config;
+pub mod cors;
 pub mod demo;
 pub mod digest;
 pub mod error;
