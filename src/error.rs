@@ -79,7 +79,9 @@ impl ApiError {
             Self::NotFound => {
                 "no such route; the proxied route is GET /v1/tiktok/trending/hashtag/detail"
             }
-            Self::MethodNotAllowed => "method not allowed; use GET or HEAD",
+            Self::MethodNotAllowed => {
+                "method not allowed; the proxied route takes GET or HEAD, /admin/cache GET or DELETE"
+            }
             Self::Abandoned(_) => "internal error while fetching from upstream; try again",
             Self::Upstream(e) => match e {
                 UpstreamError::KeyRejected(_) => "upstream rejected the configured API key",

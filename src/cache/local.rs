@@ -63,6 +63,28 @@ impl LocalCache {
         self.inner.contains_key(key)
     }
 
+    /// Removes the entry for `key`; true if there was one.
+    pub async fn remove(&self, key: &CacheKey) -> bool {
+        self.inner.remove(key).await.is_some()
+    }
+
+    /// Removes every entry; returns how many there were.
+    pub async fn clear(&self) -> u64 {
+        self.sync().await;
+        let count = self.inner.entry_count();
+        self.inner.invalidate_all();
+        self.sync().await;
+        count
+    }
+
+    /// A snapshot of the fresh entries (for the admin listing and the status page).
+    pub fn entries(&self) -> Vec<(CacheKey, Arc<Entry>)> {
+        self.inner
+            .iter()
+            .map(|(key, entry)| (CacheKey::clone(&key), entry))
+            .collect()
+    }
+
     /// Stores (or replaces) the entry for `key`.
     pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
         self.inner.insert(key, entry).await;

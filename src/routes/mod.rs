@@ -1,5 +1,6 @@
 //! The HTTP surface: one file per endpoint group, assembled into one router.
 
+mod admin;
 mod hashtag;
 mod health;
 mod metrics;
@@ -11,9 +12,16 @@ use crate::{
 };
 
 const METRICS_PATH: &str = "/metrics";
+const ADMIN_CACHE_PATH: &str = "/admin/cache";
 
 /// Every route template: the values of the `route` metric label.
-const PATHS: [&str; 4] = [HASHTAG_DETAIL_PATH, "/healthz", "/readyz", METRICS_PATH];
+const PATHS: [&str; 5] = [
+    HASHTAG_DETAIL_PATH,
+    "/healthz",
+    "/readyz",
+    METRICS_PATH,
+    ADMIN_CACHE_PATH,
+];
 
 /// The `route` label of requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
@@ -37,6 +45,12 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route(METRICS_PATH, get(metrics::metrics))
+        .route(
+            ADMIN_CACHE_PATH,
+            get(admin::list)
+                .delete(admin::purge)
+                .fallback(method_not_allowed),
+        )
         .route_layer(middleware::from_fn(observe::tag_route))
         .fallback(not_found)
         .with_state(state)
