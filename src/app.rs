@@ -15,6 +15,7 @@ use std::{
 };
 
 use axum::{Router, middleware};
+use bytes::Bytes;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -28,7 +29,7 @@ use crate::{
     key::HashtagRules,
     limits::{Budget, RateLimit},
     metrics::{Metrics, Scope},
-    observe,
+    observe, openapi,
     proxy::Proxy,
     routes,
     upstream::Upstream,
@@ -60,6 +61,8 @@ struct Shared {
     rate_limit: Option<RateLimit>,
     budget: Option<Budget>,
     rules: HashtagRules,
+    /// `/openapi.json`, rendered once for this configuration.
+    openapi: Bytes,
     allow_client_refresh: bool,
     ready: AtomicBool,
 }
@@ -100,6 +103,11 @@ impl AppState {
         &self.0.rules
     }
 
+    /// The OpenAPI document, as stored JSON bytes.
+    pub fn openapi(&self) -> &Bytes {
+        &self.0.openapi
+    }
+
     /// Whether clients may force a refresh with `Cache-Control: no-cache`.
     pub fn allow_client_refresh(&self) -> bool {
         self.0.allow_client_refresh
@@ -138,6 +146,8 @@ impl App {
     ) -> Result<Self, StartupError> {
         config.validate()?;
         let clock = SharedClock::new(clock);
+        let rules = HashtagRules::from_config(&config);
+        let openapi = openapi::document(&rules);
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
@@ -155,7 +165,8 @@ impl App {
             ),
             budget: Budget::new(config.credits.daily_budget, Scope::Global),
             clock,
-            rules: HashtagRules::from_config(&config),
+            rules,
+            openapi,
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),
         }));

@@ -13,6 +13,8 @@ use crate::{cache::CacheKey, config::Config};
 
 /// Path of the proxied KeyAPI route (identical on both sides).
 pub const HASHTAG_DETAIL_PATH: &str = "/v1/tiktok/trending/hashtag/detail";
+/// The query parameters the route reads; everything else is ignored.
+pub const PARAMETERS: [&str; 3] = ["hashtag_name", "period", "region"];
 /// Longest hashtag accepted, in characters, after normalization.
 pub const MAX_HASHTAG_CHARS: usize = 100;
 const ALL_REGIONS: &str = "all_regions";
@@ -101,6 +103,16 @@ impl HashtagRules {
             .iter()
             .find(|(p, _)| *p == period)
             .map_or(self.default_ttl, |(_, t)| *t)
+    }
+
+    /// Allowed `period` values.
+    pub fn periods(&self) -> &[u32] {
+        &self.periods
+    }
+
+    /// `period` when the client gives none.
+    pub fn default_period(&self) -> u32 {
+        self.default_period
     }
 
     fn allowed_periods(&self) -> String {

@@ -27,6 +27,7 @@ pub mod limits;
 pub mod metrics;
 pub mod negotiate;
 pub mod observe;
+pub mod openapi;
 pub mod proxy;
 pub mod routes;
 pub mod shutdown;

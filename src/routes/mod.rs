@@ -4,6 +4,7 @@ mod admin;
 mod hashtag;
 mod health;
 mod metrics;
+mod openapi;
 
 use axum::{Extension, Router, middleware, response::Response, routing::get};
 
@@ -13,14 +14,17 @@ use crate::{
 
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
+const OPENAPI_PATH: &str = "/openapi.json";
 
-/// Every route template: the values of the `route` metric label.
-const PATHS: [&str; 5] = [
+/// Every route template: the values of the `route` metric label (and what
+/// `/openapi.json` must document).
+pub const PATHS: [&str; 6] = [
     HASHTAG_DETAIL_PATH,
     "/healthz",
     "/readyz",
     METRICS_PATH,
     ADMIN_CACHE_PATH,
+    OPENAPI_PATH,
 ];
 
 /// The `route` label of requests that matched no route.
@@ -45,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route(METRICS_PATH, get(metrics::metrics))
+        .route(OPENAPI_PATH, get(openapi::openapi_json))
         .route(
             ADMIN_CACHE_PATH,
             get(admin::list)
