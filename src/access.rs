@@ -175,7 +175,7 @@ mod tests {
             })
             .collect();
         let clock = SharedClock::new(std::sync::Arc::new(crate::clock::SystemClock));
-        Access::new(&config, &Metrics::new(2), &clock)
+        Access::new(&config, &Metrics::new(2, clock.clone()), &clock)
     }
 
     fn with(name: HeaderName, value: &str) -> HeaderMap {

@@ -151,7 +151,7 @@ impl App {
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
-        let metrics = Arc::new(Metrics::new(config.credits.per_call));
+        let metrics = Arc::new(Metrics::new(config.credits.per_call, clock.clone()));
         let upstream = Upstream::new(&config.upstream, api_key)?.with_metrics(Arc::clone(&metrics));
         let state = AppState(Arc::new(Shared {
             proxy: Proxy::new(LocalCache::new(config.cache.max_bytes), upstream),

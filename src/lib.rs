@@ -31,5 +31,6 @@ pub mod openapi;
 pub mod proxy;
 pub mod routes;
 pub mod shutdown;
+pub mod stats;
 pub mod telemetry;
 pub mod upstream;

@@ -159,7 +159,7 @@ impl Modify for Security {
         title = "keyapi-proxy",
         description = "Caching, single-flight proxy for KeyAPI's TikTok hashtag-detail endpoint (2 credits per upstream call). Same route and body as KeyAPI; the KeyAPI key is injected server-side."
     ),
-    paths(hashtag_detail, healthz, readyz, metrics, openapi, admin_list, admin_purge),
+    paths(hashtag_detail, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge),
     components(schemas(Envelope)),
     modifiers(&Security),
     tags(

@@ -9,7 +9,7 @@ mod local;
 
 use std::{
     fmt,
-    sync::Arc,
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, SystemTime},
 };
 
@@ -58,6 +58,8 @@ pub struct Entry {
     pub etag: HeaderValue,
     /// `body` gzip-compressed, when that is smaller.
     pub gzip: Option<Bytes>,
+    /// Cache hits served from this entry (the status page's top keys).
+    pub hits: AtomicU64,
     /// Wall-clock time of storage; wall clock (not `Instant`) so `Age` stays
     /// meaningful if entries are ever shared between processes.
     pub stored_at: SystemTime,
@@ -71,6 +73,7 @@ impl Entry {
         Self {
             etag: encoding::strong_etag(&body),
             gzip: encoding::gzip(&body),
+            hits: AtomicU64::new(0),
             body,
             stored_at: SystemTime::now(),
             ttl,

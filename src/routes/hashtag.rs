@@ -4,7 +4,7 @@
 //! never forwarded), the three known parameters, `If-None-Match`,
 //! `Accept-Encoding` and, if allowed, `Cache-Control: no-cache` is used.
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
 use axum::{
     Extension,
@@ -67,6 +67,9 @@ pub(super) async fn hashtag_detail(
     let (mut response, cache, upstream_status) = match state.proxy().serve(&key, ttl, refresh).await
     {
         Ok(Outcome::Cached { entry, state }) => {
+            if state == cache_status::CacheState::Hit {
+                entry.hits.fetch_add(1, Ordering::Relaxed);
+            }
             let response = negotiate::cached_response(&headers, &entry, state);
             let upstream = (state != cache_status::CacheState::Hit).then_some(200);
             (response, state.as_str(), upstream)
