@@ -74,11 +74,8 @@ async fn preflight_from_a_refused_origin_gets_no_allow_origin() {
 async fn actual_requests_expose_the_cache_headers_to_allowed_origins_only() {
     let app = app().await;
     let allowed = app
-        .hashtag_request(reqwest::Method::GET, "hashtag_name=ufc324")
-        .header("Origin", ALLOWED)
-        .send()
-        .await
-        .unwrap();
+        .get_hashtag_with("hashtag_name=ufc324", &[("Origin", ALLOWED)])
+        .await;
     assert_eq!(allowed.status(), 200);
     assert_eq!(
         header(allowed.headers(), "access-control-allow-origin"),
@@ -89,11 +86,8 @@ async fn actual_requests_expose_the_cache_headers_to_allowed_origins_only() {
         assert!(exposed.contains(name), "{name} not in {exposed}");
     }
     let refused = app
-        .hashtag_request(reqwest::Method::GET, "hashtag_name=ufc324")
-        .header("Origin", REFUSED)
-        .send()
-        .await
-        .unwrap();
+        .get_hashtag_with("hashtag_name=ufc324", &[("Origin", REFUSED)])
+        .await;
     // The answer itself is the same (CORS is enforced by the browser), without CORS headers.
     assert_eq!(refused.status(), 200);
     assert_eq!(header(refused.headers(), "access-control-allow-origin"), "");

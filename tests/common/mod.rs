@@ -126,6 +126,19 @@ impl TestApp {
             .expect("request reaches the proxy")
     }
 
+    /// `GET <route>?<query>` with extra request headers.
+    pub async fn get_hashtag_with(
+        &self,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self.hashtag_request(reqwest::Method::GET, query);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("request reaches the proxy")
+    }
+
     /// `GET /metrics` as text.
     pub async fn metrics(&self) -> String {
         let response = self.client.get(self.url("/metrics")).send().await.unwrap();
