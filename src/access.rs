@@ -13,9 +13,11 @@ use axum::http::{HeaderMap, HeaderName, header::AUTHORIZATION};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::{
+    clock::SharedClock,
     config::ClientConfig,
     digest,
-    metrics::{ClientCounters, Metrics},
+    limits::{Budget, RateLimit},
+    metrics::{ClientCounters, Metrics, Scope},
 };
 
 /// `X-Api-Key`: the alternative to `Authorization: Bearer`.
@@ -32,6 +34,10 @@ pub struct Client {
     pub may_purge: bool,
     /// This client's metric counters, resolved at start-up.
     pub counters: ClientCounters,
+    /// This client's request rate limit, if any.
+    pub rate: Option<RateLimit>,
+    /// This client's daily credit budget, if any.
+    pub budget: Option<Budget>,
     token_sha256: [u8; 32],
 }
 
@@ -54,7 +60,7 @@ pub struct Access {
 
 impl Access {
     /// Clients from (validated) configuration.
-    pub fn new(config: &[ClientConfig], metrics: &Metrics) -> Self {
+    pub fn new(config: &[ClientConfig], metrics: &Metrics, clock: &SharedClock) -> Self {
         let clients = config
             .iter()
             .filter_map(|c| {
@@ -63,11 +69,22 @@ impl Access {
                     may_refresh: c.refresh,
                     may_purge: c.purge,
                     counters: metrics.client(&c.id),
+                    rate: c.rate_per_minute.and_then(|rate| {
+                        RateLimit::new(rate, c.burst.unwrap_or(0), Scope::Client, clock)
+                    }),
+                    budget: c
+                        .daily_budget
+                        .and_then(|limit| Budget::new(limit, Scope::Client)),
                     token_sha256: digest::parse_sha256_hex(&c.token_sha256)?,
                 }))
             })
             .collect();
         Self { clients }
+    }
+
+    /// Every configured client, in configuration order.
+    pub fn clients(&self) -> &[Arc<Client>] {
+        &self.clients
     }
 
     /// True when no client is configured: everyone is let in anonymously.
@@ -152,9 +169,13 @@ mod tests {
                 token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
                 refresh: false,
                 purge: *id == "admin",
+                rate_per_minute: None,
+                burst: None,
+                daily_budget: None,
             })
             .collect();
-        Access::new(&config, &Metrics::new(2))
+        let clock = SharedClock::new(std::sync::Arc::new(crate::clock::SystemClock));
+        Access::new(&config, &Metrics::new(2, clock.clone()), &clock)
     }
 
     fn with(name: HeaderName, value: &str) -> HeaderMap {

@@ -16,6 +16,7 @@ use std::{
 };
 
 use axum::{Router, middleware};
+use bytes::Bytes;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -23,10 +24,13 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::{
     access::Access,
     cache::{FreshnessPolicy, LocalCache, redis::RedisTier},
+    clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
+    cors,
     key::HashtagRules,
-    metrics::Metrics,
-    observe,
+    limits::{Budget, RateLimit},
+    metrics::{Metrics, Scope},
+    observe, openapi,
     protect::Protection,
     proxy::Proxy,
     routes, snapshot,
@@ -57,7 +61,12 @@ struct Shared {
     proxy: Proxy,
     metrics: Arc<Metrics>,
     access: Access,
+    clock: SharedClock,
+    rate_limit: Option<RateLimit>,
+    budget: Option<Budget>,
     rules: HashtagRules,
+    /// `/openapi.json`, rendered once for this configuration.
+    openapi: Bytes,
     allow_client_refresh: bool,
     ready: AtomicBool,
 }
@@ -78,9 +87,29 @@ impl AppState {
         &self.0.access
     }
 
+    /// The clock that rate limits, budgets and statistics count with.
+    pub fn clock(&self) -> &SharedClock {
+        &self.0.clock
+    }
+
+    /// The global rate limit, if configured.
+    pub fn rate_limit(&self) -> Option<&RateLimit> {
+        self.0.rate_limit.as_ref()
+    }
+
+    /// The global daily credit budget, if configured.
+    pub fn budget(&self) -> Option<&Budget> {
+        self.0.budget.as_ref()
+    }
+
     /// The hashtag route's parameter rules and TTLs.
     pub fn rules(&self) -> &HashtagRules {
         &self.0.rules
+    }
+
+    /// The OpenAPI document, as stored JSON bytes.
+    pub fn openapi(&self) -> &Bytes {
+        &self.0.openapi
     }
 
     /// Whether clients may force a refresh with `Cache-Control: no-cache`.
@@ -111,11 +140,23 @@ pub struct App {
 impl App {
     /// Validates `config`, builds the pipeline and binds the listener.
     pub async fn build(config: Config, api_key: SecretString) -> Result<Self, StartupError> {
+        Self::build_with_clock(config, api_key, Arc::new(SystemClock)).await
+    }
+
+    /// [`App::build`] with a chosen clock (tests move time by hand).
+    pub async fn build_with_clock(
+        config: Config,
+        api_key: SecretString,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartupError> {
         config.validate()?;
+        let clock = SharedClock::new(clock);
+        let rules = HashtagRules::from_config(&config);
+        let openapi = openapi::document(&rules);
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
-        let metrics = Arc::new(Metrics::new(config.credits.per_call));
+        let metrics = Arc::new(Metrics::new(config.credits.per_call, clock.clone()));
         let upstream = Upstream::new(&config.upstream, api_key)?.with_metrics(Arc::clone(&metrics));
         let redis = match &config.cache.redis.url {
             Some(url) => Some(RedisTier::new(
@@ -135,12 +176,25 @@ impl App {
                 Arc::clone(&metrics),
             ),
             metrics: Arc::clone(&metrics),
-            access: Access::new(&config.clients, &metrics),
-            rules: HashtagRules::from_config(&config),
+            access: Access::new(&config.clients, &metrics, &clock),
+            rate_limit: RateLimit::new(
+                config.rate_limit.per_minute,
+                config.rate_limit.burst,
+                Scope::Global,
+                &clock,
+            ),
+            budget: Budget::new(config.credits.daily_budget, Scope::Global),
+            clock,
+            rules,
+            openapi,
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),
         }));
-        let router = routes::router(state.clone())
+        let mut router = routes::router(state.clone());
+        if let Some(cors) = cors::layer(&config.cors) {
+            router = router.layer(cors);
+        }
+        let router = router
             .layer(middleware::from_fn_with_state(
                 metrics,
                 observe::request_context,

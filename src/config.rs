@@ -64,6 +64,8 @@ pub struct Config {
     pub normalize: NormalizeConfig,
     pub log: LogConfig,
     pub credits: CreditsConfig,
+    pub rate_limit: RateLimitConfig,
+    pub cors: CorsConfig,
     /// `[[clients]]` (file only). Empty: the proxy is open to anyone who can reach it.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
@@ -211,6 +213,31 @@ pub enum LogFormat {
 pub struct CreditsConfig {
     /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs.
     pub per_call: u64,
+    /// `KEYAPI_PROXY__CREDITS__DAILY_BUDGET`: credits all upstream calls may
+    /// spend per UTC day; 0 = no budget.
+    pub daily_budget: u64,
+}
+
+/// `[rate_limit]`: requests per minute over all callers together.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// `KEYAPI_PROXY__RATE_LIMIT__PER_MINUTE`: 0 = no global limit.
+    pub per_minute: u32,
+    /// `KEYAPI_PROXY__RATE_LIMIT__BURST`: requests allowed at once; 0 = `per_minute`.
+    pub burst: u32,
+}
+
+/// `[cors]`: which browser origins may call the proxy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// `KEYAPI_PROXY__CORS__ALLOWED_ORIGINS`, e.g. `["https://app.example.com"]`;
+    /// empty = no CORS headers at all.
+    pub allowed_origins: Vec<String>,
+    /// `KEYAPI_PROXY__CORS__MAX_AGE`: how long browsers may cache a preflight answer.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
 }
 
 /// One `[[clients]]` entry: a caller allowed to use the proxy. The token itself
@@ -228,6 +255,15 @@ pub struct ClientConfig {
     /// May use the admin endpoints (`/admin/cache`: list and purge).
     #[serde(default)]
     pub purge: bool,
+    /// This client's requests per minute (absent or 0 = no client limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_minute: Option<u32>,
+    /// This client's burst (absent or 0 = `rate_per_minute`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Credits this client's misses may spend per UTC day (absent or 0 = no budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_budget: Option<u64>,
 }
 
 impl Config {
@@ -309,6 +345,19 @@ impl Config {
         }
         if self.credits.per_call == 0 {
             return invalid("credits.per_call must be at least 1".into());
+        }
+        for origin in &self.cors.allowed_origins {
+            let url = reqwest::Url::parse(origin).ok();
+            let exact = url.as_ref().is_some_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.origin().ascii_serialization() == *origin
+            });
+            if !exact {
+                return invalid(format!(
+                    "cors.allowed_origins: {origin:?} is not an origin like \"https://app.example.com\" (scheme, host, optional port; no path, no `*`)"
+                ));
+            }
         }
         validate_clients(&self.clients)
     }

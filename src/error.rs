@@ -14,8 +14,8 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::AuthError, cache_status, coalesce::Abandoned, key::KeyError, observe::RequestId,
-    upstream::UpstreamError,
+    access::AuthError, cache_status, coalesce::Abandoned, key::KeyError, limits::Refusal,
+    observe::RequestId, upstream::UpstreamError,
 };
 
 /// An error answer.
@@ -29,6 +29,8 @@ pub enum ApiError {
     Abandoned(#[from] Abandoned),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Limited(#[from] Refusal),
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -54,6 +56,7 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
+            Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Abandoned(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -80,10 +83,13 @@ impl ApiError {
         let fixed = match self {
             Self::BadRequest(e) => return e.to_string(),
             Self::Auth(e) => return e.to_string(),
+            Self::Limited(e) => return e.to_string(),
             Self::NotFound => {
                 "no such route; the proxied route is GET /v1/tiktok/trending/hashtag/detail"
             }
-            Self::MethodNotAllowed => "method not allowed; use GET or HEAD",
+            Self::MethodNotAllowed => {
+                "method not allowed; the proxied route takes GET or HEAD, /admin/cache GET or DELETE"
+            }
             Self::Abandoned(_) => "internal error while fetching from upstream; try again",
             Self::Upstream(e) => match e {
                 UpstreamError::KeyRejected(_) => "upstream rejected the configured API key",
@@ -138,6 +144,10 @@ impl ApiError {
             }
             Self::Auth(AuthError::Unauthorized) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                cache_status::set_no_store(headers);
+            }
+            Self::Limited(refusal) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
                 cache_status::set_no_store(headers);
             }
             _ => cache_status::set_no_store(headers),

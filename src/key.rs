@@ -13,6 +13,8 @@ use crate::{cache::CacheKey, config::Config};
 
 /// Path of the proxied KeyAPI route (identical on both sides).
 pub const HASHTAG_DETAIL_PATH: &str = "/v1/tiktok/trending/hashtag/detail";
+/// The query parameters the route reads; everything else is ignored.
+pub const PARAMETERS: [&str; 3] = ["hashtag_name", "period", "region"];
 /// Longest hashtag accepted, in characters, after normalization.
 pub const MAX_HASHTAG_CHARS: usize = 100;
 const ALL_REGIONS: &str = "all_regions";
@@ -103,6 +105,16 @@ impl HashtagRules {
             .map_or(self.default_ttl, |(_, t)| *t)
     }
 
+    /// Allowed `period` values.
+    pub fn periods(&self) -> &[u32] {
+        &self.periods
+    }
+
+    /// `period` when the client gives none.
+    pub fn default_period(&self) -> u32 {
+        self.default_period
+    }
+
     fn allowed_periods(&self) -> String {
         let mut out = String::new();
         for (i, p) in self.periods.iter().enumerate() {
@@ -173,23 +185,61 @@ impl HashtagKey {
     }
 }
 
+impl HashtagKey {
+    /// The question a cache key of this route stands for (`None` for other routes).
+    pub fn from_cache_key(key: &CacheKey) -> Option<Self> {
+        let query = key
+            .path_and_query()
+            .strip_prefix(HASHTAG_DETAIL_PATH)?
+            .strip_prefix('?')?;
+        let (mut hashtag, mut period, mut region) = (None, None, None);
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "hashtag_name" => hashtag = Some(value.into_owned()),
+                "period" => period = value.parse().ok(),
+                "region" => region = parse_region(&value).ok(),
+                _ => {}
+            }
+        }
+        Some(Self {
+            hashtag: hashtag?,
+            period: period?,
+            region: region?,
+        })
+    }
+}
+
+/// A hashtag prefix normalized like a hashtag (trimmed, one `#` dropped,
+/// lower-cased when the rules say so), for matching stored keys.
+pub fn normalize_prefix(raw: &str, rules: &HashtagRules) -> String {
+    fold_case(strip_hash(raw.trim()), rules.lowercase)
+}
+
+fn strip_hash(trimmed: &str) -> &str {
+    trimmed.strip_prefix('#').unwrap_or(trimmed)
+}
+
+fn fold_case(name: &str, lowercase: bool) -> String {
+    if lowercase {
+        name.to_lowercase()
+    } else {
+        name.to_owned()
+    }
+}
+
 fn normalize_hashtag(raw: Option<&str>, lowercase: bool) -> Result<String, KeyError> {
     let trimmed = raw.map(str::trim).unwrap_or("");
     if trimmed.is_empty() {
         return Err(KeyError::MissingHashtag);
     }
-    let name = trimmed.strip_prefix('#').unwrap_or(trimmed);
+    let name = strip_hash(trimmed);
     let chars = name.chars().count();
     let valid = (1..=MAX_HASHTAG_CHARS).contains(&chars)
         && name.chars().all(|c| c.is_alphanumeric() || c == '_');
     if !valid {
         return Err(KeyError::InvalidHashtag(clip(trimmed)));
     }
-    Ok(if lowercase {
-        name.to_lowercase()
-    } else {
-        name.to_owned()
-    })
+    Ok(fold_case(name, lowercase))
 }
 
 fn parse_region(raw: &str) -> Result<Region, KeyError> {
@@ -304,6 +354,20 @@ mod tests {
         let rules = rules();
         assert_eq!(rules.ttl(7), Duration::from_secs(3600));
         assert_eq!(rules.ttl(1095), Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn cache_keys_parse_back_into_questions() {
+        let question =
+            HashtagKey::parse(Some("hashtag_name=%C3%89t%C3%A9&region=fr"), &rules()).unwrap();
+        assert_eq!(
+            HashtagKey::from_cache_key(&question.cache_key()),
+            Some(question)
+        );
+        assert_eq!(
+            HashtagKey::from_cache_key(&CacheKey::new("/other?period=7".into())),
+            None
+        );
     }
 
     #[test]

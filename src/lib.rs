@@ -2,7 +2,7 @@
 //! TikTok hashtag-detail endpoint.
 //!
 //! One request, top to bottom: [`routes`] (HTTP) → [`access`] (who is
-//! calling) → [`key`] (raw query →
+//! calling) → [`limits`] (rate limits; credit budgets for misses) → [`key`] (raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`upstream`] (KeyAPI, key
 //! injected, gated by [`protect`] and its [`breaker`]) → [`cache`] →
@@ -17,19 +17,24 @@ pub mod app;
 pub mod breaker;
 pub mod cache;
 pub mod cache_status;
+pub mod clock;
 pub mod coalesce;
 pub mod config;
+pub mod cors;
 pub mod demo;
 pub mod digest;
 pub mod error;
 pub mod key;
+pub mod limits;
 pub mod metrics;
 pub mod negotiate;
 pub mod observe;
+pub mod openapi;
 pub mod protect;
 pub mod proxy;
 pub mod routes;
 pub mod shutdown;
 pub mod snapshot;
+pub mod stats;
 pub mod telemetry;
 pub mod upstream;

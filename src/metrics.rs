@@ -22,7 +22,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::upstream::{UpstreamAnswer, UpstreamError};
+use crate::{
+    clock::SharedClock,
+    stats::History,
+    upstream::{UpstreamAnswer, UpstreamError},
+};
 
 /// `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -85,6 +89,7 @@ pub struct ClientCounters {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    history: History,
     credits_per_call: u64,
     requests: Family<RequestLabels, Counter>,
     cache_hits: Counter,
@@ -108,8 +113,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A fresh registry; `credits_per_call` is what one upstream call costs.
-    pub fn new(credits_per_call: u64) -> Self {
+    /// A fresh registry; `credits_per_call` is what one upstream call costs;
+    /// `clock` times the per-minute history of the status page.
+    pub fn new(credits_per_call: u64, clock: SharedClock) -> Self {
         let mut registry = Registry::with_prefix("keyapi_proxy");
         let requests = Family::default();
         registry.register(
@@ -227,6 +233,7 @@ impl Metrics {
         );
         Self {
             registry,
+            history: History::new(clock),
             credits_per_call,
             requests,
             cache_hits,
@@ -250,6 +257,11 @@ impl Metrics {
         }
     }
 
+    /// The per-minute history and upstream health (for `/stats`).
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
     /// Credits one upstream call costs.
     pub fn credits_per_call(&self) -> u64 {
         self.credits_per_call
@@ -266,6 +278,9 @@ impl Metrics {
                 cache: label,
             })
             .inc();
+        if cache.is_some() {
+            self.history.request(cache == Some("hit"));
+        }
         match cache {
             Some("hit") => {
                 self.cache_hits.inc();
@@ -372,6 +387,7 @@ impl Metrics {
 
 /// Cumulative counters since start, as numbers.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Totals {
     pub hits: u64,
     pub misses: u64,
@@ -392,11 +408,12 @@ impl UpstreamCall<'_> {
     /// Records the call's outcome, latency and cost.
     pub fn finish(self, result: &Result<UpstreamAnswer, UpstreamError>) {
         let m = self.metrics;
-        let outcome = match result {
-            Ok(UpstreamAnswer::Success(_)) => "success",
-            Ok(UpstreamAnswer::Declined { .. }) => "declined",
-            Err(e) => e.as_str(),
+        let (outcome, error) = match result {
+            Ok(UpstreamAnswer::Success(_)) => ("success", None),
+            Ok(UpstreamAnswer::Declined { .. }) => ("declined", None),
+            Err(e) => (e.as_str(), Some(e.as_str())),
         };
+        m.history.upstream_call(m.credits_per_call, error);
         m.upstream_calls
             .get_or_create(&OutcomeLabels { outcome })
             .inc();

@@ -155,10 +155,12 @@ impl Proxy {
             let now = SystemTime::now();
             match entry.freshness(now) {
                 Freshness::Fresh { .. } => {
-                    self.maybe_refresh_ahead(key, ttl, &entry, now);
+                    let hits = entry.record_hit();
+                    self.maybe_refresh_ahead(key, ttl, &entry, hits, now);
                     return Ok(cached(entry, CacheState::Hit));
                 }
                 Freshness::StaleWhileRevalidate { .. } => {
+                    entry.record_hit();
                     self.revalidate(key, ttl, &entry);
                     return Ok(cached(entry, CacheState::Stale));
                 }
@@ -211,6 +213,7 @@ impl Proxy {
         key: &CacheKey,
         ttl: Duration,
         entry: &Arc<Entry>,
+        hits: u64,
         now: SystemTime,
     ) {
         let policy = &self.fetcher.policy;
@@ -220,8 +223,9 @@ impl Proxy {
         if entry.negative {
             return;
         }
-        let hits = entry.record_hit();
-        if hits >= policy.refresh_ahead_min_hits && entry.age(now) >= entry.ttl.mul_f64(fraction) {
+        if hits >= u64::from(policy.refresh_ahead_min_hits)
+            && entry.age(now) >= entry.ttl.mul_f64(fraction)
+        {
             self.revalidate(key, ttl, entry);
         }
     }

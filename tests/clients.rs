@@ -66,11 +66,8 @@ async fn right_tokens_are_served_by_either_header() {
     assert_eq!(status, 200);
     assert!(header(&headers, "cache-status").ends_with("stored"));
     let response = app
-        .hashtag_request(reqwest::Method::GET, "hashtag_name=ufc324")
-        .header("X-Api-Key", TOKEN_B)
-        .send()
-        .await
-        .unwrap();
+        .get_hashtag_with("hashtag_name=ufc324", &[("X-Api-Key", TOKEN_B)])
+        .await;
     assert_eq!(response.status(), 200);
     assert!(header(response.headers(), "cache-status").contains("; hit;"));
     assert_eq!(app.upstream.calls(), 1, "clients share the cache");
@@ -96,11 +93,8 @@ async fn right_tokens_are_served_by_either_header() {
 async fn client_tokens_are_never_forwarded_upstream() {
     let app = app_with_two_clients().await;
     app.get_hashtag_as(TOKEN_A, "hashtag_name=one").await;
-    app.hashtag_request(reqwest::Method::GET, "hashtag_name=two")
-        .header("X-Api-Key", TOKEN_B)
-        .send()
-        .await
-        .unwrap();
+    app.get_hashtag_with("hashtag_name=two", &[("X-Api-Key", TOKEN_B)])
+        .await;
     let recorded = app.upstream.requests();
     assert_eq!(recorded.len(), 2);
     for request in recorded {
@@ -120,6 +114,15 @@ async fn client_tokens_are_never_forwarded_upstream() {
     }
 }
 
+async fn no_cache_as(app: &common::TestApp, token: &str) -> reqwest::Response {
+    let bearer = format!("Bearer {token}");
+    let headers = [
+        ("Authorization", bearer.as_str()),
+        ("Cache-Control", "no-cache"),
+    ];
+    app.get_hashtag_with("hashtag_name=ufc324", &headers).await
+}
+
 #[tokio::test]
 async fn the_refresh_flag_lets_one_client_force_a_refetch() {
     let app = spawn_app_with(|c| {
@@ -130,22 +133,10 @@ async fn the_refresh_flag_lets_one_client_force_a_refetch() {
     .await;
     let q = "hashtag_name=ufc324";
     app.get_hashtag_as(TOKEN_A, q).await;
-    let plain = app
-        .hashtag_request(reqwest::Method::GET, q)
-        .bearer_auth(TOKEN_B)
-        .header("Cache-Control", "no-cache")
-        .send()
-        .await
-        .unwrap();
+    let plain = no_cache_as(&app, TOKEN_B).await;
     assert!(header(plain.headers(), "cache-status").contains("; hit;"));
     assert_eq!(app.upstream.calls(), 1);
-    let refreshed = app
-        .hashtag_request(reqwest::Method::GET, q)
-        .bearer_auth(TOKEN_A)
-        .header("Cache-Control", "no-cache")
-        .send()
-        .await
-        .unwrap();
+    let refreshed = no_cache_as(&app, TOKEN_A).await;
     assert_eq!(
         header(refreshed.headers(), "cache-status"),
         "keyapi-proxy; fwd=request; stored"

@@ -38,23 +38,15 @@ async fn if_none_match_answers_304_without_a_body_or_a_call() {
         format!("\"nope\", {etag}"),
         "*".into(),
     ] {
-        let response = app
-            .hashtag_request(reqwest::Method::GET, Q)
-            .header("If-None-Match", &tag)
-            .send()
-            .await
-            .unwrap();
+        let response = app.get_hashtag_with(Q, &[("If-None-Match", &tag)]).await;
         assert_eq!(response.status(), 304, "If-None-Match: {tag}");
         assert_eq!(header(response.headers(), "etag"), etag);
         assert!(header(response.headers(), "cache-status").contains("; hit;"));
         assert!(response.bytes().await.unwrap().is_empty());
     }
     let changed = app
-        .hashtag_request(reqwest::Method::GET, Q)
-        .header("If-None-Match", "\"something-else\"")
-        .send()
-        .await
-        .unwrap();
+        .get_hashtag_with(Q, &[("If-None-Match", "\"something-else\"")])
+        .await;
     assert_eq!(changed.status(), 200);
     assert!(!changed.bytes().await.unwrap().is_empty());
     assert_eq!(app.upstream.calls(), 1);
@@ -68,11 +60,8 @@ async fn gzip_is_served_when_accepted_and_decompresses_byte_identical() {
     let plain = plain.bytes().await.unwrap();
 
     let zipped = app
-        .hashtag_request(reqwest::Method::GET, Q)
-        .header("Accept-Encoding", "br;q=1.0, gzip;q=0.8")
-        .send()
-        .await
-        .unwrap();
+        .get_hashtag_with(Q, &[("Accept-Encoding", "br;q=1.0, gzip;q=0.8")])
+        .await;
     assert_eq!(zipped.status(), 200);
     assert_eq!(header(zipped.headers(), "content-encoding"), "gzip");
     assert_eq!(header(zipped.headers(), "content-type"), "application/json");
@@ -86,11 +75,8 @@ async fn gzip_is_served_when_accepted_and_decompresses_byte_identical() {
     assert_eq!(decompressed, plain, "gzip body is the stored body");
 
     let refused = app
-        .hashtag_request(reqwest::Method::GET, Q)
-        .header("Accept-Encoding", "gzip;q=0, identity")
-        .send()
-        .await
-        .unwrap();
+        .get_hashtag_with(Q, &[("Accept-Encoding", "gzip;q=0, identity")])
+        .await;
     assert_eq!(header(refused.headers(), "content-encoding"), "");
     assert_eq!(refused.bytes().await.unwrap(), plain);
     assert_eq!(app.upstream.calls(), 1);

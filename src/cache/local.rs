@@ -63,17 +63,36 @@ impl LocalCache {
         self.inner.get(key).await
     }
 
-    /// Stores (or replaces) the entry for `key`.
-    pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
-        self.inner.insert(key, entry).await;
+    /// Whether a fresh entry for `key` exists (not counted as a read).
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.inner.contains_key(key)
     }
 
-    /// A point-in-time copy of every entry (for snapshots).
+    /// Removes the entry for `key`; true if there was one.
+    pub async fn remove(&self, key: &CacheKey) -> bool {
+        self.inner.remove(key).await.is_some()
+    }
+
+    /// Removes every entry; returns how many there were.
+    pub async fn clear(&self) -> u64 {
+        self.sync().await;
+        let count = self.inner.entry_count();
+        self.inner.invalidate_all();
+        self.sync().await;
+        count
+    }
+
+    /// A point-in-time copy of every entry (admin listing, status page, snapshots).
     pub fn entries(&self) -> Vec<(CacheKey, Arc<Entry>)> {
         self.inner
             .iter()
-            .map(|(key, entry)| ((*key).clone(), entry))
+            .map(|(key, entry)| (CacheKey::clone(&key), entry))
             .collect()
+    }
+
+    /// Stores (or replaces) the entry for `key`.
+    pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+        self.inner.insert(key, entry).await;
     }
 
     /// Number of entries (approximate until pending maintenance runs).

@@ -23,7 +23,7 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -127,8 +127,9 @@ pub struct Entry {
     pub ttl: Duration,
     stale_while_revalidate: Duration,
     stale_if_error: Duration,
-    /// Hits served from this entry, for refresh-ahead's "hot key" rule.
-    hits: AtomicU32,
+    /// Hits served from this entry: refresh-ahead's "hot key" rule and the
+    /// status page's top keys.
+    hits: AtomicU64,
 }
 
 impl Entry {
@@ -163,7 +164,7 @@ impl Entry {
             ttl,
             stale_while_revalidate,
             stale_if_error,
-            hits: AtomicU32::new(0),
+            hits: AtomicU64::new(0),
         }
     }
 
@@ -192,6 +193,11 @@ impl Entry {
         }
     }
 
+    /// Freshness left at `now` (zero once stale).
+    pub fn remaining_ttl(&self, now: SystemTime) -> Duration {
+        self.ttl.saturating_sub(self.age(now))
+    }
+
     /// Time left until the end of its longest window (zero once over).
     pub fn remaining_lifetime(&self, now: SystemTime) -> Duration {
         self.lifetime().saturating_sub(self.age(now))
@@ -203,7 +209,12 @@ impl Entry {
     }
 
     /// Counts a hit; returns the hits so far including this one.
-    pub fn record_hit(&self) -> u32 {
+    pub fn record_hit(&self) -> u64 {
         self.hits.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+    }
+
+    /// Hits served so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
     }
 }

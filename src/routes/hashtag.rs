@@ -15,10 +15,12 @@ use axum::{
 };
 
 use crate::{
+    access::Client,
     app::AppState,
     cache_status::{self, CacheState},
     error::{APPLICATION_JSON, ApiError},
     key::HashtagKey,
+    limits::{Refusal, Reservation},
     negotiate,
     observe::{AccessLog, RequestId},
     proxy::{Outcome, ProxyError},
@@ -30,13 +32,10 @@ pub(super) async fn hashtag_detail(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let client = match state.access().authenticate(&headers) {
+    let client = match admit(&state, &headers) {
         Ok(client) => client,
-        Err(e) => return ApiError::from(e).to_response(&request_id),
+        Err(e) => return e.to_response(&request_id),
     };
-    if let Some(client) = &client {
-        client.counters.requests.inc();
-    }
     let rules = state.rules();
     let question = match HashtagKey::parse(query.as_deref(), rules) {
         Ok(question) => question,
@@ -47,6 +46,23 @@ pub(super) async fn hashtag_detail(
     let may_refresh =
         state.allow_client_refresh() || client.as_ref().is_some_and(|c| c.may_refresh);
     let refresh = may_refresh && asks_for_refresh(&headers);
+    let cost = state.metrics().credits_per_call();
+    let client_budget = client.as_ref().and_then(|c| c.budget.as_ref());
+    let reservation = if (client_budget.is_some() || state.budget().is_some())
+        && (refresh || !state.proxy().cache().contains(&key))
+    {
+        match Reservation::reserve(client_budget, state.budget(), cost, state.clock()) {
+            Ok(reservation) => Some(reservation),
+            Err(refusal) => {
+                if let Refusal::Budget { scope, .. } = refusal {
+                    state.metrics().budget_refused(scope);
+                }
+                return ApiError::from(refusal).to_response(&request_id);
+            }
+        }
+    } else {
+        None
+    };
 
     let (mut response, cache, upstream_status) = match state.proxy().serve(&key, ttl, refresh).await
     {
@@ -81,6 +97,14 @@ pub(super) async fn hashtag_detail(
             (api_error.to_response(&request_id), "error", upstream_status)
         }
     };
+    // This request paid when it (not the cache, not another request) went upstream.
+    let paid = matches!(cache, "stored" | "refreshed" | "declined" | "error");
+    if let Some(reservation) = reservation {
+        reservation.settle(paid, state.clock());
+    }
+    if let Some(client) = client.as_ref().filter(|_| paid) {
+        client.counters.credits_spent.inc_by(cost);
+    }
     response.extensions_mut().insert(AccessLog {
         client: client.map(|c| Arc::clone(&c.id)),
         key,
@@ -88,6 +112,28 @@ pub(super) async fn hashtag_detail(
         upstream_status,
     });
     response
+}
+
+/// Authenticates the caller and applies its rate limit, then the global one.
+fn admit(state: &AppState, headers: &HeaderMap) -> Result<Option<Arc<Client>>, ApiError> {
+    let client = state.access().authenticate(headers)?;
+    let limits = client
+        .as_ref()
+        .and_then(|c| c.rate.as_ref())
+        .into_iter()
+        .chain(state.rate_limit());
+    for limit in limits {
+        if let Err(refusal) = limit.check() {
+            if let Refusal::Rate { scope, .. } = refusal {
+                state.metrics().rate_limited(scope);
+            }
+            return Err(refusal.into());
+        }
+    }
+    if let Some(client) = &client {
+        client.counters.requests.inc();
+    }
+    Ok(client)
 }
 
 /// `Cache-Control: no-cache` (or `max-age=0`) from the client.

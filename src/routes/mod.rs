@@ -1,8 +1,11 @@
 //! The HTTP surface: one file per endpoint group, assembled into one router.
 
+mod admin;
 mod hashtag;
 mod health;
 mod metrics;
+mod openapi;
+mod status;
 
 use axum::{Extension, Router, middleware, response::Response, routing::get};
 
@@ -11,9 +14,23 @@ use crate::{
 };
 
 const METRICS_PATH: &str = "/metrics";
+const ADMIN_CACHE_PATH: &str = "/admin/cache";
+const OPENAPI_PATH: &str = "/openapi.json";
+const STATS_PATH: &str = "/stats";
+const STATUS_PAGE_PATH: &str = "/";
 
-/// Every route template: the values of the `route` metric label.
-const PATHS: [&str; 4] = [HASHTAG_DETAIL_PATH, "/healthz", "/readyz", METRICS_PATH];
+/// Every route template: the values of the `route` metric label (and what
+/// `/openapi.json` must document).
+pub const PATHS: [&str; 8] = [
+    HASHTAG_DETAIL_PATH,
+    "/healthz",
+    "/readyz",
+    METRICS_PATH,
+    ADMIN_CACHE_PATH,
+    OPENAPI_PATH,
+    STATS_PATH,
+    STATUS_PAGE_PATH,
+];
 
 /// The `route` label of requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
@@ -37,6 +54,15 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route(METRICS_PATH, get(metrics::metrics))
+        .route(OPENAPI_PATH, get(openapi::openapi_json))
+        .route(STATS_PATH, get(status::stats))
+        .route(STATUS_PAGE_PATH, get(status::status_page))
+        .route(
+            ADMIN_CACHE_PATH,
+            get(admin::list)
+                .delete(admin::purge)
+                .fallback(method_not_allowed),
+        )
         .route_layer(middleware::from_fn(observe::tag_route))
         .fallback(not_found)
         .with_state(state)

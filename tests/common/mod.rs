@@ -9,6 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use futures_util::future::join_all;
 use keyapi_proxy::{
     app::{App, AppState},
+    clock::{Clock, SystemClock},
     config::{ClientConfig, Config},
     demo::FakeUpstream,
     digest,
@@ -53,6 +54,9 @@ pub fn client(id: &str, token: &str) -> ClientConfig {
         token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
         refresh: false,
         purge: false,
+        rate_per_minute: None,
+        burst: None,
+        daily_budget: None,
     }
 }
 
@@ -63,18 +67,30 @@ pub async fn spawn_app() -> TestApp {
 
 /// The app with configuration adjusted by `adjust`.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_with_clock(Arc::new(SystemClock), adjust).await
+}
+
+/// The app counting time (rate limits, budgets, stats) with `clock`.
+pub async fn spawn_app_with_clock(
+    clock: Arc<dyn Clock>,
+    adjust: impl FnOnce(&mut Config),
+) -> TestApp {
     init_test_logging();
     let upstream = FakeUpstream::start(TEST_API_KEY, Duration::ZERO)
         .await
         .expect("fake upstream starts");
-    spawn_on(Arc::new(upstream), adjust).await
+    spawn_on(Arc::new(upstream), clock, adjust).await
 }
 
-async fn spawn_on(upstream: Arc<FakeUpstream>, adjust: impl FnOnce(&mut Config)) -> TestApp {
+async fn spawn_on(
+    upstream: Arc<FakeUpstream>,
+    clock: Arc<dyn Clock>,
+    adjust: impl FnOnce(&mut Config),
+) -> TestApp {
     let mut config = test_config();
     config.upstream.base_url = upstream.base_url();
     adjust(&mut config);
-    let app = App::build(config, SecretString::from(TEST_API_KEY))
+    let app = App::build_with_clock(config, SecretString::from(TEST_API_KEY), clock)
         .await
         .expect("app builds");
     let addr = app.local_addr();
@@ -99,7 +115,7 @@ async fn spawn_on(upstream: Arc<FakeUpstream>, adjust: impl FnOnce(&mut Config))
 impl TestApp {
     /// Another instance of the proxy (a replica) using the same fake upstream.
     pub async fn spawn_replica(&self, adjust: impl FnOnce(&mut Config)) -> TestApp {
-        spawn_on(Arc::clone(&self.upstream), adjust).await
+        spawn_on(Arc::clone(&self.upstream), Arc::new(SystemClock), adjust).await
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
@@ -140,6 +156,19 @@ impl TestApp {
             .send()
             .await
             .expect("request reaches the proxy")
+    }
+
+    /// `GET <route>?<query>` with extra request headers.
+    pub async fn get_hashtag_with(
+        &self,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self.hashtag_request(reqwest::Method::GET, query);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("request reaches the proxy")
     }
 
     /// `GET /metrics` as text.

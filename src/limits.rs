@@ -1,0 +1,239 @@
+//! Rate limits (`governor`, GCRA) and daily credit budgets, global and per
+//! client. Both answer 429 with `Retry-After`; a budget only refuses requests
+//! that would go upstream, so cached answers keep flowing after it is spent.
+//! Budgets are counted per UTC day of the app's [`SharedClock`].
+
+use std::{num::NonZeroU32, sync::Mutex, time::Duration};
+
+use governor::{
+    Quota, RateLimiter,
+    middleware::NoOpMiddleware,
+    state::{InMemoryState, NotKeyed},
+};
+
+use crate::{
+    clock::{self, SharedClock},
+    metrics::Scope,
+};
+
+/// Why a request was refused with 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{} rate limit exceeded; retry in {} s", scope_text(*scope), secs(*retry_after))]
+    Rate { scope: Scope, retry_after: Duration },
+    #[error(
+        "{} daily credit budget ({limit} credits) is spent; cached answers are still served, \
+         new questions resume at 00:00 UTC (in {} s)",
+        scope_text(*scope),
+        secs(*retry_after)
+    )]
+    Budget {
+        scope: Scope,
+        limit: u64,
+        retry_after: Duration,
+    },
+}
+
+impl Refusal {
+    /// Whole seconds to wait (at least 1), for `Retry-After`.
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            Self::Rate { retry_after, .. } | Self::Budget { retry_after, .. } => secs(*retry_after),
+        }
+    }
+}
+
+fn scope_text(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Global => "the proxy's",
+        Scope::Client => "this client's",
+    }
+}
+
+fn secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
+/// A request-rate limit: `per_minute` sustained, bursts of `burst`.
+#[derive(Debug)]
+pub struct RateLimit {
+    limiter:
+        RateLimiter<NotKeyed, InMemoryState, SharedClock, NoOpMiddleware<std::time::SystemTime>>,
+    clock: SharedClock,
+    scope: Scope,
+}
+
+impl RateLimit {
+    /// `None` when `per_minute` is 0 (no limit). `burst` 0 means `per_minute`.
+    pub fn new(per_minute: u32, burst: u32, scope: Scope, clock: &SharedClock) -> Option<Self> {
+        let per_minute = NonZeroU32::new(per_minute)?;
+        let burst = NonZeroU32::new(burst).unwrap_or(per_minute);
+        let quota = Quota::per_minute(per_minute).allow_burst(burst);
+        Some(Self {
+            limiter: RateLimiter::direct_with_clock(quota, clock.clone()),
+            clock: clock.clone(),
+            scope,
+        })
+    }
+
+    /// Takes one request's cell, or says how long to wait.
+    pub fn check(&self) -> Result<(), Refusal> {
+        self.limiter.check().map_err(|not_until| Refusal::Rate {
+            scope: self.scope,
+            retry_after: not_until.wait_time_from(self.clock.now()),
+        })
+    }
+}
+
+/// Credits that may be spent per UTC day.
+#[derive(Debug)]
+pub struct Budget {
+    limit: u64,
+    scope: Scope,
+    /// (UTC day, credits spent that day).
+    spent: Mutex<(u64, u64)>,
+}
+
+impl Budget {
+    /// `None` when `limit` is 0 (no budget).
+    pub fn new(limit: u64, scope: Scope) -> Option<Self> {
+        (limit > 0).then(|| Self {
+            limit,
+            scope,
+            spent: Mutex::new((0, 0)),
+        })
+    }
+
+    /// Credits per day.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Credits spent on the UTC day of `clock`.
+    pub fn spent_today(&self, clock: &SharedClock) -> u64 {
+        let day = clock::utc_day(clock.now());
+        let spent = self.lock();
+        if spent.0 == day { spent.1 } else { 0 }
+    }
+
+    /// Reserves `cost` credits today, or refuses until midnight.
+    pub fn reserve(&self, cost: u64, clock: &SharedClock) -> Result<(), Refusal> {
+        let now = clock.now();
+        let day = clock::utc_day(now);
+        let mut spent = self.lock();
+        if spent.0 != day {
+            *spent = (day, 0);
+        }
+        if spent.1 + cost > self.limit {
+            return Err(Refusal::Budget {
+                scope: self.scope,
+                limit: self.limit,
+                retry_after: clock::until_utc_midnight(now),
+            });
+        }
+        spent.1 += cost;
+        Ok(())
+    }
+
+    /// Gives back a reservation that was not spent (same day only).
+    pub fn release(&self, cost: u64, clock: &SharedClock) {
+        let day = clock::utc_day(clock.now());
+        let mut spent = self.lock();
+        if spent.0 == day {
+            spent.1 = spent.1.saturating_sub(cost);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
+        self.spent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Credits reserved for one miss in up to two budgets; [`Reservation::settle`]
+/// keeps them when the request made an upstream call, else gives them back.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    cost: u64,
+    budgets: [Option<&'a Budget>; 2],
+}
+
+impl<'a> Reservation<'a> {
+    /// Reserves `cost` in the client's budget, then the global one.
+    pub fn reserve(
+        client: Option<&'a Budget>,
+        global: Option<&'a Budget>,
+        cost: u64,
+        clock: &SharedClock,
+    ) -> Result<Self, Refusal> {
+        if let Some(budget) = client {
+            budget.reserve(cost, clock)?;
+        }
+        if let Some(budget) = global
+            && let Err(refusal) = budget.reserve(cost, clock)
+        {
+            if let Some(client) = client {
+                client.release(cost, clock);
+            }
+            return Err(refusal);
+        }
+        Ok(Self {
+            cost,
+            budgets: [client, global],
+        })
+    }
+
+    /// Keeps the credits when `paid`, else returns them.
+    pub fn settle(self, paid: bool, clock: &SharedClock) {
+        if !paid {
+            for budget in self.budgets.into_iter().flatten() {
+                budget.release(self.cost, clock);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::{sync::Arc, time::UNIX_EPOCH};
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn clock_at(secs: u64) -> (Arc<ManualClock>, SharedClock) {
+        let manual = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(secs)));
+        let shared = SharedClock::new(manual.clone());
+        (manual, shared)
+    }
+
+    #[test]
+    fn rate_limit_trips_after_the_burst_and_refills() {
+        let (manual, clock) = clock_at(1_000_000);
+        let limit = RateLimit::new(3, 0, Scope::Global, &clock).unwrap();
+        for _ in 0..3 {
+            assert!(limit.check().is_ok());
+        }
+        let refusal = limit.check().unwrap_err();
+        assert_eq!(refusal.retry_after_secs(), 20);
+        manual.advance(Duration::from_secs(20));
+        assert!(limit.check().is_ok());
+        assert!(limit.check().is_err());
+        assert!(RateLimit::new(0, 5, Scope::Global, &clock).is_none());
+    }
+
+    #[test]
+    fn budgets_reset_at_utc_midnight_and_can_be_released() {
+        let day = 24 * 3600;
+        let (manual, clock) = clock_at(100 * day + day - 10);
+        let budget = Budget::new(4, Scope::Client).unwrap();
+        assert!(budget.reserve(2, &clock).is_ok());
+        assert!(budget.reserve(2, &clock).is_ok());
+        let refusal = budget.reserve(2, &clock).unwrap_err();
+        assert_eq!(refusal.retry_after_secs(), 10);
+        budget.release(2, &clock);
+        assert_eq!(budget.spent_today(&clock), 2);
+        manual.advance(Duration::from_secs(10));
+        assert_eq!(budget.spent_today(&clock), 0);
+        assert!(budget.reserve(4, &clock).is_ok());
+    }
+}

@@ -1,0 +1,209 @@
+//! `GET /openapi.json`: an OpenAPI 3.1 description of the proxied route and the
+//! operational endpoints, generated with `utoipa` from the declarations below
+//! and completed from the running configuration (allowed periods, default
+//! period). Rendered once at start-up; requests get the stored bytes.
+//!
+//! The `openapi` tests keep it in sync: every route the router serves is
+//! documented, and the documented parameters are exactly those [`crate::key`]
+//! parses.
+#![allow(dead_code)] // The functions below exist only to carry their `#[utoipa::path]`.
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use utoipa::{
+    IntoParams, Modify, OpenApi, ToSchema,
+    openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
+};
+
+use crate::key::{HASHTAG_DETAIL_PATH, HashtagRules, MAX_HASHTAG_CHARS};
+
+/// The error envelope (KeyAPI's own shape), with the HTTP status as `code`.
+#[derive(ToSchema)]
+struct Envelope {
+    /// The HTTP status.
+    code: u16,
+    /// What went wrong and, for input errors, what is allowed.
+    message: String,
+    /// Always `null` in errors.
+    #[schema(value_type = Option<Object>)]
+    data: (),
+    /// The request id (also the `X-Request-Id` response header).
+    #[schema(rename = "requestId")]
+    request_id: String,
+}
+
+/// Query of the proxied route. Unknown parameters are ignored and never forwarded.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+struct HashtagQuery {
+    /// Hashtag: letters or digits of any script or `_`, one leading `#` allowed;
+    /// trimmed and (by default) lower-cased before it becomes the cache key.
+    #[param(min_length = 1, max_length = 101, example = "ufc324")]
+    hashtag_name: String,
+    /// Window in days; the allowed values come from `hashtag.periods`.
+    period: Option<u32>,
+    /// `all_regions` (any case) or a 2-letter country code (any case).
+    #[param(
+        default = "all_regions",
+        pattern = "^([A-Za-z]{2}|[Aa][Ll][Ll]_[Rr][Ee][Gg][Ii][Oo][Nn][Ss])$",
+        example = "US"
+    )]
+    region: Option<String>,
+}
+
+/// Query of the admin purge: the route's parameters, normalized the same way.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AdminListQuery {
+    /// Hashtag prefix (normalized like `hashtag_name`); empty lists everything.
+    prefix: Option<String>,
+}
+
+/// KeyAPI's answer, byte for byte (`code == 0` means success).
+#[utoipa::path(
+    get,
+    path = "/v1/tiktok/trending/hashtag/detail",
+    tag = "proxy",
+    params(HashtagQuery),
+    security((), ("bearer" = []), ("apiKey" = [])),
+    responses(
+        (status = 200, description = "KeyAPI's body, byte for byte (cached, or a passed-through `code != 0` answer)",
+            content_type = "application/json", body = Object,
+            headers(
+                ("Cache-Status" = String, description = "RFC 9211: `keyapi-proxy; hit; ttl=N`, `…; fwd=uri-miss; stored`, `…; collapsed`, …"),
+                ("Age" = u64, description = "Seconds since the answer was stored"),
+                ("Cache-Control" = String, description = "`public, max-age=N` for cached answers, else `no-store`"),
+                ("ETag" = String, description = "Strong tag of the stored body"),
+                ("Vary" = String, description = "`accept-encoding`"),
+                ("Content-Encoding" = String, description = "`gzip` when accepted"),
+                ("X-Request-Id" = String, description = "Request id"),
+            )),
+        (status = 304, description = "`If-None-Match` matched the stored answer's ETag"),
+        (status = 400, description = "Missing, invalid or repeated parameter", body = Envelope),
+        (status = 401, description = "Clients are configured and the token is missing or wrong", body = Envelope),
+        (status = 429, description = "Rate limit exceeded, or daily credit budget spent (misses only); see `Retry-After`", body = Envelope,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 502, description = "KeyAPI failed, rejected the configured key, or answered invalidly", body = Envelope),
+        (status = 504, description = "KeyAPI did not answer in time", body = Envelope),
+    )
+)]
+fn hashtag_detail() {}
+
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object)))]
+fn healthz() {}
+
+/// Readiness.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "`{\"status\":\"ready\"}`", body = Object),
+              (status = 503, description = "`{\"status\":\"draining\"}`", body = Object)))]
+fn readyz() {}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
+fn metrics() {}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
+fn openapi() {}
+
+/// Statistics as JSON (the status page's data).
+#[utoipa::path(get, path = "/stats", tag = "operations",
+    responses((status = 200, description = "Uptime, hit ratio, credits, top keys, upstream health, last hour per minute", body = Object)))]
+fn stats() {}
+
+/// Self-contained HTML status page.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "HTML, no external assets", content_type = "text/html", body = String)))]
+fn status_page() {}
+
+/// List cached keys (clients with the purge flag).
+#[utoipa::path(get, path = "/admin/cache", tag = "admin", params(AdminListQuery),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "`{count, truncated, entries: [{key, hashtagName, period, region, ageSecs, ttlSecs, bytes, gzipBytes}]}`", body = Object),
+              (status = 401, description = "No valid token", body = Envelope),
+              (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
+fn admin_list() {}
+
+/// Purge one normalized key (with the route's parameters) or, without a query, everything.
+#[utoipa::path(delete, path = "/admin/cache", tag = "admin", params(HashtagQuery),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "`{purged, key?}`", body = Object),
+              (status = 400, description = "Invalid parameters", body = Envelope),
+              (status = 401, description = "No valid token", body = Envelope),
+              (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
+fn admin_purge() {}
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "apiKey",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Api-Key"))),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keyapi-proxy",
+        description = "Caching, single-flight proxy for KeyAPI's TikTok hashtag-detail endpoint (2 credits per upstream call). Same route and body as KeyAPI; the KeyAPI key is injected server-side."
+    ),
+    paths(hashtag_detail, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge),
+    components(schemas(Envelope)),
+    modifiers(&Security),
+    tags(
+        (name = "proxy", description = "The proxied KeyAPI route"),
+        (name = "operations", description = "Health, metrics, statistics"),
+        (name = "admin", description = "Cache administration (purge flag)"),
+    )
+)]
+struct ApiDoc;
+
+/// The document for this configuration, as JSON bytes.
+pub fn document(rules: &HashtagRules) -> Bytes {
+    let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
+        Ok(doc) => doc,
+        Err(_) => return Bytes::from_static(b"{}"),
+    };
+    doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
+    let periods = rules.periods();
+    for method in ["get", "delete"] {
+        let path = if method == "get" {
+            HASHTAG_DETAIL_PATH
+        } else {
+            "/admin/cache"
+        };
+        let Some(params) = doc["paths"][path][method]["parameters"].as_array_mut() else {
+            continue;
+        };
+        for param in params {
+            match param["name"].as_str() {
+                Some("period") => {
+                    param["schema"]["enum"] = json!(periods);
+                    param["schema"]["default"] = json!(rules.default_period());
+                }
+                Some("hashtag_name") => {
+                    param["schema"]["maxLength"] = json!(MAX_HASHTAG_CHARS + 1);
+                }
+                _ => {}
+            }
+        }
+    }
+    Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
+}
+
+/// For tests and callers that want to inspect the document.
+pub fn document_value(rules: &HashtagRules) -> Value {
+    serde_json::from_slice(&document(rules)).unwrap_or(Value::Null)
+}

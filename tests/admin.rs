@@ -1,0 +1,163 @@
+//! `/admin/cache`: list and purge, only with a token whose client has the
+//! purge flag; a purged key is fetched again on the next request.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{TestApp, assert_envelope, client, header, parts, spawn_app, spawn_app_with};
+use serde_json::Value;
+
+const ADMIN: &str = "kp_admin-token";
+const USER: &str = "kp_user-token";
+
+async fn app() -> TestApp {
+    spawn_app_with(|c| {
+        let mut admin = client("ops", ADMIN);
+        admin.purge = true;
+        c.clients = vec![admin, client("user", USER)];
+    })
+    .await
+}
+
+async fn admin(
+    app: &TestApp,
+    method: reqwest::Method,
+    query: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut request = app
+        .client
+        .request(method, app.url(&format!("/admin/cache{query}")))
+        .header("X-Request-Id", "admin-test");
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let (status, _, body) = parts(request.send().await.unwrap()).await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn admin_needs_the_purge_flag() {
+    let app = app().await;
+    app.get_hashtag_as(USER, "hashtag_name=ufc324").await;
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let (status, body) = admin(&app, method.clone(), "", None).await;
+        assert_eq!(status, 401, "{method} {body}");
+        assert_envelope(&body, 401, "admin-test");
+        let (status, body) = admin(&app, method.clone(), "", Some("kp_wrong")).await;
+        assert_eq!(status, 401, "{method} {body}");
+        let (status, body) = admin(&app, method.clone(), "", Some(USER)).await;
+        assert_eq!(status, 403, "{method} {body}");
+        assert!(assert_envelope(&body, 403, "admin-test").contains("purge flag"));
+    }
+    // Nothing was purged by the refused attempts.
+    let (_, headers, _) = parts(app.get_hashtag_as(USER, "hashtag_name=ufc324").await).await;
+    assert!(header(&headers, "cache-status").contains("; hit;"));
+}
+
+#[tokio::test]
+async fn without_clients_admin_is_unreachable() {
+    let app = spawn_app().await;
+    app.get_hashtag("hashtag_name=ufc324").await;
+    let (status, _) = admin(&app, reqwest::Method::DELETE, "", None).await;
+    assert_eq!(status, 403);
+    let (status, _) = admin(&app, reqwest::Method::GET, "", Some(ADMIN)).await;
+    assert_eq!(status, 403);
+    assert_eq!(app.upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn purge_one_normalized_key_then_it_misses() {
+    let app = app().await;
+    app.get_hashtag_as(USER, "hashtag_name=ufc324").await;
+    app.get_hashtag_as(USER, "hashtag_name=other").await;
+    // Same normalization as the route: #UFC324 with explicit defaults is the same key.
+    let (status, body) = admin(
+        &app,
+        reqwest::Method::DELETE,
+        "?hashtag_name=%23UFC324&period=7&region=ALL_REGIONS",
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["purged"], 1);
+    assert!(v["key"].as_str().unwrap().ends_with("hashtag_name=ufc324"));
+
+    let (_, headers, _) = parts(app.get_hashtag_as(USER, "hashtag_name=ufc324").await).await;
+    assert_eq!(
+        header(&headers, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    let (_, headers, _) = parts(app.get_hashtag_as(USER, "hashtag_name=other").await).await;
+    assert!(
+        header(&headers, "cache-status").contains("; hit;"),
+        "other keys stay"
+    );
+    assert_eq!(app.upstream.calls(), 3);
+
+    let (status, body) = admin(
+        &app,
+        reqwest::Method::DELETE,
+        "?hashtag_name=never",
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["purged"], 0);
+    let (status, body) = admin(&app, reqwest::Method::DELETE, "?period=8", Some(ADMIN)).await;
+    assert_eq!(status, 400);
+    assert_envelope(&body, 400, "admin-test");
+}
+
+#[tokio::test]
+async fn purge_all_then_everything_misses() {
+    let app = app().await;
+    for tag in ["a", "b", "c"] {
+        app.get_hashtag_as(USER, &format!("hashtag_name={tag}"))
+            .await;
+    }
+    let (status, body) = admin(&app, reqwest::Method::DELETE, "", Some(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["purged"], 3);
+    for tag in ["a", "b", "c"] {
+        let (_, headers, _) = parts(
+            app.get_hashtag_as(USER, &format!("hashtag_name={tag}"))
+                .await,
+        )
+        .await;
+        assert!(header(&headers, "cache-status").ends_with("stored"));
+    }
+    assert_eq!(app.upstream.calls(), 6);
+}
+
+#[tokio::test]
+async fn list_keys_by_prefix_with_age_and_size() {
+    let app = app().await;
+    for q in [
+        "hashtag_name=ufc324",
+        "hashtag_name=ufc325&region=us&period=30",
+        "hashtag_name=nba",
+    ] {
+        app.get_hashtag_as(USER, q).await;
+    }
+    let (status, body) = admin(&app, reqwest::Method::GET, "?prefix=%23UFC", Some(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["count"], 2);
+    let entries = v["entries"].as_array().unwrap();
+    let names: Vec<&str> = entries
+        .iter()
+        .map(|e| e["hashtagName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ufc324", "ufc325"]);
+    assert_eq!(entries[1]["region"], "US");
+    assert_eq!(entries[1]["period"], 30);
+    for entry in entries {
+        assert!(entry["bytes"].as_u64().unwrap() > 0);
+        assert!(entry["ageSecs"].is_u64() && entry["ttlSecs"].is_u64());
+    }
+    let (_, body) = admin(&app, reqwest::Method::GET, "", Some(ADMIN)).await;
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["count"], 3);
+    assert_eq!(app.upstream.calls(), 3, "listing costs nothing");
+}

@@ -1,0 +1,124 @@
+//! CORS for browser frontends: allowed origins get the headers and can read
+//! the cache headers; refused origins get none; preflight costs nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{header, spawn_app, spawn_app_with};
+use keyapi_proxy::{config::Config, key::HASHTAG_DETAIL_PATH};
+
+const ALLOWED: &str = "https://app.example.com";
+const REFUSED: &str = "https://evil.example.net";
+
+async fn app() -> common::TestApp {
+    spawn_app_with(|c| {
+        c.cors.allowed_origins = vec![ALLOWED.into(), "http://localhost:3000".into()]
+    })
+    .await
+}
+
+async fn preflight(app: &common::TestApp, origin: &str) -> reqwest::Response {
+    app.client
+        .request(
+            reqwest::Method::OPTIONS,
+            app.url(&format!("{HASHTAG_DETAIL_PATH}?hashtag_name=ufc324")),
+        )
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", "GET")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization, if-none-match",
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn preflight_from_an_allowed_origin_is_answered_without_credits() {
+    let app = app().await;
+    let response = preflight(&app, ALLOWED).await;
+    assert_eq!(response.status(), 200);
+    let h = response.headers();
+    assert_eq!(header(h, "access-control-allow-origin"), ALLOWED);
+    let methods = header(h, "access-control-allow-methods");
+    assert!(
+        methods.contains("GET") && methods.contains("HEAD"),
+        "{methods}"
+    );
+    assert!(
+        !methods.contains("POST") && !methods.contains("DELETE"),
+        "{methods}"
+    );
+    let allowed = header(h, "access-control-allow-headers").to_ascii_lowercase();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("x-api-key"),
+        "{allowed}"
+    );
+    assert_eq!(header(h, "access-control-max-age"), "600");
+    assert_eq!(app.upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn preflight_from_a_refused_origin_gets_no_allow_origin() {
+    let app = app().await;
+    let response = preflight(&app, REFUSED).await;
+    assert_eq!(
+        header(response.headers(), "access-control-allow-origin"),
+        ""
+    );
+    assert_eq!(app.upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn actual_requests_expose_the_cache_headers_to_allowed_origins_only() {
+    let app = app().await;
+    let allowed = app
+        .get_hashtag_with("hashtag_name=ufc324", &[("Origin", ALLOWED)])
+        .await;
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(
+        header(allowed.headers(), "access-control-allow-origin"),
+        ALLOWED
+    );
+    let exposed = header(allowed.headers(), "access-control-expose-headers").to_ascii_lowercase();
+    for name in ["cache-status", "age", "x-request-id"] {
+        assert!(exposed.contains(name), "{name} not in {exposed}");
+    }
+    let refused = app
+        .get_hashtag_with("hashtag_name=ufc324", &[("Origin", REFUSED)])
+        .await;
+    // The answer itself is the same (CORS is enforced by the browser), without CORS headers.
+    assert_eq!(refused.status(), 200);
+    assert_eq!(header(refused.headers(), "access-control-allow-origin"), "");
+    assert_eq!(app.upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn without_origins_no_cors_headers_are_sent() {
+    let app = spawn_app().await;
+    let response = preflight(&app, ALLOWED).await;
+    assert_eq!(
+        header(response.headers(), "access-control-allow-origin"),
+        ""
+    );
+    assert_eq!(app.upstream.calls(), 0);
+}
+
+#[test]
+fn origins_must_be_exact() {
+    for bad in [
+        "*",
+        "app.example.com",
+        "https://app.example.com/",
+        "https://a.com/path",
+        "ftp://a.com",
+    ] {
+        let mut config = Config::defaults().unwrap();
+        config.cors.allowed_origins = vec![bad.into()];
+        assert!(config.validate().is_err(), "{bad}");
+    }
+    let mut config = Config::defaults().unwrap();
+    config.cors.allowed_origins = vec![ALLOWED.into(), "http://127.0.0.1:8080".into()];
+    config.validate().unwrap();
+}
