@@ -138,6 +138,26 @@ impl Proxy {
         &self.fetcher.protection
     }
 
+    /// Forgets `key` in every tier; returns how many tiers held it.
+    pub async fn purge(&self, key: &CacheKey) -> u64 {
+        let local = u64::from(self.cache().remove(key).await);
+        let shared = match self.redis() {
+            Some(redis) => u64::from(redis.remove(key).await),
+            None => 0,
+        };
+        local.max(shared)
+    }
+
+    /// Forgets every entry in every tier; returns the larger tier's count.
+    pub async fn purge_all(&self) -> u64 {
+        let local = self.cache().clear().await;
+        let shared = match self.redis() {
+            Some(redis) => redis.clear().await,
+            None => 0,
+        };
+        local.max(shared)
+    }
+
     /// Resolves when no fetch (foreground or background) is in flight.
     pub async fn idle(&self) {
         self.inflight.idle().await;

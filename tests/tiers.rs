@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{header, join, metric, redis_server::RedisServer, spawn_app_with};
+use common::{client, header, join, metric, redis_server::RedisServer, spawn_app_with};
 use keyapi_proxy::config::Config;
 use redis::AsyncCommands;
 
@@ -229,4 +229,60 @@ async fn a_snapshot_carries_the_cache_across_a_restart() {
         "keyapi-proxy; fwd=uri-miss; stored"
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn an_admin_purge_reaches_every_replica() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let with_admin = |c: &mut Config| {
+        with_redis(&redis.url())(c);
+        let mut ops = client("ops", "kp_ops");
+        ops.purge = true;
+        c.clients = vec![ops, client("user", "kp_user")];
+    };
+    let a = spawn_app_with(with_admin).await;
+    let b = a.spawn_replica(with_admin).await;
+    let get = |app: &common::TestApp| {
+        app.hashtag_request(reqwest::Method::GET, "hashtag_name=ufc324")
+            .bearer_auth("kp_user")
+            .send()
+    };
+    get(&a).await.unwrap();
+    get(&b).await.unwrap();
+    assert_eq!(a.upstream.calls(), 1);
+
+    let purge = a
+        .client
+        .delete(a.url("/admin/cache?hashtag_name=ufc324"))
+        .bearer_auth("kp_ops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 200);
+    let mut conn = redis.connection().await;
+    let exists: bool = conn
+        .exists(format!("keyapi-proxy:v1:entry:{KEY}"))
+        .await
+        .unwrap();
+    assert!(!exists, "gone from Redis too");
+    // A refills from KeyAPI (not from Redis); B still has its own L1 copy until it expires.
+    let response = get(&a).await.unwrap();
+    assert_eq!(
+        header(response.headers(), "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    assert_eq!(a.upstream.calls(), 2);
+
+    let purge_all = a
+        .client
+        .delete(a.url("/admin/cache"))
+        .bearer_auth("kp_ops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge_all.status(), 200);
+    let keys: Vec<String> = conn.keys("keyapi-proxy:v1:entry:*").await.unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
 }

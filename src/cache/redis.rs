@@ -133,6 +133,42 @@ impl RedisTier {
         let _ = self.call(set).await;
     }
 
+    /// Deletes `key`'s entry; true if there was one.
+    pub async fn remove(&self, key: &CacheKey) -> bool {
+        let mut conn = self.conn.clone();
+        let deleted = self.call(conn.del::<_, u64>(self.entry_key(key))).await;
+        deleted.unwrap_or(0) > 0
+    }
+
+    /// Deletes every entry under our prefix (SCAN + DEL, in batches); returns how many.
+    pub async fn clear(&self) -> u64 {
+        let pattern = format!("{}entry:*", glob_escape(&self.prefix));
+        let mut conn = self.conn.clone();
+        let mut cursor = 0u64;
+        let mut deleted = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500);
+            let Some((next, keys)) = self
+                .call(scan.query_async::<(u64, Vec<String>)>(&mut conn))
+                .await
+            else {
+                return deleted;
+            };
+            if !keys.is_empty() {
+                deleted += self.call(conn.del::<_, u64>(keys)).await.unwrap_or(0);
+            }
+            if next == 0 {
+                return deleted;
+            }
+            cursor = next;
+        }
+    }
+
     /// Takes `key`'s fetch lock, or waits for its holder's answer (`usable`
     /// decides whether a stored entry answers us) for at most `lock_wait`.
     pub async fn claim(&self, key: &CacheKey, usable: impl Fn(&Entry) -> bool) -> Claim {
@@ -214,4 +250,16 @@ impl RedisTier {
             }
         }
     }
+}
+
+/// Escapes Redis glob metacharacters so a configured prefix matches literally.
+fn glob_escape(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }

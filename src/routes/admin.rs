@@ -122,10 +122,10 @@ pub(super) async fn purge(
         Ok(admin) => admin,
         Err(refused) => return refused.to_response(&request_id),
     };
-    let cache = state.proxy().cache();
+    let proxy = state.proxy();
     let purged = match query.as_deref().filter(|q| !q.is_empty()) {
         None => Purged {
-            purged: cache.clear().await,
+            purged: proxy.purge_all().await,
             key: None,
         },
         Some(raw) => {
@@ -135,7 +135,7 @@ pub(super) async fn purge(
             };
             let key = question.cache_key();
             Purged {
-                purged: u64::from(cache.remove(&key).await),
+                purged: proxy.purge(&key).await,
                 key: Some(key.to_string()),
             }
         }
