@@ -1,9 +1,9 @@
 //! Benchmark baseline: the least a server can do to answer like a proxy hit.
 //!
 //! Serves the stored sample body (`src/demo/hashtag-detail-ufc324.json`) on
-//! every path with the headers a hit carries (`content-type`, `cache-status`,
-//! `age`, `cache-control`, `x-request-id`), all built once at start-up, on the
-//! same axum/tokio stack as the proxy. `bench/run.sh` compares the proxy's
+//! every path with the headers a hit carries (`content-type`, `etag`, `vary`,
+//! `cache-status`, `age`, `cache-control`, `x-request-id`), all built once at
+//! start-up, on the same axum/tokio stack as the proxy. `bench/run.sh` compares the proxy's
 //! hit path against it: the ratio is the cost of the proxy's per-hit work.
 //!
 //! Usage: `bench-baseline [ADDR]` (default `127.0.0.1:0`); prints
@@ -23,11 +23,16 @@ use tokio::net::TcpListener;
 static BODY: &[u8] = include_bytes!("../src/demo/hashtag-detail-ufc324.json");
 
 /// Same names and same value lengths as a proxy hit one hour after storage.
-const HEADERS: [(HeaderName, HeaderValue); 5] = [
+const HEADERS: [(HeaderName, HeaderValue); 7] = [
     (
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     ),
+    (
+        header::ETAG,
+        HeaderValue::from_static("\"00000000000000000000000000000000\""),
+    ),
+    (header::VARY, HeaderValue::from_static("accept-encoding")),
     (
         HeaderName::from_static("cache-status"),
         HeaderValue::from_static("keyapi-proxy; hit; ttl=3599"),

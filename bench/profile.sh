@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Repeatable cost of one cache hit: user-space instructions and heap
+# allocations per request, proxy vs bench/baseline.rs, counted by
+# valgrind's callgrind (so the figures do not depend on machine load, unlike
+# bench/run.sh). Use it to check a hit-path change; see bench/NOTES.md.
+#
+#   bash bench/profile.sh
+#
+# Needs valgrind, wrk, curl, python3 (and the release binaries bench/run.sh
+# builds). The callgrind files stay in target/bench-profile/ for
+#   callgrind_annotate --inclusive=yes target/bench-profile/proxy.out | less
+# Environment: PROFILE_SECONDS (load per server, default 10),
+# PROFILE_MALLOC (an allocator library to LD_PRELOAD into the proxy, e.g.
+# /usr/lib/x86_64-linux-gnu/libmimalloc.so.2, to see what it would save),
+# PROFILE_FIGURES (a file to append name=value figures to, for bench/run.sh).
+
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER_RUN=${PROFILE_SECONDS:-10}
+KEY=bench-key-not-a-secret
+HIT=/v1/tiktok/trending/hashtag/detail?hashtag_name=ufc324
+OUT=${CARGO_TARGET_DIR:-target}/bench-profile
+WORK=$(mktemp -d)
+PIDS=()
+
+cleanup() {
+  local pid
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill "$pid" 2>/dev/null || true; done
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for tool in cargo curl python3 valgrind callgrind_control wrk; do
+  command -v "$tool" >/dev/null || { echo "profile.sh: $tool is required" >&2; exit 1; }
+done
+
+cargo build --release --quiet --bin keyapi-proxy
+cargo build --release --quiet --example bench-baseline --example bench-fake-upstream
+TARGET=${CARGO_TARGET_DIR:-target}/release
+mkdir -p "$OUT" "$WORK/bin"
+cp "$TARGET/keyapi-proxy" "$TARGET/examples/bench-baseline" \
+  "$TARGET/examples/bench-fake-upstream" "$WORK/bin/"
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_ok() {
+  local i
+  for i in $(seq 300); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "profile.sh: $1 did not answer" >&2
+  exit 1
+}
+
+taskset -c 0 "$WORK/bin/bench-fake-upstream" 0 "$KEY" >"$WORK/upstream.out" &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$WORK/upstream.out" ] && break; sleep 0.1; done
+UPSTREAM_URL=$(head -n1 "$WORK/upstream.out")
+
+# profile NAME PORT [VAR=VALUE...] -- COMMAND...: runs COMMAND under callgrind
+# (instrumentation off until the load starts) with the given environment,
+# puts $SECONDS_PER_RUN s of hits on it, and prints "NAME requests
+# instructions allocations".
+profile() {
+  local name=$1 port=$2 pid requests vars=()
+  shift 2
+  while [ "$1" != -- ]; do
+    vars+=("$1")
+    shift
+  done
+  shift
+  env ${vars[@]+"${vars[@]}"} taskset -c 0 valgrind --tool=callgrind --instr-atstart=no \
+    --callgrind-out-file="$OUT/$name.out" "$@" >/dev/null 2>"$WORK/$name.err" &
+  pid=$!
+  PIDS+=("$pid")
+  wait_ok "http://127.0.0.1:$port$HIT"
+  curl -fsS -o /dev/null "http://127.0.0.1:$port$HIT" # now a hit for the proxy
+  rm -f "$OUT/$name.out.1"
+  # Valgrind reads these commands when the server next runs: the requests
+  # themselves wake it up, and a last probe makes it take the dump.
+  callgrind_control -i on "$pid" >/dev/null 2>&1
+  taskset -c 1 wrk -t1 -c8 -d"${SECONDS_PER_RUN}s" -s bench/report.lua \
+    "http://127.0.0.1:$port$HIT" >"$WORK/$name.wrk"
+  callgrind_control -i off "$pid" >/dev/null 2>&1
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  for _ in $(seq 300); do
+    [ -s "$OUT/$name.out.1" ] && grep -q '^totals:' "$OUT/$name.out.1" && break
+    curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz" 2>/dev/null || true
+    sleep 0.1
+  done
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  requests=$(sed -n 's/^BENCH requests=\([0-9]*\).*/\1/p' "$WORK/$name.wrk")
+  python3 - "$OUT/$name.out.1" "$name" "$requests" <<'EOF'
+import re, sys
+path, name, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
+names, total, allocs, callee = {}, 0, 0, None
+for line in open(path):
+    if line.startswith("totals:"):
+        total = int(line.split()[1])
+    m = re.match(r"(c?)fn=\((\d+)\)(?: (.*))?", line)
+    if m:
+        if m.group(3):
+            names[m.group(2)] = m.group(3)
+        callee = names.get(m.group(2)) if m.group(1) else None
+        continue
+    m = re.match(r"calls=(\d+)", line)
+    if m and callee in ("malloc", "calloc", "realloc"):
+        allocs += int(m.group(1))
+print(f"{name} {requests} {total} {allocs}")
+EOF
+}
+
+port=$(free_port)
+proxy_env=(RUST_LOG=warn KEYAPI_API_KEY="$KEY" KEYAPI_PROXY__UPSTREAM__BASE_URL="$UPSTREAM_URL"
+  KEYAPI_PROXY__SERVER__LISTEN="127.0.0.1:$port")
+[ -z "${PROFILE_MALLOC:-}" ] || proxy_env+=(LD_PRELOAD="$PROFILE_MALLOC")
+profile proxy "$port" "${proxy_env[@]}" -- "$WORK/bin/keyapi-proxy" serve >"$WORK/proxy.row"
+port=$(free_port)
+profile baseline "$port" -- "$WORK/bin/bench-baseline" "127.0.0.1:$port" >"$WORK/baseline.row"
+
+python3 - "$(cat "$WORK/proxy.row")" "$(cat "$WORK/baseline.row")" "${PROFILE_MALLOC:-}" \
+  "${PROFILE_FIGURES:-}" <<'EOF'
+import sys
+rows = [line.split() for line in sys.argv[1:3]]
+if sys.argv[4]:
+    with open(sys.argv[4], "a", encoding="utf-8") as f:
+        for name, requests, total, allocs in rows:
+            n = int(requests)
+            f.write(f"profile_{name}_requests={n}\n")
+            f.write(f"profile_{name}_instructions={int(total) / n:.0f}\n")
+            f.write(f"profile_{name}_allocations={int(allocs) / n:.1f}\n")
+print("| server | requests | instructions / request | allocations / request |")
+print("| --- | ---: | ---: | ---: |")
+per = {}
+for name, requests, total, allocs in rows:
+    n = int(requests)
+    per[name] = int(total) / n
+    print(f"| {name} | {n:,} | {int(total) / n:,.0f} | {int(allocs) / n:.1f} |")
+print(f"\nproxy / baseline instructions: {per['proxy'] / per['baseline']:.2f}"
+      + (f" (proxy with LD_PRELOAD={sys.argv[3]})" if sys.argv[3] else ""))
+print("User space only; the kernel's share (loopback TCP) is the same for both.")
+EOF

@@ -1,0 +1,352 @@
+#!/usr/bin/env bash
+# Benchmark suite of issue 7: one command from a fresh clone, results in
+# bench/RESULTS.md. Not part of the test suite.
+#
+#   bash bench/run.sh
+#
+# Builds release binaries (the proxy, bench/baseline.rs, bench/fake_upstream.rs),
+# then runs each scenario against fresh processes: the proxy and the fake
+# upstream pinned to CPU 0, wrk (one thread) pinned to CPU 1. Every process
+# it starts is stopped on exit. Needs: cargo, curl, python3, taskset and wrk
+# (installed from Debian's packages when missing); valgrind for the
+# instructions-per-hit figure (bench/profile.sh), skipped when absent.
+#
+# Environment: BENCH_DURATION (seconds per measured run, default 5),
+# BENCH_ROUNDS (alternating baseline/proxy hit runs, default 3),
+# BENCH_PROFILE=0 (skip the callgrind count of bench/profile.sh),
+# BENCH_CONNECTIONS (hit scenarios, default 64), BENCH_OUT (default
+# bench/RESULTS.md).
+
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${BENCH_DURATION:-5}
+# Hit runs alternate baseline and proxy this many times; the best of each
+# counts. Short runs, several times: on a shared machine that finds the
+# quiet moments better than one long run.
+ROUNDS=${BENCH_ROUNDS:-3}
+CONNS=${BENCH_CONNECTIONS:-64}
+OUT=${BENCH_OUT:-bench/RESULTS.md}
+KEY=bench-key-not-a-secret
+HASHTAG_PATH=/v1/tiktok/trending/hashtag/detail
+PROXY_CPU=0
+WRK_CPU=1
+WRK_THREADS=1
+ZIPF_KEYS=10000
+MEM_KEYS=100000
+
+WORK=$(mktemp -d)
+FIGURES=$WORK/figures
+PIDS=()
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+
+cleanup() {
+  local pid
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Records one figure (name=value) for bench/render.py.
+figure() { printf '%s=%s\n' "$1" "$2" >>"$FIGURES"; }
+
+# ---------------------------------------------------------------- prerequisites
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! command -v wrk >/dev/null; then
+  log "installing wrk from Debian's packages"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
+for tool in cargo curl python3 taskset wrk; do
+  command -v "$tool" >/dev/null || die "$tool is required"
+done
+[ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs (proxy on CPU $PROXY_CPU, wrk on CPU $WRK_CPU)"
+# Scenario 4 holds 1000 connections open on both sides.
+ulimit -n 65536 2>/dev/null || ulimit -n 4096 || true
+
+log "building release binaries"
+# Two invocations on purpose: examples pull in dev-dependencies (tokio's
+# test-util feature), and the proxy measured must be the one that ships.
+cargo build --release --quiet --bin keyapi-proxy
+cargo build --release --quiet --example bench-baseline --example bench-fake-upstream
+TARGET=${CARGO_TARGET_DIR:-target}/release
+# Measure copies, so a concurrent build cannot swap a binary mid-run.
+mkdir "$WORK/bin"
+cp "$TARGET/keyapi-proxy" "$TARGET/examples/bench-baseline" \
+  "$TARGET/examples/bench-fake-upstream" "$WORK/bin/"
+PROXY_BIN=$WORK/bin/keyapi-proxy
+BASELINE_BIN=$WORK/bin/bench-baseline
+UPSTREAM_BIN=$WORK/bin/bench-fake-upstream
+
+# ------------------------------------------------------------------- processes
+# Starts "$@" in the background on CPU $PROXY_CPU; stdout goes to $WORK/$1.out.
+# Sets LAST_PID.
+start() {
+  local name=$1
+  shift
+  taskset -c "$PROXY_CPU" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# Stops one process started by this script and forgets its id.
+stop() {
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  forget "$1"
+}
+
+forget() {
+  local pid kept=()
+  for pid in "${PIDS[@]}"; do
+    [ "$pid" = "$1" ] || kept+=("$pid")
+  done
+  PIDS=(${kept[@]+"${kept[@]}"})
+}
+
+# Waits for the first stdout line of process $1 (a base URL) and prints it.
+first_line() {
+  local i
+  for i in $(seq 100); do
+    if [ -s "$WORK/$1.out" ]; then
+      head -n1 "$WORK/$1.out"
+      return
+    fi
+    sleep 0.1
+  done
+  cat "$WORK/$1.err" >&2
+  die "$1 did not start"
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_upstream NAME LATENCY_MS: sets UPSTREAM_PID and UPSTREAM_URL.
+start_upstream() {
+  start "$1" "$UPSTREAM_BIN" "$2" "$KEY"
+  UPSTREAM_PID=$LAST_PID
+  UPSTREAM_URL=$(first_line "$1")
+}
+
+upstream_calls() { curl -fsS "$UPSTREAM_URL/__fake/calls"; }
+
+# start_proxy NAME [VAR=VALUE...]: a release proxy in front of $UPSTREAM_URL,
+# access log off (RUST_LOG=warn), with --config $PROXY_CONFIG when that is
+# set. Sets PROXY_PID and PROXY_URL.
+start_proxy() {
+  local name=$1 port i
+  shift
+  port=$(free_port)
+  start "$name" env RUST_LOG=warn \
+    KEYAPI_API_KEY="$KEY" \
+    KEYAPI_PROXY__UPSTREAM__BASE_URL="$UPSTREAM_URL" \
+    KEYAPI_PROXY__SERVER__LISTEN="127.0.0.1:$port" \
+    "$@" "$PROXY_BIN" ${PROXY_CONFIG:+--config "$PROXY_CONFIG"} serve
+  PROXY_PID=$LAST_PID
+  PROXY_URL=http://127.0.0.1:$port
+  for i in $(seq 100); do
+    curl -fsS -o /dev/null "$PROXY_URL/healthz" 2>/dev/null && return
+    sleep 0.1
+  done
+  cat "$WORK/$name.err" >&2
+  die "proxy $name did not become healthy"
+}
+
+# The Cache-Status of one GET of hashtag $2 at $1.
+cache_status() {
+  curl -fsS -o /dev/null -D - "$1$HASHTAG_PATH?hashtag_name=$2" |
+    tr -d '\r' | sed -n 's/^cache-status: //Ip'
+}
+
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+# ------------------------------------------------------------------------- wrk
+# wrk_run LABEL CONNS SECONDS URL SCRIPT [SCRIPT ARGS...]: records
+# LABEL_rps, LABEL_p50_us, LABEL_p99_us, ... from the script's BENCH line.
+# WRK_HEADER, when set, is sent as an extra request header.
+wrk_run() {
+  local label=$1 conns=$2 secs=$3 url=$4 script=$5 line pair header=()
+  shift 5
+  [ -z "${WRK_HEADER:-}" ] || header=(-H "$WRK_HEADER")
+  taskset -c "$WRK_CPU" wrk -t"$WRK_THREADS" -c"$conns" -d"${secs}s" --timeout 5s \
+    ${header[@]+"${header[@]}"} -s "$script" "$url" -- "$@" "$WRK_THREADS" \
+    >"$WORK/wrk-$label.txt" 2>&1 || { cat "$WORK/wrk-$label.txt" >&2; die "wrk $label"; }
+  line=$(grep '^BENCH ' "$WORK/wrk-$label.txt") || { cat "$WORK/wrk-$label.txt" >&2; die "wrk $label printed no summary"; }
+  log "$label: ${line#BENCH }"
+  for pair in ${line#BENCH }; do
+    figure "${label}_${pair%%=*}" "${pair#*=}"
+  done
+}
+
+# fill URL PREFIX N BASE_CALLS: requests PREFIX0..PREFIX<N-1> once each (64
+# connections) and waits until the upstream has received BASE_CALLS + N calls.
+fill() {
+  local url=$1 prefix=$2 n=$3 want=$(($4 + $3)) wrk_pid i calls
+  taskset -c "$WRK_CPU" wrk -t"$WRK_THREADS" -c64 -d300s --timeout 10s \
+    -s bench/keys.lua "$url" -- seq "$prefix" "$n" "$WRK_THREADS" \
+    >"$WORK/wrk-fill-$prefix.txt" 2>&1 &
+  wrk_pid=$!
+  PIDS+=("$wrk_pid")
+  for i in $(seq 1800); do
+    calls=$(upstream_calls)
+    [ "$calls" -ge "$want" ] && break
+    sleep 0.1
+  done
+  kill -INT "$wrk_pid" 2>/dev/null || true
+  wait "$wrk_pid" 2>/dev/null || true
+  forget "$wrk_pid"
+  [ "$calls" -ge "$want" ] || die "filling $prefix: upstream saw $calls calls, expected $want"
+}
+
+# ------------------------------------------------------------------- scenarios
+log "results in $OUT; ${DURATION}s per measured run"
+figure date "$(date -u '+%Y-%m-%d %H:%M UTC')"
+figure cpu "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+figure cpus "$(nproc --all)"
+figure kernel "$(uname -r)"
+figure rustc "$(rustc --version)"
+figure wrk "$(wrk -v 2>&1 | head -n1 | awk '{ print $2 }')"
+figure commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo +local-changes)"
+figure duration "$DURATION"
+figure rounds "$ROUNDS"
+figure load_before "$(cut -d' ' -f1-3 /proc/loadavg)"
+cpu_pressure() { sed -n 's/^some avg10=[0-9.]* avg60=\([0-9.]*\).*/\1/p' /proc/pressure/cpu 2>/dev/null || true; }
+figure psi_before "$(cpu_pressure)"
+figure conns "$CONNS"
+figure wrk_threads "$WRK_THREADS"
+
+# 1 + 2: hits, against the baseline. Upstream latency 0 so warming is quick.
+log "scenario 1/2: hit path vs baseline"
+start baseline "$BASELINE_BIN"
+BASELINE_PID=$LAST_PID
+BASELINE_URL=$(first_line baseline)
+start_upstream up-hit 0
+start_proxy proxy-hit
+
+case "$(cache_status "$PROXY_URL" ufc324)" in *stored*) ;; *) die "warm-up of ufc324 was not stored" ;; esac
+case "$(cache_status "$PROXY_URL" ufc324)" in *hit*) ;; *) die "ufc324 is not a hit after warm-up" ;; esac
+figure body_bytes "$(curl -fsS -o /dev/null -w '%{size_download}' "$PROXY_URL$HASHTAG_PATH?hashtag_name=ufc324")"
+figure baseline_body_bytes "$(curl -fsS -o /dev/null -w '%{size_download}' "$BASELINE_URL$HASHTAG_PATH?hashtag_name=ufc324")"
+
+HOT_URL_PROXY="$PROXY_URL$HASHTAG_PATH?hashtag_name=ufc324"
+HOT_URL_BASE="$BASELINE_URL$HASHTAG_PATH?hashtag_name=ufc324"
+
+# 6 runs in the same rounds: a second proxy that requires a client token
+# (metrics are always on). Only when this build has client tokens.
+AUTH_URL=
+if "$PROXY_BIN" hash-token >/dev/null 2>&1; then
+  CLIENT_TOKEN=kp_bench_token_not_a_secret
+  printf '[[clients]]\nid = "bench"\ntoken_sha256 = "%s"\n' \
+    "$(printf %s "$CLIENT_TOKEN" | sha256sum | cut -d' ' -f1)" >"$WORK/clients.toml"
+  hit_pid=$PROXY_PID hit_url=$PROXY_URL
+  PROXY_CONFIG=$WORK/clients.toml start_proxy proxy-auth
+  AUTH_PID=$PROXY_PID
+  AUTH_URL="$PROXY_URL$HASHTAG_PATH?hashtag_name=ufc324"
+  PROXY_PID=$hit_pid PROXY_URL=$hit_url
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "$AUTH_URL")" = 401 ] || die "proxy-auth lets a request without token in"
+  curl -fsS -o /dev/null -H "Authorization: Bearer $CLIENT_TOKEN" "$AUTH_URL"
+  case "$(curl -fsS -o /dev/null -D - -H "Authorization: Bearer $CLIENT_TOKEN" "$AUTH_URL" |
+    tr -d '\r' | sed -n 's/^cache-status: //Ip')" in *hit*) ;; *) die "proxy-auth: no hit after warm-up" ;; esac
+fi
+# Short unrecorded runs first: connections, caches and CPU clocks settle.
+wrk_run warmup_base "$CONNS" 2 "$HOT_URL_BASE" bench/report.lua
+wrk_run warmup_proxy "$CONNS" 2 "$HOT_URL_PROXY" bench/report.lua
+for round in $(seq "$ROUNDS"); do
+  wrk_run "hot_base_$round" "$CONNS" "$DURATION" "$HOT_URL_BASE" bench/report.lua
+  wrk_run "hot_proxy_$round" "$CONNS" "$DURATION" "$HOT_URL_PROXY" bench/report.lua
+  if [ -n "$AUTH_URL" ]; then
+    WRK_HEADER="Authorization: Bearer $CLIENT_TOKEN" \
+      wrk_run "auth_proxy_$round" "$CONNS" "$DURATION" "$AUTH_URL" bench/report.lua
+  fi
+done
+[ -z "$AUTH_URL" ] || stop "$AUTH_PID"
+
+log "warming $ZIPF_KEYS keys"
+before=$(upstream_calls)
+fill "$PROXY_URL" z "$ZIPF_KEYS" "$before"
+figure zipf_warm_calls "$(($(upstream_calls) - before))"
+before=$(upstream_calls)
+for round in $(seq "$ROUNDS"); do
+  wrk_run "zipf_base_$round" "$CONNS" "$DURATION" "$BASELINE_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+  wrk_run "zipf_proxy_$round" "$CONNS" "$DURATION" "$PROXY_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+done
+figure zipf_upstream_calls "$(($(upstream_calls) - before))"
+stop "$PROXY_PID"
+stop "$UPSTREAM_PID"
+stop "$BASELINE_PID"
+
+# 3: misses through a 50 ms upstream; every request is a new key.
+log "scenario 3: miss path, 50 ms upstream"
+start_upstream up-miss 50
+start_proxy proxy-miss
+MISS_CONNS=16
+figure miss_conns "$MISS_CONNS"
+WRK_HEADER="Authorization: Bearer $KEY" \
+  wrk_run miss_upstream "$MISS_CONNS" "$DURATION" "$UPSTREAM_URL" bench/keys.lua unique direct
+before=$(upstream_calls)
+wrk_run miss_proxy "$MISS_CONNS" "$DURATION" "$PROXY_URL" bench/keys.lua unique miss
+figure miss_upstream_calls "$(($(upstream_calls) - before))"
+stop "$PROXY_PID"
+stop "$UPSTREAM_PID"
+
+# 4: a stampede of cold requests; the slow upstream makes them overlap.
+log "scenario 4: 1000 concurrent cold requests over 10 keys"
+start_upstream up-stampede 200
+start_proxy proxy-stampede
+line=$(taskset -c "$WRK_CPU" python3 bench/stampede.py "${PROXY_URL#http://}" cold 1000 10) || die "stampede"
+log "stampede: ${line#BENCH }"
+for pair in ${line#BENCH }; do figure "stampede_${pair%%=*}" "${pair#*=}"; done
+figure stampede_upstream_calls "$(upstream_calls)"
+stop "$PROXY_PID"
+stop "$UPSTREAM_PID"
+
+# 5: memory per entry. The cache is raised to 1 GiB so nothing is evicted.
+log "scenario 5: RSS with $MEM_KEYS entries"
+start_upstream up-mem 0
+start_proxy proxy-mem KEYAPI_PROXY__CACHE__MAX_BYTES=1073741824
+cache_status "$PROXY_URL" memwarm >/dev/null
+sleep 1
+figure mem_rss_before_kib "$(rss_kib "$PROXY_PID")"
+before=$(upstream_calls)
+started=$(date +%s.%N)
+fill "$PROXY_URL" m "$MEM_KEYS" "$before"
+figure mem_fill_seconds "$(python3 -c "import time; print(round(time.time() - $started, 1))")"
+sleep 2
+figure mem_rss_after_kib "$(rss_kib "$PROXY_PID")"
+figure mem_entries "$(($(upstream_calls) - before))"
+# Spot-check that the first, middle and last keys are still cached.
+for i in 0 $((MEM_KEYS / 2)) $((MEM_KEYS - 1)); do
+  case "$(cache_status "$PROXY_URL" "m$i")" in *hit*) ;; *) die "m$i was evicted or never stored" ;; esac
+done
+figure mem_body_bytes "$(curl -fsS -o /dev/null -w '%{size_download}' "$PROXY_URL$HASHTAG_PATH?hashtag_name=m$((MEM_KEYS - 1))")"
+stop "$PROXY_PID"
+stop "$UPSTREAM_PID"
+
+if [ -z "$AUTH_URL" ]; then
+  figure scenario6 "skipped: client tokens/rate limit/metrics not implemented yet"
+elif grep -qiE '^[[:space:]]*(rate_limit|requests_per_(second|minute))' config/default.toml; then
+  figure scenario6 "client token checked, metrics on; a per-client rate limit exists in config/default.toml but is not enabled here yet"
+else
+  figure scenario6 "client token checked, metrics on; no per-client rate limit exists yet"
+fi
+
+figure load_after "$(cut -d' ' -f1-3 /proc/loadavg)"
+figure psi_after "$(cpu_pressure)"
+
+# Instructions and allocations per hit: immune to machine load.
+if [ "${BENCH_PROFILE:-1}" != 0 ] && command -v valgrind >/dev/null; then
+  log "counting instructions per hit (callgrind, bench/profile.sh)"
+  PROFILE_SECONDS=5 PROFILE_FIGURES=$FIGURES bash bench/profile.sh >&2
+fi
+python3 bench/render.py "$FIGURES" >"$OUT"
+log "wrote $OUT"
+cat "$OUT"
