@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, HeaderName, header::AUTHORIZATION};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::{
+    cache::redis::RedisTier,
     clock::SharedClock,
     config::ClientConfig,
     digest,
@@ -60,7 +61,12 @@ pub struct Access {
 
 impl Access {
     /// Clients from (validated) configuration.
-    pub fn new(config: &[ClientConfig], metrics: &Metrics, clock: &SharedClock) -> Self {
+    pub fn new(
+        config: &[ClientConfig],
+        metrics: &Metrics,
+        clock: &SharedClock,
+        redis: Option<&Arc<RedisTier>>,
+    ) -> Self {
         let clients = config
             .iter()
             .filter_map(|c| {
@@ -74,7 +80,8 @@ impl Access {
                     }),
                     budget: c
                         .daily_budget
-                        .and_then(|limit| Budget::new(limit, Scope::Client)),
+                        .and_then(|limit| Budget::new(limit, Scope::Client))
+                        .map(|b| b.shared(redis, &format!("client:{}", c.id))),
                     token_sha256: digest::parse_sha256_hex(&c.token_sha256)?,
                 }))
             })
@@ -175,7 +182,7 @@ mod tests {
             })
             .collect();
         let clock = SharedClock::new(std::sync::Arc::new(crate::clock::SystemClock));
-        Access::new(&config, &Metrics::new(2, clock.clone()), &clock)
+        Access::new(&config, &Metrics::new(2, clock.clone()), &clock, None)
     }
 
     fn with(name: HeaderName, value: &str) -> HeaderMap {

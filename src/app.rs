@@ -159,31 +159,32 @@ impl App {
         let metrics = Arc::new(Metrics::new(config.credits.per_call, clock.clone()));
         let upstream = Upstream::new(&config.upstream, api_key)?.with_metrics(Arc::clone(&metrics));
         let redis = match &config.cache.redis.url {
-            Some(url) => Some(RedisTier::new(
+            Some(url) => Some(Arc::new(RedisTier::new(
                 url,
                 &config.cache.redis,
                 Arc::clone(&metrics),
-            )?),
+            )?)),
             None => None,
         };
         let state = AppState(Arc::new(Shared {
             proxy: Proxy::new(
                 LocalCache::new(config.cache.max_bytes),
-                redis,
+                redis.clone(),
                 upstream,
                 Protection::from_config(&config.upstream),
                 FreshnessPolicy::from_config(&config.cache),
                 Arc::clone(&metrics),
             ),
             metrics: Arc::clone(&metrics),
-            access: Access::new(&config.clients, &metrics, &clock),
+            access: Access::new(&config.clients, &metrics, &clock, redis.as_ref()),
             rate_limit: RateLimit::new(
                 config.rate_limit.per_minute,
                 config.rate_limit.burst,
                 Scope::Global,
                 &clock,
             ),
-            budget: Budget::new(config.credits.daily_budget, Scope::Global),
+            budget: Budget::new(config.credits.daily_budget, Scope::Global)
+                .map(|b| b.shared(redis.as_ref(), "global")),
             clock,
             rules,
             openapi,

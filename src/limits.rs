@@ -1,9 +1,15 @@
 //! Rate limits (`governor`, GCRA) and daily credit budgets, global and per
 //! client. Both answer 429 with `Retry-After`; a budget only refuses requests
 //! that would go upstream, so cached answers keep flowing after it is spent.
-//! Budgets are counted per UTC day of the app's [`SharedClock`].
+//! Budgets are counted per UTC day of the app's [`SharedClock`]; with the
+//! Redis tier they are counted in Redis so they hold across replicas (and
+//! fall back to this replica's own count while Redis is unavailable).
 
-use std::{num::NonZeroU32, sync::Mutex, time::Duration};
+use std::{
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use governor::{
     Quota, RateLimiter,
@@ -12,6 +18,7 @@ use governor::{
 };
 
 use crate::{
+    cache::redis::RedisTier,
     clock::{self, SharedClock},
     metrics::Scope,
 };
@@ -86,12 +93,30 @@ impl RateLimit {
 }
 
 /// Credits that may be spent per UTC day.
-#[derive(Debug)]
 pub struct Budget {
     limit: u64,
     scope: Scope,
-    /// (UTC day, credits spent that day).
+    /// (UTC day, credits spent that day) on this replica.
     spent: Mutex<(u64, u64)>,
+    /// The cluster-wide counter (Redis tier) and this budget's name in it.
+    shared: Option<(Arc<RedisTier>, String)>,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("limit", &self.limit)
+            .field("scope", &self.scope)
+            .field("shared", &self.shared.as_ref().map(|(_, name)| name))
+            .finish()
+    }
+}
+
+/// Where a reservation was counted, so it is given back to the same place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Shared,
+    Local,
 }
 
 impl Budget {
@@ -101,7 +126,14 @@ impl Budget {
             limit,
             scope,
             spent: Mutex::new((0, 0)),
+            shared: None,
         })
+    }
+
+    /// Counts this budget in the Redis tier under `name` (e.g. `global`, `client:<id>`).
+    pub fn shared(mut self, redis: Option<&Arc<RedisTier>>, name: &str) -> Self {
+        self.shared = redis.map(|r| (Arc::clone(r), name.to_owned()));
+        self
     }
 
     /// Credits per day.
@@ -109,35 +141,66 @@ impl Budget {
         self.limit
     }
 
-    /// Credits spent on the UTC day of `clock`.
-    pub fn spent_today(&self, clock: &SharedClock) -> u64 {
+    /// Credits spent on the UTC day of `clock` (cluster-wide with Redis).
+    pub async fn spent_today(&self, clock: &SharedClock) -> u64 {
         let day = clock::utc_day(clock.now());
+        if let Some((redis, name)) = &self.shared
+            && let Some(total) = redis.add_to_counter(name, day, 0).await
+        {
+            return u64::try_from(total).unwrap_or(0);
+        }
         let spent = self.lock();
         if spent.0 == day { spent.1 } else { 0 }
     }
 
     /// Reserves `cost` credits today, or refuses until midnight.
-    pub fn reserve(&self, cost: u64, clock: &SharedClock) -> Result<(), Refusal> {
+    async fn reserve(&self, cost: u64, clock: &SharedClock) -> Result<Counted, Refusal> {
         let now = clock.now();
         let day = clock::utc_day(now);
+        let refusal = Refusal::Budget {
+            scope: self.scope,
+            limit: self.limit,
+            retry_after: clock::until_utc_midnight(now),
+        };
+        let signed = i64::try_from(cost).unwrap_or(i64::MAX);
+        if let Some((redis, name)) = &self.shared
+            && let Some(total) = redis.add_to_counter(name, day, signed).await
+        {
+            if u64::try_from(total).unwrap_or(0) > self.limit {
+                redis.add_to_counter(name, day, -signed).await;
+                return Err(refusal);
+            }
+            return Ok(Counted::Shared);
+        }
+        self.reserve_local(cost, day).map_err(|()| refusal)?;
+        Ok(Counted::Local)
+    }
+
+    /// Gives back a reservation that was not spent (same day only).
+    async fn release(&self, cost: u64, counted: Counted, clock: &SharedClock) {
+        let day = clock::utc_day(clock.now());
+        match (counted, &self.shared) {
+            (Counted::Shared, Some((redis, name))) => {
+                let signed = i64::try_from(cost).unwrap_or(i64::MAX);
+                redis.add_to_counter(name, day, -signed).await;
+            }
+            _ => self.release_local(cost, day),
+        }
+    }
+
+    fn reserve_local(&self, cost: u64, day: u64) -> Result<(), ()> {
         let mut spent = self.lock();
         if spent.0 != day {
             *spent = (day, 0);
         }
         if spent.1 + cost > self.limit {
-            return Err(Refusal::Budget {
-                scope: self.scope,
-                limit: self.limit,
-                retry_after: clock::until_utc_midnight(now),
-            });
+            return Err(());
         }
         spent.1 += cost;
         Ok(())
     }
 
-    /// Gives back a reservation that was not spent (same day only).
-    pub fn release(&self, cost: u64, clock: &SharedClock) {
-        let day = clock::utc_day(clock.now());
+    fn release_local(&self, cost: u64, day: u64) {
         let mut spent = self.lock();
         if spent.0 == day {
             spent.1 = spent.1.saturating_sub(cost);
@@ -154,39 +217,38 @@ impl Budget {
 #[derive(Debug)]
 pub struct Reservation<'a> {
     cost: u64,
-    budgets: [Option<&'a Budget>; 2],
+    budgets: Vec<(&'a Budget, Counted)>,
 }
 
 impl<'a> Reservation<'a> {
     /// Reserves `cost` in the client's budget, then the global one.
-    pub fn reserve(
+    pub async fn reserve(
         client: Option<&'a Budget>,
         global: Option<&'a Budget>,
         cost: u64,
         clock: &SharedClock,
     ) -> Result<Self, Refusal> {
-        if let Some(budget) = client {
-            budget.reserve(cost, clock)?;
-        }
-        if let Some(budget) = global
-            && let Err(refusal) = budget.reserve(cost, clock)
-        {
-            if let Some(client) = client {
-                client.release(cost, clock);
-            }
-            return Err(refusal);
-        }
-        Ok(Self {
+        let mut reservation = Self {
             cost,
-            budgets: [client, global],
-        })
+            budgets: Vec::with_capacity(2),
+        };
+        for budget in [client, global].into_iter().flatten() {
+            match budget.reserve(cost, clock).await {
+                Ok(counted) => reservation.budgets.push((budget, counted)),
+                Err(refusal) => {
+                    reservation.settle(false, clock).await;
+                    return Err(refusal);
+                }
+            }
+        }
+        Ok(reservation)
     }
 
     /// Keeps the credits when `paid`, else returns them.
-    pub fn settle(self, paid: bool, clock: &SharedClock) {
+    pub async fn settle(self, paid: bool, clock: &SharedClock) {
         if !paid {
-            for budget in self.budgets.into_iter().flatten() {
-                budget.release(self.cost, clock);
+            for (budget, counted) in self.budgets {
+                budget.release(self.cost, counted, clock).await;
             }
         }
     }
@@ -226,14 +288,20 @@ mod tests {
         let day = 24 * 3600;
         let (manual, clock) = clock_at(100 * day + day - 10);
         let budget = Budget::new(4, Scope::Client).unwrap();
-        assert!(budget.reserve(2, &clock).is_ok());
-        assert!(budget.reserve(2, &clock).is_ok());
-        let refusal = budget.reserve(2, &clock).unwrap_err();
+        let reserve = |cost| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(Reservation::reserve(Some(&budget), None, cost, &clock))
+                .map(|r| rt.block_on(r.settle(true, &clock)))
+        };
+        assert!(reserve(2).is_ok());
+        assert!(reserve(2).is_ok());
+        let refusal = reserve(2).unwrap_err();
         assert_eq!(refusal.retry_after_secs(), 10);
-        budget.release(2, &clock);
-        assert_eq!(budget.spent_today(&clock), 2);
+        budget.release_local(2, clock::utc_day(clock.now()));
+        assert_eq!(budget.lock().1, 2);
         manual.advance(Duration::from_secs(10));
-        assert_eq!(budget.spent_today(&clock), 0);
-        assert!(budget.reserve(4, &clock).is_ok());
+        assert!(reserve(4).is_ok(), "a new UTC day");
     }
 }

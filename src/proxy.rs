@@ -104,7 +104,7 @@ impl Proxy {
     /// A proxy over `cache`, with an optional shared Redis tier.
     pub fn new(
         cache: LocalCache,
-        redis: Option<RedisTier>,
+        redis: Option<Arc<RedisTier>>,
         upstream: Upstream,
         protection: Protection,
         policy: FreshnessPolicy,
@@ -116,7 +116,7 @@ impl Proxy {
                 upstream: Arc::new(upstream),
                 protection: Arc::new(protection),
                 policy: Arc::new(policy),
-                redis: redis.map(Arc::new),
+                redis,
                 metrics,
             },
             inflight: Arc::default(),
@@ -136,6 +136,25 @@ impl Proxy {
     /// Upstream protection state (for operational endpoints).
     pub fn protection(&self) -> &Protection {
         &self.fetcher.protection
+    }
+
+    /// Whether `key` can be answered without an upstream call: it is in L1, or
+    /// a fresh copy is in the Redis tier (which is then copied into L1). Lets
+    /// credit budgets refuse only requests that would really spend.
+    pub async fn answerable_locally(&self, key: &CacheKey) -> bool {
+        if self.cache().contains(key) {
+            return true;
+        }
+        let Some(redis) = self.redis() else {
+            return false;
+        };
+        match redis.get(key).await {
+            Some(entry) if entry.is_fresh(SystemTime::now()) => {
+                self.cache().insert(key.clone(), Arc::new(entry)).await;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Forgets `key` in every tier; returns how many tiers held it.

@@ -18,7 +18,7 @@ fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
     move |c: &mut Config| {
         c.cache.redis.url = Some(url.to_owned());
         // Generous under a loaded CI machine; still far below any client timeout.
-        c.cache.redis.op_timeout = Duration::from_millis(250);
+        c.cache.redis.op_timeout = Duration::from_secs(1);
     }
 }
 
@@ -285,4 +285,31 @@ async fn an_admin_purge_reaches_every_replica() {
     assert_eq!(purge_all.status(), 200);
     let keys: Vec<String> = conn.keys("keyapi-proxy:v1:entry:*").await.unwrap();
     assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test]
+async fn credit_budgets_hold_across_replicas() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    // 4 credits a day = two upstream calls for the whole cluster.
+    let budget = |c: &mut Config| {
+        with_redis(&redis.url())(c);
+        c.credits.daily_budget = 4;
+    };
+    let a = spawn_app_with(budget).await;
+    let b = a.spawn_replica(budget).await;
+    assert_eq!(a.get("hashtag_name=one").await.0, 200);
+    assert_eq!(b.get("hashtag_name=two").await.0, 200);
+    // Each replica alone has spent only 2 of 4; together the budget is gone.
+    let (status, headers, body) = a.get("hashtag_name=three").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("budget"), "{body}");
+    assert!(header(&headers, "retry-after").parse::<u64>().unwrap() >= 1);
+    assert_eq!(a.upstream.calls(), 2);
+    // Hits are still served by either replica.
+    assert_eq!(b.get("hashtag_name=one").await.0, 200);
+    let stats = a.client.get(a.url("/stats")).send().await.unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats.text().await.unwrap()).unwrap();
+    assert_eq!(stats["creditsSpentToday"], 4, "{stats}");
 }

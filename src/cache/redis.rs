@@ -30,6 +30,10 @@ use crate::{config::RedisConfig, metrics::Metrics};
 
 /// Deletes the lock only if we still own it.
 const UNLOCK: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
+/// Adds to a per-day counter, setting its expiry when it is created.
+const ADD_TO_COUNTER: &str = r#"local v = redis.call("INCRBY", KEYS[1], ARGV[1]) if v == tonumber(ARGV[1]) then redis.call("EXPIRE", KEYS[1], ARGV[2]) end return v"#;
+/// Per-day counters outlive their day a little, for late readers.
+const COUNTER_TTL_SECS: u64 = 2 * 24 * 3600;
 /// Poll interval while waiting for another replica's fetch.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -57,6 +61,7 @@ pub struct RedisTier {
     lock_wait: Duration,
     up: AtomicBool,
     unlock: Script,
+    add_to_counter: Script,
     metrics: Arc<Metrics>,
 }
 
@@ -83,6 +88,7 @@ impl RedisTier {
             lock_wait: config.lock_wait,
             up: AtomicBool::new(true),
             unlock: Script::new(UNLOCK),
+            add_to_counter: Script::new(ADD_TO_COUNTER),
             metrics,
         })
     }
@@ -131,6 +137,17 @@ impl RedisTier {
         let value = codec::encode(entry).to_vec();
         let set = conn.pset_ex::<_, _, ()>(self.entry_key(key), value, millis);
         let _ = self.call(set).await;
+    }
+
+    /// Adds `delta` to the cluster-wide counter `name` of UTC day `day`
+    /// (`<prefix>count:<name>:<day>`); returns the new total, `None` if Redis failed.
+    pub async fn add_to_counter(&self, name: &str, day: u64, delta: i64) -> Option<i64> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self
+            .add_to_counter
+            .key(format!("{}count:{name}:{day}", self.prefix));
+        invocation.arg(delta).arg(COUNTER_TTL_SECS);
+        self.call(invocation.invoke_async::<i64>(&mut conn)).await
     }
 
     /// Deletes `key`'s entry; true if there was one.

@@ -49,9 +49,9 @@ pub(super) async fn hashtag_detail(
     let cost = state.metrics().credits_per_call();
     let client_budget = client.as_ref().and_then(|c| c.budget.as_ref());
     let reservation = if (client_budget.is_some() || state.budget().is_some())
-        && (refresh || !state.proxy().cache().contains(&key))
+        && (refresh || !state.proxy().answerable_locally(&key).await)
     {
-        match Reservation::reserve(client_budget, state.budget(), cost, state.clock()) {
+        match Reservation::reserve(client_budget, state.budget(), cost, state.clock()).await {
             Ok(reservation) => Some(reservation),
             Err(refusal) => {
                 if let Refusal::Budget { scope, .. } = refusal {
@@ -98,9 +98,12 @@ pub(super) async fn hashtag_detail(
         }
     };
     // This request paid when it (not the cache, not another request) went upstream.
-    let paid = matches!(cache, "stored" | "refreshed" | "declined" | "error");
+    let paid = matches!(
+        cache,
+        "stored" | "refreshed" | "declined" | "error" | "stale_if_error"
+    );
     if let Some(reservation) = reservation {
-        reservation.settle(paid, state.clock());
+        reservation.settle(paid, state.clock()).await;
     }
     if let Some(client) = client.as_ref().filter(|_| paid) {
         client.counters.credits_spent.inc_by(cost);

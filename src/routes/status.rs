@@ -14,7 +14,14 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::{app::AppState, clock, key::HashtagKey, metrics::Totals, stats::Minute};
+use crate::{
+    app::AppState,
+    clock::{self, SharedClock},
+    key::HashtagKey,
+    limits::Budget,
+    metrics::Totals,
+    stats::Minute,
+};
 
 /// Keys shown under "top keys".
 const TOP_KEYS: usize = 10;
@@ -98,18 +105,16 @@ impl Stats {
             last_error: health.last_error.map(|(_, kind)| kind),
             calls_last_hour: last_hour.iter().map(|m| m.upstream_calls).sum(),
         };
-        let clients = state
-            .access()
-            .clients()
-            .iter()
-            .map(|c| ClientStats {
+        let mut clients = Vec::new();
+        for c in state.access().clients() {
+            clients.push(ClientStats {
                 id: c.id.to_string(),
                 requests: c.counters.requests.get(),
                 credits_spent: c.counters.credits_spent.get(),
                 daily_budget: c.budget.as_ref().map(|b| b.limit()),
-                credits_spent_today: c.budget.as_ref().map(|b| b.spent_today(clock)),
-            })
-            .collect();
+                credits_spent_today: spent_today(c.budget.as_ref(), clock).await,
+            });
+        }
         let wall_now = SystemTime::now();
         let mut top_keys: Vec<TopKey> = cache
             .entries()
@@ -139,7 +144,7 @@ impl Stats {
             totals,
             credits_per_call: metrics.credits_per_call(),
             daily_budget: state.budget().map(|b| b.limit()),
-            credits_spent_today: state.budget().map(|b| b.spent_today(clock)),
+            credits_spent_today: spent_today(state.budget(), clock).await,
             cache_entries: cache.entry_count(),
             cache_bytes: cache.weighted_size(),
             upstream,
@@ -151,6 +156,13 @@ impl Stats {
 }
 
 /// `GET /stats`.
+async fn spent_today(budget: Option<&Budget>, clock: &SharedClock) -> Option<u64> {
+    match budget {
+        Some(budget) => Some(budget.spent_today(clock).await),
+        None => None,
+    }
+}
+
 pub(super) async fn stats(State(state): State<AppState>) -> Response {
     Json(Stats::collect(&state).await).into_response()
 }
