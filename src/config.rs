@@ -335,7 +335,9 @@ impl Config {
                 return invalid("cache.redis.url is not a valid redis:// URL".into());
             }
         }
-        if self.cache.redis.lock_ttl <= self.upstream.request_timeout {
+        if self.cache.redis.url.is_some()
+            && self.cache.redis.lock_ttl <= self.upstream.request_timeout
+        {
             return invalid(
                 "cache.redis.lock_ttl must be longer than upstream.request_timeout".into(),
             );

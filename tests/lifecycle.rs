@@ -45,7 +45,7 @@ async fn head_is_served_like_get_without_a_body() {
 
 #[tokio::test]
 async fn expired_entries_are_fetched_again() {
-    let ttl = Duration::from_millis(300);
+    let ttl = Duration::from_secs(1);
     let app = spawn_app_with(|c| plain_ttl(c, ttl)).await;
     app.get_hashtag("hashtag_name=ufc324").await;
     app.get_hashtag("hashtag_name=ufc324").await;
