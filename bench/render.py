@@ -138,7 +138,8 @@ def main():
     )
     out.append(
         "- Baseline: `bench/baseline.rs`, axum on the same tokio stack, the same body and the same "
-        "five headers, all prebuilt (its `x-request-id` is a constant; the proxy generates one per request)"
+        "headers as a hit, all prebuilt (its `x-request-id` and `etag` are constants; the proxy "
+        "generates an id per request)"
     )
     out.append("")
     out.append("| Scenario | Figure | Measured | Baseline / reference | Ratio | Target | Result |")
