@@ -8,6 +8,8 @@ use axum::http::{
     header::{AGE, CACHE_CONTROL},
 };
 
+use bytes::BytesMut;
+
 use crate::cache::Entry;
 
 /// `Cache-Status` header name (RFC 9211).
@@ -58,8 +60,11 @@ pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry) {
     } else {
         ""
     };
+    let mut ttl_text = itoa::Buffer::new();
+    let ttl_text = ttl_text.format(ttl).as_bytes();
     let status = match state {
-        CacheState::Hit => format_value(format_args!("keyapi-proxy; hit; ttl={ttl}{negative}")),
+        // The hit path: no `core::fmt`, one exact allocation per value.
+        CacheState::Hit => join(&[b"keyapi-proxy; hit; ttl=", ttl_text, negative.as_bytes()]),
         CacheState::Stored => {
             format_value(format_args!("keyapi-proxy; fwd=uri-miss; stored{negative}"))
         }
@@ -83,10 +88,16 @@ pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry) {
     };
     headers.insert(CACHE_STATUS, status);
     headers.insert(AGE, HeaderValue::from(age.as_secs()));
-    headers.insert(
-        CACHE_CONTROL,
-        format_value(format_args!("public, max-age={ttl}")),
-    );
+    headers.insert(CACHE_CONTROL, join(&[b"public, max-age=", ttl_text]));
+}
+
+/// Concatenates ASCII pieces into one header value.
+fn join(pieces: &[&[u8]]) -> HeaderValue {
+    let mut buf = BytesMut::with_capacity(pieces.iter().map(|p| p.len()).sum());
+    for piece in pieces {
+        buf.extend_from_slice(piece);
+    }
+    HeaderValue::from_maybe_shared(buf.freeze()).unwrap_or(HeaderValue::from_static("keyapi-proxy"))
 }
 
 /// Marks an answer that went upstream and was not stored. `fwd_status` is the

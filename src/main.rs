@@ -13,6 +13,11 @@ use keyapi_proxy::{
 };
 use secrecy::SecretString;
 
+/// mimalloc: fewer instructions per hit and less fragmentation between
+/// long-lived cached bodies and short-lived request buffers (see bench/NOTES.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Caching, single-flight proxy for KeyAPI's TikTok hashtag-detail endpoint.
 #[derive(Parser)]
 #[command(version, about)]

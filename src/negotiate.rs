@@ -23,7 +23,7 @@ const VARY_ACCEPT_ENCODING: HeaderValue = HeaderValue::from_static("accept-encod
 
 /// The answer to `request` from a cached `entry`: 304, gzip or identity.
 pub fn cached_response(request: &HeaderMap, entry: &Entry, state: CacheState) -> Response {
-    let mut response = if not_modified(request, &entry.etag) {
+    let mut response: Response = if not_modified(request, &entry.etag) {
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         response
@@ -40,6 +40,9 @@ pub fn cached_response(request: &HeaderMap, entry: &Entry, state: CacheState) ->
         response
     };
     let headers = response.headers_mut();
+    // Room for every header of a hit (ours, the request id, CORS, date and
+    // length added later) so the map never grows mid-request.
+    headers.reserve(12);
     headers.insert(ETAG, entry.etag.clone());
     headers.insert(VARY, VARY_ACCEPT_ENCODING);
     cache_status::set_cached(headers, state, entry);

@@ -28,5 +28,7 @@ pub(super) fn gzip(body: &[u8]) -> Option<Bytes> {
     let mut encoder = GzEncoder::new(Vec::with_capacity(body.len() / 3), Compression::default());
     encoder.write_all(body).ok()?;
     let compressed = encoder.finish().ok()?;
-    (compressed.len() < body.len()).then(|| Bytes::from(compressed))
+    // Exact-size allocation: the encoder's Vec may have doubled its capacity,
+    // and an entry keeps this buffer for its whole life.
+    (compressed.len() < body.len()).then(|| Bytes::from(compressed.into_boxed_slice()))
 }

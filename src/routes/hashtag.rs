@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::{
     Extension,
     body::Body,
-    extract::{RawQuery, State},
+    extract::{Request, State},
     http::{HeaderMap, header::CACHE_CONTROL, header::CONTENT_TYPE},
     response::Response,
 };
@@ -29,15 +29,18 @@ use crate::{
 pub(super) async fn hashtag_detail(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    // The request itself, read by reference: cloning its headers and query
+    // into extractors would copy them on every hit.
+    request: Request,
 ) -> Response {
-    let client = match admit(&state, &headers) {
+    let headers = request.headers();
+    let query = request.uri().query();
+    let client = match admit(&state, headers) {
         Ok(client) => client,
         Err(e) => return e.to_response(&request_id),
     };
     let rules = state.rules();
-    let question = match HashtagKey::parse(query.as_deref(), rules) {
+    let question = match HashtagKey::parse(query, rules) {
         Ok(question) => question,
         Err(e) => return ApiError::from(e).to_response(&request_id),
     };
@@ -45,7 +48,7 @@ pub(super) async fn hashtag_detail(
     let ttl = rules.ttl(question.period);
     let may_refresh =
         state.allow_client_refresh() || client.as_ref().is_some_and(|c| c.may_refresh);
-    let refresh = may_refresh && asks_for_refresh(&headers);
+    let refresh = may_refresh && asks_for_refresh(headers);
     let cost = state.metrics().credits_per_call();
     let client_budget = client.as_ref().and_then(|c| c.budget.as_ref());
     let reservation = if (client_budget.is_some() || state.budget().is_some())
@@ -67,7 +70,7 @@ pub(super) async fn hashtag_detail(
     let (mut response, cache, upstream_status) = match state.proxy().serve(&key, ttl, refresh).await
     {
         Ok(Outcome::Cached { entry, state }) => {
-            let response = negotiate::cached_response(&headers, &entry, state);
+            let response = negotiate::cached_response(headers, &entry, state);
             let upstream = match state {
                 CacheState::Hit | CacheState::Stale => None,
                 CacheState::StaleIfError { fwd_status } => fwd_status,
