@@ -15,10 +15,11 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, middleware};
+use axum::{Router, ServiceExt, extract::Request};
 use bytes::Bytes;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
+use tower::Layer as _;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
@@ -30,7 +31,8 @@ use crate::{
     key::HashtagRules,
     limits::{Budget, RateLimit},
     metrics::{Metrics, Scope},
-    observe, openapi,
+    observe::{Observe, ObserveLayer},
+    openapi,
     protect::Protection,
     proxy::Proxy,
     routes, snapshot,
@@ -131,7 +133,7 @@ impl AppState {
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
-    router: Router,
+    router: Observe<Router>,
     state: AppState,
     shutdown_grace: Duration,
     snapshot: Option<(PathBuf, Duration)>,
@@ -195,12 +197,9 @@ impl App {
         if let Some(cors) = cors::layer(&config.cors) {
             router = router.layer(cors);
         }
-        let router = router
-            .layer(middleware::from_fn_with_state(
-                metrics,
-                observe::request_context,
-            ))
-            .layer(CatchPanicLayer::new());
+        // Observe wraps the finished router once (not each route): ids, the
+        // access log and request metrics see every answer, 404s and panics included.
+        let router = ObserveLayer::new(metrics).layer(router.layer(CatchPanicLayer::new()));
         let snapshot = config
             .cache
             .snapshot_path
@@ -272,7 +271,8 @@ impl App {
         };
         state.set_ready(true);
         tracing::info!(%local_addr, "listening");
-        let server = axum::serve(listener, router).with_graceful_shutdown(signal);
+        let service = ServiceExt::<Request>::into_make_service(router);
+        let server = axum::serve(listener, service).with_graceful_shutdown(signal);
         let grace = async move {
             if draining_rx.await.is_ok() {
                 tokio::time::sleep(shutdown_grace).await;

@@ -4,16 +4,24 @@
 //! services), otherwise one is generated. Handlers attach an [`AccessLog`] to
 //! their response so the log line (and the request metrics) can name the
 //! normalized key, cache state and upstream status without the middleware
-//! knowing any route; [`tag_route`] attaches the matched route template.
+//! knowing any route.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Instant,
+};
 
 use axum::{
-    extract::{MatchedPath, Request, State},
-    http::{HeaderName, HeaderValue},
-    middleware::Next,
+    extract::Request,
+    http::{HeaderName, HeaderValue, Method},
     response::Response,
 };
+use tower::{Layer, Service};
+use tracing::Level;
 
 use crate::{cache::CacheKey, metrics::Metrics, routes};
 
@@ -59,65 +67,137 @@ pub struct AccessLog {
     pub upstream_status: Option<u16>,
 }
 
-/// The route template that answered (a response extension): a bounded metric label.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteLabel(pub &'static str);
-
-/// Route middleware (inside routing): tags the response with its route template.
-pub async fn tag_route(request: Request, next: Next) -> Response {
-    let label = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(routes::UNMATCHED, |m| routes::label(m.as_str()));
-    let mut response = next.run(request).await;
-    response.extensions_mut().insert(RouteLabel(label));
-    response
+/// Tower layer that wraps the whole router: assigns the request id, echoes
+/// it, logs one line per request and counts it in the metrics. A plain
+/// `Service` (not `axum::middleware::from_fn`) so a request costs no boxed
+/// future and no clone of the inner service.
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
 }
 
-/// Middleware: assigns the request id, echoes it, logs one line per request
-/// and counts it in the metrics.
-pub async fn request_context(
-    State(metrics): State<Arc<Metrics>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let id = request
-        .headers()
-        .get(&X_REQUEST_ID)
-        .and_then(RequestId::from_client)
-        .unwrap_or_else(RequestId::generate);
-    request.extensions_mut().insert(id.clone());
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+impl ObserveLayer {
+    /// Counting into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
 
-    let mut response = next.run(request).await;
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
 
-    let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let status = response.status().as_u16();
-    let route = response
-        .extensions()
-        .get::<RouteLabel>()
-        .map_or(routes::UNMATCHED, |r| r.0);
-    let access = response.extensions().get::<AccessLog>();
-    metrics.record_request(route, status, access.map(|log| log.cache));
-    match access {
-        Some(log) => tracing::info!(
-            request_id = id.as_str(),
-            %method,
-            path,
-            status,
-            client = log.client.as_deref(),
-            key = %log.key,
-            cache = log.cache,
-            upstream_status = log.upstream_status,
-            latency_us,
-            "request"
-        ),
-        None => {
-            tracing::info!(request_id = id.as_str(), %method, path, status, latency_us, "request")
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            metrics: Arc::clone(&self.metrics),
         }
     }
-    response.headers_mut().insert(X_REQUEST_ID, id.0);
-    response
+}
+
+/// The service made by [`ObserveLayer`].
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Service<Request> for Observe<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let started = Instant::now();
+        let id = request
+            .headers()
+            .get(&X_REQUEST_ID)
+            .and_then(RequestId::from_client)
+            .unwrap_or_else(RequestId::generate);
+        request.extensions_mut().insert(id.clone());
+        // Every route is a static path, so the path itself is the template.
+        let route = routes::label(request.uri().path());
+        // Log fields are only gathered when the line will be written.
+        let log = tracing::enabled!(Level::INFO)
+            .then(|| (request.method().clone(), request.uri().path().to_owned()));
+        ObserveFuture {
+            inner: self.inner.call(request),
+            done: Some(Done {
+                started,
+                id,
+                route,
+                log,
+                metrics: Arc::clone(&self.metrics),
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner response future, finished with the id header, log line and metrics.
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        done: Option<Done>,
+    }
+}
+
+/// What is needed once the response exists.
+struct Done {
+    started: Instant,
+    id: RequestId,
+    route: &'static str,
+    log: Option<(Method, String)>,
+    metrics: Arc<Metrics>,
+}
+
+impl<F> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        if let Some(done) = this.done.take() {
+            done.finish(&mut response);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+impl Done {
+    fn finish(self, response: &mut Response) {
+        let status = response.status().as_u16();
+        let access = response.extensions().get::<AccessLog>();
+        self.metrics
+            .record_request(self.route, status, access.map(|log| log.cache));
+        if let Some((method, path)) = &self.log {
+            let latency_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let request_id = self.id.as_str();
+            match access {
+                Some(log) => tracing::info!(
+                    request_id,
+                    %method,
+                    path,
+                    status,
+                    client = log.client.as_deref(),
+                    key = %log.key,
+                    cache = log.cache,
+                    upstream_status = log.upstream_status,
+                    latency_us,
+                    "request"
+                ),
+                None => tracing::info!(request_id, %method, path, status, latency_us, "request"),
+            }
+        }
+        response.headers_mut().insert(X_REQUEST_ID, self.id.0);
+    }
 }

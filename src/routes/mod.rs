@@ -7,11 +7,9 @@ mod metrics;
 mod openapi;
 mod status;
 
-use axum::{Extension, Router, middleware, response::Response, routing::get};
+use axum::{Extension, Router, response::Response, routing::get};
 
-use crate::{
-    app::AppState, error::ApiError, key::HASHTAG_DETAIL_PATH, observe, observe::RequestId,
-};
+use crate::{app::AppState, error::ApiError, key::HASHTAG_DETAIL_PATH, observe::RequestId};
 
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
@@ -35,7 +33,9 @@ pub const PATHS: [&str; 8] = [
 /// The `route` label of requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
-/// The static label for a matched route template.
+/// The static label of a path: its route template, or `unmatched`. (Every
+/// route is a static path; a route with path parameters would need the
+/// matched template instead.)
 pub fn label(template: &str) -> &'static str {
     PATHS
         .iter()
@@ -63,7 +63,6 @@ pub fn router(state: AppState) -> Router {
                 .delete(admin::purge)
                 .fallback(method_not_allowed),
         )
-        .route_layer(middleware::from_fn(observe::tag_route))
         .fallback(not_found)
         .with_state(state)
 }
