@@ -8,7 +8,7 @@
 //!   normalized exactly like the proxied route's query.
 //! - `DELETE /admin/cache` (no query) purges everything.
 
-use std::{sync::Arc, time::SystemTime};
+use std::time::SystemTime;
 
 use axum::{
     Extension, Json,
@@ -19,7 +19,6 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::Client,
     app::AppState,
     error::ApiError,
     key::{self, HashtagKey},
@@ -58,26 +57,14 @@ pub(crate) struct Purged {
     key: Option<String>,
 }
 
-/// The admin client, or the 401/403 answer.
-fn authorize(
-    state: &AppState,
-    headers: &HeaderMap,
-    request_id: &RequestId,
-) -> Result<Arc<Client>, Response> {
-    state
-        .access()
-        .authenticate_admin(headers)
-        .map_err(|e| ApiError::from(e).to_response(request_id))
-}
-
 pub(super) async fn list(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers, &request_id) {
-        return refused;
+    if let Err(e) = state.access().authenticate_admin(&headers) {
+        return ApiError::from(e).to_response(&request_id);
     }
     let prefix = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
         .find(|(name, _)| name == "prefix")
@@ -122,9 +109,9 @@ pub(super) async fn purge(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let admin = match authorize(&state, &headers, &request_id) {
+    let admin = match state.access().authenticate_admin(&headers) {
         Ok(admin) => admin,
-        Err(refused) => return refused,
+        Err(e) => return ApiError::from(e).to_response(&request_id),
     };
     let cache = state.proxy().cache();
     let purged = match query.as_deref().filter(|q| !q.is_empty()) {
