@@ -4,12 +4,13 @@
 //! services), otherwise one is generated. Handlers attach an [`AccessLog`] to
 //! their response so the log line (and the request metrics) can name the
 //! normalized key, cache state and upstream status without the middleware
-//! knowing any route; [`tag_route`] attaches the matched route template.
+//! knowing any route. The `route` metric label is the request path when it is
+//! one of the router's (static) paths, else `unmatched`: bounded either way.
 
 use std::{sync::Arc, time::Instant};
 
 use axum::{
-    extract::{MatchedPath, Request, State},
+    extract::{Request, State},
     http::{HeaderName, HeaderValue},
     middleware::Next,
     response::Response,
@@ -59,21 +60,6 @@ pub struct AccessLog {
     pub upstream_status: Option<u16>,
 }
 
-/// The route template that answered (a response extension): a bounded metric label.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteLabel(pub &'static str);
-
-/// Route middleware (inside routing): tags the response with its route template.
-pub async fn tag_route(request: Request, next: Next) -> Response {
-    let label = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(routes::UNMATCHED, |m| routes::label(m.as_str()));
-    let mut response = next.run(request).await;
-    response.extensions_mut().insert(RouteLabel(label));
-    response
-}
-
 /// Middleware: assigns the request id, echoes it, logs one line per request
 /// and counts it in the metrics.
 pub async fn request_context(
@@ -90,15 +76,12 @@ pub async fn request_context(
     request.extensions_mut().insert(id.clone());
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let route = routes::label(&path);
 
     let mut response = next.run(request).await;
 
     let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     let status = response.status().as_u16();
-    let route = response
-        .extensions()
-        .get::<RouteLabel>()
-        .map_or(routes::UNMATCHED, |r| r.0);
     let access = response.extensions().get::<AccessLog>();
     metrics.record_request(route, status, access.map(|log| log.cache));
     match access {

@@ -7,11 +7,9 @@ mod metrics;
 mod openapi;
 mod status;
 
-use axum::{Extension, Router, middleware, response::Response, routing::get};
+use axum::{Extension, Router, response::Response, routing::get};
 
-use crate::{
-    app::AppState, error::ApiError, key::HASHTAG_DETAIL_PATH, observe, observe::RequestId,
-};
+use crate::{app::AppState, error::ApiError, key::HASHTAG_DETAIL_PATH, observe::RequestId};
 
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
@@ -35,11 +33,13 @@ pub const PATHS: [&str; 8] = [
 /// The `route` label of requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
-/// The static label for a matched route template.
-pub fn label(template: &str) -> &'static str {
+/// The `route` label of a request path: the path itself when it is one of
+/// ours (every route is a static path), else [`UNMATCHED`]. A route with path
+/// parameters would need axum's `MatchedPath` here instead.
+pub fn label(path: &str) -> &'static str {
     PATHS
         .iter()
-        .find(|p| **p == template)
+        .find(|p| **p == path)
         .copied()
         .unwrap_or(UNMATCHED)
 }
@@ -63,7 +63,6 @@ pub fn router(state: AppState) -> Router {
                 .delete(admin::purge)
                 .fallback(method_not_allowed),
         )
-        .route_layer(middleware::from_fn(observe::tag_route))
         .fallback(not_found)
         .with_state(state)
 }
