@@ -39,7 +39,8 @@ pub struct Client {
     pub rate: Option<RateLimit>,
     /// This client's daily credit budget, if any.
     pub budget: Option<Budget>,
-    token_sha256: [u8; 32],
+    /// SHA-256 of the token as four words: compared word-wise in constant time.
+    token_sha256: [u64; 4],
 }
 
 /// Why a request is not let in.
@@ -82,7 +83,7 @@ impl Access {
                         .daily_budget
                         .and_then(|limit| Budget::new(limit, Scope::Client))
                         .map(|b| b.shared(redis, &format!("client:{}", c.id))),
-                    token_sha256: digest::parse_sha256_hex(&c.token_sha256)?,
+                    token_sha256: words(&digest::parse_sha256_hex(&c.token_sha256)?),
                 }))
             })
             .collect();
@@ -105,12 +106,12 @@ impl Access {
             return Ok(None);
         }
         let token = presented_token(headers).ok_or(AuthError::Unauthorized)?;
-        let presented = digest::sha256(token);
+        let presented = words(&digest::sha256(token));
         // Visit every client and select without branching on the comparison.
         let mut found = 0u32.ct_eq(&1);
         let mut index = 0u32;
         for (i, client) in self.clients.iter().enumerate() {
-            let equal = client.token_sha256.ct_eq(&presented);
+            let equal = client.token_sha256[..].ct_eq(&presented[..]);
             index.conditional_assign(&u32::try_from(i).unwrap_or(u32::MAX), equal);
             found |= equal;
         }
@@ -135,6 +136,17 @@ impl Access {
             Err(AuthError::Forbidden)
         }
     }
+}
+
+/// A SHA-256 value as four machine words.
+fn words(hash: &[u8; 32]) -> [u64; 4] {
+    let mut out = [0u64; 4];
+    for (word, chunk) in out.iter_mut().zip(hash.chunks_exact(8)) {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chunk);
+        *word = u64::from_ne_bytes(bytes);
+    }
+    out
 }
 
 /// The token of `Authorization: Bearer <token>`, else of `X-Api-Key`.

@@ -4,7 +4,8 @@
 //! services), otherwise one is generated. Handlers attach an [`AccessLog`] to
 //! their response so the log line (and the request metrics) can name the
 //! normalized key, cache state and upstream status without the middleware
-//! knowing any route.
+//! knowing any route. The `route` metric label is the request path when it is
+//! one of the router's (static) paths, else `unmatched`: bounded either way.
 
 use std::{
     convert::Infallible,

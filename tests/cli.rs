@@ -148,3 +148,62 @@ async fn healthcheck_subcommand_probes_a_running_proxy() {
     .unwrap();
     assert!(!down.status.success());
 }
+
+/// Starts `serve --demo` listening on `listen` and returns its log lines up
+/// to and including "listening", then stops it.
+fn startup_log(listen: &str, config: Option<&std::path::Path>) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KEYAPI_") || name == "RUST_LOG" {
+            cmd.env_remove(name);
+        }
+    }
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let mut child = cmd
+        .args(["--demo", "serve"])
+        .env("KEYAPI_PROXY__SERVER__LISTEN", listen)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut log = String::new();
+    for line in BufReader::new(stdout).lines().take(50) {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("listening") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    log
+}
+
+#[test]
+fn an_open_proxy_on_a_public_address_warns_at_startup() {
+    let warning = "anyone who can reach this port spends your KeyAPI credits";
+    let public = startup_log("0.0.0.0:0", None);
+    assert!(public.contains(warning), "{public}");
+    let loopback = startup_log("127.0.0.1:0", None);
+    assert!(loopback.contains("listening"), "{loopback}");
+    assert!(!loopback.contains(warning), "{loopback}");
+
+    let dir = std::env::temp_dir().join(format!("keyapi-proxy-warn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("clients.toml");
+    let hash = keyapi_proxy::digest::hex(&keyapi_proxy::digest::sha256(b"kp_x"));
+    std::fs::write(
+        &file,
+        format!("[[clients]]\nid = \"a\"\ntoken_sha256 = \"{hash}\"\n"),
+    )
+    .unwrap();
+    let guarded = startup_log("0.0.0.0:0", Some(&file));
+    assert!(guarded.contains("listening"), "{guarded}");
+    assert!(!guarded.contains(warning), "{guarded}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -107,6 +107,42 @@ async fn key_appears_in_no_response_and_no_log_line() {
         "error paths were logged"
     );
     assert_no_key("captured logs", &text);
+    assert!(
+        !text.contains("some-client-token"),
+        "a client token was logged"
+    );
+}
+
+#[tokio::test]
+async fn key_appears_in_no_operational_endpoint() {
+    let app = spawn_app_with(|c| {
+        let mut admin = common::client("ops", "kp_admin");
+        admin.purge = true;
+        c.clients = vec![admin];
+    })
+    .await;
+    app.get_hashtag_as("kp_admin", "hashtag_name=ufc324").await;
+    app.upstream.set_mode(FakeMode::EchoAuthorization);
+    app.get_hashtag_as("kp_admin", "hashtag_name=echo").await;
+    for path in ["/metrics", "/stats", "/", "/openapi.json", "/admin/cache"] {
+        let response = app
+            .client
+            .get(app.url(path))
+            .bearer_auth("kp_admin")
+            .send()
+            .await
+            .unwrap();
+        let (status, headers, body) = parts(response).await;
+        assert_eq!(status, 200, "{path}");
+        assert_no_key(&format!("{path} body"), &body);
+        for (name, value) in &headers {
+            assert_no_key(
+                &format!("{path} header {name}"),
+                &String::from_utf8_lossy(value.as_bytes()),
+            );
+        }
+        assert!(!body.contains("kp_admin"), "{path} shows a client token");
+    }
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 //!   normalized exactly like the proxied route's query.
 //! - `DELETE /admin/cache` (no query) purges everything.
 
-use std::{sync::Arc, time::SystemTime};
+use std::time::SystemTime;
 
 use axum::{
     Extension, Json,
@@ -19,7 +19,6 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::Client,
     app::AppState,
     error::ApiError,
     key::{self, HashtagKey},
@@ -58,22 +57,14 @@ pub(crate) struct Purged {
     key: Option<String>,
 }
 
-/// The admin client, or why not (401/403).
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Arc<Client>, ApiError> {
-    state
-        .access()
-        .authenticate_admin(headers)
-        .map_err(ApiError::from)
-}
-
 pub(super) async fn list(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.to_response(&request_id);
+    if let Err(e) = state.access().authenticate_admin(&headers) {
+        return ApiError::from(e).to_response(&request_id);
     }
     let prefix = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
         .find(|(name, _)| name == "prefix")
@@ -118,9 +109,9 @@ pub(super) async fn purge(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let admin = match authorize(&state, &headers) {
+    let admin = match state.access().authenticate_admin(&headers) {
         Ok(admin) => admin,
-        Err(refused) => return refused.to_response(&request_id),
+        Err(e) => return ApiError::from(e).to_response(&request_id),
     };
     let proxy = state.proxy();
     let purged = match query.as_deref().filter(|q| !q.is_empty()) {

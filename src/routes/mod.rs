@@ -33,13 +33,13 @@ pub const PATHS: [&str; 8] = [
 /// The `route` label of requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
-/// The static label of a path: its route template, or `unmatched`. (Every
-/// route is a static path; a route with path parameters would need the
-/// matched template instead.)
-pub fn label(template: &str) -> &'static str {
+/// The `route` label of a request path: the path itself when it is one of
+/// ours (every route is a static path), else [`UNMATCHED`]. A route with path
+/// parameters would need axum's `MatchedPath` here instead.
+pub fn label(path: &str) -> &'static str {
     PATHS
         .iter()
-        .find(|p| **p == template)
+        .find(|p| **p == path)
         .copied()
         .unwrap_or(UNMATCHED)
 }
