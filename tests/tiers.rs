@@ -152,6 +152,8 @@ async fn redis_outage_is_invisible_to_clients_and_sharing_resumes() {
         let ready = a.client.get(a.url(path)).send().await.unwrap();
         assert_eq!(ready.status(), 200, "{path} stays OK without Redis");
     }
+    let stats = a.client.get(a.url("/stats")).send().await.unwrap();
+    assert!(stats.text().await.unwrap().contains("\"redis\":\"down\""));
 
     redis.restart().await;
     // The replicas reconnect in the background; poll the observable outcome.

@@ -40,6 +40,9 @@ pub(crate) struct Stats {
     cache_entries: u64,
     cache_bytes: u64,
     upstream: Upstream,
+    /// `up` / `down` when the Redis tier is configured, else absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<&'static str>,
     clients: Vec<ClientStats>,
     top_keys: Vec<TopKey>,
     last_hour: Vec<Minute>,
@@ -56,6 +59,8 @@ struct Upstream {
     last_error_secs_ago: Option<u64>,
     last_error: Option<&'static str>,
     calls_last_hour: u64,
+    /// Circuit breaker: `closed`, `open` or `half_open`.
+    circuit: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +109,7 @@ impl Stats {
             last_error_secs_ago: health.last_error.map(|(t, _)| ago(t)),
             last_error: health.last_error.map(|(_, kind)| kind),
             calls_last_hour: last_hour.iter().map(|m| m.upstream_calls).sum(),
+            circuit: state.proxy().protection().circuit(),
         };
         let mut clients = Vec::new();
         for c in state.access().clients() {
@@ -148,6 +154,10 @@ impl Stats {
             cache_entries: cache.entry_count(),
             cache_bytes: cache.weighted_size(),
             upstream,
+            redis: state
+                .proxy()
+                .redis()
+                .map(|r| if r.is_up() { "up" } else { "down" }),
             clients,
             top_keys,
             last_hour,
