@@ -78,6 +78,7 @@ impl Access {
                     counters: metrics.client(&c.id),
                     rate: c.rate_per_minute.and_then(|rate| {
                         RateLimit::new(rate, c.burst.unwrap_or(0), Scope::Client, clock)
+                            .map(|l| l.shared(redis, &format!("client:{}", c.id)))
                     }),
                     budget: c
                         .daily_budget

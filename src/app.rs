@@ -184,7 +184,8 @@ impl App {
                 config.rate_limit.burst,
                 Scope::Global,
                 &clock,
-            ),
+            )
+            .map(|l| l.shared(redis.as_ref(), "global")),
             budget: Budget::new(config.credits.daily_budget, Scope::Global)
                 .map(|b| b.shared(redis.as_ref(), "global")),
             clock,

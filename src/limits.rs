@@ -62,12 +62,25 @@ fn secs(d: Duration) -> u64 {
 }
 
 /// A request-rate limit: `per_minute` sustained, bursts of `burst`.
-#[derive(Debug)]
 pub struct RateLimit {
     limiter:
         RateLimiter<NotKeyed, InMemoryState, SharedClock, NoOpMiddleware<std::time::SystemTime>>,
     clock: SharedClock,
     scope: Scope,
+    /// GCRA parameters for the cluster-wide check in Redis: (interval, burst).
+    gcra: (Duration, u32),
+    /// The Redis tier and this limit's name in it, when shared.
+    shared: Option<(Arc<RedisTier>, String)>,
+}
+
+impl std::fmt::Debug for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("scope", &self.scope)
+            .field("gcra", &self.gcra)
+            .field("shared", &self.shared.as_ref().map(|(_, name)| name))
+            .finish()
+    }
 }
 
 impl RateLimit {
@@ -80,11 +93,33 @@ impl RateLimit {
             limiter: RateLimiter::direct_with_clock(quota, clock.clone()),
             clock: clock.clone(),
             scope,
+            gcra: (quota.replenish_interval(), burst.get()),
+            shared: None,
         })
     }
 
-    /// Takes one request's cell, or says how long to wait.
-    pub fn check(&self) -> Result<(), Refusal> {
+    /// Counts this limit in the Redis tier under `name` (e.g. `global`, `client:<id>`),
+    /// so it holds for the whole cluster. Costs one Redis round trip per request.
+    pub fn shared(mut self, redis: Option<&Arc<RedisTier>>, name: &str) -> Self {
+        self.shared = redis.map(|r| (Arc::clone(r), name.to_owned()));
+        self
+    }
+
+    /// Takes one request's cell, or says how long to wait. Shared limits are
+    /// checked in Redis; while it is unavailable, this replica's own limiter decides.
+    pub async fn check(&self) -> Result<(), Refusal> {
+        if let Some((redis, name)) = &self.shared {
+            let (interval, burst) = self.gcra;
+            if let Some(wait) = redis.gcra(name, self.clock.now(), interval, burst).await {
+                return match wait {
+                    None => Ok(()),
+                    Some(retry_after) => Err(Refusal::Rate {
+                        scope: self.scope,
+                        retry_after,
+                    }),
+                };
+            }
+        }
         self.limiter.check().map_err(|not_until| Refusal::Rate {
             scope: self.scope,
             retry_after: not_until.wait_time_from(self.clock.now()),
@@ -272,14 +307,18 @@ mod tests {
     fn rate_limit_trips_after_the_burst_and_refills() {
         let (manual, clock) = clock_at(1_000_000);
         let limit = RateLimit::new(3, 0, Scope::Global, &clock).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let check = || rt.block_on(limit.check());
         for _ in 0..3 {
-            assert!(limit.check().is_ok());
+            assert!(check().is_ok());
         }
-        let refusal = limit.check().unwrap_err();
+        let refusal = check().unwrap_err();
         assert_eq!(refusal.retry_after_secs(), 20);
         manual.advance(Duration::from_secs(20));
-        assert!(limit.check().is_ok());
-        assert!(limit.check().is_err());
+        assert!(check().is_ok());
+        assert!(check().is_err());
         assert!(RateLimit::new(0, 5, Scope::Global, &clock).is_none());
     }
 

@@ -307,3 +307,26 @@ async fn credit_budgets_hold_across_replicas() {
     let stats: serde_json::Value = serde_json::from_str(&stats.text().await.unwrap()).unwrap();
     assert_eq!(stats["creditsSpentToday"], 4, "{stats}");
 }
+
+#[tokio::test]
+async fn rate_limits_hold_across_replicas() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    // Two requests a minute (burst 2) for the whole cluster.
+    let limited = |c: &mut Config| {
+        with_redis(&redis.url())(c);
+        c.rate_limit.per_minute = 2;
+        c.rate_limit.burst = 2;
+    };
+    let a = spawn_app_with(limited).await;
+    let b = a.spawn_replica(limited).await;
+    assert_eq!(a.get("hashtag_name=one").await.0, 200);
+    assert_eq!(b.get("hashtag_name=one").await.0, 200);
+    // Each replica alone has seen one request; together the burst is used up.
+    let (status, headers, body) = a.get("hashtag_name=one").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("rate limit"), "{body}");
+    let retry_after: u64 = header(&headers, "retry-after").parse().unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+}

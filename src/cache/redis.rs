@@ -32,6 +32,13 @@ use crate::{config::RedisConfig, metrics::Metrics};
 const UNLOCK: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
 /// Adds to a per-day counter, setting its expiry when it is created.
 const ADD_TO_COUNTER: &str = r#"local v = redis.call("INCRBY", KEYS[1], ARGV[1]) if v == tonumber(ARGV[1]) then redis.call("EXPIRE", KEYS[1], ARGV[2]) end return v"#;
+/// GCRA rate limit: ARGV = now, interval, burst (microseconds, count). Returns
+/// 0 when the request may pass (and records it), else microseconds to wait.
+const GCRA: &str = r#"local now = tonumber(ARGV[1]) local t = tonumber(ARGV[2]) local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call("GET", KEYS[1]) or "0") if tat < now then tat = now end
+local new_tat = tat + t local allow_at = new_tat - burst * t
+if allow_at > now then return allow_at - now end
+redis.call("SET", KEYS[1], new_tat, "PX", math.ceil((new_tat - now) / 1000) + 1000) return 0"#;
 /// Per-day counters outlive their day a little, for late readers.
 const COUNTER_TTL_SECS: u64 = 2 * 24 * 3600;
 /// Poll interval while waiting for another replica's fetch.
@@ -62,6 +69,7 @@ pub struct RedisTier {
     up: AtomicBool,
     unlock: Script,
     add_to_counter: Script,
+    gcra: Script,
     metrics: Arc<Metrics>,
 }
 
@@ -89,6 +97,7 @@ impl RedisTier {
             up: AtomicBool::new(true),
             unlock: Script::new(UNLOCK),
             add_to_counter: Script::new(ADD_TO_COUNTER),
+            gcra: Script::new(GCRA),
             metrics,
         })
     }
@@ -148,6 +157,28 @@ impl RedisTier {
             .key(format!("{}count:{name}:{day}", self.prefix));
         invocation.arg(delta).arg(COUNTER_TTL_SECS);
         self.call(invocation.invoke_async::<i64>(&mut conn)).await
+    }
+
+    /// One request against the cluster-wide GCRA limit `name`
+    /// (`<prefix>rate:<name>`): `Some(None)` to pass, `Some(Some(wait))` to
+    /// refuse, `None` if Redis failed.
+    pub async fn gcra(
+        &self,
+        name: &str,
+        now: SystemTime,
+        interval: Duration,
+        burst: u32,
+    ) -> Option<Option<Duration>> {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let now = micros(
+            now.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let mut conn = self.conn.clone();
+        let mut invocation = self.gcra.key(format!("{}rate:{name}", self.prefix));
+        invocation.arg(now).arg(micros(interval)).arg(burst);
+        let wait: i64 = self.call(invocation.invoke_async::<i64>(&mut conn)).await?;
+        Some((wait > 0).then(|| Duration::from_micros(wait.unsigned_abs())))
     }
 
     /// Deletes `key`'s entry; true if there was one.

@@ -35,7 +35,7 @@ pub(super) async fn hashtag_detail(
 ) -> Response {
     let headers = request.headers();
     let query = request.uri().query();
-    let client = match admit(&state, headers) {
+    let client = match admit(&state, headers).await {
         Ok(client) => client,
         Err(e) => return e.to_response(&request_id),
     };
@@ -121,7 +121,7 @@ pub(super) async fn hashtag_detail(
 }
 
 /// Authenticates the caller and applies its rate limit, then the global one.
-fn admit(state: &AppState, headers: &HeaderMap) -> Result<Option<Arc<Client>>, ApiError> {
+async fn admit(state: &AppState, headers: &HeaderMap) -> Result<Option<Arc<Client>>, ApiError> {
     let client = state.access().authenticate(headers)?;
     let limits = client
         .as_ref()
@@ -129,7 +129,7 @@ fn admit(state: &AppState, headers: &HeaderMap) -> Result<Option<Arc<Client>>, A
         .into_iter()
         .chain(state.rate_limit());
     for limit in limits {
-        if let Err(refusal) = limit.check() {
+        if let Err(refusal) = limit.check().await {
             if let Refusal::Rate { scope, .. } = refusal {
                 state.metrics().rate_limited(scope);
             }
