@@ -260,6 +260,10 @@ impl App {
             shutdown_grace,
             snapshot,
         } = self;
+        let purges = state.proxy().redis_handle().map(|redis| {
+            let cache = state.proxy().cache().clone();
+            tokio::spawn(async move { redis.follow_purges(cache).await })
+        });
         let saver = snapshot.as_ref().map(|(path, interval)| {
             tokio::spawn(save_periodically(path.clone(), *interval, state.clone()))
         });
@@ -288,8 +292,8 @@ impl App {
                 Ok(())
             }
         };
-        if let Some(saver) = saver {
-            saver.abort();
+        for task in [saver, purges].into_iter().flatten() {
+            task.abort();
         }
         if let Some((path, _)) = &snapshot {
             save_snapshot(path, &state).await;

@@ -128,6 +128,11 @@ impl Proxy {
         &self.fetcher.cache
     }
 
+    /// A shared handle on the Redis tier, for background tasks.
+    pub fn redis_handle(&self) -> Option<Arc<RedisTier>> {
+        self.fetcher.redis.clone()
+    }
+
     /// The Redis tier, when configured (for operational endpoints).
     pub fn redis(&self) -> Option<&RedisTier> {
         self.fetcher.redis.as_deref()
@@ -161,7 +166,11 @@ impl Proxy {
     pub async fn purge(&self, key: &CacheKey) -> u64 {
         let local = u64::from(self.cache().remove(key).await);
         let shared = match self.redis() {
-            Some(redis) => u64::from(redis.remove(key).await),
+            Some(redis) => {
+                let removed = redis.remove(key).await;
+                redis.publish_purge(Some(key)).await;
+                u64::from(removed)
+            }
             None => 0,
         };
         local.max(shared)
@@ -171,7 +180,11 @@ impl Proxy {
     pub async fn purge_all(&self) -> u64 {
         let local = self.cache().clear().await;
         let shared = match self.redis() {
-            Some(redis) => redis.clear().await,
+            Some(redis) => {
+                let removed = redis.clear().await;
+                redis.publish_purge(None).await;
+                removed
+            }
             None => 0,
         };
         local.max(shared)

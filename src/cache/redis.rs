@@ -25,7 +25,9 @@ use bytes::Bytes;
 use redis::{AsyncCommands, Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
 use tokio::time::Instant;
 
-use super::{CacheKey, Entry, codec};
+use futures_util::StreamExt as _;
+
+use super::{CacheKey, Entry, LocalCache, codec};
 use crate::{config::RedisConfig, metrics::Metrics};
 
 /// Deletes the lock only if we still own it.
@@ -61,6 +63,8 @@ pub enum Claim {
 
 /// Connection and naming for the Redis tier.
 pub struct RedisTier {
+    /// For the purge subscription (a pub/sub connection of its own).
+    client: Client,
     conn: ConnectionManager,
     prefix: String,
     op_timeout: Duration,
@@ -87,8 +91,9 @@ impl RedisTier {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
         Ok(Self {
+            client,
             conn,
             prefix: config.prefix.clone(),
             op_timeout: config.op_timeout,
@@ -157,6 +162,44 @@ impl RedisTier {
             .key(format!("{}count:{name}:{day}", self.prefix));
         invocation.arg(delta).arg(COUNTER_TTL_SECS);
         self.call(invocation.invoke_async::<i64>(&mut conn)).await
+    }
+
+    /// Tells every replica to drop `key` (or everything, with `None`) from memory.
+    pub async fn publish_purge(&self, key: Option<&CacheKey>) {
+        let payload = key.map_or("*", CacheKey::path_and_query);
+        let mut conn = self.conn.clone();
+        let _ = self
+            .call(conn.publish::<_, _, i64>(self.purge_channel(), payload))
+            .await;
+    }
+
+    /// Applies purges published by any replica to `cache` until aborted;
+    /// resubscribes after a lost connection.
+    pub async fn follow_purges(&self, cache: LocalCache) {
+        loop {
+            if let Ok(mut pubsub) = self.client.get_async_pubsub().await
+                && pubsub.subscribe(self.purge_channel()).await.is_ok()
+            {
+                let mut messages = pubsub.into_on_message();
+                while let Some(message) = messages.next().await {
+                    match message.get_payload::<String>() {
+                        Ok(all) if all == "*" => {
+                            cache.clear().await;
+                        }
+                        Ok(key) => {
+                            cache.remove(&CacheKey::new(key)).await;
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            // Redis is away: memory keeps serving; try again shortly.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    fn purge_channel(&self) -> String {
+        format!("{}purge", self.prefix)
     }
 
     /// One request against the cluster-wide GCRA limit `name`
