@@ -62,6 +62,7 @@ fn secs(d: Duration) -> u64 {
 }
 
 /// A request-rate limit: `per_minute` sustained, bursts of `burst`.
+#[derive(Debug)]
 pub struct RateLimit {
     limiter:
         RateLimiter<NotKeyed, InMemoryState, SharedClock, NoOpMiddleware<std::time::SystemTime>>,
@@ -71,16 +72,6 @@ pub struct RateLimit {
     gcra: (Duration, u32),
     /// The Redis tier and this limit's name in it, when shared.
     shared: Option<(Arc<RedisTier>, String)>,
-}
-
-impl std::fmt::Debug for RateLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimit")
-            .field("scope", &self.scope)
-            .field("gcra", &self.gcra)
-            .field("shared", &self.shared.as_ref().map(|(_, name)| name))
-            .finish()
-    }
 }
 
 impl RateLimit {
@@ -128,6 +119,7 @@ impl RateLimit {
 }
 
 /// Credits that may be spent per UTC day.
+#[derive(Debug)]
 pub struct Budget {
     limit: u64,
     scope: Scope,
@@ -135,16 +127,6 @@ pub struct Budget {
     spent: Mutex<(u64, u64)>,
     /// The cluster-wide counter (Redis tier) and this budget's name in it.
     shared: Option<(Arc<RedisTier>, String)>,
-}
-
-impl std::fmt::Debug for Budget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Budget")
-            .field("limit", &self.limit)
-            .field("scope", &self.scope)
-            .field("shared", &self.shared.as_ref().map(|(_, name)| name))
-            .finish()
-    }
 }
 
 /// Where a reservation was counted, so it is given back to the same place.

@@ -77,6 +77,16 @@ pub struct RedisTier {
     metrics: Arc<Metrics>,
 }
 
+/// Shows the namespace and state only: the URL may hold a password.
+impl std::fmt::Debug for RedisTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTier")
+            .field("prefix", &self.prefix)
+            .field("up", &self.is_up())
+            .finish_non_exhaustive()
+    }
+}
+
 impl RedisTier {
     /// Prepares a lazily connecting, self-reconnecting client; never blocks on Redis.
     pub fn new(
