@@ -1,20 +1,23 @@
 //! Binary form of an [`Entry`], shared by the Redis tier and the snapshot
-//! file: a fixed header (magic, version, timestamps, windows, status, body
-//! length, CRC-32 of the body) followed by the raw body. Anything that does
+//! file: a fixed header (magic, version, timestamps, windows, status, part
+//! lengths, CRC-32) followed by the raw body, its ETag and its gzip form. Anything that does
 //! not decode exactly — foreign values, truncation, bit rot — is rejected and
 //! treated as a miss, never served.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::Entry;
 
 const MAGIC: &[u8; 4] = b"KAPE";
-const VERSION: u8 = 1;
-/// magic + version + stored_at + ttl + swr + sie + status + negative + len + crc
-const HEADER_LEN: usize = 4 + 1 + 8 + 8 + 8 + 8 + 2 + 1 + 4 + 4;
+/// 2: the ETag and the gzip form travel with the body, so a replica filling
+/// its memory from Redis (or a snapshot) does not recompute them.
+const VERSION: u8 = 2;
+/// magic + version + stored_at + ttl + swr + sie + status + negative
+/// + body, etag and gzip lengths + crc
+const HEADER_LEN: usize = 4 + 1 + 8 + 8 + 8 + 8 + 2 + 1 + 4 + 2 + 4 + 4;
 
 /// Why bytes are not an entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,9 +32,12 @@ pub enum DecodeError {
     Invalid,
 }
 
-/// Serializes `entry` (timestamps in milliseconds).
+/// Serializes `entry` (timestamps in milliseconds). The CRC covers
+/// everything after the header: body, ETag and gzip form.
 pub fn encode(entry: &Entry) -> Bytes {
-    let mut out = BytesMut::with_capacity(HEADER_LEN + entry.body.len());
+    let etag = entry.etag.as_bytes();
+    let gzip: &[u8] = entry.gzip.as_deref().unwrap_or_default();
+    let mut out = BytesMut::with_capacity(HEADER_LEN + entry.body.len() + etag.len() + gzip.len());
     out.put_slice(MAGIC);
     out.put_u8(VERSION);
     out.put_u64_le(unix_millis(entry.stored_at));
@@ -44,14 +50,23 @@ pub fn encode(entry: &Entry) -> Bytes {
     }
     out.put_u16_le(entry.status.as_u16());
     out.put_u8(u8::from(entry.negative));
-    // Bodies are capped by upstream.max_body_bytes (validated to fit in u32).
+    // Bodies are capped by upstream.max_body_bytes (validated to fit in u32);
+    // an ETag is 34 bytes.
     out.put_u32_le(u32::try_from(entry.body.len()).unwrap_or(u32::MAX));
-    out.put_u32_le(crc32fast::hash(&entry.body));
-    out.put_slice(&entry.body);
+    out.put_u16_le(u16::try_from(etag.len()).unwrap_or(u16::MAX));
+    out.put_u32_le(u32::try_from(gzip.len()).unwrap_or(u32::MAX));
+    let mut crc = crc32fast::Hasher::new();
+    for part in [&entry.body[..], etag, gzip] {
+        crc.update(part);
+    }
+    out.put_u32_le(crc.finalize());
+    for part in [&entry.body[..], etag, gzip] {
+        out.put_slice(part);
+    }
     out.freeze()
 }
 
-/// Parses bytes produced by [`encode`]; the body is a zero-copy slice of `raw`.
+/// Parses bytes produced by [`encode`]; the parts are zero-copy slices of `raw`.
 pub fn decode(raw: &Bytes) -> Result<Entry, DecodeError> {
     if raw.len() < HEADER_LEN {
         return Err(if raw.starts_with(MAGIC) {
@@ -60,7 +75,7 @@ pub fn decode(raw: &Bytes) -> Result<Entry, DecodeError> {
             DecodeError::Foreign
         });
     }
-    let (header, body) = raw.split_at(HEADER_LEN);
+    let header = &raw[..HEADER_LEN];
     if &header[..4] != MAGIC || header[4] != VERSION {
         return Err(DecodeError::Foreign);
     }
@@ -75,7 +90,7 @@ pub fn decode(raw: &Bytes) -> Result<Entry, DecodeError> {
         u32::from_le_bytes(b)
     };
     let stored_at = UNIX_EPOCH + Duration::from_millis(u64_at(5));
-    let [ttl, swr, sie] = [13, 21, 29].map(|i| Duration::from_millis(u64_at(i)));
+    let windows = [13, 21, 29].map(|i| Duration::from_millis(u64_at(i)));
     let status = StatusCode::from_u16(u16::from_le_bytes([header[37], header[38]]))
         .map_err(|_| DecodeError::Invalid)?;
     let negative = match header[39] {
@@ -83,18 +98,28 @@ pub fn decode(raw: &Bytes) -> Result<Entry, DecodeError> {
         1 => true,
         _ => return Err(DecodeError::Invalid),
     };
-    if body.len() != u32_at(40) as usize {
+    let body_len = u32_at(40) as usize;
+    let etag_len = usize::from(u16::from_le_bytes([header[44], header[45]]));
+    let gzip_len = u32_at(46) as usize;
+    if raw.len() - HEADER_LEN != body_len + etag_len + gzip_len {
         return Err(DecodeError::Length);
     }
-    if crc32fast::hash(body) != u32_at(44) {
+    if crc32fast::hash(&raw[HEADER_LEN..]) != u32_at(50) {
         return Err(DecodeError::Checksum);
     }
-    Ok(Entry::restore(
-        raw.slice(HEADER_LEN..),
+    let body_end = HEADER_LEN + body_len;
+    let etag_end = body_end + etag_len;
+    let etag = HeaderValue::from_maybe_shared(raw.slice(body_end..etag_end))
+        .map_err(|_| DecodeError::Invalid)?;
+    let gzip = (gzip_len > 0).then(|| raw.slice(etag_end..));
+    Ok(Entry::assemble(
+        raw.slice(HEADER_LEN..body_end),
+        etag,
+        gzip,
         status,
         negative,
         stored_at,
-        [ttl, swr, sie],
+        windows,
     ))
 }
 
@@ -123,6 +148,8 @@ mod tests {
         let original = entry();
         let decoded = decode(&encode(&original)).unwrap();
         assert_eq!(decoded.body, original.body);
+        assert_eq!(decoded.etag, original.etag);
+        assert_eq!(decoded.gzip, original.gzip);
         assert_eq!(decoded.status, original.status);
         assert_eq!(decoded.lifetime(), original.lifetime());
         let drift = original.age(decoded.stored_at) + decoded.age(original.stored_at);
@@ -130,6 +157,18 @@ mod tests {
             drift < Duration::from_millis(1),
             "stored_at kept to the millisecond"
         );
+    }
+
+    #[test]
+    fn round_trips_the_precomputed_gzip_form() {
+        let policy = FreshnessPolicy::from_config(&Config::defaults().unwrap().cache);
+        let body = format!("{{\"code\":0,\"data\":\"{}\"}}", "ufc324 ".repeat(200));
+        let original = Entry::success(Bytes::from(body), Duration::from_secs(60), &policy);
+        assert!(original.gzip.is_some());
+        let decoded = decode(&encode(&original)).unwrap();
+        assert_eq!(decoded.gzip, original.gzip);
+        assert_eq!(decoded.etag, original.etag);
+        assert_eq!(decoded.body, original.body);
     }
 
     #[test]

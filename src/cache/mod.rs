@@ -154,10 +154,25 @@ impl Entry {
         stored_at: SystemTime,
         [ttl, stale_while_revalidate, stale_if_error]: [Duration; 3],
     ) -> Self {
+        let (etag, gzip) = (encoding::strong_etag(&body), encoding::gzip(&body));
+        let windows = [ttl, stale_while_revalidate, stale_if_error];
+        Self::assemble(body, etag, gzip, status, negative, stored_at, windows)
+    }
+
+    /// An entry from parts computed earlier (the codec keeps ETag and gzip).
+    fn assemble(
+        body: Bytes,
+        etag: HeaderValue,
+        gzip: Option<Bytes>,
+        status: StatusCode,
+        negative: bool,
+        stored_at: SystemTime,
+        [ttl, stale_while_revalidate, stale_if_error]: [Duration; 3],
+    ) -> Self {
         Self {
-            etag: encoding::strong_etag(&body),
-            gzip: encoding::gzip(&body),
             body,
+            etag,
+            gzip,
             status,
             negative,
             stored_at,
