@@ -260,7 +260,7 @@ impl App {
             shutdown_grace,
             snapshot,
         } = self;
-        let purges = state.proxy().redis_handle().map(|redis| {
+        let purges = state.proxy().redis().cloned().map(|redis| {
             let cache = state.proxy().cache().clone();
             tokio::spawn(async move { redis.follow_purges(cache).await })
         });

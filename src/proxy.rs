@@ -128,14 +128,9 @@ impl Proxy {
         &self.fetcher.cache
     }
 
-    /// A shared handle on the Redis tier, for background tasks.
-    pub fn redis_handle(&self) -> Option<Arc<RedisTier>> {
-        self.fetcher.redis.clone()
-    }
-
-    /// The Redis tier, when configured (for operational endpoints).
-    pub fn redis(&self) -> Option<&RedisTier> {
-        self.fetcher.redis.as_deref()
+    /// The Redis tier, when configured (operational endpoints, background tasks).
+    pub fn redis(&self) -> Option<&Arc<RedisTier>> {
+        self.fetcher.redis.as_ref()
     }
 
     /// Upstream protection state (for operational endpoints).
@@ -153,12 +148,13 @@ impl Proxy {
         let Some(redis) = self.redis() else {
             return false;
         };
-        match redis.get(key).await {
-            Some(entry) if entry.is_fresh(SystemTime::now()) => {
-                self.cache().insert(key.clone(), Arc::new(entry)).await;
+        let usable = |e: &Entry| Trigger::Miss.satisfied_by(e, SystemTime::now());
+        match redis.get(key).await.filter(usable) {
+            Some(entry) => {
+                self.fetcher.fill_memory(key, entry).await;
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
@@ -320,9 +316,7 @@ impl Fetcher {
                 },
             };
             if let Some(entry) = shared {
-                let entry = Arc::new(entry);
-                self.cache.insert(key, Arc::clone(&entry)).await;
-                return Ok(Fetched::AlreadyCached(entry));
+                return Ok(Fetched::AlreadyCached(self.fill_memory(&key, entry).await));
             }
         }
         let result = self.call_upstream(&key, ttl).await;
@@ -360,6 +354,11 @@ impl Fetcher {
         if let Some(redis) = &self.redis {
             redis.put(key, &entry).await;
         }
+        self.fill_memory(key, entry).await
+    }
+
+    /// Puts an entry into this replica's memory tier.
+    async fn fill_memory(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
         self.cache.insert(key.clone(), Arc::clone(&entry)).await;
         entry
