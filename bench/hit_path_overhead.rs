@@ -17,6 +17,7 @@ use keyapi_proxy::{
     key::HASHTAG_DETAIL_PATH,
     limits::RateLimit,
     metrics::{Metrics, Scope},
+    served::{CacheState, Served},
 };
 
 const N: u32 = 2_000_000;
@@ -70,8 +71,12 @@ fn main() {
         }
     });
     let counters = time("metrics (request counters, history, client)", || {
-        metrics.record_request(HASHTAG_DETAIL_PATH, 200, Some("hit"));
-        client.counters.requests.inc();
+        metrics.record_request(
+            HASHTAG_DETAIL_PATH,
+            200,
+            Some(Served::Cached(CacheState::Hit)),
+        );
+        client.requests.inc();
     });
     println!(
         "\ntotal added to a hit: {:.1} ns ({:.2} µs)",

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderName, header::AUTHORIZATION};
+use prometheus_client::metrics::counter::Counter;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::{
@@ -17,8 +18,9 @@ use crate::{
     clock::SharedClock,
     config::ClientConfig,
     digest,
-    limits::{Budget, RateLimit},
-    metrics::{ClientCounters, Metrics, Scope},
+    ledger::{Account, Budget},
+    limits::RateLimit,
+    metrics::{Metrics, Scope},
 };
 
 /// `X-Api-Key`: the alternative to `Authorization: Bearer`.
@@ -33,12 +35,12 @@ pub struct Client {
     pub may_refresh: bool,
     /// May use `/admin/cache`.
     pub may_purge: bool,
-    /// This client's metric counters, resolved at start-up.
-    pub counters: ClientCounters,
+    /// `client_requests_total{client}`, resolved at start-up.
+    pub requests: Counter,
     /// This client's request rate limit, if any.
     pub rate: Option<RateLimit>,
-    /// This client's daily credit budget, if any.
-    pub budget: Option<Budget>,
+    /// What its requests' fetches are charged to: its budget, its spend.
+    pub account: Arc<Account>,
     /// SHA-256 of the token as four words: compared word-wise in constant time.
     token_sha256: [u64; 4],
 }
@@ -71,20 +73,27 @@ impl Access {
         let clients = config
             .iter()
             .filter_map(|c| {
+                let id = Arc::<str>::from(c.id.as_str());
+                // Its rate limit and budget counters in Redis.
+                let name = format!("client:{id}");
+                let counters = metrics.client(&id);
                 Some(Arc::new(Client {
-                    id: Arc::from(c.id.as_str()),
                     may_refresh: c.refresh,
                     may_purge: c.purge,
-                    counters: metrics.client(&c.id),
+                    requests: counters.requests,
                     rate: c.rate_per_minute.and_then(|rate| {
                         RateLimit::new(rate, c.burst.unwrap_or(0), Scope::Client, clock)
-                            .map(|l| l.shared(redis, &format!("client:{}", c.id)))
+                            .map(|l| l.shared(redis, &name))
                     }),
-                    budget: c
-                        .daily_budget
-                        .and_then(|limit| Budget::new(limit, Scope::Client))
-                        .map(|b| b.shared(redis, &format!("client:{}", c.id))),
+                    account: Arc::new(Account {
+                        id: Arc::clone(&id),
+                        budget: c
+                            .daily_budget
+                            .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
+                        charged: counters.credits_spent,
+                    }),
                     token_sha256: words(&digest::parse_sha256_hex(&c.token_sha256)?),
+                    id,
                 }))
             })
             .collect();

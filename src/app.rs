@@ -18,7 +18,7 @@ use std::{
 use axum::{Router, ServiceExt, extract::Request};
 use bytes::Bytes;
 use secrecy::SecretString;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, time::Instant};
 use tower::Layer as _;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -29,7 +29,8 @@ use crate::{
     config::{self, Config},
     cors,
     key::HashtagRules,
-    limits::{Budget, RateLimit},
+    ledger::{Budget, Ledger},
+    limits::RateLimit,
     metrics::{Metrics, Scope},
     observe::{Observe, ObserveLayer},
     openapi,
@@ -65,7 +66,6 @@ struct Shared {
     access: Access,
     clock: SharedClock,
     rate_limit: Option<RateLimit>,
-    budget: Option<Budget>,
     rules: HashtagRules,
     /// `/openapi.json`, rendered once for this configuration.
     openapi: Bytes,
@@ -97,11 +97,6 @@ impl AppState {
     /// The global rate limit, if configured.
     pub fn rate_limit(&self) -> Option<&RateLimit> {
         self.0.rate_limit.as_ref()
-    }
-
-    /// The global daily credit budget, if configured.
-    pub fn budget(&self) -> Option<&Budget> {
-        self.0.budget.as_ref()
     }
 
     /// The hashtag route's parameter rules and TTLs.
@@ -159,15 +154,24 @@ impl App {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
         let metrics = Arc::new(Metrics::new(config.credits.per_call, clock.clone()));
-        let upstream = Upstream::new(&config.upstream, api_key)?.with_metrics(Arc::clone(&metrics));
+        let upstream = Upstream::new(&config.upstream, api_key)?;
         let redis = match &config.cache.redis.url {
             Some(url) => Some(Arc::new(RedisTier::new(
                 url,
                 &config.cache.redis,
+                config.worst_fetch(),
                 Arc::clone(&metrics),
             )?)),
             None => None,
         };
+        let ledger = Ledger::new(
+            config.credits.per_call,
+            Budget::new(config.credits.daily_budget, Scope::Global, "global".into()),
+            redis.clone(),
+            config.credits.outage_allowance,
+            clock.clone(),
+            Arc::clone(&metrics),
+        );
         let state = AppState(Arc::new(Shared {
             proxy: Proxy::new(
                 LocalCache::new(config.cache.max_bytes),
@@ -175,6 +179,7 @@ impl App {
                 upstream,
                 Protection::from_config(&config.upstream),
                 FreshnessPolicy::from_config(&config.cache),
+                ledger,
                 Arc::clone(&metrics),
             ),
             metrics: Arc::clone(&metrics),
@@ -186,8 +191,6 @@ impl App {
                 &clock,
             )
             .map(|l| l.shared(redis.as_ref(), "global")),
-            budget: Budget::new(config.credits.daily_budget, Scope::Global)
-                .map(|b| b.shared(redis.as_ref(), "global")),
             clock,
             rules,
             openapi,
@@ -267,22 +270,23 @@ impl App {
         let saver = snapshot.as_ref().map(|(path, interval)| {
             tokio::spawn(save_periodically(path.clone(), *interval, state.clone()))
         });
-        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        // Set when draining starts: connections and fetches must end by then.
+        let (deadline_tx, deadline_rx) = tokio::sync::watch::channel(None::<Instant>);
         let signal_state = state.clone();
         let signal = async move {
             shutdown.await;
             signal_state.set_ready(false);
-            let _ = draining_tx.send(());
+            deadline_tx.send_replace(Some(Instant::now() + shutdown_grace));
         };
         state.set_ready(true);
         tracing::info!(%local_addr, "listening");
         let service = ServiceExt::<Request>::into_make_service(router);
         let server = axum::serve(listener, service).with_graceful_shutdown(signal);
+        let mut grace_rx = deadline_rx.clone();
         let grace = async move {
-            if draining_rx.await.is_ok() {
-                tokio::time::sleep(shutdown_grace).await;
-            } else {
-                std::future::pending::<()>().await;
+            match grace_rx.wait_for(Option::is_some).await.map(|d| *d) {
+                Ok(Some(deadline)) => tokio::time::sleep_until(deadline).await,
+                _ => std::future::pending::<()>().await,
             }
         };
         let result = tokio::select! {
@@ -292,6 +296,18 @@ impl App {
                 Ok(())
             }
         };
+        // Fetches still running (background refreshes included) have been or
+        // are being paid for: let them finish and be stored, so the snapshot
+        // keeps them and a restart does not pay again.
+        let deadline = deadline_rx
+            .borrow()
+            .unwrap_or_else(|| Instant::now() + shutdown_grace);
+        if tokio::time::timeout_at(deadline, state.proxy().idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over with upstream fetches still running");
+        }
         for task in [saver, purges].into_iter().flatten() {
             task.abort();
         }

@@ -10,41 +10,10 @@ use axum::http::{
 
 use bytes::BytesMut;
 
-use crate::cache::Entry;
+use crate::{cache::Entry, served::CacheState};
 
 /// `Cache-Status` header name (RFC 9211).
 pub const CACHE_STATUS: &str = "cache-status";
-
-/// How a cached answer reached this client. Also a log field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheState {
-    /// Served from the cache, no upstream call.
-    Hit,
-    /// This request's miss fetched and stored the answer.
-    Stored,
-    /// This request waited on another request's fetch (single flight).
-    Collapsed,
-    /// The client asked for a refresh (`Cache-Control: no-cache`, when allowed).
-    Refreshed,
-    /// Served stale within stale-while-revalidate; a background refresh runs.
-    Stale,
-    /// Served stale because the upstream failed (stale-if-error).
-    StaleIfError { fwd_status: Option<u16> },
-}
-
-impl CacheState {
-    /// Bounded label for logs and metrics.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Hit => "hit",
-            Self::Stored => "stored",
-            Self::Collapsed => "collapsed",
-            Self::Refreshed => "refreshed",
-            Self::Stale => "stale",
-            Self::StaleIfError { .. } => "stale_if_error",
-        }
-    }
-}
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
@@ -84,6 +53,9 @@ pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry) {
         )),
         CacheState::StaleIfError { fwd_status: None } => format_value(format_args!(
             "keyapi-proxy; fwd=stale; ttl={stale_ttl}; detail=stale-if-error"
+        )),
+        CacheState::StaleOverBudget => format_value(format_args!(
+            "keyapi-proxy; fwd=stale; ttl={stale_ttl}; detail=budget"
         )),
     };
     headers.insert(CACHE_STATUS, status);

@@ -85,6 +85,11 @@ pub fn until_utc_midnight(t: SystemTime) -> Duration {
     Duration::from_secs(DAY - secs % DAY)
 }
 
+/// Whole seconds to wait, rounded up and at least 1: a `Retry-After` value.
+pub fn ceil_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
 /// Seconds since the Unix epoch (0 before it).
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()

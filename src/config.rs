@@ -165,12 +165,32 @@ pub struct RedisConfig {
     /// `KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT`: after this, a Redis call counts as failed.
     #[serde(with = "humantime_serde")]
     pub op_timeout: Duration,
-    /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_TTL`: expiry of a fetch lock (a crashed holder blocks no longer).
-    #[serde(with = "humantime_serde")]
-    pub lock_ttl: Duration,
-    /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_WAIT`: how long to wait for another replica's fetch.
-    #[serde(with = "humantime_serde")]
-    pub lock_wait: Duration,
+    /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_TTL`: expiry of a fetch lock (a
+    /// crashed holder blocks no longer). Absent: the worst-case fetch time + 5 s.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lock_ttl: Option<Duration>,
+    /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_WAIT`: how long to wait for another
+    /// replica's fetch before fetching anyway. Absent: `lock_ttl`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lock_wait: Option<Duration>,
+}
+
+impl RedisConfig {
+    /// `(lock_ttl, lock_wait)`, derived from `worst_fetch` where not set.
+    pub fn lock_times(&self, worst_fetch: Duration) -> (Duration, Duration) {
+        let ttl = self
+            .lock_ttl
+            .unwrap_or(worst_fetch + Duration::from_secs(5));
+        (ttl, self.lock_wait.unwrap_or(ttl))
+    }
 }
 
 /// `[hashtag]`: the parameters the hashtag-detail route accepts.
@@ -216,6 +236,10 @@ pub struct CreditsConfig {
     /// `KEYAPI_PROXY__CREDITS__DAILY_BUDGET`: credits all upstream calls may
     /// spend per UTC day; 0 = no budget.
     pub daily_budget: u64,
+    /// `KEYAPI_PROXY__CREDITS__OUTAGE_ALLOWANCE`: credits one replica may
+    /// spend per budget and UTC day while the shared ledger (Redis) is
+    /// unreachable; 0 = refuse upstream calls that a budget would pay for.
+    pub outage_allowance: u64,
 }
 
 /// `[rate_limit]`: requests per minute over all callers together.
@@ -290,6 +314,12 @@ impl Config {
         Ok(config)
     }
 
+    /// The longest one fetch can take: waiting for upstream protection, then
+    /// every attempt (retries share `request_timeout`).
+    pub fn worst_fetch(&self) -> Duration {
+        self.upstream.queue_timeout + self.upstream.request_timeout
+    }
+
     /// Checks the rules that serde types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
@@ -335,12 +365,15 @@ impl Config {
                 return invalid("cache.redis.url is not a valid redis:// URL".into());
             }
         }
-        if self.cache.redis.url.is_some()
-            && self.cache.redis.lock_ttl <= self.upstream.request_timeout
-        {
-            return invalid(
-                "cache.redis.lock_ttl must be longer than upstream.request_timeout".into(),
-            );
+        let worst_fetch = self.worst_fetch();
+        let (lock_ttl, lock_wait) = self.cache.redis.lock_times(worst_fetch);
+        if self.cache.redis.url.is_some() && lock_ttl.min(lock_wait) <= worst_fetch {
+            return invalid(format!(
+                "cache.redis.lock_ttl and lock_wait must be longer than the worst-case fetch \
+                 (upstream.queue_timeout + upstream.request_timeout = {}), so that no replica \
+                 pays again for a question another one is still fetching",
+                humantime_serde::re::humantime::format_duration(worst_fetch)
+            ));
         }
         if !(0.0..1.0).contains(&self.cache.refresh_ahead) {
             return invalid("cache.refresh_ahead must be 0 (off) or a fraction below 1".into());

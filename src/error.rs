@@ -14,8 +14,8 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::AuthError, cache_status, coalesce::Abandoned, key::KeyError, limits::Refusal,
-    observe::RequestId, upstream::UpstreamError,
+    access::AuthError, cache_status, coalesce::Abandoned, key::KeyError, ledger,
+    limits::RateLimited, observe::RequestId, proxy::ProxyError, upstream::UpstreamError,
 };
 
 /// An error answer.
@@ -30,11 +30,23 @@ pub enum ApiError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
-    Limited(#[from] Refusal),
+    Limited(#[from] RateLimited),
+    #[error(transparent)]
+    Budget(#[from] ledger::Refusal),
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+}
+
+impl From<ProxyError> for ApiError {
+    fn from(error: ProxyError) -> Self {
+        match error {
+            ProxyError::Upstream(e) => e.into(),
+            ProxyError::Abandoned(e) => e.into(),
+            ProxyError::Budget(e) => e.into(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -56,7 +68,10 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
-            Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Limited(_) | Self::Budget(ledger::Refusal::Spent { .. }) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Budget(ledger::Refusal::LedgerUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Abandoned(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -84,6 +99,7 @@ impl ApiError {
             Self::BadRequest(e) => return e.to_string(),
             Self::Auth(e) => return e.to_string(),
             Self::Limited(e) => return e.to_string(),
+            Self::Budget(e) => return e.to_string(),
             Self::NotFound => {
                 "no such route; the proxied route is GET /v1/tiktok/trending/hashtag/detail"
             }
@@ -149,6 +165,10 @@ impl ApiError {
             Self::Limited(refusal) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
                 cache_status::set_no_store(headers);
+            }
+            Self::Budget(refusal) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
+                cache_status::set_forwarded_uncached(headers, None, refusal.as_str());
             }
             _ => cache_status::set_no_store(headers),
         }

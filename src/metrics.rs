@@ -24,6 +24,7 @@ use prometheus_client::{
 
 use crate::{
     clock::SharedClock,
+    served::{CacheState, Served},
     stats::History,
     upstream::{UpstreamAnswer, UpstreamError},
 };
@@ -46,6 +47,11 @@ struct OutcomeLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PayerLabels {
+    payer: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -96,6 +102,7 @@ pub struct Metrics {
     cache_misses: Counter,
     collapsed: Counter,
     credits_spent: Counter,
+    credits_spent_by: Family<PayerLabels, Counter>,
     credits_saved: Counter,
     upstream_calls: Family<OutcomeLabels, Counter>,
     upstream_latency: Histogram,
@@ -144,8 +151,14 @@ impl Metrics {
         let credits_spent = Counter::default();
         registry.register(
             "credits_spent",
-            "KeyAPI credits spent: credits_per_call for every upstream call",
+            "KeyAPI credits spent: credits_per_call for every upstream attempt that reached KeyAPI",
             credits_spent.clone(),
+        );
+        let credits_spent_by = Family::default();
+        registry.register(
+            "credits_spent_by",
+            "KeyAPI credits spent, by who started the call (request, revalidate, refresh_ahead)",
+            credits_spent_by.clone(),
         );
         let credits_saved = Counter::default();
         registry.register(
@@ -240,6 +253,7 @@ impl Metrics {
             cache_misses,
             collapsed,
             credits_spent,
+            credits_spent_by,
             credits_saved,
             upstream_calls,
             upstream_latency,
@@ -267,44 +281,41 @@ impl Metrics {
         self.credits_per_call
     }
 
-    /// Counts one answered request. `cache` is the access log's cache state
-    /// (`None` for routes and refusals that never looked at the cache).
-    pub fn record_request(&self, route: &'static str, status: u16, cache: Option<&'static str>) {
-        let label = cache.unwrap_or("none");
+    /// Counts one answered request. `served` says how a proxied route
+    /// answered (`None` for other routes and refusals before the cache).
+    pub fn record_request(&self, route: &'static str, status: u16, served: Option<Served>) {
         self.requests
             .get_or_create(&RequestLabels {
                 route,
                 status,
-                cache: label,
+                cache: served.as_ref().map_or("none", Served::as_str),
             })
             .inc();
-        if cache.is_some() {
-            self.history.request(cache == Some("hit"));
+        let Some(served) = served else { return };
+        self.history.request(served.is_hit());
+        if served.is_hit() {
+            self.cache_hits.inc();
+        } else {
+            self.cache_misses.inc();
         }
-        match cache {
-            Some("hit") => {
-                self.cache_hits.inc();
-                self.credits_saved.inc_by(self.credits_per_call);
-            }
-            Some("stale") => {
-                self.cache_hits.inc();
-                self.stale_served.inc();
-                self.credits_saved.inc_by(self.credits_per_call);
-            }
-            Some("stale_if_error") => {
-                self.cache_misses.inc();
-                self.stale_served.inc();
-            }
-            Some("collapsed") => {
-                self.cache_misses.inc();
-                self.collapsed.inc();
-                self.credits_saved.inc_by(self.credits_per_call);
-            }
-            Some(_) => {
-                self.cache_misses.inc();
-            }
-            None => {}
+        if served.is_stale() {
+            self.stale_served.inc();
         }
+        if served == Served::Cached(CacheState::Collapsed) {
+            self.collapsed.inc();
+        }
+        if served.saved_a_call() {
+            self.credits_saved.inc_by(self.credits_per_call);
+        }
+    }
+
+    /// Books `credits` spent on an upstream attempt started by `payer`.
+    pub fn credits_spent(&self, payer: &'static str, credits: u64) {
+        self.credits_spent.inc_by(credits);
+        self.credits_spent_by
+            .get_or_create(&PayerLabels { payer })
+            .inc_by(credits);
+        self.history.credits_spent(credits);
     }
 
     /// Starts timing one upstream call; finish it with [`UpstreamCall::finish`].
@@ -405,7 +416,7 @@ pub struct UpstreamCall<'a> {
 }
 
 impl UpstreamCall<'_> {
-    /// Records the call's outcome, latency and cost.
+    /// Records the call's outcome and latency (its cost is the ledger's).
     pub fn finish(self, result: &Result<UpstreamAnswer, UpstreamError>) {
         let m = self.metrics;
         let (outcome, error) = match result {
@@ -413,13 +424,12 @@ impl UpstreamCall<'_> {
             Ok(UpstreamAnswer::Declined { .. }) => ("declined", None),
             Err(e) => (e.as_str(), Some(e.as_str())),
         };
-        m.history.upstream_call(m.credits_per_call, error);
+        m.history.upstream_call(error);
         m.upstream_calls
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
         m.upstream_latency
             .observe(self.started.elapsed().as_secs_f64());
-        m.credits_spent.inc_by(m.credits_per_call);
     }
 }
 

@@ -12,11 +12,7 @@ use axum::{
     response::Response,
 };
 
-use crate::{
-    cache::Entry,
-    cache_status::{self, CacheState},
-    error::APPLICATION_JSON,
-};
+use crate::{cache::Entry, cache_status, error::APPLICATION_JSON, served::CacheState};
 
 const GZIP: HeaderValue = HeaderValue::from_static("gzip");
 const VARY_ACCEPT_ENCODING: HeaderValue = HeaderValue::from_static("accept-encoding");

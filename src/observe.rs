@@ -24,7 +24,7 @@ use axum::{
 use tower::{Layer, Service};
 use tracing::Level;
 
-use crate::{cache::CacheKey, metrics::Metrics, routes};
+use crate::{cache::CacheKey, metrics::Metrics, routes, served::Served};
 
 /// `X-Request-Id`, on every response.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -63,8 +63,8 @@ pub struct AccessLog {
     /// The configured client's id, when clients are configured.
     pub client: Option<Arc<str>>,
     pub key: CacheKey,
-    /// `hit`, `stored`, `collapsed`, `refreshed`, `declined` or `error`.
-    pub cache: &'static str,
+    /// How the request was answered (the `cache` log field).
+    pub served: Served,
     pub upstream_status: Option<u16>,
 }
 
@@ -179,7 +179,7 @@ impl Done {
         let status = response.status().as_u16();
         let access = response.extensions().get::<AccessLog>();
         self.metrics
-            .record_request(self.route, status, access.map(|log| log.cache));
+            .record_request(self.route, status, access.map(|log| log.served));
         if let Some((method, path)) = &self.log {
             let latency_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let request_id = self.id.as_str();
@@ -191,7 +191,7 @@ impl Done {
                     status,
                     client = log.client.as_deref(),
                     key = %log.key,
-                    cache = log.cache,
+                    cache = log.served.as_str(),
                     upstream_status = log.upstream_status,
                     latency_us,
                     "request"

@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::{
     breaker::{Breaker, Pass},
+    clock::ceil_secs,
     config::UpstreamConfig,
     upstream::{UpstreamAnswer, UpstreamError},
 };
@@ -146,8 +147,4 @@ impl Admission<'_> {
         };
         self.pass.record(healthy);
     }
-}
-
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }

@@ -3,7 +3,11 @@
 //! how it was obtained, applying the freshness model of [`crate::cache`]:
 //! fresh hits, stale-while-revalidate, stale-if-error, negative entries and
 //! refresh-ahead. Only the fetch task ever writes the cache, and it never
-//! replaces a good entry with a bad answer.
+//! replaces a good entry with a bad answer. The fetch charges the
+//! [`Ledger`] for each upstream attempt as it is sent, on the account of the
+//! [`Payer`] that started it; requests that join it pay nothing.
+//!
+//! `serve` does one cache lookup; a hit returns from there.
 
 use std::{
     sync::Arc,
@@ -12,16 +16,18 @@ use std::{
 
 use bytes::Bytes;
 use reqwest::StatusCode;
+use tokio::time::Instant;
 
 use crate::{
     cache::{
         CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache,
         redis::{Claim, RedisTier},
     },
-    cache_status::CacheState,
     coalesce::{Abandoned, Coalescer, Role},
-    metrics::Metrics,
+    ledger::{Charge, Initiator, Ledger, Payer, Refusal},
+    metrics::{Metrics, Scope},
     protect::Protection,
+    served::CacheState,
     upstream::{Upstream, UpstreamAnswer, UpstreamError},
 };
 
@@ -81,6 +87,19 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Abandoned(#[from] Abandoned),
+    /// A credit budget could not afford the call; none was made.
+    #[error(transparent)]
+    Budget(#[from] Refusal),
+}
+
+impl ProxyError {
+    /// The HTTP status KeyAPI answered with, when it was asked and answered.
+    pub fn upstream_status(&self) -> Option<u16> {
+        match self {
+            Self::Upstream(e) => e.upstream_status(),
+            Self::Abandoned(_) | Self::Budget(_) => None,
+        }
+    }
 }
 
 /// Everything a fetch task needs; cheap to clone into it.
@@ -91,6 +110,7 @@ struct Fetcher {
     protection: Arc<Protection>,
     policy: Arc<FreshnessPolicy>,
     redis: Option<Arc<RedisTier>>,
+    ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
 }
 
@@ -108,6 +128,7 @@ impl Proxy {
         upstream: Upstream,
         protection: Protection,
         policy: FreshnessPolicy,
+        ledger: Ledger,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -117,6 +138,7 @@ impl Proxy {
                 protection: Arc::new(protection),
                 policy: Arc::new(policy),
                 redis,
+                ledger: Arc::new(ledger),
                 metrics,
             },
             inflight: Arc::default(),
@@ -133,29 +155,14 @@ impl Proxy {
         self.fetcher.redis.as_ref()
     }
 
+    /// The books: budgets and what they spent (for operational endpoints).
+    pub fn ledger(&self) -> &Ledger {
+        &self.fetcher.ledger
+    }
+
     /// Upstream protection state (for operational endpoints).
     pub fn protection(&self) -> &Protection {
         &self.fetcher.protection
-    }
-
-    /// Whether `key` can be answered without an upstream call: it is in L1, or
-    /// a fresh copy is in the Redis tier (which is then copied into L1). Lets
-    /// credit budgets refuse only requests that would really spend.
-    pub async fn answerable_locally(&self, key: &CacheKey) -> bool {
-        if self.cache().contains(key) {
-            return true;
-        }
-        let Some(redis) = self.redis() else {
-            return false;
-        };
-        let usable = |e: &Entry| Trigger::Miss.satisfied_by(e, SystemTime::now());
-        match redis.get(key).await.filter(usable) {
-            Some(entry) => {
-                self.fetcher.fill_memory(key, entry).await;
-                true
-            }
-            None => false,
-        }
     }
 
     /// Forgets `key` in every tier; returns how many tiers held it.
@@ -191,12 +198,14 @@ impl Proxy {
         self.inflight.idle().await;
     }
 
-    /// Answers `key`. With `refresh`, skips the cache lookup (still single flight).
+    /// Answers `key`. With `refresh`, skips the cache lookup (still single
+    /// flight). A fetch this request starts is charged to `payer`.
     pub async fn serve(
         &self,
         key: &CacheKey,
         ttl: Duration,
         refresh: bool,
+        payer: Payer,
     ) -> Result<Outcome, ProxyError> {
         let mut fallback = None;
         if !refresh && let Some(entry) = self.cache().get(key).await {
@@ -209,7 +218,7 @@ impl Proxy {
                 }
                 Freshness::StaleWhileRevalidate { .. } => {
                     entry.record_hit();
-                    self.revalidate(key, ttl, &entry);
+                    self.revalidate(key, ttl, &entry, Initiator::Revalidate);
                     return Ok(cached(entry, CacheState::Stale));
                 }
                 Freshness::StaleIfError { .. } => fallback = Some(entry),
@@ -221,16 +230,7 @@ impl Proxy {
         } else {
             Trigger::Miss
         };
-        let result = self
-            .inflight
-            .run(key.clone(), || {
-                self.fetcher.clone().fetch(key.clone(), ttl, trigger)
-            })
-            .await;
-        let (fetched, role) = match result {
-            Ok((fetched, role)) => (fetched, role),
-            Err(abandoned) => (Err(abandoned.into()), Role::Follower),
-        };
+        let (fetched, role) = self.fetch_shared(key, ttl, trigger, payer).await;
         match (fetched, fallback) {
             (Ok(Fetched::Stored(entry)), _) => {
                 let state = match (role, refresh) {
@@ -242,15 +242,54 @@ impl Proxy {
             }
             (Ok(Fetched::AlreadyCached(entry)), _) => Ok(cached(entry, CacheState::Hit)),
             (Ok(Fetched::Declined { status, body }), _) => Ok(Outcome::Declined { status, body }),
+            (Err(ProxyError::Budget(refusal)), Some(stale)) => {
+                tracing::info!(%key, reason = refusal.as_str(), "serving stale answer: no budget can afford a call");
+                Ok(cached(stale, CacheState::StaleOverBudget))
+            }
             (Err(error), Some(stale)) => {
                 tracing::warn!(%key, error = %error, "serving stale answer because the upstream failed");
-                let fwd_status = match &error {
-                    ProxyError::Upstream(e) => e.upstream_status(),
-                    ProxyError::Abandoned(_) => None,
-                };
+                let fwd_status = error.upstream_status();
                 Ok(cached(stale, CacheState::StaleIfError { fwd_status }))
             }
             (Err(error), None) => Err(error),
+        }
+    }
+
+    /// Runs or joins the one fetch of `key`. Joining is free and never refused
+    /// by a budget: a follower whose leader's client budget refused tries
+    /// again on its own account (it may lead this time, or join another).
+    async fn fetch_shared(
+        &self,
+        key: &CacheKey,
+        ttl: Duration,
+        trigger: Trigger,
+        payer: Payer,
+    ) -> (FetchResult, Role) {
+        let mut retried = false;
+        loop {
+            let result = self
+                .inflight
+                .run(key.clone(), || {
+                    let fetcher = self.fetcher.clone();
+                    fetcher.fetch(key.clone(), ttl, trigger.clone(), payer.clone())
+                })
+                .await;
+            let (fetched, role) = match result {
+                Ok((fetched, role)) => (fetched, role),
+                Err(abandoned) => (Err(abandoned.into()), Role::Follower),
+            };
+            let someone_elses_budget = matches!(
+                fetched,
+                Err(ProxyError::Budget(Refusal::Spent {
+                    scope: Scope::Client,
+                    ..
+                }))
+            );
+            if role == Role::Follower && someone_elses_budget && !retried {
+                retried = true;
+                continue;
+            }
+            return (fetched, role);
         }
     }
 
@@ -274,15 +313,18 @@ impl Proxy {
         if hits >= u64::from(policy.refresh_ahead_min_hits)
             && entry.age(now) >= entry.ttl.mul_f64(fraction)
         {
-            self.revalidate(key, ttl, entry);
+            self.revalidate(key, ttl, entry, Initiator::RefreshAhead);
         }
     }
 
-    /// Starts one background refresh of `entry` (none if a fetch is running).
-    fn revalidate(&self, key: &CacheKey, ttl: Duration, entry: &Arc<Entry>) {
+    /// Starts one background refresh of `entry` (none if a fetch is running),
+    /// charged to the global budget as the proxy's own call.
+    fn revalidate(&self, key: &CacheKey, ttl: Duration, entry: &Arc<Entry>, why: Initiator) {
         let trigger = Trigger::Background(Arc::clone(entry));
         let role = self.inflight.start(key.clone(), || {
-            self.fetcher.clone().fetch(key.clone(), ttl, trigger)
+            self.fetcher
+                .clone()
+                .fetch(key.clone(), ttl, trigger, Payer::Proxy(why))
         });
         if role == Role::Leader {
             tracing::debug!(%key, "background refresh started");
@@ -297,7 +339,13 @@ fn cached(entry: Arc<Entry>, state: CacheState) -> Outcome {
 impl Fetcher {
     /// The body of one single-flight fetch; runs in its own task.
     /// Order: L1 (moot?) → L2 (another replica's answer, or its lock) → KeyAPI.
-    async fn fetch(self, key: CacheKey, ttl: Duration, trigger: Trigger) -> FetchResult {
+    async fn fetch(
+        self,
+        key: CacheKey,
+        ttl: Duration,
+        trigger: Trigger,
+        payer: Payer,
+    ) -> FetchResult {
         if let Some(entry) = self.moot(&key, &trigger).await {
             return Ok(Fetched::AlreadyCached(entry));
         }
@@ -319,20 +367,30 @@ impl Fetcher {
                 return Ok(Fetched::AlreadyCached(self.fill_memory(&key, entry).await));
             }
         }
-        let result = self.call_upstream(&key, ttl).await;
+        let result = self.call_upstream(&key, ttl, &payer).await;
         if let (Some(redis), Some(token)) = (&self.redis, lock) {
             redis.unlock(&key, token).await;
         }
         result
     }
 
-    /// One guarded upstream call; stores what deserves storing.
-    async fn call_upstream(&self, key: &CacheKey, ttl: Duration) -> FetchResult {
-        let admission = self.protection.admit().await.inspect_err(|error| {
-            self.metrics.upstream_refused(error.as_str());
-            tracing::warn!(%key, error = %error, "upstream call refused by protection");
+    /// One guarded upstream call (with its retries); stores what deserves
+    /// storing. The first attempt's credits are taken before protection may
+    /// queue it, so concurrent fetches cannot overspend a budget together.
+    async fn call_upstream(&self, key: &CacheKey, ttl: Duration, payer: &Payer) -> FetchResult {
+        let charge = self.ledger.charge(payer).await.inspect_err(|refusal| {
+            tracing::info!(%key, reason = refusal.as_str(), "upstream call refused by a credit budget");
         })?;
-        let result = self.upstream.fetch(key).await;
+        let admission = match self.protection.admit().await {
+            Ok(admission) => admission,
+            Err(error) => {
+                charge.settle(false).await;
+                self.metrics.upstream_refused(error.as_str());
+                tracing::warn!(%key, error = %error, "upstream call refused by protection");
+                return Err(error.into());
+            }
+        };
+        let result = self.attempts(key, payer, charge).await;
         admission.settle(&result);
         match result {
             Ok(UpstreamAnswer::Success(body)) => {
@@ -349,6 +407,46 @@ impl Fetcher {
         }
     }
 
+    /// Attempts until one answers or must not be retried, all within the
+    /// request timeout. Each attempt is charged as it is sent (`charge` pays
+    /// for the first) and kept only if it reached KeyAPI; a retry the budgets
+    /// cannot afford is not made.
+    async fn attempts(
+        &self,
+        key: &CacheKey,
+        payer: &Payer,
+        mut charge: Charge<'_>,
+    ) -> Result<UpstreamAnswer, UpstreamError> {
+        let deadline = Instant::now() + self.upstream.request_timeout();
+        let mut attempt = 0;
+        loop {
+            let call = self.metrics.upstream_call();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let result = self.upstream.attempt(key.path_and_query(), remaining).await;
+            call.finish(&result);
+            let reached = result
+                .as_ref()
+                .err()
+                .is_none_or(UpstreamError::reached_upstream);
+            charge.settle(reached).await;
+            let Err(error) = &result else { return result };
+            let Some(backoff) = self.upstream.backoff(attempt, error, deadline) else {
+                return result;
+            };
+            attempt += 1;
+            tracing::info!(%key, error = %error, attempt, ?backoff, "retrying upstream call");
+            self.metrics.upstream_retry();
+            tokio::time::sleep(backoff).await;
+            charge = match self.ledger.charge(payer).await {
+                Ok(charge) => charge,
+                Err(refusal) => {
+                    tracing::info!(%key, reason = refusal.as_str(), "retry refused by a credit budget");
+                    return result;
+                }
+            };
+        }
+    }
+
     /// Writes an entry to every tier.
     async fn store(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
         if let Some(redis) = &self.redis {
@@ -357,9 +455,17 @@ impl Fetcher {
         self.fill_memory(key, entry).await
     }
 
-    /// Puts an entry into this replica's memory tier.
+    /// Puts an entry into this replica's memory tier, unless it is a
+    /// refusal and memory holds a success (kept for stale answers); the
+    /// entry is returned either way, to answer the request at hand.
     async fn fill_memory(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
+        if entry.negative
+            && let Some(current) = self.cache.get(key).await
+            && !current.negative
+        {
+            return entry;
+        }
         self.cache.insert(key.clone(), Arc::clone(&entry)).await;
         entry
     }

@@ -85,13 +85,18 @@ impl History {
         minute.hits += u64::from(hit);
     }
 
+    /// Counts credits spent on upstream calls (the ledger's charges).
+    pub fn credits_spent(&self, credits: u64) {
+        let now = self.clock.now();
+        bucket(&mut self.lock().ring, now).credits_spent += credits;
+    }
+
     /// Counts one finished upstream call; `error` is its error kind, if any.
-    pub fn upstream_call(&self, credits: u64, error: Option<&'static str>) {
+    pub fn upstream_call(&self, error: Option<&'static str>) {
         let now = self.clock.now();
         let mut inner = self.lock();
         let minute = bucket(&mut inner.ring, now);
         minute.upstream_calls += 1;
-        minute.credits_spent += credits;
         let health = &mut inner.health;
         match error {
             None => {
@@ -168,7 +173,8 @@ mod tests {
         let history = History::new(SharedClock::new(manual.clone()));
         history.request(true);
         history.request(false);
-        history.upstream_call(2, None);
+        history.upstream_call(None);
+        history.credits_spent(2);
         manual.advance(Duration::from_secs(60));
         history.request(true);
         let hour = history.last_hour();
@@ -177,7 +183,7 @@ mod tests {
         assert_eq!(hour[MINUTES - 2].credits_spent, 2);
         assert_eq!(hour[MINUTES - 1].hits, 1);
         manual.advance(Duration::from_secs(60 * 60));
-        history.upstream_call(2, Some("timeout"));
+        history.upstream_call(Some("timeout"));
         let hour = history.last_hour();
         assert_eq!(hour.iter().map(|m| m.requests).sum::<u64>(), 0);
         assert_eq!(hour[MINUTES - 1].upstream_calls, 1);

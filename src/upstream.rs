@@ -2,13 +2,13 @@
 //! every call, the body read under a size cap, and every answer classified as
 //! cacheable success, the provider's own refusal (passed through), or an error.
 //!
-//! The request is built from the [`CacheKey`] alone — nothing of the client's
-//! request reaches KeyAPI — so one key always means one byte-identical request.
+//! The request is built from the canonical path-and-query alone (a cache
+//! key) — nothing of the client's request reaches KeyAPI — so one key always
+//! means one byte-identical request. One [`Upstream::attempt`] is one paid
+//! call; the caller (the fetch, which charges the ledger per attempt) loops
+//! over attempts with [`Upstream::backoff`].
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::{
@@ -19,7 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::{cache::CacheKey, config::UpstreamConfig, metrics::Metrics};
+use crate::config::UpstreamConfig;
 
 /// `User-Agent` sent upstream.
 pub const USER_AGENT: &str = concat!("keyapi-proxy/", env!("CARGO_PKG_VERSION"));
@@ -107,6 +107,12 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the attempt may have reached KeyAPI (and so may be billed):
+    /// everything but a connect error, which never sent the request.
+    pub fn reached_upstream(&self) -> bool {
+        !matches!(self, Self::Connect(_))
+    }
+
     /// Safe to try again without risking a second charge: the request never
     /// reached KeyAPI (connect error) or KeyAPI said it did not process it
     /// (502/503/504). A timeout after sending is *not* retried: the first
@@ -151,8 +157,6 @@ pub struct Upstream {
     request_timeout: Duration,
     retries: u32,
     retry_backoff: Duration,
-    /// Counts, times and prices every call (credits spent), when set.
-    metrics: Option<Arc<Metrics>>,
 }
 
 impl Upstream {
@@ -174,64 +178,46 @@ impl Upstream {
             request_timeout: config.request_timeout,
             retries: config.retries,
             retry_backoff: config.retry_backoff,
-            metrics: None,
         })
     }
 
-    /// Records every call in `metrics` (calls by outcome, latency, in flight, credits).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
+    /// The full upstream URL for a canonical path-and-query: a pure function of it.
+    pub fn url_for(&self, path_and_query: &str) -> String {
+        format!("{}{}", self.base_url, path_and_query)
     }
 
-    /// The full upstream URL for a key: a pure function of the key.
-    pub fn url_for(&self, key: &CacheKey) -> String {
-        format!("{}{}", self.base_url, key.path_and_query())
+    /// Time allowed for one fetch, all its attempts together.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
     }
 
-    /// Calls KeyAPI for `key` and classifies the answer, retrying where that
-    /// cannot double-charge, all within `request_timeout`.
-    pub async fn fetch(&self, key: &CacheKey) -> Result<UpstreamAnswer, UpstreamError> {
-        let deadline = Instant::now() + self.request_timeout;
-        let mut attempt = 0;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(UpstreamError::Timeout);
-            }
-            let call = self.metrics.as_deref().map(Metrics::upstream_call);
-            let result = self.attempt(key, remaining).await;
-            if let Some(call) = call {
-                call.finish(&result);
-            }
-            let Err(error) = &result else { return result };
-            if attempt >= self.retries || !error.is_retryable() {
-                return result;
-            }
-            // Exponential backoff with full jitter, only if it fits the deadline.
-            let ceiling = self.retry_backoff.saturating_mul(1 << attempt.min(16));
-            let backoff = ceiling.mul_f64(fastrand::f64());
-            if Instant::now() + backoff >= deadline {
-                return result;
-            }
-            attempt += 1;
-            tracing::info!(%key, error = %error, attempt, ?backoff, "retrying upstream call");
-            if let Some(metrics) = &self.metrics {
-                metrics.upstream_retry();
-            }
-            tokio::time::sleep(backoff).await;
-        }
-    }
-
-    /// One (paid) call.
-    async fn attempt(
+    /// The pause before attempt number `attempt + 1` after `error`, or
+    /// `None` when it must not be retried: it could be charged twice (only
+    /// connect errors and 502/503/504 are retried), the retries are used up,
+    /// or the pause would not fit before `deadline`. Full jitter.
+    pub fn backoff(
         &self,
-        key: &CacheKey,
+        attempt: u32,
+        error: &UpstreamError,
+        deadline: Instant,
+    ) -> Option<Duration> {
+        if attempt >= self.retries || !error.is_retryable() {
+            return None;
+        }
+        let ceiling = self.retry_backoff.saturating_mul(1 << attempt.min(16));
+        let backoff = ceiling.mul_f64(fastrand::f64());
+        (Instant::now() + backoff < deadline).then_some(backoff)
+    }
+
+    /// One (paid) call for `path_and_query`, given `timeout` at most.
+    pub async fn attempt(
+        &self,
+        path_and_query: &str,
         timeout: Duration,
     ) -> Result<UpstreamAnswer, UpstreamError> {
         let response = self
             .client
-            .get(self.url_for(key))
+            .get(self.url_for(path_and_query))
             .header(AUTHORIZATION, self.authorization()?)
             .header(ACCEPT, HeaderValue::from_static("application/json"))
             .timeout(timeout)

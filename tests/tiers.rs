@@ -91,9 +91,10 @@ async fn a_crashed_lock_holder_blocks_a_key_only_until_the_lock_expires() {
     let lock_ttl = Duration::from_millis(600);
     let a = spawn_app_with(|c| {
         with_redis(&redis.url())(c);
-        c.upstream.request_timeout = Duration::from_millis(500);
-        c.cache.redis.lock_ttl = lock_ttl;
-        c.cache.redis.lock_wait = Duration::from_secs(30);
+        c.upstream.request_timeout = Duration::from_millis(300);
+        c.upstream.queue_timeout = Duration::from_millis(200);
+        c.cache.redis.lock_ttl = Some(lock_ttl);
+        c.cache.redis.lock_wait = Some(Duration::from_secs(30));
     })
     .await;
     // A replica took the lock and died: nobody will release it.

@@ -34,6 +34,18 @@ use crate::{config::RedisConfig, metrics::Metrics};
 const UNLOCK: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
 /// Adds to a per-day counter, setting its expiry when it is created.
 const ADD_TO_COUNTER: &str = r#"local v = redis.call("INCRBY", KEYS[1], ARGV[1]) if v == tonumber(ARGV[1]) then redis.call("EXPIRE", KEYS[1], ARGV[2]) end return v"#;
+/// Check-and-charge of one call on several per-day budget counters, all or
+/// nothing. KEYS = counters; ARGV = cost, expiry (s), then each counter's
+/// limit. Returns 0 when charged, else the 1-based index of the first counter
+/// that cannot afford it.
+const CHARGE_BUDGETS: &str = r#"local cost = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if tonumber(redis.call("GET", key) or "0") + cost > tonumber(ARGV[2 + i]) then return i end
+end
+for _, key in ipairs(KEYS) do
+  redis.call("INCRBY", key, cost) redis.call("EXPIRE", key, ARGV[2])
+end
+return 0"#;
 /// GCRA rate limit: ARGV = now, interval, burst (microseconds, count). Returns
 /// 0 when the request may pass (and records it), else microseconds to wait.
 const GCRA: &str = r#"local now = tonumber(ARGV[1]) local t = tonumber(ARGV[2]) local burst = tonumber(ARGV[3])
@@ -73,6 +85,7 @@ pub struct RedisTier {
     up: AtomicBool,
     unlock: Script,
     add_to_counter: Script,
+    charge_budgets: Script,
     gcra: Script,
     metrics: Arc<Metrics>,
 }
@@ -89,11 +102,14 @@ impl std::fmt::Debug for RedisTier {
 
 impl RedisTier {
     /// Prepares a lazily connecting, self-reconnecting client; never blocks on Redis.
+    /// Locks outlast `worst_fetch` (see [`RedisConfig::lock_times`]).
     pub fn new(
         url: &str,
         config: &RedisConfig,
+        worst_fetch: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, redis::RedisError> {
+        let (lock_ttl, lock_wait) = config.lock_times(worst_fetch);
         let client = Client::open(url)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.op_timeout.max(Duration::from_millis(100))))
@@ -107,11 +123,12 @@ impl RedisTier {
             conn,
             prefix: config.prefix.clone(),
             op_timeout: config.op_timeout,
-            lock_ttl: config.lock_ttl,
-            lock_wait: config.lock_wait,
+            lock_ttl,
+            lock_wait,
             up: AtomicBool::new(true),
             unlock: Script::new(UNLOCK),
             add_to_counter: Script::new(ADD_TO_COUNTER),
+            charge_budgets: Script::new(CHARGE_BUDGETS),
             gcra: Script::new(GCRA),
             metrics,
         })
@@ -150,7 +167,9 @@ impl RedisTier {
         }
     }
 
-    /// Stores `entry` until the end of its longest window.
+    /// Stores `entry` until the end of its longest window. A refusal
+    /// (negative entry) is stored only where nothing is: whatever is there is
+    /// a success still usable as a stale answer, or the same refusal.
     pub async fn put(&self, key: &CacheKey, entry: &Entry) {
         let remaining = entry.remaining_lifetime(SystemTime::now());
         let millis = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
@@ -158,20 +177,49 @@ impl RedisTier {
             return;
         }
         let mut conn = self.conn.clone();
-        let value = codec::encode(entry).to_vec();
-        let set = conn.pset_ex::<_, _, ()>(self.entry_key(key), value, millis);
-        let _ = self.call(set).await;
+        let mut set = redis::cmd("SET");
+        set.arg(self.entry_key(key))
+            .arg(codec::encode(entry).as_ref())
+            .arg("PX")
+            .arg(millis);
+        if entry.negative {
+            set.arg("NX");
+        }
+        let _ = self
+            .call(set.query_async::<Option<String>>(&mut conn))
+            .await;
     }
 
     /// Adds `delta` to the cluster-wide counter `name` of UTC day `day`
     /// (`<prefix>count:<name>:<day>`); returns the new total, `None` if Redis failed.
     pub async fn add_to_counter(&self, name: &str, day: u64, delta: i64) -> Option<i64> {
         let mut conn = self.conn.clone();
-        let mut invocation = self
-            .add_to_counter
-            .key(format!("{}count:{name}:{day}", self.prefix));
+        let mut invocation = self.add_to_counter.key(self.counter_key(name, day));
         invocation.arg(delta).arg(COUNTER_TTL_SECS);
         self.call(invocation.invoke_async::<i64>(&mut conn)).await
+    }
+
+    /// Charges `cost` to every per-day counter of `budgets` (name, limit) at
+    /// once, unless one of them would exceed its limit. `Some(None)` when
+    /// charged, `Some(Some(i))` when the `i`-th budget refused, `None` if Redis failed.
+    pub async fn charge_budgets<'a>(
+        &self,
+        budgets: impl Iterator<Item = (&'a str, u64)>,
+        day: u64,
+        cost: u64,
+    ) -> Option<Option<usize>> {
+        let mut invocation = self.charge_budgets.prepare_invoke();
+        invocation.arg(cost).arg(COUNTER_TTL_SECS);
+        for (name, limit) in budgets {
+            invocation.key(self.counter_key(name, day)).arg(limit);
+        }
+        let mut conn = self.conn.clone();
+        let refused: usize = self.call(invocation.invoke_async(&mut conn)).await?;
+        Some(refused.checked_sub(1))
+    }
+
+    fn counter_key(&self, name: &str, day: u64) -> String {
+        format!("{}count:{name}:{day}", self.prefix)
     }
 
     /// Tells every replica to drop `key` (or everything, with `None`) from memory.

@@ -17,13 +17,14 @@ use axum::{
 use crate::{
     access::Client,
     app::AppState,
-    cache_status::{self, CacheState},
+    cache_status,
     error::{APPLICATION_JSON, ApiError},
     key::HashtagKey,
-    limits::{Refusal, Reservation},
+    ledger::Payer,
     negotiate,
     observe::{AccessLog, RequestId},
     proxy::{Outcome, ProxyError},
+    served::{CacheState, Served},
 };
 
 pub(super) async fn hashtag_detail(
@@ -49,36 +50,37 @@ pub(super) async fn hashtag_detail(
     let may_refresh =
         state.allow_client_refresh() || client.as_ref().is_some_and(|c| c.may_refresh);
     let refresh = may_refresh && asks_for_refresh(headers);
-    let cost = state.metrics().credits_per_call();
-    let client_budget = client.as_ref().and_then(|c| c.budget.as_ref());
-    let reservation = if (client_budget.is_some() || state.budget().is_some())
-        && (refresh || !state.proxy().answerable_locally(&key).await)
-    {
-        match Reservation::reserve(client_budget, state.budget(), cost, state.clock()).await {
-            Ok(reservation) => Some(reservation),
-            Err(refusal) => {
-                if let Refusal::Budget { scope, .. } = refusal {
-                    state.metrics().budget_refused(scope);
-                }
-                return ApiError::from(refusal).to_response(&request_id);
-            }
-        }
-    } else {
-        None
-    };
+    // A fetch this request starts is charged to its client (and the global budget).
+    let payer = Payer::Request(client.as_ref().map(|c| Arc::clone(&c.account)));
+    let outcome = state.proxy().serve(&key, ttl, refresh, payer).await;
+    let (mut response, served, upstream_status) = respond(headers, outcome, &request_id);
+    response.extensions_mut().insert(AccessLog {
+        client: client.map(|c| Arc::clone(&c.id)),
+        key,
+        served,
+        upstream_status,
+    });
+    response
+}
 
-    let (mut response, cache, upstream_status) = match state.proxy().serve(&key, ttl, refresh).await
-    {
+/// The answer to one request: the response, how it was served, and the
+/// upstream status to log (when this request's own fetch got one).
+fn respond(
+    headers: &HeaderMap,
+    outcome: Result<Outcome, ProxyError>,
+    request_id: &RequestId,
+) -> (Response, Served, Option<u16>) {
+    match outcome {
         Ok(Outcome::Cached { entry, state }) => {
             let response = negotiate::cached_response(headers, &entry, state);
             let upstream = match state {
-                CacheState::Hit | CacheState::Stale => None,
+                CacheState::Hit | CacheState::Stale | CacheState::StaleOverBudget => None,
                 CacheState::StaleIfError { fwd_status } => fwd_status,
                 CacheState::Stored | CacheState::Collapsed | CacheState::Refreshed => {
                     Some(entry.status.as_u16())
                 }
             };
-            (response, state.as_str(), upstream)
+            (response, Served::Cached(state), upstream)
         }
         Ok(Outcome::Declined { status, body }) => {
             let mut response = Response::new(Body::from(body));
@@ -86,38 +88,14 @@ pub(super) async fn hashtag_detail(
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, APPLICATION_JSON);
             cache_status::set_forwarded_uncached(headers, Some(status.as_u16()), "declined");
-            (response, "declined", Some(status.as_u16()))
+            (response, Served::Declined, Some(status.as_u16()))
         }
         Err(error) => {
-            let upstream_status = match &error {
-                ProxyError::Upstream(e) => e.upstream_status(),
-                ProxyError::Abandoned(_) => None,
-            };
-            let api_error = match error {
-                ProxyError::Upstream(e) => ApiError::from(e),
-                ProxyError::Abandoned(e) => ApiError::from(e),
-            };
-            (api_error.to_response(&request_id), "error", upstream_status)
+            let upstream_status = error.upstream_status();
+            let response = ApiError::from(error).to_response(request_id);
+            (response, Served::Failed, upstream_status)
         }
-    };
-    // This request paid when it (not the cache, not another request) went upstream.
-    let paid = matches!(
-        cache,
-        "stored" | "refreshed" | "declined" | "error" | "stale_if_error"
-    );
-    if let Some(reservation) = reservation {
-        reservation.settle(paid, state.clock()).await;
     }
-    if let Some(client) = client.as_ref().filter(|_| paid) {
-        client.counters.credits_spent.inc_by(cost);
-    }
-    response.extensions_mut().insert(AccessLog {
-        client: client.map(|c| Arc::clone(&c.id)),
-        key,
-        cache,
-        upstream_status,
-    });
-    response
 }
 
 /// Authenticates the caller and applies its rate limit, then the global one.
@@ -130,14 +108,12 @@ async fn admit(state: &AppState, headers: &HeaderMap) -> Result<Option<Arc<Clien
         .chain(state.rate_limit());
     for limit in limits {
         if let Err(refusal) = limit.check().await {
-            if let Refusal::Rate { scope, .. } = refusal {
-                state.metrics().rate_limited(scope);
-            }
+            state.metrics().rate_limited(refusal.scope);
             return Err(refusal.into());
         }
     }
     if let Some(client) = &client {
-        client.counters.requests.inc();
+        client.requests.inc();
     }
     Ok(client)
 }

@@ -16,9 +16,9 @@ use serde::Serialize;
 
 use crate::{
     app::AppState,
-    clock::{self, SharedClock},
+    clock,
     key::HashtagKey,
-    limits::Budget,
+    ledger::{Budget, Ledger},
     metrics::Totals,
     stats::Minute,
 };
@@ -37,6 +37,8 @@ pub(crate) struct Stats {
     credits_per_call: u64,
     daily_budget: Option<u64>,
     credits_spent_today: Option<u64>,
+    /// Fetches this replica refused today because the global budget was spent.
+    budget_refused_today: Option<u64>,
     cache_entries: u64,
     cache_bytes: u64,
     upstream: Upstream,
@@ -71,6 +73,8 @@ struct ClientStats {
     credits_spent: u64,
     daily_budget: Option<u64>,
     credits_spent_today: Option<u64>,
+    /// Fetches this replica refused today because this client's budget was spent.
+    budget_refused_today: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -91,6 +95,7 @@ impl Stats {
         let clock = history.clock();
         let now = clock.now();
         let cache = state.proxy().cache();
+        let ledger = state.proxy().ledger();
         cache.sync().await;
         let totals = metrics.totals();
         let answered = totals.hits + totals.misses;
@@ -115,10 +120,11 @@ impl Stats {
         for c in state.access().clients() {
             clients.push(ClientStats {
                 id: c.id.to_string(),
-                requests: c.counters.requests.get(),
-                credits_spent: c.counters.credits_spent.get(),
-                daily_budget: c.budget.as_ref().map(|b| b.limit()),
-                credits_spent_today: spent_today(c.budget.as_ref(), clock).await,
+                requests: c.requests.get(),
+                credits_spent: c.account.charged.get(),
+                daily_budget: c.account.budget.as_ref().map(Budget::limit),
+                credits_spent_today: spent_today(ledger, c.account.budget.as_ref()).await,
+                budget_refused_today: refused_today(ledger, c.account.budget.as_ref()),
             });
         }
         let wall_now = SystemTime::now();
@@ -149,8 +155,9 @@ impl Stats {
             hit_ratio: (answered > 0).then(|| totals.hits as f64 / answered as f64),
             totals,
             credits_per_call: metrics.credits_per_call(),
-            daily_budget: state.budget().map(|b| b.limit()),
-            credits_spent_today: spent_today(state.budget(), clock).await,
+            daily_budget: ledger.global().map(Budget::limit),
+            credits_spent_today: spent_today(ledger, ledger.global()).await,
+            budget_refused_today: refused_today(ledger, ledger.global()),
             cache_entries: cache.entry_count(),
             cache_bytes: cache.weighted_size(),
             upstream,
@@ -165,14 +172,18 @@ impl Stats {
     }
 }
 
-/// `GET /stats`.
-async fn spent_today(budget: Option<&Budget>, clock: &SharedClock) -> Option<u64> {
+async fn spent_today(ledger: &Ledger, budget: Option<&Budget>) -> Option<u64> {
     match budget {
-        Some(budget) => Some(budget.spent_today(clock).await),
+        Some(budget) => Some(ledger.spent_today(budget).await),
         None => None,
     }
 }
 
+fn refused_today(ledger: &Ledger, budget: Option<&Budget>) -> Option<u64> {
+    budget.map(|b| ledger.refused_today(b))
+}
+
+/// `GET /stats`.
 pub(super) async fn stats(State(state): State<AppState>) -> Response {
     Json(Stats::collect(&state).await).into_response()
 }
