@@ -1,0 +1,547 @@
+//! The ledger equals the bill: for any traffic, `credits_spent_total` is the
+//! price times the calls the fake KeyAPI received, and every budget moved by
+//! exactly what its calls cost. Each scenario of the ledger issue ends with
+//! that check; the last test mixes them at random (its seed is printed).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{net::TcpListener, time::Duration};
+
+use common::{
+    TestApp, client, header, join, metric, parts, redis_server::RedisServer, spawn_app_with,
+};
+use keyapi_proxy::{
+    cache::{CacheKey, codec},
+    config::Config,
+    demo::FakeMode,
+    key::HASHTAG_DETAIL_PATH,
+};
+use redis::AsyncCommands as _;
+
+/// What KeyAPI charges per call (the default `credits.per_call`).
+const PRICE: u64 = 2;
+const TOKEN: &str = "kp_ledger_dash";
+
+/// Lets an entry's TTL pass (time itself, not a stand-in for a signal).
+async fn let_expire(ttl: Duration) {
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+}
+
+/// `GET /stats` as JSON.
+async fn stats(app: &TestApp) -> serde_json::Value {
+    let response = app.client.get(app.url("/stats")).send().await.unwrap();
+    serde_json::from_str(&response.text().await.unwrap()).unwrap()
+}
+
+/// Credits on `app`'s ledger (`credits_spent_total`; readable after shutdown).
+fn booked(app: &TestApp) -> u64 {
+    app.state.metrics().totals().credits_spent
+}
+
+/// Waits for every fetch of `apps` to end, then checks the invariant over
+/// them together (they share one fake upstream). Returns (calls, credits).
+async fn assert_ledger_equals_bill(apps: &[&TestApp]) -> (u64, u64) {
+    for app in apps {
+        app.state.proxy().idle().await;
+    }
+    let calls = apps[0].upstream.calls() as u64;
+    let mut credits = 0;
+    for app in apps {
+        credits += booked(app);
+    }
+    assert_eq!(
+        credits,
+        PRICE * calls,
+        "credits on the ledger = price x calls KeyAPI received"
+    );
+    (calls, credits)
+}
+
+/// The global budget's count of today (cluster-wide with Redis).
+async fn global_spent_today(app: &TestApp) -> u64 {
+    stats(app).await["creditsSpentToday"].as_u64().unwrap()
+}
+
+fn hashtag_key(name: &str) -> CacheKey {
+    CacheKey::new(format!(
+        "{HASHTAG_DETAIL_PATH}?period=7&region=all_regions&hashtag_name={name}"
+    ))
+}
+
+/// Short TTL with a long stale-if-error window; single attempts.
+fn short_ttl(c: &mut Config, ttl: Duration) {
+    c.cache.ttl = ttl;
+    c.cache.stale_while_revalidate = Duration::ZERO;
+    c.cache.stale_if_error = Duration::from_secs(3600);
+    c.upstream.retries = 0;
+}
+
+#[tokio::test]
+async fn a_disconnect_storm_of_cold_requests_costs_only_the_calls_made() {
+    let app = spawn_app_with(|c| c.credits.daily_budget = 1000).await;
+    app.upstream.set_latency(Duration::from_millis(30));
+    let mut storm = Vec::new();
+    for i in 0..40u64 {
+        // Each client hangs up 10-50 ms after sending a cold question.
+        let request = app
+            .hashtag_request(reqwest::Method::GET, &format!("hashtag_name=storm{i}"))
+            .timeout(Duration::from_millis(10 + i % 5 * 10));
+        storm.push(tokio::spawn(request.send()));
+    }
+    for request in storm {
+        let _ = request.await.unwrap();
+    }
+    let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
+    assert!(calls <= 40);
+    assert_eq!(
+        global_spent_today(&app).await,
+        credits,
+        "the budget moved as the bill"
+    );
+    // The budget was not drained for nothing: new questions are still answered.
+    app.upstream.set_latency(Duration::ZERO);
+    assert_eq!(app.get("hashtag_name=after").await.0, 200);
+}
+
+#[tokio::test]
+async fn our_own_refusals_cost_nothing() {
+    let app = spawn_app_with(|c| {
+        c.credits.daily_budget = 1000;
+        c.upstream.max_in_flight = 1;
+        c.upstream.queue_timeout = Duration::from_millis(20);
+    })
+    .await;
+    app.upstream.set_latency(Duration::from_millis(300));
+    let handles = (0..40)
+        .map(|i| app.spawn_get_hashtag(&format!("hashtag_name=burst{i}")))
+        .collect();
+    let results = join(handles).await;
+    let refused = results.iter().filter(|(status, ..)| *status == 503).count();
+    assert!(
+        refused >= 30,
+        "the cap refused most of the burst: {refused}"
+    );
+    let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(calls as usize, 40 - refused);
+    assert_eq!(global_spent_today(&app).await, credits);
+}
+
+#[tokio::test]
+async fn twenty_waiters_on_one_failing_call_pay_for_one_call() {
+    let app = spawn_app_with(|c| {
+        c.credits.daily_budget = 1000;
+        c.upstream.breaker_failures = 1000;
+    })
+    .await;
+    app.upstream.set_mode(FakeMode::Status(500));
+    app.upstream.hold();
+    let handles = (0..20)
+        .map(|_| app.spawn_get_hashtag("hashtag_name=failing"))
+        .collect();
+    app.upstream.wait_for_calls(1).await;
+    app.upstream.release();
+    for (status, _, body) in join(handles).await {
+        assert_eq!(status, 502, "{body}");
+    }
+    let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(global_spent_today(&app).await, credits);
+    assert!(calls <= 2, "waiters share the failed call: {calls}");
+}
+
+#[tokio::test]
+async fn connection_refused_costs_nothing_and_keeps_the_budget() {
+    // A port nobody listens on: KeyAPI is never reached.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = spawn_app_with(|c| {
+        c.upstream.base_url = format!("http://{closed}");
+        c.upstream.retries = 1;
+        c.upstream.breaker_failures = 1000;
+        c.credits.daily_budget = 6;
+    })
+    .await;
+    for i in 0..4 {
+        let (status, _, body) = app.get(&format!("hashtag_name=refused{i}")).await;
+        assert_eq!(status, 502, "unreachable, not out of budget: {body}");
+    }
+    assert_eq!(booked(&app), 0);
+    assert_eq!(global_spent_today(&app).await, 0);
+}
+
+#[tokio::test]
+async fn past_its_windows_an_entry_is_refetched_only_within_budget_then_served_stale() {
+    let ttl = Duration::from_millis(300);
+    let app = spawn_app_with(|c| {
+        short_ttl(c, ttl);
+        c.credits.daily_budget = 4;
+    })
+    .await;
+    let (status, headers, first) = app.get("hashtag_name=ufc324").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&headers, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    let_expire(ttl).await;
+    // Past the TTL (inside stale-if-error): refetched, and charged.
+    let (_, headers, _) = app.get("hashtag_name=ufc324").await;
+    assert_eq!(
+        header(&headers, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
+    assert_eq!(global_spent_today(&app).await, 4);
+    let_expire(ttl).await;
+    // The budget cannot afford a third call: the stale copy answers.
+    let (status, headers, stale) = app.get("hashtag_name=ufc324").await;
+    assert_eq!(status, 200);
+    let cache_status = header(&headers, "cache-status");
+    assert!(
+        cache_status.starts_with("keyapi-proxy; fwd=stale; ttl="),
+        "{cache_status}"
+    );
+    assert!(cache_status.ends_with("; detail=budget"), "{cache_status}");
+    assert_eq!(stale.len(), first.len());
+    // A question with no stale copy is refused.
+    assert_eq!(app.get("hashtag_name=other").await.0, 429);
+    let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(calls, 2);
+    assert_eq!(global_spent_today(&app).await, 4);
+    let stats = stats(&app).await;
+    assert_eq!(stats["budgetRefusedToday"], 2, "{stats}");
+}
+
+#[tokio::test]
+async fn background_refreshes_are_charged_to_the_global_budget_not_the_client() {
+    let ttl = Duration::from_millis(1000);
+    let app = spawn_app_with(|c| {
+        let mut dash = client("dash", TOKEN);
+        dash.daily_budget = Some(100);
+        c.clients = vec![dash];
+        c.credits.daily_budget = 100;
+        c.cache.ttl = ttl;
+        c.cache.stale_while_revalidate = Duration::from_secs(600);
+        c.cache.refresh_ahead = 0.5;
+        c.cache.refresh_ahead_min_hits = 1;
+    })
+    .await;
+    let get = |query: &'static str| {
+        let app = &app;
+        async move { parts(app.get_hashtag_as(TOKEN, query).await).await }
+    };
+    assert_eq!(get("hashtag_name=ahead").await.0, 200);
+    assert_eq!(get("hashtag_name=behind").await.0, 200);
+    // Past half its TTL, a hit on a hot entry starts a refresh-ahead.
+    tokio::time::sleep(ttl / 2 + Duration::from_millis(100)).await;
+    let (_, headers, _) = get("hashtag_name=ahead").await;
+    assert!(header(&headers, "cache-status").contains("; hit;"));
+    app.state.proxy().idle().await;
+    // Past its TTL, an entry is served stale and revalidated in the background.
+    let_expire(ttl / 2).await;
+    let (_, headers, _) = get("hashtag_name=behind").await;
+    assert!(header(&headers, "cache-status").ends_with("detail=stale-while-revalidate"));
+    let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(calls, 4);
+    let text = app.metrics().await;
+    let by = |payer: &str| {
+        metric(
+            &text,
+            &format!("keyapi_proxy_credits_spent_by_total{{payer=\"{payer}\"}}"),
+        )
+    };
+    assert_eq!(
+        (by("request"), by("refresh_ahead"), by("revalidate")),
+        (4.0, 2.0, 2.0)
+    );
+    let stats = stats(&app).await;
+    assert_eq!(stats["creditsSpentToday"], credits, "{stats}");
+    assert_eq!(stats["clients"][0]["creditsSpentToday"], 4, "{stats}");
+    assert_eq!(stats["clients"][0]["creditsSpent"], 4, "{stats}");
+}
+
+#[tokio::test]
+async fn a_budget_never_refuses_a_request_that_joins_another_fetch() {
+    let app = spawn_app_with(|c| {
+        let mut broke = client("broke", "kp_broke");
+        broke.daily_budget = Some(1);
+        c.clients = vec![broke, client("rich", TOKEN)];
+    })
+    .await;
+    // "broke" cannot afford a call; "rich" can, and "broke" may join its fetch.
+    app.upstream.hold();
+    let rich = app
+        .hashtag_request(reqwest::Method::GET, "hashtag_name=shared")
+        .bearer_auth(TOKEN)
+        .send();
+    let rich = tokio::spawn(rich);
+    app.upstream.wait_for_calls(1).await;
+    let broke = app
+        .hashtag_request(reqwest::Method::GET, "hashtag_name=shared")
+        .bearer_auth("kp_broke")
+        .send();
+    let broke = tokio::spawn(broke);
+    app.upstream.release();
+    assert_eq!(rich.await.unwrap().unwrap().status(), 200);
+    assert_eq!(broke.await.unwrap().unwrap().status(), 200);
+    // Its own question is refused.
+    let response = app.get_hashtag_as("kp_broke", "hashtag_name=own").await;
+    assert_eq!(response.status(), 429);
+    assert_ledger_equals_bill(&[&app]).await;
+}
+
+fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
+    move |c: &mut Config| {
+        c.cache.redis.url = Some(url.to_owned());
+        c.cache.redis.op_timeout = Duration::from_secs(1);
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_never_exceed_a_shared_budget_under_200_concurrent_cold_requests() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let budget = |c: &mut Config| {
+        with_redis(&redis.url())(c);
+        c.credits.daily_budget = 20;
+    };
+    let a = spawn_app_with(budget).await;
+    let b = a.spawn_replica(budget).await;
+    a.upstream.set_latency(Duration::from_millis(20));
+    let handles = (0..200)
+        .map(|i| {
+            let replica = if i % 2 == 0 { &a } else { &b };
+            replica.spawn_get_hashtag(&format!("hashtag_name=cold{i}"))
+        })
+        .collect();
+    let results = join(handles).await;
+    let answered = results.iter().filter(|(s, ..)| *s == 200).count();
+    let refused = results.iter().filter(|(s, ..)| *s == 429).count();
+    assert_eq!(answered + refused, 200);
+    let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
+    assert_eq!(calls as usize, answered);
+    assert!(
+        credits <= 20,
+        "real spend {credits} within the budget of 20"
+    );
+    assert_eq!(credits, 20, "and the budget was used");
+    assert_eq!(global_spent_today(&a).await, credits);
+}
+
+#[tokio::test]
+async fn a_refusal_seen_by_one_replica_never_replaces_a_good_answer() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let ttl = Duration::from_millis(300);
+    let config = |c: &mut Config| {
+        with_redis(&redis.url())(c);
+        short_ttl(c, ttl);
+    };
+    let a = spawn_app_with(config).await;
+    let b = a.spawn_replica(config).await;
+    assert_eq!(a.get("hashtag_name=ufc324").await.0, 200);
+    let_expire(ttl).await;
+    // KeyAPI now refuses the question; replica B asks first.
+    a.upstream.set_mode(FakeMode::Status(404));
+    assert_eq!(b.get("hashtag_name=ufc324").await.0, 404);
+    let key = hashtag_key("ufc324");
+    let mut conn = redis.connection().await;
+    let raw: Vec<u8> = conn
+        .get(format!("keyapi-proxy:v1:entry:{key}"))
+        .await
+        .unwrap();
+    let shared = codec::decode(&bytes::Bytes::from(raw)).unwrap();
+    assert!(!shared.negative, "Redis keeps the good answer");
+    // Replica A keeps its own good (stale) copy too.
+    let _ = a.get("hashtag_name=ufc324").await;
+    let kept = a.state.proxy().cache().get(&key).await.unwrap();
+    assert!(!kept.negative, "A's memory keeps the good answer");
+    assert_ledger_equals_bill(&[&a, &b]).await;
+}
+
+#[tokio::test]
+async fn while_the_shared_ledger_is_down_replicas_spend_only_their_outage_allowance() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let strict = |c: &mut Config| {
+        with_redis(&redis.url())(c);
+        c.cache.redis.op_timeout = Duration::from_millis(200);
+        c.credits.daily_budget = 100;
+    };
+    let a = spawn_app_with(strict).await;
+    let b = a.spawn_replica(|c| {
+        strict(c);
+        c.credits.outage_allowance = 4;
+    });
+    let b = b.await;
+    assert_eq!(a.get("hashtag_name=before").await.0, 200);
+    redis.kill();
+    // Cached answers still flow; new questions wait for the ledger.
+    assert_eq!(a.get("hashtag_name=before").await.0, 200);
+    let (status, headers, body) = a.get("hashtag_name=during").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("ledger"), "{body}");
+    assert_eq!(header(&headers, "retry-after"), "5");
+    // A replica with an allowance spends that much, no more.
+    assert_eq!(b.get("hashtag_name=one").await.0, 200);
+    assert_eq!(b.get("hashtag_name=two").await.0, 200);
+    assert_eq!(b.get("hashtag_name=three").await.0, 503);
+    redis.restart().await;
+    // Its outage spend is added to the shared count once Redis answers again
+    // (the connection manager may need one failed call to reconnect).
+    let mut spent = 0;
+    for _ in 0..20 {
+        spent = stats(&b).await["creditsSpentToday"].as_u64().unwrap();
+        if spent == 4 {
+            break;
+        }
+    }
+    assert_eq!(spent, 4, "outage spend recorded in Redis");
+    assert_ledger_equals_bill(&[&a, &b]).await;
+}
+
+#[tokio::test]
+async fn a_refresh_in_flight_at_sigterm_is_stored_in_the_snapshot_and_paid_once() {
+    let dir = std::env::temp_dir().join(format!("keyapi-ledger-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cache.snap");
+    let ttl = Duration::from_millis(500);
+    let config = |c: &mut Config| {
+        c.cache.snapshot_path = Some(path.clone());
+        c.cache.ttl = ttl;
+        c.cache.stale_while_revalidate = Duration::from_secs(600);
+    };
+    let mut first = spawn_app_with(config).await;
+    assert_eq!(first.get("hashtag_name=ufc324").await.0, 200);
+    let_expire(ttl).await;
+    // KeyAPI takes its time over the refresh.
+    first.upstream.set_latency(Duration::from_millis(300));
+    let (_, headers, _) = first.get("hashtag_name=ufc324").await;
+    assert!(header(&headers, "cache-status").ends_with("detail=stale-while-revalidate"));
+    first.upstream.wait_for_calls(2).await;
+    // SIGTERM while KeyAPI is working on the refresh.
+    first.begin_shutdown().await.unwrap().unwrap();
+    assert_ledger_equals_bill(&[&first]).await;
+
+    let second = first.spawn_replica(config).await;
+    let (status, headers, _) = second.get("hashtag_name=ufc324").await;
+    assert_eq!(status, 200);
+    let cache_status = header(&headers, "cache-status");
+    assert!(
+        cache_status.contains("; hit;") && !cache_status.contains("stale"),
+        "the refreshed answer survived the restart: {cache_status}"
+    );
+    second.state.proxy().idle().await;
+    assert_eq!(second.upstream.calls(), 2, "the refresh was paid once");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Faults, disconnects, concurrency, budgets and background refreshes mixed
+/// at random. `LEDGER_SEED=<n>` replays a run.
+#[tokio::test]
+async fn the_ledger_equals_the_bill_for_random_traffic() {
+    let seed = std::env::var("LEDGER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("ledger randomized test: LEDGER_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tokens = ["kp_rand_a", "kp_rand_b", "kp_rand_c"];
+    let app = spawn_app_with(|c| {
+        let mut a = client("a", tokens[0]);
+        a.daily_budget = Some(12);
+        let mut b = client("b", tokens[1]);
+        b.daily_budget = Some(1000);
+        c.clients = vec![a, b, client("c", tokens[2])];
+        c.credits.daily_budget = 60;
+        c.cache.ttl = Duration::from_millis(250);
+        c.cache.stale_while_revalidate = Duration::from_millis(150);
+        c.cache.stale_if_error = Duration::from_secs(60);
+        c.cache.refresh_ahead = 0.5;
+        c.cache.refresh_ahead_min_hits = 1;
+        c.upstream.retries = 1;
+        c.upstream.retry_backoff = Duration::from_millis(5);
+        c.upstream.request_timeout = Duration::from_millis(300);
+        c.upstream.max_in_flight = 3;
+        c.upstream.queue_timeout = Duration::from_millis(40);
+        c.upstream.breaker_failures = 1000;
+    })
+    .await;
+    let modes = [
+        FakeMode::Normal,
+        FakeMode::Normal,
+        FakeMode::Normal,
+        FakeMode::Status(500),
+        FakeMode::Status(503),
+        FakeMode::Status(404),
+        FakeMode::Garbage,
+        FakeMode::Hang,
+    ];
+    for _round in 0..8 {
+        app.upstream
+            .script((0..rng.usize(0..8)).map(|_| modes[rng.usize(..modes.len())].clone()));
+        app.upstream
+            .set_latency(Duration::from_millis(rng.u64(0..40)));
+        let mut round = Vec::new();
+        for _ in 0..rng.usize(10..40) {
+            let token = tokens[rng.usize(..tokens.len())];
+            let query = format!("hashtag_name=k{}&period=30", rng.u8(0..10));
+            let mut request = app
+                .hashtag_request(reqwest::Method::GET, &query)
+                .bearer_auth(token);
+            if rng.bool() {
+                // This client hangs up early.
+                request = request.timeout(Duration::from_millis(rng.u64(5..80)));
+            }
+            round.push(tokio::spawn(request.send()));
+        }
+        for request in round {
+            if let Ok(response) = request.await.unwrap() {
+                assert!(
+                    [200, 404, 429, 502, 503, 504].contains(&response.status().as_u16()),
+                    "{}",
+                    response.status()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..300))).await;
+    }
+    let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
+    let stats = stats(&app).await;
+    assert_eq!(
+        stats["creditsSpentToday"], credits,
+        "global budget: {stats}"
+    );
+    assert!(credits <= 60, "real spend within the global budget");
+    let mut by_clients = 0;
+    for client in stats["clients"].as_array().unwrap() {
+        let charged = client["creditsSpent"].as_u64().unwrap();
+        if let Some(today) = client["creditsSpentToday"].as_u64() {
+            assert_eq!(today, charged, "client budget: {client}");
+            assert!(today <= client["dailyBudget"].as_u64().unwrap());
+        }
+        by_clients += charged;
+    }
+    let text = app.metrics().await;
+    let background = metric(
+        &text,
+        "keyapi_proxy_credits_spent_by_total{payer=\"revalidate\"}",
+    ) + metric(
+        &text,
+        "keyapi_proxy_credits_spent_by_total{payer=\"refresh_ahead\"}",
+    );
+    assert_eq!(
+        by_clients + background as u64,
+        credits,
+        "every credit has a payer"
+    );
+    eprintln!(
+        "ledger randomized test: seed {seed}: {calls} calls received, {credits} credits on the \
+         ledger; global budget {credits}/60; clients {}; background {background}",
+        stats["clients"]
+    );
+}
