@@ -2,15 +2,16 @@
 //! TikTok hashtag-detail endpoint.
 //!
 //! One request, top to bottom: [`routes`] (HTTP) → [`access`] (who is
-//! calling) → [`limits`] (rate limits; credit budgets for misses) → [`key`] (raw query →
+//! calling) → [`limits`] (request-rate limits) → [`key`] (raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
-//! here) → [`coalesce`] (one fetch per key) → [`upstream`] (KeyAPI, key
-//! injected, gated by [`protect`] and its [`breaker`]) → [`cache`] →
+//! here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
+//! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
+//! key injected, gated by [`protect`] and its [`breaker`]) → [`cache`] →
 //! [`negotiate`] (304 or gzip, from what the entry precomputed) with headers
-//! from [`cache_status`]. Errors are rendered in one place, [`error`]. [`app`]
-//! wires it together; [`config`] loads settings; [`observe`] logs and counts
-//! every request into [`metrics`]; [`demo`] is a fake KeyAPI for `--demo` and
-//! the tests.
+//! from [`cache_status`]; [`served`] names how it was answered. Errors are
+//! rendered in one place, [`error`]. [`app`] wires it together; [`config`]
+//! loads settings; [`observe`] logs and counts every request into
+//! [`metrics`]; [`demo`] is a fake KeyAPI for `--demo` and the tests.
 
 pub mod access;
 pub mod app;
