@@ -9,7 +9,9 @@ mod common;
 use std::{net::TcpListener, time::Duration};
 
 use common::{
-    TestApp, client, header, join, metric, parts, redis_server::RedisServer, spawn_app_with,
+    TestApp, client, header, join, metric, parts,
+    redis_server::{RedisServer, with_redis},
+    spawn_app_with,
 };
 use keyapi_proxy::{
     cache::{CacheKey, codec},
@@ -289,13 +291,6 @@ async fn a_budget_never_refuses_a_request_that_joins_another_fetch() {
     let response = app.get_hashtag_as("kp_broke", "hashtag_name=own").await;
     assert_eq!(response.status(), 429);
     assert_ledger_equals_bill(&[&app]).await;
-}
-
-fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
-    move |c: &mut Config| {
-        c.cache.redis.url = Some(url.to_owned());
-        c.cache.redis.op_timeout = Duration::from_secs(1);
-    }
 }
 
 #[tokio::test]

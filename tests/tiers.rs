@@ -7,20 +7,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, header, join, metric, redis_server::RedisServer, spawn_app_with};
+use common::{
+    client, header, join, metric,
+    redis_server::{RedisServer, with_redis},
+    spawn_app_with,
+};
 use keyapi_proxy::config::Config;
 use redis::AsyncCommands;
 
 const KEY: &str =
     "/v1/tiktok/trending/hashtag/detail?period=7&region=all_regions&hashtag_name=ufc324";
-
-fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
-    move |c: &mut Config| {
-        c.cache.redis.url = Some(url.to_owned());
-        // Generous under a loaded CI machine; still far below any client timeout.
-        c.cache.redis.op_timeout = Duration::from_secs(1);
-    }
-}
 
 #[tokio::test]
 async fn two_replicas_pay_once_for_200_concurrent_cold_requests() {

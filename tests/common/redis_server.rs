@@ -5,7 +5,19 @@
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
+    time::Duration,
 };
+
+use keyapi_proxy::config::Config;
+
+/// Config adjustment: the Redis tier at `url`.
+pub fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
+    move |c: &mut Config| {
+        c.cache.redis.url = Some(url.to_owned());
+        // Generous under a loaded CI machine; still far below any client timeout.
+        c.cache.redis.op_timeout = Duration::from_secs(1);
+    }
+}
 
 /// A running `redis-server`, killed on drop.
 pub struct RedisServer {
