@@ -14,9 +14,9 @@ use keyapi_proxy::{
     clock::{SharedClock, SystemClock},
     config::ClientConfig,
     digest,
-    key::HASHTAG_DETAIL_PATH,
     limits::RateLimit,
     metrics::{Metrics, Scope},
+    route::HASHTAG_DETAIL_PATH,
     served::{CacheState, Served},
 };
 
@@ -37,7 +37,7 @@ fn time(label: &str, mut step: impl FnMut()) -> f64 {
 
 fn main() {
     let clock = SharedClock::new(Arc::new(SystemClock));
-    let metrics = Metrics::new(2, clock.clone());
+    let metrics = Metrics::new(clock.clone());
     let clients: Vec<ClientConfig> = (0..10)
         .map(|i| ClientConfig {
             id: format!("client-{i}"),
@@ -74,7 +74,7 @@ fn main() {
         metrics.record_request(
             HASHTAG_DETAIL_PATH,
             200,
-            Some(Served::Cached(CacheState::Hit)),
+            Some((Served::Cached(CacheState::Hit), 2)),
         );
         client.requests.inc();
     });

@@ -204,7 +204,7 @@ mod tests {
             })
             .collect();
         let clock = SharedClock::new(std::sync::Arc::new(crate::clock::SystemClock));
-        Access::new(&config, &Metrics::new(2, clock.clone()), &clock, None)
+        Access::new(&config, &Metrics::new(clock.clone()), &clock, None)
     }
 
     fn with(name: HeaderName, value: &str) -> HeaderMap {

@@ -24,11 +24,10 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
     access::Access,
-    cache::{FreshnessPolicy, LocalCache, redis::RedisTier},
+    cache::{LocalCache, redis::RedisTier},
     clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
     cors,
-    key::HashtagRules,
     ledger::{Budget, Ledger},
     limits::RateLimit,
     metrics::{Metrics, Scope},
@@ -36,6 +35,7 @@ use crate::{
     openapi,
     protect::Protection,
     proxy::Proxy,
+    route::RouteTable,
     routes, snapshot,
     upstream::Upstream,
 };
@@ -66,7 +66,7 @@ struct Shared {
     access: Access,
     clock: SharedClock,
     rate_limit: Option<RateLimit>,
-    rules: HashtagRules,
+    routes: RouteTable,
     /// `/openapi.json`, rendered once for this configuration.
     openapi: Bytes,
     allow_client_refresh: bool,
@@ -99,9 +99,9 @@ impl AppState {
         self.0.rate_limit.as_ref()
     }
 
-    /// The hashtag route's parameter rules and TTLs.
-    pub fn rules(&self) -> &HashtagRules {
-        &self.0.rules
+    /// The configured routes.
+    pub fn routes(&self) -> &RouteTable {
+        &self.0.routes
     }
 
     /// The OpenAPI document, as stored JSON bytes.
@@ -148,24 +148,22 @@ impl App {
     ) -> Result<Self, StartupError> {
         config.validate()?;
         let clock = SharedClock::new(clock);
-        let rules = HashtagRules::from_config(&config);
-        let openapi = openapi::document(&rules);
+        let routes = config.route_table()?;
+        let openapi = openapi::document(&routes);
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
-        let metrics = Arc::new(Metrics::new(config.credits.per_call, clock.clone()));
+        let metrics = Arc::new(Metrics::new(clock.clone()));
         let upstream = Upstream::new(&config.upstream, api_key)?;
         let redis = match &config.cache.redis.url {
             Some(url) => Some(Arc::new(RedisTier::new(
                 url,
-                &config.cache.redis,
-                config.worst_fetch(),
+                config.cache.redis.tier_settings(config.worst_fetch()),
                 Arc::clone(&metrics),
             )?)),
             None => None,
         };
         let ledger = Ledger::new(
-            config.credits.per_call,
             Budget::new(config.credits.daily_budget, Scope::Global, "global".into()),
             redis.clone(),
             config.credits.outage_allowance,
@@ -174,12 +172,12 @@ impl App {
         );
         let state = AppState(Arc::new(Shared {
             proxy: Proxy::new(
-                LocalCache::new(config.cache.max_bytes),
+                LocalCache::new(config.cache.max_bytes, clock.clone()),
                 redis.clone(),
                 upstream,
                 Protection::from_config(&config.upstream),
-                FreshnessPolicy::from_config(&config.cache),
                 ledger,
+                clock.clone(),
                 Arc::clone(&metrics),
             ),
             metrics: Arc::clone(&metrics),
@@ -192,7 +190,7 @@ impl App {
             )
             .map(|l| l.shared(redis.as_ref(), "global")),
             clock,
-            rules,
+            routes,
             openapi,
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),
@@ -203,7 +201,8 @@ impl App {
         }
         // Observe wraps the finished router once (not each route): ids, the
         // access log and request metrics see every answer, 404s and panics included.
-        let router = ObserveLayer::new(metrics).layer(router.layer(CatchPanicLayer::new()));
+        let paths = routes::paths(state.routes());
+        let router = ObserveLayer::new(metrics, paths).layer(router.layer(CatchPanicLayer::new()));
         let snapshot = config
             .cache
             .snapshot_path

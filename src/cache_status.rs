@@ -17,9 +17,8 @@ pub const CACHE_STATUS: &str = "cache-status";
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
-/// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in the cache.
-pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry) {
-    let now = SystemTime::now();
+/// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in the cache, at `now`.
+pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry, now: SystemTime) {
     let age = entry.age(now);
     let ttl = entry.ttl.saturating_sub(age).as_secs();
     // RFC 9211 `ttl` goes negative once stale.

@@ -7,7 +7,6 @@
 //! printing or logging a [`Config`] can never reveal it.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
@@ -19,6 +18,11 @@ use figment::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+
+use crate::{
+    cache::{FreshnessPolicy, redis::TierSettings},
+    route::{RouteConfig, RouteDefaults, RouteTable},
+};
 
 /// The documented defaults, compiled in so the binary runs without any file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -60,8 +64,6 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
-    pub hashtag: HashtagConfig,
-    pub normalize: NormalizeConfig,
     pub log: LogConfig,
     pub credits: CreditsConfig,
     pub rate_limit: RateLimitConfig,
@@ -69,6 +71,9 @@ pub struct Config {
     /// `[[clients]]` (file only). Empty: the proxy is open to anyone who can reach it.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+    /// `[[routes]]` (file only): the proxied KeyAPI endpoints. A file that
+    /// gives any replaces the compiled-in hashtag-detail route.
+    pub routes: Vec<RouteConfig>,
 }
 
 /// `[server]`: the listening socket and shutdown behaviour.
@@ -124,8 +129,6 @@ pub struct CacheConfig {
     /// `KEYAPI_PROXY__CACHE__TTL`: default freshness lifetime.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// Per-`period` TTL overrides (keys are period values as strings).
-    pub ttl_by_period: BTreeMap<String, humantime_serde::Serde<Duration>>,
     /// `KEYAPI_PROXY__CACHE__ALLOW_CLIENT_REFRESH`: honour `Cache-Control: no-cache`.
     pub allow_client_refresh: bool,
     /// `KEYAPI_PROXY__CACHE__STALE_WHILE_REVALIDATE`: after the TTL, serve stale and refresh in the background.
@@ -183,7 +186,32 @@ pub struct RedisConfig {
     pub lock_wait: Option<Duration>,
 }
 
+impl CacheConfig {
+    /// The freshness rules every route starts from.
+    pub fn freshness_policy(&self) -> FreshnessPolicy {
+        FreshnessPolicy {
+            stale_while_revalidate: self.stale_while_revalidate,
+            stale_if_error: self.stale_if_error,
+            negative_ttl: self.negative_ttl,
+            negative_codes: self.negative_codes.clone(),
+            refresh_ahead: (self.refresh_ahead > 0.0).then_some(self.refresh_ahead),
+            refresh_ahead_min_hits: self.refresh_ahead_min_hits,
+        }
+    }
+}
+
 impl RedisConfig {
+    /// What the Redis tier needs, with lock times derived from `worst_fetch`.
+    pub fn tier_settings(&self, worst_fetch: Duration) -> TierSettings {
+        let (lock_ttl, lock_wait) = self.lock_times(worst_fetch);
+        TierSettings {
+            prefix: self.prefix.clone(),
+            op_timeout: self.op_timeout,
+            lock_ttl,
+            lock_wait,
+        }
+    }
+
     /// `(lock_ttl, lock_wait)`, derived from `worst_fetch` where not set.
     pub fn lock_times(&self, worst_fetch: Duration) -> (Duration, Duration) {
         let ttl = self
@@ -191,24 +219,6 @@ impl RedisConfig {
             .unwrap_or(worst_fetch + Duration::from_secs(5));
         (ttl, self.lock_wait.unwrap_or(ttl))
     }
-}
-
-/// `[hashtag]`: the parameters the hashtag-detail route accepts.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HashtagConfig {
-    /// `KEYAPI_PROXY__HASHTAG__PERIODS`, e.g. `[7,30]`.
-    pub periods: Vec<u32>,
-    /// `KEYAPI_PROXY__HASHTAG__DEFAULT_PERIOD`
-    pub default_period: u32,
-}
-
-/// `[normalize]`: how raw parameters become a cache key.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct NormalizeConfig {
-    /// `KEYAPI_PROXY__NORMALIZE__LOWERCASE`: fold hashtag case (Unicode-aware).
-    pub lowercase: bool,
 }
 
 /// `[log]`: output format; the filter comes from `RUST_LOG`.
@@ -314,6 +324,21 @@ impl Config {
         Ok(config)
     }
 
+    /// What a route inherits when it does not say.
+    pub fn route_defaults(&self) -> RouteDefaults {
+        RouteDefaults {
+            credits: self.credits.per_call,
+            ttl: self.cache.ttl,
+            policy: self.cache.freshness_policy(),
+        }
+    }
+
+    /// The compiled route table (checked by [`Config::validate`]).
+    pub fn route_table(&self) -> Result<RouteTable, ConfigError> {
+        RouteTable::compile(&self.routes, &self.route_defaults())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
     /// The longest one fetch can take: waiting for upstream protection, then
     /// every attempt (retries share `request_timeout`).
     pub fn worst_fetch(&self) -> Duration {
@@ -324,30 +349,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         validate_base_url(&self.upstream.base_url)?;
-        if self.hashtag.periods.is_empty() {
-            return invalid("hashtag.periods must not be empty".into());
-        }
-        if !self.hashtag.periods.contains(&self.hashtag.default_period) {
-            return invalid(format!(
-                "hashtag.default_period {} is not one of hashtag.periods",
-                self.hashtag.default_period
-            ));
-        }
-        for period in self.cache.ttl_by_period.keys() {
-            let known = period
-                .parse::<u32>()
-                .is_ok_and(|p| self.hashtag.periods.contains(&p));
-            if !known {
-                return invalid(format!(
-                    "cache.ttl_by_period key {period:?} is not one of hashtag.periods"
-                ));
-            }
-        }
-        let ttls = std::iter::once(self.cache.ttl)
-            .chain(self.cache.ttl_by_period.values().map(|t| t.into_inner()));
-        if ttls.into_iter().any(|t| t.is_zero()) {
-            return invalid("cache TTLs must be greater than zero".into());
-        }
+        self.route_table()?;
         if self.upstream.max_body_bytes == 0 || self.upstream.max_body_bytes > u32::MAX as usize {
             return invalid("upstream.max_body_bytes must be between 1 and 4294967295".into());
         }

@@ -14,8 +14,8 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::AuthError, cache_status, coalesce::Abandoned, key::KeyError, ledger,
-    limits::RateLimited, observe::RequestId, proxy::ProxyError, upstream::UpstreamError,
+    access::AuthError, cache_status, coalesce::Abandoned, ledger, limits::RateLimited,
+    observe::RequestId, proxy::ProxyError, route::KeyError, upstream::UpstreamError,
 };
 
 /// An error answer.

@@ -211,9 +211,8 @@ enum Counted {
     Outage,
 }
 
-/// The proxy's books: the global budget, the price, and where counts live.
+/// The proxy's books: the global budget and where counts live.
 pub struct Ledger {
-    per_call: u64,
     global: Option<Budget>,
     redis: Option<Arc<RedisTier>>,
     outage_allowance: u64,
@@ -222,10 +221,8 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Books at `per_call` credits a call, with an optional global budget;
-    /// counted in `redis` when given.
+    /// Books with an optional global budget, counted in `redis` when given.
     pub fn new(
-        per_call: u64,
         global: Option<Budget>,
         redis: Option<Arc<RedisTier>>,
         outage_allowance: u64,
@@ -233,7 +230,6 @@ impl Ledger {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            per_call,
             global,
             redis,
             outage_allowance,
@@ -247,9 +243,9 @@ impl Ledger {
         self.global.as_ref()
     }
 
-    /// Takes one attempt's credits from every budget `payer` draws on, or
+    /// Takes one attempt's `cost` from every budget `payer` draws on, or
     /// refuses if any of them cannot afford it (then nothing is taken).
-    pub async fn charge(&self, payer: &Payer) -> Result<Charge<'_>, Refusal> {
+    pub async fn charge(&self, payer: &Payer, cost: u64) -> Result<Charge<'_>, Refusal> {
         let now = self.clock.now();
         let day = clock::utc_day(now);
         let budgets = self.budgets(payer);
@@ -258,20 +254,21 @@ impl Ledger {
         } else if let Some(redis) = &self.redis {
             self.sync(redis, &budgets).await;
             let limits = budgets.iter().flatten().map(|b| (b.name.as_str(), b.limit));
-            match redis.charge_budgets(limits, day, self.per_call).await {
+            match redis.charge_budgets(limits, day, cost).await {
                 Some(None) => Counted::Shared,
                 Some(Some(index)) => {
                     let refused = budgets.iter().flatten().nth(index);
                     return Err(self.refuse(refused.copied(), now));
                 }
-                None => self.charge_outage(&budgets, day)?,
+                None => self.charge_outage(&budgets, day, cost)?,
             }
         } else {
-            self.charge_local(&budgets, day, now)?
+            self.charge_local(&budgets, day, now, cost)?
         };
         Ok(Charge {
             ledger: self,
             payer: payer.clone(),
+            cost,
             day,
             counted,
         })
@@ -318,8 +315,8 @@ impl Ledger {
         budgets: &[Option<&Budget>; 2],
         day: u64,
         now: SystemTime,
+        cost: u64,
     ) -> Result<Counted, Refusal> {
-        let cost = self.per_call;
         // Always client before global, so two charges never lock in opposite orders.
         let mut days: Vec<_> = budgets.iter().flatten().map(|b| (*b, b.day(day))).collect();
         if let Some(index) = days.iter().position(|(b, d)| d.spent + cost > b.limit) {
@@ -334,8 +331,12 @@ impl Ledger {
     }
 
     /// Check-and-charge against the outage allowance while Redis is away.
-    fn charge_outage(&self, budgets: &[Option<&Budget>; 2], day: u64) -> Result<Counted, Refusal> {
-        let cost = self.per_call;
+    fn charge_outage(
+        &self,
+        budgets: &[Option<&Budget>; 2],
+        day: u64,
+        cost: u64,
+    ) -> Result<Counted, Refusal> {
         let mut days: Vec<_> = budgets.iter().flatten().map(|b| (*b, b.day(day))).collect();
         let over = |(b, d): &(&Budget, MutexGuard<'_, Day>)| {
             d.outage_spent + cost > self.outage_allowance.min(b.limit)
@@ -390,6 +391,7 @@ fn add_unsynced(d: &mut Day, day: u64, delta: i64) {
 pub struct Charge<'a> {
     ledger: &'a Ledger,
     payer: Payer,
+    cost: u64,
     day: u64,
     counted: Counted,
 }
@@ -399,7 +401,7 @@ impl Charge<'_> {
     /// the metrics), else gives them back to every budget.
     pub async fn settle(self, reached: bool) {
         let ledger = self.ledger;
-        let cost = ledger.per_call;
+        let cost = self.cost;
         if reached {
             ledger.metrics.credits_spent(self.payer.as_str(), cost);
             if let Some(account) = self.payer.account() {
@@ -443,9 +445,9 @@ mod tests {
     use crate::clock::ManualClock;
 
     fn ledger(global: u64, clock: &SharedClock) -> Ledger {
-        let metrics = Arc::new(Metrics::new(2, clock.clone()));
+        let metrics = Arc::new(Metrics::new(clock.clone()));
         let budget = Budget::new(global, Scope::Global, "global".into());
-        Ledger::new(2, budget, None, 0, clock.clone(), metrics)
+        Ledger::new(budget, None, 0, clock.clone(), metrics)
     }
 
     #[tokio::test]
@@ -457,17 +459,17 @@ mod tests {
         let clock = SharedClock::new(manual.clone());
         let ledger = ledger(4, &clock);
         let payer = Payer::Proxy(Initiator::Revalidate);
-        ledger.charge(&payer).await.unwrap().settle(true).await;
+        ledger.charge(&payer, 2).await.unwrap().settle(true).await;
         // Never reached KeyAPI: given back.
-        ledger.charge(&payer).await.unwrap().settle(false).await;
-        ledger.charge(&payer).await.unwrap().settle(true).await;
-        let refusal = ledger.charge(&payer).await.err().unwrap();
+        ledger.charge(&payer, 2).await.unwrap().settle(false).await;
+        ledger.charge(&payer, 2).await.unwrap().settle(true).await;
+        let refusal = ledger.charge(&payer, 2).await.err().unwrap();
         assert_eq!(refusal.retry_after_secs(), 10);
         let global = ledger.global().unwrap();
         assert_eq!(ledger.spent_today(global).await, 4);
         assert_eq!(ledger.refused_today(global), 1);
         manual.advance(Duration::from_secs(10));
         assert_eq!(ledger.spent_today(global).await, 0, "a new UTC day");
-        assert!(ledger.charge(&payer).await.is_ok());
+        assert!(ledger.charge(&payer, 2).await.is_ok());
     }
 }

@@ -1,9 +1,9 @@
 //! keyapi-proxy: a caching, single-flight proxy in front of KeyAPI's paid
-//! TikTok hashtag-detail endpoint.
+//! endpoints (by default TikTok hashtag detail), one route per `[[routes]]` entry.
 //!
 //! One request, top to bottom: [`routes`] (HTTP) → [`access`] (who is
-//! calling) → [`limits`] (request-rate limits) → [`key`] (raw query →
-//! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
+//! calling) → [`limits`] (request-rate limits) → [`route`] (the route
+//! table: raw query → normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
 //! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
 //! key injected, gated by [`protect`] and its [`breaker`]) → [`cache`] →
@@ -25,7 +25,6 @@ pub mod cors;
 pub mod demo;
 pub mod digest;
 pub mod error;
-pub mod key;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
@@ -34,6 +33,7 @@ pub mod observe;
 pub mod openapi;
 pub mod protect;
 pub mod proxy;
+pub mod route;
 pub mod routes;
 pub mod served;
 pub mod shutdown;

@@ -8,7 +8,7 @@ use keyapi_proxy::{
     app::App,
     config::{self, Config},
     demo::FakeUpstream,
-    key::HASHTAG_DETAIL_PATH,
+    route::HASHTAG_DETAIL_PATH,
     shutdown, telemetry,
 };
 use secrecy::SecretString;

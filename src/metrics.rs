@@ -96,7 +96,6 @@ pub struct ClientCounters {
 pub struct Metrics {
     registry: Registry,
     history: History,
-    credits_per_call: u64,
     requests: Family<RequestLabels, Counter>,
     cache_hits: Counter,
     cache_misses: Counter,
@@ -120,9 +119,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A fresh registry; `credits_per_call` is what one upstream call costs;
-    /// `clock` times the per-minute history of the status page.
-    pub fn new(credits_per_call: u64, clock: SharedClock) -> Self {
+    /// A fresh registry; `clock` times the per-minute history of the status page.
+    pub fn new(clock: SharedClock) -> Self {
         let mut registry = Registry::with_prefix("keyapi_proxy");
         let requests = Family::default();
         registry.register(
@@ -151,7 +149,7 @@ impl Metrics {
         let credits_spent = Counter::default();
         registry.register(
             "credits_spent",
-            "KeyAPI credits spent: credits_per_call for every upstream attempt that reached KeyAPI",
+            "KeyAPI credits spent: the route's price for every upstream attempt that reached KeyAPI",
             credits_spent.clone(),
         );
         let credits_spent_by = Family::default();
@@ -163,7 +161,7 @@ impl Metrics {
         let credits_saved = Counter::default();
         registry.register(
             "credits_saved",
-            "KeyAPI credits saved: credits_per_call for every request answered without an upstream call of its own (hits, collapsed)",
+            "KeyAPI credits saved: the route's price for every request answered without an upstream call of its own (hits, collapsed)",
             credits_saved.clone(),
         );
         let upstream_calls = Family::default();
@@ -247,7 +245,6 @@ impl Metrics {
         Self {
             registry,
             history: History::new(clock),
-            credits_per_call,
             requests,
             cache_hits,
             cache_misses,
@@ -276,22 +273,20 @@ impl Metrics {
         &self.history
     }
 
-    /// Credits one upstream call costs.
-    pub fn credits_per_call(&self) -> u64 {
-        self.credits_per_call
-    }
-
     /// Counts one answered request. `served` says how a proxied route
-    /// answered (`None` for other routes and refusals before the cache).
-    pub fn record_request(&self, route: &'static str, status: u16, served: Option<Served>) {
+    /// answered and what one of its calls costs (`None` for other routes and
+    /// refusals before the cache).
+    pub fn record_request(&self, route: &'static str, status: u16, served: Option<(Served, u64)>) {
         self.requests
             .get_or_create(&RequestLabels {
                 route,
                 status,
-                cache: served.as_ref().map_or("none", Served::as_str),
+                cache: served.as_ref().map_or("none", |(s, _)| s.as_str()),
             })
             .inc();
-        let Some(served) = served else { return };
+        let Some((served, credits)) = served else {
+            return;
+        };
         self.history.request(served.is_hit());
         if served.is_hit() {
             self.cache_hits.inc();
@@ -305,7 +300,7 @@ impl Metrics {
             self.collapsed.inc();
         }
         if served.saved_a_call() {
-            self.credits_saved.inc_by(self.credits_per_call);
+            self.credits_saved.inc_by(credits);
         }
     }
 

@@ -3,6 +3,8 @@
 //! comparisons happen here; the body, its tag and its compressed form were
 //! computed when the entry was stored.
 
+use std::time::SystemTime;
+
 use axum::{
     body::Body,
     http::{
@@ -17,8 +19,13 @@ use crate::{cache::Entry, cache_status, error::APPLICATION_JSON, served::CacheSt
 const GZIP: HeaderValue = HeaderValue::from_static("gzip");
 const VARY_ACCEPT_ENCODING: HeaderValue = HeaderValue::from_static("accept-encoding");
 
-/// The answer to `request` from a cached `entry`: 304, gzip or identity.
-pub fn cached_response(request: &HeaderMap, entry: &Entry, state: CacheState) -> Response {
+/// The answer to `request` from a cached `entry` at `now`: 304, gzip or identity.
+pub fn cached_response(
+    request: &HeaderMap,
+    entry: &Entry,
+    state: CacheState,
+    now: SystemTime,
+) -> Response {
     let mut response: Response = if not_modified(request, &entry.etag) {
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
@@ -41,7 +48,7 @@ pub fn cached_response(request: &HeaderMap, entry: &Entry, state: CacheState) ->
     headers.reserve(12);
     headers.insert(ETAG, entry.etag.clone());
     headers.insert(VARY, VARY_ACCEPT_ENCODING);
-    cache_status::set_cached(headers, state, entry);
+    cache_status::set_cached(headers, state, entry, now);
     response
 }
 

@@ -24,7 +24,10 @@ use axum::{
 use tower::{Layer, Service};
 use tracing::Level;
 
-use crate::{cache::CacheKey, metrics::Metrics, routes, served::Served};
+use crate::{cache::CacheKey, metrics::Metrics, served::Served};
+
+/// The `route` label of requests that matched no route.
+pub const UNMATCHED: &str = "unmatched";
 
 /// `X-Request-Id`, on every response.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -65,6 +68,8 @@ pub struct AccessLog {
     pub key: CacheKey,
     /// How the request was answered (the `cache` log field).
     pub served: Served,
+    /// The route's price per call (what a hit saves).
+    pub credits: u64,
     pub upstream_status: Option<u16>,
 }
 
@@ -75,12 +80,14 @@ pub struct AccessLog {
 #[derive(Clone)]
 pub struct ObserveLayer {
     metrics: Arc<Metrics>,
+    paths: Arc<[&'static str]>,
 }
 
 impl ObserveLayer {
-    /// Counting into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    /// Counting into `metrics`; `paths` are the router's (static) paths, the
+    /// values of the `route` label.
+    pub fn new(metrics: Arc<Metrics>, paths: Arc<[&'static str]>) -> Self {
+        Self { metrics, paths }
     }
 }
 
@@ -91,6 +98,7 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             metrics: Arc::clone(&self.metrics),
+            paths: Arc::clone(&self.paths),
         }
     }
 }
@@ -100,6 +108,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    paths: Arc<[&'static str]>,
 }
 
 impl<S> Service<Request> for Observe<S>
@@ -123,7 +132,13 @@ where
             .unwrap_or_else(RequestId::generate);
         request.extensions_mut().insert(id.clone());
         // Every route is a static path, so the path itself is the template.
-        let route = routes::label(request.uri().path());
+        let path = request.uri().path();
+        let route = self
+            .paths
+            .iter()
+            .find(|p| **p == path)
+            .copied()
+            .unwrap_or(UNMATCHED);
         // Log fields are only gathered when the line will be written.
         let log = tracing::enabled!(Level::INFO)
             .then(|| (request.method().clone(), request.uri().path().to_owned()));
@@ -178,8 +193,11 @@ impl Done {
     fn finish(self, response: &mut Response) {
         let status = response.status().as_u16();
         let access = response.extensions().get::<AccessLog>();
-        self.metrics
-            .record_request(self.route, status, access.map(|log| log.served));
+        self.metrics.record_request(
+            self.route,
+            status,
+            access.map(|log| (log.served, log.credits)),
+        );
         if let Some((method, path)) = &self.log {
             let latency_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let request_id = self.id.as_str();

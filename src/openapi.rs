@@ -1,11 +1,9 @@
-//! `GET /openapi.json`: an OpenAPI 3.1 description of the proxied route and the
-//! operational endpoints, generated with `utoipa` from the declarations below
-//! and completed from the running configuration (allowed periods, default
-//! period). Rendered once at start-up; requests get the stored bytes.
-//!
-//! The `openapi` tests keep it in sync: every route the router serves is
-//! documented, and the documented parameters are exactly those [`crate::key`]
-//! parses.
+//! `GET /openapi.json`: an OpenAPI 3.1 description of the configured routes
+//! and the operational endpoints. The operational endpoints and the shape of a
+//! proxied route's answers are declared below with `utoipa`; one path item per
+//! configured route is then made from that shape, with parameter schemas from
+//! the same rules the parser enforces ([`crate::route`]). Rendered once at
+//! start-up; requests get the stored bytes.
 #![allow(dead_code)] // The functions below exist only to carry their `#[utoipa::path]`.
 
 use bytes::Bytes;
@@ -15,7 +13,7 @@ use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use crate::key::{HASHTAG_DETAIL_PATH, HashtagRules, MAX_HASHTAG_CHARS};
+use crate::route::{Kind, MAX_HASHTAG_CHARS, Param, RouteTable};
 
 /// The error envelope (KeyAPI's own shape), with the HTTP status as `code`.
 #[derive(ToSchema)]
@@ -32,39 +30,33 @@ struct Envelope {
     request_id: String,
 }
 
-/// Query of the proxied route. Unknown parameters are ignored and never forwarded.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-struct HashtagQuery {
-    /// Hashtag: letters or digits of any script or `_`, one leading `#` allowed;
-    /// trimmed and (by default) lower-cased before it becomes the cache key.
-    #[param(min_length = 1, max_length = 101, example = "ufc324")]
-    hashtag_name: String,
-    /// Window in days; the allowed values come from `hashtag.periods`.
-    period: Option<u32>,
-    /// `all_regions` (any case) or a 2-letter country code (any case).
-    #[param(
-        default = "all_regions",
-        pattern = "^([A-Za-z]{2}|[Aa][Ll][Ll]_[Rr][Ee][Gg][Ii][Oo][Nn][Ss])$",
-        example = "US"
-    )]
-    region: Option<String>,
-}
-
-/// Query of the admin purge: the route's parameters, normalized the same way.
+/// Query of the admin listing.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 struct AdminListQuery {
-    /// Hashtag prefix (normalized like `hashtag_name`); empty lists everything.
+    /// Only keys of this route (its path).
+    route: Option<String>,
+    /// Prefix of each key's first required parameter (normalized like it); empty lists everything.
     prefix: Option<String>,
 }
+
+/// Query of the admin purge: `route` (optional with a single route) and that
+/// route's parameters, normalized like the route's own query.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AdminPurgeQuery {
+    /// The route (its path); may be left out when only one route is configured.
+    route: Option<String>,
+}
+
+/// Where the configured routes' path items are made from (see [`document`]).
+const ROUTE_TEMPLATE: &str = "/__route__";
 
 /// KeyAPI's answer, byte for byte (`code == 0` means success).
 #[utoipa::path(
     get,
-    path = "/v1/tiktok/trending/hashtag/detail",
+    path = "/__route__",
     tag = "proxy",
-    params(HashtagQuery),
     security((), ("bearer" = []), ("apiKey" = [])),
     responses(
         (status = 200, description = "KeyAPI's body, byte for byte (cached, or a passed-through `code != 0` answer)",
@@ -87,7 +79,7 @@ struct AdminListQuery {
         (status = 504, description = "KeyAPI did not answer in time", body = Envelope),
     )
 )]
-fn hashtag_detail() {}
+fn proxied_route() {}
 
 /// Liveness.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
@@ -123,13 +115,13 @@ fn status_page() {}
 /// List cached keys (clients with the purge flag).
 #[utoipa::path(get, path = "/admin/cache", tag = "admin", params(AdminListQuery),
     security(("bearer" = []), ("apiKey" = [])),
-    responses((status = 200, description = "`{count, truncated, entries: [{key, hashtagName, period, region, ageSecs, ttlSecs, bytes, gzipBytes}]}`", body = Object),
+    responses((status = 200, description = "`{count, truncated, entries: [{key, route, params, ageSecs, ttlSecs, bytes, gzipBytes}]}`", body = Object),
               (status = 401, description = "No valid token", body = Envelope),
               (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
 fn admin_list() {}
 
 /// Purge one normalized key (with the route's parameters) or, without a query, everything.
-#[utoipa::path(delete, path = "/admin/cache", tag = "admin", params(HashtagQuery),
+#[utoipa::path(delete, path = "/admin/cache", tag = "admin", params(AdminPurgeQuery),
     security(("bearer" = []), ("apiKey" = [])),
     responses((status = 200, description = "`{purged, key?}`", body = Object),
               (status = 400, description = "Invalid parameters", body = Envelope),
@@ -157,9 +149,9 @@ impl Modify for Security {
 #[openapi(
     info(
         title = "keyapi-proxy",
-        description = "Caching, single-flight proxy for KeyAPI's TikTok hashtag-detail endpoint (2 credits per upstream call). Same route and body as KeyAPI; the KeyAPI key is injected server-side."
+        description = "Caching, single-flight proxy for KeyAPI's paid endpoints. Same routes and bodies as KeyAPI; the KeyAPI key is injected server-side."
     ),
-    paths(hashtag_detail, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge),
+    paths(proxied_route, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge),
     components(schemas(Envelope)),
     modifiers(&Security),
     tags(
@@ -170,40 +162,82 @@ impl Modify for Security {
 )]
 struct ApiDoc;
 
-/// The document for this configuration, as JSON bytes.
-pub fn document(rules: &HashtagRules) -> Bytes {
+/// The document for this route table, as JSON bytes.
+pub fn document(table: &RouteTable) -> Bytes {
     let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
         Ok(doc) => doc,
         Err(_) => return Bytes::from_static(b"{}"),
     };
     doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
-    let periods = rules.periods();
+    let template = doc["paths"]
+        .as_object_mut()
+        .and_then(|paths| paths.remove(ROUTE_TEMPLATE))
+        .unwrap_or(Value::Null);
+    for route in table.routes() {
+        let mut item = template.clone();
+        let operation = &mut item["get"];
+        operation["summary"] = json!(format!(
+            "KeyAPI {} ({} credits per upstream call)",
+            route.path(),
+            route.credits()
+        ));
+        operation["operationId"] = json!(route.path());
+        operation["parameters"] = route.params().iter().map(parameter).collect();
+        doc["paths"][route.path()] = item;
+    }
+    let paths: Vec<&str> = table.routes().iter().map(|r| r.path()).collect();
     for method in ["get", "delete"] {
-        let path = if method == "get" {
-            HASHTAG_DETAIL_PATH
-        } else {
-            "/admin/cache"
-        };
-        let Some(params) = doc["paths"][path][method]["parameters"].as_array_mut() else {
-            continue;
-        };
-        for param in params {
-            match param["name"].as_str() {
-                Some("period") => {
-                    param["schema"]["enum"] = json!(periods);
-                    param["schema"]["default"] = json!(rules.default_period());
-                }
-                Some("hashtag_name") => {
-                    param["schema"]["maxLength"] = json!(MAX_HASHTAG_CHARS + 1);
-                }
-                _ => {}
+        let params = doc["paths"]["/admin/cache"][method]["parameters"].as_array_mut();
+        for param in params.into_iter().flatten() {
+            if param["name"] == "route" {
+                param["schema"]["enum"] = json!(paths);
             }
         }
     }
     Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
 }
 
-/// For tests and callers that want to inspect the document.
-pub fn document_value(rules: &HashtagRules) -> Value {
-    serde_json::from_slice(&document(rules)).unwrap_or(Value::Null)
+/// One query parameter of a route, its schema from the parser's own rule.
+fn parameter(param: &Param) -> Value {
+    let mut schema = match param.kind() {
+        Kind::OneOf(values) => json!({ "type": "string", "enum": values }),
+        Kind::Int { min, max } => {
+            let mut schema = json!({ "type": "integer" });
+            if *min > i64::MIN {
+                schema["minimum"] = json!(min);
+            }
+            if *max < i64::MAX {
+                schema["maximum"] = json!(max);
+            }
+            schema
+        }
+        Kind::Region => json!({
+            "type": "string",
+            "pattern": "^([A-Za-z]{2}|[Aa][Ll][Ll]_[Rr][Ee][Gg][Ii][Oo][Nn][Ss])$",
+        }),
+        Kind::Hashtag => json!({
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_HASHTAG_CHARS + 1,
+        }),
+        Kind::Text { max_len, .. } => {
+            json!({ "type": "string", "minLength": 1, "maxLength": max_len })
+        }
+    };
+    // Integers are documented as numbers, everything else as the text sent.
+    let typed = |value: &str| match param.kind() {
+        Kind::Int { .. } => value.parse::<i64>().map_or(json!(value), |n| json!(n)),
+        _ => json!(value),
+    };
+    if let Some(default) = param.default() {
+        schema["default"] = typed(default);
+    }
+    json!({
+        "name": param.name(),
+        "in": "query",
+        "required": param.required(),
+        "description": format!("{} ({} parameter): {}", param.name(), param.kind(), param.rule()),
+        "schema": schema,
+        "example": typed(param.example()),
+    })
 }

@@ -9,10 +9,7 @@
 //!
 //! `serve` does one cache lookup; a hit returns from there.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::SystemTime};
 
 use bytes::Bytes;
 use reqwest::StatusCode;
@@ -23,10 +20,12 @@ use crate::{
         CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache,
         redis::{Claim, RedisTier},
     },
+    clock::SharedClock,
     coalesce::{Abandoned, Coalescer, Role},
     ledger::{Charge, Initiator, Ledger, Payer, Refusal},
     metrics::{Metrics, Scope},
     protect::Protection,
+    route::Route,
     served::CacheState,
     upstream::{Upstream, UpstreamAnswer, UpstreamError},
 };
@@ -71,10 +70,12 @@ type FetchResult = Result<Fetched, ProxyError>;
 /// How a request was answered.
 #[derive(Debug)]
 pub enum Outcome {
-    /// An answer from the cache (possibly just stored, possibly stale).
+    /// An answer from the cache (possibly just stored, possibly stale), as
+    /// of `now` on the app's clock.
     Cached {
         entry: Arc<Entry>,
         state: CacheState,
+        now: SystemTime,
     },
     /// KeyAPI refused the question itself and it is not cacheable.
     Declined { status: StatusCode, body: Bytes },
@@ -108,7 +109,7 @@ struct Fetcher {
     cache: LocalCache,
     upstream: Arc<Upstream>,
     protection: Arc<Protection>,
-    policy: Arc<FreshnessPolicy>,
+    clock: SharedClock,
     redis: Option<Arc<RedisTier>>,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
@@ -127,8 +128,8 @@ impl Proxy {
         redis: Option<Arc<RedisTier>>,
         upstream: Upstream,
         protection: Protection,
-        policy: FreshnessPolicy,
         ledger: Ledger,
+        clock: SharedClock,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -136,7 +137,7 @@ impl Proxy {
                 cache,
                 upstream: Arc::new(upstream),
                 protection: Arc::new(protection),
-                policy: Arc::new(policy),
+                clock,
                 redis,
                 ledger: Arc::new(ledger),
                 metrics,
@@ -203,23 +204,23 @@ impl Proxy {
     pub async fn serve(
         &self,
         key: &CacheKey,
-        ttl: Duration,
+        route: &Arc<Route>,
         refresh: bool,
         payer: Payer,
     ) -> Result<Outcome, ProxyError> {
         let mut fallback = None;
         if !refresh && let Some(entry) = self.cache().get(key).await {
-            let now = SystemTime::now();
+            let now = self.fetcher.clock.now();
             match entry.freshness(now) {
                 Freshness::Fresh { .. } => {
                     let hits = entry.record_hit();
-                    self.maybe_refresh_ahead(key, ttl, &entry, hits, now);
-                    return Ok(cached(entry, CacheState::Hit));
+                    self.maybe_refresh_ahead(key, route, &entry, hits, now);
+                    return Ok(cached(entry, CacheState::Hit, now));
                 }
                 Freshness::StaleWhileRevalidate { .. } => {
                     entry.record_hit();
-                    self.revalidate(key, ttl, &entry, Initiator::Revalidate);
-                    return Ok(cached(entry, CacheState::Stale));
+                    self.revalidate(key, route, &entry, Initiator::Revalidate);
+                    return Ok(cached(entry, CacheState::Stale, now));
                 }
                 Freshness::StaleIfError { .. } => fallback = Some(entry),
                 Freshness::Expired => {}
@@ -230,7 +231,8 @@ impl Proxy {
         } else {
             Trigger::Miss
         };
-        let (fetched, role) = self.fetch_shared(key, ttl, trigger, payer).await;
+        let (fetched, role) = self.fetch_shared(key, route, trigger, payer).await;
+        let now = self.fetcher.clock.now();
         match (fetched, fallback) {
             (Ok(Fetched::Stored(entry)), _) => {
                 let state = match (role, refresh) {
@@ -238,18 +240,18 @@ impl Proxy {
                     (Role::Leader, true) => CacheState::Refreshed,
                     (Role::Leader, false) => CacheState::Stored,
                 };
-                Ok(cached(entry, state))
+                Ok(cached(entry, state, now))
             }
-            (Ok(Fetched::AlreadyCached(entry)), _) => Ok(cached(entry, CacheState::Hit)),
+            (Ok(Fetched::AlreadyCached(entry)), _) => Ok(cached(entry, CacheState::Hit, now)),
             (Ok(Fetched::Declined { status, body }), _) => Ok(Outcome::Declined { status, body }),
             (Err(ProxyError::Budget(refusal)), Some(stale)) => {
                 tracing::info!(%key, reason = refusal.as_str(), "serving stale answer: no budget can afford a call");
-                Ok(cached(stale, CacheState::StaleOverBudget))
+                Ok(cached(stale, CacheState::StaleOverBudget, now))
             }
             (Err(error), Some(stale)) => {
                 tracing::warn!(%key, error = %error, "serving stale answer because the upstream failed");
                 let fwd_status = error.upstream_status();
-                Ok(cached(stale, CacheState::StaleIfError { fwd_status }))
+                Ok(cached(stale, CacheState::StaleIfError { fwd_status }, now))
             }
             (Err(error), None) => Err(error),
         }
@@ -261,7 +263,7 @@ impl Proxy {
     async fn fetch_shared(
         &self,
         key: &CacheKey,
-        ttl: Duration,
+        route: &Arc<Route>,
         trigger: Trigger,
         payer: Payer,
     ) -> (FetchResult, Role) {
@@ -271,7 +273,8 @@ impl Proxy {
                 .inflight
                 .run(key.clone(), || {
                     let fetcher = self.fetcher.clone();
-                    fetcher.fetch(key.clone(), ttl, trigger.clone(), payer.clone())
+                    let route = Arc::clone(route);
+                    fetcher.fetch(key.clone(), route, trigger.clone(), payer.clone())
                 })
                 .await;
             let (fetched, role) = match result {
@@ -298,12 +301,12 @@ impl Proxy {
     fn maybe_refresh_ahead(
         &self,
         key: &CacheKey,
-        ttl: Duration,
+        route: &Arc<Route>,
         entry: &Arc<Entry>,
         hits: u64,
         now: SystemTime,
     ) {
-        let policy = &self.fetcher.policy;
+        let policy = route.policy();
         let Some(fraction) = policy.refresh_ahead else {
             return;
         };
@@ -313,18 +316,19 @@ impl Proxy {
         if hits >= u64::from(policy.refresh_ahead_min_hits)
             && entry.age(now) >= entry.ttl.mul_f64(fraction)
         {
-            self.revalidate(key, ttl, entry, Initiator::RefreshAhead);
+            self.revalidate(key, route, entry, Initiator::RefreshAhead);
         }
     }
 
     /// Starts one background refresh of `entry` (none if a fetch is running),
     /// charged to the global budget as the proxy's own call.
-    fn revalidate(&self, key: &CacheKey, ttl: Duration, entry: &Arc<Entry>, why: Initiator) {
+    fn revalidate(&self, key: &CacheKey, route: &Arc<Route>, entry: &Arc<Entry>, why: Initiator) {
         let trigger = Trigger::Background(Arc::clone(entry));
         let role = self.inflight.start(key.clone(), || {
+            let route = Arc::clone(route);
             self.fetcher
                 .clone()
-                .fetch(key.clone(), ttl, trigger, Payer::Proxy(why))
+                .fetch(key.clone(), route, trigger, Payer::Proxy(why))
         });
         if role == Role::Leader {
             tracing::debug!(%key, "background refresh started");
@@ -332,8 +336,8 @@ impl Proxy {
     }
 }
 
-fn cached(entry: Arc<Entry>, state: CacheState) -> Outcome {
-    Outcome::Cached { entry, state }
+fn cached(entry: Arc<Entry>, state: CacheState, now: SystemTime) -> Outcome {
+    Outcome::Cached { entry, state, now }
 }
 
 impl Fetcher {
@@ -342,7 +346,7 @@ impl Fetcher {
     async fn fetch(
         self,
         key: CacheKey,
-        ttl: Duration,
+        route: Arc<Route>,
         trigger: Trigger,
         payer: Payer,
     ) -> FetchResult {
@@ -351,7 +355,7 @@ impl Fetcher {
         }
         let mut lock = None;
         if let Some(redis) = &self.redis {
-            let usable = |e: &Entry| trigger.satisfied_by(e, SystemTime::now());
+            let usable = |e: &Entry| trigger.satisfied_by(e, self.clock.now());
             let shared = match redis.get(&key).await.filter(|e| usable(e)) {
                 Some(entry) => Some(entry),
                 None => match redis.claim(&key, usable).await {
@@ -367,7 +371,7 @@ impl Fetcher {
                 return Ok(Fetched::AlreadyCached(self.fill_memory(&key, entry).await));
             }
         }
-        let result = self.call_upstream(&key, ttl, &payer).await;
+        let result = self.call_upstream(&key, &route, &payer).await;
         if let (Some(redis), Some(token)) = (&self.redis, lock) {
             redis.unlock(&key, token).await;
         }
@@ -377,8 +381,9 @@ impl Fetcher {
     /// One guarded upstream call (with its retries); stores what deserves
     /// storing. The first attempt's credits are taken before protection may
     /// queue it, so concurrent fetches cannot overspend a budget together.
-    async fn call_upstream(&self, key: &CacheKey, ttl: Duration, payer: &Payer) -> FetchResult {
-        let charge = self.ledger.charge(payer).await.inspect_err(|refusal| {
+    async fn call_upstream(&self, key: &CacheKey, route: &Route, payer: &Payer) -> FetchResult {
+        let cost = route.credits();
+        let charge = self.ledger.charge(payer, cost).await.inspect_err(|refusal| {
             tracing::info!(%key, reason = refusal.as_str(), "upstream call refused by a credit budget");
         })?;
         let admission = match self.protection.admit().await {
@@ -390,15 +395,16 @@ impl Fetcher {
                 return Err(error.into());
             }
         };
-        let result = self.attempts(key, payer, charge).await;
+        let result = self.attempts(key, payer, cost, charge).await;
         admission.settle(&result);
         match result {
             Ok(UpstreamAnswer::Success(body)) => {
-                let entry = Entry::success(body, ttl, &self.policy);
+                let now = self.clock.now();
+                let entry = Entry::success(body, route.ttl(key, now), route.policy(), now);
                 Ok(Fetched::Stored(self.store(key, entry).await))
             }
             Ok(UpstreamAnswer::Declined { status, code, body }) => {
-                self.declined(key, status, code, body).await
+                self.declined(key, route.policy(), status, code, body).await
             }
             Err(error) => {
                 tracing::warn!(%key, error = %error, kind = error.as_str(), "upstream call failed; not cached");
@@ -415,6 +421,7 @@ impl Fetcher {
         &self,
         key: &CacheKey,
         payer: &Payer,
+        cost: u64,
         mut charge: Charge<'_>,
     ) -> Result<UpstreamAnswer, UpstreamError> {
         let deadline = Instant::now() + self.upstream.request_timeout();
@@ -437,7 +444,7 @@ impl Fetcher {
             tracing::info!(%key, error = %error, attempt, ?backoff, "retrying upstream call");
             self.metrics.upstream_retry();
             tokio::time::sleep(backoff).await;
-            charge = match self.ledger.charge(payer).await {
+            charge = match self.ledger.charge(payer, cost).await {
                 Ok(charge) => charge,
                 Err(refusal) => {
                     tracing::info!(%key, reason = refusal.as_str(), "retry refused by a credit budget");
@@ -450,7 +457,7 @@ impl Fetcher {
     /// Writes an entry to every tier.
     async fn store(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
         if let Some(redis) = &self.redis {
-            redis.put(key, &entry).await;
+            redis.put(key, &entry, self.clock.now()).await;
         }
         self.fill_memory(key, entry).await
     }
@@ -476,7 +483,7 @@ impl Fetcher {
     async fn moot(&self, key: &CacheKey, trigger: &Trigger) -> Option<Arc<Entry>> {
         let current = self.cache.get(key).await?;
         trigger
-            .satisfied_by(&current, SystemTime::now())
+            .satisfied_by(&current, self.clock.now())
             .then_some(current)
     }
 
@@ -485,19 +492,20 @@ impl Fetcher {
     async fn declined(
         &self,
         key: &CacheKey,
+        policy: &FreshnessPolicy,
         status: StatusCode,
         code: i64,
         body: Bytes,
     ) -> FetchResult {
         let deterministic = matches!(status.as_u16(), 400 | 404 | 422)
-            || (status == StatusCode::OK && self.policy.negative_codes.contains(&code));
+            || (status == StatusCode::OK && policy.negative_codes.contains(&code));
         let keeps_good_entry = match self.cache.get(key).await {
             Some(current) => !current.negative,
             None => false,
         };
-        if deterministic && !keeps_good_entry && !self.policy.negative_ttl.is_zero() {
+        if deterministic && !keeps_good_entry && !policy.negative_ttl.is_zero() {
             tracing::info!(%key, status = status.as_u16(), code, "upstream refusal cached as negative entry");
-            let entry = Entry::negative(status, body, &self.policy);
+            let entry = Entry::negative(status, body, policy, self.clock.now());
             return Ok(Fetched::Stored(self.store(key, entry).await));
         }
         tracing::info!(%key, status = status.as_u16(), code, "upstream refusal forwarded; not cached");

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{TestApp, assert_envelope, client, header, parts, spawn_app, spawn_app_with};
+use keyapi_proxy::route::HASHTAG_DETAIL_PATH;
 use serde_json::Value;
 
 const ADMIN: &str = "kp_admin-token";
@@ -148,11 +149,12 @@ async fn list_keys_by_prefix_with_age_and_size() {
     let entries = v["entries"].as_array().unwrap();
     let names: Vec<&str> = entries
         .iter()
-        .map(|e| e["hashtagName"].as_str().unwrap())
+        .map(|e| e["params"]["hashtag_name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["ufc324", "ufc325"]);
-    assert_eq!(entries[1]["region"], "US");
-    assert_eq!(entries[1]["period"], 30);
+    assert_eq!(entries[1]["route"], HASHTAG_DETAIL_PATH);
+    assert_eq!(entries[1]["params"]["region"], "US");
+    assert_eq!(entries[1]["params"]["period"], "30");
     for entry in entries {
         assert!(entry["bytes"].as_u64().unwrap() > 0);
         assert!(entry["ageSecs"].is_u64() && entry["ttlSecs"].is_u64());

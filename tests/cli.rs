@@ -104,11 +104,7 @@ fn invalid_configuration_is_refused() {
             "ftp://127.0.0.1",
             "scheme",
         ),
-        (
-            "KEYAPI_PROXY__HASHTAG__DEFAULT_PERIOD",
-            "9",
-            "default_period",
-        ),
+        ("KEYAPI_PROXY__CREDITS__PER_CALL", "0", "per_call"),
         ("KEYAPI_PROXY__CACHE__TTL", "soon", "ttl"),
         ("KEYAPI_PROXY__CACHE__TLL", "1h", "tll"),
     ];

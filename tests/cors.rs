@@ -5,7 +5,7 @@
 mod common;
 
 use common::{header, spawn_app, spawn_app_with};
-use keyapi_proxy::{config::Config, key::HASHTAG_DETAIL_PATH};
+use keyapi_proxy::{config::Config, route::HASHTAG_DETAIL_PATH};
 
 const ALLOWED: &str = "https://app.example.com";
 const REFUSED: &str = "https://evil.example.net";

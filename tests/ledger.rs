@@ -17,7 +17,7 @@ use keyapi_proxy::{
     cache::{CacheKey, codec},
     config::Config,
     demo::FakeMode,
-    key::HASHTAG_DETAIL_PATH,
+    route::HASHTAG_DETAIL_PATH,
 };
 use redis::AsyncCommands as _;
 

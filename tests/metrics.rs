@@ -5,7 +5,7 @@
 mod common;
 
 use common::{header, join, metric, spawn_app};
-use keyapi_proxy::{demo::FakeMode, key::HASHTAG_DETAIL_PATH};
+use keyapi_proxy::{demo::FakeMode, route::HASHTAG_DETAIL_PATH};
 
 fn requests(route: &str, status: u16, cache: &str) -> String {
     format!(

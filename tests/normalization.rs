@@ -5,6 +5,7 @@
 mod common;
 
 use common::{TEST_API_KEY, header, parts, plain_ttl, spawn_app, spawn_app_with};
+use keyapi_proxy::route::ParamConfig;
 
 #[tokio::test]
 async fn equivalent_queries_share_one_upstream_call() {
@@ -95,8 +96,19 @@ async fn distinct_questions_are_distinct_keys() {
 }
 
 #[tokio::test]
-async fn lowercase_can_be_turned_off() {
-    let app = spawn_app_with(|c| c.normalize.lowercase = false).await;
+async fn a_text_parameter_keeps_its_case_unless_told() {
+    // The hashtag as a `text` parameter without `lowercase`: case is kept.
+    let app = spawn_app_with(|c| {
+        c.routes[0].params[2] = ParamConfig {
+            name: "hashtag_name".into(),
+            kind: Some("text".into()),
+            required: true,
+            pattern: Some("[A-Za-z0-9_]+".into()),
+            strip_prefix: Some("#".into()),
+            ..ParamConfig::default()
+        };
+    })
+    .await;
     app.get_hashtag("hashtag_name=UFC").await;
     app.get_hashtag("hashtag_name=ufc").await;
     assert_eq!(app.upstream.calls(), 2);

@@ -8,10 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{spawn_app, spawn_app_with};
-use keyapi_proxy::{
-    key::{HASHTAG_DETAIL_PATH, PARAMETERS},
-    routes::PATHS,
-};
+use keyapi_proxy::{route::HASHTAG_DETAIL_PATH, routes::OPERATIONAL_PATHS};
 use serde_json::Value;
 
 async fn document(app: &common::TestApp) -> Value {
@@ -51,7 +48,10 @@ async fn document_is_openapi_3_1_and_covers_every_route() {
         .keys()
         .map(String::as_str)
         .collect();
-    let served: BTreeSet<&str> = PATHS.into_iter().collect();
+    let served: BTreeSet<&str> = OPERATIONAL_PATHS
+        .into_iter()
+        .chain([HASHTAG_DETAIL_PATH])
+        .collect();
     assert_eq!(documented, served);
     // Every documented schema reference resolves.
     let text = doc.to_string();
@@ -59,7 +59,7 @@ async fn document_is_openapi_3_1_and_covers_every_route() {
         let name = reference.split('"').next().unwrap();
         assert!(doc["components"]["schemas"][name].is_object(), "{name}");
     }
-    for path in PATHS {
+    for path in OPERATIONAL_PATHS.into_iter().chain([HASHTAG_DETAIL_PATH]) {
         let ops = doc["paths"][path].as_object().unwrap();
         assert!(!ops.is_empty(), "{path}");
         for (method, op) in ops {
@@ -75,17 +75,20 @@ async fn document_is_openapi_3_1_and_covers_every_route() {
 #[tokio::test]
 async fn proxied_route_names_every_parameter_with_its_rules() {
     let app = spawn_app_with(|c| {
-        c.hashtag.periods = vec![7, 30];
-        c.hashtag.default_period = 30;
-        c.cache.ttl_by_period.clear();
+        let period = &mut c.routes[0].params[0];
+        period.one_of = Some(vec!["7".into(), "30".into()]);
+        period.default = Some("30".into());
+        c.routes[0].ttl_by = None;
     })
     .await;
     let doc = document(&app).await;
     let get = &doc["paths"][HASHTAG_DETAIL_PATH]["get"];
-    let expected: BTreeSet<String> = PARAMETERS.iter().map(|p| (*p).to_owned()).collect();
+    let expected: BTreeSet<String> = ["hashtag_name", "period", "region"]
+        .map(String::from)
+        .into();
     assert_eq!(param_names(get), expected);
     let purge = &doc["paths"]["/admin/cache"]["delete"];
-    assert_eq!(param_names(purge), expected);
+    assert_eq!(param_names(purge), ["route".to_owned()].into());
 
     let param = |name: &str| {
         get["parameters"]
@@ -99,9 +102,9 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
     assert_eq!(param("hashtag_name")["required"], true);
     assert_eq!(
         param("period")["schema"]["enum"],
-        serde_json::json!([7, 30])
+        serde_json::json!(["7", "30"])
     );
-    assert_eq!(param("period")["schema"]["default"], 30);
+    assert_eq!(param("period")["schema"]["default"], "30");
     assert_eq!(param("region")["schema"]["default"], "all_regions");
     for status in ["200", "304", "400", "401", "429", "502", "504"] {
         assert!(get["responses"][status].is_object(), "response {status}");

@@ -40,14 +40,14 @@ async fn stats_follow_the_traffic() {
     assert_eq!(s["hitRatio"], 0.6);
     assert_eq!(s["creditsSpent"], 4);
     assert_eq!(s["creditsSaved"], 6);
-    assert_eq!(s["creditsPerCall"], 2);
+    assert_eq!(s["routes"][0]["credits"], 2);
     assert_eq!(s["cacheEntries"], 2);
     assert_eq!(s["upstream"]["status"], "ok");
     assert_eq!(s["upstream"]["callsLastHour"], 2);
     let top = s["topKeys"].as_array().unwrap();
-    assert_eq!(top[0]["hashtagName"], "ufc324");
+    assert_eq!(top[0]["params"]["hashtag_name"], "ufc324");
     assert_eq!(top[0]["hits"], 3);
-    assert_eq!(top[1]["hashtagName"], "nba");
+    assert_eq!(top[1]["params"]["hashtag_name"], "nba");
     assert_eq!(top[1]["hits"], 0);
     let hour = s["lastHour"].as_array().unwrap();
     assert_eq!(hour.len(), 60);

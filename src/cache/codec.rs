@@ -132,14 +132,17 @@ fn unix_millis(t: SystemTime) -> u64 {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::{cache::FreshnessPolicy, config::Config};
+    use std::time::SystemTime;
+
+    use crate::config::Config;
 
     fn entry() -> Entry {
-        let policy = FreshnessPolicy::from_config(&Config::defaults().unwrap().cache);
+        let policy = Config::defaults().unwrap().cache.freshness_policy();
         Entry::success(
             Bytes::from_static(br#"{"code":0}"#),
             Duration::from_secs(60),
             &policy,
+            SystemTime::now(),
         )
     }
 
@@ -161,9 +164,14 @@ mod tests {
 
     #[test]
     fn round_trips_the_precomputed_gzip_form() {
-        let policy = FreshnessPolicy::from_config(&Config::defaults().unwrap().cache);
+        let policy = Config::defaults().unwrap().cache.freshness_policy();
         let body = format!("{{\"code\":0,\"data\":\"{}\"}}", "ufc324 ".repeat(200));
-        let original = Entry::success(Bytes::from(body), Duration::from_secs(60), &policy);
+        let original = Entry::success(
+            Bytes::from(body),
+            Duration::from_secs(60),
+            &policy,
+            SystemTime::now(),
+        );
         assert!(original.gzip.is_some());
         let decoded = decode(&encode(&original)).unwrap();
         assert_eq!(decoded.gzip, original.gzip);

@@ -1,15 +1,13 @@
 //! The in-process tier: a moka cache bounded by stored body bytes, with each
 //! entry expiring after its own TTL.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use moka::{Expiry, future::Cache};
 
 use super::{CacheKey, Entry};
+use crate::clock::SharedClock;
 
 /// In-memory cache of successful answers. Cloning shares the same store.
 #[derive(Clone)]
@@ -19,8 +17,9 @@ pub struct LocalCache {
 
 /// Per-entry expiry: each entry lives until the end of its longest stale
 /// window, counted from when it was first stored (which may predate this
-/// process: Redis, snapshots). Routes choose TTLs per key, e.g. per period.
-struct EntryTtl;
+/// process: Redis, snapshots) on the app's clock. Routes choose TTLs per key,
+/// e.g. per period.
+struct EntryTtl(SharedClock);
 
 impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
     fn expire_after_create(
@@ -29,7 +28,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
         entry: &Arc<Entry>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(entry.remaining_lifetime(SystemTime::now()))
+        Some(entry.remaining_lifetime(self.0.now()))
     }
 
     fn expire_after_update(
@@ -39,13 +38,14 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(entry.remaining_lifetime(SystemTime::now()))
+        Some(entry.remaining_lifetime(self.0.now()))
     }
 }
 
 impl LocalCache {
-    /// A cache holding at most `max_bytes` of keys and bodies.
-    pub fn new(max_bytes: u64) -> Self {
+    /// A cache holding at most `max_bytes` of keys and bodies, whose entries
+    /// age by `clock`.
+    pub fn new(max_bytes: u64, clock: SharedClock) -> Self {
         let inner = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &CacheKey, entry: &Arc<Entry>| {
@@ -53,7 +53,7 @@ impl LocalCache {
                 let bytes = key.path_and_query().len() + entry.body.len() + gzip;
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
-            .expire_after(EntryTtl)
+            .expire_after(EntryTtl(clock))
             // Keys are canonical already; a fast non-cryptographic hash is
             // enough (moka's default SipHash is ~600 instructions per lookup).
             .build_with_hasher(foldhash::fast::RandomState::default());

@@ -33,8 +33,6 @@ use bytes::Bytes;
 
 pub use local::LocalCache;
 
-use crate::config::CacheConfig;
-
 /// Normalized identity of an answer: the exact upstream path and query that
 /// produces it. Equal keys mean byte-identical upstream requests.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -78,20 +76,6 @@ pub struct FreshnessPolicy {
     pub refresh_ahead_min_hits: u32,
 }
 
-impl FreshnessPolicy {
-    /// The `[cache]` section's freshness rules.
-    pub fn from_config(cache: &CacheConfig) -> Self {
-        Self {
-            stale_while_revalidate: cache.stale_while_revalidate,
-            stale_if_error: cache.stale_if_error,
-            negative_ttl: cache.negative_ttl,
-            negative_codes: cache.negative_codes.clone(),
-            refresh_ahead: (cache.refresh_ahead > 0.0).then_some(cache.refresh_ahead),
-            refresh_ahead_min_hits: cache.refresh_ahead_min_hits,
-        }
-    }
-}
-
 /// What an entry's age allows at a given moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
@@ -133,16 +117,21 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A successful answer stored now, with the policy's stale windows.
-    pub fn success(body: Bytes, ttl: Duration, policy: &FreshnessPolicy) -> Self {
+    /// A successful answer stored at `now`, with the policy's stale windows.
+    pub fn success(body: Bytes, ttl: Duration, policy: &FreshnessPolicy, now: SystemTime) -> Self {
         let windows = [ttl, policy.stale_while_revalidate, policy.stale_if_error];
-        Self::restore(body, StatusCode::OK, false, SystemTime::now(), windows)
+        Self::restore(body, StatusCode::OK, false, now, windows)
     }
 
-    /// A deterministic refusal stored now for the policy's negative TTL.
-    pub fn negative(status: StatusCode, body: Bytes, policy: &FreshnessPolicy) -> Self {
+    /// A deterministic refusal stored at `now` for the policy's negative TTL.
+    pub fn negative(
+        status: StatusCode,
+        body: Bytes,
+        policy: &FreshnessPolicy,
+        now: SystemTime,
+    ) -> Self {
         let windows = [policy.negative_ttl, Duration::ZERO, Duration::ZERO];
-        Self::restore(body, status, true, SystemTime::now(), windows)
+        Self::restore(body, status, true, now, windows)
     }
 
     /// An entry stored at `stored_at` (now, or earlier elsewhere: Redis, a

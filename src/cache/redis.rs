@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use futures_util::StreamExt as _;
 
 use super::{CacheKey, Entry, LocalCache, codec};
-use crate::{config::RedisConfig, metrics::Metrics};
+use crate::metrics::Metrics;
 
 /// Deletes the lock only if we still own it.
 const UNLOCK: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
@@ -57,6 +57,19 @@ redis.call("SET", KEYS[1], new_tat, "PX", math.ceil((new_tat - now) / 1000) + 10
 const COUNTER_TTL_SECS: u64 = 2 * 24 * 3600;
 /// Poll interval while waiting for another replica's fetch.
 const POLL: Duration = Duration::from_millis(20);
+
+/// How the tier names its keys and how long it waits (from `[cache.redis]`).
+#[derive(Debug, Clone)]
+pub struct TierSettings {
+    /// Namespace and format version of every key.
+    pub prefix: String,
+    /// Every Redis call gets this long.
+    pub op_timeout: Duration,
+    /// A fetch lock expires after this (a crashed holder blocks no longer).
+    pub lock_ttl: Duration,
+    /// How long other replicas wait for the lock holder's answer.
+    pub lock_wait: Duration,
+}
 
 /// Proof of holding a key's fetch lock.
 #[derive(Debug)]
@@ -102,18 +115,15 @@ impl std::fmt::Debug for RedisTier {
 
 impl RedisTier {
     /// Prepares a lazily connecting, self-reconnecting client; never blocks on Redis.
-    /// Locks outlast `worst_fetch` (see [`RedisConfig::lock_times`]).
     pub fn new(
         url: &str,
-        config: &RedisConfig,
-        worst_fetch: Duration,
+        settings: TierSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, redis::RedisError> {
-        let (lock_ttl, lock_wait) = config.lock_times(worst_fetch);
         let client = Client::open(url)?;
         let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.op_timeout.max(Duration::from_millis(100))))
-            .set_response_timeout(Some(config.op_timeout))
+            .set_connection_timeout(Some(settings.op_timeout.max(Duration::from_millis(100))))
+            .set_response_timeout(Some(settings.op_timeout))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_secs(1));
@@ -121,10 +131,10 @@ impl RedisTier {
         Ok(Self {
             client,
             conn,
-            prefix: config.prefix.clone(),
-            op_timeout: config.op_timeout,
-            lock_ttl,
-            lock_wait,
+            prefix: settings.prefix,
+            op_timeout: settings.op_timeout,
+            lock_ttl: settings.lock_ttl,
+            lock_wait: settings.lock_wait,
             up: AtomicBool::new(true),
             unlock: Script::new(UNLOCK),
             add_to_counter: Script::new(ADD_TO_COUNTER),
@@ -167,11 +177,11 @@ impl RedisTier {
         }
     }
 
-    /// Stores `entry` until the end of its longest window. A refusal
+    /// Stores `entry` until the end of its longest window (as of `now`). A refusal
     /// (negative entry) is stored only where nothing is: whatever is there is
     /// a success still usable as a stale answer, or the same refusal.
-    pub async fn put(&self, key: &CacheKey, entry: &Entry) {
-        let remaining = entry.remaining_lifetime(SystemTime::now());
+    pub async fn put(&self, key: &CacheKey, entry: &Entry, now: SystemTime) {
+        let remaining = entry.remaining_lifetime(now);
         let millis = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
         if millis == 0 {
             return;

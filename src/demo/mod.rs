@@ -2,8 +2,9 @@
 //! tried without a key) and by the tests (which need an upstream that counts
 //! calls, records what it received, and fails on command).
 //!
-//! Answers are shaped like the real sample body in `hashtag-detail-ufc324.json`
-//! and echo the requested hashtag and region.
+//! It answers every path: hashtag detail like the real sample body in
+//! `hashtag-detail-ufc324.json` (echoing the requested hashtag and region),
+//! any other route with a success envelope echoing its path and parameters.
 
 use std::{
     collections::VecDeque,
@@ -28,6 +29,8 @@ use axum::{
 };
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::route::HASHTAG_DETAIL_PATH;
 
 const SAMPLE: &str = include_str!("hashtag-detail-ufc324.json");
 /// Path of the fake's own call counter, for tools outside the process (the
@@ -187,6 +190,8 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         .map(|pq| pq.as_str().to_owned())
         .unwrap_or_default();
     let query = request.uri().query().unwrap_or("").to_owned();
+    let path = request.uri().path().to_owned();
+    let hashtag_detail = path == HASHTAG_DETAIL_PATH;
     let headers = request.headers().clone();
     lock(&state.recorded).push(Recorded {
         method: request.method().to_string(),
@@ -213,6 +218,9 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         return envelope(StatusCode::UNAUTHORIZED, 401, "invalid api key");
     }
     match mode {
+        FakeMode::Normal if !hashtag_detail => {
+            json_response(StatusCode::OK, echo_body(&path, &query))
+        }
         FakeMode::Normal => json_response(StatusCode::OK, success_body(&state.sample, &query, 0)),
         FakeMode::Oversize(n) => {
             json_response(StatusCode::OK, success_body(&state.sample, &query, n))
@@ -241,6 +249,19 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
 /// `GET /__fake/calls`: the number of calls received so far, as plain text.
 async fn calls(State(state): State<Arc<FakeState>>) -> String {
     state.calls.borrow().to_string()
+}
+
+/// A success envelope for any other route: the path and parameters it was asked.
+fn echo_body(path: &str, query: &str) -> Value {
+    let params: serde_json::Map<String, Value> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), json!(v)))
+        .collect();
+    json!({
+        "code": 0,
+        "message": "success",
+        "data": { "path": path, "params": params },
+        "requestId": uuid::Uuid::new_v4().to_string(),
+    })
 }
 
 /// The sample body with the requested hashtag and region, and `pad` bytes of padding.

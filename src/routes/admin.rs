@@ -2,13 +2,15 @@
 //! `[[clients]]` entry has `purge = true` gets in (401 without a valid token,
 //! 403 without the flag — and always 403 when no client is configured).
 //!
-//! - `GET /admin/cache?prefix=ufc` lists stored keys whose hashtag starts with
-//!   the (normalized) prefix, with age, freshness left and size.
-//! - `DELETE /admin/cache?hashtag_name=..&period=..&region=..` purges one key,
-//!   normalized exactly like the proxied route's query.
+//! - `GET /admin/cache?route=<path>&prefix=ufc` lists stored keys (of one
+//!   route, if given) whose first required parameter starts with the prefix
+//!   (normalized like that parameter), with age, freshness left and size.
+//! - `DELETE /admin/cache?route=<path>&<the route's parameters>` purges one
+//!   key, normalized exactly like the route's own query; `route` may be left
+//!   out when only one route is configured.
 //! - `DELETE /admin/cache` (no query) purges everything.
 
-use std::time::SystemTime;
+use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
     Extension, Json,
@@ -21,21 +23,22 @@ use serde::Serialize;
 use crate::{
     app::AppState,
     error::ApiError,
-    key::{self, HashtagKey},
     observe::RequestId,
+    route::{KeyError, Route, RouteTable},
 };
 
 /// Most entries one listing returns.
 const MAX_LISTED: usize = 1000;
+/// The admin queries' own parameter naming the route.
+const ROUTE_PARAM: &str = "route";
 
 /// One stored answer in a listing.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ListedEntry {
     key: String,
-    hashtag_name: String,
-    period: u32,
-    region: String,
+    route: &'static str,
+    params: BTreeMap<String, String>,
     age_secs: u64,
     ttl_secs: u64,
     bytes: usize,
@@ -66,23 +69,40 @@ pub(super) async fn list(
     if let Err(e) = state.access().authenticate_admin(&headers) {
         return ApiError::from(e).to_response(&request_id);
     }
-    let prefix = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-        .find(|(name, _)| name == "prefix")
-        .map(|(_, value)| key::normalize_prefix(&value, state.rules()))
-        .unwrap_or_default();
-    let now = SystemTime::now();
+    let (mut only, mut prefix) = (None, String::new());
+    for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match &*name {
+            ROUTE_PARAM => match named_route(state.routes(), Some(&value)) {
+                Ok(route) => only = Some(route),
+                Err(e) => return ApiError::from(e).to_response(&request_id),
+            },
+            "prefix" => prefix = value.into_owned(),
+            _ => {}
+        }
+    }
+    let now = state.clock().now();
     let mut entries: Vec<ListedEntry> = state
         .proxy()
         .cache()
         .entries()
         .into_iter()
         .filter_map(|(key, entry)| {
-            let question = HashtagKey::from_cache_key(&key)?;
-            question.hashtag.starts_with(&prefix).then(|| ListedEntry {
+            let route = state.routes().route_of(&key)?;
+            if only.is_some_and(|o| !Arc::ptr_eq(o, route)) {
+                return None;
+            }
+            let params: BTreeMap<String, String> = Route::params_of(&key).into_iter().collect();
+            let first = route.params().iter().find(|p| p.required());
+            let matches = match first {
+                Some(param) if !prefix.is_empty() => params
+                    .get(param.name())
+                    .is_some_and(|v| v.starts_with(&param.normalize_prefix(&prefix))),
+                _ => true,
+            };
+            matches.then(|| ListedEntry {
                 key: key.to_string(),
-                region: question.region.as_str().to_owned(),
-                hashtag_name: question.hashtag,
-                period: question.period,
+                route: route.path(),
+                params,
                 age_secs: entry.age(now).as_secs(),
                 ttl_secs: entry.remaining_ttl(now).as_secs(),
                 bytes: entry.body.len(),
@@ -90,9 +110,7 @@ pub(super) async fn list(
             })
         })
         .collect();
-    entries.sort_by(|a, b| {
-        (&a.hashtag_name, a.period, &a.region).cmp(&(&b.hashtag_name, b.period, &b.region))
-    });
+    entries.sort_by(|a, b| (a.route, &a.params).cmp(&(b.route, &b.params)));
     let count = entries.len();
     entries.truncate(MAX_LISTED);
     Json(Listing {
@@ -120,11 +138,15 @@ pub(super) async fn purge(
             key: None,
         },
         Some(raw) => {
-            let question = match HashtagKey::parse(Some(raw), state.rules()) {
-                Ok(question) => question,
+            let named = form_urlencoded::parse(raw.as_bytes())
+                .find(|(name, _)| name == ROUTE_PARAM)
+                .map(|(_, value)| value.into_owned());
+            let key = named_route(state.routes(), named.as_deref())
+                .and_then(|route| route.parse(Some(raw)));
+            let key = match key {
+                Ok(key) => key,
                 Err(e) => return ApiError::from(e).to_response(&request_id),
             };
-            let key = question.cache_key();
             Purged {
                 purged: proxy.purge(&key).await,
                 key: Some(key.to_string()),
@@ -138,4 +160,24 @@ pub(super) async fn purge(
         "cache purge"
     );
     Json(purged).into_response()
+}
+
+/// The route a `route=<path>` parameter names; without one, the only route.
+fn named_route<'t>(table: &'t RouteTable, named: Option<&str>) -> Result<&'t Arc<Route>, KeyError> {
+    let paths = || {
+        let paths: Vec<&str> = table.routes().iter().map(|r| r.path()).collect();
+        paths.join(", ")
+    };
+    match (named, table.routes()) {
+        (None, [only]) => Ok(only),
+        (None, routes) => Err(KeyError::Missing {
+            name: ROUTE_PARAM.into(),
+            example: routes.first().map_or("", |r| r.path()).into(),
+        }),
+        (Some(path), _) => table.get(path).ok_or_else(|| KeyError::Invalid {
+            name: ROUTE_PARAM.into(),
+            rule: format!("one of {}", paths()).into(),
+            got: path.chars().take(40).collect(),
+        }),
+    }
 }

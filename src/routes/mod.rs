@@ -1,15 +1,23 @@
 //! The HTTP surface: one file per endpoint group, assembled into one router.
+//! Every configured route is served by the one generic handler in [`proxied`].
 
 mod admin;
-mod hashtag;
 mod health;
 mod metrics;
 mod openapi;
+mod proxied;
 mod status;
 
-use axum::{Extension, Router, response::Response, routing::get};
+use std::sync::Arc;
 
-use crate::{app::AppState, error::ApiError, key::HASHTAG_DETAIL_PATH, observe::RequestId};
+use axum::{
+    Extension, Router,
+    extract::{Request, State},
+    response::Response,
+    routing::get,
+};
+
+use crate::{app::AppState, error::ApiError, observe::RequestId, route::RouteTable};
 
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
@@ -17,10 +25,8 @@ const OPENAPI_PATH: &str = "/openapi.json";
 const STATS_PATH: &str = "/stats";
 const STATUS_PAGE_PATH: &str = "/";
 
-/// Every route template: the values of the `route` metric label (and what
-/// `/openapi.json` must document).
-pub const PATHS: [&str; 8] = [
-    HASHTAG_DETAIL_PATH,
+/// The operational endpoints' paths (what `/openapi.json` documents besides the routes).
+pub const OPERATIONAL_PATHS: [&str; 7] = [
     "/healthz",
     "/readyz",
     METRICS_PATH,
@@ -30,27 +36,29 @@ pub const PATHS: [&str; 8] = [
     STATUS_PAGE_PATH,
 ];
 
-/// The `route` label of requests that matched no route.
-pub const UNMATCHED: &str = "unmatched";
-
-/// The `route` label of a request path: the path itself when it is one of
-/// ours (every route is a static path), else [`UNMATCHED`]. A route with path
-/// parameters would need axum's `MatchedPath` here instead.
-pub fn label(path: &str) -> &'static str {
-    PATHS
+/// Every path the router serves: the configured routes, then the
+/// operational endpoints. These are the values of the `route` metric label.
+pub fn paths(table: &RouteTable) -> Arc<[&'static str]> {
+    table
+        .routes()
         .iter()
-        .find(|p| **p == path)
-        .copied()
-        .unwrap_or(UNMATCHED)
+        .map(|r| r.path())
+        .chain(OPERATIONAL_PATHS)
+        .collect()
 }
 
 /// All routes. Layers (request ids, panics) are added by [`crate::app`].
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route(
-            HASHTAG_DETAIL_PATH,
-            get(hashtag::hashtag_detail).fallback(method_not_allowed),
-        )
+    let mut router = Router::new();
+    for route in state.routes().routes() {
+        let path = route.path();
+        let route = Arc::clone(route);
+        let handler = move |state: State<AppState>, id: Extension<RequestId>, request: Request| {
+            proxied::answer(Arc::clone(&route), state, id, request)
+        };
+        router = router.route(path, get(handler).fallback(method_not_allowed));
+    }
+    router
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route(METRICS_PATH, get(metrics::metrics))

@@ -4,7 +4,7 @@
 //! nothing from anywhere (no script, no stylesheet, no font, no image), and
 //! says so in its `Content-Security-Policy`.
 
-use std::{fmt::Write as _, time::SystemTime};
+use std::{collections::BTreeMap, fmt::Write as _, time::SystemTime};
 
 use axum::{
     Json,
@@ -17,9 +17,9 @@ use serde::Serialize;
 use crate::{
     app::AppState,
     clock,
-    key::HashtagKey,
     ledger::{Budget, Ledger},
     metrics::Totals,
+    route::Route,
     stats::Minute,
 };
 
@@ -34,7 +34,8 @@ pub(crate) struct Stats {
     hit_ratio: Option<f64>,
     #[serde(flatten)]
     totals: Totals,
-    credits_per_call: u64,
+    /// Each configured route and its price per call.
+    routes: Vec<RouteStats>,
     daily_budget: Option<u64>,
     credits_spent_today: Option<u64>,
     /// Fetches this replica refused today because the global budget was spent.
@@ -67,6 +68,13 @@ struct Upstream {
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
+struct RouteStats {
+    path: &'static str,
+    credits: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct ClientStats {
     id: String,
     requests: u64,
@@ -80,9 +88,9 @@ struct ClientStats {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct TopKey {
-    hashtag_name: String,
-    period: u32,
-    region: String,
+    route: &'static str,
+    /// The normalized parameters.
+    params: BTreeMap<String, String>,
     hits: u64,
     bytes: usize,
     age_secs: u64,
@@ -127,34 +135,35 @@ impl Stats {
                 budget_refused_today: refused_today(ledger, c.account.budget.as_ref()),
             });
         }
-        let wall_now = SystemTime::now();
         let mut top_keys: Vec<TopKey> = cache
             .entries()
             .into_iter()
             .filter_map(|(key, entry)| {
-                let question = HashtagKey::from_cache_key(&key)?;
                 Some(TopKey {
-                    region: question.region.as_str().to_owned(),
-                    hashtag_name: question.hashtag,
-                    period: question.period,
+                    route: state.routes().route_of(&key)?.path(),
+                    params: Route::params_of(&key).into_iter().collect(),
                     hits: entry.hits(),
                     bytes: entry.body.len(),
-                    age_secs: entry.age(wall_now).as_secs(),
+                    age_secs: entry.age(now).as_secs(),
                 })
             })
             .collect();
-        top_keys.sort_by(|a, b| {
-            b.hits
-                .cmp(&a.hits)
-                .then_with(|| a.hashtag_name.cmp(&b.hashtag_name))
-        });
+        top_keys.sort_by(|a, b| b.hits.cmp(&a.hits).then_with(|| a.params.cmp(&b.params)));
         top_keys.truncate(TOP_KEYS);
         Self {
             uptime_secs: ago(history.started()),
             started_at: clock::unix_secs(history.started()),
             hit_ratio: (answered > 0).then(|| totals.hits as f64 / answered as f64),
             totals,
-            credits_per_call: metrics.credits_per_call(),
+            routes: state
+                .routes()
+                .routes()
+                .iter()
+                .map(|r| RouteStats {
+                    path: r.path(),
+                    credits: r.credits(),
+                })
+                .collect(),
             daily_budget: ledger.global().map(Budget::limit),
             credits_spent_today: spent_today(ledger, ledger.global()).await,
             budget_refused_today: refused_today(ledger, ledger.global()),
@@ -226,7 +235,7 @@ fn render(stats: &Stats) -> String {
          <div class=\"cards\">\
          <div class=\"card\">uptime<b>{uptime}</b></div>\
          <div class=\"card\">hit ratio<b>{ratio}</b>{hits} hits / {misses} misses</div>\
-         <div class=\"card\">credits spent<b>{spent}</b>{per_call} per upstream call</div>\
+         <div class=\"card\">credits spent<b>{spent}</b>on {calls} upstream calls this hour</div>\
          <div class=\"card\">credits saved<b>{saved}</b>{collapsed} collapsed waiters</div>\
          <div class=\"card\">cache<b>{entries}</b>entries, {bytes} bytes</div>\
          <div class=\"card\">upstream<b class=\"{health}\">{health}</b>{in_flight} in flight</div>\
@@ -235,7 +244,7 @@ fn render(stats: &Stats) -> String {
         hits = t.hits,
         misses = t.misses,
         spent = t.credits_spent,
-        per_call = stats.credits_per_call,
+        calls = stats.upstream.calls_last_hour,
         saved = t.credits_saved,
         collapsed = t.collapsed,
         entries = stats.cache_entries,
@@ -272,14 +281,14 @@ fn render(stats: &Stats) -> String {
         );
     }
 
-    html.push_str("<h2>Top keys</h2><table><tr><th>hashtag</th><th>period</th><th>region</th><th>hits</th><th>bytes</th><th>age</th></tr>");
+    html.push_str("<h2>Top keys</h2><table><tr><th>route</th><th>question</th><th>hits</th><th>bytes</th><th>age</th></tr>");
     for key in &stats.top_keys {
+        let question: Vec<String> = key.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&key.hashtag_name),
-            key.period,
-            escape(&key.region),
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(key.route),
+            escape(&question.join(" ")),
             key.hits,
             key.bytes,
             duration_text(key.age_secs)

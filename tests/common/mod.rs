@@ -13,7 +13,7 @@ use keyapi_proxy::{
     config::{ClientConfig, Config},
     demo::FakeUpstream,
     digest,
-    key::HASHTAG_DETAIL_PATH,
+    route::HASHTAG_DETAIL_PATH,
 };
 use secrecy::SecretString;
 use tokio::{sync::oneshot, task::JoinHandle};

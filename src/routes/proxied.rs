@@ -1,8 +1,9 @@
-//! `GET|HEAD /v1/tiktok/trending/hashtag/detail`: the proxied KeyAPI route.
-//! Parses the query into a key, asks the proxy, and turns the outcome into
-//! headers. Nothing of the client's request other than its token (checked,
-//! never forwarded), the three known parameters, `If-None-Match`,
-//! `Accept-Encoding` and, if allowed, `Cache-Control: no-cache` is used.
+//! `GET|HEAD <route path>`: the one handler of every configured KeyAPI route.
+//! Reads top to bottom: admit → parse (the route's parameters into a key) →
+//! serve (the proxy) → respond. Nothing of the client's request other than
+//! its token (checked, never forwarded), the route's parameters,
+//! `If-None-Match`, `Accept-Encoding` and, if allowed, `Cache-Control:
+//! no-cache` is used.
 
 use std::sync::Arc;
 
@@ -19,15 +20,16 @@ use crate::{
     app::AppState,
     cache_status,
     error::{APPLICATION_JSON, ApiError},
-    key::HashtagKey,
     ledger::Payer,
     negotiate,
     observe::{AccessLog, RequestId},
     proxy::{Outcome, ProxyError},
+    route::Route,
     served::{CacheState, Served},
 };
 
-pub(super) async fn hashtag_detail(
+pub(super) async fn answer(
+    route: Arc<Route>,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     // The request itself, read by reference: cloning its headers and query
@@ -40,24 +42,22 @@ pub(super) async fn hashtag_detail(
         Ok(client) => client,
         Err(e) => return e.to_response(&request_id),
     };
-    let rules = state.rules();
-    let question = match HashtagKey::parse(query, rules) {
-        Ok(question) => question,
+    let key = match route.parse(query) {
+        Ok(key) => key,
         Err(e) => return ApiError::from(e).to_response(&request_id),
     };
-    let key = question.cache_key();
-    let ttl = rules.ttl(question.period);
     let may_refresh =
         state.allow_client_refresh() || client.as_ref().is_some_and(|c| c.may_refresh);
     let refresh = may_refresh && asks_for_refresh(headers);
     // A fetch this request starts is charged to its client (and the global budget).
     let payer = Payer::Request(client.as_ref().map(|c| Arc::clone(&c.account)));
-    let outcome = state.proxy().serve(&key, ttl, refresh, payer).await;
+    let outcome = state.proxy().serve(&key, &route, refresh, payer).await;
     let (mut response, served, upstream_status) = respond(headers, outcome, &request_id);
     response.extensions_mut().insert(AccessLog {
         client: client.map(|c| Arc::clone(&c.id)),
         key,
         served,
+        credits: route.credits(),
         upstream_status,
     });
     response
@@ -71,8 +71,8 @@ fn respond(
     request_id: &RequestId,
 ) -> (Response, Served, Option<u16>) {
     match outcome {
-        Ok(Outcome::Cached { entry, state }) => {
-            let response = negotiate::cached_response(headers, &entry, state);
+        Ok(Outcome::Cached { entry, state, now }) => {
+            let response = negotiate::cached_response(headers, &entry, state, now);
             let upstream = match state {
                 CacheState::Hit | CacheState::Stale | CacheState::StaleOverBudget => None,
                 CacheState::StaleIfError { fwd_status } => fwd_status,

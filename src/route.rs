@@ -1,0 +1,898 @@
+//! The route table: every proxied KeyAPI endpoint, described by
+//! configuration (`[[routes]]`): its path, price, freshness and parameters.
+//!
+//! Parse, don't validate: a raw query becomes a [`CacheKey`] — the canonical
+//! upstream path and query, parameters in the route's order with defaults
+//! filled in and values normalized by their kind — or a client error, once.
+//! Nothing after this module sees raw strings. Unknown parameters (cache
+//! busters such as `_=123`) are ignored and never forwarded; a repeated one is
+//! an error. Equivalent questions (`#UFC324`, `ufc324`, `UFC324&region=ALL_REGIONS`)
+//! are one key, paid for once.
+//!
+//! A configured route is checked and compiled once at start-up; a bad one is
+//! refused with one line naming the route and the field.
+
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration, time::SystemTime};
+
+use regex_lite::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cache::{CacheKey, FreshnessPolicy},
+    clock,
+};
+
+/// Path of the compiled-in default route (KeyAPI's hashtag detail).
+pub const HASHTAG_DETAIL_PATH: &str = "/v1/tiktok/trending/hashtag/detail";
+/// Longest value a `hashtag` parameter accepts, in characters, after normalization.
+pub const MAX_HASHTAG_CHARS: usize = 100;
+/// Longest value a `text` parameter accepts when its `max_len` is not set.
+pub const DEFAULT_TEXT_MAX_LEN: usize = 100;
+const ALL_REGIONS: &str = "all_regions";
+
+/// One `[[routes]]` entry as written in the configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path, identical on the proxy and on KeyAPI, e.g. `/v1/tiktok/trending/hashtag/detail`.
+    pub path: String,
+    /// KeyAPI's price per call; absent: `credits.per_call`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<u64>,
+    /// Freshness lifetime; absent: `cache.ttl`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<Duration>,
+    /// TTL by the value of one parameter, e.g. `{ param = "period", values = { "365" = "12h" } }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_by: Option<TtlByConfig>,
+    /// `daily`: fresh until the next 00:00 UTC + `daily_offset` (capped by the TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<String>,
+    /// With `freshness = "daily"`: how long after 00:00 UTC the day's data is complete.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub daily_offset: Option<Duration>,
+    /// Absent: `cache.stale_while_revalidate`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stale_while_revalidate: Option<Duration>,
+    /// Absent: `cache.stale_if_error`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stale_if_error: Option<Duration>,
+    /// Absent: `cache.negative_ttl`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub negative_ttl: Option<Duration>,
+    /// The query parameters, in the order the upstream query is built.
+    #[serde(default)]
+    pub params: Vec<ParamConfig>,
+}
+
+/// `ttl_by`: a TTL per value of one parameter.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlByConfig {
+    pub param: String,
+    pub values: BTreeMap<String, humantime_serde::Serde<Duration>>,
+}
+
+/// One `[[routes.params]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamConfig {
+    pub name: String,
+    /// `one_of`, `int`, `region`, `hashtag` or `text`; absent: `one_of` when
+    /// `one_of` is given, else `text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+    /// A value shown in the "is required" message; absent: the default or the first allowed value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub example: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<i64>,
+    /// `text`: a regular expression the whole (normalized) value must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// `text`: longest value in characters (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_len: Option<usize>,
+    /// `text`: lower-case the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lowercase: Option<bool>,
+    /// `text`: drop this prefix once (e.g. `@`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strip_prefix: Option<String>,
+}
+
+/// What a route inherits when it does not say: the `[cache]` and `[credits]` defaults.
+#[derive(Debug, Clone)]
+pub struct RouteDefaults {
+    pub credits: u64,
+    pub ttl: Duration,
+    /// Global freshness rules (stale windows and negative TTL may be overridden per route).
+    pub policy: FreshnessPolicy,
+}
+
+/// A route configuration that cannot be served. The message names the route and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("routes[{index}] ({path}): {problem}")]
+pub struct RouteConfigError {
+    index: usize,
+    path: String,
+    problem: String,
+}
+
+/// A client request a route cannot answer. Messages say what is wrong and
+/// what is allowed; they go to the client in the 400 envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("parameter `{0}` is given more than once; give it at most once")]
+    Repeated(Arc<str>),
+    #[error("parameter `{name}` is required, e.g. {name}={example}")]
+    Missing { name: Arc<str>, example: Arc<str> },
+    #[error("parameter `{name}` must be {rule}, got {got:?}")]
+    Invalid {
+        name: Arc<str>,
+        rule: Arc<str>,
+        got: String,
+    },
+}
+
+/// How a parameter's value is checked and normalized.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// One of the listed values, exactly (after trimming).
+    OneOf(Vec<String>),
+    /// An integer in `min..=max`, written canonically (`07` → `7`).
+    Int { min: i64, max: i64 },
+    /// `all_regions` (any case) or a 2-letter country code, stored upper-case.
+    Region,
+    /// One leading `#` dropped, lower-cased, 1-100 letters, digits or `_`.
+    Hashtag,
+    /// Free text within a length and an optional pattern.
+    Text {
+        pattern: Option<Regex>,
+        max_len: usize,
+        lowercase: bool,
+        strip_prefix: Option<String>,
+    },
+}
+
+/// One compiled parameter.
+#[derive(Debug, Clone)]
+pub struct Param {
+    name: Arc<str>,
+    kind: Kind,
+    required: bool,
+    /// Normalized default, if any.
+    default: Option<String>,
+    example: Arc<str>,
+    /// What the kind allows, for messages and the OpenAPI description.
+    rule: Arc<str>,
+}
+
+impl Param {
+    /// The query parameter name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How values are checked.
+    pub fn kind(&self) -> &Kind {
+        &self.kind
+    }
+
+    /// Whether a request must give it.
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// The normalized default.
+    pub fn default(&self) -> Option<&str> {
+        self.default.as_deref()
+    }
+
+    /// A valid example value.
+    pub fn example(&self) -> &str {
+        &self.example
+    }
+
+    /// What the parameter allows, as a phrase ("one of 7, 30").
+    pub fn rule(&self) -> &str {
+        &self.rule
+    }
+
+    /// Checks and normalizes one raw value (already known to be non-empty).
+    fn normalize(&self, raw: &str) -> Result<String, KeyError> {
+        let invalid = || KeyError::Invalid {
+            name: Arc::clone(&self.name),
+            rule: Arc::clone(&self.rule),
+            got: clip(raw),
+        };
+        match &self.kind {
+            Kind::OneOf(values) => values
+                .iter()
+                .find(|v| v.as_str() == raw)
+                .cloned()
+                .ok_or_else(invalid),
+            Kind::Int { min, max } => raw
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (*min..=*max).contains(n))
+                .map(|n| n.to_string())
+                .ok_or_else(invalid),
+            Kind::Region => {
+                if raw.eq_ignore_ascii_case(ALL_REGIONS) {
+                    return Ok(ALL_REGIONS.to_owned());
+                }
+                match raw.as_bytes() {
+                    [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
+                        Ok(raw.to_ascii_uppercase())
+                    }
+                    _ => Err(invalid()),
+                }
+            }
+            Kind::Hashtag => {
+                let name = raw.strip_prefix('#').unwrap_or(raw);
+                let chars = name.chars().count();
+                let valid = (1..=MAX_HASHTAG_CHARS).contains(&chars)
+                    && name.chars().all(|c| c.is_alphanumeric() || c == '_');
+                if !valid {
+                    return Err(invalid());
+                }
+                Ok(name.to_lowercase())
+            }
+            Kind::Text {
+                pattern,
+                max_len,
+                lowercase,
+                strip_prefix,
+            } => {
+                let value = match strip_prefix {
+                    Some(prefix) => raw.strip_prefix(prefix.as_str()).unwrap_or(raw),
+                    None => raw,
+                };
+                let value = if *lowercase {
+                    value.to_lowercase()
+                } else {
+                    value.to_owned()
+                };
+                let chars = value.chars().count();
+                let fits = (1..=*max_len).contains(&chars)
+                    && pattern.as_ref().is_none_or(|p| p.is_match(&value));
+                if fits { Ok(value) } else { Err(invalid()) }
+            }
+        }
+    }
+
+    /// A prefix normalized like a value of this parameter, as far as a
+    /// prefix can be (for listing stored keys).
+    pub fn normalize_prefix(&self, raw: &str) -> String {
+        let raw = raw.trim();
+        match &self.kind {
+            Kind::Hashtag => raw.strip_prefix('#').unwrap_or(raw).to_lowercase(),
+            Kind::Region => raw.to_ascii_uppercase(),
+            Kind::Text {
+                lowercase,
+                strip_prefix,
+                ..
+            } => {
+                let value = match strip_prefix {
+                    Some(prefix) => raw.strip_prefix(prefix.as_str()).unwrap_or(raw),
+                    None => raw,
+                };
+                if *lowercase {
+                    value.to_lowercase()
+                } else {
+                    value.to_owned()
+                }
+            }
+            Kind::OneOf(_) | Kind::Int { .. } => raw.to_owned(),
+        }
+    }
+}
+
+/// How long answers of a route stay fresh.
+#[derive(Debug, Clone)]
+struct Ttl {
+    base: Duration,
+    by: Option<TtlBy>,
+    /// `freshness = "daily"`: the offset after 00:00 UTC.
+    daily: Option<Duration>,
+}
+
+/// A TTL per value of one parameter.
+#[derive(Debug, Clone)]
+struct TtlBy {
+    param: Arc<str>,
+    /// Encoded value (as it stands in a key) → TTL.
+    values: Vec<(String, Duration)>,
+}
+
+/// One compiled route.
+#[derive(Debug)]
+pub struct Route {
+    /// The path on both sides, leaked once at start-up: it is a metric label.
+    path: &'static str,
+    credits: u64,
+    params: Vec<Param>,
+    ttl: Ttl,
+    policy: FreshnessPolicy,
+}
+
+impl Route {
+    /// Path on the proxy and on KeyAPI.
+    pub fn path(&self) -> &'static str {
+        self.path
+    }
+
+    /// Credits KeyAPI charges per call.
+    pub fn credits(&self) -> u64 {
+        self.credits
+    }
+
+    /// Parameters in upstream order.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Stale windows and negative caching of this route.
+    pub fn policy(&self) -> &FreshnessPolicy {
+        &self.policy
+    }
+
+    /// Normalizes a raw query string (without `?`) into the canonical
+    /// upstream request of this route.
+    pub fn parse(&self, raw_query: Option<&str>) -> Result<CacheKey, KeyError> {
+        let mut raw: Vec<Option<std::borrow::Cow<'_, str>>> = vec![None; self.params.len()];
+        for (name, value) in form_urlencoded::parse(raw_query.unwrap_or("").as_bytes()) {
+            let Some(index) = self.params.iter().position(|p| *p.name == *name) else {
+                continue;
+            };
+            if raw[index].replace(value).is_some() {
+                return Err(KeyError::Repeated(Arc::clone(&self.params[index].name)));
+            }
+        }
+        let mut key = String::with_capacity(self.path.len() + 64);
+        key.push_str(self.path);
+        let mut separator = '?';
+        for (param, raw) in self.params.iter().zip(&raw) {
+            let given = raw.as_deref().map(str::trim).filter(|v| !v.is_empty());
+            let normalized;
+            let value = match (given, &param.default) {
+                (Some(given), _) => {
+                    normalized = param.normalize(given)?;
+                    &normalized
+                }
+                (None, Some(default)) => default,
+                (None, None) if param.required => {
+                    return Err(KeyError::Missing {
+                        name: Arc::clone(&param.name),
+                        example: Arc::clone(&param.example),
+                    });
+                }
+                (None, None) => continue,
+            };
+            key.push(separator);
+            separator = '&';
+            key.push_str(&param.name);
+            key.push('=');
+            push_encoded(&mut key, value);
+        }
+        Ok(CacheKey::new(key))
+    }
+
+    /// Whether `key` is one of this route's.
+    pub fn owns(&self, key: &CacheKey) -> bool {
+        key.path_and_query()
+            .strip_prefix(self.path)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'))
+    }
+
+    /// The normalized parameters of one of this route's keys, in order.
+    pub fn params_of(key: &CacheKey) -> Vec<(String, String)> {
+        let query = key.path_and_query().split_once('?').map_or("", |(_, q)| q);
+        form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    /// Freshness lifetime of an answer to `key` stored at `now`.
+    pub fn ttl(&self, key: &CacheKey, now: SystemTime) -> Duration {
+        let mut ttl = self.ttl.base;
+        if let Some(TtlBy { param, values }) = &self.ttl.by {
+            let query = key.path_and_query().split_once('?').map_or("", |(_, q)| q);
+            let value = query.split('&').find_map(|pair| {
+                let (name, value) = pair.split_once('=')?;
+                (name == &**param).then_some(value)
+            });
+            if let Some(found) = value.and_then(|v| values.iter().find(|(k, _)| k == v)) {
+                ttl = found.1;
+            }
+        }
+        if let Some(offset) = self.ttl.daily {
+            ttl = ttl.min(until_next_daily_boundary(now, offset));
+        }
+        ttl
+    }
+}
+
+/// Time from `now` to the next 00:00 UTC + `offset`.
+fn until_next_daily_boundary(now: SystemTime, offset: Duration) -> Duration {
+    let day = Duration::from_secs(24 * 3600);
+    let since_midnight = day - clock::until_utc_midnight(now);
+    let offset = Duration::from_secs(offset.as_secs() % day.as_secs());
+    if since_midnight < offset {
+        offset - since_midnight
+    } else {
+        day - since_midnight + offset
+    }
+}
+
+/// The configured routes, in configuration order.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    routes: Arc<[Arc<Route>]>,
+}
+
+impl RouteTable {
+    /// Checks and compiles `configs`; the first problem is the error.
+    pub fn compile(
+        configs: &[RouteConfig],
+        defaults: &RouteDefaults,
+    ) -> Result<Self, RouteConfigError> {
+        if configs.is_empty() {
+            return Err(RouteConfigError {
+                index: 0,
+                path: String::new(),
+                problem: "at least one [[routes]] entry is needed".into(),
+            });
+        }
+        let mut routes: Vec<Arc<Route>> = Vec::with_capacity(configs.len());
+        for (index, config) in configs.iter().enumerate() {
+            let fail = |problem: String| RouteConfigError {
+                index,
+                path: config.path.clone(),
+                problem,
+            };
+            if routes.iter().any(|r| r.path == config.path) {
+                return Err(fail("path: the same path is configured twice".into()));
+            }
+            routes.push(Arc::new(compile_route(config, defaults).map_err(fail)?));
+        }
+        Ok(Self {
+            routes: routes.into(),
+        })
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    /// The route with this path.
+    pub fn get(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.path == path)
+    }
+
+    /// The route a stored key belongs to.
+    pub fn route_of(&self, key: &CacheKey) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.owns(key))
+    }
+}
+
+fn compile_route(config: &RouteConfig, defaults: &RouteDefaults) -> Result<Route, String> {
+    let path = config.path.as_str();
+    let valid_path = path.starts_with('/')
+        && path.len() <= 200
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.'));
+    if !valid_path {
+        return Err(
+            "path: must start with / and hold only letters, digits, / _ - . (no query)".into(),
+        );
+    }
+    let credits = config.credits.unwrap_or(defaults.credits);
+    if credits == 0 {
+        return Err("credits: must be at least 1 (KeyAPI's price per call)".into());
+    }
+    let mut params: Vec<Param> = Vec::with_capacity(config.params.len());
+    for (i, p) in config.params.iter().enumerate() {
+        if params.iter().any(|q| *q.name == *p.name) {
+            return Err(format!(
+                "params[{i}] ({}): the same name is given twice",
+                p.name
+            ));
+        }
+        params.push(compile_param(p).map_err(|e| format!("params[{i}] ({}): {e}", p.name))?);
+    }
+    let ttl = config.ttl.unwrap_or(defaults.ttl);
+    let by = match &config.ttl_by {
+        None => None,
+        Some(by) => {
+            let param = params
+                .iter()
+                .find(|p| *p.name == by.param)
+                .ok_or_else(|| format!("ttl_by.param: no parameter named {:?}", by.param))?;
+            let mut values = Vec::new();
+            for (raw, duration) in &by.values {
+                let normalized = param.normalize(raw.trim()).map_err(|_| {
+                    format!(
+                        "ttl_by.values: {raw:?} is not a valid value of {} ({})",
+                        by.param, param.rule
+                    )
+                })?;
+                let mut encoded = String::new();
+                push_encoded(&mut encoded, &normalized);
+                values.push((encoded, duration.into_inner()));
+            }
+            Some(TtlBy {
+                param: Arc::clone(&param.name),
+                values,
+            })
+        }
+    };
+    let daily = match config.freshness.as_deref() {
+        None | Some("fixed") => {
+            if config.daily_offset.is_some() {
+                return Err("daily_offset: only with freshness = \"daily\"".into());
+            }
+            None
+        }
+        Some("daily") => Some(config.daily_offset.unwrap_or_default()),
+        Some(other) => {
+            return Err(format!(
+                "freshness: {other:?} is not \"fixed\" or \"daily\""
+            ));
+        }
+    };
+    let all_ttls = std::iter::once(ttl).chain(by.iter().flat_map(|b| b.values.iter().map(|x| x.1)));
+    if all_ttls.into_iter().any(|t| t.is_zero()) {
+        return Err("ttl: must be greater than zero".into());
+    }
+    let mut policy = defaults.policy.clone();
+    if let Some(swr) = config.stale_while_revalidate {
+        policy.stale_while_revalidate = swr;
+    }
+    if let Some(sie) = config.stale_if_error {
+        policy.stale_if_error = sie;
+    }
+    if let Some(negative) = config.negative_ttl {
+        policy.negative_ttl = negative;
+    }
+    Ok(Route {
+        // Bounded: once per configured route, at start-up.
+        path: Box::leak(path.to_owned().into_boxed_str()),
+        credits,
+        params,
+        ttl: Ttl {
+            base: ttl,
+            by,
+            daily,
+        },
+        policy,
+    })
+}
+
+fn compile_param(p: &ParamConfig) -> Result<Param, String> {
+    let valid_name = !p.name.is_empty()
+        && p.name.len() <= 64
+        && p.name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !valid_name {
+        return Err("name: 1-64 letters, digits, _ - .".into());
+    }
+    let kind_name = p
+        .kind
+        .as_deref()
+        .unwrap_or(if p.one_of.is_some() { "one_of" } else { "text" });
+    let only = |field: &str, present: bool, kinds: &str| {
+        if present {
+            Err(format!("{field}: only for kind {kinds}"))
+        } else {
+            Ok(())
+        }
+    };
+    only(
+        "one_of",
+        p.one_of.is_some() && kind_name != "one_of",
+        "one_of",
+    )?;
+    only(
+        "min/max",
+        (p.min.is_some() || p.max.is_some()) && kind_name != "int",
+        "int",
+    )?;
+    let text_only = p.pattern.is_some()
+        || p.max_len.is_some()
+        || p.lowercase.is_some()
+        || p.strip_prefix.is_some();
+    only(
+        "pattern/max_len/lowercase/strip_prefix",
+        text_only && kind_name != "text",
+        "text",
+    )?;
+    let (kind, rule) = match kind_name {
+        "one_of" => {
+            let values: Vec<String> = p.one_of.clone().unwrap_or_default();
+            if values.is_empty() || values.iter().any(|v| v.trim().is_empty() || v.trim() != v) {
+                return Err("one_of: list at least one value, none empty or padded".into());
+            }
+            let rule = format!("one of {}", values.join(", "));
+            (Kind::OneOf(values), rule)
+        }
+        "int" => {
+            let (min, max) = (p.min.unwrap_or(i64::MIN), p.max.unwrap_or(i64::MAX));
+            if min > max {
+                return Err("min: must not exceed max".into());
+            }
+            (
+                Kind::Int { min, max },
+                format!("an integer from {min} to {max}"),
+            )
+        }
+        "region" => (
+            Kind::Region,
+            "`all_regions` or a 2-letter country code such as US".to_owned(),
+        ),
+        "hashtag" => (
+            Kind::Hashtag,
+            format!("1-{MAX_HASHTAG_CHARS} letters, digits or `_` (one leading `#` allowed)"),
+        ),
+        "text" => {
+            let max_len = p.max_len.unwrap_or(DEFAULT_TEXT_MAX_LEN);
+            if max_len == 0 || max_len > 1000 {
+                return Err("max_len: 1 to 1000".into());
+            }
+            let pattern = match &p.pattern {
+                Some(raw) => Some(
+                    Regex::new(&format!("^(?:{raw})$"))
+                        .map_err(|e| format!("pattern: not a valid regular expression: {e}"))?,
+                ),
+                None => None,
+            };
+            let rule = match &p.pattern {
+                Some(raw) => format!("1-{max_len} characters matching {raw}"),
+                None => format!("1-{max_len} characters"),
+            };
+            let kind = Kind::Text {
+                pattern,
+                max_len,
+                lowercase: p.lowercase.unwrap_or(false),
+                strip_prefix: p.strip_prefix.clone().filter(|s| !s.is_empty()),
+            };
+            (kind, rule)
+        }
+        other => {
+            return Err(format!(
+                "kind: unknown kind {other:?}; use one_of, int, region, hashtag or text"
+            ));
+        }
+    };
+    let mut param = Param {
+        name: p.name.as_str().into(),
+        kind,
+        required: p.required,
+        default: None,
+        example: "".into(),
+        rule: rule.into(),
+    };
+    if let Some(raw) = &p.default {
+        if p.required {
+            return Err("default: a required parameter has no default".into());
+        }
+        let normalized = param
+            .normalize(raw.trim())
+            .map_err(|_| format!("default: {raw:?} is not {}", param.rule))?;
+        param.default = Some(normalized);
+    }
+    let example = match (&p.example, &param.default, &param.kind) {
+        (Some(example), ..) => example.clone(),
+        (None, Some(default), _) => default.clone(),
+        (None, None, Kind::OneOf(values)) => values[0].clone(),
+        (None, None, Kind::Int { min, .. }) => (*min).max(0).to_string(),
+        (None, None, Kind::Region) => "US".to_owned(),
+        (None, None, Kind::Hashtag) => "ufc324".to_owned(),
+        (None, None, Kind::Text { .. }) => "value".to_owned(),
+    };
+    param.example = example.into();
+    Ok(param)
+}
+
+/// Appends `value` form-encoded. Letters, digits and `_` in ASCII need no
+/// encoding (the common case); anything else is encoded as a form serializer would.
+fn push_encoded(out: &mut String, value: &str) {
+    if value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        out.push_str(value);
+    } else {
+        out.extend(form_urlencoded::byte_serialize(value.as_bytes()));
+    }
+}
+
+/// Echoes at most 40 characters of a bad value back to the client.
+fn clip(raw: &str) -> String {
+    const MAX: usize = 40;
+    match raw.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &raw[..cut]),
+        None => raw.to_owned(),
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::OneOf(_) => "one_of",
+            Self::Int { .. } => "int",
+            Self::Region => "region",
+            Self::Hashtag => "hashtag",
+            Self::Text { .. } => "text",
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table() -> RouteTable {
+        Config::defaults().unwrap().route_table().unwrap()
+    }
+
+    fn key(q: &str) -> Result<String, KeyError> {
+        table().routes()[0].parse(Some(q)).map(|k| k.to_string())
+    }
+
+    #[test]
+    fn equivalent_queries_share_one_key() {
+        let expected =
+            "/v1/tiktok/trending/hashtag/detail?period=7&region=all_regions&hashtag_name=ufc324";
+        for q in [
+            "hashtag_name=%23UFC324",
+            "hashtag_name=ufc324&period=7&region=ALL_REGIONS",
+            "region=all_regions&hashtag_name=ufc324",
+            "hashtag_name=+ufc324+&_=123",
+        ] {
+            assert_eq!(key(q).as_deref(), Ok(expected), "query {q}");
+        }
+    }
+
+    #[test]
+    fn unicode_is_lowercased_and_percent_encoded() {
+        let k = key("hashtag_name=%C3%89T%C3%89&region=fr&period=30");
+        assert_eq!(
+            k.as_deref(),
+            Ok("/v1/tiktok/trending/hashtag/detail?period=30&region=FR&hashtag_name=%C3%A9t%C3%A9")
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_rejected_with_the_parameter_named() {
+        let long = format!("hashtag_name={}", "a".repeat(101));
+        let cases: [(&str, &str); 10] = [
+            ("", "`hashtag_name` is required"),
+            ("hashtag_name=", "`hashtag_name` is required"),
+            ("hashtag_name=%23", "`hashtag_name` must be"),
+            ("hashtag_name=a-b", "`hashtag_name` must be"),
+            ("hashtag_name=%23%23ab", "`hashtag_name` must be"),
+            (&long, "`hashtag_name` must be"),
+            (
+                "hashtag_name=a&hashtag_name=b",
+                "`hashtag_name` is given more than once",
+            ),
+            (
+                "hashtag_name=a&period=8",
+                "`period` must be one of 7, 30, 120, 365, 1095",
+            ),
+            ("hashtag_name=a&region=USA", "`region` must be"),
+            ("hashtag_name=a&region=u1", "`region` must be"),
+        ];
+        for (q, expected) in cases {
+            match key(q) {
+                Err(e) => assert!(e.to_string().contains(expected), "query {q:?} gave {e}"),
+                Ok(k) => panic!("query {q:?} was accepted as {k}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ttl_follows_the_period_and_the_daily_boundary() {
+        let table = table();
+        let route = &table.routes()[0];
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 3_600);
+        let week = route.parse(Some("hashtag_name=a")).unwrap();
+        let years = route.parse(Some("hashtag_name=a&period=1095")).unwrap();
+        assert_eq!(route.ttl(&week, now), Duration::from_secs(3600));
+        assert_eq!(route.ttl(&years, now), Duration::from_secs(24 * 3600));
+        let offset = Duration::from_secs(1800);
+        // 01:00 UTC: the next 00:30 is 23.5 h away; at 00:10 it is 20 min away.
+        assert_eq!(
+            until_next_daily_boundary(now, offset),
+            Duration::from_secs(23 * 3600 + 1800)
+        );
+        let early = now - Duration::from_secs(3000);
+        assert_eq!(
+            until_next_daily_boundary(early, offset),
+            Duration::from_secs(1200)
+        );
+    }
+
+    #[test]
+    fn exactly_100_characters_is_accepted() {
+        let q = format!("hashtag_name={}", "é".repeat(100));
+        assert!(key(&q).is_ok());
+    }
+
+    #[test]
+    fn bad_routes_are_refused_naming_the_route_and_the_field() {
+        let defaults = Config::defaults().unwrap().route_defaults();
+        let route = |params: Vec<ParamConfig>| RouteConfig {
+            path: "/v1/x".into(),
+            credits: Some(1),
+            ttl: None,
+            ttl_by: None,
+            freshness: None,
+            daily_offset: None,
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            negative_ttl: None,
+            params,
+        };
+        let param = |name: &str, kind: &str| ParamConfig {
+            name: name.into(),
+            kind: Some(kind.into()),
+            ..ParamConfig::default()
+        };
+        let compile = |routes: Vec<RouteConfig>| {
+            RouteTable::compile(&routes, &defaults)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            compile(vec![route(vec![]), route(vec![])]),
+            "routes[1] (/v1/x): path: the same path is configured twice"
+        );
+        assert!(compile(vec![route(vec![param("a", "colour")])]).contains("unknown kind"));
+        let mut bad_default = param("page", "int");
+        (bad_default.min, bad_default.max) = (Some(1), Some(50));
+        bad_default.default = Some("0".into());
+        assert_eq!(
+            compile(vec![route(vec![bad_default])]),
+            "routes[0] (/v1/x): params[0] (page): default: \"0\" is not an integer from 1 to 50"
+        );
+        let mut free = route(vec![]);
+        free.credits = Some(0);
+        assert!(compile(vec![free]).contains("credits: must be at least 1"));
+    }
+}
