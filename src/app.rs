@@ -8,15 +8,11 @@ use std::{
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
 use axum::{Router, ServiceExt, extract::Request};
-use bytes::Bytes;
 use secrecy::SecretString;
 use tokio::{net::TcpListener, time::Instant};
 use tower::Layer as _;
@@ -35,8 +31,8 @@ use crate::{
     openapi,
     protect::Protection,
     proxy::Proxy,
-    route::RouteTable,
     routes, snapshot,
+    state::{AppState, Shared},
     upstream::Upstream,
 };
 
@@ -54,74 +50,6 @@ pub enum StartupError {
     Client(#[from] reqwest::Error),
     #[error("cannot set up the Redis client: {0}")]
     Redis(#[from] redis::RedisError),
-}
-
-/// Shared, read-only state of the running service (cheap to clone).
-#[derive(Clone)]
-pub struct AppState(Arc<Shared>);
-
-struct Shared {
-    proxy: Proxy,
-    metrics: Arc<Metrics>,
-    access: Access,
-    clock: SharedClock,
-    rate_limit: Option<RateLimit>,
-    routes: RouteTable,
-    /// `/openapi.json`, rendered once for this configuration.
-    openapi: Bytes,
-    allow_client_refresh: bool,
-    ready: AtomicBool,
-}
-
-impl AppState {
-    /// The cache/single-flight/upstream pipeline.
-    pub fn proxy(&self) -> &Proxy {
-        &self.0.proxy
-    }
-
-    /// This app's metrics registry.
-    pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
-    }
-
-    /// The configured clients (empty: open proxy).
-    pub fn access(&self) -> &Access {
-        &self.0.access
-    }
-
-    /// The clock that rate limits, budgets and statistics count with.
-    pub fn clock(&self) -> &SharedClock {
-        &self.0.clock
-    }
-
-    /// The global rate limit, if configured.
-    pub fn rate_limit(&self) -> Option<&RateLimit> {
-        self.0.rate_limit.as_ref()
-    }
-
-    /// The configured routes.
-    pub fn routes(&self) -> &RouteTable {
-        &self.0.routes
-    }
-
-    /// The OpenAPI document, as stored JSON bytes.
-    pub fn openapi(&self) -> &Bytes {
-        &self.0.openapi
-    }
-
-    /// Whether clients may force a refresh with `Cache-Control: no-cache`.
-    pub fn allow_client_refresh(&self) -> bool {
-        self.0.allow_client_refresh
-    }
-
-    /// True while serving; false before start and while draining.
-    pub fn is_ready(&self) -> bool {
-        self.0.ready.load(Ordering::Relaxed)
-    }
-
-    fn set_ready(&self, ready: bool) {
-        self.0.ready.store(ready, Ordering::Relaxed);
-    }
 }
 
 /// A built, bound, not yet running service.
@@ -170,7 +98,7 @@ impl App {
             clock.clone(),
             Arc::clone(&metrics),
         );
-        let state = AppState(Arc::new(Shared {
+        let state = AppState::new(Shared {
             proxy: Proxy::new(
                 LocalCache::new(config.cache.max_bytes, clock.clone()),
                 redis.clone(),
@@ -194,7 +122,7 @@ impl App {
             openapi,
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),
-        }));
+        });
         let mut router = routes::router(state.clone());
         if let Some(cors) = cors::layer(&config.cors) {
             router = router.layer(cors);

@@ -1,168 +1,17 @@
-//! `keyapi-proxy` command line: parse, load config, run. Nothing else.
+//! `keyapi-proxy` command line: parse the arguments, run, exit. Everything
+//! else is in the library ([`keyapi_proxy::cli`]).
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use keyapi_proxy::{
-    access,
-    app::App,
-    config::{self, Config},
-    demo::FakeUpstream,
-    route::HASHTAG_DETAIL_PATH,
-    shutdown, telemetry,
-};
-use secrecy::SecretString;
+use clap::Parser;
+use keyapi_proxy::cli::{self, Cli};
 
 /// mimalloc: fewer instructions per hit and less fragmentation between
 /// long-lived cached bodies and short-lived request buffers (see bench/NOTES.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Caching, single-flight proxy for KeyAPI's TikTok hashtag-detail endpoint.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    /// TOML file overriding the built-in defaults (see config/default.toml).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Start a built-in fake KeyAPI on loopback and proxy to it (no key needed).
-    #[arg(long)]
-    demo: bool,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the proxy (the default).
-    Serve,
-    /// Print the effective configuration (key redacted); exit 1 if it is invalid.
-    CheckConfig,
-    /// Print a new random client token and its SHA-256 (for a [[clients]] entry).
-    HashToken,
-    /// Probe /healthz of a running proxy; exit 0 when healthy (for Docker HEALTHCHECK).
-    Healthcheck {
-        /// Full URL to probe; defaults to the configured listen address.
-        #[arg(long)]
-        url: Option<String>,
-    },
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if matches!(cli.command, Some(Command::HashToken)) {
-        return hash_token();
-    }
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(config) => config,
-        Err(e) => return fail(&e),
-    };
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::CheckConfig => check_config(&config, cli.demo),
-        Command::Healthcheck { url } => healthcheck(&config, url).await,
-        Command::Serve => serve(config, cli.demo).await,
-        Command::HashToken => hash_token(),
-    }
-}
-
-fn hash_token() -> ExitCode {
-    match access::new_token() {
-        Ok((token, hash)) => {
-            println!(
-                "token:        {token}\ntoken_sha256: {hash}\n\n\
-                 # Give the token to the client; put only the hash in the configuration:\n\
-                 [[clients]]\nid = \"CHANGE-ME\"\ntoken_sha256 = \"{hash}\""
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(&format!("no randomness available: {e}")),
-    }
-}
-
-fn fail(error: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("keyapi-proxy: {error}");
-    ExitCode::FAILURE
-}
-
-fn check_config(config: &Config, demo: bool) -> ExitCode {
-    let key = if demo {
-        Ok("demo key")
-    } else {
-        config::api_key_from_env().map(|_| "[redacted]")
-    };
-    let tree = match toml::to_string(config) {
-        Ok(tree) => tree,
-        Err(e) => return fail(&e),
-    };
-    match key {
-        Ok(shown) => {
-            println!("api_key = \"{shown}\"\n\n{tree}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            println!("api_key = \"[missing]\"\n\n{tree}");
-            fail(&e)
-        }
-    }
-}
-
-async fn healthcheck(config: &Config, url: Option<String>) -> ExitCode {
-    let url = url.unwrap_or_else(|| {
-        let mut addr = config.server.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        format!("http://{addr}/healthz")
-    });
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build();
-    let healthy = match client {
-        Ok(client) => client
-            .get(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success()),
-        Err(_) => false,
-    };
-    if healthy {
-        ExitCode::SUCCESS
-    } else {
-        fail(&format!("{url} is not healthy"))
-    }
-}
-
-async fn serve(mut config: Config, demo: bool) -> ExitCode {
-    telemetry::init(config.log.format);
-    let mut _fake = None;
-    let api_key = if demo {
-        const DEMO_KEY: &str = "demo-key-not-a-secret";
-        let fake = match FakeUpstream::start(DEMO_KEY, Duration::from_millis(150)).await {
-            Ok(fake) => fake,
-            Err(e) => return fail(&format!("cannot start the demo upstream: {e}")),
-        };
-        config.upstream.base_url = fake.base_url();
-        _fake = Some(fake);
-        SecretString::from(DEMO_KEY)
-    } else {
-        match config::api_key_from_env() {
-            Ok(key) => key,
-            Err(e) => return fail(&e),
-        }
-    };
-    let app = match App::build(config, api_key).await {
-        Ok(app) => app,
-        Err(e) => return fail(&e),
-    };
-    if demo {
-        println!(
-            "demo: built-in fake KeyAPI (~150 ms per call). Try:\n  curl -i 'http://{}{HASHTAG_DETAIL_PATH}?hashtag_name=ufc324&region=US'",
-            app.local_addr()
-        );
-    }
-    match app.run_until(shutdown::signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
-    }
+    cli::run(Cli::parse()).await
 }

@@ -26,7 +26,6 @@ use crate::{
     clock::SharedClock,
     served::{CacheState, Served},
     stats::History,
-    upstream::{UpstreamAnswer, UpstreamError},
 };
 
 /// `Content-Type` of [`Metrics::render`]'s output.
@@ -411,13 +410,13 @@ pub struct UpstreamCall<'a> {
 }
 
 impl UpstreamCall<'_> {
-    /// Records the call's outcome and latency (its cost is the ledger's).
-    pub fn finish(self, result: &Result<UpstreamAnswer, UpstreamError>) {
+    /// Records the call's outcome label — `Ok` for an answer we can forward,
+    /// `Err` for a failure kind — and latency (its cost is the ledger's).
+    pub fn finish(self, result: Result<&'static str, &'static str>) {
         let m = self.metrics;
         let (outcome, error) = match result {
-            Ok(UpstreamAnswer::Success(_)) => ("success", None),
-            Ok(UpstreamAnswer::Declined { .. }) => ("declined", None),
-            Err(e) => (e.as_str(), Some(e.as_str())),
+            Ok(outcome) => (outcome, None),
+            Err(kind) => (kind, Some(kind)),
         };
         m.history.upstream_call(error);
         m.upstream_calls

@@ -430,7 +430,12 @@ impl Fetcher {
             let call = self.metrics.upstream_call();
             let remaining = deadline.saturating_duration_since(Instant::now());
             let result = self.upstream.attempt(key.path_and_query(), remaining).await;
-            call.finish(&result);
+            call.finish(
+                result
+                    .as_ref()
+                    .map(UpstreamAnswer::as_str)
+                    .map_err(UpstreamError::as_str),
+            );
             let reached = result
                 .as_ref()
                 .err()

@@ -39,6 +39,16 @@ pub enum UpstreamAnswer {
     },
 }
 
+impl UpstreamAnswer {
+    /// Bounded label for logs and metrics: `success` or `declined`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Success(_) => "success",
+            Self::Declined { .. } => "declined",
+        }
+    }
+}
+
 /// Why a call did not produce a forwardable answer. Cloneable so one failure
 /// can be shared with every waiter of a single flight. Never carries the key.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -21,10 +21,10 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    app::AppState,
     error::ApiError,
     observe::RequestId,
     route::{KeyError, Route, RouteTable},
+    state::AppState,
 };
 
 /// Most entries one listing returns.

@@ -4,7 +4,7 @@
 use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// `GET /healthz`: the process is alive and serving HTTP.
 pub(super) async fn healthz() -> impl IntoResponse {

@@ -7,7 +7,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use crate::{app::AppState, metrics};
+use crate::{metrics, state::AppState};
 
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let cache = state.proxy().cache();

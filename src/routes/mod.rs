@@ -17,7 +17,7 @@ use axum::{
     routing::get,
 };
 
-use crate::{app::AppState, error::ApiError, observe::RequestId, route::RouteTable};
+use crate::{error::ApiError, observe::RequestId, route::RouteTable, state::AppState};
 
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";

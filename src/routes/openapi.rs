@@ -2,7 +2,7 @@
 
 use axum::{body::Body, extract::State, http::header::CONTENT_TYPE, response::Response};
 
-use crate::{app::AppState, error::APPLICATION_JSON};
+use crate::{error::APPLICATION_JSON, state::AppState};
 
 pub(super) async fn openapi_json(State(state): State<AppState>) -> Response {
     let mut response = Response::new(Body::from(state.openapi().clone()));

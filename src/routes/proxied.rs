@@ -17,7 +17,6 @@ use axum::{
 
 use crate::{
     access::Client,
-    app::AppState,
     cache_status,
     error::{APPLICATION_JSON, ApiError},
     ledger::Payer,
@@ -26,6 +25,7 @@ use crate::{
     proxy::{Outcome, ProxyError},
     route::Route,
     served::{CacheState, Served},
+    state::AppState,
 };
 
 pub(super) async fn answer(

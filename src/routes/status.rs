@@ -15,11 +15,11 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    app::AppState,
     clock,
     ledger::{Budget, Ledger},
     metrics::Totals,
     route::Route,
+    state::AppState,
     stats::Minute,
 };
 

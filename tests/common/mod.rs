@@ -8,12 +8,13 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use keyapi_proxy::{
-    app::{App, AppState},
+    app::App,
     clock::{Clock, SystemClock},
     config::{ClientConfig, Config},
     demo::FakeUpstream,
     digest,
     route::HASHTAG_DETAIL_PATH,
+    state::AppState,
 };
 use secrecy::SecretString;
 use tokio::{sync::oneshot, task::JoinHandle};
