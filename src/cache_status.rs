@@ -48,7 +48,9 @@ impl CacheState {
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
-/// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in the cache.
+/// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in
+/// the cache. `Cache-Control: max-age` is the entry's whole lifetime and
+/// `Age` its age, so `max-age − Age` is the `ttl` of `Cache-Status`.
 pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry) {
     let now = SystemTime::now();
     let age = entry.age(now);
@@ -88,7 +90,7 @@ pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry) {
     };
     headers.insert(CACHE_STATUS, status);
     headers.insert(AGE, HeaderValue::from(age.as_secs()));
-    headers.insert(CACHE_CONTROL, join(&[b"public, max-age=", ttl_text]));
+    headers.insert(CACHE_CONTROL, entry.cache_control.clone());
 }
 
 /// Concatenates ASCII pieces into one header value.
