@@ -28,8 +28,24 @@ use crate::{
     upstream::{UpstreamAnswer, UpstreamError},
 };
 
-/// `Content-Type` of [`Metrics::render`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// A text exposition format `/metrics` can answer in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text 0.0.4: the default, and what `promtool check metrics` reads.
+    Prometheus,
+    /// OpenMetrics 1.0.0, for scrapers that ask for it.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The `Content-Type` of this format.
+    pub fn content_type(&self) -> &'static str {
+        match self {
+            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
@@ -362,14 +378,17 @@ impl Metrics {
         }
     }
 
-    /// Prometheus/OpenMetrics text, after updating the cache gauges.
-    pub fn render(&self, cache_entries: u64, cache_bytes: u64) -> String {
+    /// The registry as text in `format`, after updating the cache gauges.
+    pub fn render(&self, format: Format, cache_entries: u64, cache_bytes: u64) -> String {
         self.cache_entries.set(cache_entries);
         self.cache_bytes.set(cache_bytes);
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Prometheus => prometheus_text(&out),
+        }
     }
 
     /// Totals for `/stats`.
@@ -383,6 +402,41 @@ impl Metrics {
             upstream_in_flight: u64::try_from(self.upstream_in_flight.get()).unwrap_or(0),
         }
     }
+}
+
+/// OpenMetrics text as Prometheus text 0.0.4. The two differ, for what this
+/// registry holds, only in that 0.0.4 names a counter family after its
+/// `_total` samples (else `# HELP` matches no sample) and has no `# UNIT` or
+/// `# EOF`.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 8 * counters.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let comment = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match comment {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(&name) && !name.ends_with("_total") {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(if tail == "unknown" { "untyped" } else { tail });
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Cumulative counters since start, as numbers.

@@ -6,7 +6,7 @@
 use axum::{
     body::Body,
     http::{
-        HeaderMap, HeaderValue, StatusCode,
+        HeaderMap, HeaderName, HeaderValue, StatusCode,
         header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, ETAG, IF_NONE_MATCH, VARY},
     },
     response::Response,
@@ -100,28 +100,34 @@ fn not_modified(request: &HeaderMap, etag: &HeaderValue, wildcard: bool) -> bool
         .any(|tag| (wildcard && tag == b"*") || tag.strip_prefix(b"W/").unwrap_or(tag) == ours)
 }
 
-/// `Accept-Encoding` allows gzip: `gzip`/`x-gzip` or `*` with a non-zero q.
+/// `Accept-Encoding` allows gzip: `gzip`/`x-gzip`, or else `*`, with a non-zero q.
 fn accepts_gzip(request: &HeaderMap) -> bool {
-    let mut gzip = None;
-    let mut any = None;
-    for item in request
-        .get_all(ACCEPT_ENCODING)
+    quality(request, &ACCEPT_ENCODING, &["gzip", "x-gzip"])
+        .or_else(|| quality(request, &ACCEPT_ENCODING, &["*"]))
+        .is_some_and(|q| q > 0.0)
+}
+
+/// The `q` (1 when absent, 0 when unreadable) of the first item of the
+/// comma-separated `name` headers whose value before any `;` is one of
+/// `tokens` (ASCII case-insensitive); `None` when no item names one.
+pub fn quality(request: &HeaderMap, name: &HeaderName, tokens: &[&str]) -> Option<f32> {
+    request
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-    {
-        let mut parts = item.split(';').map(str::trim);
-        let coding = parts.next().unwrap_or("");
-        let q = parts
-            .find_map(|p| p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")))
-            .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0));
-        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
-            gzip = Some(q > 0.0);
-        } else if coding == "*" {
-            any = Some(q > 0.0);
-        }
-    }
-    gzip.or(any).unwrap_or(false)
+        .find_map(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let token = parts.next().unwrap_or("");
+            tokens
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t))
+                .then(|| {
+                    parts
+                        .find_map(|p| p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")))
+                        .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0))
+                })
+        })
 }
 
 #[cfg(test)]

@@ -102,7 +102,8 @@ fn readyz() {}
 
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
+    responses((status = 200, description = "Prometheus text 0.0.4 by default and for `text/plain`; OpenMetrics 1.0.0 when `Accept` prefers `application/openmetrics-text`",
+        content((String = "text/plain"), (String = "application/openmetrics-text")))))]
 fn metrics() {}
 
 /// This document.
