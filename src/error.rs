@@ -85,10 +85,10 @@ impl ApiError {
             Self::Auth(e) => return e.to_string(),
             Self::Limited(e) => return e.to_string(),
             Self::NotFound => {
-                "no such route; the proxied route is GET /v1/tiktok/trending/hashtag/detail"
+                "There is nothing at this path. The proxied route is GET /v1/tiktok/trending/hashtag/detail."
             }
             Self::MethodNotAllowed => {
-                "method not allowed; the proxied route takes GET or HEAD, /admin/cache GET or DELETE"
+                "This path does not take this method; the Allow header lists the methods it does take."
             }
             Self::Abandoned(_) => "internal error while fetching from upstream; try again",
             Self::Upstream(e) => match e {

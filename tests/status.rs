@@ -166,3 +166,40 @@ async fn hashtags_are_escaped_on_the_page() {
     let (_, html) = page(&app).await;
     assert!(html.contains("été"));
 }
+
+#[tokio::test]
+async fn operational_answers_are_never_stored_downstream() {
+    let app = spawn_app_with(|c| {
+        c.clients = vec![client("ops", "tok-ops")];
+        c.clients[0].purge = true;
+    })
+    .await;
+    for (path, token) in [
+        ("/", None),
+        ("/stats", None),
+        ("/metrics", None),
+        ("/healthz", None),
+        ("/readyz", None),
+        ("/admin/cache", Some("tok-ops")),
+        ("/admin/cache", None),
+    ] {
+        let mut request = app.client.get(app.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let expected = if token.is_some() || !path.starts_with("/admin") {
+            200
+        } else {
+            401
+        };
+        assert_eq!(response.status(), expected, "{path}");
+        assert_eq!(
+            header(response.headers(), "cache-control"),
+            "no-store",
+            "{path} ({})",
+            response.status()
+        );
+    }
+    assert_eq!(app.upstream.calls(), 0);
+}

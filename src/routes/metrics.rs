@@ -9,7 +9,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use crate::{app::AppState, cache_status, metrics::Format, negotiate};
+use crate::{app::AppState, metrics::Format, negotiate};
 
 pub(super) async fn metrics(State(state): State<AppState>, request: HeaderMap) -> Response {
     let format = format(&request);
@@ -19,12 +19,10 @@ pub(super) async fn metrics(State(state): State<AppState>, request: HeaderMap) -
         .metrics()
         .render(format, cache.entry_count(), cache.weighted_size());
     let mut response = text.into_response();
-    let headers = response.headers_mut();
-    headers.insert(
+    response.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static(format.content_type()),
     );
-    cache_status::set_no_store(headers);
     response
 }
 

@@ -7,9 +7,11 @@ mod metrics;
 mod openapi;
 mod status;
 
-use axum::{Extension, Router, response::Response, routing::get};
+use axum::{Extension, Router, middleware::map_response, response::Response, routing::get};
 
-use crate::{app::AppState, error::ApiError, key::HASHTAG_DETAIL_PATH, observe::RequestId};
+use crate::{
+    app::AppState, cache_status, error::ApiError, key::HASHTAG_DETAIL_PATH, observe::RequestId,
+};
 
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
@@ -46,25 +48,28 @@ pub fn label(path: &str) -> &'static str {
 
 /// All routes. Layers (request ids, panics) are added by [`crate::app`].
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route(
-            HASHTAG_DETAIL_PATH,
-            get(hashtag::hashtag_detail).fallback(method_not_allowed),
-        )
+    // Operational answers describe this moment of this process: no cache
+    // (browser, CDN) may keep them.
+    let operational = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route(METRICS_PATH, get(metrics::metrics))
-        .route(OPENAPI_PATH, get(openapi::openapi_json))
         .route(STATS_PATH, get(status::stats))
         .route(STATUS_PAGE_PATH, get(status::status_page))
-        .route(
-            ADMIN_CACHE_PATH,
-            get(admin::list)
-                .delete(admin::purge)
-                .fallback(method_not_allowed),
-        )
+        .route(ADMIN_CACHE_PATH, get(admin::list).delete(admin::purge))
+        .layer(map_response(no_store));
+    Router::new()
+        .route(HASHTAG_DETAIL_PATH, get(hashtag::hashtag_detail))
+        .route(OPENAPI_PATH, get(openapi::openapi_json))
+        .merge(operational)
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state)
+}
+
+async fn no_store(mut response: Response) -> Response {
+    cache_status::set_no_store(response.headers_mut());
+    response
 }
 
 async fn not_found(Extension(id): Extension<RequestId>) -> Response {
