@@ -31,6 +31,8 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Limited(#[from] Refusal),
+    #[error("origin not in cors.allowed_origins")]
+    OriginRefused,
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -55,7 +57,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
-            Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
+            Self::Auth(AuthError::Forbidden) | Self::OriginRefused => StatusCode::FORBIDDEN,
             Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -84,6 +86,9 @@ impl ApiError {
             Self::BadRequest(e) => return e.to_string(),
             Self::Auth(e) => return e.to_string(),
             Self::Limited(e) => return e.to_string(),
+            Self::OriginRefused => {
+                "Requests from this origin are not allowed: it is not in the proxy's cors.allowed_origins."
+            }
             Self::NotFound => {
                 "There is nothing at this path. The proxied route is GET /v1/tiktok/trending/hashtag/detail."
             }
