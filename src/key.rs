@@ -7,7 +7,7 @@
 //! Unknown parameters (cache busters such as `_=123`) are ignored and never
 //! forwarded.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, sync::LazyLock, time::Duration};
 
 use crate::{cache::CacheKey, config::Config};
 
@@ -19,23 +19,101 @@ pub const PARAMETERS: [&str; 3] = ["hashtag_name", "period", "region"];
 pub const MAX_HASHTAG_CHARS: usize = 100;
 const ALL_REGIONS: &str = "all_regions";
 
-/// A client request the route cannot answer. Messages say what is wrong and
-/// what is allowed; they go to the client in the 400 envelope.
+/// A character a hashtag is made of (after trimming and one leading `#`): a
+/// letter or digit of any script, or `_`.
+pub fn is_hashtag_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// JSON Schema `pattern` of a raw `hashtag_name`: exactly what
+/// [`HashtagKey::parse`] accepts — Unicode whitespace around (trimmed, as
+/// `str::trim` does), one optional `#`, then 1 to [`MAX_HASHTAG_CHARS`]
+/// characters of [`is_hashtag_char`]. Built from the parser's own predicates,
+/// once per process; classes list literal code points, so ECMA-262, Python
+/// and Rust regex engines read it alike.
+pub fn hashtag_pattern() -> &'static str {
+    static PATTERN: LazyLock<String> = LazyLock::new(|| {
+        let space = char_class(char::is_whitespace);
+        let name = char_class(is_hashtag_char);
+        format!("^{space}*#?{name}{{1,{MAX_HASHTAG_CHARS}}}{space}*$")
+    });
+    &PATTERN
+}
+
+/// JSON Schema `pattern` of a raw `region`: empty (the default),
+/// `all_regions` in any case, or two ASCII letters, trimmed like the rest.
+pub fn region_pattern() -> &'static str {
+    static PATTERN: LazyLock<String> = LazyLock::new(|| {
+        let space = char_class(char::is_whitespace);
+        let all: String = ALL_REGIONS
+            .chars()
+            .map(|c| match c.is_ascii_alphabetic() {
+                true => format!("[{}{c}]", c.to_ascii_uppercase()),
+                false => c.to_string(),
+            })
+            .collect();
+        format!("^{space}*(?:[A-Za-z]{{2}}|{all})?{space}*$")
+    });
+    &PATTERN
+}
+
+/// A regex character class of every code point `member` accepts, as ranges
+/// of literal characters (metacharacters escaped).
+fn char_class(member: fn(char) -> bool) -> String {
+    let mut ranges: Vec<(char, char)> = Vec::new();
+    for c in (char::MIN..=char::MAX).filter(|c| member(*c)) {
+        match ranges.last_mut() {
+            // `char` ranges skip the surrogates, so no run spans them.
+            Some((_, last)) if u32::from(*last) + 1 == u32::from(c) => *last = c,
+            _ => ranges.push((c, c)),
+        }
+    }
+    let mut class = String::from("[");
+    for (first, last) in ranges {
+        push_literal(&mut class, first);
+        if last != first {
+            // Two neighbours need no `-`.
+            if u32::from(last) > u32::from(first) + 1 {
+                class.push('-');
+            }
+            push_literal(&mut class, last);
+        }
+    }
+    class.push(']');
+    class
+}
+
+fn push_literal(class: &mut String, c: char) {
+    if matches!(c, '\\' | ']' | '[' | '^' | '-') {
+        class.push('\\');
+    }
+    class.push(c);
+}
+
+/// A client request the route cannot answer. Messages are plain sentences
+/// saying what is wrong and what is allowed; they go to the client in the
+/// 400 envelope. Echoed values are quoted, clipped and free of control
+/// characters (see [`clip`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("parameter `{0}` is given more than once; give it at most once")]
+    #[error("The parameter \"{0}\" is given more than once; give it at most once.")]
     Repeated(&'static str),
-    #[error("parameter `hashtag_name` is required, e.g. hashtag_name=ufc324")]
+    #[error("The parameter \"hashtag_name\" is required, for example hashtag_name=ufc324.")]
     MissingHashtag,
     #[error(
-        "parameter `hashtag_name` must be 1-{MAX_HASHTAG_CHARS} letters, digits or `_` \
-         (one leading `#` allowed), got {0:?}"
+        "The parameter \"hashtag_name\" is empty; give a hashtag, for example hashtag_name=ufc324."
+    )]
+    EmptyHashtag,
+    #[error(
+        "The parameter \"hashtag_name\" must be 1 to {MAX_HASHTAG_CHARS} letters, digits or \
+         underscores, optionally after one \"#\", but it is \"{0}\"."
     )]
     InvalidHashtag(String),
-    #[error("parameter `period` must be one of {allowed}, got {got:?}")]
+    #[error("The parameter \"period\" must be one of {allowed}, but it is \"{got}\".")]
     InvalidPeriod { allowed: String, got: String },
     #[error(
-        "parameter `region` must be `all_regions` or a 2-letter country code such as US, got {0:?}"
+        "The parameter \"region\" must be \"all_regions\" or a 2-letter country code such as US, \
+         but it is \"{0}\"."
     )]
     InvalidRegion(String),
 }
@@ -242,14 +320,13 @@ fn fold_case(name: &str, lowercase: bool) -> String {
 }
 
 fn normalize_hashtag(raw: Option<&str>, lowercase: bool) -> Result<String, KeyError> {
-    let trimmed = raw.map(str::trim).unwrap_or("");
+    let trimmed = raw.ok_or(KeyError::MissingHashtag)?.trim();
     if trimmed.is_empty() {
-        return Err(KeyError::MissingHashtag);
+        return Err(KeyError::EmptyHashtag);
     }
     let name = strip_hash(trimmed);
     let chars = name.chars().count();
-    let valid = (1..=MAX_HASHTAG_CHARS).contains(&chars)
-        && name.chars().all(|c| c.is_alphanumeric() || c == '_');
+    let valid = (1..=MAX_HASHTAG_CHARS).contains(&chars) && name.chars().all(is_hashtag_char);
     if !valid {
         return Err(KeyError::InvalidHashtag(clip(trimmed)));
     }
@@ -269,13 +346,29 @@ fn parse_region(raw: &str) -> Result<Region, KeyError> {
     }
 }
 
-/// Echoes at most 40 characters of a bad value back to the client.
+/// Echoes at most 40 characters of a bad value back to the client, each
+/// control or invisible formatting character shown as `�` (a message is for
+/// reading; the raw bytes are nobody's business).
 fn clip(raw: &str) -> String {
     const MAX: usize = 40;
-    match raw.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{}…", &raw[..cut]),
-        None => raw.to_owned(),
+    let mut out: String = raw
+        .chars()
+        .take(MAX)
+        .map(|c| if is_printable(c) { c } else { '\u{FFFD}' })
+        .collect();
+    if raw.chars().nth(MAX).is_some() {
+        out.push('…');
     }
+    out
+}
+
+/// Not a control character, not a private-use, unassigned-plane or
+/// formatting code point that would print as nothing or as a box.
+fn is_printable(c: char) -> bool {
+    !c.is_control()
+        && !matches!(c,
+            '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}' | '\u{E000}'..='\u{F8FF}' | '\u{40000}'..)
 }
 
 #[cfg(test)]
@@ -321,7 +414,7 @@ mod tests {
         type Check = fn(&KeyError) -> bool;
         let cases: [(&str, Check); 10] = [
             ("", |e| *e == KeyError::MissingHashtag),
-            ("hashtag_name=", |e| *e == KeyError::MissingHashtag),
+            ("hashtag_name=", |e| *e == KeyError::EmptyHashtag),
             ("hashtag_name=%23", |e| {
                 matches!(e, KeyError::InvalidHashtag(_))
             }),
@@ -351,6 +444,39 @@ mod tests {
                 Ok(k) => panic!("query {q:?} was accepted as {k}"),
             }
         }
+    }
+
+    #[test]
+    fn messages_are_plain_sentences() {
+        for q in [
+            "",
+            "hashtag_name=",
+            "hashtag_name=a%F3%92%90%82b",
+            "hashtag_name=a%0Ab%E2%80%8B",
+            "hashtag_name=a&period=%22x%22",
+            "hashtag_name=a&region=U%00",
+            "hashtag_name=a&region=b&region=c",
+        ] {
+            let message = key(q).unwrap_err().to_string();
+            assert!(message.starts_with("The parameter \""), "{message}");
+            assert!(message.ends_with('.'), "{message}");
+            assert!(
+                !message.contains('`') && !message.contains("\\u{"),
+                "{message}"
+            );
+            assert!(!message.chars().any(|c| c.is_control()), "{message}");
+        }
+        assert!(
+            key("hashtag_name=")
+                .unwrap_err()
+                .to_string()
+                .contains("is empty")
+        );
+        let invisible = key("hashtag_name=a%F3%92%90%82b").unwrap_err().to_string();
+        assert!(
+            invisible.ends_with("but it is \"a\u{FFFD}b\"."),
+            "{invisible}"
+        );
     }
 
     #[test]

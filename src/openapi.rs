@@ -15,7 +15,7 @@ use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use crate::key::{HASHTAG_DETAIL_PATH, HashtagRules, MAX_HASHTAG_CHARS};
+use crate::key::{self, HashtagRules};
 
 /// The error envelope (KeyAPI's own shape), with the HTTP status as `code`.
 #[derive(ToSchema)]
@@ -36,22 +36,37 @@ struct Envelope {
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 struct HashtagQuery {
-    /// Hashtag: letters or digits of any script or `_`, one leading `#` allowed;
-    /// trimmed and (by default) lower-cased before it becomes the cache key.
-    #[param(min_length = 1, max_length = 101, example = "ufc324")]
+    /// Hashtag: letters or digits of any script or `_` (1 to 100 of them), one
+    /// leading `#` allowed, whitespace around ignored; lower-cased (by default)
+    /// before it becomes the cache key. The pattern is generated from the
+    /// parser's own rules.
+    #[param(min_length = 1, example = "ufc324")]
     hashtag_name: String,
     /// Window in days; the allowed values come from `hashtag.periods`.
     period: Option<u32>,
-    /// `all_regions` (any case) or a 2-letter country code (any case).
-    #[param(
-        default = "all_regions",
-        pattern = "^([A-Za-z]{2}|[Aa][Ll][Ll]_[Rr][Ee][Gg][Ii][Oo][Nn][Ss])$",
-        example = "US"
-    )]
+    /// `all_regions` (any case) or a 2-letter country code (any case); empty
+    /// means `all_regions`.
+    #[param(default = "all_regions", example = "US")]
     region: Option<String>,
 }
 
-/// Query of the admin purge: the route's parameters, normalized the same way.
+/// Query of the admin purge: the route's parameters, normalized the same
+/// way. Without any query, everything is purged; with one, `hashtag_name` is
+/// required (else 400).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PurgeQuery {
+    /// The hashtag of the one key to purge (as for the proxied route).
+    #[param(min_length = 1, example = "ufc324")]
+    hashtag_name: Option<String>,
+    /// As for the proxied route.
+    period: Option<u32>,
+    /// As for the proxied route.
+    #[param(default = "all_regions", example = "US")]
+    region: Option<String>,
+}
+
+/// Query of the admin listing.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 struct AdminListQuery {
@@ -59,7 +74,8 @@ struct AdminListQuery {
     prefix: Option<String>,
 }
 
-/// KeyAPI's answer, byte for byte (`code == 0` means success).
+/// KeyAPI's answer, byte for byte (`code == 0` means success). `HEAD` answers
+/// the same with no body.
 #[utoipa::path(
     get,
     path = "/v1/tiktok/trending/hashtag/detail",
@@ -72,18 +88,35 @@ struct AdminListQuery {
             headers(
                 ("Cache-Status" = String, description = "RFC 9211: `keyapi-proxy; hit; ttl=N`, `…; fwd=uri-miss; stored`, `…; collapsed`, …"),
                 ("Age" = u64, description = "Seconds since the answer was stored"),
-                ("Cache-Control" = String, description = "`public, max-age=N` for cached answers, else `no-store`"),
-                ("ETag" = String, description = "Strong tag of the stored body"),
+                ("Cache-Control" = String, description = "Cached answers: `max-age=<whole freshness lifetime>` plus `stale-while-revalidate=`/`stale-if-error=` when configured (`max-age − Age` is the Cache-Status ttl); passed-through answers: `no-store`"),
+                ("ETag" = String, description = "Strong tag of the representation sent; the gzip one ends in `-gzip`"),
                 ("Vary" = String, description = "`accept-encoding`"),
                 ("Content-Encoding" = String, description = "`gzip` when accepted"),
                 ("X-Request-Id" = String, description = "Request id"),
             )),
-        (status = 304, description = "`If-None-Match` matched the stored answer's ETag"),
-        (status = 400, description = "Missing, invalid or repeated parameter", body = Envelope),
-        (status = 401, description = "Clients are configured and the token is missing or wrong", body = Envelope),
-        (status = 429, description = "Rate limit exceeded, or daily credit budget spent (misses only); see `Retry-After`", body = Envelope,
+        (status = 304, description = "`If-None-Match` named the ETag of one of the stored answer's representations (or `*`); no body",
+            headers(
+                ("ETag" = String, description = "The tag the client holds"),
+                ("Cache-Status" = String, description = "As for 200"),
+                ("Age" = u64, description = "As for 200"),
+                ("Cache-Control" = String, description = "As for 200"),
+                ("Vary" = String, description = "`accept-encoding`"),
+                ("X-Request-Id" = String, description = "Request id"),
+            )),
+        (status = 400, description = "Missing, empty, invalid or repeated parameter; or KeyAPI's own 400, passed through", body = Envelope,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 401, description = "Clients are configured and the token is missing or wrong", body = Envelope,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The `Origin` header names an origin not in `cors.allowed_origins`", body = Envelope),
+        (status = 404, description = "KeyAPI's 404 (e.g. unknown hashtag), passed through (its body)", content_type = "application/json", body = Object),
+        (status = 422, description = "KeyAPI's 422, passed through (its body)", content_type = "application/json", body = Object),
+        (status = "4XX", description = "Another KeyAPI 4xx, passed through (its JSON body, else our envelope)", content_type = "application/json", body = Object),
+        (status = 429, description = "Rate limit exceeded, daily credit budget spent (misses only), or KeyAPI rate-limited us; see `Retry-After`", body = Envelope,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "Internal failure of a shared upstream fetch", body = Envelope),
         (status = 502, description = "KeyAPI failed, rejected the configured key, or answered invalidly", body = Envelope),
+        (status = 503, description = "Upstream protection: circuit open, too many calls in flight, or the spend-rate cap; see `Retry-After`", body = Envelope,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 504, description = "KeyAPI did not answer in time", body = Envelope),
     )
 )]
@@ -91,7 +124,7 @@ fn hashtag_detail() {}
 
 /// Liveness.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object)))]
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object, headers(("Cache-Control" = String, description = "`no-store`")))))]
 fn healthz() {}
 
 /// Readiness.
@@ -130,7 +163,7 @@ fn status_page() {}
 fn admin_list() {}
 
 /// Purge one normalized key (with the route's parameters) or, without a query, everything.
-#[utoipa::path(delete, path = "/admin/cache", tag = "admin", params(HashtagQuery),
+#[utoipa::path(delete, path = "/admin/cache", tag = "admin", params(PurgeQuery),
     security(("bearer" = []), ("apiKey" = [])),
     responses((status = 200, description = "`{purged, key?}`", body = Object),
               (status = 400, description = "Invalid parameters", body = Envelope),
@@ -178,30 +211,61 @@ pub fn document(rules: &HashtagRules) -> Bytes {
         Err(_) => return Bytes::from_static(b"{}"),
     };
     doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
-    let periods = rules.periods();
-    for method in ["get", "delete"] {
-        let path = if method == "get" {
-            HASHTAG_DETAIL_PATH
-        } else {
-            "/admin/cache"
-        };
-        let Some(params) = doc["paths"][path][method]["parameters"].as_array_mut() else {
-            continue;
-        };
-        for param in params {
-            match param["name"].as_str() {
-                Some("period") => {
-                    param["schema"]["enum"] = json!(periods);
-                    param["schema"]["default"] = json!(rules.default_period());
-                }
-                Some("hashtag_name") => {
-                    param["schema"]["maxLength"] = json!(MAX_HASHTAG_CHARS + 1);
-                }
-                _ => {}
-            }
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for operations in paths.values_mut() {
+            complete(operations, rules);
         }
     }
     Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
+}
+
+/// Fills in what only the parser and the router know: the parameter rules
+/// (the same values [`crate::key`] enforces), `HEAD` next to every `GET`
+/// (axum answers it), and the 405 every path gives to other methods.
+fn complete(operations: &mut Value, rules: &HashtagRules) {
+    let Some(operations) = operations.as_object_mut() else {
+        return;
+    };
+    for operation in operations.values_mut() {
+        let params = operation
+            .get_mut("parameters")
+            .and_then(Value::as_array_mut);
+        for param in params.into_iter().flatten() {
+            let name = param["name"].as_str().unwrap_or_default().to_owned();
+            let schema = &mut param["schema"];
+            match name.as_str() {
+                "period" => {
+                    schema["enum"] = json!(rules.periods());
+                    schema["default"] = json!(rules.default_period());
+                }
+                "hashtag_name" => schema["pattern"] = json!(key::hashtag_pattern()),
+                "region" => schema["pattern"] = json!(key::region_pattern()),
+                _ => {}
+            }
+        }
+        operation["responses"]["405"] = json!({
+            "description": "Method not allowed here; `Allow` lists the methods that are",
+            "headers": {"Allow": {"schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+        });
+    }
+    if let Some(get) = operations.get("get") {
+        let mut head = get.clone();
+        if let Some(id) = head["operationId"].as_str() {
+            head["operationId"] = json!(format!("{id}_head"));
+        }
+        // Same status and headers as GET, never a body.
+        for response in head["responses"]
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|r| r.values_mut())
+        {
+            if let Some(response) = response.as_object_mut() {
+                response.remove("content");
+            }
+        }
+        operations.insert("head".to_owned(), head);
+    }
 }
 
 /// For tests and callers that want to inspect the document.

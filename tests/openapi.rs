@@ -1,6 +1,7 @@
 //! `/openapi.json` is OpenAPI 3.1, documents every route the router serves,
 //! and names exactly the parameters the route parses, with the configured
-//! periods as the enum.
+//! periods as the enum and a `hashtag_name` schema that accepts exactly what
+//! the parser accepts (a property test over generated names).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,9 +10,13 @@ use std::collections::BTreeSet;
 
 use common::{spawn_app, spawn_app_with};
 use keyapi_proxy::{
-    key::{HASHTAG_DETAIL_PATH, PARAMETERS},
+    config::Config,
+    key::{self, HASHTAG_DETAIL_PATH, HashtagKey, HashtagRules, PARAMETERS},
+    openapi,
     routes::PATHS,
 };
+use proptest::prelude::*;
+use regex::{Regex, RegexBuilder};
 use serde_json::Value;
 
 async fn document(app: &common::TestApp) -> Value {
@@ -103,9 +108,31 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
     );
     assert_eq!(param("period")["schema"]["default"], 30);
     assert_eq!(param("region")["schema"]["default"], "all_regions");
-    for status in ["200", "304", "400", "401", "429", "502", "504"] {
+    for status in [
+        "200", "304", "400", "401", "403", "404", "405", "422", "429", "500", "502", "503", "504",
+    ] {
         assert!(get["responses"][status].is_object(), "response {status}");
     }
+    let head = &doc["paths"][HASHTAG_DETAIL_PATH]["head"];
+    assert_eq!(param_names(head), expected);
+    assert!(
+        head["responses"]["200"]["content"].is_null(),
+        "HEAD has no body"
+    );
+    assert!(head["responses"]["200"]["headers"]["ETag"].is_object());
+    let not_modified = get["responses"]["304"]["headers"].as_object().unwrap();
+    for name in ["ETag", "Cache-Status", "Age", "Cache-Control", "Vary"] {
+        assert!(not_modified.contains_key(name), "304 header {name}");
+    }
+    // Purging takes the same parameters, all optional (no query purges everything).
+    for p in purge["parameters"].as_array().unwrap() {
+        assert_eq!(p["required"], false, "{}", p["name"]);
+    }
+    assert_eq!(
+        param("hashtag_name")["schema"]["pattern"],
+        key::hashtag_pattern()
+    );
+    assert!(param("hashtag_name")["schema"]["maxLength"].is_null());
     let headers = get["responses"]["200"]["headers"].as_object().unwrap();
     for name in ["Cache-Status", "Age", "ETag", "X-Request-Id"] {
         assert!(headers.contains_key(name), "{name}");
@@ -116,4 +143,82 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
     }
     let schemes = doc["components"]["securitySchemes"].as_object().unwrap();
     assert!(schemes.contains_key("bearer") && schemes.contains_key("apiKey"));
+}
+
+/// The `hashtag_name` schema of the proxied route as a regex (and minLength).
+fn hashtag_schema() -> (Regex, usize) {
+    let rules = HashtagRules::from_config(&Config::defaults().unwrap());
+    let doc = openapi::document_value(&rules);
+    let param = doc["paths"][HASHTAG_DETAIL_PATH]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "hashtag_name")
+        .unwrap()
+        .clone();
+    let pattern = param["schema"]["pattern"].as_str().unwrap();
+    let regex = RegexBuilder::new(pattern)
+        .size_limit(1 << 28)
+        .build()
+        .unwrap();
+    let min = usize::try_from(param["schema"]["minLength"].as_u64().unwrap()).unwrap();
+    (regex, min)
+}
+
+fn parser_accepts(name: &str) -> bool {
+    static RULES: std::sync::LazyLock<HashtagRules> =
+        std::sync::LazyLock::new(|| HashtagRules::from_config(&Config::defaults().unwrap()));
+    let query = format!(
+        "hashtag_name={}",
+        form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>()
+    );
+    HashtagKey::parse(Some(&query), &RULES).is_ok()
+}
+
+/// Characters near every edge of the rule: letters and digits of several
+/// scripts, combining marks, whitespace the parser trims and some it does
+/// not, `#`, punctuation, emoji, anything.
+fn edge_char() -> impl Strategy<Value = char> {
+    prop_oneof![
+        4 => prop::char::range('a', 'z'),
+        2 => prop::sample::select(vec![
+            '_', '#', '0', '9', 'É', 'ß', 'İ', 'ж', '字', '٣', '²', 'Ⅻ', '\u{0301}', '\u{0903}',
+            '\u{05D0}', '\u{1F600}', '\u{20000}',
+        ]),
+        2 => prop::sample::select(vec![
+            ' ', '\t', '\n', '\u{85}', '\u{A0}', '\u{3000}', '\u{2028}', '\u{FEFF}', '\u{200B}',
+            '-', '.', '%', '+', '&', '=', '"', '\\', '\u{0}', '\u{D2402}',
+        ]),
+        1 => any::<char>(),
+    ]
+}
+
+fn names() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::collection::vec(edge_char(), 0..12).prop_map(String::from_iter),
+        // Around the length limit, with optional `#` and whitespace.
+        (
+            prop::sample::select(vec!["", " ", "#", " #", "##", "\u{3000}"]),
+            prop::collection::vec(prop::char::range('a', 'z'), 95..=105),
+            prop::sample::select(vec!["", " ", "\t", "_", "-"]),
+        )
+            .prop_map(|(pre, body, post)| format!("{pre}{}{post}", String::from_iter(body))),
+        prop::collection::vec(edge_char(), 90..110).prop_map(String::from_iter),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    #[test]
+    fn the_documented_schema_accepts_exactly_what_the_parser_accepts(name in names()) {
+        let (pattern, min_length) = hashtag_schema_cached();
+        let documented = name.chars().count() >= *min_length && pattern.is_match(&name);
+        prop_assert_eq!(documented, parser_accepts(&name), "name {:?}", name);
+    }
+}
+
+fn hashtag_schema_cached() -> &'static (Regex, usize) {
+    static SCHEMA: std::sync::LazyLock<(Regex, usize)> = std::sync::LazyLock::new(hashtag_schema);
+    &SCHEMA
 }
