@@ -216,7 +216,44 @@ pub fn document(rules: &HashtagRules) -> Bytes {
             complete(operations, rules);
         }
     }
+    if let Some(purge) = doc["paths"]["/admin/cache"].get_mut("delete") {
+        query_as_one_object(purge);
+    }
     Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
+}
+
+/// A purge takes no query (everything) or one naming a key, so `period` and
+/// `region` need `hashtag_name`. Query parameters cannot depend on each
+/// other, so they become the properties of one form-exploded object (the
+/// same `?a=1&b=2` on the wire) whose schema says so with `dependentRequired`.
+fn query_as_one_object(operation: &mut Value) {
+    let Some(params) = operation
+        .get_mut("parameters")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    let mut properties = serde_json::Map::new();
+    for param in params.drain(..) {
+        if let (Some(name), Some(schema)) = (param["name"].as_str(), param.get("schema")) {
+            let mut schema = schema.clone();
+            schema["description"] = param["description"].clone();
+            properties.insert(name.to_owned(), schema);
+        }
+    }
+    params.push(json!({
+        "name": "key",
+        "in": "query",
+        "style": "form",
+        "explode": true,
+        "required": false,
+        "description": "The key to purge, as the proxied route's parameters; none purges everything",
+        "schema": {
+            "type": "object",
+            "properties": properties,
+            "dependentRequired": {"period": ["hashtag_name"], "region": ["hashtag_name"]},
+        },
+    }));
 }
 
 /// Fills in what only the parser and the router know: the parameter rules

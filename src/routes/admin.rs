@@ -6,7 +6,8 @@
 //!   the (normalized) prefix, with age, freshness left and size.
 //! - `DELETE /admin/cache?hashtag_name=..&period=..&region=..` purges one key,
 //!   normalized exactly like the proxied route's query.
-//! - `DELETE /admin/cache` (no query) purges everything.
+//! - `DELETE /admin/cache` (no query, or none of the route's parameters)
+//!   purges everything.
 
 use std::time::SystemTime;
 
@@ -114,7 +115,12 @@ pub(super) async fn purge(
         Err(e) => return ApiError::from(e).to_response(&request_id),
     };
     let proxy = state.proxy();
-    let purged = match query.as_deref().filter(|q| !q.is_empty()) {
+    // Unknown parameters are ignored, as on the proxied route: a query names
+    // a key only when it has one of the route's parameters.
+    let names_a_key = |q: &&str| {
+        form_urlencoded::parse(q.as_bytes()).any(|(name, _)| key::PARAMETERS.contains(&&*name))
+    };
+    let purged = match query.as_deref().filter(names_a_key) {
         None => Purged {
             purged: proxy.purge_all().await,
             key: None,
