@@ -24,6 +24,7 @@ use prometheus_client::{
 
 use crate::{
     clock::SharedClock,
+    key::HASHTAG_DETAIL_PATH,
     stats::History,
     upstream::{UpstreamAnswer, UpstreamError},
 };
@@ -123,6 +124,10 @@ pub struct Metrics {
     client_requests: Family<ClientLabels, Counter>,
     client_credits: Family<ClientLabels, Counter>,
     stale_served: Counter,
+    /// Requests of the proxied route refused before the cache (bad input,
+    /// token, origin, limits): for the status page; `requests_total` with
+    /// `cache="none"` and a 4xx status says the same to Prometheus.
+    rejected: Counter,
     upstream_retries: Counter,
     upstream_refused: Family<ReasonLabels, Counter>,
     redis_errors: Counter,
@@ -267,6 +272,7 @@ impl Metrics {
             client_requests,
             client_credits,
             stale_served,
+            rejected: Counter::default(),
             upstream_retries,
             upstream_refused,
             redis_errors,
@@ -296,6 +302,8 @@ impl Metrics {
             .inc();
         if cache.is_some() {
             self.history.request(cache == Some("hit"));
+        } else if route == HASHTAG_DETAIL_PATH && (400..500).contains(&status) {
+            self.rejected.inc();
         }
         match cache {
             Some("hit") => {
@@ -399,6 +407,7 @@ impl Metrics {
             collapsed: self.collapsed.get(),
             credits_spent: self.credits_spent.get(),
             credits_saved: self.credits_saved.get(),
+            rejected: self.rejected.get(),
             upstream_in_flight: u64::try_from(self.upstream_in_flight.get()).unwrap_or(0),
         }
     }
@@ -448,6 +457,8 @@ pub struct Totals {
     pub collapsed: u64,
     pub credits_spent: u64,
     pub credits_saved: u64,
+    /// Requests of the proxied route refused before the cache (4xx from us).
+    pub rejected: u64,
     pub upstream_in_flight: u64,
 }
 
