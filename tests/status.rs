@@ -130,7 +130,12 @@ async fn the_status_page_is_self_contained() {
     }
     let (headers, html) = page(&app).await;
     assert_eq!(header(&headers, "content-type"), "text/html; charset=utf-8");
-    assert!(header(&headers, "content-security-policy").starts_with("default-src 'none'"));
+    let policy = header(&headers, "content-security-policy");
+    assert!(
+        policy.starts_with("default-src 'none'; style-src 'sha256-"),
+        "{policy}"
+    );
+    assert!(!policy.contains("unsafe-inline"), "{policy}");
     assert!(html.starts_with("<!doctype html>"));
     assert_eq!(
         html.matches("<svg").count(),

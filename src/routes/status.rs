@@ -2,9 +2,10 @@
 //! hit ratio, credits spent vs saved, top keys, upstream health, per-client
 //! spending and a chart of the last hour drawn as inline SVG. The page loads
 //! nothing from anywhere (no script, no stylesheet, no font, no image), and
-//! says so in its `Content-Security-Policy`.
+//! says so in its `Content-Security-Policy`, which admits only its own inline
+//! stylesheet, by hash.
 
-use std::{fmt::Write as _, time::SystemTime};
+use std::{fmt::Write as _, sync::LazyLock, time::SystemTime};
 
 use axum::{
     Json,
@@ -12,11 +13,13 @@ use axum::{
     http::{HeaderValue, header::CONTENT_SECURITY_POLICY, header::CONTENT_TYPE},
     response::{IntoResponse, Response},
 };
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use serde::Serialize;
 
 use crate::{
     app::AppState,
     clock::{self, SharedClock},
+    digest,
     key::HashtagKey,
     limits::Budget,
     metrics::Totals,
@@ -186,11 +189,20 @@ pub(super) async fn status_page(State(state): State<AppState>) -> Response {
         CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    headers.insert(
-        CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
-    );
+    headers.insert(CONTENT_SECURITY_POLICY, content_security_policy());
     response
+}
+
+/// Nothing may load, and only our own stylesheet (by its hash, not any
+/// inline style) may apply.
+fn content_security_policy() -> HeaderValue {
+    static POLICY: LazyLock<HeaderValue> = LazyLock::new(|| {
+        let hash = BASE64.encode(digest::sha256(STYLE.as_bytes()));
+        let policy = format!("default-src 'none'; style-src 'sha256-{hash}'");
+        // Base64 and ASCII punctuation only.
+        HeaderValue::try_from(policy).unwrap_or(HeaderValue::from_static("default-src 'none'"))
+    });
+    POLICY.clone()
 }
 
 /// Cards sit in an even grid: 2 columns on a phone, 3 on a tablet, 6 on a
