@@ -15,7 +15,7 @@ use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use crate::key::{self, HashtagRules};
+use crate::key::{self, HASHTAG_DETAIL_PATH, HashtagRules};
 
 /// The error envelope (KeyAPI's own shape), with the HTTP status as `code`.
 #[derive(ToSchema)]
@@ -124,7 +124,7 @@ fn hashtag_detail() {}
 
 /// Liveness.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object, headers(("Cache-Control" = String, description = "`no-store`")))))]
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object)))]
 fn healthz() {}
 
 /// Readiness.
@@ -212,8 +212,9 @@ pub fn document(rules: &HashtagRules) -> Bytes {
     };
     doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
     if let Some(paths) = doc["paths"].as_object_mut() {
-        for operations in paths.values_mut() {
-            complete(operations, rules);
+        for (path, operations) in paths.iter_mut() {
+            let operational = !matches!(path.as_str(), HASHTAG_DETAIL_PATH | "/openapi.json");
+            complete(operations, rules, operational);
         }
     }
     if let Some(purge) = doc["paths"]["/admin/cache"].get_mut("delete") {
@@ -258,8 +259,9 @@ fn query_as_one_object(operation: &mut Value) {
 
 /// Fills in what only the parser and the router know: the parameter rules
 /// (the same values [`crate::key`] enforces), `HEAD` next to every `GET`
-/// (axum answers it), and the 405 every path gives to other methods.
-fn complete(operations: &mut Value, rules: &HashtagRules) {
+/// (axum answers it), the 405 every path gives to other methods, the 403 of
+/// a refused origin, and `no-store` on every `operational` answer.
+fn complete(operations: &mut Value, rules: &HashtagRules, operational: bool) {
     let Some(operations) = operations.as_object_mut() else {
         return;
     };
@@ -280,11 +282,28 @@ fn complete(operations: &mut Value, rules: &HashtagRules) {
                 _ => {}
             }
         }
-        operation["responses"]["405"] = json!({
+        let responses = &mut operation["responses"];
+        responses["405"] = json!({
             "description": "Method not allowed here; `Allow` lists the methods that are",
             "headers": {"Allow": {"schema": {"type": "string"}}},
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
         });
+        if responses.get("403").is_none() {
+            responses["403"] = json!({
+                "description": "The `Origin` header names an origin not in `cors.allowed_origins`",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+            });
+        }
+        if operational {
+            for response in responses
+                .as_object_mut()
+                .into_iter()
+                .flat_map(|r| r.values_mut())
+            {
+                response["headers"]["Cache-Control"] =
+                    json!({"description": "`no-store`", "schema": {"type": "string"}});
+            }
+        }
     }
     if let Some(get) = operations.get("get") {
         let mut head = get.clone();

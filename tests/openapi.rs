@@ -68,11 +68,26 @@ async fn document_is_openapi_3_1_and_covers_every_route() {
         let ops = doc["paths"][path].as_object().unwrap();
         assert!(!ops.is_empty(), "{path}");
         for (method, op) in ops {
+            let responses = &op["responses"];
             assert!(
-                op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                responses.as_object().is_some_and(|r| !r.is_empty()),
                 "{method} {path}"
             );
+            // Every path refuses other methods and foreign origins in the envelope.
+            for status in ["403", "405"] {
+                assert!(responses[status].is_object(), "{status} of {method} {path}");
+            }
+            if !matches!(path, HASHTAG_DETAIL_PATH | "/openapi.json") {
+                assert!(
+                    responses["200"]["headers"]["Cache-Control"].is_object(),
+                    "no-store of {method} {path}"
+                );
+            }
         }
+        assert!(
+            ops.contains_key("head") || ops.contains_key("delete"),
+            "{path}"
+        );
     }
     assert_eq!(app.upstream.calls(), 0);
 }
