@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::LazyLock};
 
 use common::{spawn_app, spawn_app_with};
 use keyapi_proxy::{
@@ -172,45 +172,60 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
     assert!(schemes.contains_key("bearer") && schemes.contains_key("apiKey"));
 }
 
-/// The `hashtag_name` schema of the proxied route as a regex (and minLength).
-fn hashtag_schema() -> (Regex, usize) {
-    let rules = HashtagRules::from_config(&Config::defaults().unwrap());
-    let doc = openapi::document_value(&rules);
-    let param = doc["paths"][HASHTAG_DETAIL_PATH]["get"]["parameters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "hashtag_name")
-        .unwrap()
-        .clone();
-    let pattern = param["schema"]["pattern"].as_str().unwrap();
-    let regex = RegexBuilder::new(pattern)
-        .size_limit(1 << 28)
-        .build()
-        .unwrap();
-    let min = usize::try_from(param["schema"]["minLength"].as_u64().unwrap()).unwrap();
-    (regex, min)
+/// The schema of the proxied route's `name` parameter as a check on a raw
+/// value: its `pattern` (and `minLength`, when given).
+struct Schema {
+    pattern: Regex,
+    min_length: usize,
 }
 
-fn parser_accepts(name: &str) -> bool {
-    static RULES: std::sync::LazyLock<HashtagRules> =
-        std::sync::LazyLock::new(|| HashtagRules::from_config(&Config::defaults().unwrap()));
-    let query = format!(
-        "hashtag_name={}",
-        form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>()
-    );
-    HashtagKey::parse(Some(&query), &RULES).is_ok()
+impl Schema {
+    fn of(name: &str) -> Self {
+        let doc = openapi::document_value(rules());
+        let param = doc["paths"][HASHTAG_DETAIL_PATH]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()
+            .clone();
+        let pattern = RegexBuilder::new(param["schema"]["pattern"].as_str().unwrap())
+            .size_limit(1 << 28)
+            .build()
+            .unwrap();
+        let min_length = param["schema"]["minLength"].as_u64().unwrap_or(0);
+        Self {
+            pattern,
+            min_length: usize::try_from(min_length).unwrap(),
+        }
+    }
+
+    fn accepts(&self, value: &str) -> bool {
+        value.chars().count() >= self.min_length && self.pattern.is_match(value)
+    }
 }
 
-/// Characters near every edge of the rule: letters and digits of several
+fn rules() -> &'static HashtagRules {
+    static RULES: LazyLock<HashtagRules> =
+        LazyLock::new(|| HashtagRules::from_config(&Config::defaults().unwrap()));
+    &RULES
+}
+
+/// The parser takes `query` followed by `name=<value>`, percent-encoded.
+fn parser_accepts(query: &str, name: &str, value: &str) -> bool {
+    let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+    HashtagKey::parse(Some(&format!("{query}{name}={encoded}")), rules()).is_ok()
+}
+
+/// Characters near every edge of the rules: letters and digits of several
 /// scripts, combining marks, whitespace the parser trims and some it does
 /// not, `#`, punctuation, emoji, anything.
 fn edge_char() -> impl Strategy<Value = char> {
     prop_oneof![
         4 => prop::char::range('a', 'z'),
         2 => prop::sample::select(vec![
-            '_', '#', '0', '9', 'É', 'ß', 'İ', 'ж', '字', '٣', '²', 'Ⅻ', '\u{0301}', '\u{0903}',
-            '\u{05D0}', '\u{1F600}', '\u{20000}',
+            '_', '#', '0', '9', 'É', 'ß', 'İ', 'ſ', 'K', 'ж', '字', '٣', '²', 'Ⅻ', '\u{0301}',
+            '\u{0903}', '\u{05D0}', '\u{1F600}', '\u{20000}',
         ]),
         2 => prop::sample::select(vec![
             ' ', '\t', '\n', '\u{85}', '\u{A0}', '\u{3000}', '\u{2028}', '\u{FEFF}', '\u{200B}',
@@ -234,18 +249,42 @@ fn names() -> impl Strategy<Value = String> {
     ]
 }
 
+fn regions() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::collection::vec(edge_char(), 0..4).prop_map(String::from_iter),
+        // Mixed-case `all_regions`, `us`, with a character dropped, doubled or padded.
+        (
+            prop::sample::select(vec![
+                "all_regions",
+                "ALL_Regions",
+                "us",
+                "Fr",
+                "all-regions"
+            ]),
+            prop::sample::select(vec!["", " ", "\u{3000}", "x", "_"]),
+            any::<bool>(),
+        )
+            .prop_map(|(core, pad, before)| match before {
+                true => format!("{pad}{core}"),
+                false => format!("{core}{pad}"),
+            }),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
 
     #[test]
-    fn the_documented_schema_accepts_exactly_what_the_parser_accepts(name in names()) {
-        let (pattern, min_length) = hashtag_schema_cached();
-        let documented = name.chars().count() >= *min_length && pattern.is_match(&name);
-        prop_assert_eq!(documented, parser_accepts(&name), "name {:?}", name);
+    fn the_documented_hashtag_schema_accepts_exactly_what_the_parser_accepts(name in names()) {
+        static SCHEMA: LazyLock<Schema> = LazyLock::new(|| Schema::of("hashtag_name"));
+        let parsed = parser_accepts("", "hashtag_name", &name);
+        prop_assert_eq!(SCHEMA.accepts(&name), parsed, "hashtag_name {:?}", name);
     }
-}
 
-fn hashtag_schema_cached() -> &'static (Regex, usize) {
-    static SCHEMA: std::sync::LazyLock<(Regex, usize)> = std::sync::LazyLock::new(hashtag_schema);
-    &SCHEMA
+    #[test]
+    fn the_documented_region_schema_accepts_exactly_what_the_parser_accepts(region in regions()) {
+        static SCHEMA: LazyLock<Schema> = LazyLock::new(|| Schema::of("region"));
+        let parsed = parser_accepts("hashtag_name=a&", "region", &region);
+        prop_assert_eq!(SCHEMA.accepts(&region), parsed, "region {:?}", region);
+    }
 }
