@@ -73,6 +73,7 @@ fn main() {
     let counters = time("metrics (request counters, history, client)", || {
         metrics.record_request(
             HASHTAG_DETAIL_PATH,
+            true,
             200,
             Some((Served::Cached(CacheState::Hit), 2)),
         );

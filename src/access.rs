@@ -49,10 +49,10 @@ pub struct Client {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error(
-        "missing or invalid client token; send `Authorization: Bearer <token>` or `X-Api-Key: <token>`"
+        "The client token is missing or wrong; send it as Authorization: Bearer <token> or as X-Api-Key: <token>."
     )]
     Unauthorized,
-    #[error("this client token may not use the admin endpoints (needs the purge flag)")]
+    #[error("This client token may not use the admin endpoints; it needs the purge flag.")]
     Forbidden,
 }
 

@@ -123,14 +123,13 @@ impl App {
             allow_client_refresh: config.cache.allow_client_refresh,
             ready: AtomicBool::new(false),
         });
-        let mut router = routes::router(state.clone());
-        if let Some(cors) = cors::layer(&config.cors) {
-            router = router.layer(cors);
-        }
+        let router = cors::apply(routes::router(state.clone()), &config.cors);
         // Observe wraps the finished router once (not each route): ids, the
         // access log and request metrics see every answer, 404s and panics included.
         let paths = routes::paths(state.routes());
-        let router = ObserveLayer::new(metrics, paths).layer(router.layer(CatchPanicLayer::new()));
+        let proxied = state.routes().routes().len();
+        let router =
+            ObserveLayer::new(metrics, paths, proxied).layer(router.layer(CatchPanicLayer::new()));
         let snapshot = config
             .cache
             .snapshot_path

@@ -17,7 +17,9 @@ pub const CACHE_STATUS: &str = "cache-status";
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
-/// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in the cache, at `now`.
+/// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in
+/// the cache, at `now`. `Cache-Control: max-age` is the entry's whole
+/// lifetime and `Age` its age, so `max-age − Age` is the `ttl` of `Cache-Status`.
 pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry, now: SystemTime) {
     let age = entry.age(now);
     let ttl = entry.ttl.saturating_sub(age).as_secs();
@@ -59,7 +61,7 @@ pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry, now
     };
     headers.insert(CACHE_STATUS, status);
     headers.insert(AGE, HeaderValue::from(age.as_secs()));
-    headers.insert(CACHE_CONTROL, join(&[b"public, max-age=", ttl_text]));
+    headers.insert(CACHE_CONTROL, entry.cache_control.clone());
 }
 
 /// Concatenates ASCII pieces into one header value.

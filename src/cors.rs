@@ -2,45 +2,84 @@
 //! the client-token headers allowed in, and the cache headers readable by
 //! scripts. Preflights are answered here, before any route, so they never
 //! reach the cache or KeyAPI.
+//!
+//! CORS alone only stops a browser from *reading* an answer: a simple
+//! cross-origin GET would still reach KeyAPI and spend credits. So with an
+//! allowlist, a request whose `Origin` is not on it is refused (403) before
+//! any route runs. Requests without `Origin` (servers, same-origin pages)
+//! are unaffected.
 
-use axum::http::{
-    HeaderName, HeaderValue, Method,
-    header::{AGE, AUTHORIZATION, CACHE_CONTROL, ETAG, IF_NONE_MATCH, RETRY_AFTER},
+use std::sync::Arc;
+
+use axum::{
+    Extension, Router,
+    extract::{Request, State},
+    http::{
+        HeaderName, HeaderValue, Method,
+        header::{AGE, AUTHORIZATION, CACHE_CONTROL, ETAG, IF_NONE_MATCH, ORIGIN, RETRY_AFTER},
+    },
+    middleware::{self, Next},
+    response::Response,
 };
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
-    access::X_API_KEY, cache_status::CACHE_STATUS, config::CorsConfig, observe::X_REQUEST_ID,
+    access::X_API_KEY,
+    cache_status::CACHE_STATUS,
+    config::CorsConfig,
+    error::ApiError,
+    observe::{RequestId, X_REQUEST_ID},
 };
 
-/// The layer for `config`, or `None` when no origin is allowed.
-pub fn layer(config: &CorsConfig) -> Option<CorsLayer> {
-    let origins: Vec<HeaderValue> = config
+/// `router` behind the CORS layer and the origin check for `config`;
+/// unchanged when no origin is allowed.
+pub fn apply(router: Router, config: &CorsConfig) -> Router {
+    let origins: Arc<[HeaderValue]> = config
         .allowed_origins
         .iter()
         .filter_map(|o| HeaderValue::from_str(o).ok())
         .collect();
     if origins.is_empty() {
-        return None;
+        return router;
     }
-    Some(
-        CorsLayer::new()
-            .allow_origin(AllowOrigin::list(origins))
-            .allow_methods([Method::GET, Method::HEAD])
-            .allow_headers([
-                AUTHORIZATION,
-                X_API_KEY,
-                IF_NONE_MATCH,
-                CACHE_CONTROL,
-                X_REQUEST_ID,
-            ])
-            .expose_headers([
-                HeaderName::from_static(CACHE_STATUS),
-                AGE,
-                ETAG,
-                RETRY_AFTER,
-                X_REQUEST_ID,
-            ])
-            .max_age(config.max_age),
-    )
+    let layer = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins.iter().cloned()))
+        .allow_methods([Method::GET, Method::HEAD])
+        .allow_headers([
+            AUTHORIZATION,
+            X_API_KEY,
+            IF_NONE_MATCH,
+            CACHE_CONTROL,
+            X_REQUEST_ID,
+        ])
+        .expose_headers([
+            HeaderName::from_static(CACHE_STATUS),
+            AGE,
+            ETAG,
+            RETRY_AFTER,
+            X_REQUEST_ID,
+        ])
+        .max_age(config.max_age);
+    // Inside the CORS layer: preflights are answered before the check, and
+    // a refusal still gets (no) CORS headers from the layer.
+    router
+        .layer(middleware::from_fn_with_state(
+            origins,
+            refuse_other_origins,
+        ))
+        .layer(layer)
+}
+
+async fn refuse_other_origins(
+    State(allowed): State<Arc<[HeaderValue]>>,
+    Extension(request_id): Extension<RequestId>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match request.headers().get(ORIGIN) {
+        Some(origin) if !allowed.contains(origin) => {
+            ApiError::OriginRefused.to_response(&request_id)
+        }
+        _ => next.run(request).await,
+    }
 }

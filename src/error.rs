@@ -33,6 +33,8 @@ pub enum ApiError {
     Limited(#[from] RateLimited),
     #[error(transparent)]
     Budget(#[from] ledger::Refusal),
+    #[error("origin not in cors.allowed_origins")]
+    OriginRefused,
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -67,7 +69,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
-            Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
+            Self::Auth(AuthError::Forbidden) | Self::OriginRefused => StatusCode::FORBIDDEN,
             Self::Limited(_) | Self::Budget(ledger::Refusal::Spent { .. }) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -100,35 +102,40 @@ impl ApiError {
             Self::Auth(e) => return e.to_string(),
             Self::Limited(e) => return e.to_string(),
             Self::Budget(e) => return e.to_string(),
+            Self::OriginRefused => {
+                "Requests from this origin are not allowed: it is not in the proxy's cors.allowed_origins."
+            }
             Self::NotFound => {
-                "no such route; the proxied route is GET /v1/tiktok/trending/hashtag/detail"
+                "There is nothing at this path; /openapi.json lists the proxied routes and the other endpoints."
             }
             Self::MethodNotAllowed => {
-                "method not allowed; the proxied route takes GET or HEAD, /admin/cache GET or DELETE"
+                "This path does not take this method; the Allow header lists the methods it does take."
             }
-            Self::Abandoned(_) => "internal error while fetching from upstream; try again",
+            Self::Abandoned(_) => "An internal error stopped the fetch from KeyAPI; try again.",
             Self::Upstream(e) => match e {
-                UpstreamError::KeyRejected(_) => "upstream rejected the configured API key",
+                UpstreamError::KeyRejected(_) => "KeyAPI rejected the configured API key.",
                 UpstreamError::Status(code) if (400..500).contains(code) => {
-                    return format!("upstream refused the request (HTTP {code})");
+                    return format!("KeyAPI refused the request (HTTP {code}).");
                 }
-                UpstreamError::Status(code) => return format!("upstream error (HTTP {code})"),
-                UpstreamError::Timeout => "upstream did not answer in time",
-                UpstreamError::Connect(_) => "upstream is unreachable",
-                UpstreamError::Transport(_) => "upstream request failed",
-                UpstreamError::Malformed { .. } => "upstream sent an invalid answer",
-                UpstreamError::TooLarge { .. } => "upstream answer is too large",
+                UpstreamError::Status(code) => {
+                    return format!("KeyAPI failed with an upstream error (HTTP {code}).");
+                }
+                UpstreamError::Timeout => "KeyAPI did not answer in time.",
+                UpstreamError::Connect(_) => "KeyAPI is unreachable.",
+                UpstreamError::Transport(_) => "The request to KeyAPI failed.",
+                UpstreamError::Malformed { .. } => "KeyAPI sent an invalid answer.",
+                UpstreamError::TooLarge { .. } => "KeyAPI's answer is too large.",
                 UpstreamError::RateLimited { .. } | UpstreamError::HeldBack { .. } => {
-                    "upstream rate limit reached; retry after the time in Retry-After"
+                    "KeyAPI's rate limit is reached; retry after the seconds in Retry-After."
                 }
                 UpstreamError::CircuitOpen { .. } => {
-                    "upstream is failing; calls are paused (circuit open); retry after the time in Retry-After"
+                    "KeyAPI is failing, so calls to it are paused (circuit open); retry after the seconds in Retry-After."
                 }
                 UpstreamError::Overloaded { .. } => {
-                    "too many upstream calls in flight; retry after the time in Retry-After"
+                    "Too many calls to KeyAPI are in flight; retry after the seconds in Retry-After."
                 }
                 UpstreamError::SpendCap { .. } => {
-                    "upstream spend-rate cap reached; retry after the time in Retry-After"
+                    "The spend-rate cap on KeyAPI calls is reached; retry after the seconds in Retry-After."
                 }
             },
         };

@@ -28,8 +28,24 @@ use crate::{
     stats::History,
 };
 
-/// `Content-Type` of [`Metrics::render`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// A text exposition format `/metrics` can answer in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text 0.0.4: the default, and what `promtool check metrics` reads.
+    Prometheus,
+    /// OpenMetrics 1.0.0, for scrapers that ask for it.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The `Content-Type` of this format.
+    pub fn content_type(&self) -> &'static str {
+        match self {
+            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
@@ -112,6 +128,10 @@ pub struct Metrics {
     client_requests: Family<ClientLabels, Counter>,
     client_credits: Family<ClientLabels, Counter>,
     stale_served: Counter,
+    /// Requests of the proxied route refused before the cache (bad input,
+    /// token, origin, limits): for the status page; `requests_total` with
+    /// `cache="none"` and a 4xx status says the same to Prometheus.
+    rejected: Counter,
     upstream_retries: Counter,
     upstream_refused: Family<ReasonLabels, Counter>,
     redis_errors: Counter,
@@ -261,6 +281,7 @@ impl Metrics {
             client_requests,
             client_credits,
             stale_served,
+            rejected: Counter::default(),
             upstream_retries,
             upstream_refused,
             redis_errors,
@@ -272,10 +293,17 @@ impl Metrics {
         &self.history
     }
 
-    /// Counts one answered request. `served` says how a proxied route
-    /// answered and what one of its calls costs (`None` for other routes and
+    /// Counts one answered request of `route` (`proxied`: one of the
+    /// configured KeyAPI routes). `served` says how a proxied route answered
+    /// and what one of its calls costs (`None` for other routes and for
     /// refusals before the cache).
-    pub fn record_request(&self, route: &'static str, status: u16, served: Option<(Served, u64)>) {
+    pub fn record_request(
+        &self,
+        route: &'static str,
+        proxied: bool,
+        status: u16,
+        served: Option<(Served, u64)>,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 route,
@@ -284,6 +312,9 @@ impl Metrics {
             })
             .inc();
         let Some((served, credits)) = served else {
+            if proxied && (400..500).contains(&status) {
+                self.rejected.inc();
+            }
             return;
         };
         self.history.request(served.is_hit());
@@ -367,14 +398,17 @@ impl Metrics {
         }
     }
 
-    /// Prometheus/OpenMetrics text, after updating the cache gauges.
-    pub fn render(&self, cache_entries: u64, cache_bytes: u64) -> String {
+    /// The registry as text in `format`, after updating the cache gauges.
+    pub fn render(&self, format: Format, cache_entries: u64, cache_bytes: u64) -> String {
         self.cache_entries.set(cache_entries);
         self.cache_bytes.set(cache_bytes);
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Prometheus => prometheus_text(&out),
+        }
     }
 
     /// Totals for `/stats`.
@@ -385,9 +419,45 @@ impl Metrics {
             collapsed: self.collapsed.get(),
             credits_spent: self.credits_spent.get(),
             credits_saved: self.credits_saved.get(),
+            rejected: self.rejected.get(),
             upstream_in_flight: u64::try_from(self.upstream_in_flight.get()).unwrap_or(0),
         }
     }
+}
+
+/// OpenMetrics text as Prometheus text 0.0.4. The two differ, for what this
+/// registry holds, only in that 0.0.4 names a counter family after its
+/// `_total` samples (else `# HELP` matches no sample) and has no `# UNIT` or
+/// `# EOF`.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 8 * counters.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let comment = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match comment {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(&name) && !name.ends_with("_total") {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(if tail == "unknown" { "untyped" } else { tail });
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Cumulative counters since start, as numbers.
@@ -399,6 +469,8 @@ pub struct Totals {
     pub collapsed: u64,
     pub credits_spent: u64,
     pub credits_saved: u64,
+    /// Requests of the proxied route refused before the cache (4xx from us).
+    pub rejected: u64,
     pub upstream_in_flight: u64,
 }
 

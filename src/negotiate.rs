@@ -1,23 +1,32 @@
 //! Turning a stored [`Entry`] into the response for one client: `If-None-Match`
 //! (→ 304) and `Accept-Encoding` (→ the precomputed gzip form). Only header
-//! comparisons happen here; the body, its tag and its compressed form were
-//! computed when the entry was stored.
+//! comparisons happen here; the bodies and their tags (each representation
+//! has its own strong `ETag`) were computed when the entry was stored.
 
 use std::time::SystemTime;
 
 use axum::{
     body::Body,
     http::{
-        HeaderMap, HeaderValue, StatusCode,
+        HeaderMap, HeaderName, HeaderValue, StatusCode,
         header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, ETAG, IF_NONE_MATCH, VARY},
     },
     response::Response,
 };
 
+use bytes::Bytes;
+
 use crate::{cache::Entry, cache_status, error::APPLICATION_JSON, served::CacheState};
 
 const GZIP: HeaderValue = HeaderValue::from_static("gzip");
 const VARY_ACCEPT_ENCODING: HeaderValue = HeaderValue::from_static("accept-encoding");
+
+/// One of an entry's two representations: its body and its strong tag.
+struct Representation<'a> {
+    body: &'a Bytes,
+    etag: &'a HeaderValue,
+    gzip: bool,
+}
 
 /// The answer to `request` from a cached `entry` at `now`: 304, gzip or identity.
 pub fn cached_response(
@@ -26,65 +35,102 @@ pub fn cached_response(
     state: CacheState,
     now: SystemTime,
 ) -> Response {
-    let mut response: Response = if not_modified(request, &entry.etag) {
-        let mut response = Response::new(Body::empty());
-        *response.status_mut() = StatusCode::NOT_MODIFIED;
-        response
+    let identity = Representation {
+        body: &entry.body,
+        etag: &entry.etag,
+        gzip: false,
+    };
+    let gzip = entry
+        .gzip
+        .as_ref()
+        .zip(entry.gzip_etag.as_ref())
+        .map(|(body, etag)| Representation {
+            body,
+            etag,
+            gzip: true,
+        });
+    let (selected, other) = match gzip {
+        Some(gzip) if accepts_gzip(request) => (gzip, Some(identity)),
+        gzip => (identity, gzip),
+    };
+    // A 304 names the representation the client already holds: the selected
+    // one, or the other one when that is the tag it sent (a downstream cache
+    // revalidating every variant it stored, RFC 9111 §4.3.2).
+    let matched = if not_modified(request, selected.etag, true) {
+        Some(&selected)
     } else {
-        let gzip = entry.gzip.as_ref().filter(|_| accepts_gzip(request));
-        let mut response = Response::new(Body::from(gzip.unwrap_or(&entry.body).clone()));
-        // 200, or KeyAPI's own status for a cached refusal.
-        *response.status_mut() = entry.status;
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, APPLICATION_JSON);
-        if gzip.is_some() {
-            headers.insert(CONTENT_ENCODING, GZIP);
+        other
+            .as_ref()
+            .filter(|o| not_modified(request, o.etag, false))
+    };
+    let (mut response, etag) = match matched {
+        Some(held) => {
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            (response, held.etag)
         }
-        response
+        None => {
+            let mut response = Response::new(Body::from(selected.body.clone()));
+            // 200, or KeyAPI's own status for a cached refusal.
+            *response.status_mut() = entry.status;
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, APPLICATION_JSON);
+            if selected.gzip {
+                headers.insert(CONTENT_ENCODING, GZIP);
+            }
+            (response, selected.etag)
+        }
     };
     let headers = response.headers_mut();
     // Room for every header of a hit (ours, the request id, CORS, date and
     // length added later) so the map never grows mid-request.
     headers.reserve(12);
-    headers.insert(ETAG, entry.etag.clone());
+    headers.insert(ETAG, etag.clone());
     headers.insert(VARY, VARY_ACCEPT_ENCODING);
     cache_status::set_cached(headers, state, entry, now);
     response
 }
 
-/// `If-None-Match` names `etag` (weak comparison, as RFC 9110 asks) or is `*`.
-fn not_modified(request: &HeaderMap, etag: &HeaderValue) -> bool {
+/// `If-None-Match` names `etag` (weak comparison, as RFC 9110 asks), or is
+/// `*` and `wildcard` allows it.
+fn not_modified(request: &HeaderMap, etag: &HeaderValue, wildcard: bool) -> bool {
     let ours = etag.as_bytes();
     request
         .get_all(IF_NONE_MATCH)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
-        .any(|tag| tag == b"*" || tag.strip_prefix(b"W/").unwrap_or(tag) == ours)
+        .any(|tag| (wildcard && tag == b"*") || tag.strip_prefix(b"W/").unwrap_or(tag) == ours)
 }
 
-/// `Accept-Encoding` allows gzip: `gzip`/`x-gzip` or `*` with a non-zero q.
+/// `Accept-Encoding` allows gzip: `gzip`/`x-gzip`, or else `*`, with a non-zero q.
 fn accepts_gzip(request: &HeaderMap) -> bool {
-    let mut gzip = None;
-    let mut any = None;
-    for item in request
-        .get_all(ACCEPT_ENCODING)
+    quality(request, &ACCEPT_ENCODING, &["gzip", "x-gzip"])
+        .or_else(|| quality(request, &ACCEPT_ENCODING, &["*"]))
+        .is_some_and(|q| q > 0.0)
+}
+
+/// The `q` (1 when absent, 0 when unreadable) of the first item of the
+/// comma-separated `name` headers whose value before any `;` is one of
+/// `tokens` (ASCII case-insensitive); `None` when no item names one.
+pub fn quality(request: &HeaderMap, name: &HeaderName, tokens: &[&str]) -> Option<f32> {
+    request
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-    {
-        let mut parts = item.split(';').map(str::trim);
-        let coding = parts.next().unwrap_or("");
-        let q = parts
-            .find_map(|p| p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")))
-            .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0));
-        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
-            gzip = Some(q > 0.0);
-        } else if coding == "*" {
-            any = Some(q > 0.0);
-        }
-    }
-    gzip.or(any).unwrap_or(false)
+        .find_map(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let token = parts.next().unwrap_or("");
+            tokens
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t))
+                .then(|| {
+                    parts
+                        .find_map(|p| p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")))
+                        .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0))
+                })
+        })
 }
 
 #[cfg(test)]
@@ -132,7 +178,7 @@ mod tests {
             ("abc", false),
         ] {
             assert_eq!(
-                not_modified(&headers(IF_NONE_MATCH, value), &etag),
+                not_modified(&headers(IF_NONE_MATCH, value), &etag, true),
                 expected,
                 "{value}"
             );

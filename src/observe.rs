@@ -81,13 +81,18 @@ pub struct AccessLog {
 pub struct ObserveLayer {
     metrics: Arc<Metrics>,
     paths: Arc<[&'static str]>,
+    proxied: usize,
 }
 
 impl ObserveLayer {
     /// Counting into `metrics`; `paths` are the router's (static) paths, the
-    /// values of the `route` label.
-    pub fn new(metrics: Arc<Metrics>, paths: Arc<[&'static str]>) -> Self {
-        Self { metrics, paths }
+    /// values of the `route` label, the first `proxied` of them the KeyAPI routes.
+    pub fn new(metrics: Arc<Metrics>, paths: Arc<[&'static str]>, proxied: usize) -> Self {
+        Self {
+            metrics,
+            paths,
+            proxied,
+        }
     }
 }
 
@@ -99,6 +104,7 @@ impl<S> Layer<S> for ObserveLayer {
             inner,
             metrics: Arc::clone(&self.metrics),
             paths: Arc::clone(&self.paths),
+            proxied: self.proxied,
         }
     }
 }
@@ -109,6 +115,7 @@ pub struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
     paths: Arc<[&'static str]>,
+    proxied: usize,
 }
 
 impl<S> Service<Request> for Observe<S>
@@ -133,12 +140,10 @@ where
         request.extensions_mut().insert(id.clone());
         // Every route is a static path, so the path itself is the template.
         let path = request.uri().path();
-        let route = self
-            .paths
-            .iter()
-            .find(|p| **p == path)
-            .copied()
-            .unwrap_or(UNMATCHED);
+        let (route, proxied) = match self.paths.iter().position(|p| *p == path) {
+            Some(i) => (self.paths[i], i < self.proxied),
+            None => (UNMATCHED, false),
+        };
         // Log fields are only gathered when the line will be written.
         let log = tracing::enabled!(Level::INFO)
             .then(|| (request.method().clone(), request.uri().path().to_owned()));
@@ -148,6 +153,7 @@ where
                 started,
                 id,
                 route,
+                proxied,
                 log,
                 metrics: Arc::clone(&self.metrics),
             }),
@@ -169,6 +175,7 @@ struct Done {
     started: Instant,
     id: RequestId,
     route: &'static str,
+    proxied: bool,
     log: Option<(Method, String)>,
     metrics: Arc<Metrics>,
 }
@@ -195,6 +202,7 @@ impl Done {
         let access = response.extensions().get::<AccessLog>();
         self.metrics.record_request(
             self.route,
+            self.proxied,
             status,
             access.map(|log| (log.served, log.credits)),
         );

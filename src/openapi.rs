@@ -13,7 +13,7 @@ use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use crate::route::{Kind, MAX_HASHTAG_CHARS, Param, RouteTable};
+use crate::route::{self, Kind, Param, RouteTable};
 
 /// The error envelope (KeyAPI's own shape), with the HTTP status as `code`.
 #[derive(ToSchema)]
@@ -52,7 +52,8 @@ struct AdminPurgeQuery {
 /// Where the configured routes' path items are made from (see [`document`]).
 const ROUTE_TEMPLATE: &str = "/__route__";
 
-/// KeyAPI's answer, byte for byte (`code == 0` means success).
+/// KeyAPI's answer, byte for byte (`code == 0` means success). `HEAD` answers
+/// the same with no body.
 #[utoipa::path(
     get,
     path = "/__route__",
@@ -64,18 +65,35 @@ const ROUTE_TEMPLATE: &str = "/__route__";
             headers(
                 ("Cache-Status" = String, description = "RFC 9211: `keyapi-proxy; hit; ttl=N`, `…; fwd=uri-miss; stored`, `…; collapsed`, …"),
                 ("Age" = u64, description = "Seconds since the answer was stored"),
-                ("Cache-Control" = String, description = "`public, max-age=N` for cached answers, else `no-store`"),
-                ("ETag" = String, description = "Strong tag of the stored body"),
+                ("Cache-Control" = String, description = "Cached answers: `max-age=<whole freshness lifetime>` plus `stale-while-revalidate=`/`stale-if-error=` when configured (`max-age − Age` is the Cache-Status ttl); passed-through answers: `no-store`"),
+                ("ETag" = String, description = "Strong tag of the representation sent; the gzip one ends in `-gzip`"),
                 ("Vary" = String, description = "`accept-encoding`"),
                 ("Content-Encoding" = String, description = "`gzip` when accepted"),
                 ("X-Request-Id" = String, description = "Request id"),
             )),
-        (status = 304, description = "`If-None-Match` matched the stored answer's ETag"),
-        (status = 400, description = "Missing, invalid or repeated parameter", body = Envelope),
-        (status = 401, description = "Clients are configured and the token is missing or wrong", body = Envelope),
-        (status = 429, description = "Rate limit exceeded, or daily credit budget spent (misses only); see `Retry-After`", body = Envelope,
+        (status = 304, description = "`If-None-Match` named the ETag of one of the stored answer's representations (or `*`); no body",
+            headers(
+                ("ETag" = String, description = "The tag the client holds"),
+                ("Cache-Status" = String, description = "As for 200"),
+                ("Age" = u64, description = "As for 200"),
+                ("Cache-Control" = String, description = "As for 200"),
+                ("Vary" = String, description = "`accept-encoding`"),
+                ("X-Request-Id" = String, description = "Request id"),
+            )),
+        (status = 400, description = "Missing, empty, invalid or repeated parameter; or KeyAPI's own 400, passed through", body = Envelope,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 401, description = "Clients are configured and the token is missing or wrong", body = Envelope,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The `Origin` header names an origin not in `cors.allowed_origins`", body = Envelope),
+        (status = 404, description = "KeyAPI's 404 (e.g. unknown hashtag), passed through (its body)", content_type = "application/json", body = Object),
+        (status = 422, description = "KeyAPI's 422, passed through (its body)", content_type = "application/json", body = Object),
+        (status = "4XX", description = "Another KeyAPI 4xx, passed through (its JSON body, else our envelope)", content_type = "application/json", body = Object),
+        (status = 429, description = "Rate limit exceeded, daily credit budget spent (misses only), or KeyAPI rate-limited us; see `Retry-After`", body = Envelope,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "Internal failure of a shared upstream fetch", body = Envelope),
         (status = 502, description = "KeyAPI failed, rejected the configured key, or answered invalidly", body = Envelope),
+        (status = 503, description = "Upstream protection: circuit open, too many calls in flight, or the spend-rate cap; see `Retry-After`", body = Envelope,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 504, description = "KeyAPI did not answer in time", body = Envelope),
     )
 )]
@@ -94,7 +112,8 @@ fn readyz() {}
 
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
+    responses((status = 200, description = "Prometheus text 0.0.4 by default and for `text/plain`; OpenMetrics 1.0.0 when `Accept` prefers `application/openmetrics-text`",
+        content((String = "text/plain"), (String = "application/openmetrics-text")))))]
 fn metrics() {}
 
 /// This document.
@@ -173,6 +192,11 @@ pub fn document(table: &RouteTable) -> Bytes {
         .as_object_mut()
         .and_then(|paths| paths.remove(ROUTE_TEMPLATE))
         .unwrap_or(Value::Null);
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (path, operations) in paths.iter_mut() {
+            complete(operations, path != "/openapi.json");
+        }
+    }
     for route in table.routes() {
         let mut item = template.clone();
         let operation = &mut item["get"];
@@ -183,6 +207,7 @@ pub fn document(table: &RouteTable) -> Bytes {
         ));
         operation["operationId"] = json!(route.path());
         operation["parameters"] = route.params().iter().map(parameter).collect();
+        complete(&mut item, false);
         doc["paths"][route.path()] = item;
     }
     let paths: Vec<&str> = table.routes().iter().map(|r| r.path()).collect();
@@ -197,7 +222,58 @@ pub fn document(table: &RouteTable) -> Bytes {
     Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
 }
 
-/// One query parameter of a route, its schema from the parser's own rule.
+/// Fills in what only the router knows: `HEAD` next to every `GET` (axum
+/// answers it), the 405 every path gives to other methods, the 403 of a
+/// refused origin, and `no-store` on every `operational` answer.
+fn complete(operations: &mut Value, operational: bool) {
+    let Some(operations) = operations.as_object_mut() else {
+        return;
+    };
+    for operation in operations.values_mut() {
+        let responses = &mut operation["responses"];
+        responses["405"] = json!({
+            "description": "Method not allowed here; `Allow` lists the methods that are",
+            "headers": {"Allow": {"schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+        });
+        if responses.get("403").is_none() {
+            responses["403"] = json!({
+                "description": "The `Origin` header names an origin not in `cors.allowed_origins`",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+            });
+        }
+        if operational {
+            for response in responses
+                .as_object_mut()
+                .into_iter()
+                .flat_map(|r| r.values_mut())
+            {
+                response["headers"]["Cache-Control"] =
+                    json!({"description": "`no-store`", "schema": {"type": "string"}});
+            }
+        }
+    }
+    if let Some(get) = operations.get("get") {
+        let mut head = get.clone();
+        if let Some(id) = head["operationId"].as_str() {
+            head["operationId"] = json!(format!("{id}_head"));
+        }
+        // Same status and headers as GET, never a body.
+        for response in head["responses"]
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|r| r.values_mut())
+        {
+            if let Some(response) = response.as_object_mut() {
+                response.remove("content");
+            }
+        }
+        operations.insert("head".to_owned(), head);
+    }
+}
+
+/// One query parameter of a route, its schema from the parser's own rule
+/// (patterns generated from the same predicates, see [`crate::route`]).
 fn parameter(param: &Param) -> Value {
     let mut schema = match param.kind() {
         Kind::OneOf(values) => json!({ "type": "string", "enum": values }),
@@ -211,14 +287,11 @@ fn parameter(param: &Param) -> Value {
             }
             schema
         }
-        Kind::Region => json!({
-            "type": "string",
-            "pattern": "^([A-Za-z]{2}|[Aa][Ll][Ll]_[Rr][Ee][Gg][Ii][Oo][Nn][Ss])$",
-        }),
+        Kind::Region => json!({ "type": "string", "pattern": route::region_pattern() }),
         Kind::Hashtag => json!({
             "type": "string",
             "minLength": 1,
-            "maxLength": MAX_HASHTAG_CHARS + 1,
+            "pattern": route::hashtag_pattern(),
         }),
         Kind::Text { max_len, .. } => {
             json!({ "type": "string", "minLength": 1, "maxLength": max_len })

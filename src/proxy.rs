@@ -359,7 +359,7 @@ impl Fetcher {
             let shared = match redis.get(&key).await.filter(|e| usable(e)) {
                 Some(entry) => Some(entry),
                 None => match redis.claim(&key, usable).await {
-                    Claim::Filled(entry) => Some(entry),
+                    Claim::Filled(entry) => Some(*entry),
                     Claim::Locked(token) => {
                         lock = Some(token);
                         None

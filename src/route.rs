@@ -12,7 +12,12 @@
 //! A configured route is checked and compiled once at start-up; a bad one is
 //! refused with one line naming the route and the field.
 
-use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{Arc, LazyLock},
+    time::{Duration, SystemTime},
+};
 
 use regex_lite::Regex;
 use serde::{Deserialize, Serialize};
@@ -147,15 +152,88 @@ pub struct RouteConfigError {
     problem: String,
 }
 
-/// A client request a route cannot answer. Messages say what is wrong and
-/// what is allowed; they go to the client in the 400 envelope.
+pub fn is_hashtag_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// JSON Schema `pattern` of a raw `hashtag_name`: exactly what
+/// a `hashtag` parameter accepts — Unicode whitespace around (trimmed, as
+/// `str::trim` does), one optional `#`, then 1 to [`MAX_HASHTAG_CHARS`]
+/// characters of [`is_hashtag_char`]. Built from the parser's own predicates,
+/// once per process; classes list literal code points, so ECMA-262, Python
+/// and Rust regex engines read it alike.
+pub fn hashtag_pattern() -> &'static str {
+    static PATTERN: LazyLock<String> = LazyLock::new(|| {
+        let space = char_class(char::is_whitespace);
+        let name = char_class(is_hashtag_char);
+        format!("^{space}*#?{name}{{1,{MAX_HASHTAG_CHARS}}}{space}*$")
+    });
+    &PATTERN
+}
+
+/// JSON Schema `pattern` of a raw `region`: empty (the default),
+/// `all_regions` in any case, or two ASCII letters, trimmed like the rest.
+pub fn region_pattern() -> &'static str {
+    static PATTERN: LazyLock<String> = LazyLock::new(|| {
+        let space = char_class(char::is_whitespace);
+        let all: String = ALL_REGIONS
+            .chars()
+            .map(|c| match c.is_ascii_alphabetic() {
+                true => format!("[{}{c}]", c.to_ascii_uppercase()),
+                false => c.to_string(),
+            })
+            .collect();
+        format!("^{space}*(?:[A-Za-z]{{2}}|{all})?{space}*$")
+    });
+    &PATTERN
+}
+
+/// A regex character class of every code point `member` accepts, as ranges
+/// of literal characters (metacharacters escaped).
+fn char_class(member: fn(char) -> bool) -> String {
+    let mut ranges: Vec<(char, char)> = Vec::new();
+    for c in (char::MIN..=char::MAX).filter(|c| member(*c)) {
+        match ranges.last_mut() {
+            // `char` ranges skip the surrogates, so no run spans them.
+            Some((_, last)) if u32::from(*last) + 1 == u32::from(c) => *last = c,
+            _ => ranges.push((c, c)),
+        }
+    }
+    let mut class = String::from("[");
+    for (first, last) in ranges {
+        push_literal(&mut class, first);
+        if last != first {
+            // Two neighbours need no `-`.
+            if u32::from(last) > u32::from(first) + 1 {
+                class.push('-');
+            }
+            push_literal(&mut class, last);
+        }
+    }
+    class.push(']');
+    class
+}
+
+fn push_literal(class: &mut String, c: char) {
+    if matches!(c, '\\' | ']' | '[' | '^' | '-') {
+        class.push('\\');
+    }
+    class.push(c);
+}
+
+/// A client request a route cannot answer. Messages are plain sentences
+/// saying what is wrong and what is allowed; they go to the client in the
+/// 400 envelope. Echoed values are quoted, clipped and free of control
+/// characters (see [`clip`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("parameter `{0}` is given more than once; give it at most once")]
+    #[error("The parameter \"{0}\" is given more than once; give it at most once.")]
     Repeated(Arc<str>),
-    #[error("parameter `{name}` is required, e.g. {name}={example}")]
+    #[error("The parameter \"{name}\" is required, for example {name}={example}.")]
     Missing { name: Arc<str>, example: Arc<str> },
-    #[error("parameter `{name}` must be {rule}, got {got:?}")]
+    #[error("The parameter \"{name}\" is empty; give a value, for example {name}={example}.")]
+    Empty { name: Arc<str>, example: Arc<str> },
+    #[error("The parameter \"{name}\" must be {rule}, but it is \"{got}\".")]
     Invalid {
         name: Arc<str>,
         rule: Arc<str>,
@@ -260,8 +338,8 @@ impl Param {
             Kind::Hashtag => {
                 let name = raw.strip_prefix('#').unwrap_or(raw);
                 let chars = name.chars().count();
-                let valid = (1..=MAX_HASHTAG_CHARS).contains(&chars)
-                    && name.chars().all(|c| c.is_alphanumeric() || c == '_');
+                let valid =
+                    (1..=MAX_HASHTAG_CHARS).contains(&chars) && name.chars().all(is_hashtag_char);
                 if !valid {
                     return Err(invalid());
                 }
@@ -382,21 +460,28 @@ impl Route {
         key.push_str(self.path);
         let mut separator = '?';
         for (param, raw) in self.params.iter().zip(&raw) {
-            let given = raw.as_deref().map(str::trim).filter(|v| !v.is_empty());
+            let given = raw.as_deref().map(str::trim);
             let normalized;
             let value = match (given, &param.default) {
-                (Some(given), _) => {
+                (Some(given), _) if !given.is_empty() => {
                     normalized = param.normalize(given)?;
                     &normalized
                 }
-                (None, Some(default)) => default,
+                // Absent or empty: the default.
+                (_, Some(default)) => default,
+                (Some(_), None) if param.required => {
+                    return Err(KeyError::Empty {
+                        name: Arc::clone(&param.name),
+                        example: Arc::clone(&param.example),
+                    });
+                }
                 (None, None) if param.required => {
                     return Err(KeyError::Missing {
                         name: Arc::clone(&param.name),
                         example: Arc::clone(&param.example),
                     });
                 }
-                (None, None) => continue,
+                _ => continue,
             };
             key.push(separator);
             separator = '&';
@@ -660,11 +745,13 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
         }
         "region" => (
             Kind::Region,
-            "`all_regions` or a 2-letter country code such as US".to_owned(),
+            "\"all_regions\" or a 2-letter country code such as US".to_owned(),
         ),
         "hashtag" => (
             Kind::Hashtag,
-            format!("1-{MAX_HASHTAG_CHARS} letters, digits or `_` (one leading `#` allowed)"),
+            format!(
+                "1 to {MAX_HASHTAG_CHARS} letters, digits or underscores, optionally after one \"#\""
+            ),
         ),
         "text" => {
             let max_len = p.max_len.unwrap_or(DEFAULT_TEXT_MAX_LEN);
@@ -679,8 +766,8 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
                 None => None,
             };
             let rule = match &p.pattern {
-                Some(raw) => format!("1-{max_len} characters matching {raw}"),
-                None => format!("1-{max_len} characters"),
+                Some(raw) => format!("1 to {max_len} characters matching {raw}"),
+                None => format!("1 to {max_len} characters"),
             };
             let kind = Kind::Text {
                 pattern,
@@ -739,13 +826,29 @@ fn push_encoded(out: &mut String, value: &str) {
     }
 }
 
-/// Echoes at most 40 characters of a bad value back to the client.
+/// Echoes at most 40 characters of a bad value back to the client, each
+/// control or invisible formatting character shown as `�` (a message is for
+/// reading; the raw bytes are nobody's business).
 fn clip(raw: &str) -> String {
     const MAX: usize = 40;
-    match raw.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{}…", &raw[..cut]),
-        None => raw.to_owned(),
+    let mut out: String = raw
+        .chars()
+        .take(MAX)
+        .map(|c| if is_printable(c) { c } else { '\u{FFFD}' })
+        .collect();
+    if raw.chars().nth(MAX).is_some() {
+        out.push('…');
     }
+    out
+}
+
+/// Not a control character, not a private-use, unassigned-plane or
+/// formatting code point that would print as nothing or as a box.
+fn is_printable(c: char) -> bool {
+    !c.is_control()
+        && !matches!(c,
+            '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}' | '\u{E000}'..='\u{F8FF}' | '\u{40000}'..)
 }
 
 impl fmt::Display for Kind {
@@ -801,22 +904,22 @@ mod tests {
     fn bad_inputs_are_rejected_with_the_parameter_named() {
         let long = format!("hashtag_name={}", "a".repeat(101));
         let cases: [(&str, &str); 10] = [
-            ("", "`hashtag_name` is required"),
-            ("hashtag_name=", "`hashtag_name` is required"),
-            ("hashtag_name=%23", "`hashtag_name` must be"),
-            ("hashtag_name=a-b", "`hashtag_name` must be"),
-            ("hashtag_name=%23%23ab", "`hashtag_name` must be"),
-            (&long, "`hashtag_name` must be"),
+            ("", "\"hashtag_name\" is required"),
+            ("hashtag_name=", "\"hashtag_name\" is empty"),
+            ("hashtag_name=%23", "\"hashtag_name\" must be"),
+            ("hashtag_name=a-b", "\"hashtag_name\" must be"),
+            ("hashtag_name=%23%23ab", "\"hashtag_name\" must be"),
+            (&long, "\"hashtag_name\" must be"),
             (
                 "hashtag_name=a&hashtag_name=b",
-                "`hashtag_name` is given more than once",
+                "\"hashtag_name\" is given more than once",
             ),
             (
                 "hashtag_name=a&period=8",
-                "`period` must be one of 7, 30, 120, 365, 1095",
+                "\"period\" must be one of 7, 30, 120, 365, 1095",
             ),
-            ("hashtag_name=a&region=USA", "`region` must be"),
-            ("hashtag_name=a&region=u1", "`region` must be"),
+            ("hashtag_name=a&region=USA", "\"region\" must be"),
+            ("hashtag_name=a&region=u1", "\"region\" must be"),
         ];
         for (q, expected) in cases {
             match key(q) {

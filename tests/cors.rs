@@ -1,5 +1,6 @@
 //! CORS for browser frontends: allowed origins get the headers and can read
-//! the cache headers; refused origins get none; preflight costs nothing.
+//! the cache headers; refused origins are turned away before they can spend;
+//! preflight costs nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -85,12 +86,34 @@ async fn actual_requests_expose_the_cache_headers_to_allowed_origins_only() {
     for name in ["cache-status", "age", "x-request-id"] {
         assert!(exposed.contains(name), "{name} not in {exposed}");
     }
-    let refused = app
-        .get_hashtag_with("hashtag_name=ufc324", &[("Origin", REFUSED)])
+    assert_eq!(app.upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_origin_is_turned_away_before_it_can_spend() {
+    let app = app().await;
+    // A cold key: without the check this simple GET would reach KeyAPI.
+    for origin in [REFUSED, "null", "https://app.example.com.evil.net"] {
+        let (status, headers, body) = common::parts(
+            app.get_hashtag_with("hashtag_name=ufc324", &[("Origin", origin)])
+                .await,
+        )
         .await;
-    // The answer itself is the same (CORS is enforced by the browser), without CORS headers.
-    assert_eq!(refused.status(), 200);
-    assert_eq!(header(refused.headers(), "access-control-allow-origin"), "");
+        assert_eq!(status, 403, "{origin}");
+        assert_eq!(header(&headers, "access-control-allow-origin"), "");
+        assert_eq!(header(&headers, "cache-control"), "no-store");
+        let message = common::assert_envelope(&body, 403, header(&headers, "x-request-id"));
+        assert!(message.contains("origin"), "{message}");
+    }
+    assert_eq!(app.upstream.calls(), 0);
+    let metrics = app.metrics().await;
+    assert_eq!(
+        common::metric(&metrics, "keyapi_proxy_credits_spent_total"),
+        0.0
+    );
+
+    // No Origin (a server, a same-origin page): unaffected.
+    assert_eq!(app.get_hashtag("hashtag_name=ufc324").await.status(), 200);
     assert_eq!(app.upstream.calls(), 1);
 }
 

@@ -1,18 +1,159 @@
 //! HTTP niceties on cached answers, all precomputed at store time: a strong
-//! `ETag` with `If-None-Match` → 304, and the gzip form of the stored body.
+//! `ETag` per representation with `If-None-Match` → 304, the gzip form of the
+//! stored body, and freshness headers that downstream caches count right.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::io::Read;
+use std::{
+    io::Read,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
+use axum::http::StatusCode;
+use bytes::Bytes;
 use common::{header, spawn_app};
 use flate2::read::GzDecoder;
+use keyapi_proxy::cache::Entry;
 
 const Q: &str = "hashtag_name=ufc324";
+const GZIP: (&str, &str) = ("Accept-Encoding", "gzip");
+
+/// Puts an answer stored `age` ago into the app's memory tier, as a Redis
+/// fill or a snapshot load would, so `Age` is known without waiting.
+async fn store_aged(app: &common::TestApp, query: &str, age: Duration) {
+    let config = common::test_config();
+    let table = config.route_table().unwrap();
+    let key = table.routes()[0].parse(Some(query)).unwrap();
+    let body = Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "code": 0, "message": "success", "data": {"info": {"hashtag_name": "x".repeat(400)}}
+        }))
+        .unwrap(),
+    );
+    let cache = &config.cache;
+    let windows = [
+        cache.ttl,
+        cache.stale_while_revalidate,
+        cache.stale_if_error,
+    ];
+    let entry = Entry::restore(
+        body,
+        StatusCode::OK,
+        false,
+        SystemTime::now() - age,
+        windows,
+    );
+    app.state.proxy().cache().insert(key, Arc::new(entry)).await;
+}
+
+/// `(max-age, Age, Cache-Status ttl)` of a response.
+fn freshness(headers: &reqwest::header::HeaderMap) -> (i64, i64, i64) {
+    let directive = |name: &str| -> i64 {
+        header(headers, "cache-control")
+            .split(", ")
+            .find_map(|d| d.strip_prefix(name)?.strip_prefix('='))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let ttl = header(headers, "cache-status")
+        .split("; ")
+        .find_map(|p| p.strip_prefix("ttl="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (
+        directive("max-age"),
+        header(headers, "age").parse().unwrap(),
+        ttl,
+    )
+}
 
 #[tokio::test]
-async fn cached_answers_carry_one_strong_etag() {
+async fn max_age_is_the_whole_lifetime_and_age_counts_down_once() {
+    let app = spawn_app().await;
+    let stored = app.get_hashtag(Q).await;
+    assert_eq!(
+        header(stored.headers(), "cache-control"),
+        "max-age=3600, stale-while-revalidate=600, stale-if-error=86400"
+    );
+    assert_eq!(header(stored.headers(), "age"), "0");
+
+    store_aged(&app, "hashtag_name=aged", Duration::from_secs(1000)).await;
+    let hit = app.get_hashtag("hashtag_name=aged").await;
+    assert!(header(hit.headers(), "cache-status").contains("; hit;"));
+    let (max_age, age, ttl) = freshness(hit.headers());
+    assert_eq!(max_age, 3600, "max-age is the lifetime, not what is left");
+    assert!((1000..=1001).contains(&age), "Age {age}");
+    assert!(
+        (max_age - age - ttl).abs() <= 1,
+        "{max_age} - {age} vs ttl={ttl}"
+    );
+
+    // Past its lifetime, within stale-while-revalidate: Age > max-age says stale.
+    store_aged(&app, "hashtag_name=old", Duration::from_secs(3700)).await;
+    let stale = app.get_hashtag("hashtag_name=old").await;
+    let status = header(stale.headers(), "cache-status").to_owned();
+    assert!(status.contains("detail=stale-while-revalidate"), "{status}");
+    let (max_age, age, ttl) = freshness(stale.headers());
+    assert!(
+        (max_age - age - ttl).abs() <= 1,
+        "{max_age} - {age} vs ttl={ttl}"
+    );
+    assert!(!header(stale.headers(), "cache-control").contains("public"));
+    app.state.proxy().idle().await;
+    assert_eq!(app.upstream.calls(), 2, "one store, one background refresh");
+}
+
+#[tokio::test]
+async fn a_stale_window_of_zero_is_not_advertised() {
+    let app = common::spawn_app_with(|c| common::plain_ttl(c, Duration::from_secs(60))).await;
+    let stored = app.get_hashtag(Q).await;
+    assert_eq!(header(stored.headers(), "cache-control"), "max-age=60");
+}
+
+#[tokio::test]
+async fn each_representation_has_its_own_strong_etag() {
+    let app = spawn_app().await;
+    let plain = app.get_hashtag(Q).await;
+    let identity = header(plain.headers(), "etag").to_owned();
+    let zipped = app.get_hashtag_with(Q, &[GZIP]).await;
+    let gzip = header(zipped.headers(), "etag").to_owned();
+    assert_eq!(header(zipped.headers(), "content-encoding"), "gzip");
+    assert_eq!(
+        gzip,
+        format!("{}-gzip\"", identity.trim_end_matches('"')),
+        "{identity} / {gzip}"
+    );
+
+    // Each tag gets a 304 naming the representation it names, whatever is accepted.
+    for (tag, accept) in [
+        (&gzip, Some(GZIP)),
+        (&gzip, None),
+        (&identity, Some(GZIP)),
+        (&identity, None),
+    ] {
+        let mut headers = vec![("If-None-Match", tag.as_str())];
+        headers.extend(accept);
+        let response = app.get_hashtag_with(Q, &headers).await;
+        assert_eq!(response.status(), 304, "{tag} with {accept:?}");
+        assert_eq!(header(response.headers(), "etag"), tag);
+        assert_eq!(header(response.headers(), "content-encoding"), "");
+        assert!(response.bytes().await.unwrap().is_empty());
+    }
+    // `*` names whatever would have been sent.
+    let star = app
+        .get_hashtag_with(Q, &[("If-None-Match", "*"), GZIP])
+        .await;
+    assert_eq!(star.status(), 304);
+    assert_eq!(header(star.headers(), "etag"), gzip);
+    assert_eq!(app.upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn cached_answers_carry_a_strong_etag() {
     let app = spawn_app().await;
     let stored = app.get_hashtag(Q).await;
     let etag = header(stored.headers(), "etag").to_owned();

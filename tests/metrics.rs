@@ -159,3 +159,56 @@ async fn labels_never_carry_hashtags() {
     let text = app.metrics().await;
     assert!(!text.contains("secretcampaign42"), "{text}");
 }
+
+/// `GET /metrics` with `Accept: <accept>`: (content type, body).
+async fn scrape(app: &common::TestApp, accept: Option<&str>) -> (String, String) {
+    let mut request = app.client.get(app.url("/metrics"));
+    if let Some(accept) = accept {
+        request = request.header("Accept", accept);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(response.headers(), "cache-control"), "no-store");
+    let content_type = header(response.headers(), "content-type").to_owned();
+    (content_type, response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn metrics_speak_prometheus_text_unless_openmetrics_is_preferred() {
+    let app = spawn_app().await;
+    app.get_hashtag("hashtag_name=ufc324").await;
+    const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+    const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    // What Prometheus sends: OpenMetrics first, text as a fallback.
+    const PROMETHEUS: &str = "application/openmetrics-text;version=1.0.0;q=0.5,\
+        application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+    for (accept, expected) in [
+        (None, TEXT),
+        (Some("*/*"), TEXT),
+        (Some("text/plain;version=0.0.4"), TEXT),
+        (Some("text/plain, application/openmetrics-text"), TEXT),
+        (Some("application/openmetrics-text;q=0"), TEXT),
+        (Some("application/openmetrics-text"), OPENMETRICS),
+        (Some(PROMETHEUS), OPENMETRICS),
+    ] {
+        let (content_type, body) = scrape(&app, accept).await;
+        assert_eq!(content_type, expected, "Accept: {accept:?}");
+        assert_eq!(body.ends_with("# EOF\n"), expected == OPENMETRICS);
+    }
+
+    // In 0.0.4 every HELP and TYPE names the family's samples (`_total` for
+    // counters), which is what `promtool check metrics` looks for.
+    let (_, text) = scrape(&app, None).await;
+    for line in text.lines().filter(|l| l.starts_with("# HELP ")) {
+        let name = line.split(' ').nth(2).unwrap();
+        let typed = format!("# TYPE {name} ");
+        let kind = text.lines().find_map(|l| l.strip_prefix(&typed)).unwrap();
+        assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+        if kind == "counter" {
+            assert!(name.ends_with("_total"), "{line}");
+        }
+    }
+    assert!(text.contains(
+        "# TYPE keyapi_proxy_credits_spent_total counter\nkeyapi_proxy_credits_spent_total 2\n"
+    ));
+}

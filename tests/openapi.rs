@@ -1,14 +1,22 @@
 //! `/openapi.json` is OpenAPI 3.1, documents every route the router serves,
 //! and names exactly the parameters the route parses, with the configured
-//! periods as the enum.
+//! periods as the enum and a `hashtag_name` schema that accepts exactly what
+//! the parser accepts (a property test over generated names).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::LazyLock};
 
 use common::{spawn_app, spawn_app_with};
-use keyapi_proxy::{route::HASHTAG_DETAIL_PATH, routes::OPERATIONAL_PATHS};
+use keyapi_proxy::{
+    config::Config,
+    openapi,
+    route::{self, HASHTAG_DETAIL_PATH, RouteTable},
+    routes::OPERATIONAL_PATHS,
+};
+use proptest::prelude::*;
+use regex::{Regex, RegexBuilder};
 use serde_json::Value;
 
 async fn document(app: &common::TestApp) -> Value {
@@ -63,11 +71,26 @@ async fn document_is_openapi_3_1_and_covers_every_route() {
         let ops = doc["paths"][path].as_object().unwrap();
         assert!(!ops.is_empty(), "{path}");
         for (method, op) in ops {
+            let responses = &op["responses"];
             assert!(
-                op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                responses.as_object().is_some_and(|r| !r.is_empty()),
                 "{method} {path}"
             );
+            // Every path refuses other methods and foreign origins in the envelope.
+            for status in ["403", "405"] {
+                assert!(responses[status].is_object(), "{status} of {method} {path}");
+            }
+            if !matches!(path, HASHTAG_DETAIL_PATH | "/openapi.json") {
+                assert!(
+                    responses["200"]["headers"]["Cache-Control"].is_object(),
+                    "no-store of {method} {path}"
+                );
+            }
         }
+        assert!(
+            ops.contains_key("head") || ops.contains_key("delete"),
+            "{path}"
+        );
     }
     assert_eq!(app.upstream.calls(), 0);
 }
@@ -106,9 +129,27 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
     );
     assert_eq!(param("period")["schema"]["default"], "30");
     assert_eq!(param("region")["schema"]["default"], "all_regions");
-    for status in ["200", "304", "400", "401", "429", "502", "504"] {
+    for status in [
+        "200", "304", "400", "401", "403", "404", "405", "422", "429", "500", "502", "503", "504",
+    ] {
         assert!(get["responses"][status].is_object(), "response {status}");
     }
+    let head = &doc["paths"][HASHTAG_DETAIL_PATH]["head"];
+    assert_eq!(param_names(head), expected);
+    assert!(
+        head["responses"]["200"]["content"].is_null(),
+        "HEAD has no body"
+    );
+    assert!(head["responses"]["200"]["headers"]["ETag"].is_object());
+    let not_modified = get["responses"]["304"]["headers"].as_object().unwrap();
+    for name in ["ETag", "Cache-Status", "Age", "Cache-Control", "Vary"] {
+        assert!(not_modified.contains_key(name), "304 header {name}");
+    }
+    assert_eq!(
+        param("hashtag_name")["schema"]["pattern"],
+        route::hashtag_pattern()
+    );
+    assert!(param("hashtag_name")["schema"]["maxLength"].is_null());
     let headers = get["responses"]["200"]["headers"].as_object().unwrap();
     for name in ["Cache-Status", "Age", "ETag", "X-Request-Id"] {
         assert!(headers.contains_key(name), "{name}");
@@ -119,4 +160,123 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
     }
     let schemes = doc["components"]["securitySchemes"].as_object().unwrap();
     assert!(schemes.contains_key("bearer") && schemes.contains_key("apiKey"));
+}
+
+/// The schema of the proxied route's `name` parameter as a check on a raw
+/// value: its `pattern` (and `minLength`, when given).
+struct Schema {
+    pattern: Regex,
+    min_length: usize,
+}
+
+impl Schema {
+    fn of(name: &str) -> Self {
+        let doc: serde_json::Value = serde_json::from_slice(&openapi::document(table())).unwrap();
+        let param = doc["paths"][HASHTAG_DETAIL_PATH]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()
+            .clone();
+        let pattern = RegexBuilder::new(param["schema"]["pattern"].as_str().unwrap())
+            .size_limit(1 << 28)
+            .build()
+            .unwrap();
+        let min_length = param["schema"]["minLength"].as_u64().unwrap_or(0);
+        Self {
+            pattern,
+            min_length: usize::try_from(min_length).unwrap(),
+        }
+    }
+
+    fn accepts(&self, value: &str) -> bool {
+        value.chars().count() >= self.min_length && self.pattern.is_match(value)
+    }
+}
+
+fn table() -> &'static RouteTable {
+    static TABLE: LazyLock<RouteTable> =
+        LazyLock::new(|| Config::defaults().unwrap().route_table().unwrap());
+    &TABLE
+}
+
+/// The parser takes `query` followed by `name=<value>`, percent-encoded.
+fn parser_accepts(query: &str, name: &str, value: &str) -> bool {
+    let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+    table().routes()[0]
+        .parse(Some(&format!("{query}{name}={encoded}")))
+        .is_ok()
+}
+
+/// Characters near every edge of the rules: letters and digits of several
+/// scripts, combining marks, whitespace the parser trims and some it does
+/// not, `#`, punctuation, emoji, anything.
+fn edge_char() -> impl Strategy<Value = char> {
+    prop_oneof![
+        4 => prop::char::range('a', 'z'),
+        2 => prop::sample::select(vec![
+            '_', '#', '0', '9', 'É', 'ß', 'İ', 'ſ', 'K', 'ж', '字', '٣', '²', 'Ⅻ', '\u{0301}',
+            '\u{0903}', '\u{05D0}', '\u{1F600}', '\u{20000}',
+        ]),
+        2 => prop::sample::select(vec![
+            ' ', '\t', '\n', '\u{85}', '\u{A0}', '\u{3000}', '\u{2028}', '\u{FEFF}', '\u{200B}',
+            '-', '.', '%', '+', '&', '=', '"', '\\', '\u{0}', '\u{D2402}',
+        ]),
+        1 => any::<char>(),
+    ]
+}
+
+fn names() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::collection::vec(edge_char(), 0..12).prop_map(String::from_iter),
+        // Around the length limit, with optional `#` and whitespace.
+        (
+            prop::sample::select(vec!["", " ", "#", " #", "##", "\u{3000}"]),
+            prop::collection::vec(prop::char::range('a', 'z'), 95..=105),
+            prop::sample::select(vec!["", " ", "\t", "_", "-"]),
+        )
+            .prop_map(|(pre, body, post)| format!("{pre}{}{post}", String::from_iter(body))),
+        prop::collection::vec(edge_char(), 90..110).prop_map(String::from_iter),
+    ]
+}
+
+fn regions() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::collection::vec(edge_char(), 0..4).prop_map(String::from_iter),
+        // Mixed-case `all_regions`, `us`, with a character dropped, doubled or padded.
+        (
+            prop::sample::select(vec![
+                "all_regions",
+                "ALL_Regions",
+                "us",
+                "Fr",
+                "all-regions"
+            ]),
+            prop::sample::select(vec!["", " ", "\u{3000}", "x", "_"]),
+            any::<bool>(),
+        )
+            .prop_map(|(core, pad, before)| match before {
+                true => format!("{pad}{core}"),
+                false => format!("{core}{pad}"),
+            }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    #[test]
+    fn the_documented_hashtag_schema_accepts_exactly_what_the_parser_accepts(name in names()) {
+        static SCHEMA: LazyLock<Schema> = LazyLock::new(|| Schema::of("hashtag_name"));
+        let parsed = parser_accepts("", "hashtag_name", &name);
+        prop_assert_eq!(SCHEMA.accepts(&name), parsed, "hashtag_name {:?}", name);
+    }
+
+    #[test]
+    fn the_documented_region_schema_accepts_exactly_what_the_parser_accepts(region in regions()) {
+        static SCHEMA: LazyLock<Schema> = LazyLock::new(|| Schema::of("region"));
+        let parsed = parser_accepts("hashtag_name=a&", "region", &region);
+        prop_assert_eq!(SCHEMA.accepts(&region), parsed, "region {:?}", region);
+    }
 }

@@ -118,11 +118,11 @@ async fn fifty_concurrent_cold_requests_make_one_call() {
 async fn bad_parameters_are_refused_without_a_call() {
     let app = spawn_app_with(with_list_route).await;
     for (query, hint) in [
-        ("page=0", "`page` must be an integer from 1 to 50"),
-        ("page=51", "`page` must be an integer from 1 to 50"),
-        ("page=two", "`page` must be an integer from 1 to 50"),
-        ("page=1&page=2", "`page` is given more than once"),
-        ("period=8", "`period` must be one of"),
+        ("page=0", "\"page\" must be an integer from 1 to 50"),
+        ("page=51", "\"page\" must be an integer from 1 to 50"),
+        ("page=two", "\"page\" must be an integer from 1 to 50"),
+        ("page=1&page=2", "\"page\" is given more than once"),
+        ("period=8", "\"period\" must be one of"),
     ] {
         let (status, headers, body) = get(&app, &format!("{LIST}?{query}")).await;
         assert_eq!(status, 400, "{query}");
@@ -210,9 +210,10 @@ async fn admin_purges_one_key_by_route() {
     assert_eq!(list(2).await.unwrap().status(), 200);
     // Two routes: the purge must say which.
     let purge = as_admin(reqwest::Method::DELETE, "/admin/cache?page=2".into());
-    let (status, _, body) = parts(purge.await.unwrap()).await;
+    let (status, headers, body) = parts(purge.await.unwrap()).await;
     assert_eq!(status, 400);
-    assert!(body.contains("`route` is required"), "{body}");
+    let message = assert_envelope(&body, 400, header(&headers, "x-request-id"));
+    assert!(message.contains("\"route\" is required"), "{message}");
     let purge = as_admin(
         reqwest::Method::DELETE,
         format!("/admin/cache?route={LIST}&page=02"),

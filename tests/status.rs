@@ -130,11 +130,17 @@ async fn the_status_page_is_self_contained() {
     }
     let (headers, html) = page(&app).await;
     assert_eq!(header(&headers, "content-type"), "text/html; charset=utf-8");
-    assert!(header(&headers, "content-security-policy").starts_with("default-src 'none'"));
-    assert!(html.starts_with("<!doctype html>"));
+    let policy = header(&headers, "content-security-policy");
     assert!(
-        html.contains("<svg") && html.contains("<polyline"),
-        "inline chart"
+        policy.starts_with("default-src 'none'; style-src 'sha256-"),
+        "{policy}"
+    );
+    assert!(!policy.contains("unsafe-inline"), "{policy}");
+    assert!(html.starts_with("<!doctype html>"));
+    assert_eq!(
+        html.matches("<svg").count(),
+        2,
+        "requests and credits, each on its own scale"
     );
     assert!(html.contains("66.7 %"), "hit ratio");
     assert!(html.contains("ufc324"), "top keys");
@@ -165,4 +171,78 @@ async fn hashtags_are_escaped_on_the_page() {
     app.get_hashtag("hashtag_name=%C3%A9t%C3%A9").await;
     let (_, html) = page(&app).await;
     assert!(html.contains("été"));
+}
+
+#[tokio::test]
+async fn operational_answers_are_never_stored_downstream() {
+    let app = spawn_app_with(|c| {
+        c.clients = vec![client("ops", "tok-ops")];
+        c.clients[0].purge = true;
+    })
+    .await;
+    for (path, token) in [
+        ("/", None),
+        ("/stats", None),
+        ("/metrics", None),
+        ("/healthz", None),
+        ("/readyz", None),
+        ("/admin/cache", Some("tok-ops")),
+        ("/admin/cache", None),
+    ] {
+        let mut request = app.client.get(app.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let expected = if token.is_some() || !path.starts_with("/admin") {
+            200
+        } else {
+            401
+        };
+        assert_eq!(response.status(), expected, "{path}");
+        assert_eq!(
+            header(response.headers(), "cache-control"),
+            "no-store",
+            "{path} ({})",
+            response.status()
+        );
+    }
+    assert_eq!(app.upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn the_page_shows_rejections_the_circuit_and_long_names_whole_in_a_tooltip() {
+    let app = spawn_app().await;
+    let long = "x".repeat(100);
+    app.get_hashtag(&format!("hashtag_name={long}")).await;
+    for _ in 0..3 {
+        assert_eq!(app.get_hashtag("hashtag_name=a-b").await.status(), 400);
+    }
+    assert_eq!(app.get_hashtag("period=7").await.status(), 400);
+    let s = stats(&app).await;
+    assert_eq!(s["rejected"], 4);
+    assert_eq!(s["upstream"]["circuit"], "closed");
+
+    let (_, html) = page(&app).await;
+    assert!(
+        html.contains("rejected<b class=\"rejected\">4</b>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("circuit <span class=\"closed\">closed</span>"),
+        "{html}"
+    );
+    // Cut on screen by CSS, whole in the tooltip.
+    assert!(
+        html.contains(&format!(
+            "<span class=\"name\" title=\"hashtag_name={long} period=7 region=all_regions\">"
+        )),
+        "{html}"
+    );
+    assert!(
+        html.contains(".name{display:block;max-width:") && html.contains("text-overflow:ellipsis")
+    );
+    // Credits get their own chart and their own peak.
+    assert!(html.contains("requests per minute · peak 1"), "{html}");
+    assert!(html.contains("credits spent per minute · peak 2"), "{html}");
 }

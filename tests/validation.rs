@@ -4,16 +4,18 @@
 mod common;
 
 use common::{assert_envelope, header, parts, spawn_app};
+use keyapi_proxy::{route::HASHTAG_DETAIL_PATH, routes::OPERATIONAL_PATHS};
 
 #[tokio::test]
 async fn every_bad_input_class_is_a_400_without_upstream_call() {
     let app = spawn_app().await;
     let long = format!("hashtag_name={}", "a".repeat(101));
     let cases = [
-        ("", "hashtag_name"),
-        ("period=7", "hashtag_name"),
-        ("hashtag_name=", "hashtag_name"),
-        ("hashtag_name=%20%20", "hashtag_name"),
+        ("", "is required"),
+        ("period=7", "is required"),
+        ("hashtag_name=", "is empty"),
+        ("hashtag_name=%20%20", "is empty"),
+        ("hashtag_name=a%F3%92%90%82", "\"a\u{FFFD}\""),
         ("hashtag_name=%23", "hashtag_name"),
         ("hashtag_name=a-b", "hashtag_name"),
         ("hashtag_name=a%20b", "hashtag_name"),
@@ -38,6 +40,10 @@ async fn every_bad_input_class_is_a_400_without_upstream_call() {
         assert!(
             message.contains(hint),
             "query {query:?}: message {message:?} lacks {hint:?}"
+        );
+        assert!(
+            !message.contains('`') && !message.contains("\\u{"),
+            "query {query:?}: {message:?} is not a plain sentence"
         );
     }
     assert_eq!(app.upstream.calls(), 0);
@@ -75,20 +81,29 @@ async fn insane_request_id_is_replaced() {
 }
 
 #[tokio::test]
-async fn unknown_routes_and_methods_use_the_envelope() {
+async fn unknown_routes_and_methods_use_the_envelope_everywhere() {
     let app = spawn_app().await;
     let (status, headers, body) =
         parts(app.client.get(app.url("/v1/other")).send().await.unwrap()).await;
     assert_eq!(status, 404);
+    assert_eq!(header(&headers, "cache-control"), "no-store");
     assert_envelope(&body, 404, header(&headers, "x-request-id"));
 
-    let response = app
-        .hashtag_request(reqwest::Method::POST, "hashtag_name=a")
-        .send()
-        .await
-        .unwrap();
-    let (status, headers, body) = parts(response).await;
-    assert_eq!(status, 405);
-    assert_envelope(&body, 405, header(&headers, "x-request-id"));
+    for path in OPERATIONAL_PATHS.into_iter().chain([HASHTAG_DETAIL_PATH]) {
+        for method in [reqwest::Method::POST, reqwest::Method::PUT] {
+            let response = app
+                .client
+                .request(method.clone(), app.url(path))
+                .send()
+                .await
+                .unwrap();
+            let (status, headers, body) = parts(response).await;
+            assert_eq!(status, 405, "{method} {path}");
+            assert_eq!(header(&headers, "content-type"), "application/json");
+            assert_eq!(header(&headers, "cache-control"), "no-store");
+            assert!(header(&headers, "allow").contains("GET"), "{method} {path}");
+            assert_envelope(&body, 405, header(&headers, "x-request-id"));
+        }
+    }
     assert_eq!(app.upstream.calls(), 0);
 }

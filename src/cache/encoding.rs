@@ -1,7 +1,8 @@
 //! What is precomputed from a body when it is stored, so a hit only picks
-//! bytes: its strong `ETag` and its gzip form.
+//! bytes: its strong `ETag`, its gzip form (with its own tag) and the
+//! `Cache-Control` value of its lifetime.
 
-use std::io::Write as _;
+use std::{fmt::Write as _, io::Write as _, time::Duration};
 
 use axum::http::HeaderValue;
 use bytes::Bytes;
@@ -18,6 +19,32 @@ pub(super) fn strong_etag(body: &[u8]) -> HeaderValue {
     let tag = format!("\"{}\"", digest::hex(&hash[..16]));
     // Quotes and hex digits are always a valid header value.
     HeaderValue::try_from(tag).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+/// The tag of the gzip representation: `"<tag>-gzip"` for `"<tag>"`.
+pub(super) fn gzip_etag(etag: &HeaderValue) -> HeaderValue {
+    let bytes = etag.as_bytes();
+    let inner = bytes.strip_suffix(b"\"").unwrap_or(bytes);
+    let mut tag = Vec::with_capacity(bytes.len() + 5);
+    tag.extend_from_slice(inner);
+    tag.extend_from_slice(b"-gzip\"");
+    // A valid header value plus ASCII letters is still one.
+    HeaderValue::from_bytes(&tag).unwrap_or(HeaderValue::from_static("\"0-gzip\""))
+}
+
+/// `max-age` is the whole freshness lifetime (downstream caches subtract
+/// `Age` themselves); the stale windows are advertised when they exist.
+/// No `public`: without `Authorization` it changes nothing, and with client
+/// tokens a shared cache must not hand a client's answer to anyone else.
+pub(super) fn cache_control([ttl, swr, sie]: [Duration; 3]) -> HeaderValue {
+    let mut value = format!("max-age={}", ttl.as_secs());
+    for (directive, window) in [("stale-while-revalidate", swr), ("stale-if-error", sie)] {
+        if !window.is_zero() {
+            let _ = write!(value, ", {directive}={}", window.as_secs());
+        }
+    }
+    // Digits, letters, `-`, `=`, `,` and spaces only.
+    HeaderValue::try_from(value).unwrap_or(HeaderValue::from_static("max-age=0"))
 }
 
 /// The gzip form of `body`, if it is smaller than `body`.

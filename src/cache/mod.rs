@@ -104,6 +104,12 @@ pub struct Entry {
     pub etag: HeaderValue,
     /// `body` gzip-compressed, when that is smaller.
     pub gzip: Option<Bytes>,
+    /// Strong `ETag` of the gzip form: a different representation needs a
+    /// different strong tag (RFC 9110 §8.8.3), so `etag` with a `-gzip` suffix.
+    pub gzip_etag: Option<HeaderValue>,
+    /// `Cache-Control` of every answer from this entry: its whole freshness
+    /// lifetime and stale windows never change, so the value is built once.
+    pub cache_control: HeaderValue,
     /// Wall-clock time of storage; wall clock (not `Instant`) so `Age` stays
     /// meaningful if entries are ever shared between processes.
     pub stored_at: SystemTime,
@@ -158,10 +164,14 @@ impl Entry {
         stored_at: SystemTime,
         [ttl, stale_while_revalidate, stale_if_error]: [Duration; 3],
     ) -> Self {
+        let gzip_etag = gzip.as_ref().map(|_| encoding::gzip_etag(&etag));
+        let cache_control = encoding::cache_control([ttl, stale_while_revalidate, stale_if_error]);
         Self {
             body,
             etag,
             gzip,
+            gzip_etag,
+            cache_control,
             status,
             negative,
             stored_at,

@@ -79,7 +79,7 @@ pub struct LockToken(String);
 #[derive(Debug)]
 pub enum Claim {
     /// Another replica stored a usable entry.
-    Filled(Entry),
+    Filled(Box<Entry>),
     /// We hold the lock: fetch, store, then [`RedisTier::unlock`].
     Locked(LockToken),
     /// Redis is unavailable or the wait timed out: fetch without a lock.
@@ -342,7 +342,7 @@ impl RedisTier {
                     let token = LockToken(token);
                     if let Some(entry) = self.get(key).await.filter(|e| usable(e)) {
                         self.unlock(key, token).await;
-                        return Claim::Filled(entry);
+                        return Claim::Filled(Box::new(entry));
                     }
                     return Claim::Locked(token);
                 }
@@ -354,7 +354,7 @@ impl RedisTier {
             }
             tokio::time::sleep(POLL).await;
             if let Some(entry) = self.get(key).await.filter(|e| usable(e)) {
-                return Claim::Filled(entry);
+                return Claim::Filled(Box::new(entry));
             }
         }
     }

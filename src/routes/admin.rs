@@ -8,7 +8,8 @@
 //! - `DELETE /admin/cache?route=<path>&<the route's parameters>` purges one
 //!   key, normalized exactly like the route's own query; `route` may be left
 //!   out when only one route is configured.
-//! - `DELETE /admin/cache` (no query) purges everything.
+//! - `DELETE /admin/cache` (no query, or neither `route` nor any route's
+//!   parameter) purges everything.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -132,7 +133,19 @@ pub(super) async fn purge(
         Err(e) => return ApiError::from(e).to_response(&request_id),
     };
     let proxy = state.proxy();
-    let purged = match query.as_deref().filter(|q| !q.is_empty()) {
+    // Unknown parameters are ignored, as on the routes: a query names a key
+    // only when it has `route` or one of a route's parameters.
+    let names_a_key = |q: &&str| {
+        form_urlencoded::parse(q.as_bytes()).any(|(name, _)| {
+            name == ROUTE_PARAM
+                || state
+                    .routes()
+                    .routes()
+                    .iter()
+                    .any(|r| r.params().iter().any(|p| p.name() == name))
+        })
+    };
+    let purged = match query.as_deref().filter(names_a_key) {
         None => Purged {
             purged: proxy.purge_all().await,
             key: None,

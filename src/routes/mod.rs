@@ -13,11 +13,14 @@ use std::sync::Arc;
 use axum::{
     Extension, Router,
     extract::{Request, State},
+    middleware::map_response,
     response::Response,
     routing::get,
 };
 
-use crate::{error::ApiError, observe::RequestId, route::RouteTable, state::AppState};
+use crate::{
+    cache_status, error::ApiError, observe::RequestId, route::RouteTable, state::AppState,
+};
 
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
@@ -49,6 +52,16 @@ pub fn paths(table: &RouteTable) -> Arc<[&'static str]> {
 
 /// All routes. Layers (request ids, panics) are added by [`crate::app`].
 pub fn router(state: AppState) -> Router {
+    // Operational answers describe this moment of this process: no cache
+    // (browser, CDN) may keep them.
+    let operational = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route(METRICS_PATH, get(metrics::metrics))
+        .route(STATS_PATH, get(status::stats))
+        .route(STATUS_PAGE_PATH, get(status::status_page))
+        .route(ADMIN_CACHE_PATH, get(admin::list).delete(admin::purge))
+        .layer(map_response(no_store));
     let mut router = Router::new();
     for route in state.routes().routes() {
         let path = route.path();
@@ -56,23 +69,19 @@ pub fn router(state: AppState) -> Router {
         let handler = move |state: State<AppState>, id: Extension<RequestId>, request: Request| {
             proxied::answer(Arc::clone(&route), state, id, request)
         };
-        router = router.route(path, get(handler).fallback(method_not_allowed));
+        router = router.route(path, get(handler));
     }
     router
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route(METRICS_PATH, get(metrics::metrics))
         .route(OPENAPI_PATH, get(openapi::openapi_json))
-        .route(STATS_PATH, get(status::stats))
-        .route(STATUS_PAGE_PATH, get(status::status_page))
-        .route(
-            ADMIN_CACHE_PATH,
-            get(admin::list)
-                .delete(admin::purge)
-                .fallback(method_not_allowed),
-        )
+        .merge(operational)
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state)
+}
+
+async fn no_store(mut response: Response) -> Response {
+    cache_status::set_no_store(response.headers_mut());
+    response
 }
 
 async fn not_found(Extension(id): Extension<RequestId>) -> Response {

@@ -2,9 +2,10 @@
 //! hit ratio, credits spent vs saved, top keys, upstream health, per-client
 //! spending and a chart of the last hour drawn as inline SVG. The page loads
 //! nothing from anywhere (no script, no stylesheet, no font, no image), and
-//! says so in its `Content-Security-Policy`.
+//! says so in its `Content-Security-Policy`, which admits only its own inline
+//! stylesheet, by hash.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::SystemTime};
+use std::{collections::BTreeMap, fmt::Write as _, sync::LazyLock, time::SystemTime};
 
 use axum::{
     Json,
@@ -12,10 +13,11 @@ use axum::{
     http::{HeaderValue, header::CONTENT_SECURITY_POLICY, header::CONTENT_TYPE},
     response::{IntoResponse, Response},
 };
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use serde::Serialize;
 
 use crate::{
-    clock,
+    clock, digest,
     ledger::{Budget, Ledger},
     metrics::Totals,
     route::Route,
@@ -206,39 +208,63 @@ pub(super) async fn status_page(State(state): State<AppState>) -> Response {
         CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    headers.insert(
-        CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
-    );
+    headers.insert(CONTENT_SECURITY_POLICY, content_security_policy());
     response
 }
 
-const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:960px}\
-h1{font-size:1.4em}table{border-collapse:collapse;margin:.5em 0 1.5em}\
-td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}\
-.cards{display:flex;flex-wrap:wrap;gap:1em;margin-bottom:1.5em}\
-.card{border:1px solid #ddd;border-radius:6px;padding:.6em 1em;min-width:9em}\
-.card b{display:block;font-size:1.5em}.ok{color:#18794e}.failing{color:#c62828}\
-.legend span{margin-right:1.5em}";
+/// Nothing may load, and only our own stylesheet (by its hash, not any
+/// inline style) may apply.
+fn content_security_policy() -> HeaderValue {
+    static POLICY: LazyLock<HeaderValue> = LazyLock::new(|| {
+        let hash = BASE64.encode(digest::sha256(STYLE.as_bytes()));
+        let policy = format!("default-src 'none'; style-src 'sha256-{hash}'");
+        // Base64 and ASCII punctuation only.
+        HeaderValue::try_from(policy).unwrap_or(HeaderValue::from_static("default-src 'none'"))
+    });
+    POLICY.clone()
+}
+
+/// Cards sit in an even grid: 2 columns on a phone, 3 on a tablet, 6 on a
+/// desktop (six cards fill each). Wide tables scroll inside their own box and
+/// long names are cut with an ellipsis (the full name is the tooltip), so
+/// the page never scrolls sideways.
+const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1em auto;padding:0 1em;color:#222;max-width:1200px}\
+h1{font-size:1.4em}h2{font-size:1.15em;margin:1.2em 0 .4em}\
+.scroll{overflow-x:auto}table{border-collapse:collapse;margin:.5em 0 1em}\
+td,th{padding:.2em .6em;border-bottom:1px solid #ddd;text-align:left;white-space:nowrap}\
+td.num,th.num{text-align:right}\
+.name{display:block;max-width:min(32em,45vw);overflow:hidden;text-overflow:ellipsis}\
+small{color:#666}@media(max-width:480px){td,th{padding:.2em .35em}}\
+.cards{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:.8em;margin-bottom:1em}\
+@media(min-width:640px){.cards{grid-template-columns:repeat(3,minmax(0,1fr))}}\
+@media(min-width:1100px){.cards{grid-template-columns:repeat(6,minmax(0,1fr))}}\
+.card{border:1px solid #ddd;border-radius:6px;padding:.5em .8em;overflow-wrap:anywhere}\
+.card b{display:block;font-size:1.5em}.ok,.closed{color:#18794e}\
+.failing,.open{color:#c62828}.half_open,.rejected{color:#b26a00}\
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,420px),1fr));gap:1em}\
+svg{width:100%;height:auto;display:block}figure{margin:0}\
+figcaption{font-size:.9em;color:#555}";
 
 fn render(stats: &Stats) -> String {
     let mut html = String::with_capacity(16 * 1024);
     let t = &stats.totals;
+    let u = &stats.upstream;
     let ratio = stats
         .hit_ratio
         .map_or("–".to_owned(), |r| format!("{:.1} %", r * 100.0));
     let _ = write!(
         html,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <meta http-equiv=\"refresh\" content=\"30\"><title>keyapi-proxy status</title>\
          <style>{STYLE}</style></head><body><h1>keyapi-proxy</h1>\
          <div class=\"cards\">\
-         <div class=\"card\">uptime<b>{uptime}</b></div>\
+         <div class=\"card\">uptime<b>{uptime}</b>since start</div>\
          <div class=\"card\">hit ratio<b>{ratio}</b>{hits} hits / {misses} misses</div>\
-         <div class=\"card\">credits spent<b>{spent}</b>on {calls} upstream calls this hour</div>\
-         <div class=\"card\">credits saved<b>{saved}</b>{collapsed} collapsed waiters</div>\
-         <div class=\"card\">cache<b>{entries}</b>entries, {bytes} bytes</div>\
-         <div class=\"card\">upstream<b class=\"{health}\">{health}</b>{in_flight} in flight</div>\
+         <div class=\"card\">credits spent<b>{spent}</b>{saved} saved, {calls} calls this hour</div>\
+         <div class=\"card\">rejected<b class=\"{rejected_class}\">{rejected}</b>refused before the cache, no credits</div>\
+         <div class=\"card\">cache<b>{entries}</b>entries, {bytes}</div>\
+         <div class=\"card\">upstream<b class=\"{health}\">{health}</b>circuit <span class=\"{circuit}\">{circuit_text}</span>, {in_flight} in flight</div>\
          </div>",
         uptime = duration_text(stats.uptime_secs),
         hits = t.hits,
@@ -246,29 +272,47 @@ fn render(stats: &Stats) -> String {
         spent = t.credits_spent,
         calls = stats.upstream.calls_last_hour,
         saved = t.credits_saved,
-        collapsed = t.collapsed,
+        rejected = t.rejected,
+        rejected_class = if t.rejected > 0 { "rejected" } else { "" },
         entries = stats.cache_entries,
-        bytes = stats.cache_bytes,
-        health = stats.upstream.status,
-        in_flight = stats.upstream.in_flight,
+        bytes = bytes_text(stats.cache_bytes),
+        health = u.status,
+        circuit = u.circuit,
+        circuit_text = u.circuit.replace('_', "-"),
+        in_flight = u.in_flight,
     );
-    html.push_str("<h2>Last hour</h2>");
-    chart(&mut html, &stats.last_hour);
+    html.push_str("<h2>Last hour</h2><div class=\"charts\">");
+    chart(
+        &mut html,
+        &stats.last_hour,
+        |m| m.requests,
+        ("requests", "#4a7fd6"),
+    );
+    chart(
+        &mut html,
+        &stats.last_hour,
+        |m| m.credits_spent,
+        ("credits spent", "#e8710a"),
+    );
+    html.push_str("</div>");
 
-    let u = &stats.upstream;
     let _ = write!(
         html,
-        "<h2>Upstream</h2><table><tr><th>status</th><td>{}</td></tr>\
-         <tr><th>calls in the last hour</th><td>{}</td></tr>\
-         <tr><th>consecutive failures</th><td>{}</td></tr>\
-         <tr><th>last success</th><td>{}</td></tr>\
-         <tr><th>last error</th><td>{}</td></tr></table>",
-        u.status,
-        u.calls_last_hour,
-        u.consecutive_failures,
-        u.last_success_secs_ago
+        "<h2>Upstream</h2><div class=\"scroll\"><table><tr><th>status</th><td class=\"{status}\">{status}</td></tr>\
+         <tr><th>circuit breaker</th><td class=\"{circuit}\">{circuit_text}</td></tr>\
+         <tr><th>calls in the last hour</th><td>{calls}</td></tr>\
+         <tr><th>consecutive failures</th><td>{failures}</td></tr>\
+         <tr><th>last success</th><td>{success}</td></tr>\
+         <tr><th>last error</th><td>{error}</td></tr></table></div>",
+        status = u.status,
+        circuit = u.circuit,
+        circuit_text = u.circuit.replace('_', "-"),
+        calls = u.calls_last_hour,
+        failures = u.consecutive_failures,
+        success = u
+            .last_success_secs_ago
             .map_or("never".into(), |s| format!("{} ago", duration_text(s))),
-        match (u.last_error, u.last_error_secs_ago) {
+        error = match (u.last_error, u.last_error_secs_ago) {
             (Some(kind), Some(s)) => format!("{} ({} ago)", escape(kind), duration_text(s)),
             _ => "none".into(),
         },
@@ -281,92 +325,97 @@ fn render(stats: &Stats) -> String {
         );
     }
 
-    html.push_str("<h2>Top keys</h2><table><tr><th>route</th><th>question</th><th>hits</th><th>bytes</th><th>age</th></tr>");
+    // The route under the question: four columns fit a phone.
+    html.push_str(
+        "<h2>Top keys</h2><div class=\"scroll\"><table><tr><th>question</th>\
+         <th class=\"num\">hits</th><th class=\"num\">bytes</th><th class=\"num\">age</th></tr>",
+    );
     for key in &stats.top_keys {
         let question: Vec<String> = key.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let name = escape(&question.join(" "));
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><span class=\"name\" title=\"{name}\">{name}</span><small>{}</small></td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             escape(key.route),
-            escape(&question.join(" ")),
             key.hits,
             key.bytes,
             duration_text(key.age_secs)
         );
     }
-    html.push_str("</table>");
+    html.push_str("</table></div>");
 
     if !stats.clients.is_empty() {
-        html.push_str("<h2>Clients</h2><table><tr><th>client</th><th>requests</th><th>credits spent</th><th>today / budget</th></tr>");
+        html.push_str(
+            "<h2>Clients</h2><div class=\"scroll\"><table><tr><th>client</th><th class=\"num\">requests</th>\
+             <th class=\"num\">credits spent</th><th class=\"num\">today / budget</th></tr>",
+        );
         for c in &stats.clients {
             let budget = match (c.credits_spent_today, c.daily_budget) {
                 (Some(today), Some(limit)) => format!("{today} / {limit}"),
                 _ => "no budget".into(),
             };
+            let id = escape(&c.id);
             let _ = write!(
                 html,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{budget}</td></tr>",
-                escape(&c.id),
-                c.requests,
-                c.credits_spent
+                "<tr><td><span class=\"name\" title=\"{id}\">{id}</span></td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{budget}</td></tr>",
+                c.requests, c.credits_spent
             );
         }
-        html.push_str("</table>");
+        html.push_str("</table></div>");
     }
     html.push_str("<p>Same data as JSON: <a href=\"/stats\">/stats</a> · metrics: <a href=\"/metrics\">/metrics</a> · API: <a href=\"/openapi.json\">/openapi.json</a></p></body></html>");
     html
 }
 
-/// Bars of requests per minute (blue) with a line of credits spent (orange).
-fn chart(html: &mut String, minutes: &[Minute]) {
+/// One series of the last hour as bars on its own scale (requests and
+/// credits differ by orders of magnitude when hits dominate), labelled with
+/// its peak in its own unit.
+fn chart(
+    html: &mut String,
+    minutes: &[Minute],
+    value: fn(&Minute) -> u64,
+    (unit, color): (&str, &str),
+) {
     const W: usize = 600;
-    const H: u64 = 120;
+    const H: u64 = 100;
     let bar = W / minutes.len().max(1);
-    let peak = minutes
-        .iter()
-        .map(|m| m.requests.max(m.credits_spent))
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let y = |v: u64| H - v * H / peak;
+    let peak = minutes.iter().map(value).max().unwrap_or(0);
+    let scale = peak.max(1);
     let _ = write!(
         html,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" viewBox=\"0 0 {W} {}\" role=\"img\" \
-         aria-label=\"requests and credits per minute over the last hour\">\
+        "<figure><figcaption>{unit} per minute · peak {peak}</figcaption>\
+         <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {}\" role=\"img\" \
+         aria-label=\"{unit} per minute over the last hour\">\
          <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>",
-        H + 16,
         H + 16
     );
     for (i, m) in minutes.iter().enumerate() {
-        let top = y(m.requests);
+        let v = value(m);
+        let height = v * H / scale;
         let _ = write!(
             html,
-            "<rect x=\"{}\" y=\"{top}\" width=\"{}\" height=\"{}\" fill=\"#4a7fd6\"><title>{} requests, {} hits, {} credits</title></rect>",
+            "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{height}\" fill=\"{color}\"><title>{v} {unit}</title></rect>",
             i * bar,
+            H - height,
             bar.saturating_sub(1),
-            H - top,
-            m.requests,
-            m.hits,
-            m.credits_spent
         );
     }
-    let points: Vec<String> = minutes
-        .iter()
-        .enumerate()
-        .map(|(i, m)| format!("{},{}", i * bar + bar / 2, y(m.credits_spent)))
-        .collect();
     let _ = write!(
         html,
-        "<polyline points=\"{}\" fill=\"none\" stroke=\"#e8710a\" stroke-width=\"2\"/>\
-         <text x=\"0\" y=\"{}\" font-size=\"11\">-60 min</text>\
-         <text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">now · peak {peak}/min</text></svg>\
-         <p class=\"legend\"><span style=\"color:#4a7fd6\">■ requests per minute</span>\
-         <span style=\"color:#e8710a\">━ credits spent per minute</span></p>",
-        points.join(" "),
-        H + 13,
-        W,
-        H + 13
+        "<text x=\"0\" y=\"{y}\" font-size=\"11\">-60 min</text>\
+         <text x=\"{W}\" y=\"{y}\" font-size=\"11\" text-anchor=\"end\">now</text></svg></figure>",
+        y = H + 13,
     );
+}
+
+fn bytes_text(bytes: u64) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
+    }
 }
 
 fn duration_text(secs: u64) -> String {
