@@ -109,11 +109,6 @@ where
 }
 
 impl<K, V> Coalescer<K, V> {
-    /// Number of fetches in flight.
-    pub fn in_flight(&self) -> usize {
-        *self.count.borrow()
-    }
-
     /// Resolves when no fetch is in flight (e.g. after background refreshes).
     pub async fn idle(&self) {
         let mut rx = self.count.subscribe();

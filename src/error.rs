@@ -14,8 +14,8 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::AuthError, cache_status, coalesce::Abandoned, ledger, limits::RateLimited,
-    observe::RequestId, proxy::ProxyError, route::KeyError, upstream::UpstreamError,
+    access::AuthError, cache_status, ledger, limits::RateLimited, observe::RequestId,
+    proxy::ProxyError, route::KeyError, upstream::UpstreamError,
 };
 
 /// An error answer.
@@ -24,31 +24,17 @@ pub enum ApiError {
     #[error(transparent)]
     BadRequest(#[from] KeyError),
     #[error(transparent)]
-    Upstream(#[from] UpstreamError),
-    #[error(transparent)]
-    Abandoned(#[from] Abandoned),
+    Proxy(#[from] ProxyError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
     Limited(#[from] RateLimited),
-    #[error(transparent)]
-    Budget(#[from] ledger::Refusal),
     #[error("origin not in cors.allowed_origins")]
     OriginRefused,
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
-}
-
-impl From<ProxyError> for ApiError {
-    fn from(error: ProxyError) -> Self {
-        match error {
-            ProxyError::Upstream(e) => e.into(),
-            ProxyError::Abandoned(e) => e.into(),
-            ProxyError::Budget(e) => e.into(),
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -70,27 +56,33 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden) | Self::OriginRefused => StatusCode::FORBIDDEN,
-            Self::Limited(_) | Self::Budget(ledger::Refusal::Spent { .. }) => {
+            Self::Limited(_) | Self::Proxy(ProxyError::Budget(ledger::Refusal::Spent { .. })) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Self::Budget(ledger::Refusal::LedgerUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Proxy(ProxyError::Budget(ledger::Refusal::LedgerUnavailable)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Abandoned(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Upstream(UpstreamError::RateLimited { .. } | UpstreamError::HeldBack { .. }) => {
-                StatusCode::TOO_MANY_REQUESTS
+            Self::Proxy(ProxyError::Abandoned(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Proxy(ProxyError::Upstream(UpstreamError::Timeout)) => {
+                StatusCode::GATEWAY_TIMEOUT
             }
-            Self::Upstream(
+            Self::Proxy(ProxyError::Upstream(
+                UpstreamError::RateLimited { .. } | UpstreamError::HeldBack { .. },
+            )) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Proxy(ProxyError::Upstream(
                 UpstreamError::CircuitOpen { .. }
                 | UpstreamError::Overloaded { .. }
                 | UpstreamError::SpendCap { .. },
-            ) => StatusCode::SERVICE_UNAVAILABLE,
+            )) => StatusCode::SERVICE_UNAVAILABLE,
             // KeyAPI's 4xx statuses (other than 401/403) keep their meaning.
-            Self::Upstream(UpstreamError::Status(code)) if (400..500).contains(code) => {
+            Self::Proxy(ProxyError::Upstream(UpstreamError::Status(code)))
+                if (400..500).contains(code) =>
+            {
                 StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)
             }
-            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Proxy(ProxyError::Upstream(_)) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -101,7 +93,7 @@ impl ApiError {
             Self::BadRequest(e) => return e.to_string(),
             Self::Auth(e) => return e.to_string(),
             Self::Limited(e) => return e.to_string(),
-            Self::Budget(e) => return e.to_string(),
+            Self::Proxy(ProxyError::Budget(e)) => return e.to_string(),
             Self::OriginRefused => {
                 "Requests from this origin are not allowed: it is not in the proxy's cors.allowed_origins."
             }
@@ -111,8 +103,10 @@ impl ApiError {
             Self::MethodNotAllowed => {
                 "This path does not take this method; the Allow header lists the methods it does take."
             }
-            Self::Abandoned(_) => "An internal error stopped the fetch from KeyAPI; try again.",
-            Self::Upstream(e) => match e {
+            Self::Proxy(ProxyError::Abandoned(_)) => {
+                "An internal error stopped the fetch from KeyAPI; try again."
+            }
+            Self::Proxy(ProxyError::Upstream(e)) => match e {
                 UpstreamError::KeyRejected(_) => "KeyAPI rejected the configured API key.",
                 UpstreamError::Status(code) if (400..500).contains(code) => {
                     return format!("KeyAPI refused the request (HTTP {code}).");
@@ -159,7 +153,7 @@ impl ApiError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, APPLICATION_JSON);
         match self {
-            Self::Upstream(e) => {
+            Self::Proxy(ProxyError::Upstream(e)) => {
                 cache_status::set_forwarded_uncached(headers, e.upstream_status(), e.as_str());
                 if let Some(secs) = e.retry_after_secs() {
                     headers.insert(RETRY_AFTER, HeaderValue::from(secs));
@@ -173,7 +167,7 @@ impl ApiError {
                 headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
                 cache_status::set_no_store(headers);
             }
-            Self::Budget(refusal) => {
+            Self::Proxy(ProxyError::Budget(refusal)) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
                 cache_status::set_forwarded_uncached(headers, None, refusal.as_str());
             }

@@ -48,7 +48,8 @@ impl RequestId {
         sane.then(|| Self(value.clone()))
     }
 
-    fn generate() -> Self {
+    /// A new random id (for requests that sent none, or no usable one).
+    pub(crate) fn generate() -> Self {
         let mut buf = uuid::Uuid::encode_buffer();
         let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
         Self(HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown")))

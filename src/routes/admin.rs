@@ -15,13 +15,14 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
     Extension, Json,
-    extract::{RawQuery, State},
-    http::HeaderMap,
+    extract::{FromRequestParts, RawQuery, State},
+    http::request::Parts,
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
 
 use crate::{
+    access::Client,
     error::ApiError,
     observe::RequestId,
     route::{KeyError, Route, RouteTable},
@@ -61,15 +62,32 @@ pub(crate) struct Purged {
     key: Option<String>,
 }
 
+/// A client allowed to use the admin endpoints; extracting it answers 401
+/// or 403 (with the envelope) for anyone else.
+pub(crate) struct Admin(Arc<Client>);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        state
+            .access()
+            .authenticate_admin(&parts.headers)
+            .map(Admin)
+            .map_err(|e| {
+                // Always there: the observe layer sets it before any handler.
+                let id = parts.extensions.get::<RequestId>().cloned();
+                ApiError::from(e).to_response(&id.unwrap_or_else(RequestId::generate))
+            })
+    }
+}
+
 pub(super) async fn list(
+    _: Admin,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(e) = state.access().authenticate_admin(&headers) {
-        return ApiError::from(e).to_response(&request_id);
-    }
     let (mut only, mut prefix) = (None, String::new());
     for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match &*name {
@@ -123,15 +141,11 @@ pub(super) async fn list(
 }
 
 pub(super) async fn purge(
+    Admin(admin): Admin,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
 ) -> Response {
-    let admin = match state.access().authenticate_admin(&headers) {
-        Ok(admin) => admin,
-        Err(e) => return ApiError::from(e).to_response(&request_id),
-    };
     let proxy = state.proxy();
     // Unknown parameters are ignored, as on the routes: a query names a key
     // only when it has `route` or one of a route's parameters.
