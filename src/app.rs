@@ -34,6 +34,7 @@ use crate::{
     routes, snapshot,
     state::{AppState, Shared},
     upstream::Upstream,
+    warmup::Warmup,
 };
 
 /// Why the service could not start. Messages never contain the API key.
@@ -77,6 +78,7 @@ impl App {
         config.validate()?;
         let clock = SharedClock::new(clock);
         let routes = config.route_table()?;
+        let warmup_plans = config.warmup_plans()?;
         let openapi = openapi::document(&routes);
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
@@ -121,6 +123,13 @@ impl App {
             routes,
             openapi,
             allow_client_refresh: config.cache.allow_client_refresh,
+            warmups: warmup_plans
+                .into_iter()
+                .map(|plan| {
+                    let charged = metrics.client(&plan.name).credits_spent;
+                    Arc::new(Warmup::new(plan, charged))
+                })
+                .collect(),
             ready: AtomicBool::new(false),
         });
         let router = cors::apply(routes::router(state.clone()), &config.cors);
@@ -193,6 +202,16 @@ impl App {
             let cache = state.proxy().cache().clone();
             tokio::spawn(async move { redis.follow_purges(cache).await })
         });
+        let warmups: Vec<_> = state
+            .warmups()
+            .iter()
+            .map(|warmup| {
+                let (warmup, state) = (Arc::clone(warmup), state.clone());
+                tokio::spawn(async move {
+                    warmup.run_on_schedule(state.proxy(), state.clock()).await;
+                })
+            })
+            .collect();
         let saver = snapshot.as_ref().map(|(path, interval)| {
             tokio::spawn(save_periodically(path.clone(), *interval, state.clone()))
         });
@@ -222,6 +241,10 @@ impl App {
                 Ok(())
             }
         };
+        // No new warm-up calls once draining; fetches they started go on below.
+        for task in warmups {
+            task.abort();
+        }
         // Fetches still running (background refreshes included) have been or
         // are being paid for: let them finish and be stored, so the snapshot
         // keeps them and a restart does not pay again.

@@ -38,6 +38,12 @@ enum Command {
     CheckConfig,
     /// Print a new random client token and its SHA-256 (for a [[clients]] entry).
     HashToken,
+    /// Print each warm-up's normalized questions and what a full run costs.
+    Warmup {
+        /// Only print; never call KeyAPI (required: warm-ups run inside `serve`).
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Probe /healthz of a running proxy; exit 0 when healthy (for Docker HEALTHCHECK).
     Healthcheck {
         /// Full URL to probe; defaults to the configured listen address.
@@ -60,6 +66,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Healthcheck { url } => healthcheck(&config, url).await,
         Command::Serve => serve(config, cli.demo).await,
         Command::HashToken => hash_token(),
+        Command::Warmup { dry_run } => warmup(&config, dry_run),
     }
 }
 
@@ -75,6 +82,34 @@ fn hash_token() -> ExitCode {
         }
         Err(e) => fail(&format!("no randomness available: {e}")),
     }
+}
+
+fn warmup(config: &Config, dry_run: bool) -> ExitCode {
+    if !dry_run {
+        return fail(&"warm-ups run inside `serve`; use `warmup --dry-run` to see what they ask");
+    }
+    let plans = match config.warmup_plans() {
+        Ok(plans) => plans,
+        Err(e) => return fail(&e),
+    };
+    if plans.is_empty() {
+        println!("no [[warmup]] configured");
+    }
+    for plan in &plans {
+        println!(
+            "{} ({}, at most {} credits a day): {} questions x {} credits = {} credits for a full run",
+            plan.name,
+            plan.schedule,
+            plan.allowance,
+            plan.keys.len(),
+            plan.route.credits(),
+            plan.full_run_credits()
+        );
+        for key in &plan.keys {
+            println!("  {key}");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn fail(error: &dyn std::fmt::Display) -> ExitCode {

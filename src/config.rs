@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cache::{FreshnessPolicy, redis::TierSettings},
     route::{RouteConfig, RouteDefaults, RouteTable},
+    warmup::{WarmupConfig, WarmupPlan},
 };
 
 /// The documented defaults, compiled in so the binary runs without any file.
@@ -74,6 +75,9 @@ pub struct Config {
     /// `[[routes]]` (file only): the proxied KeyAPI endpoints. A file that
     /// gives any replaces the compiled-in hashtag-detail route.
     pub routes: Vec<RouteConfig>,
+    /// `[[warmup]]` (file only): questions answered before anyone asks.
+    #[serde(default)]
+    pub warmup: Vec<WarmupConfig>,
 }
 
 /// `[server]`: the listening socket and shutdown behaviour.
@@ -339,6 +343,12 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
+    /// The checked warm-ups (checked by [`Config::validate`]).
+    pub fn warmup_plans(&self) -> Result<Vec<WarmupPlan>, ConfigError> {
+        WarmupPlan::compile(&self.warmup, &self.route_table()?)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
     /// The longest one fetch can take: waiting for upstream protection, then
     /// every attempt (retries share `request_timeout`).
     pub fn worst_fetch(&self) -> Duration {
@@ -349,7 +359,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         validate_base_url(&self.upstream.base_url)?;
-        self.route_table()?;
+        self.warmup_plans()?;
         if self.upstream.max_body_bytes == 0 || self.upstream.max_body_bytes > u32::MAX as usize {
             return invalid("upstream.max_body_bytes must be between 1 and 4294967295".into());
         }

@@ -41,7 +41,7 @@ pub enum Refusal {
     #[error(
         "{} daily credit budget ({limit} credits) is spent; cached answers are still served, \
          new questions resume at 00:00 UTC (in {} s)",
-        scope_text(*scope),
+        scope.possessive(),
         clock::ceil_secs(*retry_after)
     )]
     Spent {
@@ -76,15 +76,12 @@ impl Refusal {
                 scope: Scope::Client,
                 ..
             } => "client_budget",
+            Self::Spent {
+                scope: Scope::Warmup,
+                ..
+            } => "warmup_allowance",
             Self::LedgerUnavailable => "ledger_unavailable",
         }
-    }
-}
-
-fn scope_text(scope: Scope) -> &'static str {
-    match scope {
-        Scope::Global => "the proxy's",
-        Scope::Client => "this client's",
     }
 }
 
@@ -150,7 +147,7 @@ impl Budget {
     }
 }
 
-/// A configured client's account: its budget and what it has been charged.
+/// A configured client's (or warm-up's) account: its budget and what it has been charged.
 #[derive(Debug)]
 pub struct Account {
     /// The client's configured id.
@@ -169,6 +166,8 @@ pub enum Payer {
     Request(Option<Arc<Account>>),
     /// The proxy itself: the global budget only.
     Proxy(Initiator),
+    /// A configured warm-up: its own allowance and the global budget.
+    Warmup(Arc<Account>),
 }
 
 /// Why the proxy itself called KeyAPI; a metric label.
@@ -187,12 +186,14 @@ impl Payer {
             Self::Request(_) => "request",
             Self::Proxy(Initiator::Revalidate) => "revalidate",
             Self::Proxy(Initiator::RefreshAhead) => "refresh_ahead",
+            Self::Warmup(_) => "warmup",
         }
     }
 
     fn account(&self) -> Option<&Account> {
         match self {
             Self::Request(account) => account.as_deref(),
+            Self::Warmup(account) => Some(account),
             Self::Proxy(_) => None,
         }
     }

@@ -43,3 +43,4 @@ pub mod state;
 pub mod stats;
 pub mod telemetry;
 pub mod upstream;
+pub mod warmup;

@@ -20,7 +20,7 @@ use crate::{
 
 /// A request refused with 429 by a rate limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{} rate limit exceeded; retry in {} s", scope_text(*scope), ceil_secs(*retry_after))]
+#[error("{} rate limit exceeded; retry in {} s", scope.possessive(), ceil_secs(*retry_after))]
 pub struct RateLimited {
     pub scope: Scope,
     pub retry_after: Duration,
@@ -30,13 +30,6 @@ impl RateLimited {
     /// Whole seconds to wait (at least 1), for `Retry-After`.
     pub fn retry_after_secs(&self) -> u64 {
         ceil_secs(self.retry_after)
-    }
-}
-
-fn scope_text(scope: Scope) -> &'static str {
-    match scope {
-        Scope::Global => "the proxy's",
-        Scope::Client => "this client's",
     }
 }
 

@@ -86,6 +86,8 @@ pub enum Scope {
     Global,
     /// One configured client.
     Client,
+    /// One configured warm-up.
+    Warmup,
 }
 
 impl Scope {
@@ -94,6 +96,16 @@ impl Scope {
         match self {
             Self::Global => "global",
             Self::Client => "client",
+            Self::Warmup => "warmup",
+        }
+    }
+
+    /// Whose limit it is, for messages: "the proxy's", "this client's".
+    pub fn possessive(&self) -> &'static str {
+        match self {
+            Self::Global => "the proxy's",
+            Self::Client => "this client's",
+            Self::Warmup => "this warm-up's",
         }
     }
 }

@@ -9,7 +9,10 @@
 //!
 //! `serve` does one cache lookup; a hit returns from there.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use reqwest::StatusCode;
@@ -39,6 +42,8 @@ enum Trigger {
     ClientRefresh,
     /// Revalidating this entry: moot if a newer one was stored meanwhile.
     Background(Arc<Entry>),
+    /// A warm-up: moot if an entry stays fresh this much longer.
+    Warm { fresh_for: Duration },
 }
 
 impl Trigger {
@@ -48,6 +53,7 @@ impl Trigger {
             Trigger::Miss => candidate.is_fresh(now),
             Trigger::ClientRefresh => false,
             Trigger::Background(old) => candidate.stored_at > old.stored_at,
+            Trigger::Warm { fresh_for } => candidate.remaining_ttl(now) >= *fresh_for,
         }
     }
 }
@@ -79,6 +85,21 @@ pub enum Outcome {
     },
     /// KeyAPI refused the question itself and it is not cacheable.
     Declined { status: StatusCode, body: Bytes },
+}
+
+/// What a warm-up's prefetch of one question did.
+#[derive(Debug)]
+pub enum Prefetch {
+    /// A stored answer stays fresh long enough (memory or Redis): no call.
+    Fresh,
+    /// Fetched and stored by this prefetch (a call was paid).
+    Fetched,
+    /// Answered by a fetch already in flight (a client's, or another warm-up's).
+    Joined,
+    /// KeyAPI refused the question itself (paid, not stored).
+    Declined,
+    /// No answer: upstream failure, our protection or a budget (see the error).
+    Failed(ProxyError),
 }
 
 /// Why no answer could be produced.
@@ -293,6 +314,32 @@ impl Proxy {
                 continue;
             }
             return (fetched, role);
+        }
+    }
+
+    /// Makes sure `key` stays fresh for `fresh_for` from now, fetching it
+    /// (through the same single flight as client requests, charged to
+    /// `payer`) unless a stored answer already does.
+    pub async fn prefetch(
+        &self,
+        key: &CacheKey,
+        route: &Arc<Route>,
+        fresh_for: Duration,
+        payer: Payer,
+    ) -> Prefetch {
+        let trigger = Trigger::Warm { fresh_for };
+        let now = self.fetcher.clock.now();
+        if let Some(entry) = self.cache().get(key).await
+            && trigger.satisfied_by(&entry, now)
+        {
+            return Prefetch::Fresh;
+        }
+        match self.fetch_shared(key, route, trigger, payer).await {
+            (Ok(Fetched::Stored(_)), Role::Leader) => Prefetch::Fetched,
+            (Ok(Fetched::Stored(_)), Role::Follower) => Prefetch::Joined,
+            (Ok(Fetched::AlreadyCached(_)), _) => Prefetch::Fresh,
+            (Ok(Fetched::Declined { .. }), _) => Prefetch::Declined,
+            (Err(error), _) => Prefetch::Failed(error),
         }
     }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use crate::{
     access::Access, clock::SharedClock, limits::RateLimit, metrics::Metrics, proxy::Proxy,
-    route::RouteTable,
+    route::RouteTable, warmup::Warmup,
 };
 
 /// Shared, read-only state of the running service (cheap to clone).
@@ -29,6 +29,8 @@ pub struct Shared {
     /// `/openapi.json`, rendered once for this configuration.
     pub openapi: Bytes,
     pub allow_client_refresh: bool,
+    /// The configured warm-ups (their schedules run in [`crate::app`]).
+    pub warmups: Vec<Arc<Warmup>>,
     /// False before start and while draining (`/readyz`).
     pub ready: AtomicBool,
 }
@@ -67,6 +69,11 @@ impl AppState {
     /// The configured routes.
     pub fn routes(&self) -> &RouteTable {
         &self.0.routes
+    }
+
+    /// The configured warm-ups.
+    pub fn warmups(&self) -> &[Arc<Warmup>] {
+        &self.0.warmups
     }
 
     /// The OpenAPI document, as stored JSON bytes.

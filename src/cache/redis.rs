@@ -369,14 +369,25 @@ impl RedisTier {
 
     /// `Some(true)` if taken, `Some(false)` if held by another, `None` if Redis failed.
     async fn try_lock(&self, key: &CacheKey, token: &str) -> Option<bool> {
+        self.set_nx(self.lock_key(key), token, self.lock_ttl).await
+    }
+
+    /// Takes the cluster-wide lease `name` (`<prefix>lease:<name>`) for `ttl`
+    /// unless another replica holds it: `Some(true)` if taken, `Some(false)`
+    /// if held, `None` if Redis failed. Never released early: a lease covers
+    /// one scheduled run.
+    pub async fn take_lease(&self, name: &str, ttl: Duration) -> Option<bool> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let key = format!("{}lease:{name}", self.prefix);
+        self.set_nx(key, &token, ttl).await
+    }
+
+    /// `SET key value NX PX ttl`: whether it was set.
+    async fn set_nx(&self, key: String, value: &str, ttl: Duration) -> Option<bool> {
         let mut conn = self.conn.clone();
-        let millis = u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX);
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut set = redis::cmd("SET");
-        set.arg(self.lock_key(key))
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis);
+        set.arg(key).arg(value).arg("NX").arg("PX").arg(millis);
         let reply = self
             .call(set.query_async::<Option<String>>(&mut conn))
             .await;

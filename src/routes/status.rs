@@ -23,6 +23,7 @@ use crate::{
     route::Route,
     state::AppState,
     stats::Minute,
+    warmup::WarmupStats,
 };
 
 /// Keys shown under "top keys".
@@ -49,6 +50,7 @@ pub(crate) struct Stats {
     #[serde(skip_serializing_if = "Option::is_none")]
     redis: Option<&'static str>,
     clients: Vec<ClientStats>,
+    warmups: Vec<WarmupStats>,
     top_keys: Vec<TopKey>,
     last_hour: Vec<Minute>,
 }
@@ -137,6 +139,10 @@ impl Stats {
                 budget_refused_today: refused_today(ledger, c.account.budget.as_ref()),
             });
         }
+        let mut warmups = Vec::new();
+        for warmup in state.warmups() {
+            warmups.push(warmup.stats(state.proxy()).await);
+        }
         let mut top_keys: Vec<TopKey> = cache
             .entries()
             .into_iter()
@@ -177,6 +183,7 @@ impl Stats {
                 .redis()
                 .map(|r| if r.is_up() { "up" } else { "down" }),
             clients,
+            warmups,
             top_keys,
             last_hour,
         }
@@ -361,6 +368,41 @@ fn render(stats: &Stats) -> String {
                 "<tr><td><span class=\"name\" title=\"{id}\">{id}</span></td><td class=\"num\">{}</td>\
                  <td class=\"num\">{}</td><td class=\"num\">{budget}</td></tr>",
                 c.requests, c.credits_spent
+            );
+        }
+        html.push_str("</table></div>");
+    }
+    if !stats.warmups.is_empty() {
+        html.push_str(
+            "<h2>Warm-ups</h2><div class=\"scroll\"><table><tr><th>warm-up</th><th>last run</th>\
+             <th class=\"num\">next run in</th><th class=\"num\">today / allowance</th></tr>",
+        );
+        for w in &stats.warmups {
+            let name = escape(&w.name);
+            let last = match &w.last_run {
+                Some(r) => format!(
+                    "{} warmed, {} joined, {} fresh, {} failed{}",
+                    r.warmed,
+                    r.joined,
+                    r.skipped_fresh,
+                    r.failed,
+                    r.stopped_by
+                        .map_or(String::new(), |why| format!(", stopped: {why}"))
+                ),
+                None => "not yet".into(),
+            };
+            let next = w.next_run_at.map_or("—".into(), |at| {
+                duration_text(at.saturating_sub(stats.started_at + stats.uptime_secs))
+            });
+            let _ = write!(
+                html,
+                "<tr><td><span class=\"name\" title=\"{name}\">{name}</span><small>{} · {} questions</small></td>\
+                 <td>{}</td><td class=\"num\">{next}</td><td class=\"num\">{} / {}</td></tr>",
+                escape(&w.schedule),
+                w.questions,
+                escape(&last),
+                w.credits_spent_today,
+                w.max_credits_per_day
             );
         }
         html.push_str("</table></div>");
