@@ -9,7 +9,7 @@ mod common;
 use std::{net::TcpListener, time::Duration};
 
 use common::{
-    TestApp, client, header, join, metric, parts,
+    TestApp, assert_ledger_equals_bill, booked, client, header, join, metric, parts,
     redis_server::{RedisServer, with_redis},
     spawn_app_with,
 };
@@ -21,8 +21,6 @@ use keyapi_proxy::{
 };
 use redis::AsyncCommands as _;
 
-/// What KeyAPI charges per call (the default `credits.per_call`).
-const PRICE: u64 = 2;
 const TOKEN: &str = "kp_ledger_dash";
 
 /// Lets an entry's TTL pass (time itself, not a stand-in for a signal).
@@ -34,30 +32,6 @@ async fn let_expire(ttl: Duration) {
 async fn stats(app: &TestApp) -> serde_json::Value {
     let response = app.client.get(app.url("/stats")).send().await.unwrap();
     serde_json::from_str(&response.text().await.unwrap()).unwrap()
-}
-
-/// Credits on `app`'s ledger (`credits_spent_total`; readable after shutdown).
-fn booked(app: &TestApp) -> u64 {
-    app.state.metrics().totals().credits_spent
-}
-
-/// Waits for every fetch of `apps` to end, then checks the invariant over
-/// them together (they share one fake upstream). Returns (calls, credits).
-async fn assert_ledger_equals_bill(apps: &[&TestApp]) -> (u64, u64) {
-    for app in apps {
-        app.state.proxy().idle().await;
-    }
-    let calls = apps[0].upstream.calls() as u64;
-    let mut credits = 0;
-    for app in apps {
-        credits += booked(app);
-    }
-    assert_eq!(
-        credits,
-        PRICE * calls,
-        "credits on the ledger = price x calls KeyAPI received"
-    );
-    (calls, credits)
 }
 
 /// The global budget's count of today (cluster-wide with Redis).

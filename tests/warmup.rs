@@ -14,7 +14,7 @@ use std::{
 };
 
 use common::{
-    TestApp, header, metric, parts,
+    TestApp, assert_ledger_equals_bill, header, metric, parts,
     redis_server::{RedisServer, with_redis},
     spawn_app_with, spawn_app_with_clock,
 };
@@ -69,12 +69,6 @@ async fn run(app: &TestApp, now: SystemTime) -> RunReport {
     app.state.warmups()[0].run(app.state.proxy(), now).await
 }
 
-/// Credits on the ledger equal the calls KeyAPI received.
-fn assert_ledger_equals_bill(app: &TestApp) {
-    let credits = app.state.metrics().totals().credits_spent;
-    assert_eq!(credits, 2 * app.upstream.calls() as u64);
-}
-
 #[tokio::test]
 async fn a_run_warms_exactly_the_questions_that_would_go_stale() {
     let clock = Arc::new(ManualClock::new(
@@ -108,7 +102,7 @@ async fn a_run_warms_exactly_the_questions_that_would_go_stale() {
     // Clients are answered from the warmed cache.
     let (_, headers, _) = app.get("hashtag_name=UFC324&period=30").await;
     assert!(header(&headers, "cache-status").contains("; hit;"));
-    assert_ledger_equals_bill(&app);
+    assert_ledger_equals_bill(&[&app]).await;
     let text = app.metrics().await;
     assert_eq!(
         metric(
@@ -168,7 +162,7 @@ async fn a_run_and_clients_share_one_call() {
     assert_eq!(report.warmed, 0);
     assert_eq!(report.joined + report.skipped_fresh, 1);
     assert_eq!(app.upstream.calls(), 3);
-    assert_ledger_equals_bill(&app);
+    assert_ledger_equals_bill(&[&app]).await;
 }
 
 #[tokio::test]
@@ -208,7 +202,7 @@ async fn the_allowance_stops_a_run_part_way_and_the_next_day_resumes() {
     assert_eq!(warmup["creditsSpentToday"], 4);
     assert_eq!(warmup["lastRun"]["warmed"], 2);
     assert_eq!(warmup["questions"], 5);
-    assert_ledger_equals_bill(&app);
+    assert_ledger_equals_bill(&[&app]).await;
 }
 
 #[tokio::test]
@@ -230,7 +224,7 @@ async fn a_failing_upstream_stops_the_run_at_the_open_circuit() {
     assert_eq!(report.failed, 2);
     assert_eq!(report.stopped_by, Some("circuit_open"));
     assert_eq!(app.upstream.calls(), 2);
-    assert_ledger_equals_bill(&app);
+    assert_ledger_equals_bill(&[&app]).await;
 }
 
 #[tokio::test]

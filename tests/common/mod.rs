@@ -244,3 +244,28 @@ pub async fn join(handles: Vec<JoinHandle<Parts>>) -> Vec<Parts> {
         .map(|r| r.expect("request task"))
         .collect()
 }
+
+/// Credits on `app`'s ledger (`credits_spent_total`; readable after shutdown).
+pub fn booked(app: &TestApp) -> u64 {
+    app.state.metrics().totals().credits_spent
+}
+
+/// The ledger equals the bill: waits for every fetch of `apps` to end, then
+/// checks that their credits are 2 (the default price) × the calls the
+/// shared fake upstream received. Returns (calls, credits).
+pub async fn assert_ledger_equals_bill(apps: &[&TestApp]) -> (u64, u64) {
+    for app in apps {
+        app.state.proxy().idle().await;
+    }
+    let calls = apps[0].upstream.calls() as u64;
+    let mut credits = 0;
+    for app in apps {
+        credits += booked(app);
+    }
+    assert_eq!(
+        credits,
+        2 * calls,
+        "credits on the ledger = price x calls KeyAPI received"
+    );
+    (calls, credits)
+}
