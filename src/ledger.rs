@@ -20,17 +20,43 @@
 //! added to Redis when Redis answers again.
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, LazyLock, Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
 
 use prometheus_client::metrics::counter::Counter;
+use redis::Script;
 
 use crate::{
     cache::redis::RedisTier,
     clock::{self, SharedClock},
     metrics::{Metrics, Scope},
 };
+
+/// Adds to a per-day counter, setting its expiry when it is created.
+static ADD_TO_COUNTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"local v = redis.call("INCRBY", KEYS[1], ARGV[1]) if v == tonumber(ARGV[1]) then redis.call("EXPIRE", KEYS[1], ARGV[2]) end return v"#,
+    )
+});
+/// Check-and-charge of one call on several per-day budget counters, all or
+/// nothing. KEYS = counters; ARGV = cost, expiry (s), then each counter's
+/// limit. Returns 0 when charged, else the 1-based index of the first counter
+/// that cannot afford it.
+static CHARGE_BUDGETS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"local cost = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if tonumber(redis.call("GET", key) or "0") + cost > tonumber(ARGV[2 + i]) then return i end
+end
+for _, key in ipairs(KEYS) do
+  redis.call("INCRBY", key, cost) redis.call("EXPIRE", key, ARGV[2])
+end
+return 0"#,
+    )
+});
+/// Per-day counters outlive their day a little, for late readers.
+const COUNTER_TTL_SECS: u64 = 2 * 24 * 3600;
 
 /// How long a client should wait while the shared ledger is unreachable.
 const LEDGER_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -255,7 +281,7 @@ impl Ledger {
         } else if let Some(redis) = &self.redis {
             self.sync(redis, &budgets).await;
             let limits = budgets.iter().flatten().map(|b| (b.name.as_str(), b.limit));
-            match redis.charge_budgets(limits, day, cost).await {
+            match charge_budgets(redis, limits, day, cost).await {
                 Some(None) => Counted::Shared,
                 Some(Some(index)) => {
                     let refused = budgets.iter().flatten().nth(index);
@@ -280,7 +306,7 @@ impl Ledger {
         let day = clock::utc_day(self.clock.now());
         if let Some(redis) = &self.redis {
             self.sync(redis, &[Some(budget), None]).await;
-            if let Some(total) = redis.add_to_counter(&budget.name, day, 0).await {
+            if let Some(total) = add_to_counter(redis, &budget.name, day, 0).await {
                 return u64::try_from(total).unwrap_or(0);
             }
             return budget.day(day).outage_spent;
@@ -366,8 +392,7 @@ impl Ledger {
             if delta == 0 {
                 continue;
             }
-            if redis
-                .add_to_counter(&budget.name, day, delta)
+            if add_to_counter(redis, &budget.name, day, delta)
                 .await
                 .is_some()
             {
@@ -378,6 +403,37 @@ impl Ledger {
             }
         }
     }
+}
+
+/// `<prefix>count:<name>:<day>`: a budget's cluster-wide count of one UTC day.
+fn counter_key(redis: &RedisTier, name: &str, day: u64) -> String {
+    redis.namespaced(&format!("count:{name}:{day}"))
+}
+
+/// Adds `delta` to the counter `name` of UTC day `day`; returns the new
+/// total, `None` if Redis failed.
+async fn add_to_counter(redis: &RedisTier, name: &str, day: u64, delta: i64) -> Option<i64> {
+    let mut invocation = ADD_TO_COUNTER.key(counter_key(redis, name, day));
+    invocation.arg(delta).arg(COUNTER_TTL_SECS);
+    redis.invoke(&invocation).await
+}
+
+/// Charges `cost` to every counter of `budgets` (name, limit) of `day` at
+/// once, unless one of them would exceed its limit. `Some(None)` when
+/// charged, `Some(Some(i))` when the `i`-th budget refused, `None` if Redis failed.
+async fn charge_budgets<'a>(
+    redis: &RedisTier,
+    budgets: impl Iterator<Item = (&'a str, u64)>,
+    day: u64,
+    cost: u64,
+) -> Option<Option<usize>> {
+    let mut invocation = CHARGE_BUDGETS.prepare_invoke();
+    invocation.arg(cost).arg(COUNTER_TTL_SECS);
+    for (name, limit) in budgets {
+        invocation.key(counter_key(redis, name, day)).arg(limit);
+    }
+    let refused: usize = redis.invoke(&invocation).await?;
+    Some(refused.checked_sub(1))
 }
 
 /// Adds `delta` to the credits owed to Redis for `day` (an older day's debt
@@ -425,7 +481,7 @@ impl Charge<'_> {
                 }
                 Counted::Shared => {
                     let refunded = match &ledger.redis {
-                        Some(redis) => redis.add_to_counter(&budget.name, self.day, -signed).await,
+                        Some(redis) => add_to_counter(redis, &budget.name, self.day, -signed).await,
                         None => None,
                     };
                     if refunded.is_none() {

@@ -4,13 +4,18 @@
 //! (and fall back to this replica's own limiter while Redis is unavailable).
 //! Credit budgets are the ledger's ([`crate::ledger`]).
 
-use std::{num::NonZeroU32, sync::Arc, time::Duration};
+use std::{
+    num::NonZeroU32,
+    sync::{Arc, LazyLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use governor::{
     Quota, RateLimiter,
     middleware::NoOpMiddleware,
     state::{InMemoryState, NotKeyed},
 };
+use redis::Script;
 
 use crate::{
     cache::redis::RedisTier,
@@ -31,6 +36,36 @@ impl RateLimited {
     pub fn retry_after_secs(&self) -> u64 {
         ceil_secs(self.retry_after)
     }
+}
+
+/// GCRA rate limit: ARGV = now, interval, burst (microseconds, count). Returns
+/// 0 when the request may pass (and records it), else microseconds to wait.
+static GCRA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"local now = tonumber(ARGV[1]) local t = tonumber(ARGV[2]) local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call("GET", KEYS[1]) or "0") if tat < now then tat = now end
+local new_tat = tat + t local allow_at = new_tat - burst * t
+if allow_at > now then return allow_at - now end
+redis.call("SET", KEYS[1], new_tat, "PX", math.ceil((new_tat - now) / 1000) + 1000) return 0"#,
+    )
+});
+
+/// One request against the cluster-wide GCRA limit `name`
+/// (`<prefix>rate:<name>`): `Some(None)` to pass, `Some(Some(wait))` to
+/// refuse, `None` if Redis failed.
+async fn gcra(
+    redis: &RedisTier,
+    name: &str,
+    now: SystemTime,
+    interval: Duration,
+    burst: u32,
+) -> Option<Option<Duration>> {
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let now = micros(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+    let mut invocation = GCRA.key(redis.namespaced(&format!("rate:{name}")));
+    invocation.arg(now).arg(micros(interval)).arg(burst);
+    let wait: i64 = redis.invoke(&invocation).await?;
+    Some((wait > 0).then(|| Duration::from_micros(wait.unsigned_abs())))
 }
 
 /// A request-rate limit: `per_minute` sustained, bursts of `burst`.
@@ -73,7 +108,7 @@ impl RateLimit {
     pub async fn check(&self) -> Result<(), RateLimited> {
         if let Some((redis, name)) = &self.shared {
             let (interval, burst) = self.gcra;
-            if let Some(wait) = redis.gcra(name, self.clock.now(), interval, burst).await {
+            if let Some(wait) = gcra(redis, name, self.clock.now(), interval, burst).await {
                 return match wait {
                     None => Ok(()),
                     Some(retry_after) => Err(RateLimited {

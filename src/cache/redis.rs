@@ -1,5 +1,7 @@
 //! The shared second tier: entries in Redis (or Valkey) so several replicas
-//! pay for each question once, plus a cluster-wide fetch lock.
+//! pay for each question once, plus a cluster-wide fetch lock and leases.
+//! The connection is shared with the ledger's budget counters and the rate
+//! limits, whose scripts live with them ([`RedisTier::invoke`]).
 //!
 //! Keys: `<prefix>entry:<path?query>` holds an [`codec`]-encoded entry with a
 //! Redis TTL equal to the end of its longest window; `<prefix>lock:<path?query>`
@@ -32,29 +34,6 @@ use crate::metrics::Metrics;
 
 /// Deletes the lock only if we still own it.
 const UNLOCK: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
-/// Adds to a per-day counter, setting its expiry when it is created.
-const ADD_TO_COUNTER: &str = r#"local v = redis.call("INCRBY", KEYS[1], ARGV[1]) if v == tonumber(ARGV[1]) then redis.call("EXPIRE", KEYS[1], ARGV[2]) end return v"#;
-/// Check-and-charge of one call on several per-day budget counters, all or
-/// nothing. KEYS = counters; ARGV = cost, expiry (s), then each counter's
-/// limit. Returns 0 when charged, else the 1-based index of the first counter
-/// that cannot afford it.
-const CHARGE_BUDGETS: &str = r#"local cost = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  if tonumber(redis.call("GET", key) or "0") + cost > tonumber(ARGV[2 + i]) then return i end
-end
-for _, key in ipairs(KEYS) do
-  redis.call("INCRBY", key, cost) redis.call("EXPIRE", key, ARGV[2])
-end
-return 0"#;
-/// GCRA rate limit: ARGV = now, interval, burst (microseconds, count). Returns
-/// 0 when the request may pass (and records it), else microseconds to wait.
-const GCRA: &str = r#"local now = tonumber(ARGV[1]) local t = tonumber(ARGV[2]) local burst = tonumber(ARGV[3])
-local tat = tonumber(redis.call("GET", KEYS[1]) or "0") if tat < now then tat = now end
-local new_tat = tat + t local allow_at = new_tat - burst * t
-if allow_at > now then return allow_at - now end
-redis.call("SET", KEYS[1], new_tat, "PX", math.ceil((new_tat - now) / 1000) + 1000) return 0"#;
-/// Per-day counters outlive their day a little, for late readers.
-const COUNTER_TTL_SECS: u64 = 2 * 24 * 3600;
 /// Poll interval while waiting for another replica's fetch.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -97,9 +76,6 @@ pub struct RedisTier {
     lock_wait: Duration,
     up: AtomicBool,
     unlock: Script,
-    add_to_counter: Script,
-    charge_budgets: Script,
-    gcra: Script,
     metrics: Arc<Metrics>,
 }
 
@@ -137,9 +113,6 @@ impl RedisTier {
             lock_wait: settings.lock_wait,
             up: AtomicBool::new(true),
             unlock: Script::new(UNLOCK),
-            add_to_counter: Script::new(ADD_TO_COUNTER),
-            charge_budgets: Script::new(CHARGE_BUDGETS),
-            gcra: Script::new(GCRA),
             metrics,
         })
     }
@@ -200,36 +173,20 @@ impl RedisTier {
             .await;
     }
 
-    /// Adds `delta` to the cluster-wide counter `name` of UTC day `day`
-    /// (`<prefix>count:<name>:<day>`); returns the new total, `None` if Redis failed.
-    pub async fn add_to_counter(&self, name: &str, day: u64, delta: i64) -> Option<i64> {
-        let mut conn = self.conn.clone();
-        let mut invocation = self.add_to_counter.key(self.counter_key(name, day));
-        invocation.arg(delta).arg(COUNTER_TTL_SECS);
-        self.call(invocation.invoke_async::<i64>(&mut conn)).await
+    /// `<prefix><suffix>`: a key in our namespace (for the ledger's and the
+    /// rate limits' own scripts).
+    pub fn namespaced(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
     }
 
-    /// Charges `cost` to every per-day counter of `budgets` (name, limit) at
-    /// once, unless one of them would exceed its limit. `Some(None)` when
-    /// charged, `Some(Some(i))` when the `i`-th budget refused, `None` if Redis failed.
-    pub async fn charge_budgets<'a>(
+    /// Runs a prepared Lua script (its keys namespaced) under the op
+    /// timeout; `None` if Redis failed.
+    pub async fn invoke<T: redis::FromRedisValue>(
         &self,
-        budgets: impl Iterator<Item = (&'a str, u64)>,
-        day: u64,
-        cost: u64,
-    ) -> Option<Option<usize>> {
-        let mut invocation = self.charge_budgets.prepare_invoke();
-        invocation.arg(cost).arg(COUNTER_TTL_SECS);
-        for (name, limit) in budgets {
-            invocation.key(self.counter_key(name, day)).arg(limit);
-        }
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Option<T> {
         let mut conn = self.conn.clone();
-        let refused: usize = self.call(invocation.invoke_async(&mut conn)).await?;
-        Some(refused.checked_sub(1))
-    }
-
-    fn counter_key(&self, name: &str, day: u64) -> String {
-        format!("{}count:{name}:{day}", self.prefix)
+        self.call(invocation.invoke_async(&mut conn)).await
     }
 
     /// Tells every replica to drop `key` (or everything, with `None`) from memory.
@@ -268,28 +225,6 @@ impl RedisTier {
 
     fn purge_channel(&self) -> String {
         format!("{}purge", self.prefix)
-    }
-
-    /// One request against the cluster-wide GCRA limit `name`
-    /// (`<prefix>rate:<name>`): `Some(None)` to pass, `Some(Some(wait))` to
-    /// refuse, `None` if Redis failed.
-    pub async fn gcra(
-        &self,
-        name: &str,
-        now: SystemTime,
-        interval: Duration,
-        burst: u32,
-    ) -> Option<Option<Duration>> {
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let now = micros(
-            now.duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default(),
-        );
-        let mut conn = self.conn.clone();
-        let mut invocation = self.gcra.key(format!("{}rate:{name}", self.prefix));
-        invocation.arg(now).arg(micros(interval)).arg(burst);
-        let wait: i64 = self.call(invocation.invoke_async::<i64>(&mut conn)).await?;
-        Some((wait > 0).then(|| Duration::from_micros(wait.unsigned_abs())))
     }
 
     /// Deletes `key`'s entry; true if there was one.
