@@ -6,6 +6,8 @@
 //! start-up; requests get the stored bytes.
 #![allow(dead_code)] // The functions below exist only to carry their `#[utoipa::path]`.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use bytes::Bytes;
 use serde_json::{Value, json};
 use utoipa::{
@@ -38,15 +40,6 @@ struct AdminListQuery {
     route: Option<String>,
     /// Prefix of each key's first required parameter (normalized like it); empty lists everything.
     prefix: Option<String>,
-}
-
-/// Query of the admin purge: `route` (optional with a single route) and that
-/// route's parameters, normalized like the route's own query.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-struct AdminPurgeQuery {
-    /// The route (its path); may be left out when only one route is configured.
-    route: Option<String>,
 }
 
 /// Where the configured routes' path items are made from (see [`document`]).
@@ -135,12 +128,13 @@ fn status_page() {}
 #[utoipa::path(get, path = "/admin/cache", tag = "admin", params(AdminListQuery),
     security(("bearer" = []), ("apiKey" = [])),
     responses((status = 200, description = "`{count, truncated, entries: [{key, route, params, ageSecs, ttlSecs, bytes, gzipBytes}]}`", body = Object),
+              (status = 400, description = "`route` names no configured route", body = Envelope),
               (status = 401, description = "No valid token", body = Envelope),
               (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
 fn admin_list() {}
 
 /// Purge one normalized key (with the route's parameters) or, without a query, everything.
-#[utoipa::path(delete, path = "/admin/cache", tag = "admin", params(AdminPurgeQuery),
+#[utoipa::path(delete, path = "/admin/cache", tag = "admin",
     security(("bearer" = []), ("apiKey" = [])),
     responses((status = 200, description = "`{purged, key?}`", body = Object),
               (status = 400, description = "Invalid parameters", body = Envelope),
@@ -192,6 +186,15 @@ pub fn document(table: &RouteTable) -> Bytes {
         .as_object_mut()
         .and_then(|paths| paths.remove(ROUTE_TEMPLATE))
         .unwrap_or(Value::Null);
+    let paths: Vec<&str> = table.routes().iter().map(|r| r.path()).collect();
+    if let Some(params) = doc["paths"]["/admin/cache"]["get"]["parameters"].as_array_mut() {
+        for param in params.iter_mut().filter(|p| p["name"] == "route") {
+            param["schema"]["enum"] = json!(paths);
+        }
+    }
+    if let Some(purge) = doc["paths"]["/admin/cache"].get_mut("delete") {
+        purge["parameters"] = json!([purge_query(table)]);
+    }
     if let Some(paths) = doc["paths"].as_object_mut() {
         for (path, operations) in paths.iter_mut() {
             complete(operations, path != "/openapi.json");
@@ -210,16 +213,59 @@ pub fn document(table: &RouteTable) -> Bytes {
         complete(&mut item, false);
         doc["paths"][route.path()] = item;
     }
-    let paths: Vec<&str> = table.routes().iter().map(|r| r.path()).collect();
-    for method in ["get", "delete"] {
-        let params = doc["paths"]["/admin/cache"][method]["parameters"].as_array_mut();
-        for param in params.into_iter().flatten() {
-            if param["name"] == "route" {
-                param["schema"]["enum"] = json!(paths);
-            }
-        }
-    }
     Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
+}
+
+/// The purge's query: no query purges everything; otherwise `route` and the
+/// route's parameters name one key. Query parameters cannot depend on each
+/// other, so they become the properties of one form-exploded object (the same
+/// `?a=1&b=2` on the wire) whose `dependentRequired` says that any of them
+/// needs the route's required parameters (exact with one route; with several,
+/// the union over the routes that have the parameter).
+fn purge_query(table: &RouteTable) -> Value {
+    let paths: Vec<&str> = table.routes().iter().map(|r| r.path()).collect();
+    let mut properties = serde_json::Map::new();
+    properties.insert(
+        "route".into(),
+        json!({"type": "string", "enum": paths, "description": "The route (its path); may be left out with one route"}),
+    );
+    let mut needs: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    for route in table.routes() {
+        let required: Vec<&str> = route
+            .params()
+            .iter()
+            .filter(|p| p.required())
+            .map(Param::name)
+            .collect();
+        for param in route.params() {
+            let described = parameter(param);
+            properties
+                .entry(param.name().to_owned())
+                .or_insert_with(|| described["schema"].clone());
+            let needed = needs.entry(param.name().to_owned()).or_default();
+            needed.extend(required.iter().filter(|r| **r != param.name()));
+        }
+        let route_needs = needs.entry("route".to_owned()).or_default();
+        route_needs.extend(required.iter().copied());
+    }
+    let dependent: serde_json::Map<String, Value> = needs
+        .into_iter()
+        .filter(|(_, needed)| !needed.is_empty())
+        .map(|(name, needed)| (name, json!(needed)))
+        .collect();
+    json!({
+        "name": "key",
+        "in": "query",
+        "style": "form",
+        "explode": true,
+        "required": false,
+        "description": "The key to purge: `route` and that route's parameters; none purges everything",
+        "schema": {
+            "type": "object",
+            "properties": properties,
+            "dependentRequired": dependent,
+        },
+    })
 }
 
 /// Fills in what only the router knows: `HEAD` next to every `GET` (axum
@@ -276,7 +322,14 @@ fn complete(operations: &mut Value, operational: bool) {
 /// (patterns generated from the same predicates, see [`crate::route`]).
 fn parameter(param: &Param) -> Value {
     let mut schema = match param.kind() {
-        Kind::OneOf(values) => json!({ "type": "string", "enum": values }),
+        Kind::OneOf(values) => {
+            let mut allowed: Vec<&str> = values.iter().map(String::as_str).collect();
+            // Empty means the default.
+            if param.default().is_some() {
+                allowed.push("");
+            }
+            json!({ "type": "string", "enum": allowed })
+        }
         Kind::Int { min, max } => {
             let mut schema = json!({ "type": "integer" });
             if *min > i64::MIN {
@@ -284,6 +337,10 @@ fn parameter(param: &Param) -> Value {
             }
             if *max < i64::MAX {
                 schema["maximum"] = json!(max);
+            }
+            if param.default().is_some() {
+                // Empty means the default.
+                schema = json!({ "anyOf": [schema, { "type": "string", "maxLength": 0 }] });
             }
             schema
         }
@@ -294,7 +351,8 @@ fn parameter(param: &Param) -> Value {
             "pattern": route::hashtag_pattern(),
         }),
         Kind::Text { max_len, .. } => {
-            json!({ "type": "string", "minLength": 1, "maxLength": max_len })
+            let min_length = u8::from(param.default().is_none());
+            json!({ "type": "string", "minLength": min_length, "maxLength": max_len })
         }
     };
     // Integers are documented as numbers, everything else as the text sent.
