@@ -110,8 +110,30 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
         .map(String::from)
         .into();
     assert_eq!(param_names(get), expected);
-    let purge = &doc["paths"]["/admin/cache"]["delete"];
-    assert_eq!(param_names(purge), ["route".to_owned()].into());
+    // A purge takes `route` and the route's parameters, as one optional
+    // object (no query purges everything) in which any of them needs
+    // `hashtag_name`.
+    let purge = &doc["paths"]["/admin/cache"]["delete"]["parameters"][0];
+    assert_eq!(
+        (&purge["in"], &purge["required"]),
+        (&"query".into(), &false.into())
+    );
+    let properties = purge["schema"]["properties"].as_object().unwrap();
+    let purged: BTreeSet<String> = properties.keys().cloned().collect();
+    let mut with_route = expected.clone();
+    with_route.insert("route".into());
+    assert_eq!(purged, with_route);
+    assert_eq!(
+        properties["hashtag_name"]["pattern"],
+        route::hashtag_pattern()
+    );
+    for name in ["route", "period", "region"] {
+        assert_eq!(
+            purge["schema"]["dependentRequired"][name],
+            serde_json::json!(["hashtag_name"]),
+            "{name}"
+        );
+    }
 
     let param = |name: &str| {
         get["parameters"]
