@@ -147,7 +147,8 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
     assert_eq!(param("hashtag_name")["required"], true);
     assert_eq!(
         param("period")["schema"]["enum"],
-        serde_json::json!(["7", "30"])
+        serde_json::json!(["7", "30", ""]),
+        "empty means the default"
     );
     assert_eq!(param("period")["schema"]["default"], "30");
     assert_eq!(param("region")["schema"]["default"], "all_regions");
