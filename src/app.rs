@@ -20,7 +20,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
     access::Access,
-    cache::{LocalCache, redis::RedisTier},
+    cache::{LocalCache, Tiers, redis::RedisTier},
     clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
     cors,
@@ -31,10 +31,11 @@ use crate::{
     openapi,
     protect::Protection,
     proxy::Proxy,
+    route::{RouteConfigError, RouteTable},
     routes, snapshot,
     state::{AppState, Shared},
     upstream::Upstream,
-    warmup::Warmup,
+    warmup::{Warmup, WarmupConfigError, WarmupPlan},
 };
 
 /// Why the service could not start. Messages never contain the API key.
@@ -51,6 +52,18 @@ pub enum StartupError {
     Client(#[from] reqwest::Error),
     #[error("cannot set up the Redis client: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("configuration: {0}")]
+    Routes(#[from] RouteConfigError),
+    #[error("configuration: {0}")]
+    Warmup(#[from] WarmupConfigError),
+}
+
+/// Compiles what `config` describes beyond its own sections: the route table
+/// and the warm-ups (run by `App::build` and by `check-config`).
+pub fn compile(config: &Config) -> Result<(RouteTable, Vec<WarmupPlan>), StartupError> {
+    let routes = RouteTable::from_config(config)?;
+    let warmups = WarmupPlan::from_config(config, &routes)?;
+    Ok((routes, warmups))
 }
 
 /// A built, bound, not yet running service.
@@ -77,8 +90,7 @@ impl App {
     ) -> Result<Self, StartupError> {
         config.validate()?;
         let clock = SharedClock::new(clock);
-        let routes = config.route_table()?;
-        let warmup_plans = config.warmup_plans()?;
+        let (routes, warmup_plans) = compile(&config)?;
         let openapi = openapi::document(&routes);
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
@@ -102,8 +114,11 @@ impl App {
         );
         let state = AppState::new(Shared {
             proxy: Proxy::new(
-                LocalCache::new(config.cache.max_bytes, clock.clone()),
-                redis.clone(),
+                Tiers::new(
+                    LocalCache::new(config.cache.max_bytes, clock.clone()),
+                    redis.clone(),
+                    clock.clone(),
+                ),
                 upstream,
                 Protection::from_config(&config.upstream),
                 ledger,

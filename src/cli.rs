@@ -9,7 +9,7 @@ use secrecy::SecretString;
 
 use crate::{
     access,
-    app::App,
+    app::{self, App},
     config::{self, Config},
     demo::FakeUpstream,
     route::HASHTAG_DETAIL_PATH,
@@ -88,8 +88,8 @@ fn warmup(config: &Config, dry_run: bool) -> ExitCode {
     if !dry_run {
         return fail(&"warm-ups run inside `serve`; use `warmup --dry-run` to see what they ask");
     }
-    let plans = match config.warmup_plans() {
-        Ok(plans) => plans,
+    let plans = match app::compile(config) {
+        Ok((_, plans)) => plans,
         Err(e) => return fail(&e),
     };
     if plans.is_empty() {
@@ -118,6 +118,9 @@ fn fail(error: &dyn std::fmt::Display) -> ExitCode {
 }
 
 fn check_config(config: &Config, demo: bool) -> ExitCode {
+    if let Err(e) = app::compile(config) {
+        return fail(&e);
+    }
     let key = if demo {
         Ok("demo key")
     } else {

@@ -7,6 +7,7 @@
 //! printing or logging a [`Config`] can never reveal it.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
@@ -19,11 +20,7 @@ use figment::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    cache::{FreshnessPolicy, redis::TierSettings},
-    route::{RouteConfig, RouteDefaults, RouteTable},
-    warmup::{WarmupConfig, WarmupPlan},
-};
+use crate::cache::{FreshnessPolicy, redis::TierSettings};
 
 /// The documented defaults, compiled in so the binary runs without any file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -304,6 +301,157 @@ pub struct ClientConfig {
     pub daily_budget: Option<u64>,
 }
 
+/// One `[[routes]]` entry as written in the configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path, identical on the proxy and on KeyAPI, e.g. `/v1/tiktok/trending/hashtag/detail`.
+    pub path: String,
+    /// KeyAPI's price per call; absent: `credits.per_call`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<u64>,
+    /// Freshness lifetime; absent: `cache.ttl`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<Duration>,
+    /// TTL by the value of one parameter, e.g. `{ param = "period", values = { "365" = "12h" } }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_by: Option<TtlByConfig>,
+    /// `daily`: fresh until the next 00:00 UTC + `daily_offset` (capped by the TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<String>,
+    /// With `freshness = "daily"`: how long after 00:00 UTC the day's data is complete.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub daily_offset: Option<Duration>,
+    /// Absent: `cache.stale_while_revalidate`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stale_while_revalidate: Option<Duration>,
+    /// Absent: `cache.stale_if_error`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stale_if_error: Option<Duration>,
+    /// Absent: `cache.negative_ttl`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub negative_ttl: Option<Duration>,
+    /// The query parameters, in the order the upstream query is built.
+    #[serde(default)]
+    pub params: Vec<ParamConfig>,
+}
+
+/// `ttl_by`: a TTL per value of one parameter.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlByConfig {
+    pub param: String,
+    pub values: BTreeMap<String, humantime_serde::Serde<Duration>>,
+}
+
+/// One `[[routes.params]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamConfig {
+    pub name: String,
+    /// `one_of`, `int`, `region`, `hashtag` or `text`; absent: `one_of` when
+    /// `one_of` is given, else `text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+    /// A value shown in the "is required" message; absent: the default or the first allowed value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub example: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<i64>,
+    /// `text`: a regular expression the whole (normalized) value must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// `text`: longest value in characters (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_len: Option<usize>,
+    /// `text`: lower-case the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lowercase: Option<bool>,
+    /// `text`: drop this prefix once (e.g. `@`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strip_prefix: Option<String>,
+}
+
+/// One `[[warmup]]` entry as written in the configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupConfig {
+    /// Shown in `/stats` and on the ledger as `warmup:<name>`; default: the route's path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The route's path, as in `[[routes]]`.
+    pub route: String,
+    /// Run at this interval (the first run shortly after start-up).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub every: Option<Duration>,
+    /// Or run daily at this UTC time, `HH:MM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// This warm-up's own credits per UTC day (the global budget applies too).
+    pub max_credits_per_day: u64,
+    /// With `every`: the first run, this long after start-up (default 1 s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub start_delay: Option<Duration>,
+    /// Pause between two calls of a run (default 1 s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pace: Option<Duration>,
+    /// Parameter → value, or → a list of values (every combination is asked).
+    #[serde(default)]
+    pub questions: Vec<BTreeMap<String, QuestionValue>>,
+    /// A CSV file: a header of parameter names, then one question per line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub questions_file: Option<PathBuf>,
+}
+
+/// A parameter's value in `[[warmup.questions]]`: text, a number, or a list.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum QuestionValue {
+    Text(String),
+    Number(i64),
+    List(Vec<QuestionValue>),
+}
+
 impl Config {
     /// Only the compiled-in defaults: what tests start from.
     pub fn defaults() -> Result<Self, ConfigError> {
@@ -328,27 +476,6 @@ impl Config {
         Ok(config)
     }
 
-    /// What a route inherits when it does not say.
-    pub fn route_defaults(&self) -> RouteDefaults {
-        RouteDefaults {
-            credits: self.credits.per_call,
-            ttl: self.cache.ttl,
-            policy: self.cache.freshness_policy(),
-        }
-    }
-
-    /// The compiled route table (checked by [`Config::validate`]).
-    pub fn route_table(&self) -> Result<RouteTable, ConfigError> {
-        RouteTable::compile(&self.routes, &self.route_defaults())
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
-    }
-
-    /// The checked warm-ups (checked by [`Config::validate`]).
-    pub fn warmup_plans(&self) -> Result<Vec<WarmupPlan>, ConfigError> {
-        WarmupPlan::compile(&self.warmup, &self.route_table()?)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
-    }
-
     /// The longest one fetch can take: waiting for upstream protection, then
     /// every attempt (retries share `request_timeout`).
     pub fn worst_fetch(&self) -> Duration {
@@ -359,7 +486,6 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         validate_base_url(&self.upstream.base_url)?;
-        self.warmup_plans()?;
         if self.upstream.max_body_bytes == 0 || self.upstream.max_body_bytes > u32::MAX as usize {
             return invalid("upstream.max_body_bytes must be between 1 and 4294967295".into());
         }

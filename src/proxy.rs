@@ -20,8 +20,7 @@ use tokio::time::Instant;
 
 use crate::{
     cache::{
-        CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache,
-        redis::{Claim, RedisTier},
+        CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache, Shared, Tiers, redis::RedisTier,
     },
     clock::SharedClock,
     coalesce::{Abandoned, Coalescer, Role},
@@ -127,11 +126,10 @@ impl ProxyError {
 /// Everything a fetch task needs; cheap to clone into it.
 #[derive(Clone)]
 struct Fetcher {
-    cache: LocalCache,
+    tiers: Tiers,
     upstream: Arc<Upstream>,
     protection: Arc<Protection>,
     clock: SharedClock,
-    redis: Option<Arc<RedisTier>>,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
 }
@@ -145,8 +143,7 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy over `cache`, with an optional shared Redis tier.
     pub fn new(
-        cache: LocalCache,
-        redis: Option<Arc<RedisTier>>,
+        tiers: Tiers,
         upstream: Upstream,
         protection: Protection,
         ledger: Ledger,
@@ -155,11 +152,10 @@ impl Proxy {
     ) -> Self {
         Self {
             fetcher: Fetcher {
-                cache,
+                tiers,
                 upstream: Arc::new(upstream),
                 protection: Arc::new(protection),
                 clock,
-                redis,
                 ledger: Arc::new(ledger),
                 metrics,
             },
@@ -167,14 +163,14 @@ impl Proxy {
         }
     }
 
-    /// The cache (for operational endpoints).
+    /// This replica's memory tier (for operational endpoints).
     pub fn cache(&self) -> &LocalCache {
-        &self.fetcher.cache
+        self.fetcher.tiers.memory()
     }
 
     /// The Redis tier, when configured (operational endpoints, background tasks).
     pub fn redis(&self) -> Option<&Arc<RedisTier>> {
-        self.fetcher.redis.as_ref()
+        self.fetcher.tiers.shared()
     }
 
     /// The books: budgets and what they spent (for operational endpoints).
@@ -189,30 +185,12 @@ impl Proxy {
 
     /// Forgets `key` in every tier; returns how many tiers held it.
     pub async fn purge(&self, key: &CacheKey) -> u64 {
-        let local = u64::from(self.cache().remove(key).await);
-        let shared = match self.redis() {
-            Some(redis) => {
-                let removed = redis.remove(key).await;
-                redis.publish_purge(Some(key)).await;
-                u64::from(removed)
-            }
-            None => 0,
-        };
-        local.max(shared)
+        self.fetcher.tiers.purge(key).await
     }
 
     /// Forgets every entry in every tier; returns the larger tier's count.
     pub async fn purge_all(&self) -> u64 {
-        let local = self.cache().clear().await;
-        let shared = match self.redis() {
-            Some(redis) => {
-                let removed = redis.clear().await;
-                redis.publish_purge(None).await;
-                removed
-            }
-            None => 0,
-        };
-        local.max(shared)
+        self.fetcher.tiers.purge_all().await
     }
 
     /// Resolves when no fetch (foreground or background) is in flight.
@@ -400,28 +378,13 @@ impl Fetcher {
         if let Some(entry) = self.moot(&key, &trigger).await {
             return Ok(Fetched::AlreadyCached(entry));
         }
-        let mut lock = None;
-        if let Some(redis) = &self.redis {
-            let usable = |e: &Entry| trigger.satisfied_by(e, self.clock.now());
-            let shared = match redis.get(&key).await.filter(|e| usable(e)) {
-                Some(entry) => Some(entry),
-                None => match redis.claim(&key, usable).await {
-                    Claim::Filled(entry) => Some(*entry),
-                    Claim::Locked(token) => {
-                        lock = Some(token);
-                        None
-                    }
-                    Claim::Alone => None,
-                },
-            };
-            if let Some(entry) = shared {
-                return Ok(Fetched::AlreadyCached(self.fill_memory(&key, entry).await));
-            }
-        }
+        let usable = |e: &Entry| trigger.satisfied_by(e, self.clock.now());
+        let turn = match self.tiers.consult_shared(&key, usable).await {
+            Shared::Usable(entry) => return Ok(Fetched::AlreadyCached(entry)),
+            turn => turn,
+        };
         let result = self.call_upstream(&key, &route, &payer).await;
-        if let (Some(redis), Some(token)) = (&self.redis, lock) {
-            redis.unlock(&key, token).await;
-        }
+        self.tiers.release(&key, turn).await;
         result
     }
 
@@ -448,7 +411,7 @@ impl Fetcher {
             Ok(UpstreamAnswer::Success(body)) => {
                 let now = self.clock.now();
                 let entry = Entry::success(body, route.ttl(key, now), route.policy(), now);
-                Ok(Fetched::Stored(self.store(key, entry).await))
+                Ok(Fetched::Stored(self.tiers.store(key, entry).await))
             }
             Ok(UpstreamAnswer::Declined { status, code, body }) => {
                 self.declined(key, route.policy(), status, code, body).await
@@ -506,34 +469,11 @@ impl Fetcher {
         }
     }
 
-    /// Writes an entry to every tier.
-    async fn store(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
-        if let Some(redis) = &self.redis {
-            redis.put(key, &entry, self.clock.now()).await;
-        }
-        self.fill_memory(key, entry).await
-    }
-
-    /// Puts an entry into this replica's memory tier, unless it is a
-    /// refusal and memory holds a success (kept for stale answers); the
-    /// entry is returned either way, to answer the request at hand.
-    async fn fill_memory(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
-        let entry = Arc::new(entry);
-        if entry.negative
-            && let Some(current) = self.cache.get(key).await
-            && !current.negative
-        {
-            return entry;
-        }
-        self.cache.insert(key.clone(), Arc::clone(&entry)).await;
-        entry
-    }
-
     /// A usable L1 entry that makes this fetch unnecessary, if any. Closes the
     /// race where another fetch stored the key after our caller looked but
     /// before we took the slot: without it, that key would be paid twice.
     async fn moot(&self, key: &CacheKey, trigger: &Trigger) -> Option<Arc<Entry>> {
-        let current = self.cache.get(key).await?;
+        let current = self.tiers.get(key).await?;
         trigger
             .satisfied_by(&current, self.clock.now())
             .then_some(current)
@@ -551,14 +491,14 @@ impl Fetcher {
     ) -> FetchResult {
         let deterministic = matches!(status.as_u16(), 400 | 404 | 422)
             || (status == StatusCode::OK && policy.negative_codes.contains(&code));
-        let keeps_good_entry = match self.cache.get(key).await {
+        let keeps_good_entry = match self.tiers.get(key).await {
             Some(current) => !current.negative,
             None => false,
         };
         if deterministic && !keeps_good_entry && !policy.negative_ttl.is_zero() {
             tracing::info!(%key, status = status.as_u16(), code, "upstream refusal cached as negative entry");
             let entry = Entry::negative(status, body, policy, self.clock.now());
-            return Ok(Fetched::Stored(self.store(key, entry).await));
+            return Ok(Fetched::Stored(self.tiers.store(key, entry).await));
         }
         tracing::info!(%key, status = status.as_u16(), code, "upstream refusal forwarded; not cached");
         Ok(Fetched::Declined { status, body })

@@ -13,18 +13,17 @@
 //! refused with one line naming the route and the field.
 
 use std::{
-    collections::BTreeMap,
     fmt,
     sync::{Arc, LazyLock},
     time::{Duration, SystemTime},
 };
 
 use regex_lite::Regex;
-use serde::{Deserialize, Serialize};
 
 use crate::{
     cache::{CacheKey, FreshnessPolicy},
     clock,
+    config::{Config, ParamConfig, RouteConfig},
 };
 
 /// Path of the compiled-in default route (KeyAPI's hashtag detail).
@@ -34,105 +33,6 @@ pub const MAX_HASHTAG_CHARS: usize = 100;
 /// Longest value a `text` parameter accepts when its `max_len` is not set.
 pub const DEFAULT_TEXT_MAX_LEN: usize = 100;
 const ALL_REGIONS: &str = "all_regions";
-
-/// One `[[routes]]` entry as written in the configuration.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    /// Path, identical on the proxy and on KeyAPI, e.g. `/v1/tiktok/trending/hashtag/detail`.
-    pub path: String,
-    /// KeyAPI's price per call; absent: `credits.per_call`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credits: Option<u64>,
-    /// Freshness lifetime; absent: `cache.ttl`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub ttl: Option<Duration>,
-    /// TTL by the value of one parameter, e.g. `{ param = "period", values = { "365" = "12h" } }`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_by: Option<TtlByConfig>,
-    /// `daily`: fresh until the next 00:00 UTC + `daily_offset` (capped by the TTL).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub freshness: Option<String>,
-    /// With `freshness = "daily"`: how long after 00:00 UTC the day's data is complete.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub daily_offset: Option<Duration>,
-    /// Absent: `cache.stale_while_revalidate`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub stale_while_revalidate: Option<Duration>,
-    /// Absent: `cache.stale_if_error`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub stale_if_error: Option<Duration>,
-    /// Absent: `cache.negative_ttl`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub negative_ttl: Option<Duration>,
-    /// The query parameters, in the order the upstream query is built.
-    #[serde(default)]
-    pub params: Vec<ParamConfig>,
-}
-
-/// `ttl_by`: a TTL per value of one parameter.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TtlByConfig {
-    pub param: String,
-    pub values: BTreeMap<String, humantime_serde::Serde<Duration>>,
-}
-
-/// One `[[routes.params]]` entry.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParamConfig {
-    pub name: String,
-    /// `one_of`, `int`, `region`, `hashtag` or `text`; absent: `one_of` when
-    /// `one_of` is given, else `text`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    #[serde(default)]
-    pub required: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default: Option<String>,
-    /// A value shown in the "is required" message; absent: the default or the first allowed value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub example: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub one_of: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max: Option<i64>,
-    /// `text`: a regular expression the whole (normalized) value must match.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pattern: Option<String>,
-    /// `text`: longest value in characters (default 100).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_len: Option<usize>,
-    /// `text`: lower-case the value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lowercase: Option<bool>,
-    /// `text`: drop this prefix once (e.g. `@`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub strip_prefix: Option<String>,
-}
 
 /// What a route inherits when it does not say: the `[cache]` and `[credits]` defaults.
 #[derive(Debug, Clone)]
@@ -546,6 +446,16 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// The `[[routes]]` of `config`, inheriting its `[cache]` and `[credits]` defaults.
+    pub fn from_config(config: &Config) -> Result<Self, RouteConfigError> {
+        let defaults = RouteDefaults {
+            credits: config.credits.per_call,
+            ttl: config.cache.ttl,
+            policy: config.cache.freshness_policy(),
+        };
+        Self::compile(&config.routes, &defaults)
+    }
+
     /// Checks and compiles `configs`; the first problem is the error.
     pub fn compile(
         configs: &[RouteConfig],
@@ -867,10 +777,9 @@ impl fmt::Display for Kind {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     fn table() -> RouteTable {
-        Config::defaults().unwrap().route_table().unwrap()
+        RouteTable::from_config(&Config::defaults().unwrap()).unwrap()
     }
 
     fn key(q: &str) -> Result<String, KeyError> {
@@ -959,7 +868,12 @@ mod tests {
 
     #[test]
     fn bad_routes_are_refused_naming_the_route_and_the_field() {
-        let defaults = Config::defaults().unwrap().route_defaults();
+        let config = Config::defaults().unwrap();
+        let defaults = RouteDefaults {
+            credits: 2,
+            ttl: config.cache.ttl,
+            policy: config.cache.freshness_policy(),
+        };
         let route = |params: Vec<ParamConfig>| RouteConfig {
             path: "/v1/x".into(),
             credits: Some(1),

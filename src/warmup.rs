@@ -18,17 +18,18 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    path::PathBuf,
+    path::Path,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
 
 use prometheus_client::metrics::counter::Counter;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::{
     cache::CacheKey,
     clock::{self, SharedClock},
+    config::{Config, QuestionValue, WarmupConfig},
     ledger::{Account, Budget, Payer, Refusal},
     metrics::Scope,
     proxy::{Prefetch, Proxy, ProxyError},
@@ -41,58 +42,6 @@ const DEFAULT_PACE: Duration = Duration::from_secs(1);
 /// An `every` warm-up's first run, this long after start-up, unless `start_delay` says.
 const DEFAULT_START_DELAY: Duration = Duration::from_secs(1);
 const DAY: Duration = Duration::from_secs(24 * 3600);
-
-/// One `[[warmup]]` entry as written in the configuration.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct WarmupConfig {
-    /// Shown in `/stats` and on the ledger as `warmup:<name>`; default: the route's path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// The route's path, as in `[[routes]]`.
-    pub route: String,
-    /// Run at this interval (the first run shortly after start-up).
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub every: Option<Duration>,
-    /// Or run daily at this UTC time, `HH:MM`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at: Option<String>,
-    /// This warm-up's own credits per UTC day (the global budget applies too).
-    pub max_credits_per_day: u64,
-    /// With `every`: the first run, this long after start-up (default 1 s).
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub start_delay: Option<Duration>,
-    /// Pause between two calls of a run (default 1 s).
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub pace: Option<Duration>,
-    /// Parameter → value, or → a list of values (every combination is asked).
-    #[serde(default)]
-    pub questions: Vec<BTreeMap<String, QuestionValue>>,
-    /// A CSV file: a header of parameter names, then one question per line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub questions_file: Option<PathBuf>,
-}
-
-/// A parameter's value in `[[warmup.questions]]`: text, a number, or a list.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum QuestionValue {
-    Text(String),
-    Number(i64),
-    List(Vec<QuestionValue>),
-}
 
 /// One question as (parameter, raw value) pairs.
 type Question = Vec<(String, String)>;
@@ -180,6 +129,14 @@ pub struct WarmupPlan {
 }
 
 impl WarmupPlan {
+    /// The `[[warmup]]` entries of `config`, checked against its routes.
+    pub fn from_config(
+        config: &Config,
+        table: &RouteTable,
+    ) -> Result<Vec<Self>, WarmupConfigError> {
+        Self::compile(&config.warmup, table)
+    }
+
     /// Checks every `[[warmup]]` entry against the route table.
     pub fn compile(
         configs: &[WarmupConfig],
@@ -310,7 +267,7 @@ fn scalar(value: &QuestionValue) -> Option<String> {
 
 /// Questions from a CSV file: a header of parameter names, one question per
 /// line; each labelled with its line number for error messages.
-fn read_csv(path: &PathBuf) -> Result<Vec<Labelled>, String> {
+fn read_csv(path: &Path) -> Result<Vec<Labelled>, String> {
     let shown = path.display();
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use common::{header, spawn_app};
 use flate2::read::GzDecoder;
-use keyapi_proxy::cache::Entry;
+use keyapi_proxy::{cache::Entry, route::RouteTable};
 
 const Q: &str = "hashtag_name=ufc324";
 const GZIP: (&str, &str) = ("Accept-Encoding", "gzip");
@@ -24,7 +24,7 @@ const GZIP: (&str, &str) = ("Accept-Encoding", "gzip");
 /// fill or a snapshot load would, so `Age` is known without waiting.
 async fn store_aged(app: &common::TestApp, query: &str, age: Duration) {
     let config = common::test_config();
-    let table = config.route_table().unwrap();
+    let table = RouteTable::from_config(&config).unwrap();
     let key = table.routes()[0].parse(Some(query)).unwrap();
     let body = Bytes::from(
         serde_json::to_vec(&serde_json::json!({

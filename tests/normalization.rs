@@ -5,7 +5,7 @@
 mod common;
 
 use common::{TEST_API_KEY, header, parts, plain_ttl, spawn_app, spawn_app_with};
-use keyapi_proxy::route::ParamConfig;
+use keyapi_proxy::config::ParamConfig;
 
 #[tokio::test]
 async fn equivalent_queries_share_one_upstream_call() {

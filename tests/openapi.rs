@@ -220,7 +220,7 @@ impl Schema {
 
 fn table() -> &'static RouteTable {
     static TABLE: LazyLock<RouteTable> =
-        LazyLock::new(|| Config::defaults().unwrap().route_table().unwrap());
+        LazyLock::new(|| RouteTable::from_config(&Config::defaults().unwrap()).unwrap());
     &TABLE
 }
 

@@ -19,8 +19,8 @@ use common::{
 use keyapi_proxy::{
     app::App,
     clock::ManualClock,
-    config::Config,
-    route::{HASHTAG_DETAIL_PATH, ParamConfig, RouteConfig},
+    config::{Config, ParamConfig, RouteConfig},
+    route::HASHTAG_DETAIL_PATH,
 };
 use secrecy::SecretString;
 use serde_json::Value;
@@ -176,9 +176,12 @@ async fn openapi_documents_both_routes_with_their_parameter_rules() {
     }
     let params = doc["paths"][LIST]["get"]["parameters"].as_array().unwrap();
     let page = params.iter().find(|p| p["name"] == "page").unwrap();
-    assert_eq!(page["schema"]["type"], "integer");
-    assert_eq!(page["schema"]["minimum"], 1);
-    assert_eq!(page["schema"]["maximum"], 50);
+    // An integer 1-50, or empty for the default.
+    let integer = &page["schema"]["anyOf"][0];
+    assert_eq!(integer["type"], "integer");
+    assert_eq!(integer["minimum"], 1);
+    assert_eq!(integer["maximum"], 50);
+    assert_eq!(page["schema"]["anyOf"][1]["maxLength"], 0);
     assert_eq!(page["schema"]["default"], 1);
     assert_eq!(page["required"], false);
     let names: Vec<&str> = params.iter().map(|p| p["name"].as_str().unwrap()).collect();

@@ -20,9 +20,9 @@ use common::{
 };
 use keyapi_proxy::{
     clock::{Clock, ManualClock},
-    config::Config,
+    config::{Config, QuestionValue, WarmupConfig},
     demo::FakeMode,
-    warmup::{QuestionValue, RunReport, WarmupConfig},
+    warmup::RunReport,
 };
 
 const ROUTE: &str = "/v1/tiktok/trending/hashtag/detail";

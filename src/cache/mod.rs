@@ -18,6 +18,7 @@ pub mod codec;
 mod encoding;
 mod local;
 pub mod redis;
+mod tiers;
 
 use std::{
     fmt,
@@ -32,6 +33,7 @@ use axum::http::{HeaderValue, StatusCode};
 use bytes::Bytes;
 
 pub use local::LocalCache;
+pub use tiers::{Shared, Tiers};
 
 /// Normalized identity of an answer: the exact upstream path and query that
 /// produces it. Equal keys mean byte-identical upstream requests.

@@ -1,0 +1,137 @@
+//! Memory and Redis behind one type, so the proxy tells only the request's
+//! story: look in memory, consult the shared tier (or take this replica's
+//! turn to fetch), store in both.
+//!
+//! The rules of storing live here: a refusal (negative entry) never replaces
+//! a success — in Redis it is written only where nothing is, and memory keeps
+//! a success rather than take a refusal read from Redis.
+
+use std::sync::Arc;
+
+use super::{
+    CacheKey, Entry, LocalCache,
+    redis::{Claim, LockToken, RedisTier},
+};
+use crate::clock::SharedClock;
+
+/// What the shared tier said about a key this replica is about to fetch.
+#[derive(Debug)]
+pub enum Shared {
+    /// A usable answer (now in memory too): no fetch.
+    Usable(Arc<Entry>),
+    /// This replica holds the key's fetch lock: fetch, then [`Tiers::release`].
+    Locked(LockToken),
+    /// No Redis, Redis unavailable, or the wait timed out: fetch without a lock.
+    Alone,
+}
+
+/// The cache tiers of one replica.
+#[derive(Clone)]
+pub struct Tiers {
+    memory: LocalCache,
+    shared: Option<Arc<RedisTier>>,
+    clock: SharedClock,
+}
+
+impl Tiers {
+    /// `memory`, with `shared` behind it when configured; entries age by `clock`.
+    pub fn new(memory: LocalCache, shared: Option<Arc<RedisTier>>, clock: SharedClock) -> Self {
+        Self {
+            memory,
+            shared,
+            clock,
+        }
+    }
+
+    /// This replica's memory tier.
+    pub fn memory(&self) -> &LocalCache {
+        &self.memory
+    }
+
+    /// The shared tier, when configured.
+    pub fn shared(&self) -> Option<&Arc<RedisTier>> {
+        self.shared.as_ref()
+    }
+
+    /// The entry in memory (the hit path: one lookup, no Redis).
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.memory.get(key).await
+    }
+
+    /// Before fetching `key`: a `usable` answer another replica stored, or
+    /// this replica's turn to fetch (the cluster-wide lock, waiting for its
+    /// holder's answer for at most `lock_wait`).
+    pub async fn consult_shared(&self, key: &CacheKey, usable: impl Fn(&Entry) -> bool) -> Shared {
+        let Some(redis) = &self.shared else {
+            return Shared::Alone;
+        };
+        let found = match redis.get(key).await.filter(|e| usable(e)) {
+            Some(entry) => entry,
+            None => match redis.claim(key, usable).await {
+                Claim::Filled(entry) => *entry,
+                Claim::Locked(token) => return Shared::Locked(token),
+                Claim::Alone => return Shared::Alone,
+            },
+        };
+        Shared::Usable(self.fill_memory(key, found).await)
+    }
+
+    /// After fetching `key`: releases the lock [`Tiers::consult_shared`] gave.
+    pub async fn release(&self, key: &CacheKey, turn: Shared) {
+        if let (Some(redis), Shared::Locked(token)) = (&self.shared, turn) {
+            redis.unlock(key, token).await;
+        }
+    }
+
+    /// Stores a fetched entry in every tier; returns it as memory holds it.
+    pub async fn store(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
+        if let Some(redis) = &self.shared {
+            redis.put(key, &entry, self.clock.now()).await;
+        }
+        self.fill_memory(key, entry).await
+    }
+
+    /// Puts an entry into memory, unless it is a refusal and memory holds a
+    /// success (kept for stale answers); the entry is returned either way,
+    /// to answer the request at hand.
+    async fn fill_memory(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
+        let entry = Arc::new(entry);
+        if entry.negative
+            && let Some(current) = self.memory.get(key).await
+            && !current.negative
+        {
+            return entry;
+        }
+        self.memory.insert(key.clone(), Arc::clone(&entry)).await;
+        entry
+    }
+
+    /// Forgets `key` in every tier (and tells the other replicas); returns
+    /// how many tiers held it.
+    pub async fn purge(&self, key: &CacheKey) -> u64 {
+        let local = u64::from(self.memory.remove(key).await);
+        let shared = match &self.shared {
+            Some(redis) => {
+                let removed = redis.remove(key).await;
+                redis.publish_purge(Some(key)).await;
+                u64::from(removed)
+            }
+            None => 0,
+        };
+        local.max(shared)
+    }
+
+    /// Forgets every entry in every tier; returns the larger tier's count.
+    pub async fn purge_all(&self) -> u64 {
+        let local = self.memory.clear().await;
+        let shared = match &self.shared {
+            Some(redis) => {
+                let removed = redis.clear().await;
+                redis.publish_purge(None).await;
+                removed
+            }
+            None => 0,
+        };
+        local.max(shared)
+    }
+}
