@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, ServiceExt, extract::Request};
+use axum::Router;
 use bytes::Bytes;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
@@ -35,7 +35,9 @@ use crate::{
     openapi,
     protect::Protection,
     proxy::Proxy,
-    routes, snapshot,
+    routes,
+    server::{self, Limits},
+    snapshot,
     upstream::Upstream,
 };
 
@@ -135,7 +137,7 @@ pub struct App {
     local_addr: SocketAddr,
     router: Observe<Router>,
     state: AppState,
-    shutdown_grace: Duration,
+    limits: Limits,
     snapshot: Option<(PathBuf, Duration)>,
 }
 
@@ -231,7 +233,14 @@ impl App {
             local_addr,
             router,
             state,
-            shutdown_grace: config.server.shutdown_grace,
+            limits: Limits {
+                header_read_timeout: config.server.header_read_timeout,
+                idle_timeout: config.server.idle_timeout,
+                max_connections: config.server.max_connections.unwrap_or_else(|| {
+                    server::default_max_connections(config.upstream.max_in_flight)
+                }),
+                shutdown_grace: config.server.shutdown_grace,
+            },
             snapshot,
         })
     }
@@ -246,8 +255,9 @@ impl App {
         &self.state
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and lets
-    /// in-flight requests finish for at most the configured grace period.
+    /// Serves until `shutdown` resolves, then stops accepting, closes silent
+    /// connections and lets in-flight requests finish for at most the
+    /// configured grace period; the final snapshot is written either way.
     pub async fn run_until<F>(self, shutdown: F) -> std::io::Result<()>
     where
         F: Future<Output = ()> + Send + 'static,
@@ -257,7 +267,7 @@ impl App {
             local_addr,
             router,
             state,
-            shutdown_grace,
+            limits,
             snapshot,
         } = self;
         let purges = state.proxy().redis().cloned().map(|redis| {
@@ -267,31 +277,14 @@ impl App {
         let saver = snapshot.as_ref().map(|(path, interval)| {
             tokio::spawn(save_periodically(path.clone(), *interval, state.clone()))
         });
-        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let signal_state = state.clone();
         let signal = async move {
             shutdown.await;
             signal_state.set_ready(false);
-            let _ = draining_tx.send(());
         };
         state.set_ready(true);
-        tracing::info!(%local_addr, "listening");
-        let service = ServiceExt::<Request>::into_make_service(router);
-        let server = axum::serve(listener, service).with_graceful_shutdown(signal);
-        let grace = async move {
-            if draining_rx.await.is_ok() {
-                tokio::time::sleep(shutdown_grace).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        let result = tokio::select! {
-            result = server => result,
-            () = grace => {
-                tracing::warn!(?shutdown_grace, "grace period over; dropping remaining connections");
-                Ok(())
-            }
-        };
+        tracing::info!(%local_addr, max_connections = limits.max_connections, "listening");
+        server::serve(listener, router, limits, signal).await;
         for task in [saver, purges].into_iter().flatten() {
             task.abort();
         }
@@ -299,7 +292,7 @@ impl App {
             save_snapshot(path, &state).await;
         }
         tracing::info!("stopped");
-        result
+        Ok(())
     }
 }
 

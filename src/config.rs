@@ -77,9 +77,20 @@ pub struct Config {
 pub struct ServerConfig {
     /// `KEYAPI_PROXY__SERVER__LISTEN`
     pub listen: SocketAddr,
-    /// `KEYAPI_PROXY__SERVER__SHUTDOWN_GRACE`: drain time for in-flight requests.
+    /// `KEYAPI_PROXY__SERVER__SHUTDOWN_GRACE`: drain time for in-flight requests
+    /// (below Docker's 10 s stop timeout, so the final snapshot gets written).
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// `KEYAPI_PROXY__SERVER__HEADER_READ_TIMEOUT`: time a client has to send a request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// `KEYAPI_PROXY__SERVER__IDLE_TIMEOUT`: time a keep-alive connection may stay silent.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// `KEYAPI_PROXY__SERVER__MAX_CONNECTIONS`: open connections at most; absent =
+    /// derived from the descriptor limit (see [`crate::server::default_max_connections`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
 /// `[upstream]`: where KeyAPI is and how long we wait for it.
@@ -323,6 +334,15 @@ impl Config {
         }
         if self.upstream.request_timeout.is_zero() || self.upstream.connect_timeout.is_zero() {
             return invalid("upstream timeouts must be greater than zero".into());
+        }
+        if self.server.header_read_timeout.is_zero() || self.server.idle_timeout.is_zero() {
+            return invalid(
+                "server.header_read_timeout and server.idle_timeout must be greater than zero"
+                    .into(),
+            );
+        }
+        if self.server.max_connections == Some(0) {
+            return invalid("server.max_connections must be at least 1 (or absent: derived from the descriptor limit)".into());
         }
         if self.upstream.max_in_flight == 0 || self.upstream.breaker_failures == 0 {
             return invalid(

@@ -1,7 +1,8 @@
 //! keyapi-proxy: a caching, single-flight proxy in front of KeyAPI's paid
 //! TikTok hashtag-detail endpoint.
 //!
-//! One request, top to bottom: [`routes`] (HTTP) → [`access`] (who is
+//! One request, top to bottom: [`server`] (connections, their timeouts and
+//! cap) → [`routes`] (HTTP) → [`access`] (who is
 //! calling) → [`limits`] (rate limits; credit budgets for misses) → [`key`] (raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`upstream`] (KeyAPI, key
@@ -33,6 +34,7 @@ pub mod openapi;
 pub mod protect;
 pub mod proxy;
 pub mod routes;
+pub mod server;
 pub mod shutdown;
 pub mod snapshot;
 pub mod stats;
