@@ -21,9 +21,11 @@ use crate::{
 const GZIP: HeaderValue = HeaderValue::from_static("gzip");
 const VARY_ACCEPT_ENCODING: HeaderValue = HeaderValue::from_static("accept-encoding");
 
-/// The answer to `request` from a cached `entry`: 304, gzip or identity.
+/// The answer to `request` from a cached `entry`: 304, gzip or identity. A
+/// negative entry (a cached refusal) is never a 304: `If-None-Match: *` means
+/// "a representation exists", which a refusal is not.
 pub fn cached_response(request: &HeaderMap, entry: &Entry, state: CacheState) -> Response {
-    let mut response: Response = if not_modified(request, &entry.etag) {
+    let mut response: Response = if !entry.negative && not_modified(request, &entry.etag) {
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         response

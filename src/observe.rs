@@ -18,7 +18,7 @@ use std::{
 
 use axum::{
     extract::Request,
-    http::{HeaderName, HeaderValue, Method},
+    http::{HeaderName, HeaderValue},
     response::Response,
 };
 use tower::{Layer, Service};
@@ -29,6 +29,9 @@ use crate::{cache::CacheKey, metrics::Metrics, routes};
 /// `X-Request-Id`, on every response.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_ID_LEN: usize = 128;
+/// Longest method or path written to the access log, in bytes: the client
+/// chooses them, and a 16 KiB path must not make a 16 KiB log line.
+const MAX_LOGGED_LEN: usize = 256;
 
 /// The id of the request being served (a request extension).
 #[derive(Debug, Clone)]
@@ -125,8 +128,12 @@ where
         // Every route is a static path, so the path itself is the template.
         let route = routes::label(request.uri().path());
         // Log fields are only gathered when the line will be written.
-        let log = tracing::enabled!(Level::INFO)
-            .then(|| (request.method().clone(), request.uri().path().to_owned()));
+        let log = tracing::enabled!(Level::INFO).then(|| {
+            (
+                truncated(request.method().as_str()).to_owned(),
+                truncated(request.uri().path()).to_owned(),
+            )
+        });
         ObserveFuture {
             inner: self.inner.call(request),
             done: Some(Done {
@@ -154,7 +161,8 @@ struct Done {
     started: Instant,
     id: RequestId,
     route: &'static str,
-    log: Option<(Method, String)>,
+    /// Method and path, already truncated for the log.
+    log: Option<(String, String)>,
     metrics: Arc<Metrics>,
 }
 
@@ -186,7 +194,7 @@ impl Done {
             match access {
                 Some(log) => tracing::info!(
                     request_id,
-                    %method,
+                    method,
                     path,
                     status,
                     client = log.client.as_deref(),
@@ -196,9 +204,18 @@ impl Done {
                     latency_us,
                     "request"
                 ),
-                None => tracing::info!(request_id, %method, path, status, latency_us, "request"),
+                None => tracing::info!(request_id, method, path, status, latency_us, "request"),
             }
         }
         response.headers_mut().insert(X_REQUEST_ID, self.id.0);
     }
+}
+
+/// `text` cut to at most [`MAX_LOGGED_LEN`] bytes, on a character boundary.
+fn truncated(text: &str) -> &str {
+    let mut end = text.len().min(MAX_LOGGED_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
