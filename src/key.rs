@@ -7,7 +7,9 @@
 //! Unknown parameters (cache busters such as `_=123`) are ignored and never
 //! forwarded.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{borrow::Cow, fmt::Write as _, time::Duration};
+
+use unicode_normalization::{IsNormalized, UnicodeNormalization as _, is_nfc_quick};
 
 use crate::{cache::CacheKey, config::Config};
 
@@ -224,20 +226,34 @@ impl HashtagKey {
 }
 
 /// A hashtag prefix normalized like a hashtag (trimmed, one `#` dropped,
-/// lower-cased when the rules say so), for matching stored keys.
+/// lower-cased when the rules say so, NFC), for matching stored keys.
 pub fn normalize_prefix(raw: &str, rules: &HashtagRules) -> String {
-    fold_case(strip_hash(raw.trim()), rules.lowercase)
+    canonical(strip_hash(raw.trim()), rules.lowercase)
 }
 
 fn strip_hash(trimmed: &str) -> &str {
     trimmed.strip_prefix('#').unwrap_or(trimmed)
 }
 
-fn fold_case(name: &str, lowercase: bool) -> String {
+/// Lower-cased when the rules say so, then NFC: canonically equivalent
+/// spellings (`é` as one code point or as `e` + U+0301) are one key, and so
+/// are the forms lower-casing produces (`É` → `é`). Compatibility forms
+/// (fullwidth `ＵＦＣ`, ligatures) are deliberately not folded: they are
+/// different text that KeyAPI may answer differently.
+fn canonical(name: &str, lowercase: bool) -> String {
     if lowercase {
-        name.to_lowercase()
+        nfc(Cow::Owned(name.to_lowercase()))
     } else {
-        name.to_owned()
+        nfc(Cow::Borrowed(name))
+    }
+}
+
+/// `text` in Unicode Normalization Form C; no copy when it already is (ASCII always is).
+fn nfc(text: Cow<'_, str>) -> String {
+    if is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        text.into_owned()
+    } else {
+        text.nfc().collect()
     }
 }
 
@@ -246,14 +262,15 @@ fn normalize_hashtag(raw: Option<&str>, lowercase: bool) -> Result<String, KeyEr
     if trimmed.is_empty() {
         return Err(KeyError::MissingHashtag);
     }
-    let name = strip_hash(trimmed);
+    // Composed first, so a decomposed `é` (a letter and a combining mark) validates.
+    let name = nfc(Cow::Borrowed(strip_hash(trimmed)));
     let chars = name.chars().count();
     let valid = (1..=MAX_HASHTAG_CHARS).contains(&chars)
         && name.chars().all(|c| c.is_alphanumeric() || c == '_');
     if !valid {
         return Err(KeyError::InvalidHashtag(clip(trimmed)));
     }
-    Ok(fold_case(name, lowercase))
+    Ok(canonical(&name, lowercase))
 }
 
 fn parse_region(raw: &str) -> Result<Region, KeyError> {
@@ -313,6 +330,20 @@ mod tests {
             k.as_deref(),
             Ok("/v1/tiktok/trending/hashtag/detail?period=30&region=FR&hashtag_name=%C3%A9t%C3%A9")
         );
+    }
+
+    #[test]
+    fn canonically_equivalent_spellings_share_one_key() {
+        let composed = key("hashtag_name=%C3%A9t%C3%A9"); // é as U+00E9
+        for q in [
+            "hashtag_name=e%CC%81te%CC%81", // e + U+0301 (NFD)
+            "hashtag_name=E%CC%81TE%CC%81", // upper-case NFD
+            "hashtag_name=%C3%89T%C3%89",   // upper-case NFC
+        ] {
+            assert_eq!(key(q), composed, "query {q}");
+        }
+        // Fullwidth letters are compatibility forms: a different key, by design.
+        assert_ne!(key("hashtag_name=%EF%BC%B5FC"), key("hashtag_name=ufc"));
     }
 
     #[test]
