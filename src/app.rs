@@ -222,9 +222,10 @@ impl App {
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?;
         if state.access().is_open() && !local_addr.ip().is_loopback() {
+            // Only reachable with server.open = true (validate refuses it otherwise).
             tracing::warn!(
                 %local_addr,
-                "no [[clients]] configured and listening on a non-loopback address: \
+                "server.open = true and no [[clients]]: \
                  anyone who can reach this port spends your KeyAPI credits"
             );
         }

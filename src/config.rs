@@ -77,6 +77,9 @@ pub struct Config {
 pub struct ServerConfig {
     /// `KEYAPI_PROXY__SERVER__LISTEN`
     pub listen: SocketAddr,
+    /// `KEYAPI_PROXY__SERVER__OPEN`: serve without `[[clients]]` on a non-loopback
+    /// address (anyone who reaches the port spends credits); refused otherwise.
+    pub open: bool,
     /// `KEYAPI_PROXY__SERVER__SHUTDOWN_GRACE`: drain time for in-flight requests
     /// (below Docker's 10 s stop timeout, so the final snapshot gets written).
     #[serde(with = "humantime_serde")]
@@ -305,6 +308,15 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         validate_base_url(&self.upstream.base_url)?;
+        let listen = self.server.listen;
+        if self.clients.is_empty() && !self.server.open && !listen.ip().is_loopback() {
+            return invalid(format!(
+                "server.listen {listen} is not loopback and no [[clients]] are configured: \
+                 add a [[clients]] entry (see `keyapi-proxy hash-token`), or set \
+                 server.open = true (KEYAPI_PROXY__SERVER__OPEN=true) to let anyone who \
+                 reaches the port spend your credits"
+            ));
+        }
         if self.hashtag.periods.is_empty() {
             return invalid("hashtag.periods must not be empty".into());
         }
