@@ -164,7 +164,7 @@ impl App {
         let upstream = Upstream::new(&config.upstream, api_key)?.with_metrics(Arc::clone(&metrics));
         let redis = match &config.cache.redis.url {
             Some(url) => Some(Arc::new(RedisTier::new(
-                url,
+                url.expose(),
                 &config.cache.redis,
                 Arc::clone(&metrics),
             )?)),

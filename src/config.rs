@@ -171,9 +171,10 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `KEYAPI_PROXY__CACHE__REDIS__URL`, e.g. `redis://127.0.0.1:6379`; absent = off.
+    /// `KEYAPI_PROXY__CACHE__REDIS__URL`, e.g. `redis://127.0.0.1:6379` or
+    /// `rediss://:password@host:6380`; absent = off. Never printed.
     #[serde(default)]
-    pub url: Option<String>,
+    pub url: Option<RedisUrl>,
     /// `KEYAPI_PROXY__CACHE__REDIS__PREFIX`: namespace and format version of our keys.
     pub prefix: String,
     /// `KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT`: after this, a Redis call counts as failed.
@@ -185,6 +186,37 @@ pub struct RedisConfig {
     /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_WAIT`: how long to wait for another replica's fetch.
     #[serde(with = "humantime_serde")]
     pub lock_wait: Duration,
+}
+
+/// A Redis URL. It may carry a password, so it prints as `[redacted]`
+/// everywhere (`Debug`, `check-config`); only the Redis client sees it.
+#[derive(Clone, Deserialize)]
+#[serde(from = "String")]
+pub struct RedisUrl(SecretString);
+
+impl RedisUrl {
+    /// The URL itself, for the Redis client only.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl From<String> for RedisUrl {
+    fn from(url: String) -> Self {
+        Self(SecretString::from(url))
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
+    }
 }
 
 /// `[hashtag]`: the parameters the hashtag-detail route accepts.
@@ -363,8 +395,8 @@ impl Config {
         }
         if let Some(url) = &self.cache.redis.url {
             // Parse only: the URL may hold a password, so it is never echoed.
-            if redis::Client::open(url.as_str()).is_err() {
-                return invalid("cache.redis.url is not a valid redis:// URL".into());
+            if redis::Client::open(url.expose()).is_err() {
+                return invalid("cache.redis.url is not a valid redis:// or rediss:// URL".into());
             }
         }
         if self.cache.redis.url.is_some()

@@ -16,7 +16,7 @@ const KEY: &str =
 
 fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
     move |c: &mut Config| {
-        c.cache.redis.url = Some(url.to_owned());
+        c.cache.redis.url = Some(url.to_owned().into());
         // Generous under a loaded CI machine; still far below any client timeout.
         c.cache.redis.op_timeout = Duration::from_secs(1);
     }

@@ -10,12 +10,23 @@ use std::{
 /// A running `redis-server`, killed on drop.
 pub struct RedisServer {
     pub port: u16,
+    /// `requirepass`, when started with [`RedisServer::start_with_password`].
+    password: Option<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts a server, or `None` (after a loud message) if the binary is missing.
     pub async fn start() -> Option<Self> {
+        Self::start_inner(None).await
+    }
+
+    /// Starts a server that requires `password` (`--requirepass`).
+    pub async fn start_with_password(password: &str) -> Option<Self> {
+        Self::start_inner(Some(password.to_owned())).await
+    }
+
+    async fn start_inner(password: Option<String>) -> Option<Self> {
         let available = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -35,14 +46,21 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            port,
+            password,
+            child: None,
+        };
         server.restart().await;
         Some(server)
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, with the password when there is one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Kills the server (like a crash).
@@ -57,10 +75,12 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         self.kill();
         let port = self.port;
+        let password = self.password.clone();
         let child = tokio::task::spawn_blocking(move || {
             let mut child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
+                .args(password.iter().flat_map(|p| ["--requirepass", p.as_str()]))
                 .stdout(Stdio::piped())
                 .spawn()
                 .expect("redis-server starts");
