@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "KEYAPI_PROXY__";
+/// Shortest `cache.snapshot_interval` accepted (zero would spin the saver).
+pub const MIN_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
 /// Environment variable holding the KeyAPI key itself.
 pub const API_KEY_ENV: &str = "KEYAPI_API_KEY";
 /// Environment variable naming a file that holds the KeyAPI key (Docker secret).
@@ -378,6 +380,12 @@ impl Config {
         }
         if self.upstream.request_timeout.is_zero() || self.upstream.connect_timeout.is_zero() {
             return invalid("upstream timeouts must be greater than zero".into());
+        }
+        if self.cache.snapshot_interval < MIN_SNAPSHOT_INTERVAL {
+            return invalid(format!(
+                "cache.snapshot_interval must be at least {}s: each snapshot rewrites the whole cache",
+                MIN_SNAPSHOT_INTERVAL.as_secs()
+            ));
         }
         if self.server.header_read_timeout.is_zero() || self.server.idle_timeout.is_zero() {
             return invalid(

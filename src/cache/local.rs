@@ -84,12 +84,17 @@ impl LocalCache {
         count
     }
 
-    /// A point-in-time copy of every entry (admin listing, status page, snapshots).
+    /// A point-in-time copy of every entry (admin listing, status page).
     pub fn entries(&self) -> Vec<(CacheKey, Arc<Entry>)> {
+        self.iter().collect()
+    }
+
+    /// Every entry, one at a time, copying nothing but the pointers
+    /// (snapshots stream this to disk in bounded memory).
+    pub fn iter(&self) -> impl Iterator<Item = (CacheKey, Arc<Entry>)> + '_ {
         self.inner
             .iter()
             .map(|(key, entry)| (CacheKey::clone(&key), entry))
-            .collect()
     }
 
     /// Stores (or replaces) the entry for `key`.
