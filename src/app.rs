@@ -38,6 +38,7 @@ use crate::{
     routes,
     server::{self, Limits},
     snapshot,
+    summary::Summaries,
     upstream::Upstream,
 };
 
@@ -72,6 +73,8 @@ struct Shared {
     /// `/openapi.json`, rendered once for this configuration.
     openapi: Bytes,
     allow_client_refresh: bool,
+    /// The cache's summary for `/stats` and `/`, recomputed at most once a second.
+    summaries: Summaries,
     ready: AtomicBool,
 }
 
@@ -119,6 +122,11 @@ impl AppState {
     /// Whether clients may force a refresh with `Cache-Control: no-cache`.
     pub fn allow_client_refresh(&self) -> bool {
         self.0.allow_client_refresh
+    }
+
+    /// The cache's summary (counts, top keys) for the operational endpoints.
+    pub fn summaries(&self) -> &Summaries {
+        &self.0.summaries
     }
 
     /// True while serving; false before start and while draining.
@@ -194,6 +202,7 @@ impl App {
             rules,
             openapi,
             allow_client_refresh: config.cache.allow_client_refresh,
+            summaries: Summaries::default(),
             ready: AtomicBool::new(false),
         }));
         let mut router = routes::router(state.clone());

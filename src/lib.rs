@@ -38,5 +38,6 @@ pub mod server;
 pub mod shutdown;
 pub mod snapshot;
 pub mod stats;
+pub mod summary;
 pub mod telemetry;
 pub mod upstream;

@@ -17,14 +17,11 @@ use serde::Serialize;
 use crate::{
     app::AppState,
     clock::{self, SharedClock},
-    key::HashtagKey,
     limits::Budget,
     metrics::Totals,
     stats::Minute,
+    summary::TopKey,
 };
-
-/// Keys shown under "top keys".
-const TOP_KEYS: usize = 10;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -73,17 +70,6 @@ struct ClientStats {
     credits_spent_today: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct TopKey {
-    hashtag_name: String,
-    period: u32,
-    region: String,
-    hits: u64,
-    bytes: usize,
-    age_secs: u64,
-}
-
 impl Stats {
     async fn collect(state: &AppState) -> Self {
         let metrics = state.metrics();
@@ -91,7 +77,6 @@ impl Stats {
         let clock = history.clock();
         let now = clock.now();
         let cache = state.proxy().cache();
-        cache.sync().await;
         let totals = metrics.totals();
         let answered = totals.hits + totals.misses;
         let last_hour = history.last_hour();
@@ -121,28 +106,7 @@ impl Stats {
                 credits_spent_today: spent_today(c.budget.as_ref(), clock).await,
             });
         }
-        let wall_now = SystemTime::now();
-        let mut top_keys: Vec<TopKey> = cache
-            .entries()
-            .into_iter()
-            .filter_map(|(key, entry)| {
-                let question = HashtagKey::from_cache_key(&key)?;
-                Some(TopKey {
-                    region: question.region.as_str().to_owned(),
-                    hashtag_name: question.hashtag,
-                    period: question.period,
-                    hits: entry.hits(),
-                    bytes: entry.body.len(),
-                    age_secs: entry.age(wall_now).as_secs(),
-                })
-            })
-            .collect();
-        top_keys.sort_by(|a, b| {
-            b.hits
-                .cmp(&a.hits)
-                .then_with(|| a.hashtag_name.cmp(&b.hashtag_name))
-        });
-        top_keys.truncate(TOP_KEYS);
+        let summary = state.summaries().get(cache, clock).await;
         Self {
             uptime_secs: ago(history.started()),
             started_at: clock::unix_secs(history.started()),
@@ -151,15 +115,15 @@ impl Stats {
             credits_per_call: metrics.credits_per_call(),
             daily_budget: state.budget().map(|b| b.limit()),
             credits_spent_today: spent_today(state.budget(), clock).await,
-            cache_entries: cache.entry_count(),
-            cache_bytes: cache.weighted_size(),
+            cache_entries: summary.entries,
+            cache_bytes: summary.bytes,
             upstream,
             redis: state
                 .proxy()
                 .redis()
                 .map(|r| if r.is_up() { "up" } else { "down" }),
             clients,
-            top_keys,
+            top_keys: summary.top_keys.clone(),
             last_hour,
         }
     }
