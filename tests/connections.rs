@@ -7,17 +7,14 @@
 mod common;
 
 use std::{
-    net::SocketAddr,
     path::Path,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
-use common::spawn_app_with;
+use common::{spawn_app_with, spawn_binary};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    process::{Child, Command},
 };
 
 const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n";
@@ -155,49 +152,6 @@ async fn oversized_heads_are_refused() {
         request = request.header(format!("x-h{i}"), "1");
     }
     assert_eq!(request.send().await.unwrap().status(), 431);
-}
-
-/// The binary in `--demo` mode on a free port, its descriptor limit set to
-/// `nofile` when given; returns it and its address.
-async fn spawn_binary(nofile: Option<u64>, env: &[(&str, &str)]) -> (Child, SocketAddr) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("KEYAPI_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.arg("--demo")
-        .env("KEYAPI_PROXY__SERVER__LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    if let Some(limit) = nofile {
-        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let rlimit = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if let Some(rest) = line.split("http://").nth(1) {
-            let addr = rest.split('/').next().unwrap().parse().unwrap();
-            return (child, addr);
-        }
-    }
-    panic!("the demo printed no address");
 }
 
 #[tokio::test]

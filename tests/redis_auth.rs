@@ -1,12 +1,14 @@
-//! A Redis tier behind a password: the URL's credentials work, and the URL
-//! (password included) shows up in no log line and no `check-config` output.
+//! A Redis tier behind a password or TLS: the URL's credentials and
+//! `rediss://` work, and the URL (password included) shows up in no log line
+//! and no `check-config` output.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::time::Duration;
 
-use common::{header, parts, redis_server::RedisServer, spawn_app_with};
+use common::{header, parts, redis_server::RedisServer, spawn_app_with, spawn_binary};
+use redis::AsyncCommands;
 
 const PASSWORD: &str = "s3cret-redis-pass-4f1e";
 
@@ -49,4 +51,71 @@ fn check_config_never_prints_the_redis_url() {
     assert!(out.status.success(), "{printed}");
     assert!(printed.contains("url = \"[redacted]\""), "{printed}");
     assert!(!printed.contains(PASSWORD) && !printed.contains("redis.example"));
+}
+
+/// A self-signed server certificate for 127.0.0.1 in `dir` (cert, key); `None`
+/// (after a loud message) without the `openssl` command.
+fn self_signed(dir: &std::path::Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        // A server certificate, not a CA: webpki refuses a CA as the end entity.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        eprintln!(
+            "\n*** SKIPPED: openssl is not on PATH; it makes the TLS test's certificate ***\n"
+        );
+    }
+    made.then_some((cert, key))
+}
+
+#[tokio::test]
+async fn a_rediss_url_reaches_redis_over_tls() {
+    let dir = std::env::temp_dir().join(format!("keyapi-proxy-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let Some((cert, key)) = self_signed(&dir) else {
+        return;
+    };
+    let Some(redis) = RedisServer::start_with_tls(&cert, &key).await else {
+        return;
+    };
+    let url = format!("rediss://127.0.0.1:{}", redis.tls_port.unwrap());
+    // The system's trust store, extended for this certificate the standard way.
+    let (_child, addr) = spawn_binary(
+        None,
+        &[
+            ("KEYAPI_PROXY__CACHE__REDIS__URL", &url),
+            // A debug build's first TLS handshake can take longer than the default 50 ms.
+            ("KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT", "2s"),
+            ("SSL_CERT_FILE", cert.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let response = reqwest::get(format!(
+        "http://{addr}/v1/tiktok/trending/hashtag/detail?hashtag_name=ufc324"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    // Read back over the plain port: the proxy stored the entry through TLS.
+    let mut conn = redis.connection().await;
+    let stored: Vec<String> = conn.keys("keyapi-proxy:v1:entry:*").await.unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
