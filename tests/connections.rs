@@ -219,3 +219,33 @@ async fn sigterm_with_silent_connections_exits_at_once_and_writes_the_snapshot()
     assert!(Path::new(&snapshot).is_file(), "final snapshot written");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_is_served_on_the_same_port() {
+    let app = spawn_app_with(|_| {}).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn a_busy_connection_is_told_to_close_after_its_answer_on_shutdown() {
+    let mut app = spawn_app_with(|_| {}).await;
+    app.upstream.hold();
+    let in_flight = app.spawn_get_hashtag("hashtag_name=ufc324");
+    app.upstream.wait_for_calls(1).await;
+    let server = app.begin_shutdown();
+    // The listener closes just before the drain is announced to every connection.
+    while TcpStream::connect(app.addr).await.is_ok() {
+        tokio::task::yield_now().await;
+    }
+    app.upstream.release();
+    let (status, headers, _) = in_flight.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(common::header(&headers, "connection"), "close");
+    server.await.unwrap().unwrap();
+}
