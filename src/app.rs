@@ -38,7 +38,6 @@ use crate::{
     routes,
     server::{self, Limits},
     snapshot,
-    summary::Summaries,
     upstream::Upstream,
 };
 
@@ -73,8 +72,8 @@ struct Shared {
     /// `/openapi.json`, rendered once for this configuration.
     openapi: Bytes,
     allow_client_refresh: bool,
-    /// The cache's summary for `/stats` and `/`, recomputed at most once a second.
-    summaries: Summaries,
+    /// What `/stats` and `/` show, recomputed at most once a second.
+    stats: routes::StatsCell,
     ready: AtomicBool,
 }
 
@@ -124,9 +123,9 @@ impl AppState {
         self.0.allow_client_refresh
     }
 
-    /// The cache's summary (counts, top keys) for the operational endpoints.
-    pub fn summaries(&self) -> &Summaries {
-        &self.0.summaries
+    /// What the operational endpoints show, shared between their requests.
+    pub(crate) fn stats(&self) -> &routes::StatsCell {
+        &self.0.stats
     }
 
     /// True while serving; false before start and while draining.
@@ -202,7 +201,7 @@ impl App {
             rules,
             openapi,
             allow_client_refresh: config.cache.allow_client_refresh,
-            summaries: Summaries::default(),
+            stats: routes::StatsCell::default(),
             ready: AtomicBool::new(false),
         }));
         let mut router = routes::router(state.clone());

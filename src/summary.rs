@@ -1,12 +1,13 @@
-//! The cache's summary for `/stats` and the status page — entry count,
-//! stored bytes and the top keys by hits — computed at most once per
-//! [`REFRESH`] on a blocking thread. The scan is O(entries); callers in
-//! between share its result, so a flood of operational requests costs
-//! O(top-k) each and never stalls the async workers that serve hits.
+//! What the operational endpoints (`/stats`, `/`) show is recomputed at most
+//! once per [`REFRESH`] (by the app's clock) and shared by every request in
+//! between, so a flood of them costs a lock and a clone each. The one O(n)
+//! part — the cache's entry count, bytes and top keys — runs on a blocking
+//! thread, off the async workers that serve hits.
 
 use std::{
     cmp::Reverse,
     collections::BinaryHeap,
+    future::Future,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -20,10 +21,48 @@ use crate::{
     key::HashtagKey,
 };
 
-/// Oldest summary served; a newer one is computed on the next request after it.
+/// Oldest value served; a newer one is computed on the next request after it.
 pub const REFRESH: Duration = Duration::from_secs(1);
 /// Keys shown under "top keys".
 pub const TOP_KEYS: usize = 10;
+/// Entries scanned between two yields of the scanning thread.
+const YIELD_EVERY: usize = 1024;
+
+/// A value recomputed at most once per [`REFRESH`]; concurrent callers wait
+/// for one computation instead of each running their own.
+#[derive(Debug)]
+pub struct Throttled<T> {
+    latest: Mutex<Option<(SystemTime, Arc<T>)>>,
+}
+
+impl<T> Default for Throttled<T> {
+    fn default() -> Self {
+        Self {
+            latest: Mutex::new(None),
+        }
+    }
+}
+
+impl<T> Throttled<T> {
+    /// The latest value if it is younger than [`REFRESH`] by `clock`, else a new one from `compute`.
+    pub async fn get<F, Fut>(&self, clock: &SharedClock, compute: F) -> Arc<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let mut latest = self.latest.lock().await;
+        let now = clock.now();
+        let fresh = latest
+            .as_ref()
+            .filter(|(at, _)| now.duration_since(*at).is_ok_and(|age| age < REFRESH));
+        if let Some((_, value)) = fresh {
+            return Arc::clone(value);
+        }
+        let value = Arc::new(compute().await);
+        *latest = Some((now, Arc::clone(&value)));
+        value
+    }
+}
 
 /// One of the most-hit cached questions.
 #[derive(Debug, Clone, Serialize)]
@@ -38,49 +77,22 @@ pub struct TopKey {
 }
 
 /// What one scan of the cache found.
-#[derive(Debug)]
-pub struct Summary {
-    /// When it was computed, by the app's clock.
-    computed_at: SystemTime,
+#[derive(Debug, Default)]
+pub struct CacheSummary {
     pub entries: u64,
     pub bytes: u64,
     /// Most hits first; ties by hashtag name.
     pub top_keys: Vec<TopKey>,
 }
 
-/// The latest [`Summary`], recomputed at most once per [`REFRESH`].
-#[derive(Debug, Default)]
-pub struct Summaries {
-    /// Held across the recomputation: concurrent callers wait for one scan.
-    latest: Mutex<Option<Arc<Summary>>>,
-}
-
-impl Summaries {
-    /// The summary of `cache`, at most [`REFRESH`] old (by `clock`).
-    pub async fn get(&self, cache: &LocalCache, clock: &SharedClock) -> Arc<Summary> {
-        let mut latest = self.latest.lock().await;
-        let now = clock.now();
-        let fresh = latest.as_ref().filter(|s| {
-            now.duration_since(s.computed_at)
-                .is_ok_and(|age| age < REFRESH)
-        });
-        if let Some(summary) = fresh {
-            return Arc::clone(summary);
-        }
-        // Applies pending inserts so the counts are exact once per refresh.
+impl CacheSummary {
+    /// Scans `cache` on a blocking thread (exact counts: pending inserts applied first).
+    pub async fn of(cache: &LocalCache) -> Self {
         cache.sync().await;
         let scanned = cache.clone();
-        let summary = tokio::task::spawn_blocking(move || scan(&scanned, now))
+        tokio::task::spawn_blocking(move || scan(&scanned))
             .await
-            .unwrap_or_else(|_| Summary {
-                computed_at: now,
-                entries: cache.entry_count(),
-                bytes: cache.weighted_size(),
-                top_keys: Vec::new(),
-            });
-        let summary = Arc::new(summary);
-        *latest = Some(Arc::clone(&summary));
-        summary
+            .unwrap_or_default()
     }
 }
 
@@ -119,16 +131,24 @@ impl Ord for Ranked {
 
 /// One pass over the cache: a bounded min-heap keeps the [`TOP_KEYS`]
 /// most-hit entries; only those are parsed.
-fn scan(cache: &LocalCache, now: SystemTime) -> Summary {
-    let mut heap = BinaryHeap::with_capacity(TOP_KEYS + 1);
-    for (key, entry) in cache.iter() {
+fn scan(cache: &LocalCache) -> CacheSummary {
+    let mut heap: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(TOP_KEYS + 1);
+    for (i, (key, entry)) in cache.iter().enumerate() {
         let hits = entry.hits();
-        heap.push(Reverse(Ranked { hits, key, entry }));
-        if heap.len() > TOP_KEYS {
-            heap.pop();
+        // Most entries lose to the current tenth place on hits alone: no push, no string compare.
+        let contender = heap.len() < TOP_KEYS || heap.peek().is_some_and(|min| hits >= min.0.hits);
+        if contender {
+            heap.push(Reverse(Ranked { hits, key, entry }));
+            if heap.len() > TOP_KEYS {
+                heap.pop();
+            }
+        }
+        if i % YIELD_EVERY == YIELD_EVERY - 1 {
+            // Let the workers serving hits in first when the CPU is contended.
+            std::thread::yield_now();
         }
     }
-    let wall_now = SystemTime::now();
+    let now = SystemTime::now();
     let mut top_keys: Vec<TopKey> = heap
         .into_iter()
         .filter_map(|Reverse(Ranked { key, entry, .. })| {
@@ -139,7 +159,7 @@ fn scan(cache: &LocalCache, now: SystemTime) -> Summary {
                 period: question.period,
                 hits: entry.hits(),
                 bytes: entry.body.len(),
-                age_secs: entry.age(wall_now).as_secs(),
+                age_secs: entry.age(now).as_secs(),
             })
         })
         .collect();
@@ -148,8 +168,7 @@ fn scan(cache: &LocalCache, now: SystemTime) -> Summary {
             .cmp(&a.hits)
             .then_with(|| a.hashtag_name.cmp(&b.hashtag_name))
     });
-    Summary {
-        computed_at: now,
+    CacheSummary {
         entries: cache.entry_count(),
         bytes: cache.weighted_size(),
         top_keys,

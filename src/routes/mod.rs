@@ -11,6 +11,9 @@ use axum::{Extension, Router, response::Response, routing::get};
 
 use crate::{app::AppState, error::ApiError, key::HASHTAG_DETAIL_PATH, observe::RequestId};
 
+/// `/stats` and `/` data, recomputed at most once a second (held in [`AppState`]).
+pub(crate) type StatsCell = crate::summary::Throttled<status::Stats>;
+
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
 const OPENAPI_PATH: &str = "/openapi.json";

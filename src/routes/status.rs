@@ -4,7 +4,7 @@
 //! nothing from anywhere (no script, no stylesheet, no font, no image), and
 //! says so in its `Content-Security-Policy`.
 
-use std::{fmt::Write as _, time::SystemTime};
+use std::{fmt::Write as _, sync::Arc, time::SystemTime};
 
 use axum::{
     Json,
@@ -20,7 +20,7 @@ use crate::{
     limits::Budget,
     metrics::Totals,
     stats::Minute,
-    summary::TopKey,
+    summary::{CacheSummary, TopKey},
 };
 
 #[derive(Debug, Serialize)]
@@ -106,7 +106,7 @@ impl Stats {
                 credits_spent_today: spent_today(c.budget.as_ref(), clock).await,
             });
         }
-        let summary = state.summaries().get(cache, clock).await;
+        let summary = CacheSummary::of(cache).await;
         Self {
             uptime_secs: ago(history.started()),
             started_at: clock::unix_secs(history.started()),
@@ -123,7 +123,7 @@ impl Stats {
                 .redis()
                 .map(|r| if r.is_up() { "up" } else { "down" }),
             clients,
-            top_keys: summary.top_keys.clone(),
+            top_keys: summary.top_keys,
             last_hour,
         }
     }
@@ -138,12 +138,18 @@ async fn spent_today(budget: Option<&Budget>, clock: &SharedClock) -> Option<u64
 }
 
 pub(super) async fn stats(State(state): State<AppState>) -> Response {
-    Json(Stats::collect(&state).await).into_response()
+    Json(&*latest(&state).await).into_response()
+}
+
+/// The stats at most [`crate::summary::REFRESH`] old, shared by `/stats` and `/`.
+async fn latest(state: &AppState) -> Arc<Stats> {
+    let clock = state.metrics().history().clock();
+    state.stats().get(clock, || Stats::collect(state)).await
 }
 
 /// `GET /`: the status page.
 pub(super) async fn status_page(State(state): State<AppState>) -> Response {
-    let stats = Stats::collect(&state).await;
+    let stats = latest(&state).await;
     let mut response = render(&stats).into_response();
     let headers = response.headers_mut();
     headers.insert(
