@@ -68,7 +68,8 @@ pub struct Config {
     pub credits: CreditsConfig,
     pub rate_limit: RateLimitConfig,
     pub cors: CorsConfig,
-    /// `[[clients]]` (file only). Empty: the proxy is open to anyone who can reach it.
+    /// `[[clients]]`, or `KEYAPI_PROXY__CLIENTS` as inline TOML. Empty: the proxy is
+    /// open to anyone who can reach it (refused off loopback unless `server.open`).
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
 }
