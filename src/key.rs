@@ -250,7 +250,7 @@ fn canonical(name: &str, lowercase: bool) -> String {
 
 /// `text` in Unicode Normalization Form C; no copy when it already is (ASCII always is).
 fn nfc(text: Cow<'_, str>) -> String {
-    if is_nfc_quick(text.chars()) == IsNormalized::Yes {
+    if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
         text.into_owned()
     } else {
         text.nfc().collect()

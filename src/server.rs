@@ -10,6 +10,11 @@
 //! cannot lock real clients out nor exhaust descriptors. On shutdown, silent
 //! connections close at once; busy ones are told to close after their
 //! response (`Connection: close` / GOAWAY) and get at most the grace period.
+//!
+//! A request costs a few atomic stores here and no timer: one reaper task
+//! sweeps all connections every tenth of the shorter timeout, so a deadline
+//! is enforced within that tenth, and tells a connection's task to close
+//! through its own small channel.
 
 use std::{
     collections::HashMap,
@@ -34,8 +39,8 @@ use hyper_util::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{Notify, watch},
-    time::Instant,
+    sync::{Notify, mpsc},
+    time::{Instant, MissedTickBehavior},
 };
 use tower::ServiceExt as _;
 
@@ -44,8 +49,6 @@ use crate::observe::Observe;
 /// Largest request head (HTTP/1 read buffer, HTTP/2 header list) in bytes;
 /// larger heads get 431. Our longest legitimate head is well under 2 KiB.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-/// Most header fields one HTTP/1 request may carry; more gets 431.
-pub const MAX_HEADERS: usize = 64;
 /// Descriptors kept back from `server.max_connections` for the listener,
 /// Redis, the snapshot file, logs and the runtime; upstream connections
 /// (`upstream.max_in_flight`) are reserved on top.
@@ -54,6 +57,8 @@ const FD_RESERVE: u64 = 64;
 const MIN_CONNECTIONS: u64 = 16;
 /// Largest derived cap: eviction scans the open connections, so the scan stays short.
 const MAX_DERIVED_CONNECTIONS: u64 = 65_536;
+/// Shortest sweep period of the reaper, whatever the timeouts.
+const MIN_REAP_PERIOD: Duration = Duration::from_millis(10);
 /// Pause after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
@@ -101,8 +106,10 @@ enum Cut {
     HeaderTimeout,
     /// The keep-alive connection stayed silent for `idle_timeout`.
     IdleTimeout,
-    /// Closed to admit a new connection at `max_connections`, or at the end of the grace period.
+    /// Closed to admit a new connection at `max_connections`.
     Evicted,
+    /// Silent when shutdown began, or still open when the grace period ended.
+    Shutdown,
 }
 
 impl Cut {
@@ -111,8 +118,18 @@ impl Cut {
             Self::HeaderTimeout => "header_read_timeout",
             Self::IdleTimeout => "idle_timeout",
             Self::Evicted => "evicted",
+            Self::Shutdown => "shutdown",
         }
     }
+}
+
+/// What the connection layer tells one connection's task.
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    /// Finish the requests in progress, then close (`Connection: close` / GOAWAY).
+    Drain,
+    /// Close now.
+    Close(Cut),
 }
 
 /// What one connection is doing, shared by its task, its I/O, its requests
@@ -126,23 +143,22 @@ struct Conn {
     reading_head: AtomicBool,
     /// Milliseconds after `epoch` when the current silent phase began.
     silent_since: AtomicU64,
-    evicted: AtomicBool,
-    /// Wakes the connection's task when the phase changes or it is evicted.
-    changed: Notify,
+    /// To the connection's task; room for a drain and a close.
+    signals: mpsc::Sender<Signal>,
 }
 
 impl Conn {
-    fn new(epoch: Instant) -> Self {
+    fn new(epoch: Instant) -> (Self, mpsc::Receiver<Signal>) {
+        let (signals, receiver) = mpsc::channel(2);
         let conn = Self {
             epoch,
             busy: AtomicU32::new(0),
             reading_head: AtomicBool::new(true),
             silent_since: AtomicU64::new(0),
-            evicted: AtomicBool::new(false),
-            changed: Notify::new(),
+            signals,
         };
         conn.silent_since.store(conn.now_ms(), Ordering::Release);
-        conn
+        (conn, receiver)
     }
 
     fn now_ms(&self) -> u64 {
@@ -164,13 +180,12 @@ impl Conn {
         if !self.is_busy() && !self.reading_head.load(Ordering::Acquire) {
             self.silent_since.store(self.now_ms(), Ordering::Release);
             self.reading_head.store(true, Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
-    fn evict(&self) {
-        self.evicted.store(true, Ordering::Release);
-        self.changed.notify_one();
+    /// Tells the connection's task; a full channel already holds a close.
+    fn signal(&self, signal: Signal) {
+        let _ = self.signals.try_send(signal);
     }
 
     /// When the current silent phase ends the connection, and why; `None` while busy.
@@ -185,26 +200,6 @@ impl Conn {
             (since + limits.idle_timeout, Cut::IdleTimeout)
         })
     }
-
-    /// Resolves when the connection must be closed: a timeout or an eviction.
-    async fn cut(&self, limits: &Limits) -> Cut {
-        loop {
-            let changed = self.changed.notified();
-            if self.evicted.load(Ordering::Acquire) {
-                return Cut::Evicted;
-            }
-            match self.deadline(limits) {
-                None => changed.await,
-                Some((deadline, why)) if deadline <= Instant::now() => return why,
-                Some((deadline, _)) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(deadline) => {}
-                        () = changed => {}
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Marks one request finished when the response body is done (or dropped).
@@ -215,9 +210,7 @@ impl Drop for RequestGuard {
         let conn = &self.0;
         conn.silent_since.store(conn.now_ms(), Ordering::Release);
         conn.reading_head.store(false, Ordering::Release);
-        if conn.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
-            conn.changed.notify_one();
-        }
+        conn.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -323,15 +316,41 @@ impl Connections {
             .open
             .iter()
             .filter(|(_, c)| !c.is_busy())
-            .min_by_key(|(_, c)| c.silent_since.load(Ordering::Acquire))
+            // Milliseconds tie often under a flood; the older id is the older connection.
+            .min_by_key(|(id, c)| (c.silent_since.load(Ordering::Acquire), **id))
             .map(|(id, _)| *id);
         match victim.and_then(|id| self.open.remove(&id)) {
             Some(conn) => {
-                conn.evict();
+                conn.signal(Signal::Close(Cut::Evicted));
                 true
             }
             None => false,
         }
+    }
+
+    /// Closes every silent connection whose phase outlived its timeout.
+    fn reap(&mut self, limits: &Limits) {
+        let now = Instant::now();
+        self.open.retain(|_, conn| match conn.deadline(limits) {
+            Some((deadline, why)) if deadline <= now => {
+                conn.signal(Signal::Close(why));
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// Shutdown: silent connections close now, busy ones after their answer.
+    fn drain(&mut self) {
+        self.open.retain(|_, conn| {
+            if conn.is_busy() {
+                conn.signal(Signal::Drain);
+                true
+            } else {
+                conn.signal(Signal::Close(Cut::Shutdown));
+                false
+            }
+        });
     }
 }
 
@@ -351,16 +370,29 @@ impl Registry {
 
     /// Registers a new connection; at `max`, evicts the longest-silent one to
     /// make room. `None` when every open connection is busy.
-    fn admit(&self, max: usize) -> Option<(u64, Arc<Conn>)> {
+    fn admit(&self, max: usize) -> Option<(u64, Arc<Conn>, mpsc::Receiver<Signal>)> {
         let mut conns = self.lock();
         if conns.open.len() >= max && !conns.evict_longest_silent() {
             return None;
         }
         let id = conns.next_id;
         conns.next_id += 1;
-        let conn = Arc::new(Conn::new(self.epoch));
+        let (conn, signals) = Conn::new(self.epoch);
+        let conn = Arc::new(conn);
         conns.open.insert(id, Arc::clone(&conn));
-        Some((id, conn))
+        Some((id, conn, signals))
+    }
+
+    /// Every `limits`' tenth of the shorter timeout, closes the connections past their deadline.
+    async fn reap_forever(&self, limits: Limits) {
+        let period =
+            (limits.header_read_timeout.min(limits.idle_timeout) / 10).max(MIN_REAP_PERIOD);
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            self.lock().reap(&limits);
+        }
     }
 
     fn remove(&self, id: u64) {
@@ -374,7 +406,7 @@ impl Registry {
     /// Closes every remaining connection (the grace period is over).
     fn close_all(&self) {
         for (_, conn) in self.lock().open.drain() {
-            conn.evict();
+            conn.signal(Signal::Close(Cut::Shutdown));
         }
         self.emptied.notify_waiters();
     }
@@ -406,15 +438,16 @@ impl Drop for Registered {
 
 /// hyper-util's auto (HTTP/1.1 or h2c by preface) builder with our limits.
 /// hyper's own HTTP/1 header timer is off: it would also end idle keep-alive
-/// connections after `header_read_timeout`; [`Conn::cut`] times both phases.
+/// connections after `header_read_timeout`; the reaper times both phases.
 fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS);
+        // At most 100 header fields (more gets 431): hyper's default, parsed on
+        // the stack; an explicit `max_headers` would initialise that array per request.
+        .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -435,10 +468,15 @@ pub(crate) async fn serve<F>(
 {
     let registry = Arc::new(Registry::new());
     let builder = Arc::new(builder());
-    let (drain_tx, drain_rx) = watch::channel(false);
+    let reaper = tokio::spawn({
+        let registry = Arc::clone(&registry);
+        async move { registry.reap_forever(limits).await }
+    });
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
+            // Shutdown first: a flood of connections must not starve it.
+            biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
@@ -449,7 +487,7 @@ pub(crate) async fn serve<F>(
                 continue;
             }
         };
-        let Some((id, conn)) = registry.admit(limits.max_connections) else {
+        let Some((id, conn, signals)) = registry.admit(limits.max_connections) else {
             tracing::debug!("every connection is busy; refusing a new one");
             continue;
         };
@@ -460,15 +498,14 @@ pub(crate) async fn serve<F>(
         tokio::spawn(serve_connection(
             stream,
             conn,
+            signals,
             registered,
             Arc::clone(&builder),
             service.clone(),
-            limits,
-            drain_rx.clone(),
         ));
     }
     drop(listener);
-    let _ = drain_tx.send(true);
+    registry.lock().drain();
     if tokio::time::timeout(limits.shutdown_grace, registry.all_closed())
         .await
         .is_err()
@@ -479,6 +516,7 @@ pub(crate) async fn serve<F>(
         );
         registry.close_all();
     }
+    reaper.abort();
 }
 
 /// Out of descriptors (or memory): free the longest-silent connection's and
@@ -499,20 +537,18 @@ async fn on_accept_error(error: &io::Error, registry: &Registry) {
 async fn serve_connection(
     stream: TcpStream,
     conn: Arc<Conn>,
+    mut signals: mpsc::Receiver<Signal>,
     _registered: Registered,
     builder: Arc<auto::Builder<TokioExecutor>>,
     service: Observe<Router>,
-    limits: Limits,
-    mut drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(Watched {
         stream,
         conn: Arc::clone(&conn),
     });
-    let tracker = Arc::clone(&conn);
     let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let guard = tracker.begin_request();
+        let guard = conn.begin_request();
         let service = service.clone();
         async move {
             let response = service.oneshot(request.map(Body::new)).await?;
@@ -521,7 +557,6 @@ async fn serve_connection(
     });
     let connection = builder.serve_connection(io, hyper_service);
     tokio::pin!(connection);
-    let mut draining = false;
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -530,17 +565,15 @@ async fn serve_connection(
                 }
                 return;
             }
-            cut = conn.cut(&limits) => {
-                tracing::debug!(reason = cut.as_str(), "connection closed by the proxy");
-                return;
-            }
-            changed = drain.changed(), if !draining => {
-                draining = true;
-                if changed.is_err() || !conn.is_busy() {
+            signal = signals.recv() => match signal {
+                Some(Signal::Drain) => connection.as_mut().graceful_shutdown(),
+                Some(Signal::Close(cut)) => {
+                    tracing::debug!(reason = cut.as_str(), "connection closed by the proxy");
                     return;
                 }
-                connection.as_mut().graceful_shutdown();
-            }
+                // The registry let go of this connection without a word: cannot happen.
+                None => return,
+            },
         }
     }
 }
