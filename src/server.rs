@@ -552,7 +552,8 @@ async fn serve_connection(
         let service = service.clone();
         async move {
             let response = service.oneshot(request.map(Body::new)).await?;
-            Ok::<_, Infallible>(response.map(|body| Body::new(TrackedBody { body, guard })))
+            // Served as is (not boxed into another `Body`): no allocation per answer.
+            Ok::<_, Infallible>(response.map(|body| TrackedBody { body, guard }))
         }
     });
     let connection = builder.serve_connection(io, hyper_service);
