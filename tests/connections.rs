@@ -249,3 +249,21 @@ async fn a_busy_connection_is_told_to_close_after_its_answer_on_shutdown() {
     assert_eq!(common::header(&headers, "connection"), "close");
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_does_not_hold_shutdown() {
+    let mut app = spawn_app_with(|c| c.server.shutdown_grace = Duration::from_secs(30)).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    // The client keeps its connection open; the drain must not wait for it.
+    tokio::time::timeout(Duration::from_secs(1), app.begin_shutdown())
+        .await
+        .expect("shutdown within a second despite an idle HTTP/2 connection")
+        .unwrap()
+        .unwrap();
+    drop(h2);
+}
