@@ -88,7 +88,8 @@ pub fn default_max_connections(upstream_in_flight: usize) -> usize {
     usize::try_from(cap).unwrap_or(usize::MAX)
 }
 
-/// The process's soft `RLIMIT_NOFILE`, if it can be read and is finite.
+/// The process's soft `RLIMIT_NOFILE`, if it can be read (`RLIM_INFINITY`
+/// is `u64::MAX`, so "unlimited" ends at [`MAX_DERIVED_CONNECTIONS`]).
 fn nofile_limit() -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -96,7 +97,7 @@ fn nofile_limit() -> Option<u64> {
     };
     // SAFETY: getrlimit only writes the struct we pass, which outlives the call.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+    (rc == 0).then_some(limit.rlim_cur)
 }
 
 /// Why the connection layer closed a connection itself.
