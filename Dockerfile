@@ -22,8 +22,14 @@ USER keyapi
 ENV KEYAPI_PROXY__SERVER__LISTEN=0.0.0.0:8080 \
     KEYAPI_PROXY__LOG__FORMAT=json
 EXPOSE 8080
-# The key comes from KEYAPI_API_KEY or, better, a secret file:
-#   docker run -e KEYAPI_API_KEY_FILE=/run/secrets/keyapi_key ...
+# The key comes from KEYAPI_API_KEY or, better, a secret file. Listening on 0.0.0.0,
+# the proxy refuses to start without a client token (or an explicit open proxy):
+#   docker run --rm keyapi-proxy hash-token     # a token for the client, and its hash
+#   docker run -p 8080:8080 \
+#     -v "$PWD/keyapi_key:/run/secrets/keyapi_key:ro" -e KEYAPI_API_KEY_FILE=/run/secrets/keyapi_key \
+#     -e KEYAPI_PROXY__CLIENTS='[{id="app", token_sha256="<hash>"}]' keyapi-proxy
+#   curl -H 'Authorization: Bearer <token>' 'http://127.0.0.1:8080/v1/tiktok/trending/hashtag/detail?hashtag_name=ufc324'
+# An open proxy only as a conscious choice: -e KEYAPI_PROXY__SERVER__OPEN=true
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["keyapi-proxy", "healthcheck"]
 STOPSIGNAL SIGTERM

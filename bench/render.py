@@ -108,6 +108,17 @@ def main():
     else:
         row(name, f["scenario6"], "—")
 
+    name = "7 hit, one hot key, /stats flooded"
+    if any(k.startswith("stats_flood_") for k in f):
+        q, fl = best("stats_quiet_"), best("stats_flood_")
+        p99 = num(f"{fl}_p99_us") / num(f"{q}_p99_us")
+        flood = max(num(k) for k in f if k.startswith("stats_flood_rps_"))
+        row(name, "/stats answered meanwhile", f"{flood:,.0f} req/s ({f['stats_conns']} connections)")
+        row(name, "hit throughput: flooded / quiet", f"{num(f'{fl}_rps'):,.0f} req/s",
+            f"{num(f'{q}_rps'):,.0f} req/s", f"{num(f'{fl}_rps') / num(f'{q}_rps'):.2f}")
+        row(name, "hit p99: flooded / quiet", ms(num(f"{fl}_p99_us")), ms(num(f"{q}_p99_us")),
+            f"{p99:.2f}", "≤ 1.1 × quiet", verdict(p99 <= 1.1))
+
     if "profile_proxy_instructions" in f:
         name = "1 hit, instructions (callgrind)"
         pi, bi = num("profile_proxy_instructions"), num("profile_baseline_instructions")

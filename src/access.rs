@@ -23,6 +23,11 @@ use crate::{
     metrics::{Metrics, Scope},
 };
 
+/// Longest token accepted, in bytes. Issued tokens (`kp_` + 64 hex digits)
+/// have 67; anything longer is refused before it is hashed, so a client
+/// cannot make us hash kilobytes per request.
+pub const MAX_TOKEN_BYTES: usize = 256;
+
 /// `X-Api-Key`: the alternative to `Authorization: Bearer`.
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -159,7 +164,8 @@ fn words(hash: &[u8; 32]) -> [u64; 4] {
     out
 }
 
-/// The token of `Authorization: Bearer <token>`, else of `X-Api-Key`.
+/// The token of `Authorization: Bearer <token>`, else of `X-Api-Key`; none
+/// when empty or longer than [`MAX_TOKEN_BYTES`].
 fn presented_token(headers: &HeaderMap) -> Option<&[u8]> {
     let bearer = headers.get(AUTHORIZATION).and_then(|v| {
         let value = v.as_bytes();
@@ -170,7 +176,7 @@ fn presented_token(headers: &HeaderMap) -> Option<&[u8]> {
     });
     bearer
         .or_else(|| headers.get(&X_API_KEY).map(|v| v.as_bytes().trim_ascii()))
-        .filter(|t| !t.is_empty())
+        .filter(|t| (1..=MAX_TOKEN_BYTES).contains(&t.len()))
 }
 
 /// A new random token (`kp_` + 64 hex digits) and its SHA-256 hex, for
@@ -231,6 +237,7 @@ mod tests {
             with(AUTHORIZATION, "Basic tok-a"),
             with(AUTHORIZATION, "Bearer "),
             with(X_API_KEY, "TOK-A"),
+            with(X_API_KEY, &"a".repeat(MAX_TOKEN_BYTES + 1)),
             HeaderMap::new(),
         ] {
             assert_eq!(id(&bad), Err(AuthError::Unauthorized), "{bad:?}");

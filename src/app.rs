@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, ServiceExt, extract::Request};
+use axum::Router;
 use secrecy::SecretString;
 use tokio::{net::TcpListener, time::Instant};
 use tower::Layer as _;
@@ -32,7 +32,9 @@ use crate::{
     protect::Protection,
     proxy::Proxy,
     route::{RouteConfigError, RouteTable},
-    routes, snapshot,
+    routes,
+    server::{self, Limits},
+    snapshot,
     state::{AppState, Shared},
     upstream::Upstream,
     warmup::{Warmup, WarmupConfigError, WarmupPlan},
@@ -72,7 +74,7 @@ pub struct App {
     local_addr: SocketAddr,
     router: Observe<Router>,
     state: AppState,
-    shutdown_grace: Duration,
+    limits: Limits,
     snapshot: Option<(PathBuf, Duration)>,
 }
 
@@ -99,7 +101,7 @@ impl App {
         let upstream = Upstream::new(&config.upstream, api_key)?;
         let redis = match &config.cache.redis.url {
             Some(url) => Some(Arc::new(RedisTier::new(
-                url,
+                url.expose(),
                 config.cache.redis.tier_settings(config.worst_fetch()),
                 Arc::clone(&metrics),
             )?)),
@@ -173,9 +175,10 @@ impl App {
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?;
         if state.access().is_open() && !local_addr.ip().is_loopback() {
+            // Only reachable with server.open = true (validate refuses it otherwise).
             tracing::warn!(
                 %local_addr,
-                "no [[clients]] configured and listening on a non-loopback address: \
+                "server.open = true and no [[clients]]: \
                  anyone who can reach this port spends your KeyAPI credits"
             );
         }
@@ -184,7 +187,14 @@ impl App {
             local_addr,
             router,
             state,
-            shutdown_grace: config.server.shutdown_grace,
+            limits: Limits {
+                header_read_timeout: config.server.header_read_timeout,
+                idle_timeout: config.server.idle_timeout,
+                max_connections: config.server.max_connections.unwrap_or_else(|| {
+                    server::default_max_connections(config.upstream.max_in_flight)
+                }),
+                shutdown_grace: config.server.shutdown_grace,
+            },
             snapshot,
         })
     }
@@ -199,8 +209,9 @@ impl App {
         &self.state
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and lets
-    /// in-flight requests finish for at most the configured grace period.
+    /// Serves until `shutdown` resolves, then stops accepting, closes silent
+    /// connections and lets in-flight requests finish for at most the
+    /// configured grace period; the final snapshot is written either way.
     pub async fn run_until<F>(self, shutdown: F) -> std::io::Result<()>
     where
         F: Future<Output = ()> + Send + 'static,
@@ -210,7 +221,7 @@ impl App {
             local_addr,
             router,
             state,
-            shutdown_grace,
+            limits,
             snapshot,
         } = self;
         let purges = state.proxy().redis().cloned().map(|redis| {
@@ -232,6 +243,7 @@ impl App {
         });
         // Set when draining starts: connections and fetches must end by then.
         let (deadline_tx, deadline_rx) = tokio::sync::watch::channel(None::<Instant>);
+        let shutdown_grace = limits.shutdown_grace;
         let signal_state = state.clone();
         let signal = async move {
             shutdown.await;
@@ -239,23 +251,8 @@ impl App {
             deadline_tx.send_replace(Some(Instant::now() + shutdown_grace));
         };
         state.set_ready(true);
-        tracing::info!(%local_addr, "listening");
-        let service = ServiceExt::<Request>::into_make_service(router);
-        let server = axum::serve(listener, service).with_graceful_shutdown(signal);
-        let mut grace_rx = deadline_rx.clone();
-        let grace = async move {
-            match grace_rx.wait_for(Option::is_some).await.map(|d| *d) {
-                Ok(Some(deadline)) => tokio::time::sleep_until(deadline).await,
-                _ => std::future::pending::<()>().await,
-            }
-        };
-        let result = tokio::select! {
-            result = server => result,
-            () = grace => {
-                tracing::warn!(?shutdown_grace, "grace period over; dropping remaining connections");
-                Ok(())
-            }
-        };
+        tracing::info!(%local_addr, max_connections = limits.max_connections, "listening");
+        server::serve(listener, router, limits, signal).await;
         // No new warm-up calls once draining; fetches they started go on below.
         for task in warmups {
             task.abort();
@@ -279,7 +276,7 @@ impl App {
             save_snapshot(path, &state).await;
         }
         tracing::info!("stopped");
-        result
+        Ok(())
     }
 }
 

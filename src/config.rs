@@ -26,6 +26,8 @@ use crate::cache::{FreshnessPolicy, redis::TierSettings};
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "KEYAPI_PROXY__";
+/// Shortest `cache.snapshot_interval` accepted (zero would spin the saver).
+pub const MIN_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
 /// Environment variable holding the KeyAPI key itself.
 pub const API_KEY_ENV: &str = "KEYAPI_API_KEY";
 /// Environment variable naming a file that holds the KeyAPI key (Docker secret).
@@ -66,7 +68,8 @@ pub struct Config {
     pub credits: CreditsConfig,
     pub rate_limit: RateLimitConfig,
     pub cors: CorsConfig,
-    /// `[[clients]]` (file only). Empty: the proxy is open to anyone who can reach it.
+    /// `[[clients]]`, or `KEYAPI_PROXY__CLIENTS` as inline TOML. Empty: the proxy is
+    /// open to anyone who can reach it (refused off loopback unless `server.open`).
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
     /// `[[routes]]` (file only): the proxied KeyAPI endpoints. A file that
@@ -83,9 +86,23 @@ pub struct Config {
 pub struct ServerConfig {
     /// `KEYAPI_PROXY__SERVER__LISTEN`
     pub listen: SocketAddr,
-    /// `KEYAPI_PROXY__SERVER__SHUTDOWN_GRACE`: drain time for in-flight requests.
+    /// `KEYAPI_PROXY__SERVER__OPEN`: serve without `[[clients]]` on a non-loopback
+    /// address (anyone who reaches the port spends credits); refused otherwise.
+    pub open: bool,
+    /// `KEYAPI_PROXY__SERVER__SHUTDOWN_GRACE`: drain time for in-flight requests
+    /// (below Docker's 10 s stop timeout, so the final snapshot gets written).
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// `KEYAPI_PROXY__SERVER__HEADER_READ_TIMEOUT`: time a client has to send a request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// `KEYAPI_PROXY__SERVER__IDLE_TIMEOUT`: time a keep-alive connection may stay silent.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// `KEYAPI_PROXY__SERVER__MAX_CONNECTIONS`: open connections at most; absent =
+    /// derived from the descriptor limit (see [`crate::server::default_max_connections`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
 /// `[upstream]`: where KeyAPI is and how long we wait for it.
@@ -161,9 +178,10 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `KEYAPI_PROXY__CACHE__REDIS__URL`, e.g. `redis://127.0.0.1:6379`; absent = off.
+    /// `KEYAPI_PROXY__CACHE__REDIS__URL`, e.g. `redis://127.0.0.1:6379` or
+    /// `rediss://:password@host:6380`; absent = off. Never printed.
     #[serde(default)]
-    pub url: Option<String>,
+    pub url: Option<RedisUrl>,
     /// `KEYAPI_PROXY__CACHE__REDIS__PREFIX`: namespace and format version of our keys.
     pub prefix: String,
     /// `KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT`: after this, a Redis call counts as failed.
@@ -185,6 +203,37 @@ pub struct RedisConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub lock_wait: Option<Duration>,
+}
+
+/// A Redis URL. It may carry a password, so it prints as `[redacted]`
+/// everywhere (`Debug`, `check-config`); only the Redis client sees it.
+#[derive(Clone, Deserialize)]
+#[serde(from = "String")]
+pub struct RedisUrl(SecretString);
+
+impl RedisUrl {
+    /// The URL itself, for the Redis client only.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl From<String> for RedisUrl {
+    fn from(url: String) -> Self {
+        Self(SecretString::from(url))
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
+    }
 }
 
 impl CacheConfig {
@@ -486,11 +535,35 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         validate_base_url(&self.upstream.base_url)?;
+        let listen = self.server.listen;
+        if self.clients.is_empty() && !self.server.open && !listen.ip().is_loopback() {
+            return invalid(format!(
+                "server.listen {listen} is not loopback and no [[clients]] are configured: \
+                 add a [[clients]] entry (see `keyapi-proxy hash-token`), or set \
+                 server.open = true (KEYAPI_PROXY__SERVER__OPEN=true) to let anyone who \
+                 reaches the port spend your credits"
+            ));
+        }
         if self.upstream.max_body_bytes == 0 || self.upstream.max_body_bytes > u32::MAX as usize {
             return invalid("upstream.max_body_bytes must be between 1 and 4294967295".into());
         }
         if self.upstream.request_timeout.is_zero() || self.upstream.connect_timeout.is_zero() {
             return invalid("upstream timeouts must be greater than zero".into());
+        }
+        if self.cache.snapshot_interval < MIN_SNAPSHOT_INTERVAL {
+            return invalid(format!(
+                "cache.snapshot_interval must be at least {}s: each snapshot rewrites the whole cache",
+                MIN_SNAPSHOT_INTERVAL.as_secs()
+            ));
+        }
+        if self.server.header_read_timeout.is_zero() || self.server.idle_timeout.is_zero() {
+            return invalid(
+                "server.header_read_timeout and server.idle_timeout must be greater than zero"
+                    .into(),
+            );
+        }
+        if self.server.max_connections == Some(0) {
+            return invalid("server.max_connections must be at least 1 (or absent: derived from the descriptor limit)".into());
         }
         if self.upstream.max_in_flight == 0 || self.upstream.breaker_failures == 0 {
             return invalid(
@@ -499,8 +572,8 @@ impl Config {
         }
         if let Some(url) = &self.cache.redis.url {
             // Parse only: the URL may hold a password, so it is never echoed.
-            if redis::Client::open(url.as_str()).is_err() {
-                return invalid("cache.redis.url is not a valid redis:// URL".into());
+            if redis::Client::open(url.expose()).is_err() {
+                return invalid("cache.redis.url is not a valid redis:// or rediss:// URL".into());
             }
         }
         let worst_fetch = self.worst_fetch();

@@ -1,9 +1,10 @@
 //! keyapi-proxy: a caching, single-flight proxy in front of KeyAPI's paid
 //! endpoints (by default TikTok hashtag detail), one route per `[[routes]]` entry.
 //!
-//! One request, top to bottom: [`routes`] (HTTP) → [`access`] (who is
-//! calling) → [`limits`] (request-rate limits) → [`route`] (the route
-//! table: raw query → normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
+//! One request, top to bottom: [`server`] (connections, their timeouts and
+//! cap) → [`routes`] (HTTP) → [`access`] (who is calling) → [`limits`]
+//! (request-rate limits) → [`route`] (the route table: raw query →
+//! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
 //! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
 //! key injected, gated by [`protect`] and its [`breaker`]) → [`cache`] →
@@ -37,10 +38,12 @@ pub mod proxy;
 pub mod route;
 pub mod routes;
 pub mod served;
+pub mod server;
 pub mod shutdown;
 pub mod snapshot;
 pub mod state;
 pub mod stats;
+pub mod summary;
 pub mod telemetry;
 pub mod upstream;
 pub mod warmup;

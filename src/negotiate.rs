@@ -28,7 +28,8 @@ struct Representation<'a> {
     gzip: bool,
 }
 
-/// The answer to `request` from a cached `entry` at `now`: 304, gzip or identity.
+/// The answer to `request` from a cached `entry` at `now`: 304, gzip or
+/// identity.
 pub fn cached_response(
     request: &HeaderMap,
     entry: &Entry,
@@ -56,7 +57,11 @@ pub fn cached_response(
     // A 304 names the representation the client already holds: the selected
     // one, or the other one when that is the tag it sent (a downstream cache
     // revalidating every variant it stored, RFC 9111 §4.3.2).
-    let matched = if not_modified(request, selected.etag, true) {
+    // A negative entry (a cached refusal) is never a 304: `If-None-Match: *`
+    // means "a representation exists", which a refusal is not.
+    let matched = if entry.negative {
+        None
+    } else if not_modified(request, selected.etag, true) {
         Some(&selected)
     } else {
         other

@@ -18,7 +18,7 @@ use std::{
 
 use axum::{
     extract::Request,
-    http::{HeaderName, HeaderValue, Method},
+    http::{HeaderName, HeaderValue},
     response::Response,
 };
 use tower::{Layer, Service};
@@ -32,6 +32,9 @@ pub const UNMATCHED: &str = "unmatched";
 /// `X-Request-Id`, on every response.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_ID_LEN: usize = 128;
+/// Longest method or path written to the access log, in bytes: the client
+/// chooses them, and a 16 KiB path must not make a 16 KiB log line.
+const MAX_LOGGED_LEN: usize = 256;
 
 /// The id of the request being served (a request extension).
 #[derive(Debug, Clone)]
@@ -146,8 +149,12 @@ where
             None => (UNMATCHED, false),
         };
         // Log fields are only gathered when the line will be written.
-        let log = tracing::enabled!(Level::INFO)
-            .then(|| (request.method().clone(), request.uri().path().to_owned()));
+        let log = tracing::enabled!(Level::INFO).then(|| {
+            (
+                truncated(request.method().as_str()).to_owned(),
+                truncated(request.uri().path()).to_owned(),
+            )
+        });
         ObserveFuture {
             inner: self.inner.call(request),
             done: Some(Done {
@@ -177,7 +184,8 @@ struct Done {
     id: RequestId,
     route: &'static str,
     proxied: bool,
-    log: Option<(Method, String)>,
+    /// Method and path, already truncated for the log.
+    log: Option<(String, String)>,
     metrics: Arc<Metrics>,
 }
 
@@ -213,7 +221,7 @@ impl Done {
             match access {
                 Some(log) => tracing::info!(
                     request_id,
-                    %method,
+                    method,
                     path,
                     status,
                     client = log.client.as_deref(),
@@ -223,9 +231,18 @@ impl Done {
                     latency_us,
                     "request"
                 ),
-                None => tracing::info!(request_id, %method, path, status, latency_us, "request"),
+                None => tracing::info!(request_id, method, path, status, latency_us, "request"),
             }
         }
         response.headers_mut().insert(X_REQUEST_ID, self.id.0);
     }
+}
+
+/// `text` cut to at most [`MAX_LOGGED_LEN`] bytes, on a character boundary.
+fn truncated(text: &str) -> &str {
+    let mut end = text.len().min(MAX_LOGGED_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }

@@ -13,12 +13,14 @@
 //! refused with one line naming the route and the field.
 
 use std::{
+    borrow::Cow,
     fmt,
     sync::{Arc, LazyLock},
     time::{Duration, SystemTime},
 };
 
 use regex_lite::Regex;
+use unicode_normalization::{IsNormalized, UnicodeNormalization as _, is_nfc_quick};
 
 use crate::{
     cache::{CacheKey, FreshnessPolicy},
@@ -236,14 +238,15 @@ impl Param {
                 }
             }
             Kind::Hashtag => {
-                let name = raw.strip_prefix('#').unwrap_or(raw);
+                // Composed first, so a decomposed `é` (a letter and a combining mark) validates.
+                let name = nfc(Cow::Borrowed(raw.strip_prefix('#').unwrap_or(raw)));
                 let chars = name.chars().count();
                 let valid =
                     (1..=MAX_HASHTAG_CHARS).contains(&chars) && name.chars().all(is_hashtag_char);
                 if !valid {
                     return Err(invalid());
                 }
-                Ok(name.to_lowercase())
+                Ok(nfc(Cow::Owned(name.to_lowercase())))
             }
             Kind::Text {
                 pattern,
@@ -273,7 +276,9 @@ impl Param {
     pub fn normalize_prefix(&self, raw: &str) -> String {
         let raw = raw.trim();
         match &self.kind {
-            Kind::Hashtag => raw.strip_prefix('#').unwrap_or(raw).to_lowercase(),
+            Kind::Hashtag => nfc(Cow::Owned(
+                raw.strip_prefix('#').unwrap_or(raw).to_lowercase(),
+            )),
             Kind::Region => raw.to_ascii_uppercase(),
             Kind::Text {
                 lowercase,
@@ -723,6 +728,19 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
     Ok(param)
 }
 
+/// `text` in Unicode Normalization Form C, so canonically equivalent
+/// spellings (`é` as one code point or as `e` + U+0301) are one key, and so
+/// are the forms lower-casing produces. Compatibility forms (fullwidth
+/// `ＵＦＣ`, ligatures) are deliberately not folded: they are different text
+/// that KeyAPI may answer differently. No copy when it already is (ASCII always is).
+fn nfc(text: Cow<'_, str>) -> String {
+    if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        text.into_owned()
+    } else {
+        text.nfc().collect()
+    }
+}
+
 /// Appends `value` form-encoded. Letters, digits and `_` in ASCII need no
 /// encoding (the common case); anything else is encoded as a form serializer would.
 fn push_encoded(out: &mut String, value: &str) {
@@ -858,6 +876,20 @@ mod tests {
             until_next_daily_boundary(early, offset),
             Duration::from_secs(1200)
         );
+    }
+
+    #[test]
+    fn canonically_equivalent_spellings_share_one_key() {
+        let composed = key("hashtag_name=%C3%A9t%C3%A9"); // é as U+00E9
+        for q in [
+            "hashtag_name=e%CC%81te%CC%81", // e + U+0301 (NFD)
+            "hashtag_name=E%CC%81TE%CC%81", // upper-case NFD
+            "hashtag_name=%C3%89T%C3%89",   // upper-case NFC
+        ] {
+            assert_eq!(key(q), composed, "query {q}");
+        }
+        // Fullwidth letters are compatibility forms: a different key, by design.
+        assert_ne!(key("hashtag_name=%EF%BC%B5FC"), key("hashtag_name=ufc"));
     }
 
     #[test]

@@ -3,12 +3,19 @@
 //! (temporary file + fsync + rename), and loaded at start-up with each
 //! entry's original timestamps (so `Age` and expiry carry on).
 //!
+//! Writing streams one entry at a time through a buffer, so memory does not
+//! grow with the cache. The temporary file next to the target is created
+//! with `create_new` and `O_NOFOLLOW`, mode 0600: a planted symlink or file
+//! at that name is never followed, only removed (the link itself).
+//!
 //! Format: `KAPSNAP1`, then records of `u32 key length, key, u32 entry
 //! length, entry` (entries in the [`codec`] form, each with its own CRC). A
 //! damaged file is skipped with a warning, never a crash.
 
 use std::{
-    io::Write,
+    fs::{File, OpenOptions},
+    io::{BufWriter, Write},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -32,36 +39,23 @@ pub enum SnapshotError {
     Damaged(PathBuf),
 }
 
+/// Write buffer of the snapshot stream: a few syscalls per megabyte, not per entry.
+const WRITE_BUFFER: usize = 256 * 1024;
+
 /// Writes every live entry of `cache` to `path`; returns how many.
 pub async fn save(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotError> {
-    let entries = cache.entries();
-    let now = SystemTime::now();
-    let mut out = Vec::with_capacity(MAGIC.len() + entries.len() * 3072);
-    out.extend_from_slice(MAGIC);
-    let mut count = 0;
-    for (key, entry) in &entries {
-        if entry.remaining_lifetime(now).is_zero() {
-            continue;
-        }
-        let encoded = codec::encode(entry);
-        let key = key.path_and_query().as_bytes();
-        for part in [key, &encoded[..]] {
-            out.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_le_bytes());
-            out.extend_from_slice(part);
-        }
-        count += 1;
-    }
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || write_atomically(&path, &out))
+    let cache = cache.clone();
+    let target = path.clone();
+    tokio::task::spawn_blocking(move || write_atomically(&target, &cache))
         .await
         .map_err(|e| SnapshotError::Io {
-            path: PathBuf::new(),
+            path,
             source: std::io::Error::other(e),
-        })??;
-    Ok(count)
+        })?
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+fn write_atomically(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_owned(),
         source,
@@ -69,11 +63,61 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut file = std::fs::File::create(&tmp).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io)
+    let file = create_private(&tmp).map_err(io)?;
+    let written = write_records(file, cache).and_then(|count| {
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable only once the directory is synced.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(count)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
+}
+
+/// A new file only we can read, never through a symlink. A leftover at that
+/// name (a crashed run, or something planted) is removed first: `remove_file`
+/// removes a link, not what it points to.
+fn create_private(tmp: &Path) -> std::io::Result<File> {
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(tmp)
+    };
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(tmp)?;
+            open()
+        }
+        other => other,
+    }
+}
+
+/// Streams the magic and every live entry to `file`, then syncs it.
+fn write_records(file: File, cache: &LocalCache) -> std::io::Result<usize> {
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+    out.write_all(MAGIC)?;
+    let now = SystemTime::now();
+    let mut count = 0;
+    for (key, entry) in cache.iter() {
+        if entry.remaining_lifetime(now).is_zero() {
+            continue;
+        }
+        let encoded = codec::encode(&entry);
+        for part in [key.path_and_query().as_bytes(), &encoded[..]] {
+            out.write_all(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_le_bytes())?;
+            out.write_all(part)?;
+        }
+        count += 1;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(count)
 }
 
 /// Loads `path` into `cache`, skipping expired or damaged entries; returns how

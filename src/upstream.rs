@@ -323,16 +323,22 @@ fn classify_transport(err: reqwest::Error) -> UpstreamError {
     }
 }
 
-/// `Retry-After` as seconds (delta-seconds or HTTP-date); 1 s when absent or unreadable.
+/// Longest `Retry-After` passed on to clients: KeyAPI's value is not ours to
+/// trust, and a client told to wait years would never come back.
+pub const MAX_RETRY_AFTER_SECS: u64 = 3600;
+
+/// `Retry-After` as seconds (delta-seconds or HTTP-date), capped at
+/// [`MAX_RETRY_AFTER_SECS`]; 1 s when absent or unreadable.
 fn retry_after_secs(headers: &HeaderMap) -> u64 {
     let Some(value) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()) else {
         return 1;
     };
     let value = value.trim();
-    value.parse::<u64>().ok().unwrap_or_else(|| {
+    let secs = value.parse::<u64>().ok().unwrap_or_else(|| {
         httpdate::parse_http_date(value)
             .ok()
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .map_or(1, |d| d.as_secs().max(1))
-    })
+    });
+    secs.min(MAX_RETRY_AFTER_SECS)
 }

@@ -47,7 +47,7 @@ fn defaults_file_and_env_are_layered() {
     let file = dir.join("proxy.toml");
     std::fs::write(
         &file,
-        "[server]\nlisten = \"0.0.0.0:9000\"\n[cache]\nttl = \"5m\"\n",
+        "[server]\nlisten = \"0.0.0.0:9000\"\nopen = true\n[cache]\nttl = \"5m\"\n",
     )
     .unwrap();
     let out = run(
@@ -147,7 +147,7 @@ async fn healthcheck_subcommand_probes_a_running_proxy() {
 
 /// Starts `serve --demo` listening on `listen` and returns its log lines up
 /// to and including "listening", then stops it.
-fn startup_log(listen: &str, config: Option<&std::path::Path>) -> String {
+fn startup_log(listen: &str, config: Option<&std::path::Path>, env: &[(&str, &str)]) -> String {
     use std::io::{BufRead, BufReader};
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
     for (name, _) in std::env::vars() {
@@ -162,6 +162,7 @@ fn startup_log(listen: &str, config: Option<&std::path::Path>) -> String {
         .args(["--demo", "serve"])
         .env("KEYAPI_PROXY__SERVER__LISTEN", listen)
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -181,11 +182,23 @@ fn startup_log(listen: &str, config: Option<&std::path::Path>) -> String {
 }
 
 #[test]
-fn an_open_proxy_on_a_public_address_warns_at_startup() {
+fn an_open_proxy_on_a_public_address_needs_server_open() {
+    let refused = run(
+        &["--demo", "serve"],
+        &[("KEYAPI_PROXY__SERVER__LISTEN", "0.0.0.0:0")],
+    );
+    assert!(!refused.status.success());
+    let err = stderr(&refused);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("[[clients]]") && err.contains("server.open = true"),
+        "says how to fix it: {err}"
+    );
+
     let warning = "anyone who can reach this port spends your KeyAPI credits";
-    let public = startup_log("0.0.0.0:0", None);
+    let public = startup_log("0.0.0.0:0", None, &[("KEYAPI_PROXY__SERVER__OPEN", "true")]);
     assert!(public.contains(warning), "{public}");
-    let loopback = startup_log("127.0.0.1:0", None);
+    let loopback = startup_log("127.0.0.1:0", None, &[]);
     assert!(loopback.contains("listening"), "{loopback}");
     assert!(!loopback.contains(warning), "{loopback}");
 
@@ -198,7 +211,7 @@ fn an_open_proxy_on_a_public_address_warns_at_startup() {
         format!("[[clients]]\nid = \"a\"\ntoken_sha256 = \"{hash}\"\n"),
     )
     .unwrap();
-    let guarded = startup_log("0.0.0.0:0", Some(&file));
+    let guarded = startup_log("0.0.0.0:0", Some(&file), &[]);
     assert!(guarded.contains("listening"), "{guarded}");
     assert!(!guarded.contains(warning), "{guarded}");
     std::fs::remove_dir_all(dir).unwrap();

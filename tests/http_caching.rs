@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use common::{header, spawn_app};
 use flate2::read::GzDecoder;
+use keyapi_proxy::demo::FakeMode;
 use keyapi_proxy::{cache::Entry, route::RouteTable};
 
 const Q: &str = "hashtag_name=ufc324";
@@ -232,4 +233,19 @@ async fn uncached_answers_have_no_etag() {
     assert_eq!(header(declined.headers(), "etag"), "");
     let bad = app.get_hashtag("period=1").await;
     assert_eq!(header(bad.headers(), "etag"), "");
+}
+
+#[tokio::test]
+async fn a_cached_refusal_never_answers_304() {
+    let app = spawn_app().await;
+    app.upstream.set_mode(FakeMode::Status(404));
+    let first = app.get_hashtag(Q).await;
+    assert_eq!(first.status(), 404);
+    let etag = header(first.headers(), "etag").to_owned();
+    for tag in ["*", etag.as_str()] {
+        let response = app.get_hashtag_with(Q, &[("if-none-match", tag)]).await;
+        assert_eq!(response.status(), 404, "If-None-Match: {tag}");
+        assert!(header(response.headers(), "cache-status").contains("; hit;"));
+    }
+    assert_eq!(app.upstream.calls(), 1);
 }

@@ -129,3 +129,22 @@ async fn demo_answer_echoes_the_question() {
     assert_eq!(v["data"]["info"]["hashtag_name"], "cats");
     assert_eq!(v["data"]["info"]["country_info"]["id"], "US");
 }
+
+#[tokio::test]
+async fn nfc_and_nfd_spellings_share_one_upstream_call() {
+    let app = spawn_app().await;
+    // "été" composed (U+00E9) and decomposed (e + U+0301), in either case.
+    for q in [
+        "hashtag_name=%C3%A9t%C3%A9",
+        "hashtag_name=e%CC%81te%CC%81",
+        "hashtag_name=E%CC%81TE%CC%81",
+    ] {
+        let (status, _, body) = parts(app.get_hashtag(q).await).await;
+        assert_eq!(status, 200, "{q}: {body}");
+    }
+    assert_eq!(app.upstream.calls(), 1);
+    assert_eq!(
+        app.upstream.requests()[0].path_and_query,
+        "/v1/tiktok/trending/hashtag/detail?period=7&region=all_regions&hashtag_name=%C3%A9t%C3%A9"
+    );
+}

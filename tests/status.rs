@@ -246,3 +246,30 @@ async fn the_page_shows_rejections_the_circuit_and_long_names_whole_in_a_tooltip
     assert!(html.contains("requests per minute · peak 1"), "{html}");
     assert!(html.contains("credits spent per minute · peak 2"), "{html}");
 }
+
+#[tokio::test]
+async fn stats_are_computed_at_most_once_a_second() {
+    let clock = Arc::new(ManualClock::new(
+        UNIX_EPOCH + Duration::from_secs(29_000_000 * 60),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |_| {}).await;
+    app.get_hashtag("hashtag_name=a").await;
+    app.get_hashtag("hashtag_name=a").await;
+    let first = stats(&app).await;
+    assert_eq!(first["topKeys"][0]["hits"], 1);
+    app.get_hashtag("hashtag_name=a").await;
+    app.get_hashtag("hashtag_name=b").await;
+    assert_eq!(stats(&app).await, first, "shared within the second");
+    let (_, html) = page(&app).await;
+    assert!(
+        !html.contains("<td>b</td>"),
+        "the page shows the same numbers"
+    );
+    clock.advance(Duration::from_secs(1));
+    let s = stats(&app).await;
+    assert_eq!(s["topKeys"][0]["hits"], 2, "recomputed a second later");
+    assert_eq!(
+        (s["hits"].as_u64(), s["cacheEntries"].as_u64()),
+        (Some(2), Some(2))
+    );
+}

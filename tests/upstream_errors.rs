@@ -185,3 +185,17 @@ async fn unreachable_upstream_is_a_502() {
     let message = assert_envelope(&body, 502, header(&headers, "x-request-id"));
     assert!(message.contains("unreachable"), "{message}");
 }
+
+#[tokio::test]
+async fn an_absurd_upstream_retry_after_is_capped_at_an_hour() {
+    let app = spawn_app_with(|c| c.upstream.retries = 0).await;
+    app.upstream.set_mode(FakeMode::RateLimited {
+        retry_after_secs: 99_999_999_999,
+    });
+    for query in ["hashtag_name=first", "hashtag_name=held"] {
+        let response = app.get_hashtag(query).await;
+        assert_eq!(response.status(), 429, "{query}");
+        assert_eq!(header(response.headers(), "retry-after"), "3600", "{query}");
+    }
+    assert_eq!(app.upstream.calls(), 1, "the hold stops the second call");
+}

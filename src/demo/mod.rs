@@ -58,6 +58,9 @@ pub enum FakeMode {
     RateLimited { retry_after_secs: u64 },
 }
 
+/// Requests the fake remembers for [`FakeUpstream::requests`]; older ones are forgotten.
+pub const MAX_RECORDED: usize = 1024;
+
 /// One request as the fake received it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -73,7 +76,8 @@ struct FakeState {
     calls: watch::Sender<usize>,
     /// While false, calls are counted and recorded but not answered.
     open: watch::Sender<bool>,
-    recorded: Mutex<Vec<Recorded>>,
+    /// The last [`MAX_RECORDED`] requests: a long `--demo` run stays small.
+    recorded: Mutex<VecDeque<Recorded>>,
     /// Modes for the next calls, one each, before falling back to `mode`.
     script: Mutex<VecDeque<FakeMode>>,
     concurrent: AtomicUsize,
@@ -99,7 +103,7 @@ impl FakeUpstream {
             mode: Mutex::new(FakeMode::Normal),
             calls: watch::Sender::new(0),
             open: watch::Sender::new(true),
-            recorded: Mutex::new(Vec::new()),
+            recorded: Mutex::new(VecDeque::new()),
             script: Mutex::new(VecDeque::new()),
             concurrent: AtomicUsize::new(0),
             max_concurrent: AtomicUsize::new(0),
@@ -136,9 +140,9 @@ impl FakeUpstream {
         let _ = rx.wait_for(|calls| *calls >= n).await;
     }
 
-    /// Every request received so far, in order.
+    /// The last [`MAX_RECORDED`] requests received, in order.
     pub fn requests(&self) -> Vec<Recorded> {
-        lock(&self.state.recorded).clone()
+        lock(&self.state.recorded).iter().cloned().collect()
     }
 
     /// Changes how the next calls are answered.
@@ -193,11 +197,17 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     let path = request.uri().path().to_owned();
     let hashtag_detail = path == HASHTAG_DETAIL_PATH;
     let headers = request.headers().clone();
-    lock(&state.recorded).push(Recorded {
-        method: request.method().to_string(),
-        path_and_query,
-        headers: headers.clone(),
-    });
+    {
+        let mut recorded = lock(&state.recorded);
+        if recorded.len() == MAX_RECORDED {
+            recorded.pop_front();
+        }
+        recorded.push_back(Recorded {
+            method: request.method().to_string(),
+            path_and_query,
+            headers: headers.clone(),
+        });
+    }
     let now = state.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_concurrent.fetch_max(now, Ordering::SeqCst);
     let _concurrent = Decrement(&state.concurrent);

@@ -22,6 +22,9 @@ use crate::{
     cache_status, error::ApiError, observe::RequestId, route::RouteTable, state::AppState,
 };
 
+/// `/stats` and `/` data, recomputed at most once a second (one per router).
+pub(crate) type StatsCell = crate::summary::Throttled<status::Stats>;
+
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
 const OPENAPI_PATH: &str = "/openapi.json";
@@ -60,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route(METRICS_PATH, get(metrics::metrics))
         .route(STATS_PATH, get(status::stats))
         .route(STATUS_PAGE_PATH, get(status::status_page))
+        .layer(Extension(Arc::new(StatsCell::default())))
         .route(ADMIN_CACHE_PATH, get(admin::list).delete(admin::purge))
         .layer(map_response(no_store));
     let mut router = Router::new();

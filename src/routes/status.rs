@@ -5,10 +5,14 @@
 //! says so in its `Content-Security-Policy`, which admits only its own inline
 //! stylesheet, by hash.
 
-use std::{collections::BTreeMap, fmt::Write as _, sync::LazyLock, time::SystemTime};
+use std::{
+    fmt::Write as _,
+    sync::{Arc, LazyLock},
+    time::SystemTime,
+};
 
 use axum::{
-    Json,
+    Extension, Json,
     extract::State,
     http::{HeaderValue, header::CONTENT_SECURITY_POLICY, header::CONTENT_TYPE},
     response::{IntoResponse, Response},
@@ -20,14 +24,12 @@ use crate::{
     clock, digest,
     ledger::{Budget, Ledger},
     metrics::Totals,
-    route::Route,
+    routes::StatsCell,
     state::AppState,
     stats::Minute,
+    summary::{CacheSummary, TopKey},
     warmup::WarmupStats,
 };
-
-/// Keys shown under "top keys".
-const TOP_KEYS: usize = 10;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -89,17 +91,6 @@ struct ClientStats {
     budget_refused_today: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct TopKey {
-    route: &'static str,
-    /// The normalized parameters.
-    params: BTreeMap<String, String>,
-    hits: u64,
-    bytes: usize,
-    age_secs: u64,
-}
-
 impl Stats {
     async fn collect(state: &AppState) -> Self {
         let metrics = state.metrics();
@@ -108,7 +99,6 @@ impl Stats {
         let now = clock.now();
         let cache = state.proxy().cache();
         let ledger = state.proxy().ledger();
-        cache.sync().await;
         let totals = metrics.totals();
         let answered = totals.hits + totals.misses;
         let last_hour = history.last_hour();
@@ -143,21 +133,7 @@ impl Stats {
         for warmup in state.warmups() {
             warmups.push(warmup.stats(state.proxy()).await);
         }
-        let mut top_keys: Vec<TopKey> = cache
-            .entries()
-            .into_iter()
-            .filter_map(|(key, entry)| {
-                Some(TopKey {
-                    route: state.routes().route_of(&key)?.path(),
-                    params: Route::params_of(&key).into_iter().collect(),
-                    hits: entry.hits(),
-                    bytes: entry.body.len(),
-                    age_secs: entry.age(now).as_secs(),
-                })
-            })
-            .collect();
-        top_keys.sort_by(|a, b| b.hits.cmp(&a.hits).then_with(|| a.params.cmp(&b.params)));
-        top_keys.truncate(TOP_KEYS);
+        let summary = CacheSummary::of(cache, now).await;
         Self {
             uptime_secs: ago(history.started()),
             started_at: clock::unix_secs(history.started()),
@@ -175,8 +151,8 @@ impl Stats {
             daily_budget: ledger.global().map(Budget::limit),
             credits_spent_today: spent_today(ledger, ledger.global()).await,
             budget_refused_today: refused_today(ledger, ledger.global()),
-            cache_entries: cache.entry_count(),
-            cache_bytes: cache.weighted_size(),
+            cache_entries: summary.entries,
+            cache_bytes: summary.bytes,
             upstream,
             redis: state
                 .proxy()
@@ -184,7 +160,7 @@ impl Stats {
                 .map(|r| if r.is_up() { "up" } else { "down" }),
             clients,
             warmups,
-            top_keys,
+            top_keys: summary.top_keys,
             last_hour,
         }
     }
@@ -202,13 +178,25 @@ fn refused_today(ledger: &Ledger, budget: Option<&Budget>) -> Option<u64> {
 }
 
 /// `GET /stats`.
-pub(super) async fn stats(State(state): State<AppState>) -> Response {
-    Json(Stats::collect(&state).await).into_response()
+pub(super) async fn stats(
+    State(state): State<AppState>,
+    Extension(cell): Extension<Arc<StatsCell>>,
+) -> Response {
+    Json(&*latest(&state, &cell).await).into_response()
+}
+
+/// The stats at most [`crate::summary::REFRESH`] old, shared by `/stats` and `/`.
+async fn latest(state: &AppState, cell: &StatsCell) -> Arc<Stats> {
+    let clock = state.metrics().history().clock();
+    cell.get(clock, || Stats::collect(state)).await
 }
 
 /// `GET /`: the status page.
-pub(super) async fn status_page(State(state): State<AppState>) -> Response {
-    let stats = Stats::collect(&state).await;
+pub(super) async fn status_page(
+    State(state): State<AppState>,
+    Extension(cell): Extension<Arc<StatsCell>>,
+) -> Response {
+    let stats = latest(&state, &cell).await;
     let mut response = render(&stats).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -344,7 +332,7 @@ fn render(stats: &Stats) -> String {
             html,
             "<tr><td><span class=\"name\" title=\"{name}\">{name}</span><small>{}</small></td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
-            escape(key.route),
+            escape(&key.route),
             key.hits,
             key.bytes,
             duration_text(key.age_secs)

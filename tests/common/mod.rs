@@ -4,7 +4,7 @@
 
 pub mod redis_server;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, process::Stdio, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use keyapi_proxy::{
@@ -17,7 +17,12 @@ use keyapi_proxy::{
     state::AppState,
 };
 use secrecy::SecretString;
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::oneshot,
+    task::JoinHandle,
+};
 
 /// The KeyAPI key the tests configure; it must never come back out.
 pub const TEST_API_KEY: &str = "sk-live-TESTKEY-9f8e7d6c5b4a39281706";
@@ -268,4 +273,47 @@ pub async fn assert_ledger_equals_bill(apps: &[&TestApp]) -> (u64, u64) {
         "credits on the ledger = price x calls KeyAPI received"
     );
     (calls, credits)
+}
+
+/// The binary in `--demo` mode on a free port, its descriptor limit set to
+/// `nofile` when given; returns it and its address.
+pub async fn spawn_binary(nofile: Option<u64>, env: &[(&str, &str)]) -> (Child, SocketAddr) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KEYAPI_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.arg("--demo")
+        .env("KEYAPI_PROXY__SERVER__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(limit) = nofile {
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(rest) = line.split("http://").nth(1) {
+            let addr = rest.split('/').next().unwrap().parse().unwrap();
+            return (child, addr);
+        }
+    }
+    panic!("the demo printed no address");
 }

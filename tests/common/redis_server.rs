@@ -4,6 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -13,7 +14,7 @@ use keyapi_proxy::config::Config;
 /// Config adjustment: the Redis tier at `url`.
 pub fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
     move |c: &mut Config| {
-        c.cache.redis.url = Some(url.to_owned());
+        c.cache.redis.url = Some(url.to_owned().into());
         // Generous under a loaded CI machine; still far below any client timeout.
         c.cache.redis.op_timeout = Duration::from_secs(1);
     }
@@ -22,12 +23,33 @@ pub fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
 /// A running `redis-server`, killed on drop.
 pub struct RedisServer {
     pub port: u16,
+    /// `requirepass`, when started with [`RedisServer::start_with_password`].
+    password: Option<String>,
+    /// The TLS port, when started with [`RedisServer::start_with_tls`].
+    pub tls_port: Option<u16>,
+    /// Arguments beyond port, bind and persistence.
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts a server, or `None` (after a loud message) if the binary is missing.
     pub async fn start() -> Option<Self> {
+        Self::start_inner(None, None).await
+    }
+
+    /// Starts a server that requires `password` (`--requirepass`).
+    pub async fn start_with_password(password: &str) -> Option<Self> {
+        Self::start_inner(Some(password.to_owned()), None).await
+    }
+
+    /// Starts a server that also speaks TLS on [`RedisServer::tls_port`], with
+    /// this PEM certificate (which clients must trust) and key.
+    pub async fn start_with_tls(cert: &Path, key: &Path) -> Option<Self> {
+        Self::start_inner(None, Some((cert, key))).await
+    }
+
+    async fn start_inner(password: Option<String>, tls: Option<(&Path, &Path)>) -> Option<Self> {
         let available = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -43,18 +65,43 @@ impl RedisServer {
             );
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let mut server = Self { port, child: None };
+        let port = free_port();
+        let tls_port = tls.map(|_| free_port());
+        let extra_args = match (tls, tls_port) {
+            (Some((cert, key)), Some(tls_port)) => vec![
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                cert.display().to_string(),
+                "--tls-key-file".into(),
+                key.display().to_string(),
+                "--tls-ca-cert-file".into(),
+                cert.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+            _ => password
+                .iter()
+                .flat_map(|p| ["--requirepass".to_owned(), p.clone()])
+                .collect(),
+        };
+        let mut server = Self {
+            port,
+            password,
+            tls_port,
+            extra_args,
+            child: None,
+        };
         server.restart().await;
         Some(server)
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, with the password when there is one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Kills the server (like a crash).
@@ -69,10 +116,12 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         self.kill();
         let port = self.port;
+        let extra_args = self.extra_args.clone();
         let child = tokio::task::spawn_blocking(move || {
             let mut child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
+                .args(&extra_args)
                 .stdout(Stdio::piped())
                 .spawn()
                 .expect("redis-server starts");
@@ -98,6 +147,13 @@ impl RedisServer {
             .await
             .expect("connect to redis")
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 impl Drop for RedisServer {
