@@ -19,7 +19,7 @@ enum State {
 
 /// Shared breaker state for one upstream.
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     state: Mutex<State>,
     threshold: u32,
     cooldown: Duration,
@@ -27,21 +27,21 @@ pub struct Breaker {
 
 /// The circuit is open; try again after `retry_after`.
 #[derive(Debug, Clone, Copy)]
-pub struct Open {
-    pub retry_after: Duration,
+pub(crate) struct Open {
+    pub(crate) retry_after: Duration,
 }
 
 /// Leave to make one call. Must be settled with [`Pass::record`]; dropping
 /// it unsettled counts as a failure, so a lost probe cannot wedge half-open.
 #[derive(Debug)]
-pub struct Pass<'a> {
+pub(crate) struct Pass<'a> {
     breaker: &'a Breaker,
     settled: bool,
 }
 
 impl Breaker {
     /// A closed breaker.
-    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
         Self {
             state: Mutex::new(State::Closed { failures: 0 }),
             threshold: threshold.max(1),
@@ -50,7 +50,7 @@ impl Breaker {
     }
 
     /// Asks to make a call now.
-    pub fn try_pass(&self) -> Result<Pass<'_>, Open> {
+    pub(crate) fn try_pass(&self) -> Result<Pass<'_>, Open> {
         let mut state = self.lock();
         let now = Instant::now();
         match *state {
@@ -78,7 +78,7 @@ impl Breaker {
     }
 
     /// `closed`, `open` or `half_open`, for logs and status pages.
-    pub fn state_str(&self) -> &'static str {
+    pub(crate) fn state_str(&self) -> &'static str {
         match *self.lock() {
             State::Closed { .. } => "closed",
             State::Open { .. } => "open",
@@ -114,7 +114,7 @@ impl Breaker {
 
 impl Pass<'_> {
     /// Reports the call's outcome.
-    pub fn record(mut self, success: bool) {
+    pub(crate) fn record(mut self, success: bool) {
         self.settled = true;
         self.breaker.settle(success);
     }

@@ -13,14 +13,14 @@ use bytes::BytesMut;
 use crate::{cache::Entry, served::CacheState};
 
 /// `Cache-Status` header name (RFC 9211).
-pub const CACHE_STATUS: &str = "cache-status";
+pub(crate) const CACHE_STATUS: &str = "cache-status";
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
 /// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in
 /// the cache, at `now`. `Cache-Control: max-age` is the entry's whole
 /// lifetime and `Age` its age, so `max-age − Age` is the `ttl` of `Cache-Status`.
-pub fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry, now: SystemTime) {
+pub(crate) fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry, now: SystemTime) {
     let age = entry.age(now);
     let ttl = entry.ttl.saturating_sub(age).as_secs();
     // RFC 9211 `ttl` goes negative once stale.
@@ -75,7 +75,7 @@ fn join(pieces: &[&[u8]]) -> HeaderValue {
 
 /// Marks an answer that went upstream and was not stored. `fwd_status` is the
 /// upstream's HTTP status when it answered; otherwise `detail` says why not.
-pub fn set_forwarded_uncached(headers: &mut HeaderMap, fwd_status: Option<u16>, detail: &str) {
+pub(crate) fn set_forwarded_uncached(headers: &mut HeaderMap, fwd_status: Option<u16>, detail: &str) {
     let status = match fwd_status {
         Some(code) => format_value(format_args!(
             "keyapi-proxy; fwd=uri-miss; fwd-status={code}"
@@ -87,7 +87,7 @@ pub fn set_forwarded_uncached(headers: &mut HeaderMap, fwd_status: Option<u16>, 
 }
 
 /// `Cache-Control: no-store`: for answers that must not be kept by anyone.
-pub fn set_no_store(headers: &mut HeaderMap) {
+pub(crate) fn set_no_store(headers: &mut HeaderMap) {
     headers.insert(CACHE_CONTROL, NO_STORE);
 }
 

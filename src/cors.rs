@@ -33,7 +33,7 @@ use crate::{
 
 /// `router` behind the CORS layer and the origin check for `config`;
 /// unchanged when no origin is allowed.
-pub fn apply(router: Router, config: &CorsConfig) -> Router {
+pub(crate) fn apply(router: Router, config: &CorsConfig) -> Router {
     let origins: Arc<[HeaderValue]> = config
         .allowed_origins
         .iter()

@@ -20,7 +20,7 @@ use crate::{
 
 /// An error answer.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error(transparent)]
     BadRequest(#[from] KeyError),
     #[error(transparent)]
@@ -47,11 +47,11 @@ struct Envelope<'a> {
 }
 
 /// `application/json`, shared by every JSON answer.
-pub const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+pub(crate) const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 impl ApiError {
     /// The HTTP status this error is answered with.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
@@ -137,7 +137,7 @@ impl ApiError {
     }
 
     /// The error as an HTTP response carrying `request_id` in its envelope.
-    pub fn to_response(&self, request_id: &RequestId) -> Response {
+    pub(crate) fn to_response(&self, request_id: &RequestId) -> Response {
         let status = self.status();
         let message = self.public_message();
         let envelope = Envelope {

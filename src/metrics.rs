@@ -301,7 +301,7 @@ impl Metrics {
     }
 
     /// The per-minute history and upstream health (for `/stats`).
-    pub fn history(&self) -> &History {
+    pub(crate) fn history(&self) -> &History {
         &self.history
     }
 

@@ -30,7 +30,7 @@ struct Representation<'a> {
 
 /// The answer to `request` from a cached `entry` at `now`: 304, gzip or
 /// identity.
-pub fn cached_response(
+pub(crate) fn cached_response(
     request: &HeaderMap,
     entry: &Entry,
     state: CacheState,
@@ -118,7 +118,7 @@ fn accepts_gzip(request: &HeaderMap) -> bool {
 /// The `q` (1 when absent, 0 when unreadable) of the first item of the
 /// comma-separated `name` headers whose value before any `;` is one of
 /// `tokens` (ASCII case-insensitive); `None` when no item names one.
-pub fn quality(request: &HeaderMap, name: &HeaderName, tokens: &[&str]) -> Option<f32> {
+pub(crate) fn quality(request: &HeaderMap, name: &HeaderName, tokens: &[&str]) -> Option<f32> {
     request
         .get_all(name)
         .iter()

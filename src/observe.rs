@@ -27,10 +27,10 @@ use tracing::Level;
 use crate::{cache::CacheKey, metrics::Metrics, served::Served};
 
 /// The `route` label of requests that matched no route.
-pub const UNMATCHED: &str = "unmatched";
+pub(crate) const UNMATCHED: &str = "unmatched";
 
 /// `X-Request-Id`, on every response.
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_ID_LEN: usize = 128;
 /// Longest method or path written to the access log, in bytes: the client
 /// chooses them, and a 16 KiB path must not make a 16 KiB log line.
@@ -38,7 +38,7 @@ const MAX_LOGGED_LEN: usize = 256;
 
 /// The id of the request being served (a request extension).
 #[derive(Debug, Clone)]
-pub struct RequestId(HeaderValue);
+pub(crate) struct RequestId(HeaderValue);
 
 impl RequestId {
     /// The client's id if it is 1–128 visible characters from `[A-Za-z0-9._:-]`.
@@ -59,22 +59,22 @@ impl RequestId {
     }
 
     /// The id as text (always ASCII by construction).
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         self.0.to_str().unwrap_or("")
     }
 }
 
 /// What a handler reports about its answer for the access log (a response extension).
 #[derive(Debug, Clone)]
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     /// The configured client's id, when clients are configured.
-    pub client: Option<Arc<str>>,
-    pub key: CacheKey,
+    pub(crate) client: Option<Arc<str>>,
+    pub(crate) key: CacheKey,
     /// How the request was answered (the `cache` log field).
-    pub served: Served,
+    pub(crate) served: Served,
     /// The route's price per call (what a hit saves).
-    pub credits: u64,
-    pub upstream_status: Option<u16>,
+    pub(crate) credits: u64,
+    pub(crate) upstream_status: Option<u16>,
 }
 
 /// Tower layer that wraps the whole router: assigns the request id, echoes
@@ -82,7 +82,7 @@ pub struct AccessLog {
 /// `Service` (not `axum::middleware::from_fn`) so a request costs no boxed
 /// future and no clone of the inner service.
 #[derive(Clone)]
-pub struct ObserveLayer {
+pub(crate) struct ObserveLayer {
     metrics: Arc<Metrics>,
     paths: Arc<[&'static str]>,
     proxied: usize,
@@ -91,7 +91,7 @@ pub struct ObserveLayer {
 impl ObserveLayer {
     /// Counting into `metrics`; `paths` are the router's (static) paths, the
     /// values of the `route` label, the first `proxied` of them the KeyAPI routes.
-    pub fn new(metrics: Arc<Metrics>, paths: Arc<[&'static str]>, proxied: usize) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>, paths: Arc<[&'static str]>, proxied: usize) -> Self {
         Self {
             metrics,
             paths,
@@ -115,7 +115,7 @@ impl<S> Layer<S> for ObserveLayer {
 
 /// The service made by [`ObserveLayer`].
 #[derive(Clone)]
-pub struct Observe<S> {
+pub(crate) struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
     paths: Arc<[&'static str]>,
@@ -171,7 +171,7 @@ where
 
 pin_project_lite::pin_project! {
     /// The inner response future, finished with the id header, log line and metrics.
-    pub struct ObserveFuture<F> {
+    pub(crate) struct ObserveFuture<F> {
         #[pin]
         inner: F,
         done: Option<Done>,

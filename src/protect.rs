@@ -28,10 +28,9 @@ const MAX_HOLD: Duration = Duration::from_secs(3600);
 
 /// Gatekeeper for upstream calls.
 #[derive(Debug)]
-pub struct Protection {
+pub(crate) struct Protection {
     breaker: Breaker,
     in_flight: Semaphore,
-    max_in_flight: usize,
     spend: Option<DefaultDirectRateLimiter>,
     queue_timeout: Duration,
     hold_until: Mutex<Option<Instant>>,
@@ -39,7 +38,7 @@ pub struct Protection {
 
 /// Leave to make one call: holds a concurrency slot and a breaker pass.
 #[derive(Debug)]
-pub struct Admission<'a> {
+pub(crate) struct Admission<'a> {
     _slot: SemaphorePermit<'a>,
     pass: Pass<'a>,
     protection: &'a Protection,
@@ -47,13 +46,12 @@ pub struct Admission<'a> {
 
 impl Protection {
     /// From the `[upstream]` section.
-    pub fn from_config(config: &UpstreamConfig) -> Self {
+    pub(crate) fn from_config(config: &UpstreamConfig) -> Self {
         let spend = NonZeroU32::new(config.max_calls_per_minute)
             .map(|n| RateLimiter::direct(Quota::per_minute(n)));
         Self {
             breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
             in_flight: Semaphore::new(config.max_in_flight),
-            max_in_flight: config.max_in_flight,
             spend,
             queue_timeout: config.queue_timeout,
             hold_until: Mutex::new(None),
@@ -61,7 +59,7 @@ impl Protection {
     }
 
     /// Waits (at most `queue_timeout`) for leave to call upstream.
-    pub async fn admit(&self) -> Result<Admission<'_>, UpstreamError> {
+    pub(crate) async fn admit(&self) -> Result<Admission<'_>, UpstreamError> {
         if let Some(wait) = self.held_for() {
             return Err(UpstreamError::HeldBack {
                 retry_after_secs: ceil_secs(wait),
@@ -104,13 +102,9 @@ impl Protection {
         })
     }
 
-    /// Upstream calls currently running.
-    pub fn in_flight(&self) -> usize {
-        self.max_in_flight - self.in_flight.available_permits()
-    }
 
     /// `closed`, `open` or `half_open`.
-    pub fn circuit(&self) -> &'static str {
+    pub(crate) fn circuit(&self) -> &'static str {
         self.breaker.state_str()
     }
 
@@ -136,7 +130,7 @@ impl Protection {
 
 impl Admission<'_> {
     /// Reports the call's result to the breaker (and the hold, on a 429).
-    pub fn settle(self, result: &Result<UpstreamAnswer, UpstreamError>) {
+    pub(crate) fn settle(self, result: &Result<UpstreamAnswer, UpstreamError>) {
         let healthy = match result {
             Ok(_) => true,
             Err(UpstreamError::RateLimited { retry_after_secs }) => {

@@ -142,7 +142,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// A proxy over `cache`, with an optional shared Redis tier.
-    pub fn new(
+    pub(crate) fn new(
         tiers: Tiers,
         upstream: Upstream,
         protection: Protection,
@@ -179,7 +179,7 @@ impl Proxy {
     }
 
     /// Upstream protection state (for operational endpoints).
-    pub fn protection(&self) -> &Protection {
+    pub(crate) fn protection(&self) -> &Protection {
         &self.fetcher.protection
     }
 

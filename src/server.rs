@@ -48,7 +48,7 @@ use crate::observe::Observe;
 
 /// Largest request head (HTTP/1 read buffer, HTTP/2 header list) in bytes;
 /// larger heads get 431. Our longest legitimate head is well under 2 KiB.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Descriptors kept back from `server.max_connections` for the listener,
 /// Redis, the snapshot file, logs and the runtime; upstream connections
 /// (`upstream.max_in_flight`) are reserved on top.
@@ -64,22 +64,22 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
 /// The bounds of the connection layer, from `[server]`.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Time a client has to send a whole request head, counted from the
     /// connection's start or from the first byte after an idle pause.
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// Time a keep-alive connection may stay silent between requests.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Open connections at most; the longest-silent one makes room.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Drain time for busy connections after the shutdown signal.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
 }
 
 /// Default `server.max_connections`: the soft descriptor limit minus
 /// [`FD_RESERVE`] and the upstream connections, so accepting never runs the
 /// process out of descriptors.
-pub fn default_max_connections(upstream_in_flight: usize) -> usize {
+pub(crate) fn default_max_connections(upstream_in_flight: usize) -> usize {
     let limit = nofile_limit().unwrap_or(1024);
     let reserve = FD_RESERVE + upstream_in_flight as u64;
     let cap = limit

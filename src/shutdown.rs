@@ -6,7 +6,7 @@ use std::future::Future;
 /// this is called, not when the future is first polled: a SIGTERM that arrives
 /// before the server polls it must not kill the process unsnapshotted.
 #[cfg(unix)]
-pub fn signal() -> impl Future<Output = ()> {
+pub(crate) fn signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let interrupt = signal(SignalKind::interrupt());
     let terminate = signal(SignalKind::terminate());
@@ -29,7 +29,7 @@ pub fn signal() -> impl Future<Output = ()> {
 
 /// Resolves when the process is asked to stop (Ctrl-C).
 #[cfg(not(unix))]
-pub fn signal() -> impl Future<Output = ()> {
+pub(crate) fn signal() -> impl Future<Output = ()> {
     async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");

@@ -29,7 +29,7 @@ const MAGIC: &[u8; 8] = b"KAPSNAP1";
 
 /// Why a snapshot could not be used or written.
 #[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
+pub(crate) enum SnapshotError {
     #[error("snapshot {path}: {source}")]
     Io {
         path: PathBuf,
@@ -43,7 +43,7 @@ pub enum SnapshotError {
 const WRITE_BUFFER: usize = 256 * 1024;
 
 /// Writes every live entry of `cache` to `path`; returns how many.
-pub async fn save(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotError> {
+pub(crate) async fn save(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotError> {
     let path = path.to_owned();
     let cache = cache.clone();
     let target = path.clone();
@@ -122,7 +122,7 @@ fn write_records(file: File, cache: &LocalCache) -> std::io::Result<usize> {
 
 /// Loads `path` into `cache`, skipping expired or damaged entries; returns how
 /// many were loaded. A missing file loads nothing.
-pub async fn load(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotError> {
+pub(crate) async fn load(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotError> {
     let raw = match tokio::fs::read(path).await {
         Ok(raw) => Bytes::from(raw),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),

@@ -13,30 +13,30 @@ use serde::Serialize;
 use crate::clock::{self, SharedClock};
 
 /// Minutes kept.
-pub const MINUTES: usize = 60;
+pub(crate) const MINUTES: usize = 60;
 
 /// One minute of traffic.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Minute {
+pub(crate) struct Minute {
     /// Minutes since the Unix epoch (UTC).
-    pub minute: u64,
+    pub(crate) minute: u64,
     /// Requests of the proxied route answered.
-    pub requests: u64,
+    pub(crate) requests: u64,
     /// Of those, answered from the cache.
-    pub hits: u64,
+    pub(crate) hits: u64,
     /// Upstream calls finished.
-    pub upstream_calls: u64,
+    pub(crate) upstream_calls: u64,
     /// Credits those calls cost.
-    pub credits_spent: u64,
+    pub(crate) credits_spent: u64,
 }
 
 /// What we last saw of KeyAPI.
 #[derive(Debug, Clone, Default)]
-pub struct UpstreamHealth {
-    pub last_success: Option<SystemTime>,
-    pub last_error: Option<(SystemTime, &'static str)>,
-    pub consecutive_failures: u64,
+pub(crate) struct UpstreamHealth {
+    pub(crate) last_success: Option<SystemTime>,
+    pub(crate) last_error: Option<(SystemTime, &'static str)>,
+    pub(crate) consecutive_failures: u64,
 }
 
 #[derive(Debug)]
@@ -47,7 +47,7 @@ struct Inner {
 
 /// The history of one running proxy.
 #[derive(Debug)]
-pub struct History {
+pub(crate) struct History {
     clock: SharedClock,
     started: SystemTime,
     inner: Mutex<Inner>,
@@ -55,7 +55,7 @@ pub struct History {
 
 impl History {
     /// Empty history starting now.
-    pub fn new(clock: SharedClock) -> Self {
+    pub(crate) fn new(clock: SharedClock) -> Self {
         Self {
             started: clock.now(),
             clock,
@@ -67,17 +67,17 @@ impl History {
     }
 
     /// The clock this history counts with.
-    pub fn clock(&self) -> &SharedClock {
+    pub(crate) fn clock(&self) -> &SharedClock {
         &self.clock
     }
 
     /// When the proxy started.
-    pub fn started(&self) -> SystemTime {
+    pub(crate) fn started(&self) -> SystemTime {
         self.started
     }
 
     /// Counts one answered request of the proxied route.
-    pub fn request(&self, hit: bool) {
+    pub(crate) fn request(&self, hit: bool) {
         let now = self.clock.now();
         let mut inner = self.lock();
         let minute = bucket(&mut inner.ring, now);
@@ -86,13 +86,13 @@ impl History {
     }
 
     /// Counts credits spent on upstream calls (the ledger's charges).
-    pub fn credits_spent(&self, credits: u64) {
+    pub(crate) fn credits_spent(&self, credits: u64) {
         let now = self.clock.now();
         bucket(&mut self.lock().ring, now).credits_spent += credits;
     }
 
     /// Counts one finished upstream call; `error` is its error kind, if any.
-    pub fn upstream_call(&self, error: Option<&'static str>) {
+    pub(crate) fn upstream_call(&self, error: Option<&'static str>) {
         let now = self.clock.now();
         let mut inner = self.lock();
         let minute = bucket(&mut inner.ring, now);
@@ -111,7 +111,7 @@ impl History {
     }
 
     /// The last hour, oldest minute first (minutes without traffic included).
-    pub fn last_hour(&self) -> Vec<Minute> {
+    pub(crate) fn last_hour(&self) -> Vec<Minute> {
         let current = clock::unix_secs(self.clock.now()) / 60;
         let inner = self.lock();
         (0..MINUTES as u64)
@@ -132,7 +132,7 @@ impl History {
     }
 
     /// The upstream's recent health.
-    pub fn health(&self) -> UpstreamHealth {
+    pub(crate) fn health(&self) -> UpstreamHealth {
         self.lock().health.clone()
     }
 

@@ -22,16 +22,16 @@ use crate::{
 };
 
 /// Oldest value served; a newer one is computed on the next request after it.
-pub const REFRESH: Duration = Duration::from_secs(1);
+pub(crate) const REFRESH: Duration = Duration::from_secs(1);
 /// Keys shown under "top keys".
-pub const TOP_KEYS: usize = 10;
+pub(crate) const TOP_KEYS: usize = 10;
 /// Entries scanned between two yields of the scanning thread.
 const YIELD_EVERY: usize = 1024;
 
 /// A value recomputed at most once per [`REFRESH`]; concurrent callers wait
 /// for one computation instead of each running their own.
 #[derive(Debug)]
-pub struct Throttled<T> {
+pub(crate) struct Throttled<T> {
     latest: Mutex<Option<(SystemTime, Arc<T>)>>,
 }
 
@@ -45,7 +45,7 @@ impl<T> Default for Throttled<T> {
 
 impl<T> Throttled<T> {
     /// The latest value if it is younger than [`REFRESH`] by `clock`, else a new one from `compute`.
-    pub async fn get<F, Fut>(&self, clock: &SharedClock, compute: F) -> Arc<T>
+    pub(crate) async fn get<F, Fut>(&self, clock: &SharedClock, compute: F) -> Arc<T>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T>,
@@ -67,29 +67,29 @@ impl<T> Throttled<T> {
 /// One of the most-hit cached questions.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TopKey {
+pub(crate) struct TopKey {
     /// The route (its path).
-    pub route: String,
+    pub(crate) route: String,
     /// The normalized parameters.
-    pub params: BTreeMap<String, String>,
-    pub hits: u64,
-    pub bytes: usize,
-    pub age_secs: u64,
+    pub(crate) params: BTreeMap<String, String>,
+    pub(crate) hits: u64,
+    pub(crate) bytes: usize,
+    pub(crate) age_secs: u64,
 }
 
 /// What one scan of the cache found.
 #[derive(Debug, Default)]
-pub struct CacheSummary {
-    pub entries: u64,
-    pub bytes: u64,
+pub(crate) struct CacheSummary {
+    pub(crate) entries: u64,
+    pub(crate) bytes: u64,
     /// Most hits first; ties by parameters.
-    pub top_keys: Vec<TopKey>,
+    pub(crate) top_keys: Vec<TopKey>,
 }
 
 impl CacheSummary {
     /// Scans `cache` on a blocking thread (exact counts: pending inserts
     /// applied first); ages are as of `now`.
-    pub async fn of(cache: &LocalCache, now: SystemTime) -> Self {
+    pub(crate) async fn of(cache: &LocalCache, now: SystemTime) -> Self {
         cache.sync().await;
         let scanned = cache.clone();
         tokio::task::spawn_blocking(move || scan(&scanned, now))
