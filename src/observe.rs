@@ -11,7 +11,10 @@ use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll, ready},
     time::Instant,
 };
@@ -35,7 +38,18 @@ const MAX_ID_LEN: usize = 128;
 
 /// The id of the request being served (a request extension).
 #[derive(Debug, Clone)]
-pub struct RequestId(HeaderValue);
+pub struct RequestId(Id);
+
+#[derive(Debug, Clone)]
+enum Id {
+    /// The client's, echoed: shares the request's buffer.
+    Client(HeaderValue),
+    /// Ours, kept as text on the stack until it becomes a header.
+    Generated([u8; GENERATED_LEN]),
+}
+
+/// Length of a generated id: the layout of a UUID.
+const GENERATED_LEN: usize = 36;
 
 impl RequestId {
     /// The client's id if it is 1–128 visible characters from `[A-Za-z0-9._:-]`.
@@ -45,19 +59,43 @@ impl RequestId {
             && bytes
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-        sane.then(|| Self(value.clone()))
+        sane.then(|| Self(Id::Client(value.clone())))
     }
 
-    /// A new random id (for requests that sent none, or no usable one).
+    /// A new id (for requests that sent none, or no usable one): a random
+    /// per-process prefix and a counter, in a UUID's layout. Unique without
+    /// asking an RNG per request, and sortable within one process.
     pub(crate) fn generate() -> Self {
-        let mut buf = uuid::Uuid::encode_buffer();
-        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-        Self(HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown")))
+        static PREFIX: OnceLock<u64> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let prefix = *PREFIX.get_or_init(|| fastrand::u64(..));
+        let bits = (u128::from(prefix) << 64) | u128::from(NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut text = [b'-'; GENERATED_LEN];
+        let mut nibbles = (0..32).rev().map(|i| (bits >> (i * 4)) as usize & 0xf);
+        for (i, byte) in text.iter_mut().enumerate() {
+            if !matches!(i, 8 | 13 | 18 | 23) {
+                *byte = b"0123456789abcdef"[nibbles.next().unwrap_or(0)];
+            }
+        }
+        Self(Id::Generated(text))
     }
 
     /// The id as text (always ASCII by construction).
     pub fn as_str(&self) -> &str {
-        self.0.to_str().unwrap_or("")
+        match &self.0 {
+            Id::Client(value) => value.to_str().unwrap_or(""),
+            Id::Generated(text) => std::str::from_utf8(text).unwrap_or(""),
+        }
+    }
+
+    /// The id as the `X-Request-Id` header value.
+    fn into_header(self) -> HeaderValue {
+        match self.0 {
+            Id::Client(value) => value,
+            Id::Generated(text) => {
+                HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("unknown"))
+            }
+        }
     }
 }
 
@@ -226,6 +264,28 @@ impl Done {
                 None => tracing::info!(request_id, %method, path, status, latency_us, "request"),
             }
         }
-        response.headers_mut().insert(X_REQUEST_ID, self.id.0);
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, self.id.into_header());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_distinct_and_uuid_shaped() {
+        let (a, b) = (RequestId::generate(), RequestId::generate());
+        assert_ne!(a.as_str(), b.as_str());
+        for id in [a.as_str(), b.as_str()] {
+            let groups: Vec<usize> = id.split('-').map(str::len).collect();
+            assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+            assert!(
+                id.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()),
+                "{id}"
+            );
+        }
+        assert_eq!(a.into_header().as_bytes().len(), GENERATED_LEN);
     }
 }
