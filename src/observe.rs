@@ -1,13 +1,14 @@
 //! Request ids, the one access-log line per request, and request metrics.
 //!
 //! A sane client `X-Request-Id` is kept (so ids can be followed across
-//! services), otherwise one is generated. Handlers attach an [`AccessLog`] to
-//! their response so the log line (and the request metrics) can name the
+//! services), otherwise one is generated. Handlers [`report`](AccessLog::report)
+//! an [`AccessLog`] so the log line (and the request metrics) can name the
 //! normalized key, cache state and upstream status without the middleware
 //! knowing any route. The `route` metric label is the request path when it is
 //! one of the router's (static) paths, else `unmatched`: bounded either way.
 
 use std::{
+    cell::Cell,
     convert::Infallible,
     future::Future,
     pin::Pin,
@@ -24,6 +25,7 @@ use axum::{
     http::{HeaderName, HeaderValue, Method},
     response::Response,
 };
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::Level;
 
@@ -99,7 +101,7 @@ impl RequestId {
     }
 }
 
-/// What a handler reports about its answer for the access log (a response extension).
+/// What a handler reports about its answer for the access log and the metrics.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
     /// The configured client's id, when clients are configured.
@@ -110,6 +112,21 @@ pub struct AccessLog {
     /// The route's price per call (what a hit saves).
     pub credits: u64,
     pub upstream_status: Option<u16>,
+}
+
+tokio::task_local! {
+    /// The [`AccessLog`] of the request being served, handed from its handler
+    /// to [`Observe`]: a task-local costs no allocation, a response extension
+    /// three (the value's box, the map's box, its table).
+    static REPORTED: Cell<Option<AccessLog>>;
+}
+
+impl AccessLog {
+    /// Hands this record to the [`Observe`] layer serving the current request
+    /// (nothing happens outside one).
+    pub fn report(self) {
+        let _ = REPORTED.try_with(|slot| slot.set(Some(self)));
+    }
 }
 
 /// Tower layer that wraps the whole router: assigns the request id, echoes
@@ -187,7 +204,7 @@ where
         let log = tracing::enabled!(Level::INFO)
             .then(|| (request.method().clone(), request.uri().path().to_owned()));
         ObserveFuture {
-            inner: self.inner.call(request),
+            inner: REPORTED.scope(Cell::new(None), self.inner.call(request)),
             done: Some(Done {
                 started,
                 id,
@@ -204,7 +221,7 @@ pin_project_lite::pin_project! {
     /// The inner response future, finished with the id header, log line and metrics.
     pub struct ObserveFuture<F> {
         #[pin]
-        inner: F,
+        inner: TaskLocalFuture<Cell<Option<AccessLog>>, F>,
         done: Option<Done>,
     }
 }
@@ -226,19 +243,19 @@ where
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Ok(mut response) = ready!(this.inner.poll(cx));
+        let mut this = self.project();
+        let Ok(mut response) = ready!(this.inner.as_mut().poll(cx));
+        let access = this.inner.take_value().and_then(Cell::into_inner);
         if let Some(done) = this.done.take() {
-            done.finish(&mut response);
+            done.finish(&mut response, access.as_ref());
         }
         Poll::Ready(Ok(response))
     }
 }
 
 impl Done {
-    fn finish(self, response: &mut Response) {
+    fn finish(self, response: &mut Response, access: Option<&AccessLog>) {
         let status = response.status().as_u16();
-        let access = response.extensions().get::<AccessLog>();
         self.metrics.record_request(
             self.route,
             self.proxied,
