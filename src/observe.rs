@@ -6,23 +6,27 @@
 //! normalized key, cache state and upstream status without the middleware
 //! knowing any route. The `route` metric label is the request path when it is
 //! one of the router's (static) paths, else `unmatched`: bounded either way.
+//! A handler that panics is answered 500 here, like any other request.
 
 use std::{
+    any::Any,
     cell::Cell,
     convert::Infallible,
     future::Future,
+    panic::{self, AssertUnwindSafe},
     pin::Pin,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::Instant,
 };
 
 use axum::{
+    body::Body,
     extract::Request,
-    http::{HeaderName, HeaderValue, Method},
+    http::{HeaderName, HeaderValue, Method, StatusCode, header::CONTENT_TYPE},
     response::Response,
 };
 use tokio::task::futures::TaskLocalFuture;
@@ -244,13 +248,38 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let Ok(mut response) = ready!(this.inner.as_mut().poll(cx));
+        // A panicking handler gets a 500 instead of a dropped connection;
+        // caught here, around the whole router, rather than by a layer on
+        // every route, which would box each request's future once more.
+        let polled = panic::catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll(cx)));
+        let mut response = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(response))) => response,
+            Err(panic) => panicked(&*panic),
+        };
         let access = this.inner.take_value().and_then(Cell::into_inner);
         if let Some(done) = this.done.take() {
             done.finish(&mut response, access.as_ref());
         }
         Poll::Ready(Ok(response))
     }
+}
+
+/// The answer to a request whose handler panicked (logged, detail not sent).
+fn panicked(panic: &(dyn Any + Send)) -> Response {
+    let message = match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => message,
+        (None, Some(message)) => message.as_str(),
+        (None, None) => "(no message)",
+    };
+    tracing::error!(panic = message, "request handler panicked");
+    let mut response = Response::new(Body::from("Service panicked"));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 impl Done {
@@ -304,5 +333,25 @@ mod tests {
             );
         }
         assert_eq!(a.into_header().as_bytes().len(), GENERATED_LEN);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_500_with_an_id() {
+        use tower::ServiceExt as _;
+
+        use crate::clock::{SharedClock, SystemClock};
+
+        let metrics = Arc::new(Metrics::new(SharedClock::new(Arc::new(SystemClock))));
+        let handler = tower::service_fn(|_: Request| async {
+            if true {
+                panic!("boom");
+            }
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        });
+        let service = ObserveLayer::new(metrics, Arc::from(["/"]), 0).layer(handler);
+        let response = service.oneshot(Request::new(Body::empty())).await;
+        let Ok(response) = response;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers().contains_key(X_REQUEST_ID));
     }
 }
