@@ -33,7 +33,11 @@ use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::Level;
 
-use crate::{cache::CacheKey, metrics::Metrics, served::Served};
+use crate::{
+    cache::CacheKey,
+    metrics::{CachedCounter, Metrics},
+    served::{CacheState, Served},
+};
 
 /// The `route` label of requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
@@ -142,6 +146,7 @@ pub struct ObserveLayer {
     metrics: Arc<Metrics>,
     paths: Arc<[&'static str]>,
     proxied: usize,
+    hits: Arc<[CachedCounter]>,
 }
 
 impl ObserveLayer {
@@ -152,6 +157,7 @@ impl ObserveLayer {
             metrics,
             paths,
             proxied,
+            hits: (0..proxied).map(|_| CachedCounter::default()).collect(),
         }
     }
 }
@@ -165,6 +171,7 @@ impl<S> Layer<S> for ObserveLayer {
             metrics: Arc::clone(&self.metrics),
             paths: Arc::clone(&self.paths),
             proxied: self.proxied,
+            hits: Arc::clone(&self.hits),
         }
     }
 }
@@ -176,6 +183,8 @@ pub struct Observe<S> {
     metrics: Arc<Metrics>,
     paths: Arc<[&'static str]>,
     proxied: usize,
+    /// Per KeyAPI route, its hits' `requests_total` counter.
+    hits: Arc<[CachedCounter]>,
 }
 
 impl<S> Service<Request> for Observe<S>
@@ -200,10 +209,11 @@ where
         request.extensions_mut().insert(id.clone());
         // Every route is a static path, so the path itself is the template.
         let path = request.uri().path();
-        let (route, proxied) = match self.paths.iter().position(|p| *p == path) {
-            Some(i) => (self.paths[i], i < self.proxied),
-            None => (UNMATCHED, false),
+        let (route, index) = match self.paths.iter().position(|p| *p == path) {
+            Some(i) => (self.paths[i], Some(i)),
+            None => (UNMATCHED, None),
         };
+        let proxied = index.filter(|i| *i < self.proxied);
         // Log fields are only gathered when the line will be written.
         let log = tracing::enabled!(Level::INFO)
             .then(|| (request.method().clone(), request.uri().path().to_owned()));
@@ -216,6 +226,7 @@ where
                 proxied,
                 log,
                 metrics: Arc::clone(&self.metrics),
+                hits: Arc::clone(&self.hits),
             }),
         }
     }
@@ -235,9 +246,11 @@ struct Done {
     started: Instant,
     id: RequestId,
     route: &'static str,
-    proxied: bool,
+    /// The index of the KeyAPI route, if it is one.
+    proxied: Option<usize>,
     log: Option<(Method, String)>,
     metrics: Arc<Metrics>,
+    hits: Arc<[CachedCounter]>,
 }
 
 impl<F> Future for ObserveFuture<F>
@@ -285,12 +298,16 @@ fn panicked(panic: &(dyn Any + Send)) -> Response {
 impl Done {
     fn finish(self, response: &mut Response, access: Option<&AccessLog>) {
         let status = response.status().as_u16();
-        self.metrics.record_request(
-            self.route,
-            self.proxied,
-            status,
-            access.map(|log| (log.served, log.credits)),
-        );
+        let served = access.map(|log| (log.served, log.credits));
+        // A route's hits all share one label set: count them without a lookup.
+        let cached = match (self.proxied, served) {
+            (Some(i), Some((Served::Cached(CacheState::Hit), _))) if status == 200 => {
+                self.hits.get(i)
+            }
+            _ => None,
+        };
+        let proxied = self.proxied.is_some();
+        (self.metrics).record_request_in(cached, self.route, proxied, status, served);
         if let Some((method, path)) = &self.log {
             let latency_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let request_id = self.id.as_str();
