@@ -62,7 +62,7 @@ def table(f):
         if disagree > MAX_SPREAD:
             row(name, figure, listing(ours), listing(ref),
                 f"none: rounds disagree by {disagree:.0%} ({listing(ratios, '{:.2f}')})",
-                target, "**NO RESULT**")
+                target, "**NO RESULT**" if target else "")
         else:
             r = median(ratios)
             row(name, figure, f"{median(ours):,.0f} (±{spread(ours) / 2:.0%})",

@@ -166,18 +166,25 @@ start_proxy() {
     "$@" "$PROXY_BIN" ${PROXY_CONFIG:+--config "$PROXY_CONFIG"} serve
   PROXY_PID=$LAST_PID
   PROXY_URL=http://127.0.0.1:$port
+  wait_ready "$PROXY_URL/healthz" "proxy $name" "$WORK/$name.err"
+}
+
+# wait_ready URL WHAT LOG...: waits until URL answers; else shows the logs and dies.
+wait_ready() {
+  local url=$1 what=$2 i
+  shift 2
   for i in $(seq 100); do
-    curl -fsS -o /dev/null "$PROXY_URL/healthz" 2>/dev/null && return
+    curl -fsS -o /dev/null "$url" 2>/dev/null && return
     sleep 0.1
   done
-  cat "$WORK/$name.err" >&2
-  die "proxy $name did not become healthy"
+  cat "$@" >&2
+  die "$what did not become ready"
 }
 
 # start_nginx NAME: nginx proxy_cache (bench/nginx.conf) in front of
 # $UPSTREAM_URL. Sets NGINX_PID and NGINX_URL.
 start_nginx() {
-  local name=$1 port prefix=$WORK/$1 i
+  local name=$1 port prefix=$WORK/$1
   port=$(free_port)
   mkdir -p "$prefix"
   sed -e "s|@PREFIX@|$prefix|g" -e "s|@USER@|$(id -un)|g" -e "s|@PORT@|$port|g" \
@@ -186,12 +193,7 @@ start_nginx() {
   start "$name" "$NGINX_BIN" -p "$prefix" -c "$prefix/nginx.conf"
   NGINX_PID=$LAST_PID
   NGINX_URL=http://127.0.0.1:$port
-  for i in $(seq 100); do
-    curl -fsS -o /dev/null "$NGINX_URL/__fake/calls" 2>/dev/null && return
-    sleep 0.1
-  done
-  cat "$WORK/$name.err" "$prefix/error.log" >&2
-  die "nginx $name did not start"
+  wait_ready "$NGINX_URL/__fake/calls" "nginx $name" "$WORK/$name.err" "$prefix/error.log"
 }
 
 # The Cache-Status of one GET of hashtag $2 at $1.
