@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Repeatable cost of one cache hit: user-space instructions and heap
-# allocations per request, proxy vs bench/baseline.rs, counted by
-# valgrind's callgrind (so the figures do not depend on machine load, unlike
-# bench/run.sh). Use it to check a hit-path change; see bench/NOTES.md.
+# allocations per request, proxy vs the bare hyper server (bench/bare_hyper.rs)
+# and the axum baseline (bench/baseline.rs), counted by valgrind's callgrind
+# (so the figures do not depend on machine load, unlike bench/run.sh). Use it
+# to check a hit-path change; see bench/NOTES.md. Targets (issue 14): at most
+# 2.5x the bare server's instructions and 10 allocations per hit.
 #
 #   bash bench/profile.sh
 #
@@ -12,7 +14,9 @@
 # Environment: PROFILE_SECONDS (load per server, default 10),
 # PROFILE_MALLOC (an allocator library to LD_PRELOAD into the proxy, e.g.
 # /usr/lib/x86_64-linux-gnu/libmimalloc.so.2, to see what it would save),
-# PROFILE_FIGURES (a file to append name=value figures to, for bench/run.sh).
+# PROFILE_FIGURES (a file to append name=value figures to, for bench/run.sh),
+# PROFILE_ONLY=proxy (skip the two references, whose counts do not change
+# with the proxy's code: for quick before/after checks).
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,10 +42,11 @@ for tool in cargo curl python3 valgrind callgrind_control wrk; do
 done
 
 cargo build --release --quiet --bin keyapi-proxy
-cargo build --release --quiet --example bench-baseline --example bench-fake-upstream
+cargo build --release --quiet --example bench-baseline --example bench-bare-hyper \
+  --example bench-fake-upstream
 TARGET=${CARGO_TARGET_DIR:-target}/release
 mkdir -p "$OUT" "$WORK/bin"
-cp "$TARGET/keyapi-proxy" "$TARGET/examples/bench-baseline" \
+cp "$TARGET/keyapi-proxy" "$TARGET/examples/bench-baseline" "$TARGET/examples/bench-bare-hyper" \
   "$TARGET/examples/bench-fake-upstream" "$WORK/bin/"
 
 free_port() {
@@ -129,15 +134,21 @@ proxy_env=(RUST_LOG=warn KEYAPI_API_KEY="$KEY" KEYAPI_PROXY__UPSTREAM__BASE_URL=
   KEYAPI_PROXY__SERVER__LISTEN="127.0.0.1:$port")
 [ -z "${PROFILE_MALLOC:-}" ] || proxy_env+=(LD_PRELOAD="$PROFILE_MALLOC")
 profile proxy "$port" "${proxy_env[@]}" -- "$WORK/bin/keyapi-proxy" serve >"$WORK/proxy.row"
-port=$(free_port)
-profile baseline "$port" -- "$WORK/bin/bench-baseline" "127.0.0.1:$port" >"$WORK/baseline.row"
+ROWS=("$(cat "$WORK/proxy.row")")
+if [ "${PROFILE_ONLY:-}" != proxy ]; then
+  port=$(free_port)
+  profile bare "$port" -- "$WORK/bin/bench-bare-hyper" "127.0.0.1:$port" >"$WORK/bare.row"
+  port=$(free_port)
+  profile baseline "$port" -- "$WORK/bin/bench-baseline" "127.0.0.1:$port" >"$WORK/baseline.row"
+  ROWS+=("$(cat "$WORK/bare.row")" "$(cat "$WORK/baseline.row")")
+fi
 
-python3 - "$(cat "$WORK/proxy.row")" "$(cat "$WORK/baseline.row")" "${PROFILE_MALLOC:-}" \
-  "${PROFILE_FIGURES:-}" <<'EOF'
+python3 - "${PROFILE_MALLOC:-}" "${PROFILE_FIGURES:-}" "${ROWS[@]}" <<'EOF'
 import sys
-rows = [line.split() for line in sys.argv[1:3]]
-if sys.argv[4]:
-    with open(sys.argv[4], "a", encoding="utf-8") as f:
+malloc, figures = sys.argv[1], sys.argv[2]
+rows = [line.split() for line in sys.argv[3:]]
+if figures:
+    with open(figures, "a", encoding="utf-8") as f:
         for name, requests, total, allocs in rows:
             n = int(requests)
             f.write(f"profile_{name}_requests={n}\n")
@@ -145,12 +156,18 @@ if sys.argv[4]:
             f.write(f"profile_{name}_allocations={int(allocs) / n:.1f}\n")
 print("| server | requests | instructions / request | allocations / request |")
 print("| --- | ---: | ---: | ---: |")
-per = {}
+per, alloc = {}, {}
 for name, requests, total, allocs in rows:
     n = int(requests)
-    per[name] = int(total) / n
-    print(f"| {name} | {n:,} | {int(total) / n:,.0f} | {int(allocs) / n:.1f} |")
-print(f"\nproxy / baseline instructions: {per['proxy'] / per['baseline']:.2f}"
-      + (f" (proxy with LD_PRELOAD={sys.argv[3]})" if sys.argv[3] else ""))
-print("User space only; the kernel's share (loopback TCP) is the same for both.")
+    per[name], alloc[name] = int(total) / n, int(allocs) / n
+    print(f"| {name} | {n:,} | {per[name]:,.0f} | {alloc[name]:.1f} |")
+if malloc:
+    print(f"\n(proxy with LD_PRELOAD={malloc})")
+verdict = lambda ok: "PASS" if ok else "MISS"  # noqa: E731
+if "bare" in per:
+    ratio = per["proxy"] / per["bare"]
+    print(f"\nproxy / bare hyper instructions: {ratio:.2f} (target <= 2.5: {verdict(ratio <= 2.5)})")
+    print(f"proxy / axum baseline instructions: {per['proxy'] / per['baseline']:.2f}")
+print(f"proxy allocations per hit: {alloc['proxy']:.1f} (target <= 10: {verdict(alloc['proxy'] <= 10)})")
+print("User space only; the kernel's share (loopback TCP) is the same for all.")
 EOF

@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Turns the figures bench/run.sh collected (name=value lines) into
-bench/RESULTS.md: one Markdown table with each figure, its baseline, the
-ratio, the target from issue 7 and PASS/MISS. Standard library only."""
+bench/RESULTS.md: one Markdown table with each figure, its reference, the
+ratio, the targets of issues 7 and 14 and PASS/MISS. Hit figures are medians
+of the interleaved rounds with their spread; a ratio whose rounds disagree by
+more than MAX_SPREAD is not reported. Standard library only."""
 
 import sys
+
+# Per-round ratios further apart than this (max - min, over the median) are noise.
+MAX_SPREAD = 0.15
 
 
 def load(path):
@@ -17,6 +22,11 @@ def load(path):
 
 def main():
     f = load(sys.argv[1])
+    print(render(f, table(f)))
+
+
+def table(f):
+    """The result rows: (scenario, figure, measured, reference, ratio, target, result)."""
     num = lambda name: float(f[name])  # noqa: E731
     ms = lambda us: f"{us / 1000:.2f} ms"  # noqa: E731
     verdict = lambda ok: "**PASS**" if ok else "**MISS**"  # noqa: E731
@@ -25,38 +35,122 @@ def main():
     def row(scenario, figure, measured, baseline="", ratio="", target="", result=""):
         rows.append((scenario, figure, measured, baseline, ratio, target, result))
 
-    def best(prefix):
-        """Best of the rounds, figure by figure (highest req/s, lowest
-        latencies): disturbance from other work only ever makes them worse.
-        Stored under the pseudo-run `<prefix>best`."""
-        rounds = sorted({k[len(prefix):].split("_")[0] for k in f if k.startswith(prefix)})
-        runs = [f"{prefix}{r}" for r in rounds if r != "best"]
-        chosen = f"{prefix}best"
-        f[f"{chosen}_rps"] = str(max(num(f"{r}_rps") for r in runs))
-        for stat in ("p50_us", "p99_us"):
-            f[f"{chosen}_{stat}"] = str(min(num(f"{r}_{stat}") for r in runs))
-        return chosen
+    def runs(prefix):
+        """The measured runs `<prefix><round>`, in round order."""
+        rounds = sorted({int(k[len(prefix):].split("_")[0]) for k in f
+                         if k.startswith(prefix) and k[len(prefix):].split("_")[0].isdigit()})
+        return [f"{prefix}{r}" for r in rounds]
+
+    def median(values):
+        values = sorted(values)
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    def spread(values):
+        """(max - min) / median: how far the rounds disagree."""
+        return (max(values) - min(values)) / median(values)
+
+    def listing(values, fmt="{:,.0f}"):
+        return " / ".join(fmt.format(v) for v in values)
+
+    def ratio_row(name, figure, ours, ref, target, ok):
+        """A ratio of medians, reported only when its per-round values agree
+        within 15% (round i of each server ran back to back, so the per-round
+        ratio cancels slow load drifts; its spread says how much to trust it)."""
+        ratios = [a / b for a, b in zip(ours, ref)]
+        disagree = spread(ratios)
+        if disagree > MAX_SPREAD:
+            row(name, figure, listing(ours), listing(ref),
+                f"none: rounds disagree by {disagree:.0%} ({listing(ratios, '{:.2f}')})",
+                target, "**NO RESULT**" if target else "")
+        else:
+            r = median(ratios)
+            row(name, figure, f"{median(ours):,.0f} (±{spread(ours) / 2:.0%})",
+                f"{median(ref):,.0f} (±{spread(ref) / 2:.0%})",
+                f"{r:.2f} (rounds {listing(ratios, '{:.2f}')})", target,
+                verdict(ok(r)) if target else "")
 
     for label, name in (("hot", "1 hit, one hot key"), ("zipf", "2 hit, 10 000 keys (Zipf s=1)")):
-        p, b = best(f"{label}_proxy_"), best(f"{label}_base_")
-        runs = lambda side: " / ".join(  # noqa: E731
-            f"{num(k):,.0f}" for k in sorted(f)
-            if k.startswith(f"{label}_{side}_") and k.endswith("_rps") and "_best_" not in k
-        )
-        rps = num(f"{p}_rps") / num(f"{b}_rps")
-        p99 = num(f"{p}_p99_us") / num(f"{b}_p99_us")
-        row(name, "throughput", f"{num(f'{p}_rps'):,.0f} req/s", f"{num(f'{b}_rps'):,.0f} req/s",
-            f"{rps:.2f}", "≥ 0.90 × baseline", verdict(rps >= 0.90))
-        row(name, "throughput of each run, req/s", runs("proxy"), runs("base"))
-        row(name, "p50 latency", ms(num(f"{p}_p50_us")), ms(num(f"{b}_p50_us")),
-            f"{num(f'{p}_p50_us') / num(f'{b}_p50_us'):.2f}")
-        row(name, "p99 latency", ms(num(f"{p}_p99_us")), ms(num(f"{b}_p99_us")),
-            f"{p99:.2f}", "≤ 1.2 × baseline", verdict(p99 <= 1.2))
-        errors = sum(int(v) for k, v in f.items() if k.startswith(f"{label}_") and k.endswith("_errors"))
-        row(name, "errors, all runs", f"{errors}", target="0", result=verdict(errors == 0))
-    row("2 hit, 10 000 keys (Zipf s=1)", "upstream calls during the hit runs",
+        series = {}
+        for server in ("proxy", "bare", "nginx"):
+            names = runs(f"{label}_{server}_")
+            series[server] = {stat: [num(f"{r}_{stat}") for r in names]
+                              for stat in ("rps", "p50_us", "p99_us", "psi")}
+        proxy, bare, nginx = series["proxy"], series["bare"], series["nginx"]
+        for server, label_text in (("proxy", "proxy"), ("bare", "bare hyper"), ("nginx", "nginx proxy_cache")):
+            rps = series[server]["rps"]
+            row(name, f"throughput, {label_text}: median (± half the spread); rounds",
+                f"{median(rps):,.0f} req/s (±{spread(rps) / 2:.0%}); {listing(rps)}")
+        ratio_row(name, "throughput: proxy / bare hyper, req/s", proxy["rps"], bare["rps"],
+                  "≥ 0.90 × bare hyper", lambda r: r >= 0.90)
+        ratio_row(name, "throughput: proxy / nginx proxy_cache, req/s", proxy["rps"], nginx["rps"],
+                  "≥ 1.5 × nginx", lambda r: r >= 1.5)
+        row(name, "p50 latency, median: proxy / bare / nginx",
+            f"{ms(median(proxy['p50_us']))} / {ms(median(bare['p50_us']))} / {ms(median(nginx['p50_us']))}")
+        ratio_row(name, "p99 latency: proxy / bare hyper, µs", proxy["p99_us"], bare["p99_us"],
+                  "≤ 1.2 × bare hyper", lambda r: r <= 1.2)
+        row(name, "CPU pressure (PSI some avg10) at the end of each run, %: proxy / bare / nginx",
+            f"{listing(proxy['psi'], '{:.0f}')} / {listing(bare['psi'], '{:.0f}')} / "
+            f"{listing(nginx['psi'], '{:.0f}')}")
+        errors = sum(int(v) for k, v in f.items()
+                     if k.startswith(f"{label}_") and k.endswith("_errors") and "warmup" not in k)
+        row(name, "errors, all runs (all servers)", f"{errors}", target="0", result=verdict(errors == 0))
+    row("2 hit, 10 000 keys (Zipf s=1)", "upstream calls during the hit runs (proxy and nginx)",
         f[("zipf_upstream_calls")], target="0", result=verdict(int(f["zipf_upstream_calls"]) == 0))
 
+    if "miss_proxy_requests" not in f:
+        row("3–5", f.get("skipped", "skipped"), "—")
+    name = "3 miss, 50 ms upstream"
+    if "miss_proxy_requests" in f:
+        misses_and_memory(f, row, num, ms, verdict)
+
+    name = "6 hit, one hot key, client token required"
+    if any(k.startswith("auth_proxy_") for k in f):
+        a, p, b = (runs(f"{x}_") for x in ("auth_proxy", "hot_proxy", "hot_bare"))
+        arps, prps, brps = ([num(f"{r}_rps") for r in x] for x in (a, p, b))
+        row(name, "what is on", f["scenario6"])
+        row(name, "throughput: median (± half the spread); rounds",
+            f"{median(arps):,.0f} req/s (±{spread(arps) / 2:.0%}); {listing(arps)}")
+        ratio_row(name, "throughput: token proxy / bare hyper, req/s", arps, brps,
+                  "≥ 0.90 × bare hyper", lambda r: r >= 0.90)
+        ratio_row(name, "throughput: token proxy / proxy without token, req/s", arps, prps,
+                  "", None)
+        ratio_row(name, "p99 latency: token proxy / bare hyper, µs",
+                  [num(f"{r}_p99_us") for r in a], [num(f"{r}_p99_us") for r in b],
+                  "≤ 1.2 × bare hyper", lambda r: r <= 1.2)
+        errors = sum(int(v) for k, v in f.items() if k.startswith("auth_") and k.endswith("_errors"))
+        row(name, "errors, all runs", f"{errors}", target="0", result=verdict(errors == 0))
+    else:
+        row(name, f.get("scenario6", "skipped"), "—")
+
+    name = "7 hit, one hot key, /stats flooded"
+    if any(k.startswith("stats_flood_") for k in f):
+        quiet, flooded = runs("stats_quiet_"), runs("stats_flood_")
+        flood = max(num(k) for k in f if k.startswith("stats_flood_rps_"))
+        row(name, "/stats answered meanwhile", f"{flood:,.0f} req/s ({f['stats_conns']} connections)")
+        ratio_row(name, "hit throughput: flooded / quiet, req/s",
+                  [num(f"{r}_rps") for r in flooded], [num(f"{r}_rps") for r in quiet], "", None)
+        ratio_row(name, "hit p99: flooded / quiet, µs",
+                  [num(f"{r}_p99_us") for r in flooded], [num(f"{r}_p99_us") for r in quiet],
+                  "≤ 1.1 × quiet", lambda r: r <= 1.1)
+
+    if "profile_proxy_instructions" in f:
+        name = "1 hit, instructions (callgrind)"
+        pi, pa = num("profile_proxy_instructions"), num("profile_proxy_allocations")
+        if "profile_bare_instructions" in f:
+            bi = num("profile_bare_instructions")
+            row(name, "user-space instructions per hit: proxy / bare hyper", f"{pi:,.0f}",
+                f"{bi:,.0f}", f"{pi / bi:.2f}", "≤ 2.5 × bare hyper", verdict(pi / bi <= 2.5))
+            row(name, "heap allocations per hit: proxy / bare hyper", f"{pa:.1f}",
+                f["profile_bare_allocations"], "", "≤ 10", verdict(pa <= 10))
+        if "profile_baseline_instructions" in f:
+            row(name, "instructions / allocations per hit of the axum baseline (bench/baseline.rs)",
+                f"{num('profile_baseline_instructions'):,.0f} / {f['profile_baseline_allocations']}")
+    return rows
+
+
+def misses_and_memory(f, row, num, ms, verdict):
+    """Scenarios 3-5: miss path, stampede, memory per entry."""
     name = "3 miss, 50 ms upstream"
     up50, up99 = num("miss_upstream_p50_us"), num("miss_upstream_p99_us")
     px50, px99 = num("miss_proxy_p50_us"), num("miss_proxy_p99_us")
@@ -91,44 +185,12 @@ def main():
         verdict(per_entry <= limit))
     row(name, "time to fill", f"{f['mem_fill_seconds']} s ({entries:,} misses, 0 ms upstream)")
 
-    name = "6 hit, one hot key, client token required"
-    if any(k.startswith("auth_proxy_") for k in f):
-        a, p, b = best("auth_proxy_"), best("hot_proxy_"), best("hot_base_")
-        rps = num(f"{a}_rps") / num(f"{b}_rps")
-        p99 = num(f"{a}_p99_us") / num(f"{b}_p99_us")
-        row(name, "what is on", f["scenario6"])
-        row(name, "throughput", f"{num(f'{a}_rps'):,.0f} req/s", f"{num(f'{b}_rps'):,.0f} req/s",
-            f"{rps:.2f}", "≥ 0.90 × baseline", verdict(rps >= 0.90))
-        row(name, "throughput vs scenario 1 (no token)", f"{num(f'{a}_rps'):,.0f} req/s",
-            f"{num(f'{p}_rps'):,.0f} req/s", f"{num(f'{a}_rps') / num(f'{p}_rps'):.2f}")
-        row(name, "p99 latency", ms(num(f"{a}_p99_us")), ms(num(f"{b}_p99_us")),
-            f"{p99:.2f}", "≤ 1.2 × baseline", verdict(p99 <= 1.2))
-        errors = sum(int(v) for k, v in f.items() if k.startswith("auth_") and k.endswith("_errors"))
-        row(name, "errors, all runs", f"{errors}", target="0", result=verdict(errors == 0))
-    else:
-        row(name, f["scenario6"], "—")
 
-    name = "7 hit, one hot key, /stats flooded"
-    if any(k.startswith("stats_flood_") for k in f):
-        q, fl = best("stats_quiet_"), best("stats_flood_")
-        p99 = num(f"{fl}_p99_us") / num(f"{q}_p99_us")
-        flood = max(num(k) for k in f if k.startswith("stats_flood_rps_"))
-        row(name, "/stats answered meanwhile", f"{flood:,.0f} req/s ({f['stats_conns']} connections)")
-        row(name, "hit throughput: flooded / quiet", f"{num(f'{fl}_rps'):,.0f} req/s",
-            f"{num(f'{q}_rps'):,.0f} req/s", f"{num(f'{fl}_rps') / num(f'{q}_rps'):.2f}")
-        row(name, "hit p99: flooded / quiet", ms(num(f"{fl}_p99_us")), ms(num(f"{q}_p99_us")),
-            f"{p99:.2f}", "≤ 1.1 × quiet", verdict(p99 <= 1.1))
-
-    if "profile_proxy_instructions" in f:
-        name = "1 hit, instructions (callgrind)"
-        pi, bi = num("profile_proxy_instructions"), num("profile_baseline_instructions")
-        row(name, "user-space instructions per hit", f"{pi:,.0f}", f"{bi:,.0f}", f"{pi / bi:.2f}")
-        row(name, "heap allocations per hit", f["profile_proxy_allocations"],
-            f["profile_baseline_allocations"])
-
+def render(f, rows):
+    """RESULTS.md: how the run was made, the table, the raw figures."""
     out = []
     out.append("# Benchmark results\n")
-    out.append("Written by `bash bench/run.sh` (issue 7); do not edit by hand — rerun it.\n")
+    out.append("Written by `bash bench/run.sh` (issues 7 and 14); do not edit by hand — rerun it.\n")
     out.append(f"- Date: {f['date']}")
     out.append(f"- CPU: {f['cpu']} ({f['cpus']} CPUs); kernel {f['kernel']}")
     out.append(
@@ -139,14 +201,17 @@ def main():
     )
     out.append(f"- Build: {f['rustc']}, release profile (lto = \"thin\", codegen-units = 1); commit {f['commit']}")
     out.append(
-        f"- Load: wrk {f['wrk']}, {f['wrk_threads']} thread pinned to CPU 1; the proxy, the fake upstream "
-        "and the baseline pinned to CPU 0 (`taskset`), so each server has one core and one tokio worker"
+        f"- Load: wrk {f['wrk']}, {f['wrk_threads']} thread pinned to CPU 1; the proxy, the fake upstream, "
+        "bare hyper and nginx pinned to CPU 0 (`taskset`), so each server has one core (one tokio "
+        "worker, one nginx worker)"
     )
     out.append(
         f"- Hits: {f['conns']} keep-alive connections, {f['duration']} s per run after a 2 s warm-up; "
-        f"baseline and proxy alternate {f['rounds']} times; each figure is the best of its "
-        f"{f['rounds']} runs (highest req/s, lowest latency); "
-        f"miss path: {f['miss_conns']} connections, a new key per request"
+        f"{f['rounds']} rounds, each running bare hyper, nginx and the proxy back to back; each "
+        "figure is the median of the rounds (± half their spread, max − min over the median); a "
+        f"ratio is the median of the per-round ratios, reported only when those agree within "
+        f"{MAX_SPREAD:.0%}"
+        + (f"; miss path: {f['miss_conns']} connections, a new key per request" if "miss_conns" in f else "")
     )
     out.append(
         "- The proxy runs with `RUST_LOG=warn`: the access-log event of each request is filtered "
@@ -154,12 +219,14 @@ def main():
     )
     out.append(
         f"- Body: {int(f['body_bytes']):,} bytes from the proxy (the fake upstream's answer), "
-        f"{int(f['baseline_body_bytes']):,} bytes from the baseline (`src/demo/hashtag-detail-ufc324.json`)"
+        f"{int(f['bare_body_bytes']):,} from bare hyper (`src/demo/hashtag-detail-ufc324.json`), "
+        f"{int(f['nginx_body_bytes']):,} from nginx (the fake upstream's answer, cached)"
     )
     out.append(
-        "- Baseline: `bench/baseline.rs`, axum on the same tokio stack, the same body and the same "
-        "headers as a hit, all prebuilt (its `x-request-id` and `etag` are constants; the proxy "
-        "generates an id per request)"
+        "- References: `bench/bare_hyper.rs`, hyper 1.x + hyper-util on a current-thread runtime, no "
+        "routing, the same body and a hit's headers prebuilt (the machine's limit); "
+        "`bench/nginx.conf`, Debian's nginx-light with `proxy_cache` and `proxy_cache_lock on` in "
+        "front of the same fake upstream, one worker, access log off"
     )
     out.append("")
     out.append("| Scenario | Figure | Measured | Baseline / reference | Ratio | Target | Result |")
@@ -175,7 +242,7 @@ def main():
     with open(sys.argv[1], encoding="utf-8") as raw:
         out.append(raw.read().rstrip("\n"))
     out.append("```\n</details>")
-    print("\n".join(out))
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

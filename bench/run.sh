@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Benchmark suite of issue 7: one command from a fresh clone, results in
-# bench/RESULTS.md. Not part of the test suite.
+# Benchmark suite of issues 7 and 14: one command from a fresh clone, results
+# in bench/RESULTS.md. Not part of the test suite.
 #
 #   bash bench/run.sh
 #
-# Builds release binaries (the proxy, bench/baseline.rs, bench/fake_upstream.rs),
-# then runs each scenario against fresh processes: the proxy and the fake
-# upstream pinned to CPU 0, wrk (one thread) pinned to CPU 1. Every process
-# it starts is stopped on exit. Needs: cargo, curl, python3, taskset and wrk
-# (installed from Debian's packages when missing); valgrind for the
-# instructions-per-hit figure (bench/profile.sh), skipped when absent.
+# Builds release binaries (the proxy, bench/bare_hyper.rs, bench/baseline.rs,
+# bench/fake_upstream.rs), then runs each scenario against fresh processes:
+# the servers pinned to CPU 0, wrk (one thread) pinned to CPU 1. Hits are
+# measured against two references in the same run, interleaved round by
+# round: a bare hyper server returning the same bytes (the machine's limit)
+# and nginx proxy_cache (bench/nginx.conf). Each figure is the median of the
+# rounds with its spread; a ratio whose per-round values disagree by more
+# than 15% is not reported (bench/render.py). CPU pressure (PSI) is recorded
+# with every run. Every process it starts is stopped on exit. Needs: cargo,
+# curl, python3, taskset, wrk and nginx (Debian's wrk and nginx-light are
+# installed when missing); valgrind for the instructions-per-hit figures
+# (bench/profile.sh), skipped when absent.
 #
 # Environment: BENCH_DURATION (seconds per measured run, default 5),
-# BENCH_ROUNDS (alternating baseline/proxy hit runs, default 3),
+# BENCH_ROUNDS (interleaved rounds of hit runs, at least 3, default 3),
 # BENCH_PROFILE=0 (skip the callgrind count of bench/profile.sh),
+# BENCH_HITS_ONLY=1 (scenarios 1, 2 and 6 only: the three-server comparison),
 # BENCH_CONNECTIONS (hit scenarios, default 64), BENCH_OUT (default
 # bench/RESULTS.md).
 
@@ -21,10 +28,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${BENCH_DURATION:-5}
-# Hit runs alternate baseline and proxy this many times; the best of each
-# counts. Short runs, several times: on a shared machine that finds the
-# quiet moments better than one long run.
+# Each round runs bare hyper, nginx and the proxy once each; medians count.
+# Short runs, several times, interleaved: load from other work hits all
+# servers alike instead of one of them.
 ROUNDS=${BENCH_ROUNDS:-3}
+[ "$ROUNDS" -ge 3 ] || { echo "BENCH_ROUNDS must be at least 3" >&2; exit 1; }
 CONNS=${BENCH_CONNECTIONS:-64}
 OUT=${BENCH_OUT:-bench/RESULTS.md}
 KEY=bench-key-not-a-secret
@@ -60,12 +68,16 @@ figure() { printf '%s=%s\n' "$1" "$2" >>"$FIGURES"; }
 
 # ---------------------------------------------------------------- prerequisites
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v wrk >/dev/null; then
-  log "installing wrk from Debian's packages"
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]} from Debian's packages"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-for tool in cargo curl python3 taskset wrk; do
+NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+for tool in cargo curl python3 taskset wrk "$NGINX_BIN"; do
   command -v "$tool" >/dev/null || die "$tool is required"
 done
 [ "$(nproc --all)" -ge 2 ] || die "needs at least 2 CPUs (proxy on CPU $PROXY_CPU, wrk on CPU $WRK_CPU)"
@@ -76,14 +88,15 @@ log "building release binaries"
 # Two invocations on purpose: examples pull in dev-dependencies (tokio's
 # test-util feature), and the proxy measured must be the one that ships.
 cargo build --release --quiet --bin keyapi-proxy
-cargo build --release --quiet --example bench-baseline --example bench-fake-upstream
+cargo build --release --quiet --example bench-bare-hyper --example bench-baseline \
+  --example bench-fake-upstream
 TARGET=${CARGO_TARGET_DIR:-target}/release
 # Measure copies, so a concurrent build cannot swap a binary mid-run.
 mkdir "$WORK/bin"
-cp "$TARGET/keyapi-proxy" "$TARGET/examples/bench-baseline" \
+cp "$TARGET/keyapi-proxy" "$TARGET/examples/bench-bare-hyper" \
   "$TARGET/examples/bench-fake-upstream" "$WORK/bin/"
 PROXY_BIN=$WORK/bin/keyapi-proxy
-BASELINE_BIN=$WORK/bin/bench-baseline
+BARE_BIN=$WORK/bin/bench-bare-hyper
 UPSTREAM_BIN=$WORK/bin/bench-fake-upstream
 
 # ------------------------------------------------------------------- processes
@@ -153,12 +166,34 @@ start_proxy() {
     "$@" "$PROXY_BIN" ${PROXY_CONFIG:+--config "$PROXY_CONFIG"} serve
   PROXY_PID=$LAST_PID
   PROXY_URL=http://127.0.0.1:$port
+  wait_ready "$PROXY_URL/healthz" "proxy $name" "$WORK/$name.err"
+}
+
+# wait_ready URL WHAT LOG...: waits until URL answers; else shows the logs and dies.
+wait_ready() {
+  local url=$1 what=$2 i
+  shift 2
   for i in $(seq 100); do
-    curl -fsS -o /dev/null "$PROXY_URL/healthz" 2>/dev/null && return
+    curl -fsS -o /dev/null "$url" 2>/dev/null && return
     sleep 0.1
   done
-  cat "$WORK/$name.err" >&2
-  die "proxy $name did not become healthy"
+  cat "$@" >&2
+  die "$what did not become ready"
+}
+
+# start_nginx NAME: nginx proxy_cache (bench/nginx.conf) in front of
+# $UPSTREAM_URL. Sets NGINX_PID and NGINX_URL.
+start_nginx() {
+  local name=$1 port prefix=$WORK/$1
+  port=$(free_port)
+  mkdir -p "$prefix"
+  sed -e "s|@PREFIX@|$prefix|g" -e "s|@USER@|$(id -un)|g" -e "s|@PORT@|$port|g" \
+    -e "s|@UPSTREAM@|${UPSTREAM_URL#http://}|g" -e "s|@KEY@|$KEY|g" \
+    bench/nginx.conf >"$prefix/nginx.conf"
+  start "$name" "$NGINX_BIN" -p "$prefix" -c "$prefix/nginx.conf"
+  NGINX_PID=$LAST_PID
+  NGINX_URL=http://127.0.0.1:$port
+  wait_ready "$NGINX_URL/__fake/calls" "nginx $name" "$WORK/$name.err" "$prefix/error.log"
 }
 
 # The Cache-Status of one GET of hashtag $2 at $1.
@@ -171,7 +206,8 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
 # ------------------------------------------------------------------------- wrk
 # wrk_run LABEL CONNS SECONDS URL SCRIPT [SCRIPT ARGS...]: records
-# LABEL_rps, LABEL_p50_us, LABEL_p99_us, ... from the script's BENCH line.
+# LABEL_rps, LABEL_p50_us, LABEL_p99_us, ... from the script's BENCH line,
+# and LABEL_psi, the CPU pressure (PSI `some`, avg10) at its end.
 # WRK_HEADER, when set, is sent as an extra request header.
 wrk_run() {
   local label=$1 conns=$2 secs=$3 url=$4 script=$5 line pair header=()
@@ -181,11 +217,16 @@ wrk_run() {
     ${header[@]+"${header[@]}"} -s "$script" "$url" -- "$@" "$WRK_THREADS" \
     >"$WORK/wrk-$label.txt" 2>&1 || { cat "$WORK/wrk-$label.txt" >&2; die "wrk $label"; }
   line=$(grep '^BENCH ' "$WORK/wrk-$label.txt") || { cat "$WORK/wrk-$label.txt" >&2; die "wrk $label printed no summary"; }
-  log "$label: ${line#BENCH }"
+  log "$label: ${line#BENCH } psi=$(cpu_pressure10)"
   for pair in ${line#BENCH }; do
     figure "${label}_${pair%%=*}" "${pair#*=}"
   done
+  figure "${label}_psi" "$(cpu_pressure10)"
 }
+
+# CPU pressure: share of the last 60 s (or 10 s) in which some task waited for a CPU.
+cpu_pressure() { sed -n 's/^some avg10=[0-9.]* avg60=\([0-9.]*\).*/\1/p' /proc/pressure/cpu 2>/dev/null || true; }
+cpu_pressure10() { sed -n 's/^some avg10=\([0-9.]*\).*/\1/p' /proc/pressure/cpu 2>/dev/null || true; }
 
 # fill URL PREFIX N BASE_CALLS: requests PREFIX0..PREFIX<N-1> once each and
 # waits until the upstream has received BASE_CALLS + N calls. 32 connections:
@@ -221,26 +262,31 @@ figure commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git di
 figure duration "$DURATION"
 figure rounds "$ROUNDS"
 figure load_before "$(cut -d' ' -f1-3 /proc/loadavg)"
-cpu_pressure() { sed -n 's/^some avg10=[0-9.]* avg60=\([0-9.]*\).*/\1/p' /proc/pressure/cpu 2>/dev/null || true; }
 figure psi_before "$(cpu_pressure)"
 figure conns "$CONNS"
 figure wrk_threads "$WRK_THREADS"
 
-# 1 + 2: hits, against the baseline. Upstream latency 0 so warming is quick.
-log "scenario 1/2: hit path vs baseline"
-start baseline "$BASELINE_BIN"
-BASELINE_PID=$LAST_PID
-BASELINE_URL=$(first_line baseline)
+# 1 + 2: hits, proxy against bare hyper and nginx proxy_cache, interleaved.
+# Upstream latency 0 so warming is quick.
+log "scenario 1/2: hit path vs bare hyper and nginx proxy_cache"
+start bare "$BARE_BIN"
+BARE_PID=$LAST_PID
+BARE_URL=$(first_line bare)
 start_upstream up-hit 0
 start_proxy proxy-hit
+start_nginx nginx-hit
 
 case "$(cache_status "$PROXY_URL" ufc324)" in *stored*) ;; *) die "warm-up of ufc324 was not stored" ;; esac
 case "$(cache_status "$PROXY_URL" ufc324)" in *hit*) ;; *) die "ufc324 is not a hit after warm-up" ;; esac
+cache_status "$NGINX_URL" ufc324 >/dev/null
+case "$(cache_status "$NGINX_URL" ufc324)" in *HIT*) ;; *) die "nginx: ufc324 is not a hit after warm-up" ;; esac
 figure body_bytes "$(curl -fsS -o /dev/null -w '%{size_download}' "$PROXY_URL$HASHTAG_PATH?hashtag_name=ufc324")"
-figure baseline_body_bytes "$(curl -fsS -o /dev/null -w '%{size_download}' "$BASELINE_URL$HASHTAG_PATH?hashtag_name=ufc324")"
+figure bare_body_bytes "$(curl -fsS -o /dev/null -w '%{size_download}' "$BARE_URL$HASHTAG_PATH?hashtag_name=ufc324")"
+figure nginx_body_bytes "$(curl -fsS -o /dev/null -w '%{size_download}' "$NGINX_URL$HASHTAG_PATH?hashtag_name=ufc324")"
 
 HOT_URL_PROXY="$PROXY_URL$HASHTAG_PATH?hashtag_name=ufc324"
-HOT_URL_BASE="$BASELINE_URL$HASHTAG_PATH?hashtag_name=ufc324"
+HOT_URL_BARE="$BARE_URL$HASHTAG_PATH?hashtag_name=ufc324"
+HOT_URL_NGINX="$NGINX_URL$HASHTAG_PATH?hashtag_name=ufc324"
 
 # 6 runs in the same rounds: a second proxy that requires a client token and
 # applies a per-client and a global rate limit, set far above the offered load
@@ -271,10 +317,12 @@ if "$PROXY_BIN" hash-token >/dev/null 2>&1; then
     tr -d '\r' | sed -n 's/^cache-status: //Ip')" in *hit*) ;; *) die "proxy-auth: no hit after warm-up" ;; esac
 fi
 # Short unrecorded runs first: connections, caches and CPU clocks settle.
-wrk_run warmup_base "$CONNS" 2 "$HOT_URL_BASE" bench/report.lua
+wrk_run warmup_bare "$CONNS" 2 "$HOT_URL_BARE" bench/report.lua
+wrk_run warmup_nginx "$CONNS" 2 "$HOT_URL_NGINX" bench/report.lua
 wrk_run warmup_proxy "$CONNS" 2 "$HOT_URL_PROXY" bench/report.lua
 for round in $(seq "$ROUNDS"); do
-  wrk_run "hot_base_$round" "$CONNS" "$DURATION" "$HOT_URL_BASE" bench/report.lua
+  wrk_run "hot_bare_$round" "$CONNS" "$DURATION" "$HOT_URL_BARE" bench/report.lua
+  wrk_run "hot_nginx_$round" "$CONNS" "$DURATION" "$HOT_URL_NGINX" bench/report.lua
   wrk_run "hot_proxy_$round" "$CONNS" "$DURATION" "$HOT_URL_PROXY" bench/report.lua
   if [ -n "$AUTH_URL" ]; then
     WRK_HEADER="Authorization: Bearer $CLIENT_TOKEN" \
@@ -283,13 +331,15 @@ for round in $(seq "$ROUNDS"); do
 done
 [ -z "$AUTH_URL" ] || stop "$AUTH_PID"
 
-log "warming $ZIPF_KEYS keys"
+log "warming $ZIPF_KEYS keys in the proxy and in nginx"
 before=$(upstream_calls)
 fill "$PROXY_URL" z "$ZIPF_KEYS" "$before"
 figure zipf_warm_calls "$(($(upstream_calls) - before))"
+fill "$NGINX_URL" z "$ZIPF_KEYS" "$(upstream_calls)"
 before=$(upstream_calls)
 for round in $(seq "$ROUNDS"); do
-  wrk_run "zipf_base_$round" "$CONNS" "$DURATION" "$BASELINE_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+  wrk_run "zipf_bare_$round" "$CONNS" "$DURATION" "$BARE_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+  wrk_run "zipf_nginx_$round" "$CONNS" "$DURATION" "$NGINX_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
   wrk_run "zipf_proxy_$round" "$CONNS" "$DURATION" "$PROXY_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
 done
 figure zipf_upstream_calls "$(($(upstream_calls) - before))"
@@ -312,10 +362,24 @@ for round in $(seq "$ROUNDS"); do
   forget "$flood_pid"
   figure "stats_flood_rps_$round" "$(awk '/^Requests\/sec/ { print $2 }' "$WORK/wrk-stats-flood-$round.txt")"
 done
+stop "$NGINX_PID"
 stop "$PROXY_PID"
 stop "$UPSTREAM_PID"
-stop "$BASELINE_PID"
+stop "$BARE_PID"
 
+if [ -z "$AUTH_URL" ]; then
+  figure scenario6 "skipped: client tokens/rate limit/metrics not implemented yet"
+else
+  on="client token checked, metrics on"
+  grep -q rate_per_minute "$WORK/clients.toml" && on="$on, per-client rate limit on"
+  grep -q '^\[rate_limit\]' "$WORK/clients.toml" && on="$on, global rate limit on"
+  grep -q rate_per_minute "$WORK/clients.toml" || on="$on; no rate limit exists yet"
+  figure scenario6 "$on (limits far above the load: checked, never refusing)"
+fi
+
+if [ "${BENCH_HITS_ONLY:-0}" = 1 ]; then
+  figure skipped "scenarios 3-5 (BENCH_HITS_ONLY=1)"
+else
 # 3: misses through a 50 ms upstream; every request is a new key.
 log "scenario 3: miss path, 50 ms upstream"
 start_upstream up-miss 50
@@ -363,14 +427,6 @@ figure mem_body_bytes "$(curl -fsS -o /dev/null -w '%{size_download}' "$PROXY_UR
 stop "$PROXY_PID"
 stop "$UPSTREAM_PID"
 
-if [ -z "$AUTH_URL" ]; then
-  figure scenario6 "skipped: client tokens/rate limit/metrics not implemented yet"
-else
-  on="client token checked, metrics on"
-  grep -q rate_per_minute "$WORK/clients.toml" && on="$on, per-client rate limit on"
-  grep -q '^\[rate_limit\]' "$WORK/clients.toml" && on="$on, global rate limit on"
-  grep -q rate_per_minute "$WORK/clients.toml" || on="$on; no rate limit exists yet"
-  figure scenario6 "$on (limits far above the load: checked, never refusing)"
 fi
 
 figure load_after "$(cut -d' ' -f1-3 /proc/loadavg)"

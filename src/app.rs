@@ -16,7 +16,6 @@ use axum::Router;
 use secrecy::SecretString;
 use tokio::{net::TcpListener, time::Instant};
 use tower::Layer as _;
-use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
     access::Access,
@@ -151,11 +150,11 @@ impl App {
         });
         let router = cors::apply(routes::router(state.clone()), &config.cors);
         // Observe wraps the finished router once (not each route): ids, the
-        // access log and request metrics see every answer, 404s and panics included.
+        // access log and request metrics see every answer, 404s and panics
+        // (which it turns into 500s) included.
         let paths = routes::paths(state.routes());
         let proxied = state.routes().routes().len();
-        let router =
-            ObserveLayer::new(metrics, paths, proxied).layer(router.layer(CatchPanicLayer::new()));
+        let router = ObserveLayer::new(metrics, paths, proxied).layer(router);
         let snapshot = config
             .cache
             .snapshot_path

@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use axum::http::{
-    HeaderMap, HeaderValue,
+    HeaderMap, HeaderName, HeaderValue,
     header::{AGE, CACHE_CONTROL},
 };
 
@@ -14,15 +14,21 @@ use crate::{cache::Entry, served::CacheState};
 
 /// `Cache-Status` header name (RFC 9211).
 pub(crate) const CACHE_STATUS: &str = "cache-status";
+/// The same as a `HeaderName`: inserting by `&str` would parse the name per request.
+const CACHE_STATUS_NAME: HeaderName = HeaderName::from_static(CACHE_STATUS);
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
 /// Adds `Cache-Status`, `Age` and `Cache-Control` for an answer that is in
 /// the cache, at `now`. `Cache-Control: max-age` is the entry's whole
 /// lifetime and `Age` its age, so `max-age − Age` is the `ttl` of `Cache-Status`.
-pub(crate) fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Entry, now: SystemTime) {
+pub(crate) fn set_cached(
+    headers: &mut HeaderMap,
+    state: CacheState,
+    entry: &Entry,
+    now: SystemTime,
+) {
     let age = entry.age(now);
-    let ttl = entry.ttl.saturating_sub(age).as_secs();
     // RFC 9211 `ttl` goes negative once stale.
     let stale_ttl = -i64::try_from(age.saturating_sub(entry.ttl).as_secs()).unwrap_or(i64::MAX);
     let negative = if entry.negative {
@@ -30,11 +36,20 @@ pub(crate) fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Ent
     } else {
         ""
     };
-    let mut ttl_text = itoa::Buffer::new();
-    let ttl_text = ttl_text.format(ttl).as_bytes();
     let status = match state {
-        // The hit path: no `core::fmt`, one exact allocation per value.
-        CacheState::Hit => join(&[b"keyapi-proxy; hit; ttl=", ttl_text, negative.as_bytes()]),
+        // The hit path: built at most once a second per entry, without `core::fmt`.
+        CacheState::Hit => {
+            let [status, age] = entry.hit_headers(age.as_secs(), |age_secs| {
+                // A function of the whole second only: `max-age` − `Age`.
+                let ttl = entry.ttl.as_secs().saturating_sub(age_secs);
+                let mut ttl_text = itoa::Buffer::new();
+                let ttl_text = ttl_text.format(ttl).as_bytes();
+                let status = join(&[b"keyapi-proxy; hit; ttl=", ttl_text, negative.as_bytes()]);
+                [status, HeaderValue::from(age_secs)]
+            });
+            headers.insert(AGE, age);
+            status
+        }
         CacheState::Stored => {
             format_value(format_args!("keyapi-proxy; fwd=uri-miss; stored{negative}"))
         }
@@ -59,8 +74,10 @@ pub(crate) fn set_cached(headers: &mut HeaderMap, state: CacheState, entry: &Ent
             "keyapi-proxy; fwd=stale; ttl={stale_ttl}; detail=budget"
         )),
     };
-    headers.insert(CACHE_STATUS, status);
-    headers.insert(AGE, HeaderValue::from(age.as_secs()));
+    if state != CacheState::Hit {
+        headers.insert(AGE, HeaderValue::from(age.as_secs()));
+    }
+    headers.insert(CACHE_STATUS_NAME, status);
     headers.insert(CACHE_CONTROL, entry.cache_control.clone());
 }
 
@@ -75,14 +92,18 @@ fn join(pieces: &[&[u8]]) -> HeaderValue {
 
 /// Marks an answer that went upstream and was not stored. `fwd_status` is the
 /// upstream's HTTP status when it answered; otherwise `detail` says why not.
-pub(crate) fn set_forwarded_uncached(headers: &mut HeaderMap, fwd_status: Option<u16>, detail: &str) {
+pub(crate) fn set_forwarded_uncached(
+    headers: &mut HeaderMap,
+    fwd_status: Option<u16>,
+    detail: &str,
+) {
     let status = match fwd_status {
         Some(code) => format_value(format_args!(
             "keyapi-proxy; fwd=uri-miss; fwd-status={code}"
         )),
         None => format_value(format_args!("keyapi-proxy; fwd=uri-miss; detail={detail}")),
     };
-    headers.insert(CACHE_STATUS, status);
+    headers.insert(CACHE_STATUS_NAME, status);
     set_no_store(headers);
 }
 

@@ -7,7 +7,10 @@
 //! hashtag or anything else a client can choose.
 
 use std::{
-    sync::atomic::{AtomicI64, AtomicU64},
+    sync::{
+        OnceLock,
+        atomic::{AtomicI64, AtomicU64},
+    },
     time::Instant,
 };
 
@@ -109,6 +112,10 @@ impl Scope {
         }
     }
 }
+
+/// A `requests_total` counter, resolved on first use (see [`Metrics::record_request_in`]).
+#[derive(Debug, Default)]
+pub struct CachedCounter(OnceLock<Counter>);
 
 /// Counters of one configured client, resolved once at start-up so the
 /// request path does no label lookup for them.
@@ -316,13 +323,33 @@ impl Metrics {
         status: u16,
         served: Option<(Served, u64)>,
     ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route,
-                status,
-                cache: served.as_ref().map_or("none", |(s, _)| s.as_str()),
-            })
-            .inc();
+        self.record_request_in(None, route, proxied, status, served);
+    }
+
+    /// [`Metrics::record_request`] for a label set that repeats (a route's
+    /// hits): its `requests_total` counter is looked up once, kept in `cached`,
+    /// and later requests count without hashing their labels. A `cached`
+    /// must only ever be used with one label set.
+    pub fn record_request_in(
+        &self,
+        cached: Option<&CachedCounter>,
+        route: &'static str,
+        proxied: bool,
+        status: u16,
+        served: Option<(Served, u64)>,
+    ) {
+        let labels = RequestLabels {
+            route,
+            status,
+            cache: served.as_ref().map_or("none", |(s, _)| s.as_str()),
+        };
+        match cached {
+            Some(cached) => cached
+                .0
+                .get_or_init(|| self.requests.get_or_create_owned(&labels))
+                .inc(),
+            None => self.requests.get_or_create(&labels).inc(),
+        };
         let Some((served, credits)) = served else {
             if proxied && (400..500).contains(&status) {
                 self.rejected.inc();

@@ -68,31 +68,27 @@ pub(crate) fn cached_response(
             .as_ref()
             .filter(|o| not_modified(request, o.etag, false))
     };
-    let (mut response, etag) = match matched {
-        Some(held) => {
-            let mut response = Response::new(Body::empty());
-            *response.status_mut() = StatusCode::NOT_MODIFIED;
-            (response, held.etag)
-        }
+    // Room for every header of a hit (ours, the request id, CORS, the length
+    // added later) from the start, so the map is allocated once and never grows.
+    let mut headers = HeaderMap::with_capacity(12);
+    let (status, body, etag) = match matched {
+        Some(held) => (StatusCode::NOT_MODIFIED, Body::empty(), held.etag),
         None => {
-            let mut response = Response::new(Body::from(selected.body.clone()));
-            // 200, or KeyAPI's own status for a cached refusal.
-            *response.status_mut() = entry.status;
-            let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, APPLICATION_JSON);
             if selected.gzip {
                 headers.insert(CONTENT_ENCODING, GZIP);
             }
-            (response, selected.etag)
+            // 200, or KeyAPI's own status for a cached refusal.
+            let body = Body::from(selected.body.clone());
+            (entry.status, body, selected.etag)
         }
     };
-    let headers = response.headers_mut();
-    // Room for every header of a hit (ours, the request id, CORS, date and
-    // length added later) so the map never grows mid-request.
-    headers.reserve(12);
     headers.insert(ETAG, etag.clone());
     headers.insert(VARY, VARY_ACCEPT_ENCODING);
-    cache_status::set_cached(headers, state, entry, now);
+    cache_status::set_cached(&mut headers, state, entry, now);
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
     response
 }
 

@@ -1,30 +1,43 @@
 //! Request ids, the one access-log line per request, and request metrics.
 //!
 //! A sane client `X-Request-Id` is kept (so ids can be followed across
-//! services), otherwise one is generated. Handlers attach an [`AccessLog`] to
-//! their response so the log line (and the request metrics) can name the
+//! services), otherwise one is generated. Handlers [`report`](AccessLog::report)
+//! an [`AccessLog`] so the log line (and the request metrics) can name the
 //! normalized key, cache state and upstream status without the middleware
 //! knowing any route. The `route` metric label is the request path when it is
 //! one of the router's (static) paths, else `unmatched`: bounded either way.
+//! A handler that panics is answered 500 here, like any other request.
 
 use std::{
+    any::Any,
+    cell::Cell,
     convert::Infallible,
     future::Future,
+    panic::{self, AssertUnwindSafe},
     pin::Pin,
-    sync::Arc,
-    task::{Context, Poll, ready},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
     time::Instant,
 };
 
 use axum::{
+    body::Body,
     extract::Request,
-    http::{HeaderName, HeaderValue},
+    http::{HeaderName, HeaderValue, StatusCode, header::CONTENT_TYPE},
     response::Response,
 };
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::Level;
 
-use crate::{cache::CacheKey, metrics::Metrics, served::Served};
+use crate::{
+    cache::CacheKey,
+    metrics::{CachedCounter, Metrics},
+    served::{CacheState, Served},
+};
 
 /// The `route` label of requests that matched no route.
 pub(crate) const UNMATCHED: &str = "unmatched";
@@ -38,7 +51,18 @@ const MAX_LOGGED_LEN: usize = 256;
 
 /// The id of the request being served (a request extension).
 #[derive(Debug, Clone)]
-pub(crate) struct RequestId(HeaderValue);
+pub(crate) struct RequestId(Id);
+
+#[derive(Debug, Clone)]
+enum Id {
+    /// The client's, echoed: shares the request's buffer.
+    Client(HeaderValue),
+    /// Ours, kept as text on the stack until it becomes a header.
+    Generated([u8; GENERATED_LEN]),
+}
+
+/// Length of a generated id: the layout of a UUID.
+const GENERATED_LEN: usize = 36;
 
 impl RequestId {
     /// The client's id if it is 1–128 visible characters from `[A-Za-z0-9._:-]`.
@@ -48,23 +72,47 @@ impl RequestId {
             && bytes
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-        sane.then(|| Self(value.clone()))
+        sane.then(|| Self(Id::Client(value.clone())))
     }
 
-    /// A new random id (for requests that sent none, or no usable one).
+    /// A new id (for requests that sent none, or no usable one): a random
+    /// per-process prefix and a counter, in a UUID's layout. Unique without
+    /// asking an RNG per request, and sortable within one process.
     pub(crate) fn generate() -> Self {
-        let mut buf = uuid::Uuid::encode_buffer();
-        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-        Self(HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown")))
+        static PREFIX: OnceLock<u64> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let prefix = *PREFIX.get_or_init(|| fastrand::u64(..));
+        let bits = (u128::from(prefix) << 64) | u128::from(NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut text = [b'-'; GENERATED_LEN];
+        let mut nibbles = (0..32).rev().map(|i| (bits >> (i * 4)) as usize & 0xf);
+        for (i, byte) in text.iter_mut().enumerate() {
+            if !matches!(i, 8 | 13 | 18 | 23) {
+                *byte = b"0123456789abcdef"[nibbles.next().unwrap_or(0)];
+            }
+        }
+        Self(Id::Generated(text))
     }
 
     /// The id as text (always ASCII by construction).
     pub(crate) fn as_str(&self) -> &str {
-        self.0.to_str().unwrap_or("")
+        match &self.0 {
+            Id::Client(value) => value.to_str().unwrap_or(""),
+            Id::Generated(text) => std::str::from_utf8(text).unwrap_or(""),
+        }
+    }
+
+    /// The id as the `X-Request-Id` header value.
+    fn into_header(self) -> HeaderValue {
+        match self.0 {
+            Id::Client(value) => value,
+            Id::Generated(text) => {
+                HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("unknown"))
+            }
+        }
     }
 }
 
-/// What a handler reports about its answer for the access log (a response extension).
+/// What a handler reports about its answer for the access log and the metrics.
 #[derive(Debug, Clone)]
 pub(crate) struct AccessLog {
     /// The configured client's id, when clients are configured.
@@ -77,6 +125,21 @@ pub(crate) struct AccessLog {
     pub(crate) upstream_status: Option<u16>,
 }
 
+tokio::task_local! {
+    /// The [`AccessLog`] of the request being served, handed from its handler
+    /// to [`Observe`]: a task-local costs no allocation, a response extension
+    /// three (the value's box, the map's box, its table).
+    static REPORTED: Cell<Option<AccessLog>>;
+}
+
+impl AccessLog {
+    /// Hands this record to the [`Observe`] layer serving the current request
+    /// (nothing happens outside one).
+    pub(crate) fn report(self) {
+        let _ = REPORTED.try_with(|slot| slot.set(Some(self)));
+    }
+}
+
 /// Tower layer that wraps the whole router: assigns the request id, echoes
 /// it, logs one line per request and counts it in the metrics. A plain
 /// `Service` (not `axum::middleware::from_fn`) so a request costs no boxed
@@ -86,6 +149,7 @@ pub(crate) struct ObserveLayer {
     metrics: Arc<Metrics>,
     paths: Arc<[&'static str]>,
     proxied: usize,
+    hits: Arc<[CachedCounter]>,
 }
 
 impl ObserveLayer {
@@ -96,6 +160,7 @@ impl ObserveLayer {
             metrics,
             paths,
             proxied,
+            hits: (0..proxied).map(|_| CachedCounter::default()).collect(),
         }
     }
 }
@@ -109,6 +174,7 @@ impl<S> Layer<S> for ObserveLayer {
             metrics: Arc::clone(&self.metrics),
             paths: Arc::clone(&self.paths),
             proxied: self.proxied,
+            hits: Arc::clone(&self.hits),
         }
     }
 }
@@ -120,6 +186,8 @@ pub(crate) struct Observe<S> {
     metrics: Arc<Metrics>,
     paths: Arc<[&'static str]>,
     proxied: usize,
+    /// Per KeyAPI route, its hits' `requests_total` counter.
+    hits: Arc<[CachedCounter]>,
 }
 
 impl<S> Service<Request> for Observe<S>
@@ -144,10 +212,11 @@ where
         request.extensions_mut().insert(id.clone());
         // Every route is a static path, so the path itself is the template.
         let path = request.uri().path();
-        let (route, proxied) = match self.paths.iter().position(|p| *p == path) {
-            Some(i) => (self.paths[i], i < self.proxied),
-            None => (UNMATCHED, false),
+        let (route, index) = match self.paths.iter().position(|p| *p == path) {
+            Some(i) => (self.paths[i], Some(i)),
+            None => (UNMATCHED, None),
         };
+        let proxied = index.filter(|i| *i < self.proxied);
         // Log fields are only gathered when the line will be written.
         let log = tracing::enabled!(Level::INFO).then(|| {
             (
@@ -156,7 +225,7 @@ where
             )
         });
         ObserveFuture {
-            inner: self.inner.call(request),
+            inner: REPORTED.scope(Cell::new(None), self.inner.call(request)),
             done: Some(Done {
                 started,
                 id,
@@ -164,6 +233,7 @@ where
                 proxied,
                 log,
                 metrics: Arc::clone(&self.metrics),
+                hits: Arc::clone(&self.hits),
             }),
         }
     }
@@ -173,7 +243,7 @@ pin_project_lite::pin_project! {
     /// The inner response future, finished with the id header, log line and metrics.
     pub(crate) struct ObserveFuture<F> {
         #[pin]
-        inner: F,
+        inner: TaskLocalFuture<Cell<Option<AccessLog>>, F>,
         done: Option<Done>,
     }
 }
@@ -183,10 +253,12 @@ struct Done {
     started: Instant,
     id: RequestId,
     route: &'static str,
-    proxied: bool,
+    /// The index of the KeyAPI route, if it is one.
+    proxied: Option<usize>,
     /// Method and path, already truncated for the log.
     log: Option<(String, String)>,
     metrics: Arc<Metrics>,
+    hits: Arc<[CachedCounter]>,
 }
 
 impl<F> Future for ObserveFuture<F>
@@ -196,32 +268,61 @@ where
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Ok(mut response) = ready!(this.inner.poll(cx));
+        let mut this = self.project();
+        // A panicking handler gets a 500 instead of a dropped connection;
+        // caught here, around the whole router, rather than by a layer on
+        // every route, which would box each request's future once more.
+        let polled = panic::catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll(cx)));
+        let mut response = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(response))) => response,
+            Err(panic) => panicked(&*panic),
+        };
+        let access = this.inner.take_value().and_then(Cell::into_inner);
         if let Some(done) = this.done.take() {
-            done.finish(&mut response);
+            done.finish(&mut response, access.as_ref());
         }
         Poll::Ready(Ok(response))
     }
 }
 
+/// The answer to a request whose handler panicked (logged, detail not sent).
+fn panicked(panic: &(dyn Any + Send)) -> Response {
+    let message = match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => message,
+        (None, Some(message)) => message.as_str(),
+        (None, None) => "(no message)",
+    };
+    tracing::error!(panic = message, "request handler panicked");
+    let mut response = Response::new(Body::from("Service panicked"));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
 impl Done {
-    fn finish(self, response: &mut Response) {
+    fn finish(self, response: &mut Response, access: Option<&AccessLog>) {
         let status = response.status().as_u16();
-        let access = response.extensions().get::<AccessLog>();
-        self.metrics.record_request(
-            self.route,
-            self.proxied,
-            status,
-            access.map(|log| (log.served, log.credits)),
-        );
+        let served = access.map(|log| (log.served, log.credits));
+        // A route's hits all share one label set: count them without a lookup.
+        let cached = match (self.proxied, served) {
+            (Some(i), Some((Served::Cached(CacheState::Hit), _))) if status == 200 => {
+                self.hits.get(i)
+            }
+            _ => None,
+        };
+        let proxied = self.proxied.is_some();
+        (self.metrics).record_request_in(cached, self.route, proxied, status, served);
         if let Some((method, path)) = &self.log {
             let latency_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let request_id = self.id.as_str();
             match access {
                 Some(log) => tracing::info!(
                     request_id,
-                    method,
+                    %method,
                     path,
                     status,
                     client = log.client.as_deref(),
@@ -231,18 +332,61 @@ impl Done {
                     latency_us,
                     "request"
                 ),
-                None => tracing::info!(request_id, method, path, status, latency_us, "request"),
+                None => tracing::info!(request_id, %method, path, status, latency_us, "request"),
             }
         }
-        response.headers_mut().insert(X_REQUEST_ID, self.id.0);
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, self.id.into_header());
     }
 }
 
-/// `text` cut to at most [`MAX_LOGGED_LEN`] bytes, on a character boundary.
+/// At most [`MAX_LOGGED_LEN`] bytes of a client-chosen string (cut at a
+/// character boundary), so a huge path cannot make a huge log line.
 fn truncated(text: &str) -> &str {
     let mut end = text.len().min(MAX_LOGGED_LEN);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
     &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_distinct_and_uuid_shaped() {
+        let (a, b) = (RequestId::generate(), RequestId::generate());
+        assert_ne!(a.as_str(), b.as_str());
+        for id in [a.as_str(), b.as_str()] {
+            let groups: Vec<usize> = id.split('-').map(str::len).collect();
+            assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+            assert!(
+                id.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()),
+                "{id}"
+            );
+        }
+        assert_eq!(a.into_header().as_bytes().len(), GENERATED_LEN);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_500_with_an_id() {
+        use tower::ServiceExt as _;
+
+        use crate::clock::{SharedClock, SystemClock};
+
+        let metrics = Arc::new(Metrics::new(SharedClock::new(Arc::new(SystemClock))));
+        let handler = tower::service_fn(|_: Request| async {
+            if true {
+                panic!("boom");
+            }
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        });
+        let service = ObserveLayer::new(metrics, Arc::from(["/"]), 0).layer(handler);
+        let response = service.oneshot(Request::new(Body::empty())).await;
+        let Ok(response) = response;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers().contains_key(X_REQUEST_ID));
+    }
 }

@@ -102,7 +102,6 @@ impl Protection {
         })
     }
 
-
     /// `closed`, `open` or `half_open`.
     pub(crate) fn circuit(&self) -> &'static str {
         self.breaker.state_str()

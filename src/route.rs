@@ -20,6 +20,7 @@ use std::{
 };
 
 use regex_lite::Regex;
+use smallvec::{SmallVec, smallvec};
 use unicode_normalization::{IsNormalized, UnicodeNormalization as _, is_nfc_quick};
 
 use crate::{
@@ -209,44 +210,68 @@ impl Param {
 
     /// Checks and normalizes one raw value (already known to be non-empty).
     fn normalize(&self, raw: &str) -> Result<String, KeyError> {
+        let mut value = String::new();
+        self.normalize_into(raw, &mut value)?;
+        Ok(value)
+    }
+
+    /// [`Param::normalize`], appending to `out`: the common values (ASCII
+    /// letters, digits, `_`) go straight into a key, with no string of their own.
+    fn normalize_into(&self, raw: &str, out: &mut String) -> Result<(), KeyError> {
+        let key = out;
         let invalid = || KeyError::Invalid {
             name: Arc::clone(&self.name),
             rule: Arc::clone(&self.rule),
             got: clip(raw),
         };
         match &self.kind {
-            Kind::OneOf(values) => values
-                .iter()
-                .find(|v| v.as_str() == raw)
-                .cloned()
-                .ok_or_else(invalid),
-            Kind::Int { min, max } => raw
-                .parse::<i64>()
-                .ok()
-                .filter(|n| (*min..=*max).contains(n))
-                .map(|n| n.to_string())
-                .ok_or_else(invalid),
+            Kind::OneOf(values) => {
+                let value = values
+                    .iter()
+                    .find(|v| v.as_str() == raw)
+                    .ok_or_else(invalid)?;
+                key.push_str(value);
+            }
+            Kind::Int { min, max } => {
+                let n = raw
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (*min..=*max).contains(n))
+                    .ok_or_else(invalid)?;
+                key.push_str(itoa::Buffer::new().format(n));
+            }
             Kind::Region => {
                 if raw.eq_ignore_ascii_case(ALL_REGIONS) {
-                    return Ok(ALL_REGIONS.to_owned());
+                    key.push_str(ALL_REGIONS);
+                    return Ok(());
                 }
                 match raw.as_bytes() {
                     [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
-                        Ok(raw.to_ascii_uppercase())
+                        key.push(char::from(a.to_ascii_uppercase()));
+                        key.push(char::from(b.to_ascii_uppercase()));
                     }
-                    _ => Err(invalid()),
+                    _ => return Err(invalid()),
                 }
             }
             Kind::Hashtag => {
+                let name = raw.strip_prefix('#').unwrap_or(raw);
+                if name.len() <= MAX_HASHTAG_CHARS
+                    && !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
+                    // ASCII (always NFC): one byte per character.
+                    key.extend(name.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+                    return Ok(());
+                }
                 // Composed first, so a decomposed `é` (a letter and a combining mark) validates.
-                let name = nfc(Cow::Borrowed(raw.strip_prefix('#').unwrap_or(raw)));
+                let name = nfc(Cow::Borrowed(name));
                 let chars = name.chars().count();
                 let valid =
                     (1..=MAX_HASHTAG_CHARS).contains(&chars) && name.chars().all(is_hashtag_char);
                 if !valid {
                     return Err(invalid());
                 }
-                Ok(nfc(Cow::Owned(name.to_lowercase())))
+                key.push_str(&nfc(Cow::Owned(name.to_lowercase())));
             }
             Kind::Text {
                 pattern,
@@ -266,9 +291,13 @@ impl Param {
                 let chars = value.chars().count();
                 let fits = (1..=*max_len).contains(&chars)
                     && pattern.as_ref().is_none_or(|p| p.is_match(&value));
-                if fits { Ok(value) } else { Err(invalid()) }
+                if !fits {
+                    return Err(invalid());
+                }
+                key.push_str(&value);
             }
         }
+        Ok(())
     }
 
     /// A prefix normalized like a value of this parameter, as far as a
@@ -352,8 +381,9 @@ impl Route {
     /// Normalizes a raw query string (without `?`) into the canonical
     /// upstream request of this route.
     pub fn parse(&self, raw_query: Option<&str>) -> Result<CacheKey, KeyError> {
-        let mut raw: Vec<Option<std::borrow::Cow<'_, str>>> = vec![None; self.params.len()];
-        for (name, value) in form_urlencoded::parse(raw_query.unwrap_or("").as_bytes()) {
+        // A route has a handful of parameters: their raw values live on the stack.
+        let mut raw: SmallVec<[Option<Cow<'_, str>>; 8]> = smallvec![None; self.params.len()];
+        for (name, value) in query_pairs(raw_query.unwrap_or("")) {
             let Some(index) = self.params.iter().position(|p| *p.name == *name) else {
                 continue;
             };
@@ -365,34 +395,33 @@ impl Route {
         key.push_str(self.path);
         let mut separator = '?';
         for (param, raw) in self.params.iter().zip(&raw) {
-            let given = raw.as_deref().map(str::trim);
-            let normalized;
-            let value = match (given, &param.default) {
-                (Some(given), _) if !given.is_empty() => {
-                    normalized = param.normalize(given)?;
-                    &normalized
+            let given = raw.as_deref().map(str::trim).filter(|g| !g.is_empty());
+            let default = param.default.as_deref();
+            if given.is_none() && default.is_none() {
+                if !param.required {
+                    continue;
                 }
-                // Absent or empty: the default.
-                (_, Some(default)) => default,
-                (Some(_), None) if param.required => {
-                    return Err(KeyError::Empty {
-                        name: Arc::clone(&param.name),
-                        example: Arc::clone(&param.example),
-                    });
-                }
-                (None, None) if param.required => {
-                    return Err(KeyError::Missing {
-                        name: Arc::clone(&param.name),
-                        example: Arc::clone(&param.example),
-                    });
-                }
-                _ => continue,
-            };
+                let (name, example) = (Arc::clone(&param.name), Arc::clone(&param.example));
+                return Err(match raw {
+                    Some(_) => KeyError::Empty { name, example },
+                    None => KeyError::Missing { name, example },
+                });
+            }
             key.push(separator);
             separator = '&';
             key.push_str(&param.name);
             key.push('=');
-            push_encoded(&mut key, value);
+            let start = key.len();
+            if let Some(given) = given {
+                param.normalize_into(given, &mut key)?;
+            } else if let Some(default) = default {
+                // Absent or empty: the default.
+                key.push_str(default);
+            }
+            if needs_encoding(&key[start..]) {
+                let value = key.split_off(start);
+                push_encoded(&mut key, &value);
+            }
         }
         Ok(CacheKey::new(key))
     }
@@ -741,13 +770,33 @@ fn nfc(text: Cow<'_, str>) -> String {
     }
 }
 
+/// The `name=value` pairs of a query, decoded as `application/x-www-form-urlencoded`.
+/// Pairs without `%` or `+` (the common case) are borrowed, not decoded.
+fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter_map(|pair| {
+            if pair.bytes().any(|b| b == b'%' || b == b'+') {
+                form_urlencoded::parse(pair.as_bytes()).next()
+            } else {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                Some((Cow::Borrowed(name), Cow::Borrowed(value)))
+            }
+        })
+}
+
+/// Whether `value` has anything but ASCII letters, digits and `_`.
+fn needs_encoding(value: &str) -> bool {
+    !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// Appends `value` form-encoded. Letters, digits and `_` in ASCII need no
 /// encoding (the common case); anything else is encoded as a form serializer would.
 fn push_encoded(out: &mut String, value: &str) {
-    if value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    {
+    if !needs_encoding(value) {
         out.push_str(value);
     } else {
         out.extend(form_urlencoded::byte_serialize(value.as_bytes()));

@@ -76,7 +76,7 @@ async fn insane_request_id_is_replaced() {
     let (_, headers, body) = parts(response).await;
     let id = header(&headers, "x-request-id");
     assert_ne!(id, "<script>alert(1)</script>");
-    assert_eq!(id.len(), 36, "a generated UUID, got {id}");
+    assert_eq!(id.len(), 36, "a generated id in a UUID's layout, got {id}");
     assert_envelope(&body, 400, id);
 }
 

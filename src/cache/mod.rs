@@ -23,7 +23,7 @@ mod tiers;
 use std::{
     fmt,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -122,7 +122,14 @@ pub struct Entry {
     /// Hits served from this entry: refresh-ahead's "hot key" rule and the
     /// status page's top keys.
     hits: AtomicU64,
+    /// The headers of a hit that change with its age (`Cache-Status`, `Age`),
+    /// built for the last whole second they were asked for: a hot entry
+    /// builds them once a second, not once a hit.
+    hit_headers: Mutex<Option<(u64, HitHeaders)>>,
 }
+
+/// The per-age headers of a hit: `Cache-Status` and `Age`.
+pub type HitHeaders = [HeaderValue; 2];
 
 impl Entry {
     /// A successful answer stored at `now`, with the policy's stale windows.
@@ -181,6 +188,7 @@ impl Entry {
             stale_while_revalidate,
             stale_if_error,
             hits: AtomicU64::new(0),
+            hit_headers: Mutex::new(None),
         }
     }
 
@@ -232,5 +240,21 @@ impl Entry {
     /// Hits served so far.
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
+    }
+
+    /// The per-age headers of a hit at `age_secs`: the ones built last, if
+    /// built for that second, else `build(age_secs)`'s (kept for the next hit).
+    pub fn hit_headers(&self, age_secs: u64, build: impl FnOnce(u64) -> HitHeaders) -> HitHeaders {
+        // A poisoned lock only means a panic elsewhere mid-update: the memo
+        // is a plain value, rebuilt below if stale.
+        let mut memo = self.hit_headers.lock().unwrap_or_else(|e| e.into_inner());
+        match &*memo {
+            Some((secs, headers)) if *secs == age_secs => headers.clone(),
+            _ => {
+                let headers = build(age_secs);
+                *memo = Some((age_secs, headers.clone()));
+                headers
+            }
+        }
     }
 }

@@ -52,14 +52,15 @@ pub(super) async fn answer(
     // A fetch this request starts is charged to its client (and the global budget).
     let payer = Payer::Request(client.as_ref().map(|c| Arc::clone(&c.account)));
     let outcome = state.proxy().serve(&key, &route, refresh, payer).await;
-    let (mut response, served, upstream_status) = respond(headers, outcome, &request_id);
-    response.extensions_mut().insert(AccessLog {
+    let (response, served, upstream_status) = respond(headers, outcome, &request_id);
+    AccessLog {
         client: client.map(|c| Arc::clone(&c.id)),
         key,
         served,
         credits: route.credits(),
         upstream_status,
-    });
+    }
+    .report();
     response
 }
 
