@@ -161,7 +161,7 @@ impl App {
             .clone()
             .map(|path| (path, config.cache.snapshot_interval));
         if let Some((path, _)) = &snapshot {
-            match snapshot::load(path, state.proxy().cache()).await {
+            match snapshot::load(path, state.proxy().cache(), state.clock().now()).await {
                 Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot loaded"),
                 Err(e) => tracing::warn!(error = %e, "cache snapshot skipped"),
             }
@@ -289,7 +289,7 @@ async fn save_periodically(path: PathBuf, interval: Duration, state: AppState) {
 }
 
 async fn save_snapshot(path: &Path, state: &AppState) {
-    match snapshot::save(path, state.proxy().cache()).await {
+    match snapshot::save(path, state.proxy().cache(), state.clock().now()).await {
         Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot written"),
         Err(e) => tracing::warn!(error = %e, "cache snapshot not written"),
     }

@@ -43,11 +43,15 @@ pub(crate) enum SnapshotError {
 const WRITE_BUFFER: usize = 256 * 1024;
 
 /// Writes every live entry of `cache` to `path`; returns how many.
-pub(crate) async fn save(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotError> {
+pub(crate) async fn save(
+    path: &Path,
+    cache: &LocalCache,
+    now: SystemTime,
+) -> Result<usize, SnapshotError> {
     let path = path.to_owned();
     let cache = cache.clone();
     let target = path.clone();
-    tokio::task::spawn_blocking(move || write_atomically(&target, &cache))
+    tokio::task::spawn_blocking(move || write_atomically(&target, &cache, now))
         .await
         .map_err(|e| SnapshotError::Io {
             path,
@@ -55,7 +59,11 @@ pub(crate) async fn save(path: &Path, cache: &LocalCache) -> Result<usize, Snaps
         })?
 }
 
-fn write_atomically(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotError> {
+fn write_atomically(
+    path: &Path,
+    cache: &LocalCache,
+    now: SystemTime,
+) -> Result<usize, SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_owned(),
         source,
@@ -64,7 +72,7 @@ fn write_atomically(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotEr
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let file = create_private(&tmp).map_err(io)?;
-    let written = write_records(file, cache).and_then(|count| {
+    let written = write_records(file, cache, now).and_then(|count| {
         std::fs::rename(&tmp, path)?;
         // The rename itself is durable only once the directory is synced.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -100,10 +108,9 @@ fn create_private(tmp: &Path) -> std::io::Result<File> {
 }
 
 /// Streams the magic and every live entry to `file`, then syncs it.
-fn write_records(file: File, cache: &LocalCache) -> std::io::Result<usize> {
+fn write_records(file: File, cache: &LocalCache, now: SystemTime) -> std::io::Result<usize> {
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
     out.write_all(MAGIC)?;
-    let now = SystemTime::now();
     let mut count = 0;
     for (key, entry) in cache.iter() {
         if entry.remaining_lifetime(now).is_zero() {
@@ -120,9 +127,13 @@ fn write_records(file: File, cache: &LocalCache) -> std::io::Result<usize> {
     Ok(count)
 }
 
-/// Loads `path` into `cache`, skipping expired or damaged entries; returns how
+/// Loads `path` into `cache`, skipping entries expired at `now` (the app's clock) or damaged; returns how
 /// many were loaded. A missing file loads nothing.
-pub(crate) async fn load(path: &Path, cache: &LocalCache) -> Result<usize, SnapshotError> {
+pub(crate) async fn load(
+    path: &Path,
+    cache: &LocalCache,
+    now: SystemTime,
+) -> Result<usize, SnapshotError> {
     let raw = match tokio::fs::read(path).await {
         Ok(raw) => Bytes::from(raw),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -134,7 +145,6 @@ pub(crate) async fn load(path: &Path, cache: &LocalCache) -> Result<usize, Snaps
         }
     };
     let records = parse(raw).ok_or_else(|| SnapshotError::Damaged(path.to_owned()))?;
-    let now = SystemTime::now();
     let mut loaded = 0;
     for (key, encoded) in records {
         match codec::decode(&encoded) {
