@@ -235,7 +235,7 @@ async fn the_page_shows_rejections_the_circuit_and_long_names_whole_in_a_tooltip
     // Cut on screen by CSS, whole in the tooltip.
     assert!(
         html.contains(&format!(
-            "<span class=\"name\" title=\"hashtag_name={long} period=7 region=all_regions\">"
+            "<span class=\"name\" title=\"/v1/tiktok/trending/hashtag/detail hashtag_name={long} period=7 region=all_regions\">{long} · 7 · all_regions</span>"
         )),
         "{html}"
     );

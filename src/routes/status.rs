@@ -326,12 +326,15 @@ fn render(stats: &Stats) -> String {
          <th class=\"num\">hits</th><th class=\"num\">bytes</th><th class=\"num\">age</th></tr>",
     );
     for key in &stats.top_keys {
+        // The values on screen (the names take the width), everything in the tooltip.
+        let values: Vec<&str> = key.params.values().map(String::as_str).collect();
         let question: Vec<String> = key.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let name = escape(&question.join(" "));
+        let title = escape(&format!("{} {}", key.route, question.join(" ")));
         let _ = write!(
             html,
-            "<tr><td><span class=\"name\" title=\"{name}\">{name}</span><small>{}</small></td>\
+            "<tr><td><span class=\"name\" title=\"{title}\">{}</span><small class=\"name\">{}</small></td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            escape(&values.join(" · ")),
             escape(&key.route),
             key.hits,
             key.bytes,
