@@ -1,4 +1,5 @@
-//! What the operational endpoints (`/stats`, `/`) show is recomputed at most
+//! The data of the operational endpoints (`/stats`, `/`), apart from how
+//! they render it ([`crate::routes`]). It is recomputed at most
 //! once per [`REFRESH`] (by the app's clock) and shared by every request in
 //! between, so a flood of them costs a lock and a clone each. The one O(n)
 //! part — the cache's entry count, bytes and top keys — runs on a blocking
@@ -17,8 +18,13 @@ use tokio::sync::Mutex;
 
 use crate::{
     cache::{CacheKey, Entry, LocalCache},
-    clock::SharedClock,
+    clock::{self, SharedClock},
+    ledger::{Budget, Ledger},
+    metrics::Totals,
     route::Route,
+    state::AppState,
+    stats::Minute,
+    warmup::WarmupStats,
 };
 
 /// Oldest value served; a newer one is computed on the next request after it.
@@ -171,4 +177,151 @@ fn scan(cache: &LocalCache, now: SystemTime) -> CacheSummary {
         bytes: cache.weighted_size(),
         top_keys,
     }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Stats {
+    pub(crate) uptime_secs: u64,
+    pub(crate) started_at: u64,
+    pub(crate) hit_ratio: Option<f64>,
+    #[serde(flatten)]
+    pub(crate) totals: Totals,
+    /// Each configured route and its price per call.
+    pub(crate) routes: Vec<RouteStats>,
+    pub(crate) daily_budget: Option<u64>,
+    pub(crate) credits_spent_today: Option<u64>,
+    /// Fetches this replica refused today because the global budget was spent.
+    pub(crate) budget_refused_today: Option<u64>,
+    pub(crate) cache_entries: u64,
+    pub(crate) cache_bytes: u64,
+    pub(crate) upstream: Upstream,
+    /// `up` / `down` when the Redis tier is configured, else absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) redis: Option<&'static str>,
+    pub(crate) clients: Vec<ClientStats>,
+    pub(crate) warmups: Vec<WarmupStats>,
+    pub(crate) top_keys: Vec<TopKey>,
+    pub(crate) last_hour: Vec<Minute>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Upstream {
+    /// `ok`, `failing` (the last call failed) or `unknown` (no call yet).
+    pub(crate) status: &'static str,
+    pub(crate) in_flight: u64,
+    pub(crate) consecutive_failures: u64,
+    pub(crate) last_success_secs_ago: Option<u64>,
+    pub(crate) last_error_secs_ago: Option<u64>,
+    pub(crate) last_error: Option<&'static str>,
+    pub(crate) calls_last_hour: u64,
+    /// Circuit breaker: `closed`, `open` or `half_open`.
+    pub(crate) circuit: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RouteStats {
+    pub(crate) path: &'static str,
+    pub(crate) credits: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ClientStats {
+    pub(crate) id: String,
+    pub(crate) requests: u64,
+    pub(crate) credits_spent: u64,
+    pub(crate) daily_budget: Option<u64>,
+    pub(crate) credits_spent_today: Option<u64>,
+    /// Fetches this replica refused today because this client's budget was spent.
+    pub(crate) budget_refused_today: Option<u64>,
+}
+
+impl Stats {
+    /// Everything `/stats` and `/` show, collected now.
+    pub(crate) async fn collect(state: &AppState) -> Self {
+        let metrics = state.metrics();
+        let history = metrics.history();
+        let clock = history.clock();
+        let now = clock.now();
+        let cache = state.proxy().cache();
+        let ledger = state.proxy().ledger();
+        let totals = metrics.totals();
+        let answered = totals.hits + totals.misses;
+        let last_hour = history.last_hour();
+        let health = history.health();
+        let ago = |t: SystemTime| now.duration_since(t).unwrap_or_default().as_secs();
+        let upstream = Upstream {
+            status: match (&health.last_success, &health.last_error) {
+                (None, None) => "unknown",
+                _ if health.consecutive_failures > 0 => "failing",
+                _ => "ok",
+            },
+            in_flight: totals.upstream_in_flight,
+            consecutive_failures: health.consecutive_failures,
+            last_success_secs_ago: health.last_success.map(ago),
+            last_error_secs_ago: health.last_error.map(|(t, _)| ago(t)),
+            last_error: health.last_error.map(|(_, kind)| kind),
+            calls_last_hour: last_hour.iter().map(|m| m.upstream_calls).sum(),
+            circuit: state.proxy().protection().circuit(),
+        };
+        let mut clients = Vec::new();
+        for c in state.access().clients() {
+            clients.push(ClientStats {
+                id: c.id.to_string(),
+                requests: c.requests.get(),
+                credits_spent: c.account.charged.get(),
+                daily_budget: c.account.budget.as_ref().map(Budget::limit),
+                credits_spent_today: spent_today(ledger, c.account.budget.as_ref()).await,
+                budget_refused_today: refused_today(ledger, c.account.budget.as_ref()),
+            });
+        }
+        let mut warmups = Vec::new();
+        for warmup in state.warmups() {
+            warmups.push(warmup.stats(state.proxy()).await);
+        }
+        let summary = CacheSummary::of(cache, now).await;
+        Self {
+            uptime_secs: ago(history.started()),
+            started_at: clock::unix_secs(history.started()),
+            hit_ratio: (answered > 0).then(|| totals.hits as f64 / answered as f64),
+            totals,
+            routes: state
+                .routes()
+                .routes()
+                .iter()
+                .map(|r| RouteStats {
+                    path: r.path(),
+                    credits: r.credits(),
+                })
+                .collect(),
+            daily_budget: ledger.global().map(Budget::limit),
+            credits_spent_today: spent_today(ledger, ledger.global()).await,
+            budget_refused_today: refused_today(ledger, ledger.global()),
+            cache_entries: summary.entries,
+            cache_bytes: summary.bytes,
+            upstream,
+            redis: state
+                .proxy()
+                .redis()
+                .map(|r| if r.is_up() { "up" } else { "down" }),
+            clients,
+            warmups,
+            top_keys: summary.top_keys,
+            last_hour,
+        }
+    }
+}
+
+async fn spent_today(ledger: &Ledger, budget: Option<&Budget>) -> Option<u64> {
+    match budget {
+        Some(budget) => Some(ledger.spent_today(budget).await),
+        None => None,
+    }
+}
+
+fn refused_today(ledger: &Ledger, budget: Option<&Budget>) -> Option<u64> {
+    budget.map(|b| ledger.refused_today(b))
 }

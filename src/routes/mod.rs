@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// `/stats` and `/` data, recomputed at most once a second (one per router).
-pub(crate) type StatsCell = crate::summary::Throttled<status::Stats>;
+pub(crate) type StatsCell = crate::summary::Throttled<crate::summary::Stats>;
 
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";

@@ -1,4 +1,5 @@
-//! `GET /stats` (JSON) and `GET /` (a self-contained HTML status page): uptime,
+//! `GET /stats` (JSON) and `GET /` (a self-contained HTML status page) of the
+//! data [`crate::summary::Stats`] collects: uptime,
 //! hit ratio, credits spent vs saved, top keys, upstream health, per-client
 //! spending and a chart of the last hour drawn as inline SVG. The page loads
 //! nothing from anywhere (no script, no stylesheet, no font, no image), and
@@ -8,7 +9,6 @@
 use std::{
     fmt::Write as _,
     sync::{Arc, LazyLock},
-    time::SystemTime,
 };
 
 use axum::{
@@ -18,164 +18,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
-use serde::Serialize;
 
-use crate::{
-    clock, digest,
-    ledger::{Budget, Ledger},
-    metrics::Totals,
-    routes::StatsCell,
-    state::AppState,
-    stats::Minute,
-    summary::{CacheSummary, TopKey},
-    warmup::WarmupStats,
-};
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct Stats {
-    uptime_secs: u64,
-    started_at: u64,
-    hit_ratio: Option<f64>,
-    #[serde(flatten)]
-    totals: Totals,
-    /// Each configured route and its price per call.
-    routes: Vec<RouteStats>,
-    daily_budget: Option<u64>,
-    credits_spent_today: Option<u64>,
-    /// Fetches this replica refused today because the global budget was spent.
-    budget_refused_today: Option<u64>,
-    cache_entries: u64,
-    cache_bytes: u64,
-    upstream: Upstream,
-    /// `up` / `down` when the Redis tier is configured, else absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    redis: Option<&'static str>,
-    clients: Vec<ClientStats>,
-    warmups: Vec<WarmupStats>,
-    top_keys: Vec<TopKey>,
-    last_hour: Vec<Minute>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Upstream {
-    /// `ok`, `failing` (the last call failed) or `unknown` (no call yet).
-    status: &'static str,
-    in_flight: u64,
-    consecutive_failures: u64,
-    last_success_secs_ago: Option<u64>,
-    last_error_secs_ago: Option<u64>,
-    last_error: Option<&'static str>,
-    calls_last_hour: u64,
-    /// Circuit breaker: `closed`, `open` or `half_open`.
-    circuit: &'static str,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RouteStats {
-    path: &'static str,
-    credits: u64,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ClientStats {
-    id: String,
-    requests: u64,
-    credits_spent: u64,
-    daily_budget: Option<u64>,
-    credits_spent_today: Option<u64>,
-    /// Fetches this replica refused today because this client's budget was spent.
-    budget_refused_today: Option<u64>,
-}
-
-impl Stats {
-    async fn collect(state: &AppState) -> Self {
-        let metrics = state.metrics();
-        let history = metrics.history();
-        let clock = history.clock();
-        let now = clock.now();
-        let cache = state.proxy().cache();
-        let ledger = state.proxy().ledger();
-        let totals = metrics.totals();
-        let answered = totals.hits + totals.misses;
-        let last_hour = history.last_hour();
-        let health = history.health();
-        let ago = |t: SystemTime| now.duration_since(t).unwrap_or_default().as_secs();
-        let upstream = Upstream {
-            status: match (&health.last_success, &health.last_error) {
-                (None, None) => "unknown",
-                _ if health.consecutive_failures > 0 => "failing",
-                _ => "ok",
-            },
-            in_flight: totals.upstream_in_flight,
-            consecutive_failures: health.consecutive_failures,
-            last_success_secs_ago: health.last_success.map(ago),
-            last_error_secs_ago: health.last_error.map(|(t, _)| ago(t)),
-            last_error: health.last_error.map(|(_, kind)| kind),
-            calls_last_hour: last_hour.iter().map(|m| m.upstream_calls).sum(),
-            circuit: state.proxy().protection().circuit(),
-        };
-        let mut clients = Vec::new();
-        for c in state.access().clients() {
-            clients.push(ClientStats {
-                id: c.id.to_string(),
-                requests: c.requests.get(),
-                credits_spent: c.account.charged.get(),
-                daily_budget: c.account.budget.as_ref().map(Budget::limit),
-                credits_spent_today: spent_today(ledger, c.account.budget.as_ref()).await,
-                budget_refused_today: refused_today(ledger, c.account.budget.as_ref()),
-            });
-        }
-        let mut warmups = Vec::new();
-        for warmup in state.warmups() {
-            warmups.push(warmup.stats(state.proxy()).await);
-        }
-        let summary = CacheSummary::of(cache, now).await;
-        Self {
-            uptime_secs: ago(history.started()),
-            started_at: clock::unix_secs(history.started()),
-            hit_ratio: (answered > 0).then(|| totals.hits as f64 / answered as f64),
-            totals,
-            routes: state
-                .routes()
-                .routes()
-                .iter()
-                .map(|r| RouteStats {
-                    path: r.path(),
-                    credits: r.credits(),
-                })
-                .collect(),
-            daily_budget: ledger.global().map(Budget::limit),
-            credits_spent_today: spent_today(ledger, ledger.global()).await,
-            budget_refused_today: refused_today(ledger, ledger.global()),
-            cache_entries: summary.entries,
-            cache_bytes: summary.bytes,
-            upstream,
-            redis: state
-                .proxy()
-                .redis()
-                .map(|r| if r.is_up() { "up" } else { "down" }),
-            clients,
-            warmups,
-            top_keys: summary.top_keys,
-            last_hour,
-        }
-    }
-}
-
-async fn spent_today(ledger: &Ledger, budget: Option<&Budget>) -> Option<u64> {
-    match budget {
-        Some(budget) => Some(ledger.spent_today(budget).await),
-        None => None,
-    }
-}
-
-fn refused_today(ledger: &Ledger, budget: Option<&Budget>) -> Option<u64> {
-    budget.map(|b| ledger.refused_today(b))
-}
+use crate::{digest, routes::StatsCell, state::AppState, stats::Minute, summary::Stats};
 
 /// `GET /stats`.
 pub(super) async fn stats(
