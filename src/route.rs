@@ -279,15 +279,7 @@ impl Param {
                 lowercase,
                 strip_prefix,
             } => {
-                let value = match strip_prefix {
-                    Some(prefix) => raw.strip_prefix(prefix.as_str()).unwrap_or(raw),
-                    None => raw,
-                };
-                let value = if *lowercase {
-                    value.to_lowercase()
-                } else {
-                    value.to_owned()
-                };
+                let value = fold_text(raw, strip_prefix.as_deref(), *lowercase);
                 let chars = value.chars().count();
                 let fits = (1..=*max_len).contains(&chars)
                     && pattern.as_ref().is_none_or(|p| p.is_match(&value));
@@ -313,17 +305,7 @@ impl Param {
                 lowercase,
                 strip_prefix,
                 ..
-            } => {
-                let value = match strip_prefix {
-                    Some(prefix) => raw.strip_prefix(prefix.as_str()).unwrap_or(raw),
-                    None => raw,
-                };
-                if *lowercase {
-                    value.to_lowercase()
-                } else {
-                    value.to_owned()
-                }
-            }
+            } => fold_text(raw, strip_prefix.as_deref(), *lowercase),
             Kind::OneOf(_) | Kind::Int { .. } => raw.to_owned(),
         }
     }
@@ -755,6 +737,16 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
     };
     param.example = example.into();
     Ok(param)
+}
+
+/// A `text` value with its prefix dropped once and, if asked, lower-cased.
+fn fold_text(raw: &str, strip_prefix: Option<&str>, lowercase: bool) -> String {
+    let value = strip_prefix.map_or(raw, |p| raw.strip_prefix(p).unwrap_or(raw));
+    if lowercase {
+        value.to_lowercase()
+    } else {
+        value.to_owned()
+    }
 }
 
 /// `text` in Unicode Normalization Form C, so canonically equivalent
