@@ -81,11 +81,11 @@ const ROUTE_TEMPLATE: &str = "/__route__";
         (status = 404, description = "KeyAPI's 404 (e.g. unknown hashtag), passed through (its body)", content_type = "application/json", body = Object),
         (status = 422, description = "KeyAPI's 422, passed through (its body)", content_type = "application/json", body = Object),
         (status = "4XX", description = "Another KeyAPI 4xx, passed through (its JSON body, else our envelope)", content_type = "application/json", body = Object),
-        (status = 429, description = "Rate limit exceeded, daily credit budget spent (misses only), or KeyAPI rate-limited us; see `Retry-After`", body = Envelope,
+        (status = 429, description = "Rate limit exceeded, a daily credit budget cannot afford a call (and no stale copy is kept), or KeyAPI rate-limited us; see `Retry-After`", body = Envelope,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 500, description = "Internal failure of a shared upstream fetch", body = Envelope),
         (status = 502, description = "KeyAPI failed, rejected the configured key, or answered invalidly", body = Envelope),
-        (status = 503, description = "Upstream protection: circuit open, too many calls in flight, or the spend-rate cap; see `Retry-After`", body = Envelope,
+        (status = 503, description = "Upstream protection: circuit open, too many calls in flight, or the spend-rate cap; or the shared credit ledger (Redis) is unreachable; see `Retry-After`", body = Envelope,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 504, description = "KeyAPI did not answer in time", body = Envelope),
     )
