@@ -12,10 +12,8 @@ use std::{
     time::Duration,
 };
 
-use axum::Router;
 use secrecy::SecretString;
 use tokio::{net::TcpListener, time::Instant};
-use tower::Layer as _;
 
 use crate::{
     access::Access,
@@ -26,12 +24,12 @@ use crate::{
     ledger::{Budget, Ledger},
     limits::RateLimit,
     metrics::{Metrics, Scope},
-    observe::{Observe, ObserveLayer},
+    observe::Observe,
     openapi,
     protect::Protection,
     proxy::Proxy,
     route::{RouteConfigError, RouteTable},
-    routes,
+    routes::{self, Front},
     server::{self, Limits},
     snapshot,
     state::{AppState, Shared},
@@ -71,7 +69,7 @@ pub fn compile(config: &Config) -> Result<(RouteTable, Vec<WarmupPlan>), Startup
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
-    router: Observe<Router>,
+    front: Observe<Front>,
     state: AppState,
     limits: Limits,
     snapshot: Option<(PathBuf, Duration)>,
@@ -149,12 +147,17 @@ impl App {
             ready: AtomicBool::new(false),
         });
         let router = cors::apply(routes::router(state.clone()), &config.cors);
-        // Observe wraps the finished router once (not each route): ids, the
+        let front = Front::new(
+            state.clone(),
+            router,
+            !config.cors.allowed_origins.is_empty(),
+        );
+        // Observe wraps the whole surface once (not each route): ids, the
         // access log and request metrics see every answer, 404s and panics
         // (which it turns into 500s) included.
         let paths = routes::paths(state.routes());
         let proxied = state.routes().routes().len();
-        let router = ObserveLayer::new(metrics, paths, proxied).layer(router);
+        let front = Observe::new(front, metrics, paths, proxied);
         let snapshot = config
             .cache
             .snapshot_path
@@ -184,7 +187,7 @@ impl App {
         Ok(Self {
             listener,
             local_addr,
-            router,
+            front,
             state,
             limits: Limits {
                 header_read_timeout: config.server.header_read_timeout,
@@ -218,7 +221,7 @@ impl App {
         let Self {
             listener,
             local_addr,
-            router,
+            front,
             state,
             limits,
             snapshot,
@@ -251,7 +254,7 @@ impl App {
         };
         state.set_ready(true);
         tracing::info!(%local_addr, max_connections = limits.max_connections, "listening");
-        server::serve(listener, router, limits, signal).await;
+        server::serve(listener, front, limits, signal).await;
         // No new warm-up calls once draining; fetches they started go on below.
         for task in warmups {
             task.abort();

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use axum::{
-    Extension, Router,
+    Router,
     extract::{Request, State},
     http::{
         HeaderName, HeaderValue, Method,
@@ -72,7 +72,7 @@ pub(crate) fn apply(router: Router, config: &CorsConfig) -> Router {
 
 async fn refuse_other_origins(
     State(allowed): State<Arc<[HeaderValue]>>,
-    Extension(request_id): Extension<RequestId>,
+    request_id: RequestId,
     request: Request,
     next: Next,
 ) -> Response {

@@ -24,19 +24,21 @@ use std::{
 };
 
 use axum::{
+    BoxError,
     body::Body,
-    extract::Request,
-    http::{HeaderName, HeaderValue, StatusCode, header::CONTENT_TYPE},
+    extract::FromRequestParts,
+    http::{HeaderName, HeaderValue, Request, StatusCode, header::CONTENT_TYPE, request::Parts},
     response::Response,
 };
+use bytes::Bytes;
 use tokio::task::futures::TaskLocalFuture;
-use tower::{Layer, Service};
 use tracing::Level;
 
 use crate::{
     cache::CacheKey,
     metrics::{CachedCounter, Metrics},
     served::{CacheState, Served},
+    server::Handle,
 };
 
 /// The `route` label of requests that matched no route.
@@ -126,63 +128,49 @@ pub(crate) struct AccessLog {
 }
 
 tokio::task_local! {
-    /// The [`AccessLog`] of the request being served, handed from its handler
-    /// to [`Observe`]: a task-local costs no allocation, a response extension
-    /// three (the value's box, the map's box, its table).
-    static REPORTED: Cell<Option<AccessLog>>;
+    /// The request being served: its id, read by handlers that answer with
+    /// an error, and the [`AccessLog`] its handler reports to [`Observe`].
+    /// A task-local costs no allocation; a request extension costs three
+    /// (the value's box, the map's box, its table).
+    static CURRENT: Current;
+}
+
+/// What [`CURRENT`] holds for one request.
+struct Current {
+    id: RequestId,
+    reported: Cell<Option<AccessLog>>,
+}
+
+impl RequestId {
+    /// The id of the request being served (a fresh one outside a request).
+    pub(crate) fn current() -> Self {
+        CURRENT
+            .try_with(|current| current.id.clone())
+            .unwrap_or_else(|_| Self::generate())
+    }
+}
+
+/// Handlers take the id as an argument: it is the current request's.
+impl<S: Sync> FromRequestParts<S> for RequestId {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self::current())
+    }
 }
 
 impl AccessLog {
     /// Hands this record to the [`Observe`] layer serving the current request
     /// (nothing happens outside one).
     pub(crate) fn report(self) {
-        let _ = REPORTED.try_with(|slot| slot.set(Some(self)));
+        let _ = CURRENT.try_with(|current| current.reported.set(Some(self)));
     }
 }
 
-/// Tower layer that wraps the whole router: assigns the request id, echoes
-/// it, logs one line per request and counts it in the metrics. A plain
-/// `Service` (not `axum::middleware::from_fn`) so a request costs no boxed
-/// future and no clone of the inner service.
-#[derive(Clone)]
-pub(crate) struct ObserveLayer {
-    metrics: Arc<Metrics>,
-    paths: Arc<[&'static str]>,
-    proxied: usize,
-    hits: Arc<[CachedCounter]>,
-}
-
-impl ObserveLayer {
-    /// Counting into `metrics`; `paths` are the router's (static) paths, the
-    /// values of the `route` label, the first `proxied` of them the KeyAPI routes.
-    pub(crate) fn new(metrics: Arc<Metrics>, paths: Arc<[&'static str]>, proxied: usize) -> Self {
-        Self {
-            metrics,
-            paths,
-            proxied,
-            hits: (0..proxied).map(|_| CachedCounter::default()).collect(),
-        }
-    }
-}
-
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
-
-    fn layer(&self, inner: S) -> Observe<S> {
-        Observe {
-            inner,
-            metrics: Arc::clone(&self.metrics),
-            paths: Arc::clone(&self.paths),
-            proxied: self.proxied,
-            hits: Arc::clone(&self.hits),
-        }
-    }
-}
-
-/// The service made by [`ObserveLayer`].
-#[derive(Clone)]
-pub(crate) struct Observe<S> {
-    inner: S,
+/// Wraps the whole HTTP surface: assigns the request id, echoes it, logs one
+/// line per request and counts it in the metrics.
+pub(crate) struct Observe<H> {
+    inner: H,
     metrics: Arc<Metrics>,
     paths: Arc<[&'static str]>,
     proxied: usize,
@@ -190,26 +178,32 @@ pub(crate) struct Observe<S> {
     hits: Arc<[CachedCounter]>,
 }
 
-impl<S> Service<Request> for Observe<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = ObserveFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+impl<H> Observe<H> {
+    /// `inner`, counted into `metrics`; `paths` are the served (static) paths,
+    /// the values of the `route` label, the first `proxied` of them the KeyAPI routes.
+    pub(crate) fn new(
+        inner: H,
+        metrics: Arc<Metrics>,
+        paths: Arc<[&'static str]>,
+        proxied: usize,
+    ) -> Self {
+        Self {
+            inner,
+            metrics,
+            paths,
+            proxied,
+            hits: (0..proxied).map(|_| CachedCounter::default()).collect(),
+        }
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
+    /// What is known of `request` before it is answered.
+    fn begin<B>(&self, request: &Request<B>) -> (Current, Done) {
         let started = Instant::now();
         let id = request
             .headers()
             .get(&X_REQUEST_ID)
             .and_then(RequestId::from_client)
             .unwrap_or_else(RequestId::generate);
-        request.extensions_mut().insert(id.clone());
         // Every route is a static path, so the path itself is the template.
         let path = request.uri().path();
         let (route, index) = match self.paths.iter().position(|p| *p == path) {
@@ -224,26 +218,41 @@ where
                 truncated(request.uri().path()).to_owned(),
             )
         });
+        let current = Current {
+            id,
+            reported: Cell::new(None),
+        };
+        let done = Done {
+            started,
+            route,
+            proxied,
+            log,
+            metrics: Arc::clone(&self.metrics),
+            hits: Arc::clone(&self.hits),
+        };
+        (current, done)
+    }
+}
+
+impl<H: Handle> Handle for Observe<H> {
+    fn handle<B>(&self, request: Request<B>) -> impl Future<Output = Response> + Send
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (current, done) = self.begin(&request);
         ObserveFuture {
-            inner: REPORTED.scope(Cell::new(None), self.inner.call(request)),
-            done: Some(Done {
-                started,
-                id,
-                route,
-                proxied,
-                log,
-                metrics: Arc::clone(&self.metrics),
-                hits: Arc::clone(&self.hits),
-            }),
+            inner: CURRENT.scope(current, self.inner.handle(request)),
+            done: Some(done),
         }
     }
 }
 
 pin_project_lite::pin_project! {
     /// The inner response future, finished with the id header, log line and metrics.
-    pub(crate) struct ObserveFuture<F> {
+    struct ObserveFuture<F> {
         #[pin]
-        inner: TaskLocalFuture<Cell<Option<AccessLog>>, F>,
+        inner: TaskLocalFuture<Current, F>,
         done: Option<Done>,
     }
 }
@@ -251,7 +260,6 @@ pin_project_lite::pin_project! {
 /// What is needed once the response exists.
 struct Done {
     started: Instant,
-    id: RequestId,
     route: &'static str,
     /// The index of the KeyAPI route, if it is one.
     proxied: Option<usize>,
@@ -261,28 +269,24 @@ struct Done {
     hits: Arc<[CachedCounter]>,
 }
 
-impl<F> Future for ObserveFuture<F>
-where
-    F: Future<Output = Result<Response, Infallible>>,
-{
-    type Output = Result<Response, Infallible>;
+impl<F: Future<Output = Response>> Future for ObserveFuture<F> {
+    type Output = Response;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
         let mut this = self.project();
         // A panicking handler gets a 500 instead of a dropped connection;
-        // caught here, around the whole router, rather than by a layer on
+        // caught here, around the whole surface, rather than by a layer on
         // every route, which would box each request's future once more.
         let polled = panic::catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll(cx)));
         let mut response = match polled {
             Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(Ok(response))) => response,
+            Ok(Poll::Ready(response)) => response,
             Err(panic) => panicked(&*panic),
         };
-        let access = this.inner.take_value().and_then(Cell::into_inner);
-        if let Some(done) = this.done.take() {
-            done.finish(&mut response, access.as_ref());
+        if let (Some(current), Some(done)) = (this.inner.take_value(), this.done.take()) {
+            done.finish(&mut response, current);
         }
-        Poll::Ready(Ok(response))
+        Poll::Ready(response)
     }
 }
 
@@ -304,7 +308,9 @@ fn panicked(panic: &(dyn Any + Send)) -> Response {
 }
 
 impl Done {
-    fn finish(self, response: &mut Response, access: Option<&AccessLog>) {
+    fn finish(self, response: &mut Response, current: Current) {
+        let access = current.reported.into_inner();
+        let access = access.as_ref();
         let status = response.status().as_u16();
         let served = access.map(|log| (log.served, log.credits));
         // A route's hits all share one label set: count them without a lookup.
@@ -318,7 +324,7 @@ impl Done {
         (self.metrics).record_request_in(cached, self.route, proxied, status, served);
         if let Some((method, path)) = &self.log {
             let latency_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            let request_id = self.id.as_str();
+            let request_id = current.id.as_str();
             match access {
                 Some(log) => tracing::info!(
                     request_id,
@@ -337,7 +343,7 @@ impl Done {
         }
         response
             .headers_mut()
-            .insert(X_REQUEST_ID, self.id.into_header());
+            .insert(X_REQUEST_ID, current.id.into_header());
     }
 }
 
@@ -370,22 +376,23 @@ mod tests {
         assert_eq!(a.into_header().as_bytes().len(), GENERATED_LEN);
     }
 
+    /// A handler that always panics.
+    struct Panics;
+
+    impl Handle for Panics {
+        #[allow(clippy::manual_async_fn)]
+        fn handle<B>(&self, _: Request<B>) -> impl Future<Output = Response> + Send {
+            async { panic!("boom") }
+        }
+    }
+
     #[tokio::test]
     async fn a_panicking_handler_is_answered_500_with_an_id() {
-        use tower::ServiceExt as _;
-
         use crate::clock::{SharedClock, SystemClock};
 
         let metrics = Arc::new(Metrics::new(SharedClock::new(Arc::new(SystemClock))));
-        let handler = tower::service_fn(|_: Request| async {
-            if true {
-                panic!("boom");
-            }
-            Ok::<_, Infallible>(Response::new(Body::empty()))
-        });
-        let service = ObserveLayer::new(metrics, Arc::from(["/"]), 0).layer(handler);
-        let response = service.oneshot(Request::new(Body::empty())).await;
-        let Ok(response) = response;
+        let observed = Observe::new(Panics, metrics, Arc::from(["/"]), 0);
+        let response = observed.handle(Request::new(Body::empty())).await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(response.headers().contains_key(X_REQUEST_ID));
     }

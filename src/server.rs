@@ -30,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, body::Body, extract::Request};
+use axum::{body::Body, http::Request, response::Response};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -42,9 +42,6 @@ use tokio::{
     sync::{Notify, mpsc},
     time::{Instant, MissedTickBehavior},
 };
-use tower::ServiceExt as _;
-
-use crate::observe::Observe;
 
 /// Largest request head (HTTP/1 read buffer, HTTP/2 header list) in bytes;
 /// larger heads get 431. Our longest legitimate head is well under 2 KiB.
@@ -61,6 +58,19 @@ const MAX_DERIVED_CONNECTIONS: u64 = 65_536;
 const MIN_REAP_PERIOD: Duration = Duration::from_millis(10);
 /// Pause after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+
+/// What the connection layer serves: one answer per request, never an error.
+///
+/// An `async fn` rather than a tower `Service`, so each request's whole
+/// future is one concrete type inside hyper's connection task: no box, no
+/// clone of the service per request.
+pub(crate) trait Handle: Send + Sync + 'static {
+    /// The answer to `request` (generic over the body so tests can build one).
+    fn handle<B>(&self, request: Request<B>) -> impl Future<Output = Response> + Send
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>;
+}
 
 /// The bounds of the connection layer, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -459,16 +469,14 @@ fn builder() -> auto::Builder<TokioExecutor> {
 /// Serves `service` on `listener` until `shutdown` resolves, then closes the
 /// listener, closes silent connections at once and lets busy ones finish
 /// within `limits.shutdown_grace`.
-pub(crate) async fn serve<F>(
-    listener: TcpListener,
-    service: Observe<Router>,
-    limits: Limits,
-    shutdown: F,
-) where
+pub(crate) async fn serve<H, F>(listener: TcpListener, handler: H, limits: Limits, shutdown: F)
+where
+    H: Handle,
     F: Future<Output = ()>,
 {
     let registry = Arc::new(Registry::new());
     let builder = Arc::new(builder());
+    let handler = Arc::new(handler);
     let reaper = tokio::spawn({
         let registry = Arc::clone(&registry);
         async move { registry.reap_forever(limits).await }
@@ -502,7 +510,7 @@ pub(crate) async fn serve<F>(
             signals,
             registered,
             Arc::clone(&builder),
-            service.clone(),
+            Arc::clone(&handler),
         ));
     }
     drop(listener);
@@ -535,13 +543,13 @@ async fn on_accept_error(error: &io::Error, registry: &Registry) {
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 
-async fn serve_connection(
+async fn serve_connection<H: Handle>(
     stream: TcpStream,
     conn: Arc<Conn>,
     mut signals: mpsc::Receiver<Signal>,
     _registered: Registered,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    service: Observe<Router>,
+    handler: Arc<H>,
 ) {
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(Watched {
@@ -550,9 +558,9 @@ async fn serve_connection(
     });
     let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let guard = conn.begin_request();
-        let service = service.clone();
+        let handler = Arc::clone(&handler);
         async move {
-            let response = service.oneshot(request.map(Body::new)).await?;
+            let response = handler.handle(request).await;
             // Served as is (not boxed into another `Body`): no allocation per answer.
             Ok::<_, Infallible>(response.map(|body| TrackedBody { body, guard }))
         }

@@ -14,7 +14,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
-    Extension, Json,
+    Json,
     extract::{FromRequestParts, RawQuery, State},
     http::request::Parts,
     response::{IntoResponse, Response},
@@ -74,18 +74,14 @@ impl FromRequestParts<AppState> for Admin {
             .access()
             .authenticate_admin(&parts.headers)
             .map(Admin)
-            .map_err(|e| {
-                // Always there: the observe layer sets it before any handler.
-                let id = parts.extensions.get::<RequestId>().cloned();
-                ApiError::from(e).to_response(&id.unwrap_or_else(RequestId::generate))
-            })
+            .map_err(|e| ApiError::from(e).to_response(&RequestId::current()))
     }
 }
 
 pub(super) async fn list(
     _: Admin,
     State(state): State<AppState>,
-    Extension(request_id): Extension<RequestId>,
+    request_id: RequestId,
     RawQuery(query): RawQuery,
 ) -> Response {
     let (mut only, mut prefix) = (None, String::new());
@@ -143,7 +139,7 @@ pub(super) async fn list(
 pub(super) async fn purge(
     Admin(admin): Admin,
     State(state): State<AppState>,
-    Extension(request_id): Extension<RequestId>,
+    request_id: RequestId,
     RawQuery(query): RawQuery,
 ) -> Response {
     let proxy = state.proxy();

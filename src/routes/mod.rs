@@ -1,5 +1,11 @@
 //! The HTTP surface: one file per endpoint group, assembled into one router.
 //! Every configured route is served by the one generic handler in [`proxied`].
+//!
+//! [`Front`] is what the server runs: a plain `GET` of a configured route
+//! (the hit path) goes straight to that handler; everything else — the
+//! operational endpoints, other methods, `HEAD`, CORS requests, 404s — goes
+//! through axum's `Router`, which serves the configured routes too, so both
+//! ways give the same answer.
 
 mod admin;
 mod health;
@@ -11,15 +17,20 @@ mod status;
 use std::sync::Arc;
 
 use axum::{
-    Extension, Router,
+    BoxError, Extension, Router,
+    body::Body,
     extract::{Request, State},
+    http::{self, Method, header::ORIGIN},
     middleware::map_response,
     response::Response,
     routing::get,
 };
+use bytes::Bytes;
+use tower::ServiceExt as _;
 
 use crate::{
-    cache_status, error::ApiError, observe::RequestId, route::RouteTable, state::AppState,
+    cache_status, error::ApiError, observe::RequestId, route::RouteTable, server::Handle,
+    state::AppState,
 };
 
 /// `/stats` and `/` data, recomputed at most once a second (one per router).
@@ -70,8 +81,9 @@ pub fn router(state: AppState) -> Router {
     for route in state.routes().routes() {
         let path = route.path();
         let route = Arc::clone(route);
-        let handler = move |state: State<AppState>, id: Extension<RequestId>, request: Request| {
-            proxied::answer(Arc::clone(&route), state, id, request)
+        let handler = move |State(state): State<AppState>, request: Request| {
+            let route = Arc::clone(&route);
+            async move { proxied::answer(&route, &state, request.into_parts().0).await }
         };
         router = router.route(path, get(handler));
     }
@@ -88,10 +100,55 @@ async fn no_store(mut response: Response) -> Response {
     response
 }
 
-async fn not_found(Extension(id): Extension<RequestId>) -> Response {
+async fn not_found(id: RequestId) -> Response {
     ApiError::NotFound.to_response(&id)
 }
 
-async fn method_not_allowed(Extension(id): Extension<RequestId>) -> Response {
+async fn method_not_allowed(id: RequestId) -> Response {
     ApiError::MethodNotAllowed.to_response(&id)
+}
+
+/// The served surface: the hit path dispatched directly, the rest by `router`.
+pub(crate) struct Front {
+    state: AppState,
+    /// [`router`], behind the CORS layer when origins are configured.
+    router: Router,
+    /// CORS is configured: a request with `Origin` takes the router's way,
+    /// through the CORS layer and its origin check.
+    cors: bool,
+}
+
+impl Front {
+    /// Serves `router` (built by [`router`] from `state`, plus any CORS layer).
+    pub(crate) fn new(state: AppState, router: Router, cors: bool) -> Self {
+        Self {
+            state,
+            router,
+            cors,
+        }
+    }
+
+    /// The configured route `request` asks for, when it can skip the router:
+    /// a `GET` (axum answers `HEAD` by dropping the body) outside CORS.
+    fn direct<B>(&self, request: &http::Request<B>) -> Option<&Arc<crate::route::Route>> {
+        if request.method() != Method::GET || (self.cors && request.headers().contains_key(ORIGIN))
+        {
+            return None;
+        }
+        self.state.routes().get(request.uri().path())
+    }
+}
+
+impl Handle for Front {
+    async fn handle<B>(&self, request: http::Request<B>) -> Response
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if let Some(route) = self.direct(&request) {
+            return proxied::answer(route, &self.state, request.into_parts().0).await;
+        }
+        let Ok(response) = self.router.clone().oneshot(request.map(Body::new)).await;
+        response
+    }
 }

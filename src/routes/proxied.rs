@@ -8,10 +8,8 @@
 use std::sync::Arc;
 
 use axum::{
-    Extension,
     body::Body,
-    extract::{Request, State},
-    http::{HeaderMap, header::CACHE_CONTROL, header::CONTENT_TYPE},
+    http::{HeaderMap, header::CACHE_CONTROL, header::CONTENT_TYPE, request::Parts},
     response::Response,
 };
 
@@ -28,31 +26,25 @@ use crate::{
     state::AppState,
 };
 
-pub(super) async fn answer(
-    route: Arc<Route>,
-    State(state): State<AppState>,
-    Extension(request_id): Extension<RequestId>,
-    // The request itself, read by reference: cloning its headers and query
-    // into extractors would copy them on every hit.
-    request: Request,
-) -> Response {
-    let headers = request.headers();
-    let query = request.uri().query();
-    let client = match admit(&state, headers).await {
+/// The answer to a request for `route` whose head is `request` (its body,
+/// if any, is never read).
+pub(super) async fn answer(route: &Arc<Route>, state: &AppState, request: Parts) -> Response {
+    let headers = &request.headers;
+    let client = match admit(state, headers).await {
         Ok(client) => client,
-        Err(e) => return e.to_response(&request_id),
+        Err(e) => return e.to_response(&RequestId::current()),
     };
-    let key = match route.parse(query) {
+    let key = match route.parse(request.uri.query()) {
         Ok(key) => key,
-        Err(e) => return ApiError::from(e).to_response(&request_id),
+        Err(e) => return ApiError::from(e).to_response(&RequestId::current()),
     };
     let may_refresh =
         state.allow_client_refresh() || client.as_ref().is_some_and(|c| c.may_refresh);
     let refresh = may_refresh && asks_for_refresh(headers);
     // A fetch this request starts is charged to its client (and the global budget).
     let payer = Payer::Request(client.as_ref().map(|c| Arc::clone(&c.account)));
-    let outcome = state.proxy().serve(&key, &route, refresh, payer).await;
-    let (response, served, upstream_status) = respond(headers, outcome, &request_id);
+    let outcome = state.proxy().serve(&key, route, refresh, payer).await;
+    let (response, served, upstream_status) = respond(headers, outcome);
     AccessLog {
         client: client.map(|c| Arc::clone(&c.id)),
         key,
@@ -69,7 +61,6 @@ pub(super) async fn answer(
 fn respond(
     headers: &HeaderMap,
     outcome: Result<Outcome, ProxyError>,
-    request_id: &RequestId,
 ) -> (Response, Served, Option<u16>) {
     match outcome {
         Ok(Outcome::Cached { entry, state, now }) => {
@@ -93,7 +84,7 @@ fn respond(
         }
         Err(error) => {
             let upstream_status = error.upstream_status();
-            let response = ApiError::from(error).to_response(request_id);
+            let response = ApiError::from(error).to_response(&RequestId::current());
             (response, Served::Failed, upstream_status)
         }
     }
