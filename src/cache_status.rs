@@ -37,18 +37,12 @@ pub(crate) fn set_cached(
         ""
     };
     let status = match state {
-        // The hit path: built at most once a second per entry, without `core::fmt`.
+        // `max-age` − `Age`, in whole seconds; without `core::fmt`.
         CacheState::Hit => {
-            let [status, age] = entry.hit_headers(age.as_secs(), |age_secs| {
-                // A function of the whole second only: `max-age` − `Age`.
-                let ttl = entry.ttl.as_secs().saturating_sub(age_secs);
-                let mut ttl_text = itoa::Buffer::new();
-                let ttl_text = ttl_text.format(ttl).as_bytes();
-                let status = join(&[b"keyapi-proxy; hit; ttl=", ttl_text, negative.as_bytes()]);
-                [status, HeaderValue::from(age_secs)]
-            });
-            headers.insert(AGE, age);
-            status
+            let ttl = entry.ttl.as_secs().saturating_sub(age.as_secs());
+            let mut ttl_text = itoa::Buffer::new();
+            let ttl_text = ttl_text.format(ttl).as_bytes();
+            join(&[b"keyapi-proxy; hit; ttl=", ttl_text, negative.as_bytes()])
         }
         CacheState::Stored => {
             format_value(format_args!("keyapi-proxy; fwd=uri-miss; stored{negative}"))
@@ -74,9 +68,7 @@ pub(crate) fn set_cached(
             "keyapi-proxy; fwd=stale; ttl={stale_ttl}; detail=budget"
         )),
     };
-    if state != CacheState::Hit {
-        headers.insert(AGE, HeaderValue::from(age.as_secs()));
-    }
+    headers.insert(AGE, HeaderValue::from(age.as_secs()));
     headers.insert(CACHE_STATUS_NAME, status);
     headers.insert(CACHE_CONTROL, entry.cache_control.clone());
 }

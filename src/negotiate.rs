@@ -16,7 +16,9 @@ use axum::{
 
 use bytes::Bytes;
 
-use crate::{cache::Entry, cache_status, error::APPLICATION_JSON, served::CacheState};
+use crate::{
+    cache::Entry, cache_status, error::APPLICATION_JSON, observe::X_REQUEST_ID, served::CacheState,
+};
 
 const GZIP: HeaderValue = HeaderValue::from_static("gzip");
 const VARY_ACCEPT_ENCODING: HeaderValue = HeaderValue::from_static("accept-encoding");
@@ -59,7 +61,7 @@ pub(crate) fn cached_response(
     // revalidating every variant it stored, RFC 9111 §4.3.2).
     // A negative entry (a cached refusal) is never a 304: `If-None-Match: *`
     // means "a representation exists", which a refusal is not.
-    let matched = if entry.negative {
+    let matched = if entry.negative || !request.contains_key(IF_NONE_MATCH) {
         None
     } else if not_modified(request, selected.etag, true) {
         Some(&selected)
@@ -68,28 +70,58 @@ pub(crate) fn cached_response(
             .as_ref()
             .filter(|o| not_modified(request, o.etag, false))
     };
-    // Room for every header of a hit (ours, the request id, CORS, the length
-    // added later) from the start, so the map is allocated once and never grows.
-    let mut headers = HeaderMap::with_capacity(12);
-    let (status, body, etag) = match matched {
-        Some(held) => (StatusCode::NOT_MODIFIED, Body::empty(), held.etag),
+    let (status, body, headers) = match matched {
+        Some(held) => {
+            let headers = head(entry, state, now, None, held.etag);
+            (StatusCode::NOT_MODIFIED, Body::empty(), headers)
+        }
         None => {
-            headers.insert(CONTENT_TYPE, APPLICATION_JSON);
-            if selected.gzip {
-                headers.insert(CONTENT_ENCODING, GZIP);
-            }
+            let build = || head(entry, state, now, Some(&selected), selected.etag);
+            let headers = if state == CacheState::Hit {
+                let age_secs = entry.age(now).as_secs();
+                entry.hit_head(selected.gzip, age_secs, || {
+                    let mut headers = build();
+                    // A clone has no spare room: the id's slot is kept (and
+                    // overwritten for every answer) so adding it does not grow the map.
+                    headers.insert(X_REQUEST_ID, HeaderValue::from_static("-"));
+                    headers
+                })
+            } else {
+                build()
+            };
             // 200, or KeyAPI's own status for a cached refusal.
             let body = Body::from(selected.body.clone());
-            (entry.status, body, selected.etag)
+            (entry.status, body, headers)
         }
     };
-    headers.insert(ETAG, etag.clone());
-    headers.insert(VARY, VARY_ACCEPT_ENCODING);
-    cache_status::set_cached(&mut headers, state, entry, now);
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// The headers of an answer from `entry` tagged `etag`: those of a body
+/// when it carries `body`, else those of a 304.
+fn head(
+    entry: &Entry,
+    state: CacheState,
+    now: SystemTime,
+    body: Option<&Representation<'_>>,
+    etag: &HeaderValue,
+) -> HeaderMap {
+    // Room for every header of an answer (ours, the request id, CORS, the
+    // length) from the start, so the map is allocated once and never grows.
+    let mut headers = HeaderMap::with_capacity(12);
+    if let Some(body) = body {
+        headers.insert(CONTENT_TYPE, APPLICATION_JSON);
+        if body.gzip {
+            headers.insert(CONTENT_ENCODING, GZIP);
+        }
+    }
+    headers.insert(ETAG, etag.clone());
+    headers.insert(VARY, VARY_ACCEPT_ENCODING);
+    cache_status::set_cached(&mut headers, state, entry, now);
+    headers
 }
 
 /// `If-None-Match` names `etag` (weak comparison, as RFC 9110 asks), or is
@@ -106,6 +138,10 @@ fn not_modified(request: &HeaderMap, etag: &HeaderValue, wildcard: bool) -> bool
 
 /// `Accept-Encoding` allows gzip: `gzip`/`x-gzip`, or else `*`, with a non-zero q.
 fn accepts_gzip(request: &HeaderMap) -> bool {
+    // Most API clients send none: one lookup instead of two.
+    if !request.contains_key(ACCEPT_ENCODING) {
+        return false;
+    }
     quality(request, &ACCEPT_ENCODING, &["gzip", "x-gzip"])
         .or_else(|| quality(request, &ACCEPT_ENCODING, &["*"]))
         .is_some_and(|q| q > 0.0)

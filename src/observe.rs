@@ -65,6 +65,17 @@ enum Id {
 
 /// Length of a generated id: the layout of a UUID.
 const GENERATED_LEN: usize = 36;
+/// Length of its per-process part, `xxxxxxxx-xxxx-xxxx-`.
+const PREFIX_LEN: usize = 19;
+
+/// Writes the low `out.len()` nibbles of `value` into `out` as lowercase
+/// hex, most significant first.
+fn hex_into(out: &mut [u8], mut value: u64) {
+    for byte in out.iter_mut().rev() {
+        *byte = b"0123456789abcdef"[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
 
 impl RequestId {
     /// The client's id if it is 1–128 visible characters from `[A-Za-z0-9._:-]`.
@@ -81,17 +92,23 @@ impl RequestId {
     /// per-process prefix and a counter, in a UUID's layout. Unique without
     /// asking an RNG per request, and sortable within one process.
     pub(crate) fn generate() -> Self {
-        static PREFIX: OnceLock<u64> = OnceLock::new();
+        /// `xxxxxxxx-xxxx-xxxx-`: 64 random bits, formatted once.
+        static PREFIX: OnceLock<[u8; PREFIX_LEN]> = OnceLock::new();
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let prefix = *PREFIX.get_or_init(|| fastrand::u64(..));
-        let bits = (u128::from(prefix) << 64) | u128::from(NEXT.fetch_add(1, Ordering::Relaxed));
+        let prefix = PREFIX.get_or_init(|| {
+            let bits = fastrand::u64(..);
+            let mut text = [b'-'; PREFIX_LEN];
+            hex_into(&mut text[0..8], bits >> 32);
+            hex_into(&mut text[9..13], bits >> 16);
+            hex_into(&mut text[14..18], bits);
+            text
+        });
+        // `xxxx-xxxxxxxxxxxx`: the counter's 64 bits.
+        let next = NEXT.fetch_add(1, Ordering::Relaxed);
         let mut text = [b'-'; GENERATED_LEN];
-        let mut nibbles = (0..32).rev().map(|i| (bits >> (i * 4)) as usize & 0xf);
-        for (i, byte) in text.iter_mut().enumerate() {
-            if !matches!(i, 8 | 13 | 18 | 23) {
-                *byte = b"0123456789abcdef"[nibbles.next().unwrap_or(0)];
-            }
-        }
+        text[..PREFIX_LEN].copy_from_slice(prefix);
+        hex_into(&mut text[PREFIX_LEN..PREFIX_LEN + 4], next >> 48);
+        hex_into(&mut text[PREFIX_LEN + 5..], next);
         Self(Id::Generated(text))
     }
 

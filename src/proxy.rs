@@ -230,7 +230,9 @@ impl Proxy {
         } else {
             Trigger::Miss
         };
-        let (fetched, role) = self.fetch_shared(key, route, trigger, payer).await;
+        // Boxed: the fetch's state would otherwise make every hit's future
+        // (moved several times on its way into hyper's task) as large as a miss's.
+        let (fetched, role) = Box::pin(self.fetch_shared(key, route, trigger, payer)).await;
         let now = self.fetcher.clock.now();
         match (fetched, fallback) {
             (Ok(Fetched::Stored(entry)), _) => {

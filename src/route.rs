@@ -260,7 +260,11 @@ impl Param {
                     && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 {
                     // ASCII (always NFC): one byte per character.
-                    key.extend(name.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+                    let start = key.len();
+                    key.push_str(name);
+                    if let Some(pushed) = key.get_mut(start..) {
+                        pushed.make_ascii_lowercase();
+                    }
                     return Ok(());
                 }
                 // Composed first, so a decomposed `é` (a letter and a combining mark) validates.
@@ -765,17 +769,35 @@ fn nfc(text: Cow<'_, str>) -> String {
 /// The `name=value` pairs of a query, decoded as `application/x-www-form-urlencoded`.
 /// Pairs without `%` or `+` (the common case) are borrowed, not decoded.
 fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .filter_map(|pair| {
-            if pair.bytes().any(|b| b == b'%' || b == b'+') {
-                form_urlencoded::parse(pair.as_bytes()).next()
-            } else {
-                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                Some((Cow::Borrowed(name), Cow::Borrowed(value)))
+    let mut rest = query;
+    // One pass over each pair's bytes (a query is short; no searcher set-up).
+    std::iter::from_fn(move || {
+        while !rest.is_empty() {
+            let end = rest.bytes().position(|b| b == b'&').unwrap_or(rest.len());
+            let pair = &rest[..end];
+            rest = rest.get(end + 1..).unwrap_or("");
+            if pair.is_empty() {
+                continue;
             }
-        })
+            let (mut equals, mut encoded) = (None, false);
+            for (i, b) in pair.bytes().enumerate() {
+                match b {
+                    b'=' if equals.is_none() => equals = Some(i),
+                    b'%' | b'+' => encoded = true,
+                    _ => {}
+                }
+            }
+            if encoded {
+                match form_urlencoded::parse(pair.as_bytes()).next() {
+                    Some(decoded) => return Some(decoded),
+                    None => continue,
+                }
+            }
+            let (name, value) = equals.map_or((pair, ""), |i| (&pair[..i], &pair[i + 1..]));
+            return Some((Cow::Borrowed(name), Cow::Borrowed(value)));
+        }
+        None
+    })
 }
 
 /// Whether `value` has anything but ASCII letters, digits and `_`.

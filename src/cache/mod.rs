@@ -29,7 +29,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use bytes::Bytes;
 
 pub use local::LocalCache;
@@ -122,14 +122,19 @@ pub struct Entry {
     /// Hits served from this entry: refresh-ahead's "hot key" rule and the
     /// status page's top keys.
     hits: AtomicU64,
-    /// The headers of a hit that change with its age (`Cache-Status`, `Age`),
-    /// built for the last whole second they were asked for: a hot entry
-    /// builds them once a second, not once a hit.
-    hit_headers: Mutex<Option<(u64, HitHeaders)>>,
+    /// The response heads of a hit, built for the last whole second of age
+    /// they were asked for: a hot entry builds them once a second, and each
+    /// hit clones one (boxed: most entries are never hit twice in a second).
+    hit_heads: Mutex<Option<Box<HitHeads>>>,
 }
 
-/// The per-age headers of a hit: `Cache-Status` and `Age`.
-pub type HitHeaders = [HeaderValue; 2];
+/// [`Entry::hit_head`]'s memo: one head per representation, for one age.
+#[derive(Debug)]
+struct HitHeads {
+    age_secs: u64,
+    /// Identity, then gzip.
+    heads: [Option<HeaderMap>; 2],
+}
 
 impl Entry {
     /// A successful answer stored at `now`, with the policy's stale windows.
@@ -188,7 +193,7 @@ impl Entry {
             stale_while_revalidate,
             stale_if_error,
             hits: AtomicU64::new(0),
-            hit_headers: Mutex::new(None),
+            hit_heads: Mutex::new(None),
         }
     }
 
@@ -242,19 +247,27 @@ impl Entry {
         self.hits.load(Ordering::Relaxed)
     }
 
-    /// The per-age headers of a hit at `age_secs`: the ones built last, if
-    /// built for that second, else `build(age_secs)`'s (kept for the next hit).
-    pub fn hit_headers(&self, age_secs: u64, build: impl FnOnce(u64) -> HitHeaders) -> HitHeaders {
+    /// The response head of a hit at `age_secs` in the gzip or identity
+    /// representation: the memo's, if built for that second, else `build()`'s
+    /// (kept for the next hit).
+    pub fn hit_head(
+        &self,
+        gzip: bool,
+        age_secs: u64,
+        build: impl FnOnce() -> HeaderMap,
+    ) -> HeaderMap {
         // A poisoned lock only means a panic elsewhere mid-update: the memo
         // is a plain value, rebuilt below if stale.
-        let mut memo = self.hit_headers.lock().unwrap_or_else(|e| e.into_inner());
-        match &*memo {
-            Some((secs, headers)) if *secs == age_secs => headers.clone(),
-            _ => {
-                let headers = build(age_secs);
-                *memo = Some((age_secs, headers.clone()));
-                headers
-            }
-        }
+        let mut memo = self.hit_heads.lock().unwrap_or_else(|e| e.into_inner());
+        let memo = match &mut *memo {
+            Some(memo) if memo.age_secs == age_secs => memo,
+            slot => slot.insert(Box::new(HitHeads {
+                age_secs,
+                heads: [None, None],
+            })),
+        };
+        memo.heads[usize::from(gzip)]
+            .get_or_insert_with(build)
+            .clone()
     }
 }
