@@ -7,8 +7,9 @@
 //! shared only with the waiters of that moment and the next request tries again.
 //! Background refreshes use the same slots, so a key never has two fetches.
 //!
-//! Note: moka's `try_get_with` would re-run the loader in another waiter when
-//! the first caller is dropped — a second paid call — hence this module.
+//! Note: a cache's own loader (moka's `try_get_with`, quick_cache's guards)
+//! hands the fetch to another waiter when the first caller is dropped — a
+//! second paid call — hence this module.
 
 use std::{
     collections::HashMap,

@@ -108,7 +108,10 @@ impl RateLimit {
     pub async fn check(&self) -> Result<(), RateLimited> {
         if let Some((redis, name)) = &self.shared {
             let (interval, burst) = self.gcra;
-            if let Some(wait) = gcra(redis, name, self.clock.now(), interval, burst).await {
+            // Boxed: a Redis call's future would enlarge every request's
+            // future, shared limit or not; next to a round trip a box is free.
+            let shared = Box::pin(gcra(redis, name, self.clock.now(), interval, burst));
+            if let Some(wait) = shared.await {
                 return match wait {
                     None => Ok(()),
                     Some(retry_after) => Err(RateLimited {

@@ -208,7 +208,7 @@ impl Proxy {
         payer: Payer,
     ) -> Result<Outcome, ProxyError> {
         let mut fallback = None;
-        if !refresh && let Some(entry) = self.cache().get(key).await {
+        if !refresh && let Some(entry) = self.cache().get(key) {
             let now = self.fetcher.clock.now();
             match entry.freshness(now) {
                 Freshness::Fresh { .. } => {
@@ -309,7 +309,7 @@ impl Proxy {
     ) -> Prefetch {
         let trigger = Trigger::Warm { fresh_for };
         let now = self.fetcher.clock.now();
-        if let Some(entry) = self.cache().get(key).await
+        if let Some(entry) = self.cache().get(key)
             && trigger.satisfied_by(&entry, now)
         {
             return Prefetch::Fresh;
@@ -377,7 +377,7 @@ impl Fetcher {
         trigger: Trigger,
         payer: Payer,
     ) -> FetchResult {
-        if let Some(entry) = self.moot(&key, &trigger).await {
+        if let Some(entry) = self.moot(&key, &trigger) {
             return Ok(Fetched::AlreadyCached(entry));
         }
         let usable = |e: &Entry| trigger.satisfied_by(e, self.clock.now());
@@ -474,8 +474,8 @@ impl Fetcher {
     /// A usable L1 entry that makes this fetch unnecessary, if any. Closes the
     /// race where another fetch stored the key after our caller looked but
     /// before we took the slot: without it, that key would be paid twice.
-    async fn moot(&self, key: &CacheKey, trigger: &Trigger) -> Option<Arc<Entry>> {
-        let current = self.tiers.get(key).await?;
+    fn moot(&self, key: &CacheKey, trigger: &Trigger) -> Option<Arc<Entry>> {
+        let current = self.tiers.get(key)?;
         trigger
             .satisfied_by(&current, self.clock.now())
             .then_some(current)
@@ -493,7 +493,7 @@ impl Fetcher {
     ) -> FetchResult {
         let deterministic = matches!(status.as_u16(), 400 | 404 | 422)
             || (status == StatusCode::OK && policy.negative_codes.contains(&code));
-        let keeps_good_entry = match self.tiers.get(key).await {
+        let keeps_good_entry = match self.tiers.get(key) {
             Some(current) => !current.negative,
             None => false,
         };

@@ -149,7 +149,7 @@ pub(crate) async fn load(
     for (key, encoded) in records {
         match codec::decode(&encoded) {
             Ok(entry) if !entry.remaining_lifetime(now).is_zero() => {
-                cache.insert(key, Arc::new(entry)).await;
+                cache.insert(key, Arc::new(entry));
                 loaded += 1;
             }
             Ok(_) => {}

@@ -46,7 +46,7 @@ async fn store_aged(app: &common::TestApp, query: &str, age: Duration) {
         SystemTime::now() - age,
         windows,
     );
-    app.state.proxy().cache().insert(key, Arc::new(entry)).await;
+    app.state.proxy().cache().insert(key, Arc::new(entry));
 }
 
 /// `(max-age, Age, Cache-Status ttl)` of a response.

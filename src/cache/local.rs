@@ -1,125 +1,148 @@
-//! The in-process tier: a moka cache bounded by stored body bytes, with each
-//! entry expiring after its own TTL.
+//! The in-process tier: a `quick_cache` (S3-FIFO) bounded by stored bytes,
+//! whose entries stop being served at the end of their own lifetime.
+//!
+//! A lookup is a hash and a read lock on one shard: no per-read bookkeeping
+//! queue, no timer wheel. Expiry is checked on read against the app's clock;
+//! expired entries are dropped by [`LocalCache::sync`] (run before the cache
+//! is counted: `/metrics`, `/stats`; at most once a second, off the async
+//! threads) or, sooner, by eviction when room is needed.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::UNIX_EPOCH,
+};
 
 use bytes::Bytes;
-use moka::{Expiry, future::Cache};
+use quick_cache::{Weighter, sync::Cache};
 
 use super::{CacheKey, Entry};
 use crate::clock::SharedClock;
 
 /// Bytes an entry costs beyond its key, body and gzip form (ETag, timestamps,
-/// `Arc`s, moka's node and indexes), so `cache.max_bytes` bounds what the
-/// process holds: bench scenario 5 measured 4,961 B of RSS per entry whose
-/// key, body and gzip form add up to ~4.1 KB.
+/// `Arc`s, the header memo of a hot entry, the cache's slot), so
+/// `cache.max_bytes` bounds what the process holds.
 const ENTRY_OVERHEAD: usize = 1024;
 
-/// In-memory cache of successful answers. Cloning shares the same store.
-#[derive(Clone)]
-pub struct LocalCache {
-    inner: Cache<CacheKey, Arc<Entry>, foldhash::fast::RandomState>,
+/// The weight of an entry the cache is first sized for (a typical KeyAPI
+/// answer, its gzip form and overhead); only sizes the table, not a limit.
+const TYPICAL_ENTRY_BYTES: u64 = 5 * 1024;
+
+/// What an entry weighs against `cache.max_bytes`.
+#[derive(Debug, Clone, Copy)]
+struct StoredBytes;
+
+impl Weighter<CacheKey, Arc<Entry>> for StoredBytes {
+    fn weight(&self, key: &CacheKey, entry: &Arc<Entry>) -> u64 {
+        let gzip = entry.gzip.as_ref().map_or(0, Bytes::len);
+        let bytes = key.path_and_query().len() + entry.body.len() + gzip + ENTRY_OVERHEAD;
+        u64::try_from(bytes).unwrap_or(u64::MAX)
+    }
 }
 
-/// Per-entry expiry: each entry lives until the end of its longest stale
-/// window, counted from when it was first stored (which may predate this
-/// process: Redis, snapshots) on the app's clock. Routes choose TTLs per key,
-/// e.g. per period.
-struct EntryTtl(SharedClock);
+type Store = Cache<CacheKey, Arc<Entry>, StoredBytes, foldhash::fast::RandomState>;
 
-impl Expiry<CacheKey, Arc<Entry>> for EntryTtl {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        entry: &Arc<Entry>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(entry.remaining_lifetime(self.0.now()))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        entry: &Arc<Entry>,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.remaining_lifetime(self.0.now()))
-    }
+/// In-memory cache of stored answers. Cloning shares the same store.
+#[derive(Clone)]
+pub struct LocalCache {
+    inner: Arc<Store>,
+    clock: SharedClock,
+    /// The second (on `clock`) of the last sweep of expired entries.
+    swept: Arc<AtomicU64>,
 }
 
 impl LocalCache {
     /// A cache holding at most `max_bytes` of keys, bodies and per-entry
     /// overhead, whose entries age by `clock`.
     pub fn new(max_bytes: u64, clock: SharedClock) -> Self {
-        let inner = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|key: &CacheKey, entry: &Arc<Entry>| {
-                let gzip = entry.gzip.as_ref().map_or(0, Bytes::len);
-                let bytes = key.path_and_query().len() + entry.body.len() + gzip + ENTRY_OVERHEAD;
-                u32::try_from(bytes).unwrap_or(u32::MAX)
-            })
-            .expire_after(EntryTtl(clock))
-            // Keys are canonical already; a fast non-cryptographic hash is
-            // enough (moka's default SipHash is ~600 instructions per lookup).
-            .build_with_hasher(foldhash::fast::RandomState::default());
-        Self { inner }
+        let items = usize::try_from((max_bytes / TYPICAL_ENTRY_BYTES).max(16)).unwrap_or(16);
+        // Keys are canonical already; a fast non-cryptographic hash is enough.
+        let inner = Cache::with(
+            items,
+            max_bytes,
+            StoredBytes,
+            foldhash::fast::RandomState::default(),
+            Default::default(),
+        );
+        Self {
+            inner: Arc::new(inner),
+            clock,
+            swept: Arc::default(),
+        }
+    }
+
+    /// Whether `entry` is past the end of its longest window.
+    fn expired(&self, entry: &Entry) -> bool {
+        entry.remaining_lifetime(self.clock.now()).is_zero()
     }
 
     /// The entry for `key`, fresh or stale, if any.
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.inner.get(key).await
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.inner.get(key).filter(|entry| !self.expired(entry))
     }
 
-    /// Whether a fresh entry for `key` exists (not counted as a read).
+    /// Whether a live entry for `key` exists (not counted as a read).
     pub fn contains(&self, key: &CacheKey) -> bool {
-        self.inner.contains_key(key)
+        self.inner
+            .peek(key)
+            .is_some_and(|entry| !self.expired(&entry))
     }
 
-    /// Removes the entry for `key`; true if there was one.
-    pub async fn remove(&self, key: &CacheKey) -> bool {
-        self.inner.remove(key).await.is_some()
+    /// Removes the entry for `key`; true if there was a live one.
+    pub fn remove(&self, key: &CacheKey) -> bool {
+        self.inner
+            .remove(key)
+            .is_some_and(|(_, entry)| !self.expired(&entry))
     }
 
-    /// Removes every entry; returns how many there were.
-    pub async fn clear(&self) -> u64 {
-        self.sync().await;
-        let count = self.inner.entry_count();
-        self.inner.invalidate_all();
-        self.sync().await;
-        count
+    /// Removes every entry; returns how many live ones there were.
+    pub fn clear(&self) -> u64 {
+        let count = self.iter().count();
+        self.inner.clear();
+        u64::try_from(count).unwrap_or(u64::MAX)
     }
 
-    /// A point-in-time copy of every entry (admin listing, status page).
+    /// A point-in-time copy of every live entry (admin listing, status page).
     pub fn entries(&self) -> Vec<(CacheKey, Arc<Entry>)> {
         self.iter().collect()
     }
 
-    /// Every entry, one at a time, copying nothing but the pointers
+    /// Every live entry, one at a time, copying nothing but the pointers
     /// (snapshots stream this to disk in bounded memory).
     pub fn iter(&self) -> impl Iterator<Item = (CacheKey, Arc<Entry>)> + '_ {
-        self.inner
-            .iter()
-            .map(|(key, entry)| (CacheKey::clone(&key), entry))
+        self.inner.iter().filter(|(_, entry)| !self.expired(entry))
     }
 
     /// Stores (or replaces) the entry for `key`.
-    pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
-        self.inner.insert(key, entry).await;
+    pub fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+        self.inner.insert(key, entry);
     }
 
-    /// Number of entries (approximate until pending maintenance runs).
+    /// Number of entries (expired ones included until the next [`Self::sync`]).
     pub fn entry_count(&self) -> u64 {
-        self.inner.entry_count()
+        u64::try_from(self.inner.len()).unwrap_or(u64::MAX)
     }
 
-    /// Stored bytes (approximate until pending maintenance runs).
+    /// Stored bytes, as weighed against `cache.max_bytes` (expired entries
+    /// included until the next [`Self::sync`]).
     pub fn weighted_size(&self) -> u64 {
-        self.inner.weighted_size()
+        self.inner.weight()
     }
 
-    /// Applies pending inserts and evictions so the counts above are exact.
+    /// Drops expired entries, so the counts above are exact (to the second:
+    /// a sweep visits every entry, so it runs at most once a second, on a
+    /// blocking thread).
     pub async fn sync(&self) {
-        self.inner.run_pending_tasks().await;
+        let now = self.clock.now();
+        let second = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        if self.swept.swap(second, Ordering::AcqRel) == second {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        let sweep = move || inner.retain(|_, entry| !entry.remaining_lifetime(now).is_zero());
+        // A panicking sweep only leaves expired entries for the next one.
+        let _ = tokio::task::spawn_blocking(sweep).await;
     }
 }

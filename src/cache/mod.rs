@@ -87,7 +87,7 @@ pub enum Freshness {
     StaleWhileRevalidate { past: Duration },
     /// Serve it only if the upstream fails.
     StaleIfError { past: Duration },
-    /// Useless (moka will evict it).
+    /// Useless: no longer served (the memory tier drops it).
     Expired,
 }
 

@@ -209,10 +209,10 @@ impl RedisTier {
                 while let Some(message) = messages.next().await {
                     match message.get_payload::<String>() {
                         Ok(all) if all == "*" => {
-                            cache.clear().await;
+                            cache.clear();
                         }
                         Ok(key) => {
-                            cache.remove(&CacheKey::new(key)).await;
+                            cache.remove(&CacheKey::new(key));
                         }
                         Err(_) => {}
                     }

@@ -54,8 +54,8 @@ impl Tiers {
     }
 
     /// The entry in memory (the hit path: one lookup, no Redis).
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.memory.get(key).await
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.memory.get(key)
     }
 
     /// Before fetching `key`: a `usable` answer another replica stored, or
@@ -97,19 +97,19 @@ impl Tiers {
     async fn fill_memory(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
         if entry.negative
-            && let Some(current) = self.memory.get(key).await
+            && let Some(current) = self.memory.get(key)
             && !current.negative
         {
             return entry;
         }
-        self.memory.insert(key.clone(), Arc::clone(&entry)).await;
+        self.memory.insert(key.clone(), Arc::clone(&entry));
         entry
     }
 
     /// Forgets `key` in every tier (and tells the other replicas); returns
     /// how many tiers held it.
     pub async fn purge(&self, key: &CacheKey) -> u64 {
-        let local = u64::from(self.memory.remove(key).await);
+        let local = u64::from(self.memory.remove(key));
         let shared = match &self.shared {
             Some(redis) => {
                 let removed = redis.remove(key).await;
@@ -123,7 +123,7 @@ impl Tiers {
 
     /// Forgets every entry in every tier; returns the larger tier's count.
     pub async fn purge_all(&self) -> u64 {
-        let local = self.memory.clear().await;
+        let local = self.memory.clear();
         let shared = match &self.shared {
             Some(redis) => {
                 let removed = redis.clear().await;

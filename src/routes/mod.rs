@@ -148,7 +148,10 @@ impl Handle for Front {
         if let Some(route) = self.direct(&request) {
             return proxied::answer(route, &self.state, request.into_parts().0).await;
         }
-        let Ok(response) = self.router.clone().oneshot(request.map(Body::new)).await;
+        // Boxed: the router's future would otherwise make every hit's future
+        // (moved on its way into hyper's task) as large as its own.
+        let routed = Box::pin(self.router.clone().oneshot(request.map(Body::new)));
+        let Ok(response) = routed.await;
         response
     }
 }
