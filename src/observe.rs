@@ -215,7 +215,6 @@ impl<H> Observe<H> {
 
     /// What is known of `request` before it is answered.
     fn begin<B>(&self, request: &Request<B>) -> (Current, Done) {
-        let started = Instant::now();
         let id = request
             .headers()
             .get(&X_REQUEST_ID)
@@ -228,19 +227,17 @@ impl<H> Observe<H> {
             None => (UNMATCHED, None),
         };
         let proxied = index.filter(|i| *i < self.proxied);
-        // Log fields are only gathered when the line will be written.
-        let log = tracing::enabled!(Level::INFO).then(|| {
-            (
-                truncated(request.method().as_str()).to_owned(),
-                truncated(request.uri().path()).to_owned(),
-            )
+        // Log fields (and the clock) are only read when the line will be written.
+        let log = tracing::enabled!(Level::INFO).then(|| Logged {
+            started: Instant::now(),
+            method: truncated(request.method().as_str()).to_owned(),
+            path: truncated(request.uri().path()).to_owned(),
         });
         let current = Current {
             id,
             reported: Cell::new(None),
         };
         let done = Done {
-            started,
             route,
             proxied,
             log,
@@ -276,14 +273,21 @@ pin_project_lite::pin_project! {
 
 /// What is needed once the response exists.
 struct Done {
-    started: Instant,
     route: &'static str,
     /// The index of the KeyAPI route, if it is one.
     proxied: Option<usize>,
-    /// Method and path, already truncated for the log.
-    log: Option<(String, String)>,
+    /// The access log's fields, when it is written.
+    log: Option<Logged>,
     metrics: Arc<Metrics>,
     hits: Arc<[CachedCounter]>,
+}
+
+/// What the access log line needs from the request's start.
+struct Logged {
+    started: Instant,
+    /// Method and path, truncated.
+    method: String,
+    path: String,
 }
 
 impl<F: Future<Output = Response>> Future for ObserveFuture<F> {
@@ -339,8 +343,13 @@ impl Done {
         };
         let proxied = self.proxied.is_some();
         (self.metrics).record_request_in(cached, self.route, proxied, status, served);
-        if let Some((method, path)) = &self.log {
-            let latency_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if let Some(Logged {
+            started,
+            method,
+            path,
+        }) = &self.log
+        {
+            let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let request_id = current.id.as_str();
             match access {
                 Some(log) => tracing::info!(

@@ -208,8 +208,8 @@ impl Proxy {
         payer: Payer,
     ) -> Result<Outcome, ProxyError> {
         let mut fallback = None;
-        if !refresh && let Some(entry) = self.cache().get(key) {
-            let now = self.fetcher.clock.now();
+        let now = self.fetcher.clock.now();
+        if !refresh && let Some(entry) = self.cache().get(key, now) {
             match entry.freshness(now) {
                 Freshness::Fresh { .. } => {
                     let hits = entry.record_hit();
@@ -309,7 +309,7 @@ impl Proxy {
     ) -> Prefetch {
         let trigger = Trigger::Warm { fresh_for };
         let now = self.fetcher.clock.now();
-        if let Some(entry) = self.cache().get(key)
+        if let Some(entry) = self.cache().get(key, now)
             && trigger.satisfied_by(&entry, now)
         {
             return Prefetch::Fresh;
@@ -475,10 +475,9 @@ impl Fetcher {
     /// race where another fetch stored the key after our caller looked but
     /// before we took the slot: without it, that key would be paid twice.
     fn moot(&self, key: &CacheKey, trigger: &Trigger) -> Option<Arc<Entry>> {
-        let current = self.tiers.get(key)?;
-        trigger
-            .satisfied_by(&current, self.clock.now())
-            .then_some(current)
+        let now = self.clock.now();
+        let current = self.tiers.get(key, now)?;
+        trigger.satisfied_by(&current, now).then_some(current)
     }
 
     /// Caches deterministic refusals as negative entries — unless a good
@@ -493,7 +492,7 @@ impl Fetcher {
     ) -> FetchResult {
         let deterministic = matches!(status.as_u16(), 400 | 404 | 422)
             || (status == StatusCode::OK && policy.negative_codes.contains(&code));
-        let keeps_good_entry = match self.tiers.get(key) {
+        let keeps_good_entry = match self.tiers.get(key, self.clock.now()) {
             Some(current) => !current.negative,
             None => false,
         };

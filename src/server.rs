@@ -11,10 +11,11 @@
 //! connections close at once; busy ones are told to close after their
 //! response (`Connection: close` / GOAWAY) and get at most the grace period.
 //!
-//! A request costs a few atomic stores here and no timer: one reaper task
-//! sweeps all connections every tenth of the shorter timeout, so a deadline
-//! is enforced within that tenth, and tells a connection's task to close
-//! through its own small channel.
+//! A request costs a few atomic loads and stores here, no timer and no clock
+//! read: one reaper task ticks a coarse clock and sweeps all connections every
+//! tenth of the shorter timeout, so a deadline is enforced within two tenths
+//! (never early), and tells a connection's task to close through its own
+//! small channel.
 
 use std::{
     collections::HashMap,
@@ -143,26 +144,66 @@ enum Signal {
     Close(Cut),
 }
 
+/// The connection layer's clock: milliseconds since the registry's start as
+/// of the reaper's last tick, so a request records when it starts and ends
+/// with one atomic load rather than a clock read. It lags real time by up to
+/// one reap period, so a reading is rounded up by one period: a deadline is
+/// never early, and late by at most two periods.
+struct Ticks {
+    epoch: Instant,
+    period: Duration,
+    elapsed_ms: AtomicU64,
+}
+
+impl Ticks {
+    fn new(period: Duration) -> Self {
+        Self {
+            epoch: Instant::now(),
+            period,
+            elapsed_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The reaper's tick: reads the real clock.
+    fn tick(&self) {
+        let elapsed = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.elapsed_ms.store(elapsed, Ordering::Release);
+    }
+
+    /// Now, in milliseconds after the epoch, rounded up to the next tick.
+    fn now_ms(&self) -> u64 {
+        let period = u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX);
+        self.elapsed_ms
+            .load(Ordering::Acquire)
+            .saturating_add(period)
+    }
+
+    /// The instant `ms` milliseconds after the epoch.
+    fn instant(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+}
+
 /// What one connection is doing, shared by its task, its I/O, its requests
 /// and the registry. Atomics, so a hit pays a few loads and stores, no lock.
 struct Conn {
-    epoch: Instant,
+    ticks: Arc<Ticks>,
     /// Requests whose response is not finished yet (HTTP/2 may have several).
     busy: AtomicU32,
     /// Silent phase: true while a request head is being read (or awaited on a
     /// fresh connection), false while idle between keep-alive requests.
     reading_head: AtomicBool,
-    /// Milliseconds after `epoch` when the current silent phase began.
+    /// Milliseconds after the ticks' epoch when the current silent phase began.
     silent_since: AtomicU64,
     /// To the connection's task; room for a drain and a close.
     signals: mpsc::Sender<Signal>,
 }
 
 impl Conn {
-    fn new(epoch: Instant) -> (Self, mpsc::Receiver<Signal>) {
+    fn new(ticks: Arc<Ticks>) -> (Self, mpsc::Receiver<Signal>) {
         let (signals, receiver) = mpsc::channel(2);
         let conn = Self {
-            epoch,
+            ticks,
             busy: AtomicU32::new(0),
             reading_head: AtomicBool::new(true),
             silent_since: AtomicU64::new(0),
@@ -173,7 +214,7 @@ impl Conn {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.ticks.now_ms()
     }
 
     fn is_busy(&self) -> bool {
@@ -204,7 +245,9 @@ impl Conn {
         if self.is_busy() {
             return None;
         }
-        let since = self.epoch + Duration::from_millis(self.silent_since.load(Ordering::Acquire));
+        let since = self
+            .ticks
+            .instant(self.silent_since.load(Ordering::Acquire));
         Some(if self.reading_head.load(Ordering::Acquire) {
             (since + limits.header_read_timeout, Cut::HeaderTimeout)
         } else {
@@ -307,7 +350,7 @@ impl AsyncWrite for Watched {
 
 /// Every open connection, for the cap, eviction and the drain.
 struct Registry {
-    epoch: Instant,
+    ticks: Arc<Ticks>,
     conns: Mutex<Connections>,
     /// Signalled when the last connection closes.
     emptied: Notify,
@@ -366,9 +409,12 @@ impl Connections {
 }
 
 impl Registry {
-    fn new() -> Self {
+    /// A registry whose reaper sweeps every `limits`' tenth of the shorter timeout.
+    fn new(limits: &Limits) -> Self {
+        let period =
+            (limits.header_read_timeout.min(limits.idle_timeout) / 10).max(MIN_REAP_PERIOD);
         Self {
-            epoch: Instant::now(),
+            ticks: Arc::new(Ticks::new(period)),
             conns: Mutex::new(Connections::default()),
             emptied: Notify::new(),
         }
@@ -388,20 +434,19 @@ impl Registry {
         }
         let id = conns.next_id;
         conns.next_id += 1;
-        let (conn, signals) = Conn::new(self.epoch);
+        let (conn, signals) = Conn::new(Arc::clone(&self.ticks));
         let conn = Arc::new(conn);
         conns.open.insert(id, Arc::clone(&conn));
         Some((id, conn, signals))
     }
 
-    /// Every `limits`' tenth of the shorter timeout, closes the connections past their deadline.
+    /// Every period, advances the clock and closes the connections past their deadline.
     async fn reap_forever(&self, limits: Limits) {
-        let period =
-            (limits.header_read_timeout.min(limits.idle_timeout) / 10).max(MIN_REAP_PERIOD);
-        let mut ticks = tokio::time::interval(period);
+        let mut ticks = tokio::time::interval(self.ticks.period);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
+            self.ticks.tick();
             self.lock().reap(&limits);
         }
     }
@@ -474,7 +519,7 @@ where
     H: Handle,
     F: Future<Output = ()>,
 {
-    let registry = Arc::new(Registry::new());
+    let registry = Arc::new(Registry::new(&limits));
     let builder = Arc::new(builder());
     let handler = Arc::new(handler);
     let reaper = tokio::spawn({

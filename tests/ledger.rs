@@ -328,7 +328,12 @@ async fn a_refusal_seen_by_one_replica_never_replaces_a_good_answer() {
     assert!(!shared.negative, "Redis keeps the good answer");
     // Replica A keeps its own good (stale) copy too.
     let _ = a.get("hashtag_name=ufc324").await;
-    let kept = a.state.proxy().cache().get(&key).unwrap();
+    let kept = a
+        .state
+        .proxy()
+        .cache()
+        .get(&key, a.state.clock().now())
+        .unwrap();
     assert!(!kept.negative, "A's memory keeps the good answer");
     assert_ledger_equals_bill(&[&a, &b]).await;
 }

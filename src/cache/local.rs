@@ -12,7 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::UNIX_EPOCH,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -78,9 +78,9 @@ impl LocalCache {
         entry.remaining_lifetime(self.clock.now()).is_zero()
     }
 
-    /// The entry for `key`, fresh or stale, if any.
-    pub fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.inner.get(key).filter(|entry| !self.expired(entry))
+    /// The entry for `key`, fresh or stale at `now`, if any.
+    pub fn get(&self, key: &CacheKey, now: SystemTime) -> Option<Arc<Entry>> {
+        (self.inner.get(key)).filter(|entry| !entry.remaining_lifetime(now).is_zero())
     }
 
     /// Whether a live entry for `key` exists (not counted as a read).

@@ -6,7 +6,7 @@
 //! a success — in Redis it is written only where nothing is, and memory keeps
 //! a success rather than take a refusal read from Redis.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use super::{
     CacheKey, Entry, LocalCache,
@@ -54,8 +54,8 @@ impl Tiers {
     }
 
     /// The entry in memory (the hit path: one lookup, no Redis).
-    pub fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.memory.get(key)
+    pub fn get(&self, key: &CacheKey, now: SystemTime) -> Option<Arc<Entry>> {
+        self.memory.get(key, now)
     }
 
     /// Before fetching `key`: a `usable` answer another replica stored, or
@@ -97,7 +97,7 @@ impl Tiers {
     async fn fill_memory(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
         if entry.negative
-            && let Some(current) = self.memory.get(key)
+            && let Some(current) = self.memory.get(key, self.clock.now())
             && !current.negative
         {
             return entry;
