@@ -14,6 +14,7 @@
 
 use std::{
     borrow::Cow,
+    cell::RefCell,
     fmt,
     sync::{Arc, LazyLock},
     time::{Duration, SystemTime},
@@ -172,6 +173,11 @@ pub struct Param {
     required: bool,
     /// Normalized default, if any.
     default: Option<String>,
+    /// The default as it stands in a key (form-encoded), built once.
+    default_in_key: Option<Box<str>>,
+    /// What a key holds before this parameter's value: `?name=` when it
+    /// comes first, `&name=` after another (built once).
+    key_prefix: [Box<str>; 2],
     example: Arc<str>,
     /// What the kind allows, for messages and the OpenAPI description.
     rule: Arc<str>,
@@ -377,13 +383,28 @@ impl Route {
                 return Err(KeyError::Repeated(Arc::clone(&self.params[index].name)));
             }
         }
-        let mut key = String::with_capacity(self.path.len() + 64);
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut key) => {
+                key.clear();
+                self.assemble(&raw, &mut key)?;
+                Ok(CacheKey::copied(&key))
+            }
+            // Not reentrant, so never taken; a fresh buffer would do.
+            Err(_) => {
+                let mut key = String::new();
+                self.assemble(&raw, &mut key)?;
+                Ok(CacheKey::copied(&key))
+            }
+        })
+    }
+
+    /// Writes the key of these raw values (by parameter) into `key`.
+    fn assemble(&self, raw: &[Option<Cow<'_, str>>], key: &mut String) -> Result<(), KeyError> {
         key.push_str(self.path);
-        let mut separator = '?';
-        for (param, raw) in self.params.iter().zip(&raw) {
+        let mut first = true;
+        for (param, raw) in self.params.iter().zip(raw) {
             let given = raw.as_deref().map(str::trim).filter(|g| !g.is_empty());
-            let default = param.default.as_deref();
-            if given.is_none() && default.is_none() {
+            if given.is_none() && param.default.is_none() {
                 if !param.required {
                     continue;
                 }
@@ -393,23 +414,21 @@ impl Route {
                     None => KeyError::Missing { name, example },
                 });
             }
-            key.push(separator);
-            separator = '&';
-            key.push_str(&param.name);
-            key.push('=');
-            let start = key.len();
+            key.push_str(&param.key_prefix[usize::from(!first)]);
+            first = false;
             if let Some(given) = given {
-                param.normalize_into(given, &mut key)?;
-            } else if let Some(default) = default {
+                let start = key.len();
+                param.normalize_into(given, key)?;
+                if needs_encoding(&key[start..]) {
+                    let value = key.split_off(start);
+                    push_encoded(key, &value);
+                }
+            } else if let Some(default) = &param.default_in_key {
                 // Absent or empty: the default.
                 key.push_str(default);
             }
-            if needs_encoding(&key[start..]) {
-                let value = key.split_off(start);
-                push_encoded(&mut key, &value);
-            }
         }
-        Ok(CacheKey::new(key))
+        Ok(())
     }
 
     /// Whether `key` is one of this route's.
@@ -457,6 +476,12 @@ fn until_next_daily_boundary(now: SystemTime, offset: Duration) -> Duration {
     } else {
         day - since_midnight + offset
     }
+}
+
+thread_local! {
+    /// Where [`Route::parse`] assembles a key: one buffer per thread, so a
+    /// parse allocates only the key itself.
+    static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
 /// The configured routes, in configuration order.
@@ -718,6 +743,11 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
         kind,
         required: p.required,
         default: None,
+        default_in_key: None,
+        key_prefix: [
+            format!("?{}=", p.name).into(),
+            format!("&{}=", p.name).into(),
+        ],
         example: "".into(),
         rule: rule.into(),
     };
@@ -728,6 +758,9 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
         let normalized = param
             .normalize(raw.trim())
             .map_err(|_| format!("default: {raw:?} is not {}", param.rule))?;
+        let mut in_key = String::new();
+        push_encoded(&mut in_key, &normalized);
+        param.default_in_key = Some(in_key.into());
         param.default = Some(normalized);
     }
     let example = match (&p.example, &param.default, &param.kind) {
@@ -770,22 +803,25 @@ fn nfc(text: Cow<'_, str>) -> String {
 /// Pairs without `%` or `+` (the common case) are borrowed, not decoded.
 fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
     let mut rest = query;
-    // One pass over each pair's bytes (a query is short; no searcher set-up).
+    // One pass over the bytes (a query is short; no searcher set-up).
     std::iter::from_fn(move || {
         while !rest.is_empty() {
-            let end = rest.bytes().position(|b| b == b'&').unwrap_or(rest.len());
-            let pair = &rest[..end];
-            rest = rest.get(end + 1..).unwrap_or("");
-            if pair.is_empty() {
-                continue;
-            }
-            let (mut equals, mut encoded) = (None, false);
-            for (i, b) in pair.bytes().enumerate() {
+            let (mut end, mut equals, mut encoded) = (rest.len(), None, false);
+            for (i, b) in rest.bytes().enumerate() {
                 match b {
+                    b'&' => {
+                        end = i;
+                        break;
+                    }
                     b'=' if equals.is_none() => equals = Some(i),
                     b'%' | b'+' => encoded = true,
                     _ => {}
                 }
+            }
+            let pair = &rest[..end];
+            rest = rest.get(end + 1..).unwrap_or("");
+            if pair.is_empty() {
+                continue;
             }
             if encoded {
                 match form_urlencoded::parse(pair.as_bytes()).next() {

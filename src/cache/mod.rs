@@ -46,6 +46,11 @@ impl CacheKey {
         Self(path_and_query.into())
     }
 
+    /// [`CacheKey::new`] from a borrowed path and query (one allocation).
+    pub fn copied(path_and_query: &str) -> Self {
+        Self(path_and_query.into())
+    }
+
     /// The upstream path and query this key stands for.
     pub fn path_and_query(&self) -> &str {
         &self.0
