@@ -24,8 +24,6 @@ use regex_lite::Regex;
 use smallvec::{SmallVec, smallvec};
 use unicode_normalization::{IsNormalized, UnicodeNormalization as _, is_nfc_quick};
 
-mod memo;
-
 use crate::{
     cache::{CacheKey, FreshnessPolicy},
     clock,
@@ -349,8 +347,6 @@ pub struct Route {
     params: Vec<Param>,
     ttl: Ttl,
     policy: FreshnessPolicy,
-    /// Keys of recently parsed queries.
-    memo: memo::Memo,
 }
 
 impl Route {
@@ -377,23 +373,9 @@ impl Route {
     /// Normalizes a raw query string (without `?`) into the canonical
     /// upstream request of this route.
     pub fn parse(&self, raw_query: Option<&str>) -> Result<CacheKey, KeyError> {
-        let query = raw_query.unwrap_or("");
-        let slot = self.memo.slot(query);
-        if let Some(key) = slot.and_then(|slot| memo::recall(slot, query)) {
-            return Ok(key);
-        }
-        let key = self.parse_afresh(query)?;
-        if let Some(slot) = slot {
-            memo::remember(slot, query, &key);
-        }
-        Ok(key)
-    }
-
-    /// [`Route::parse`] without the memo.
-    fn parse_afresh(&self, query: &str) -> Result<CacheKey, KeyError> {
         // A route has a handful of parameters: their raw values live on the stack.
         let mut raw: SmallVec<[Option<Cow<'_, str>>; 8]> = smallvec![None; self.params.len()];
-        for (name, value) in query_pairs(query) {
+        for (name, value) in query_pairs(raw_query.unwrap_or("")) {
             let Some(index) = self.params.iter().position(|p| *p.name == *name) else {
                 continue;
             };
@@ -655,7 +637,6 @@ fn compile_route(config: &RouteConfig, defaults: &RouteDefaults) -> Result<Route
             daily,
         },
         policy,
-        memo: memo::Memo::new(),
     })
 }
 
@@ -933,24 +914,6 @@ mod tests {
             "hashtag_name=+ufc324+&_=123",
         ] {
             assert_eq!(key(q).as_deref(), Ok(expected), "query {q}");
-        }
-    }
-
-    #[test]
-    fn remembered_keys_are_the_keys_parsed() {
-        let table = table();
-        let route = &table.routes()[0];
-        // More distinct queries than slots, each asked several times, so
-        // slots are shared and overwritten; errors are asked twice too.
-        for round in 0..3 {
-            for i in 0..3000 {
-                let query = format!("hashtag_name=Tag{i}&period={}", [7, 30, 120][i % 3]);
-                let expected = route.parse_afresh(&query).map(|k| k.to_string());
-                assert_eq!(route.parse(Some(&query)).map(|k| k.to_string()), expected);
-                if i % 500 == round {
-                    assert!(route.parse(Some("period=8&hashtag_name=x")).is_err());
-                }
-            }
         }
     }
 
