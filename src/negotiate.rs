@@ -43,25 +43,28 @@ pub(crate) fn cached_response(
         etag: &entry.etag,
         gzip: false,
     };
-    let gzip = entry
-        .gzip
-        .as_ref()
-        .zip(entry.gzip_etag.as_ref())
-        .map(|(body, etag)| Representation {
-            body,
-            etag,
+    let wants_gzip = accepts_gzip(request);
+    // A negative entry (a cached refusal) is never a 304: `If-None-Match: *`
+    // means "a representation exists", which a refusal is not.
+    let conditional = !entry.negative && request.contains_key(IF_NONE_MATCH);
+    // The gzip form is made only for a client that takes it, or to compare
+    // the tag a downstream cache may hold.
+    let gzip = (wants_gzip || conditional)
+        .then(|| entry.gzip())
+        .flatten()
+        .map(|gzip| Representation {
+            body: &gzip.body,
+            etag: &gzip.etag,
             gzip: true,
         });
     let (selected, other) = match gzip {
-        Some(gzip) if accepts_gzip(request) => (gzip, Some(identity)),
+        Some(gzip) if wants_gzip => (gzip, Some(identity)),
         gzip => (identity, gzip),
     };
     // A 304 names the representation the client already holds: the selected
     // one, or the other one when that is the tag it sent (a downstream cache
     // revalidating every variant it stored, RFC 9111 §4.3.2).
-    // A negative entry (a cached refusal) is never a 304: `If-None-Match: *`
-    // means "a representation exists", which a refusal is not.
-    let matched = if entry.negative || !request.contains_key(IF_NONE_MATCH) {
+    let matched = if !conditional {
         None
     } else if not_modified(request, selected.etag, true) {
         Some(&selected)

@@ -1,6 +1,6 @@
-//! What is precomputed from a body when it is stored, so a hit only picks
-//! bytes: its strong `ETag`, its gzip form (with its own tag) and the
-//! `Cache-Control` value of its lifetime.
+//! What is computed once per entry, so a hit only picks bytes: its strong
+//! `ETag` and the `Cache-Control` value of its lifetime (when stored), its
+//! gzip form with its own tag (when first asked for).
 
 use std::{fmt::Write as _, io::Write as _, time::Duration};
 

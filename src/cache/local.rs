@@ -15,7 +15,6 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use bytes::Bytes;
 use quick_cache::{Weighter, sync::Cache};
 
 use super::{CacheKey, Entry};
@@ -25,6 +24,11 @@ use crate::clock::SharedClock;
 /// `Arc`s, the header memo of a hot entry, the cache's slot), so
 /// `cache.max_bytes` bounds what the process holds.
 const ENTRY_OVERHEAD: usize = 1024;
+
+/// The gzip form's share of the weight, as a fraction of the body: it is
+/// made on the first gzip request, after the entry is weighed, so it is
+/// weighed at what JSON compresses to (about a third) from the start.
+const GZIP_SHARE: usize = 3;
 
 /// The weight of an entry the cache is first sized for (a typical KeyAPI
 /// answer, its gzip form and overhead); only sizes the table, not a limit.
@@ -36,7 +40,7 @@ struct StoredBytes;
 
 impl Weighter<CacheKey, Arc<Entry>> for StoredBytes {
     fn weight(&self, key: &CacheKey, entry: &Arc<Entry>) -> u64 {
-        let gzip = entry.gzip.as_ref().map_or(0, Bytes::len);
+        let gzip = entry.body.len() / GZIP_SHARE;
         let bytes = key.path_and_query().len() + entry.body.len() + gzip + ENTRY_OVERHEAD;
         u64::try_from(bytes).unwrap_or(u64::MAX)
     }

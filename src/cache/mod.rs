@@ -23,7 +23,7 @@ mod tiers;
 use std::{
     fmt,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -98,7 +98,8 @@ pub enum Freshness {
 
 /// One stored upstream answer, kept as the exact bytes received so a hit
 /// never parses or re-serializes JSON. Everything a hit needs besides the
-/// body (validator, compressed form) is computed once, here, at store time.
+/// body is computed once: the validator at store time, the compressed form
+/// on the first request that takes it.
 #[derive(Debug)]
 pub struct Entry {
     /// Raw upstream body, validated once when it was fetched.
@@ -109,11 +110,10 @@ pub struct Entry {
     pub negative: bool,
     /// Strong `ETag` of `body` (a quoted SHA-256 prefix), ready to send.
     pub etag: HeaderValue,
-    /// `body` gzip-compressed, when that is smaller.
-    pub gzip: Option<Bytes>,
-    /// Strong `ETag` of the gzip form: a different representation needs a
-    /// different strong tag (RFC 9110 §8.8.3), so `etag` with a `-gzip` suffix.
-    pub gzip_etag: Option<HeaderValue>,
+    /// The gzip representation, made on first demand (most API clients never
+    /// ask for it, and an entry would keep it for its whole life) or given
+    /// when restored; `None` inside when it would not be smaller.
+    gzip: OnceLock<Option<Gzip>>,
     /// `Cache-Control` of every answer from this entry: its whole freshness
     /// lifetime and stale windows never change, so the value is built once.
     pub cache_control: HeaderValue,
@@ -131,6 +131,16 @@ pub struct Entry {
     /// they were asked for: a hot entry builds them once a second, and each
     /// hit clones one (boxed: most entries are never hit twice in a second).
     hit_heads: Mutex<Option<Box<HitHeads>>>,
+}
+
+/// An entry's gzip representation.
+#[derive(Debug)]
+pub struct Gzip {
+    /// The body, gzip-compressed.
+    pub body: Bytes,
+    /// Its strong `ETag`: a different representation needs a different
+    /// strong tag (RFC 9110 §8.8.3), so the entry's with a `-gzip` suffix.
+    pub etag: HeaderValue,
 }
 
 /// [`Entry::hit_head`]'s memo: one head per representation, for one age.
@@ -168,12 +178,13 @@ impl Entry {
         stored_at: SystemTime,
         [ttl, stale_while_revalidate, stale_if_error]: [Duration; 3],
     ) -> Self {
-        let (etag, gzip) = (encoding::strong_etag(&body), encoding::gzip(&body));
+        let etag = encoding::strong_etag(&body);
         let windows = [ttl, stale_while_revalidate, stale_if_error];
-        Self::assemble(body, etag, gzip, status, negative, stored_at, windows)
+        Self::assemble(body, etag, None, status, negative, stored_at, windows)
     }
 
-    /// An entry from parts computed earlier (the codec keeps ETag and gzip).
+    /// An entry from parts computed earlier (the codec keeps the ETag and,
+    /// once made, the gzip form).
     fn assemble(
         body: Bytes,
         etag: HeaderValue,
@@ -183,13 +194,18 @@ impl Entry {
         stored_at: SystemTime,
         [ttl, stale_while_revalidate, stale_if_error]: [Duration; 3],
     ) -> Self {
-        let gzip_etag = gzip.as_ref().map(|_| encoding::gzip_etag(&etag));
+        let made = OnceLock::new();
+        if let Some(body) = gzip {
+            let _ = made.set(Some(Gzip {
+                body,
+                etag: encoding::gzip_etag(&etag),
+            }));
+        }
         let cache_control = encoding::cache_control([ttl, stale_while_revalidate, stale_if_error]);
         Self {
             body,
             etag,
-            gzip,
-            gzip_etag,
+            gzip: made,
             cache_control,
             status,
             negative,
@@ -200,6 +216,24 @@ impl Entry {
             hits: AtomicU64::new(0),
             hit_heads: Mutex::new(None),
         }
+    }
+
+    /// The gzip representation (made now if it was not yet), unless it
+    /// would not be smaller than the body.
+    pub fn gzip(&self) -> Option<&Gzip> {
+        self.gzip
+            .get_or_init(|| {
+                encoding::gzip(&self.body).map(|body| Gzip {
+                    body,
+                    etag: encoding::gzip_etag(&self.etag),
+                })
+            })
+            .as_ref()
+    }
+
+    /// The gzip representation if it has been made (nothing is compressed).
+    pub fn gzip_made(&self) -> Option<&Gzip> {
+        self.gzip.get().and_then(Option::as_ref)
     }
 
     /// How long the cache must keep it: the end of its longest window.

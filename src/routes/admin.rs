@@ -121,7 +121,7 @@ pub(super) async fn list(
                 age_secs: entry.age(now).as_secs(),
                 ttl_secs: entry.remaining_ttl(now).as_secs(),
                 bytes: entry.body.len(),
-                gzip_bytes: entry.gzip.as_ref().map(|g| g.len()),
+                gzip_bytes: entry.gzip_made().map(|gzip| gzip.body.len()),
             })
         })
         .collect();
