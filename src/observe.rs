@@ -214,7 +214,7 @@ impl<H> Observe<H> {
     }
 
     /// What is known of `request` before it is answered.
-    fn begin<B>(&self, request: &Request<B>) -> (Current, Done) {
+    fn begin<B>(&self, request: &Request<B>) -> (Current, Done<'_>) {
         let id = request
             .headers()
             .get(&X_REQUEST_ID)
@@ -241,8 +241,8 @@ impl<H> Observe<H> {
             route,
             proxied,
             log,
-            metrics: Arc::clone(&self.metrics),
-            hits: Arc::clone(&self.hits),
+            metrics: &self.metrics,
+            hits: &self.hits,
         };
         (current, done)
     }
@@ -264,22 +264,23 @@ impl<H: Handle> Handle for Observe<H> {
 
 pin_project_lite::pin_project! {
     /// The inner response future, finished with the id header, log line and metrics.
-    struct ObserveFuture<F> {
+    struct ObserveFuture<'a, F> {
         #[pin]
         inner: TaskLocalFuture<Current, F>,
-        done: Option<Done>,
+        done: Option<Done<'a>>,
     }
 }
 
-/// What is needed once the response exists.
-struct Done {
+/// What is needed once the response exists (borrowed from [`Observe`]:
+/// no reference count moves per request).
+struct Done<'a> {
     route: &'static str,
     /// The index of the KeyAPI route, if it is one.
     proxied: Option<usize>,
     /// The access log's fields, when it is written.
     log: Option<Logged>,
-    metrics: Arc<Metrics>,
-    hits: Arc<[CachedCounter]>,
+    metrics: &'a Metrics,
+    hits: &'a [CachedCounter],
 }
 
 /// What the access log line needs from the request's start.
@@ -290,7 +291,7 @@ struct Logged {
     path: String,
 }
 
-impl<F: Future<Output = Response>> Future for ObserveFuture<F> {
+impl<F: Future<Output = Response>> Future for ObserveFuture<'_, F> {
     type Output = Response;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
@@ -328,7 +329,7 @@ fn panicked(panic: &(dyn Any + Send)) -> Response {
     response
 }
 
-impl Done {
+impl Done<'_> {
     fn finish(self, response: &mut Response, current: Current) {
         let access = current.reported.into_inner();
         let access = access.as_ref();
