@@ -28,7 +28,7 @@ use crate::{
     cache_status::CACHE_STATUS,
     config::CorsConfig,
     error::ApiError,
-    observe::{RequestId, X_REQUEST_ID},
+    request_id::{RequestId, X_REQUEST_ID},
 };
 
 /// `router` behind the CORS layer and the origin check for `config`;

@@ -14,8 +14,8 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::AuthError, cache_status, ledger, limits::RateLimited, observe::RequestId,
-    proxy::ProxyError, route::KeyError, upstream::UpstreamError,
+    access::AuthError, cache_status, ledger, limits::RateLimited, proxy::ProxyError,
+    request_id::RequestId, route::KeyError, upstream::UpstreamError,
 };
 
 /// An error answer.
@@ -35,6 +35,9 @@ pub(crate) enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A handler panicked (the detail is logged, never sent).
+    #[error("request handler panicked")]
+    Panicked,
 }
 
 #[derive(Serialize)]
@@ -64,7 +67,9 @@ impl ApiError {
             }
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Proxy(ProxyError::Abandoned(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Proxy(ProxyError::Abandoned(_)) | Self::Panicked => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Self::Proxy(ProxyError::Upstream(UpstreamError::Timeout)) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -106,6 +111,7 @@ impl ApiError {
             Self::Proxy(ProxyError::Abandoned(_)) => {
                 "An internal error stopped the fetch from KeyAPI; try again."
             }
+            Self::Panicked => "An internal error stopped this request; try again.",
             Self::Proxy(ProxyError::Upstream(e)) => match e {
                 UpstreamError::KeyRejected(_) => "KeyAPI rejected the configured API key.",
                 UpstreamError::Status(code) if (400..500).contains(code) => {

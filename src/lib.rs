@@ -35,6 +35,7 @@ pub(crate) mod observe;
 pub mod openapi;
 pub(crate) mod protect;
 pub mod proxy;
+pub(crate) mod request_id;
 pub mod route;
 pub mod routes;
 pub mod served;

@@ -17,7 +17,8 @@ use axum::{
 use bytes::Bytes;
 
 use crate::{
-    cache::Entry, cache_status, error::APPLICATION_JSON, observe::X_REQUEST_ID, served::CacheState,
+    cache::Entry, cache_status, error::APPLICATION_JSON, request_id::X_REQUEST_ID,
+    served::CacheState,
 };
 
 const GZIP: HeaderValue = HeaderValue::from_static("gzip");

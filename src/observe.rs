@@ -1,12 +1,12 @@
-//! Request ids, the one access-log line per request, and request metrics.
+//! Each request's id, its one access-log line, and request metrics.
 //!
-//! A sane client `X-Request-Id` is kept (so ids can be followed across
-//! services), otherwise one is generated. Handlers [`report`](AccessLog::report)
+//! The id ([`RequestId`]) is assigned here and kept, with the access-log
+//! record, in a task-local for the request's lifetime. Handlers [`report`](AccessLog::report)
 //! an [`AccessLog`] so the log line (and the request metrics) can name the
 //! normalized key, cache state and upstream status without the middleware
 //! knowing any route. The `route` metric label is the request path when it is
 //! one of the router's (static) paths, else `unmatched`: bounded either way.
-//! A handler that panics is answered 500 here, like any other request.
+//! A handler that panics is answered 500 here, in the error envelope.
 
 use std::{
     any::Any,
@@ -15,19 +15,15 @@ use std::{
     future::Future,
     panic::{self, AssertUnwindSafe},
     pin::Pin,
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
 
 use axum::{
     BoxError,
-    body::Body,
     extract::FromRequestParts,
-    http::{HeaderName, HeaderValue, Request, StatusCode, header::CONTENT_TYPE, request::Parts},
+    http::{Request, request::Parts},
     response::Response,
 };
 use bytes::Bytes;
@@ -36,7 +32,9 @@ use tracing::Level;
 
 use crate::{
     cache::CacheKey,
+    error::ApiError,
     metrics::{CachedCounter, Metrics},
+    request_id::{RequestId, X_REQUEST_ID},
     served::{CacheState, Served},
     server::Handle,
 };
@@ -44,92 +42,9 @@ use crate::{
 /// The `route` label of requests that matched no route.
 pub(crate) const UNMATCHED: &str = "unmatched";
 
-/// `X-Request-Id`, on every response.
-pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const MAX_ID_LEN: usize = 128;
 /// Longest method or path written to the access log, in bytes: the client
 /// chooses them, and a 16 KiB path must not make a 16 KiB log line.
 const MAX_LOGGED_LEN: usize = 256;
-
-/// The id of the request being served (a request extension).
-#[derive(Debug, Clone)]
-pub(crate) struct RequestId(Id);
-
-#[derive(Debug, Clone)]
-enum Id {
-    /// The client's, echoed: shares the request's buffer.
-    Client(HeaderValue),
-    /// Ours, kept as text on the stack until it becomes a header.
-    Generated([u8; GENERATED_LEN]),
-}
-
-/// Length of a generated id: the layout of a UUID.
-const GENERATED_LEN: usize = 36;
-/// Length of its per-process part, `xxxxxxxx-xxxx-xxxx-`.
-const PREFIX_LEN: usize = 19;
-
-/// Writes the low `out.len()` nibbles of `value` into `out` as lowercase
-/// hex, most significant first.
-fn hex_into(out: &mut [u8], mut value: u64) {
-    for byte in out.iter_mut().rev() {
-        *byte = b"0123456789abcdef"[(value & 0xf) as usize];
-        value >>= 4;
-    }
-}
-
-impl RequestId {
-    /// The client's id if it is 1–128 visible characters from `[A-Za-z0-9._:-]`.
-    fn from_client(value: &HeaderValue) -> Option<Self> {
-        let bytes = value.as_bytes();
-        let sane = (1..=MAX_ID_LEN).contains(&bytes.len())
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-        sane.then(|| Self(Id::Client(value.clone())))
-    }
-
-    /// A new id (for requests that sent none, or no usable one): a random
-    /// per-process prefix and a counter, in a UUID's layout. Unique without
-    /// asking an RNG per request, and sortable within one process.
-    pub(crate) fn generate() -> Self {
-        /// `xxxxxxxx-xxxx-xxxx-`: 64 random bits, formatted once.
-        static PREFIX: OnceLock<[u8; PREFIX_LEN]> = OnceLock::new();
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let prefix = PREFIX.get_or_init(|| {
-            let bits = fastrand::u64(..);
-            let mut text = [b'-'; PREFIX_LEN];
-            hex_into(&mut text[0..8], bits >> 32);
-            hex_into(&mut text[9..13], bits >> 16);
-            hex_into(&mut text[14..18], bits);
-            text
-        });
-        // `xxxx-xxxxxxxxxxxx`: the counter's 64 bits.
-        let next = NEXT.fetch_add(1, Ordering::Relaxed);
-        let mut text = [b'-'; GENERATED_LEN];
-        text[..PREFIX_LEN].copy_from_slice(prefix);
-        hex_into(&mut text[PREFIX_LEN..PREFIX_LEN + 4], next >> 48);
-        hex_into(&mut text[PREFIX_LEN + 5..], next);
-        Self(Id::Generated(text))
-    }
-
-    /// The id as text (always ASCII by construction).
-    pub(crate) fn as_str(&self) -> &str {
-        match &self.0 {
-            Id::Client(value) => value.to_str().unwrap_or(""),
-            Id::Generated(text) => std::str::from_utf8(text).unwrap_or(""),
-        }
-    }
-
-    /// The id as the `X-Request-Id` header value.
-    fn into_header(self) -> HeaderValue {
-        match self.0 {
-            Id::Client(value) => value,
-            Id::Generated(text) => {
-                HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("unknown"))
-            }
-        }
-    }
-}
 
 /// What a handler reports about its answer for the access log and the metrics.
 #[derive(Debug, Clone)]
@@ -300,12 +215,18 @@ impl<F: Future<Output = Response>> Future for ObserveFuture<'_, F> {
         // caught here, around the whole surface, rather than by a layer on
         // every route, which would box each request's future once more.
         let polled = panic::catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll(cx)));
-        let mut response = match polled {
+        let answered = match polled {
             Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(response)) => response,
-            Err(panic) => panicked(&*panic),
+            Ok(Poll::Ready(response)) => Ok(response),
+            Err(panic) => Err(panic),
         };
-        if let (Some(current), Some(done)) = (this.inner.take_value(), this.done.take()) {
+        // The scope hands its value back once the inner future is done (or unwound).
+        let current = this.inner.take_value().unwrap_or_else(|| Current {
+            id: RequestId::generate(),
+            reported: Cell::new(None),
+        });
+        let mut response = answered.unwrap_or_else(|panic| panicked(&*panic, &current.id));
+        if let Some(done) = this.done.take() {
             done.finish(&mut response, current);
         }
         Poll::Ready(response)
@@ -313,20 +234,14 @@ impl<F: Future<Output = Response>> Future for ObserveFuture<'_, F> {
 }
 
 /// The answer to a request whose handler panicked (logged, detail not sent).
-fn panicked(panic: &(dyn Any + Send)) -> Response {
+fn panicked(panic: &(dyn Any + Send), id: &RequestId) -> Response {
     let message = match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
         (Some(message), _) => message,
         (None, Some(message)) => message.as_str(),
         (None, None) => "(no message)",
     };
     tracing::error!(panic = message, "request handler panicked");
-    let mut response = Response::new(Body::from("Service panicked"));
-    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+    ApiError::Panicked.to_response(id)
 }
 
 impl Done<'_> {
@@ -385,23 +300,11 @@ fn truncated(text: &str) -> &str {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::*;
+    use axum::{body::Body, http::StatusCode};
 
-    #[test]
-    fn generated_ids_are_distinct_and_uuid_shaped() {
-        let (a, b) = (RequestId::generate(), RequestId::generate());
-        assert_ne!(a.as_str(), b.as_str());
-        for id in [a.as_str(), b.as_str()] {
-            let groups: Vec<usize> = id.split('-').map(str::len).collect();
-            assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
-            assert!(
-                id.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()),
-                "{id}"
-            );
-        }
-        assert_eq!(a.into_header().as_bytes().len(), GENERATED_LEN);
-    }
+    use super::*;
 
     /// A handler that always panics.
     struct Panics;
@@ -421,6 +324,15 @@ mod tests {
         let observed = Observe::new(Panics, metrics, Arc::from(["/"]), 0);
         let response = observed.handle(Request::new(Body::empty())).await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(response.headers().contains_key(X_REQUEST_ID));
+        let id = response.headers()[X_REQUEST_ID]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope["code"], 500);
+        assert_eq!(envelope["requestId"], id.as_str());
     }
 }

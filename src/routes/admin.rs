@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::{
     access::Client,
     error::ApiError,
-    observe::RequestId,
+    request_id::RequestId,
     route::{KeyError, Route, RouteTable},
     state::AppState,
 };

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use tower::ServiceExt as _;
 
 use crate::{
-    cache_status, error::ApiError, observe::RequestId, route::RouteTable, server::Handle,
+    cache_status, error::ApiError, request_id::RequestId, route::RouteTable, server::Handle,
     state::AppState,
 };
 
