@@ -84,14 +84,8 @@ impl LocalCache {
 
     /// The entry for `key`, fresh or stale at `now`, if any.
     pub fn get(&self, key: &CacheKey, now: SystemTime) -> Option<Arc<Entry>> {
-        (self.inner.get(key)).filter(|entry| !entry.remaining_lifetime(now).is_zero())
-    }
-
-    /// Whether a live entry for `key` exists (not counted as a read).
-    pub fn contains(&self, key: &CacheKey) -> bool {
-        self.inner
-            .peek(key)
-            .is_some_and(|entry| !self.expired(&entry))
+        let entry = self.inner.get(key)?;
+        (!entry.remaining_lifetime(now).is_zero()).then_some(entry)
     }
 
     /// Removes the entry for `key`; true if there was a live one.
@@ -115,8 +109,12 @@ impl LocalCache {
 
     /// Every live entry, one at a time, copying nothing but the pointers
     /// (snapshots stream this to disk in bounded memory).
+    /// Each item takes one shard's read lock briefly; none is held between items.
     pub fn iter(&self) -> impl Iterator<Item = (CacheKey, Arc<Entry>)> + '_ {
-        self.inner.iter().filter(|(_, entry)| !self.expired(entry))
+        let now = self.clock.now();
+        let live =
+            move |(_, entry): &(CacheKey, Arc<Entry>)| !entry.remaining_lifetime(now).is_zero();
+        self.inner.iter().filter(live)
     }
 
     /// Stores (or replaces) the entry for `key`.
@@ -148,5 +146,40 @@ impl LocalCache {
         let sweep = move || inner.retain(|_, entry| !entry.remaining_lifetime(now).is_zero());
         // A panicking sweep only leaves expired entries for the next one.
         let _ = tokio::task::spawn_blocking(sweep).await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{clock::ManualClock, config::Config};
+
+    #[tokio::test]
+    async fn expired_entries_are_not_served_listed_or_counted_after_a_sweep() {
+        let manual = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(1 << 30)));
+        let clock = SharedClock::new(manual.clone());
+        let cache = LocalCache::new(1 << 20, clock.clone());
+        let policy = Config::defaults().unwrap().cache.freshness_policy();
+        let (key, ttl) = (CacheKey::new("/v1/x?a=1".into()), Duration::from_secs(60));
+        let entry = Entry::success(Bytes::from_static(b"{}"), ttl, &policy, clock.now());
+        let lifetime = entry.lifetime();
+        cache.insert(key.clone(), Arc::new(entry));
+
+        manual.advance(lifetime - Duration::from_secs(1));
+        assert!(
+            cache.get(&key, clock.now()).is_some(),
+            "stale but within its windows"
+        );
+        manual.advance(Duration::from_secs(1));
+        assert!(cache.get(&key, clock.now()).is_none());
+        assert_eq!(cache.iter().count(), 0);
+        assert_eq!(cache.entry_count(), 1, "counted until swept");
+        cache.sync().await;
+        assert_eq!((cache.entry_count(), cache.weighted_size()), (0, 0));
     }
 }
