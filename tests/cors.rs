@@ -118,6 +118,29 @@ async fn a_refused_origin_is_turned_away_before_it_can_spend() {
 }
 
 #[tokio::test]
+async fn an_answer_without_origin_varies_by_origin_either_way_it_is_served() {
+    let app = app().await;
+    // A GET without `Origin` is answered directly; a HEAD goes through the
+    // CORS layer. Both say the answer depends on `Origin`.
+    let get = app.get_hashtag("hashtag_name=ufc324").await;
+    let head = app
+        .hashtag_request(reqwest::Method::HEAD, "hashtag_name=ufc324")
+        .send()
+        .await
+        .unwrap();
+    for response in [&get, &head] {
+        let vary: Vec<&str> = response
+            .headers()
+            .get_all("vary")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert!(vary.contains(&"accept-encoding"), "{vary:?}");
+        assert!(vary.iter().any(|v| v.contains("origin")), "{vary:?}");
+    }
+}
+
+#[tokio::test]
 async fn without_origins_no_cors_headers_are_sent() {
     let app = spawn_app().await;
     let response = preflight(&app, ALLOWED).await;

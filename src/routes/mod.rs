@@ -20,7 +20,10 @@ use axum::{
     BoxError, Extension, Router,
     body::Body,
     extract::{Request, State},
-    http::{self, Method, header::ORIGIN},
+    http::{
+        self, HeaderValue, Method,
+        header::{ORIGIN, VARY},
+    },
     middleware::map_response,
     response::Response,
     routing::get,
@@ -114,7 +117,9 @@ pub(crate) struct Front {
     /// [`router`], behind the CORS layer when origins are configured.
     router: Router,
     /// CORS is configured: a request with `Origin` takes the router's way,
-    /// through the CORS layer and its origin check.
+    /// through the CORS layer and its origin check; one without it is
+    /// answered directly, with the `Vary: origin` that layer adds to every
+    /// answer (so no downstream cache hands it to a browser).
     cors: bool,
 }
 
@@ -146,7 +151,11 @@ impl Handle for Front {
         B::Error: Into<BoxError>,
     {
         if let Some(route) = self.direct(&request) {
-            return proxied::answer(route, &self.state, request.into_parts().0).await;
+            let mut response = proxied::answer(route, &self.state, request.into_parts().0).await;
+            if self.cors {
+                (response.headers_mut()).append(VARY, HeaderValue::from_static("origin"));
+            }
+            return response;
         }
         // Boxed: the router's future would otherwise make every hit's future
         // (moved on its way into hyper's task) as large as its own.
