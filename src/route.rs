@@ -383,18 +383,18 @@ impl Route {
                 return Err(KeyError::Repeated(Arc::clone(&self.params[index].name)));
             }
         }
-        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut key) => {
-                key.clear();
-                self.assemble(&raw, &mut key)?;
-                Ok(CacheKey::copied(&key))
-            }
-            // Not reentrant, so never taken; a fresh buffer would do.
-            Err(_) => {
-                let mut key = String::new();
-                self.assemble(&raw, &mut key)?;
-                Ok(CacheKey::copied(&key))
-            }
+        SCRATCH.with(|scratch| {
+            // Not reentrant, so the buffer is always free; a fresh one would do.
+            let (mut borrowed, mut fresh) = (scratch.try_borrow_mut(), String::new());
+            let key = match &mut borrowed {
+                Ok(buffer) => {
+                    buffer.clear();
+                    &mut **buffer
+                }
+                Err(_) => &mut fresh,
+            };
+            self.assemble(&raw, key)?;
+            Ok(CacheKey::copied(key))
         })
     }
 
