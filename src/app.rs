@@ -146,12 +146,8 @@ impl App {
                 .collect(),
             ready: AtomicBool::new(false),
         });
-        let router = cors::apply(routes::router(state.clone()), &config.cors);
-        let front = Front::new(
-            state.clone(),
-            router,
-            !config.cors.allowed_origins.is_empty(),
-        );
+        let (router, cors) = cors::apply(routes::router(state.clone()), &config.cors);
+        let front = Front::new(state.clone(), router, cors);
         // Observe wraps the whole surface once (not each route): ids, the
         // access log and request metrics see every answer, 404s and panics
         // (which it turns into 500s) included.

@@ -15,8 +15,10 @@ use axum::{
     Router,
     extract::{Request, State},
     http::{
-        HeaderName, HeaderValue, Method,
-        header::{AGE, AUTHORIZATION, CACHE_CONTROL, ETAG, IF_NONE_MATCH, ORIGIN, RETRY_AFTER},
+        HeaderMap, HeaderName, HeaderValue, Method,
+        header::{
+            AGE, AUTHORIZATION, CACHE_CONTROL, ETAG, IF_NONE_MATCH, ORIGIN, RETRY_AFTER, VARY,
+        },
     },
     middleware::{self, Next},
     response::Response,
@@ -31,18 +33,20 @@ use crate::{
     request_id::{RequestId, X_REQUEST_ID},
 };
 
-/// `router` behind the CORS layer and the origin check for `config`;
-/// unchanged when no origin is allowed.
-pub(crate) fn apply(router: Router, config: &CorsConfig) -> Router {
+/// `router` behind the CORS layer and the origin check for `config`, and
+/// whether they are on (not when no origin is allowed): an answer that
+/// skips them must then carry [`vary_by_origin`]'s header itself.
+pub(crate) fn apply(router: Router, config: &CorsConfig) -> (Router, bool) {
     let origins: Arc<[HeaderValue]> = config
         .allowed_origins
         .iter()
         .filter_map(|o| HeaderValue::from_str(o).ok())
         .collect();
     if origins.is_empty() {
-        return router;
+        return (router, false);
     }
     let layer = CorsLayer::new()
+        .vary([ORIGIN])
         .allow_origin(AllowOrigin::list(origins.iter().cloned()))
         .allow_methods([Method::GET, Method::HEAD])
         .allow_headers([
@@ -62,12 +66,20 @@ pub(crate) fn apply(router: Router, config: &CorsConfig) -> Router {
         .max_age(config.max_age);
     // Inside the CORS layer: preflights are answered before the check, and
     // a refusal still gets (no) CORS headers from the layer.
-    router
+    let router = router
         .layer(middleware::from_fn_with_state(
             origins,
             refuse_other_origins,
         ))
-        .layer(layer)
+        .layer(layer);
+    (router, true)
+}
+
+/// What the CORS layer adds to every answer, `Vary: origin` (an answer to a
+/// request without `Origin` must not be handed to one with it), for the
+/// answers that do not pass through the layer.
+pub(crate) fn vary_by_origin(headers: &mut HeaderMap) {
+    headers.append(VARY, HeaderValue::from(ORIGIN));
 }
 
 async fn refuse_other_origins(

@@ -20,10 +20,7 @@ use axum::{
     BoxError, Extension, Router,
     body::Body,
     extract::{Request, State},
-    http::{
-        self, HeaderValue, Method,
-        header::{ORIGIN, VARY},
-    },
+    http::{self, Method, header::ORIGIN},
     middleware::map_response,
     response::Response,
     routing::get,
@@ -32,7 +29,7 @@ use bytes::Bytes;
 use tower::ServiceExt as _;
 
 use crate::{
-    cache_status, error::ApiError, request_id::RequestId, route::RouteTable, server::Handle,
+    cache_status, cors, error::ApiError, request_id::RequestId, route::RouteTable, server::Handle,
     state::AppState,
 };
 
@@ -116,10 +113,9 @@ pub(crate) struct Front {
     state: AppState,
     /// [`router`], behind the CORS layer when origins are configured.
     router: Router,
-    /// CORS is configured: a request with `Origin` takes the router's way,
-    /// through the CORS layer and its origin check; one without it is
-    /// answered directly, with the `Vary: origin` that layer adds to every
-    /// answer (so no downstream cache hands it to a browser).
+    /// The CORS layer is on: a request with `Origin` takes the router's way,
+    /// through it and its origin check; one without is answered directly,
+    /// with the `Vary` the layer would have added ([`cors::vary_by_origin`]).
     cors: bool,
 }
 
@@ -153,7 +149,7 @@ impl Handle for Front {
         if let Some(route) = self.direct(&request) {
             let mut response = proxied::answer(route, &self.state, request.into_parts().0).await;
             if self.cors {
-                (response.headers_mut()).append(VARY, HeaderValue::from_static("origin"));
+                cors::vary_by_origin(response.headers_mut());
             }
             return response;
         }
