@@ -143,6 +143,16 @@ pub struct Gzip {
     pub etag: HeaderValue,
 }
 
+impl Gzip {
+    /// The gzip form `body` of an entry tagged `etag`.
+    fn of(body: Bytes, etag: &HeaderValue) -> Self {
+        Self {
+            body,
+            etag: encoding::gzip_etag(etag),
+        }
+    }
+}
+
 /// [`Entry::hit_head`]'s memo: one head per representation, for one age.
 #[derive(Debug)]
 struct HitHeads {
@@ -196,10 +206,7 @@ impl Entry {
     ) -> Self {
         let made = OnceLock::new();
         if let Some(body) = gzip {
-            let _ = made.set(Some(Gzip {
-                body,
-                etag: encoding::gzip_etag(&etag),
-            }));
+            let _ = made.set(Some(Gzip::of(body, &etag)));
         }
         let cache_control = encoding::cache_control([ttl, stale_while_revalidate, stale_if_error]);
         Self {
@@ -222,12 +229,7 @@ impl Entry {
     /// would not be smaller than the body.
     pub fn gzip(&self) -> Option<&Gzip> {
         self.gzip
-            .get_or_init(|| {
-                encoding::gzip(&self.body).map(|body| Gzip {
-                    body,
-                    etag: encoding::gzip_etag(&self.etag),
-                })
-            })
+            .get_or_init(|| encoding::gzip(&self.body).map(|body| Gzip::of(body, &self.etag)))
             .as_ref()
     }
 
