@@ -46,6 +46,11 @@ impl Weighter<CacheKey, Arc<Entry>> for StoredBytes {
     }
 }
 
+/// Whether `entry` is still within its longest window at `now` (servable).
+fn live(entry: &Entry, now: SystemTime) -> bool {
+    !entry.remaining_lifetime(now).is_zero()
+}
+
 type Store = Cache<CacheKey, Arc<Entry>, StoredBytes, foldhash::fast::RandomState>;
 
 /// In-memory cache of stored answers. Cloning shares the same store.
@@ -77,22 +82,17 @@ impl LocalCache {
         }
     }
 
-    /// Whether `entry` is past the end of its longest window.
-    fn expired(&self, entry: &Entry) -> bool {
-        entry.remaining_lifetime(self.clock.now()).is_zero()
-    }
-
     /// The entry for `key`, fresh or stale at `now`, if any.
     pub fn get(&self, key: &CacheKey, now: SystemTime) -> Option<Arc<Entry>> {
         let entry = self.inner.get(key)?;
-        (!entry.remaining_lifetime(now).is_zero()).then_some(entry)
+        live(&entry, now).then_some(entry)
     }
 
     /// Removes the entry for `key`; true if there was a live one.
     pub fn remove(&self, key: &CacheKey) -> bool {
         self.inner
             .remove(key)
-            .is_some_and(|(_, entry)| !self.expired(&entry))
+            .is_some_and(|(_, entry)| live(&entry, self.clock.now()))
     }
 
     /// Removes every entry; returns how many live ones there were.
@@ -112,9 +112,7 @@ impl LocalCache {
     /// Each item takes one shard's read lock briefly; none is held between items.
     pub fn iter(&self) -> impl Iterator<Item = (CacheKey, Arc<Entry>)> + '_ {
         let now = self.clock.now();
-        let live =
-            move |(_, entry): &(CacheKey, Arc<Entry>)| !entry.remaining_lifetime(now).is_zero();
-        self.inner.iter().filter(live)
+        self.inner.iter().filter(move |(_, entry)| live(entry, now))
     }
 
     /// Stores (or replaces) the entry for `key`.
@@ -143,7 +141,7 @@ impl LocalCache {
             return;
         }
         let inner = Arc::clone(&self.inner);
-        let sweep = move || inner.retain(|_, entry| !entry.remaining_lifetime(now).is_zero());
+        let sweep = move || inner.retain(|_, entry| live(entry, now));
         // A panicking sweep only leaves expired entries for the next one.
         let _ = tokio::task::spawn_blocking(sweep).await;
     }
