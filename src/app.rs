@@ -72,6 +72,8 @@ pub struct App {
     front: Observe<Front>,
     state: AppState,
     limits: Limits,
+    /// `server.drain_delay`: not ready but still accepting, after the signal.
+    drain_delay: Duration,
     snapshot: Option<(PathBuf, Duration)>,
 }
 
@@ -193,6 +195,7 @@ impl App {
                 }),
                 shutdown_grace: config.server.shutdown_grace,
             },
+            drain_delay: config.server.drain_delay,
             snapshot,
         })
     }
@@ -207,10 +210,11 @@ impl App {
         &self.state
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, closes silent
+    /// Serves until `shutdown` resolves, turns `/readyz` to 503 and serves on
+    /// for `server.drain_delay`, then stops accepting, closes silent
     /// connections and lets in-flight requests finish for at most the
     /// configured grace period; the final snapshot is written either way.
-    pub async fn run_until<F>(self, shutdown: F) -> std::io::Result<()>
+    pub async fn run_until<F>(self, shutdown: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -220,6 +224,7 @@ impl App {
             front,
             state,
             limits,
+            drain_delay,
             snapshot,
         } = self;
         let purges = state.proxy().redis().cloned().map(|redis| {
@@ -246,6 +251,13 @@ impl App {
         let signal = async move {
             shutdown.await;
             signal_state.set_ready(false);
+            if !drain_delay.is_zero() {
+                tracing::info!(
+                    ?drain_delay,
+                    "not ready; serving on until the listener closes"
+                );
+                tokio::time::sleep(drain_delay).await;
+            }
             deadline_tx.send_replace(Some(Instant::now() + shutdown_grace));
         };
         state.set_ready(true);
@@ -274,7 +286,6 @@ impl App {
             save_snapshot(path, &state).await;
         }
         tracing::info!("stopped");
-        Ok(())
     }
 }
 

@@ -196,8 +196,6 @@ async fn serve(mut config: Config, demo: bool) -> ExitCode {
             app.local_addr()
         );
     }
-    match app.run_until(shutdown::signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
-    }
+    app.run_until(shutdown::signal()).await;
+    ExitCode::SUCCESS
 }

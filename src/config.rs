@@ -93,6 +93,11 @@ pub struct ServerConfig {
     /// (below Docker's 10 s stop timeout, so the final snapshot gets written).
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// `KEYAPI_PROXY__SERVER__DRAIN_DELAY`: time between the stop signal and
+    /// closing the listener, serving on while `/readyz` says 503, so load
+    /// balancers stop sending new connections before they would be refused.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
     /// `KEYAPI_PROXY__SERVER__HEADER_READ_TIMEOUT`: time a client has to send a request head.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,

@@ -400,7 +400,7 @@ async fn a_refresh_in_flight_at_sigterm_is_stored_in_the_snapshot_and_paid_once(
     assert!(header(&headers, "cache-status").ends_with("detail=stale-while-revalidate"));
     first.upstream.wait_for_calls(2).await;
     // SIGTERM while KeyAPI is working on the refresh.
-    first.begin_shutdown().await.unwrap().unwrap();
+    first.begin_shutdown().await.unwrap();
     assert_ledger_equals_bill(&[&first]).await;
 
     let second = first.spawn_replica(config).await;

@@ -130,11 +130,33 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
 
     let (status, _, body) = in_flight.await.unwrap();
     assert_eq!(status, 200, "{body}");
-    server.await.unwrap().unwrap();
+    server.await.unwrap();
     assert!(
         app.client.get(app.url("/healthz")).send().await.is_err(),
         "no longer accepting connections"
     );
+}
+
+#[tokio::test]
+async fn drain_delay_keeps_serving_while_readiness_says_draining() {
+    let mut app = spawn_app_with(|c| c.server.drain_delay = Duration::from_secs(2)).await;
+    app.get("hashtag_name=ufc324").await;
+
+    let server = app.begin_shutdown();
+    // New connections (the client pools none) are still accepted and served,
+    // but a load balancer probing readiness is told to stop sending them.
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.text().await.unwrap(), r#"{"status":"draining"}"#);
+    let (status, headers, body) = app.get("hashtag_name=ufc324").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert!(!server.is_finished());
+
+    // After the delay the listener closes and the drain runs as without one.
+    server.await.unwrap();
+    assert!(app.client.get(app.url("/healthz")).send().await.is_err());
+    assert_eq!(app.upstream.calls(), 1);
 }
 
 #[tokio::test]
@@ -144,6 +166,6 @@ async fn shutdown_grace_bounds_the_drain() {
     let stuck = app.spawn_get_hashtag("hashtag_name=ufc324");
     app.upstream.wait_for_calls(1).await;
     // The server returns after the grace period although the request never ends.
-    app.begin_shutdown().await.unwrap().unwrap();
+    app.begin_shutdown().await.unwrap();
     stuck.abort();
 }

@@ -204,7 +204,7 @@ async fn a_snapshot_carries_the_cache_across_a_restart() {
     let (_, _, body) = first.get("hashtag_name=ufc324").await;
     // Let a whole second pass so the restored Age is visibly the original one.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    first.begin_shutdown().await.unwrap().unwrap();
+    first.begin_shutdown().await.unwrap();
     assert!(path.exists(), "written on graceful shutdown");
 
     let second = first.spawn_replica(with_snapshot).await;

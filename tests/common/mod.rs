@@ -36,7 +36,7 @@ pub struct TestApp {
     /// The app's shared state, e.g. to await background refreshes.
     pub state: AppState,
     shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<std::io::Result<()>>>,
+    server: Option<JoinHandle<()>>,
 }
 
 /// Compiled-in defaults with a free port and a quiet upstream.
@@ -185,7 +185,7 @@ impl TestApp {
     }
 
     /// Sends the shutdown signal; returns the server task to await.
-    pub fn begin_shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
+    pub fn begin_shutdown(&mut self) -> JoinHandle<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
