@@ -143,6 +143,8 @@ async fn the_status_page_is_self_contained() {
         "requests and credits, each on its own scale"
     );
     assert!(html.contains("66.7 %"), "hit ratio");
+    assert!(html.contains("2 hits / 1 miss<"), "counts with their nouns");
+    assert!(html.contains("<b>1</b>entry,"), "{html}");
     assert!(html.contains("ufc324"), "top keys");
     let lower = html.to_ascii_lowercase();
     for forbidden in [

@@ -99,21 +99,22 @@ fn render(stats: &Stats) -> String {
          <style>{STYLE}</style></head><body><h1>keyapi-proxy</h1>\
          <div class=\"cards\">\
          <div class=\"card\">uptime<b>{uptime}</b>since start</div>\
-         <div class=\"card\">hit ratio<b>{ratio}</b>{hits} hits / {misses} misses</div>\
-         <div class=\"card\">credits spent<b>{spent}</b>{saved} saved, {calls} calls this hour</div>\
+         <div class=\"card\">hit ratio<b>{ratio}</b>{hits} / {misses}</div>\
+         <div class=\"card\">credits spent<b>{spent}</b>{saved} saved, {calls} this hour</div>\
          <div class=\"card\">rejected<b class=\"{rejected_class}\">{rejected}</b>refused before the cache, no credits</div>\
-         <div class=\"card\">cache<b>{entries}</b>entries, {bytes}</div>\
+         <div class=\"card\">cache<b>{entries}</b>{entry_word}, {bytes}</div>\
          <div class=\"card\">upstream<b class=\"{health}\">{health}</b>circuit <span class=\"{circuit}\">{circuit_text}</span>, {in_flight} in flight</div>\
          </div>",
         uptime = duration_text(stats.uptime_secs),
-        hits = t.hits,
-        misses = t.misses,
+        hits = counted(t.hits, "hit", "hits"),
+        misses = counted(t.misses, "miss", "misses"),
         spent = t.credits_spent,
-        calls = stats.upstream.calls_last_hour,
+        calls = counted(stats.upstream.calls_last_hour, "call", "calls"),
         saved = t.credits_saved,
         rejected = t.rejected,
         rejected_class = if t.rejected > 0 { "rejected" } else { "" },
         entries = stats.cache_entries,
+        entry_word = if stats.cache_entries == 1 { "entry" } else { "entries" },
         bytes = bytes_text(stats.cache_bytes),
         health = u.status,
         circuit = u.circuit,
@@ -293,6 +294,11 @@ fn bytes_text(bytes: u64) -> String {
         1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
         _ => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
     }
+}
+
+/// `1 hit`, `2 hits`: the number with the noun it counts.
+fn counted(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn duration_text(secs: u64) -> String {
