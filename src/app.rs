@@ -262,7 +262,8 @@ impl App {
         };
         state.set_ready(true);
         tracing::info!(%local_addr, max_connections = limits.max_connections, "listening");
-        server::serve(listener, front, limits, signal).await;
+        let connections = state.metrics().connections();
+        server::serve(listener, front, limits, connections, signal).await;
         // No new warm-up calls once draining; fetches they started go on below.
         for task in warmups {
             task.abort();

@@ -125,6 +125,35 @@ pub struct ClientCounters {
     pub credits_spent: Counter,
 }
 
+/// The connection layer's metrics: handles into the app's registry that
+/// [`crate::server`] updates once per connection, never per request.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    open: Gauge<i64, AtomicI64>,
+    accepted: Counter,
+    refused: Counter,
+    closed: Family<ReasonLabels, Counter>,
+}
+
+impl ConnectionMetrics {
+    /// A connection was accepted and is now open.
+    pub fn opened(&self) {
+        self.accepted.inc();
+        self.open.inc();
+    }
+
+    /// A connection was accepted and closed at once: every open one was busy.
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
+
+    /// An open connection ended, for `reason` (a fixed set named by the caller).
+    pub fn closed(&self, reason: &'static str) {
+        self.open.dec();
+        self.closed.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}
+
 /// All metrics of one running proxy.
 #[derive(Debug)]
 pub struct Metrics {
@@ -154,6 +183,7 @@ pub struct Metrics {
     upstream_retries: Counter,
     upstream_refused: Family<ReasonLabels, Counter>,
     redis_errors: Counter,
+    connections: ConnectionMetrics,
 }
 
 impl Metrics {
@@ -280,6 +310,27 @@ impl Metrics {
             "Redis tier calls that failed or timed out (served from memory and upstream instead)",
             redis_errors.clone(),
         );
+        let connections = ConnectionMetrics::default();
+        registry.register(
+            "connections_open",
+            "Client connections open",
+            connections.open.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "Client connections accepted and served",
+            connections.accepted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections closed on arrival because server.max_connections were open and all busy",
+            connections.refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Client connections ended, by reason (client: the client or the protocol ended it; header_read_timeout, idle_timeout, evicted, shutdown: the proxy closed it)",
+            connections.closed.clone(),
+        );
         Self {
             registry,
             history: History::new(clock),
@@ -304,7 +355,13 @@ impl Metrics {
             upstream_retries,
             upstream_refused,
             redis_errors,
+            connections,
         }
+    }
+
+    /// The connection layer's metrics (handles into this registry).
+    pub fn connections(&self) -> ConnectionMetrics {
+        self.connections.clone()
     }
 
     /// The per-minute history and upstream health (for `/stats`).

@@ -44,6 +44,8 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 
+use crate::metrics::ConnectionMetrics;
+
 /// Largest request head (HTTP/1 read buffer, HTTP/2 header list) in bytes;
 /// larger heads get 431. Our longest legitimate head is well under 2 KiB.
 pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -125,6 +127,7 @@ enum Cut {
 }
 
 impl Cut {
+    /// The `reason` label of `connections_closed_total`.
     fn as_str(self) -> &'static str {
         match self {
             Self::HeaderTimeout => "header_read_timeout",
@@ -354,6 +357,7 @@ struct Registry {
     conns: Mutex<Connections>,
     /// Signalled when the last connection closes.
     emptied: Notify,
+    metrics: ConnectionMetrics,
 }
 
 #[derive(Default)]
@@ -410,13 +414,14 @@ impl Connections {
 
 impl Registry {
     /// A registry whose reaper sweeps every `limits`' tenth of the shorter timeout.
-    fn new(limits: &Limits) -> Self {
+    fn new(limits: &Limits, metrics: ConnectionMetrics) -> Self {
         let period =
             (limits.header_read_timeout.min(limits.idle_timeout) / 10).max(MIN_REAP_PERIOD);
         Self {
             ticks: Arc::new(Ticks::new(period)),
             conns: Mutex::new(Connections::default()),
             emptied: Notify::new(),
+            metrics,
         }
     }
 
@@ -430,8 +435,10 @@ impl Registry {
     fn admit(&self, max: usize) -> Option<(u64, Arc<Conn>, mpsc::Receiver<Signal>)> {
         let mut conns = self.lock();
         if conns.open.len() >= max && !conns.evict_longest_silent() {
+            self.metrics.refused();
             return None;
         }
+        self.metrics.opened();
         let id = conns.next_id;
         conns.next_id += 1;
         let (conn, signals) = Conn::new(Arc::clone(&self.ticks));
@@ -480,15 +487,19 @@ impl Registry {
     }
 }
 
-/// Deregisters a connection however its task ends.
+/// Deregisters a connection however its task ends, counting why it ended.
 struct Registered {
     registry: Arc<Registry>,
     id: u64,
+    /// Who ended the connection; the client unless the proxy cut it.
+    cut: Option<Cut>,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
         self.registry.remove(self.id);
+        let reason = self.cut.map_or("client", Cut::as_str);
+        self.registry.metrics.closed(reason);
     }
 }
 
@@ -514,12 +525,17 @@ fn builder() -> auto::Builder<TokioExecutor> {
 /// Serves `service` on `listener` until `shutdown` resolves, then closes the
 /// listener, closes silent connections at once and lets busy ones finish
 /// within `limits.shutdown_grace`.
-pub(crate) async fn serve<H, F>(listener: TcpListener, handler: H, limits: Limits, shutdown: F)
-where
+pub(crate) async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    limits: Limits,
+    metrics: ConnectionMetrics,
+    shutdown: F,
+) where
     H: Handle,
     F: Future<Output = ()>,
 {
-    let registry = Arc::new(Registry::new(&limits));
+    let registry = Arc::new(Registry::new(&limits, metrics));
     let builder = Arc::new(builder());
     let handler = Arc::new(handler);
     let reaper = tokio::spawn({
@@ -548,6 +564,7 @@ where
         let registered = Registered {
             registry: Arc::clone(&registry),
             id,
+            cut: None,
         };
         tokio::spawn(serve_connection(
             stream,
@@ -592,7 +609,7 @@ async fn serve_connection<H: Handle>(
     stream: TcpStream,
     conn: Arc<Conn>,
     mut signals: mpsc::Receiver<Signal>,
-    _registered: Registered,
+    mut registered: Registered,
     builder: Arc<auto::Builder<TokioExecutor>>,
     handler: Arc<H>,
 ) {
@@ -621,9 +638,13 @@ async fn serve_connection<H: Handle>(
                 return;
             }
             signal = signals.recv() => match signal {
-                Some(Signal::Drain) => connection.as_mut().graceful_shutdown(),
+                Some(Signal::Drain) => {
+                    registered.cut = Some(Cut::Shutdown);
+                    connection.as_mut().graceful_shutdown();
+                }
                 Some(Signal::Close(cut)) => {
                     tracing::debug!(reason = cut.as_str(), "connection closed by the proxy");
+                    registered.cut = Some(cut);
                     return;
                 }
                 // The registry let go of this connection without a word: cannot happen.

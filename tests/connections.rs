@@ -109,6 +109,15 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         "closed before the idle timeout: {elapsed:?}"
     );
     assert!(elapsed < idle * 3, "closed too late: {elapsed:?}");
+    // Counted once, when its task ended; the scrape's own connection is the one open.
+    let text = app.metrics().await;
+    let closed = r#"keyapi_proxy_connections_closed_total{reason="idle_timeout"}"#;
+    assert_eq!(common::metric(&text, closed), 1.0);
+    assert_eq!(
+        common::metric(&text, "keyapi_proxy_connections_accepted_total"),
+        2.0
+    );
+    assert_eq!(common::metric(&text, "keyapi_proxy_connections_open"), 1.0);
 }
 
 #[tokio::test]
@@ -134,6 +143,18 @@ async fn silent_sockets_beyond_the_cap_make_room_for_real_clients() {
     // The oldest silent socket was closed to make room.
     closed_after(&mut silent[0], started, Duration::from_secs(1)).await;
     assert_eq!(app.upstream.calls(), 1);
+    // Two requests and 20 silent sockets, then the scrape: all accepted, none refused.
+    let text = app.metrics().await;
+    assert_eq!(
+        common::metric(&text, "keyapi_proxy_connections_accepted_total"),
+        23.0
+    );
+    assert_eq!(
+        common::metric(&text, "keyapi_proxy_connections_refused_total"),
+        0.0
+    );
+    let evicted = r#"keyapi_proxy_connections_closed_total{reason="evicted"}"#;
+    assert!(common::metric(&text, evicted) >= 1.0, "{text}");
 }
 
 #[tokio::test]

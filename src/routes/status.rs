@@ -114,7 +114,11 @@ fn render(stats: &Stats) -> String {
         rejected = t.rejected,
         rejected_class = if t.rejected > 0 { "rejected" } else { "" },
         entries = stats.cache_entries,
-        entry_word = if stats.cache_entries == 1 { "entry" } else { "entries" },
+        entry_word = if stats.cache_entries == 1 {
+            "entry"
+        } else {
+            "entries"
+        },
         bytes = bytes_text(stats.cache_bytes),
         health = u.status,
         circuit = u.circuit,
