@@ -2,7 +2,9 @@
 //! hyper-util's HTTP/1.1 + h2c builder, keeping everything a client controls
 //! bounded — time to send a request head (`server.header_read_timeout`), time
 //! silent on a keep-alive connection (`server.idle_timeout`), header size and
-//! count, and open connections (`server.max_connections`).
+//! count, and open connections (`server.max_connections`). On HTTP/2 only the
+//! first request's head is timed: later frames between requests (PINGs) are
+//! idle traffic, and hyper's own HTTP/2 limits bound the rest.
 //!
 //! At the cap, the connection that has been silent longest (no request in
 //! progress: idle keep-alive or head incomplete) is closed to admit the new
@@ -300,10 +302,21 @@ impl http_body::Body for TrackedBody {
     }
 }
 
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Speaks {
+    /// Nothing read yet.
+    Unknown,
+    Http1,
+    /// The client preface (`PRI * HTTP/2.0`), as hyper-util's builder detects it.
+    Http2,
+}
+
 /// The socket, reporting reads so a new request head starts its timer.
 struct Watched {
     stream: TcpStream,
     conn: Arc<Conn>,
+    speaks: Speaks,
 }
 
 impl AsyncRead for Watched {
@@ -314,8 +327,20 @@ impl AsyncRead for Watched {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.conn.on_read();
+        let read = buf.filled().get(before..).unwrap_or_default();
+        if !read.is_empty() {
+            if self.speaks == Speaks::Unknown {
+                self.speaks = if read.starts_with(b"PRI ") {
+                    Speaks::Http2
+                } else {
+                    Speaks::Http1
+                };
+            }
+            // HTTP/2 sends frames between requests (PING, SETTINGS,
+            // WINDOW_UPDATE) that begin no request: its silences are idle ones.
+            if self.speaks == Speaks::Http1 {
+                self.conn.on_read();
+            }
         }
         polled
     }
@@ -617,6 +642,7 @@ async fn serve_connection<H: Handle>(
     let io = TokioIo::new(Watched {
         stream,
         conn: Arc::clone(&conn),
+        speaks: Speaks::Unknown,
     });
     let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let guard = conn.begin_request();

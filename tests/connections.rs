@@ -254,6 +254,37 @@ async fn h2c_with_prior_knowledge_is_served_on_the_same_port() {
 }
 
 #[tokio::test]
+async fn http2_pings_between_requests_do_not_start_the_header_timer() {
+    let app = spawn_app_with(|c| {
+        c.server.header_read_timeout = Duration::from_millis(100);
+        c.server.idle_timeout = Duration::from_secs(30);
+    })
+    .await;
+    // A client that PINGs its idle connection every 20 ms, as gRPC-style clients do.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .http2_keep_alive_interval(Duration::from_millis(20))
+        .http2_keep_alive_while_idle(true)
+        .build()
+        .unwrap();
+    let healthz = app.url("/healthz");
+    assert_eq!(h2.get(&healthz).send().await.unwrap().status(), 200);
+    // Five header timeouts of PINGs: frames, not request heads, so the
+    // connection is idle (30 s) rather than reading a head (100 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h2.get(&healthz).send().await.unwrap().status(), 200);
+
+    let text = app.metrics().await;
+    let cut = r#"keyapi_proxy_connections_closed_total{reason="header_read_timeout"}"#;
+    assert_eq!(common::metric(&text, cut), 0.0, "{text}");
+    assert_eq!(
+        common::metric(&text, "keyapi_proxy_connections_accepted_total"),
+        2.0,
+        "one HTTP/2 connection for both requests, and the scrape's"
+    );
+}
+
+#[tokio::test]
 async fn a_busy_connection_is_told_to_close_after_its_answer_on_shutdown() {
     let mut app = spawn_app_with(|_| {}).await;
     app.upstream.hold();
