@@ -114,11 +114,7 @@ fn render(stats: &Stats) -> String {
         rejected = t.rejected,
         rejected_class = if t.rejected > 0 { "rejected" } else { "" },
         entries = stats.cache_entries,
-        entry_word = if stats.cache_entries == 1 {
-            "entry"
-        } else {
-            "entries"
-        },
+        entry_word = noun(stats.cache_entries, "entry", "entries"),
         bytes = bytes_text(stats.cache_bytes),
         health = u.status,
         circuit = u.circuit,
@@ -302,7 +298,12 @@ fn bytes_text(bytes: u64) -> String {
 
 /// `1 hit`, `2 hits`: the number with the noun it counts.
 fn counted(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
+    format!("{n} {}", noun(n, one, many))
+}
+
+/// The singular for exactly one, else the plural.
+fn noun<'a>(n: u64, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 { one } else { many }
 }
 
 fn duration_text(secs: u64) -> String {
