@@ -7,7 +7,8 @@
 //! (issue 14: a hit within 10% of this).
 //!
 //! Usage: `bench-bare-hyper [ADDR]` (default `127.0.0.1:0`); prints
-//! `http://ADDR` on stdout once listening.
+//! `http://ADDR` on stdout once listening, exits on SIGINT (so that a
+//! profile-instrumented build writes its profile: `bench/pgo.sh`).
 
 #[path = "common.rs"]
 mod common;
@@ -41,7 +42,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve())
+    runtime.block_on(async {
+        tokio::select! {
+            code = serve() => code,
+            _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        }
+    })
 }
 
 async fn serve() -> ExitCode {

@@ -199,7 +199,8 @@ def render(f, rows):
         f"{f.get('psi_after') or '?'} %. Other work on these CPUs shows up as noise in the "
         "req/s and latency figures (not in the callgrind counts)"
     )
-    out.append(f"- Build: {f['rustc']}, release profile (lto = \"thin\", codegen-units = 1); commit {f['commit']}")
+    out.append(f"- Build: {f['rustc']}, release profile (lto = \"thin\", codegen-units = 1), "
+               f"{f.get('build', 'plain')}; commit {f['commit']}")
     out.append(
         f"- Load: wrk {f['wrk']}, {f['wrk_threads']} thread pinned to CPU 1; the proxy, the fake upstream, "
         "bare hyper and nginx pinned to CPU 0 (`taskset`), so each server has one core (one tokio "

@@ -22,7 +22,8 @@
 # BENCH_PROFILE=0 (skip the callgrind count of bench/profile.sh),
 # BENCH_HITS_ONLY=1 (scenarios 1, 2 and 6 only: the three-server comparison),
 # BENCH_CONNECTIONS (hit scenarios, default 64), BENCH_OUT (default
-# bench/RESULTS.md).
+# bench/RESULTS.md), BENCH_PGO=1 (measure profile-guided builds of the proxy
+# and of bare hyper, made by bench/pgo.sh, instead of plain release builds).
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +96,13 @@ TARGET=${CARGO_TARGET_DIR:-target}/release
 mkdir "$WORK/bin"
 cp "$TARGET/keyapi-proxy" "$TARGET/examples/bench-bare-hyper" \
   "$TARGET/examples/bench-fake-upstream" "$WORK/bin/"
+if [ "${BENCH_PGO:-0}" = 1 ]; then
+  log "building profile-guided binaries (bench/pgo.sh)"
+  bash bench/pgo.sh
+  cp "${CARGO_TARGET_DIR:-target}/pgo/keyapi-proxy" "${CARGO_TARGET_DIR:-target}/pgo/bench-bare-hyper" \
+    "$WORK/bin/"
+fi
+figure build "$([ "${BENCH_PGO:-0}" = 1 ] && echo "profile-guided (bench/pgo.sh), proxy and bare hyper alike" || echo plain)"
 PROXY_BIN=$WORK/bin/keyapi-proxy
 BARE_BIN=$WORK/bin/bench-bare-hyper
 UPSTREAM_BIN=$WORK/bin/bench-fake-upstream

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Profile-guided builds (PGO) of the proxy and of the bare hyper reference
+# (bench/bare_hyper.rs), for bench/run.sh (BENCH_PGO=1) and for operators who
+# want the faster binary. A hit runs through more code than fits the CPU's
+# instruction cache; PGO lays the hot path out together (bench/NOTES.md,
+# "Issue 14, fourth look").
+#
+#   bash bench/pgo.sh      → target/pgo/keyapi-proxy, target/pgo/bench-bare-hyper
+#
+# Steps: an instrumented build of both, a training load on each (the proxy:
+# 2,000 misses against bench/fake_upstream.rs, then Zipf and one-hot-key hits,
+# fresh keys, a few conditional and gzip requests and bad queries; the bare
+# server: hits), their profiles merged with llvm-profdata, then a build that
+# uses them. Both binaries get the same treatment so that bench/run.sh still
+# compares like with like. Needs: cargo, curl, taskset, wrk, and rustup's
+# llvm-tools component (installed when missing). Takes ~10 min on 2 cores.
+
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGET_ROOT=${CARGO_TARGET_DIR:-target}
+PGO=$TARGET_ROOT/pgo
+PROFILES=$PWD/$PGO/profiles
+KEY=bench-key-not-a-secret
+HASHTAG_PATH=/v1/tiktok/trending/hashtag/detail
+PIDS=()
+
+log() { printf '[pgo %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+cleanup() {
+  local pid
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill "$pid" 2>/dev/null || true; done
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+profdata() {
+  find "$(rustc --print sysroot)" -name llvm-profdata -type f 2>/dev/null | head -n1
+}
+if [ -z "$(profdata)" ]; then
+  log "installing rustup's llvm-tools (llvm-profdata)"
+  rustup component add llvm-tools >/dev/null
+fi
+LLVM_PROFDATA=$(profdata)
+[ -n "$LLVM_PROFDATA" ] || { log "llvm-profdata not found"; exit 1; }
+
+# build RUSTFLAGS TARGET_DIR: the proxy on its own (the binary that ships
+# must not see the examples' dev-dependency features), then the reference.
+build() {
+  RUSTFLAGS=$1 CARGO_TARGET_DIR=$2 cargo build --release --quiet --bin keyapi-proxy
+  RUSTFLAGS=$1 CARGO_TARGET_DIR=$2 cargo build --release --quiet --example bench-bare-hyper
+}
+
+wait_ok() {
+  local i
+  for i in $(seq 300); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return
+    sleep 0.1
+  done
+  log "$1 did not answer"
+  exit 1
+}
+
+# stop PID SIGNAL: ends a server cleanly, which is when it writes its profile.
+stop() {
+  kill "-$2" "$1"
+  wait "$1" || true
+}
+
+log "instrumented build"
+rm -rf "$PROFILES"
+mkdir -p "$PROFILES"
+build "-Cprofile-generate=$PROFILES" "$PGO/generate"
+cargo build --release --quiet --example bench-fake-upstream
+GEN=$PGO/generate/release
+
+log "training the proxy"
+"$TARGET_ROOT/release/examples/bench-fake-upstream" 0 "$KEY" >"$PROFILES/upstream.out" &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$PROFILES/upstream.out" ] && break; sleep 0.1; done
+port=18931
+proxy_url=http://127.0.0.1:$port
+LLVM_PROFILE_FILE="$PROFILES/proxy-%p.profraw" RUST_LOG=warn KEYAPI_API_KEY=$KEY \
+  KEYAPI_PROXY__UPSTREAM__BASE_URL="$(head -n1 "$PROFILES/upstream.out")" \
+  KEYAPI_PROXY__SERVER__LISTEN=127.0.0.1:$port \
+  taskset -c 0 "$GEN/keyapi-proxy" serve >/dev/null 2>&1 &
+proxy=$!
+PIDS+=("$proxy")
+wait_ok "$proxy_url/healthz"
+taskset -c 1 wrk -t1 -c16 -d5s -s bench/keys.lua "$proxy_url" -- seq z 2000 1 >/dev/null
+taskset -c 1 wrk -t1 -c64 -d5s -s bench/keys.lua "$proxy_url" -- zipf z 2000 >/dev/null
+taskset -c 1 wrk -t1 -c64 -d5s "$proxy_url$HASHTAG_PATH?hashtag_name=z0" >/dev/null
+taskset -c 1 wrk -t1 -c16 -d2s -s bench/keys.lua "$proxy_url" -- unique u >/dev/null
+for _ in $(seq 50); do
+  curl -s -o /dev/null -H 'Accept-Encoding: gzip' -H 'If-None-Match: "x"' \
+    "$proxy_url$HASHTAG_PATH?hashtag_name=z1"
+  curl -s -o /dev/null "$proxy_url$HASHTAG_PATH?period=9"
+done
+stop "$proxy" TERM
+
+log "training the bare hyper server"
+LLVM_PROFILE_FILE="$PROFILES/bare-%p.profraw" \
+  taskset -c 0 "$GEN/examples/bench-bare-hyper" 127.0.0.1:$((port + 1)) >/dev/null &
+bare=$!
+PIDS+=("$bare")
+wait_ok "http://127.0.0.1:$((port + 1))/"
+taskset -c 1 wrk -t1 -c64 -d5s "http://127.0.0.1:$((port + 1))$HASHTAG_PATH" >/dev/null
+stop "$bare" INT
+
+# One merged profile: the two programs share only hyper and tokio, which
+# both trainings exercise the same way.
+"$LLVM_PROFDATA" merge -o "$PROFILES/merged.profdata" "$PROFILES"/*.profraw
+
+log "optimized build"
+build "-Cprofile-use=$PROFILES/merged.profdata" "$PGO/use"
+cp "$PGO/use/release/keyapi-proxy" "$PGO/use/release/examples/bench-bare-hyper" "$PGO/"
+log "done: $PGO/keyapi-proxy, $PGO/bench-bare-hyper"
