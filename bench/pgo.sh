@@ -113,6 +113,9 @@ stop "$bare" INT
 "$LLVM_PROFDATA" merge -o "$PROFILES/merged.profdata" "$PROFILES"/*.profraw
 
 log "optimized build"
+# Cargo does not track the profile's contents: start clean so that nothing is
+# built from an older profile.
+rm -rf "$PGO/use"
 build "-Cprofile-use=$PROFILES/merged.profdata" "$PGO/use"
 cp "$PGO/use/release/keyapi-proxy" "$PGO/use/release/examples/bench-bare-hyper" "$PGO/"
 log "done: $PGO/keyapi-proxy, $PGO/bench-bare-hyper"
