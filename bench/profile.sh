@@ -16,7 +16,11 @@
 # /usr/lib/x86_64-linux-gnu/libmimalloc.so.2, to see what it would save),
 # PROFILE_FIGURES (a file to append name=value figures to, for bench/run.sh),
 # PROFILE_ONLY=proxy (skip the two references, whose counts do not change
-# with the proxy's code: for quick before/after checks).
+# with the proxy's code: for quick before/after checks), PROFILE_PROXY_BIN
+# (count another build of the proxy, e.g. target/pgo/keyapi-proxy from
+# bench/pgo.sh), PROFILE_BARE_BIN (likewise for bare hyper),
+# PROFILE_CACHE_SIM=1 (simulate the caches too and print the first-level
+# instruction-cache misses per request: a hit's code that does not fit).
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,7 +84,10 @@ profile() {
     shift
   done
   shift
+  local cache_sim=no
+  [ "${PROFILE_CACHE_SIM:-0}" = 1 ] && cache_sim=yes
   env ${vars[@]+"${vars[@]}"} taskset -c 0 valgrind --tool=callgrind --instr-atstart=no \
+    --cache-sim=$cache_sim \
     --callgrind-out-file="$OUT/$name.out" "$@" >/dev/null 2>"$WORK/$name.err" &
   pid=$!
   PIDS+=("$pid")
@@ -109,10 +116,16 @@ path, name, requests = sys.argv[1], sys.argv[2], int(sys.argv[3])
 # calls between them (a preloaded malloc calling mi_malloc) are not counted twice.
 ALLOC = {"malloc", "calloc", "realloc", "mi_malloc", "mi_calloc", "mi_zalloc", "mi_realloc",
          "mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned"}
-names, total, allocs, caller, callee = {}, 0, 0, None, None
+names, total, i1_misses, allocs, caller, callee = {}, 0, "-", 0, None, None
 for line in open(path):
+    if line.startswith("events:"):
+        events = line.split()[1:]
     if line.startswith("totals:"):
-        total = int(line.split()[1])
+        totals = dict(zip(events, map(int, line.split()[1:])))
+        total = totals["Ir"]
+        if "I1mr" in totals:
+            i1_misses = f"{totals['I1mr'] / requests:.1f}"
+
     m = re.match(r"(c?)fn=\((\d+)\)(?: (.*))?", line)
     if m:
         if m.group(3):
@@ -125,7 +138,7 @@ for line in open(path):
     m = re.match(r"calls=(\d+)", line)
     if m and callee in ALLOC and caller not in ALLOC and not (caller or "").startswith(("mi_", "_mi_")):
         allocs += int(m.group(1))
-print(f"{name} {requests} {total} {allocs}")
+print(f"{name} {requests} {total} {allocs} {i1_misses}")
 EOF
 }
 
@@ -133,11 +146,11 @@ port=$(free_port)
 proxy_env=(RUST_LOG=warn KEYAPI_API_KEY="$KEY" KEYAPI_PROXY__UPSTREAM__BASE_URL="$UPSTREAM_URL"
   KEYAPI_PROXY__SERVER__LISTEN="127.0.0.1:$port")
 [ -z "${PROFILE_MALLOC:-}" ] || proxy_env+=(LD_PRELOAD="$PROFILE_MALLOC")
-profile proxy "$port" "${proxy_env[@]}" -- "$WORK/bin/keyapi-proxy" serve >"$WORK/proxy.row"
+profile proxy "$port" "${proxy_env[@]}" -- "${PROFILE_PROXY_BIN:-$WORK/bin/keyapi-proxy}" serve >"$WORK/proxy.row"
 ROWS=("$(cat "$WORK/proxy.row")")
 if [ "${PROFILE_ONLY:-}" != proxy ]; then
   port=$(free_port)
-  profile bare "$port" -- "$WORK/bin/bench-bare-hyper" "127.0.0.1:$port" >"$WORK/bare.row"
+  profile bare "$port" -- "${PROFILE_BARE_BIN:-$WORK/bin/bench-bare-hyper}" "127.0.0.1:$port" >"$WORK/bare.row"
   port=$(free_port)
   profile baseline "$port" -- "$WORK/bin/bench-baseline" "127.0.0.1:$port" >"$WORK/baseline.row"
   ROWS+=("$(cat "$WORK/bare.row")" "$(cat "$WORK/baseline.row")")
@@ -149,18 +162,18 @@ malloc, figures = sys.argv[1], sys.argv[2]
 rows = [line.split() for line in sys.argv[3:]]
 if figures:
     with open(figures, "a", encoding="utf-8") as f:
-        for name, requests, total, allocs in rows:
+        for name, requests, total, allocs, _ in rows:
             n = int(requests)
             f.write(f"profile_{name}_requests={n}\n")
             f.write(f"profile_{name}_instructions={int(total) / n:.0f}\n")
             f.write(f"profile_{name}_allocations={int(allocs) / n:.1f}\n")
-print("| server | requests | instructions / request | allocations / request |")
-print("| --- | ---: | ---: | ---: |")
+print("| server | requests | instructions / request | allocations / request | L1i misses / request |")
+print("| --- | ---: | ---: | ---: | ---: |")
 per, alloc = {}, {}
-for name, requests, total, allocs in rows:
+for name, requests, total, allocs, i1_misses in rows:
     n = int(requests)
     per[name], alloc[name] = int(total) / n, int(allocs) / n
-    print(f"| {name} | {n:,} | {per[name]:,.0f} | {alloc[name]:.1f} |")
+    print(f"| {name} | {n:,} | {per[name]:,.0f} | {alloc[name]:.1f} | {i1_misses} |")
 if malloc:
     print(f"\n(proxy with LD_PRELOAD={malloc})")
 verdict = lambda ok: "PASS" if ok else "MISS"  # noqa: E731
