@@ -13,7 +13,8 @@
 # server: hits), their profiles merged with llvm-profdata, then a build that
 # uses them. Both binaries get the same treatment so that bench/run.sh still
 # compares like with like. Needs: cargo, curl, taskset, wrk, and rustup's
-# llvm-tools component (installed when missing). Takes ~10 min on 2 cores.
+# llvm-tools component (installed when missing). Takes ~8 min from a fresh clone on
+# 2 cores.
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
