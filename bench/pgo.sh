@@ -18,6 +18,7 @@
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 
 TARGET_ROOT=${CARGO_TARGET_DIR:-target}
 PGO=$TARGET_ROOT/pgo
@@ -53,16 +54,6 @@ build() {
   RUSTFLAGS=$1 CARGO_TARGET_DIR=$2 cargo build --release --quiet --example bench-bare-hyper
 }
 
-wait_ok() {
-  local i
-  for i in $(seq 300); do
-    curl -fsS -o /dev/null "$1" 2>/dev/null && return
-    sleep 0.1
-  done
-  log "$1 did not answer"
-  exit 1
-}
-
 # stop PID SIGNAL: ends a server cleanly, which is when it writes its profile.
 stop() {
   kill "-$2" "$1"
@@ -80,7 +71,7 @@ log "training the proxy"
 "$TARGET_ROOT/release/examples/bench-fake-upstream" 0 "$KEY" >"$PROFILES/upstream.out" &
 PIDS+=($!)
 for _ in $(seq 100); do [ -s "$PROFILES/upstream.out" ] && break; sleep 0.1; done
-port=18931
+port=$(free_port)
 proxy_url=http://127.0.0.1:$port
 LLVM_PROFILE_FILE="$PROFILES/proxy-%p.profraw" RUST_LOG=warn KEYAPI_API_KEY=$KEY \
   KEYAPI_PROXY__UPSTREAM__BASE_URL="$(head -n1 "$PROFILES/upstream.out")" \
@@ -101,12 +92,13 @@ done
 stop "$proxy" TERM
 
 log "training the bare hyper server"
+bare_url=http://127.0.0.1:$(free_port)
 LLVM_PROFILE_FILE="$PROFILES/bare-%p.profraw" \
-  taskset -c 0 "$GEN/examples/bench-bare-hyper" 127.0.0.1:$((port + 1)) >/dev/null &
+  taskset -c 0 "$GEN/examples/bench-bare-hyper" "${bare_url#http://}" >/dev/null &
 bare=$!
 PIDS+=("$bare")
-wait_ok "http://127.0.0.1:$((port + 1))/"
-taskset -c 1 wrk -t1 -c64 -d5s "http://127.0.0.1:$((port + 1))$HASHTAG_PATH" >/dev/null
+wait_ok "$bare_url/"
+taskset -c 1 wrk -t1 -c64 -d5s "$bare_url$HASHTAG_PATH" >/dev/null
 stop "$bare" INT
 
 # One merged profile: the two programs share only hyper and tokio, which

@@ -24,6 +24,7 @@
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 
 SECONDS_PER_RUN=${PROFILE_SECONDS:-10}
 KEY=bench-key-not-a-secret
@@ -52,20 +53,6 @@ TARGET=${CARGO_TARGET_DIR:-target}/release
 mkdir -p "$OUT" "$WORK/bin"
 cp "$TARGET/keyapi-proxy" "$TARGET/examples/bench-baseline" "$TARGET/examples/bench-bare-hyper" \
   "$TARGET/examples/bench-fake-upstream" "$WORK/bin/"
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_ok() {
-  local i
-  for i in $(seq 300); do
-    curl -fsS -o /dev/null "$1" 2>/dev/null && return
-    sleep 0.1
-  done
-  echo "profile.sh: $1 did not answer" >&2
-  exit 1
-}
 
 taskset -c 0 "$WORK/bin/bench-fake-upstream" 0 "$KEY" >"$WORK/upstream.out" &
 PIDS+=($!)

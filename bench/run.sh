@@ -27,6 +27,7 @@
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 
 DURATION=${BENCH_DURATION:-5}
 # Each round runs bare hyper, nginx and the proxy once each; medians count.
@@ -145,10 +146,6 @@ first_line() {
   done
   cat "$WORK/$1.err" >&2
   die "$1 did not start"
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 # start_upstream NAME LATENCY_MS: sets UPSTREAM_PID and UPSTREAM_URL.
