@@ -22,7 +22,11 @@ source bench/lib.sh
 
 TARGET_ROOT=${CARGO_TARGET_DIR:-target}
 PGO=$TARGET_ROOT/pgo
-PROFILES=$PWD/$PGO/profiles
+# Absolute: the instrumented servers write here from wherever they run.
+case $PGO in
+  /*) PROFILES=$PGO/profiles ;;
+  *) PROFILES=$PWD/$PGO/profiles ;;
+esac
 KEY=bench-key-not-a-secret
 HASHTAG_PATH=/v1/tiktok/trending/hashtag/detail
 PIDS=()
