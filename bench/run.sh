@@ -102,8 +102,10 @@ if [ "${BENCH_PGO:-0}" = 1 ]; then
   bash bench/pgo.sh
   cp "${CARGO_TARGET_DIR:-target}/pgo/keyapi-proxy" "${CARGO_TARGET_DIR:-target}/pgo/bench-bare-hyper" \
     "$WORK/bin/"
+  figure build "profile-guided (bench/pgo.sh), proxy and bare hyper alike"
+else
+  figure build plain
 fi
-figure build "$([ "${BENCH_PGO:-0}" = 1 ] && echo "profile-guided (bench/pgo.sh), proxy and bare hyper alike" || echo plain)"
 PROXY_BIN=$WORK/bin/keyapi-proxy
 BARE_BIN=$WORK/bin/bench-bare-hyper
 UPSTREAM_BIN=$WORK/bin/bench-fake-upstream
