@@ -112,7 +112,6 @@ for line in open(path):
         total = totals["Ir"]
         if "I1mr" in totals:
             i1_misses = f"{totals['I1mr'] / requests:.1f}"
-
     m = re.match(r"(c?)fn=\((\d+)\)(?: (.*))?", line)
     if m:
         if m.group(3):
