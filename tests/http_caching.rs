@@ -6,6 +6,7 @@
 mod common;
 
 use std::{
+    collections::HashSet,
     io::Read,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -13,10 +14,10 @@ use std::{
 
 use axum::http::StatusCode;
 use bytes::Bytes;
-use common::{header, spawn_app};
+use common::{header, spawn_app, spawn_app_with_clock};
 use flate2::read::GzDecoder;
-use keyapi_proxy::demo::FakeMode;
 use keyapi_proxy::{cache::Entry, route::RouteTable};
+use keyapi_proxy::{clock::ManualClock, demo::FakeMode};
 
 const Q: &str = "hashtag_name=ufc324";
 const GZIP: (&str, &str) = ("Accept-Encoding", "gzip");
@@ -106,6 +107,41 @@ async fn max_age_is_the_whole_lifetime_and_age_counts_down_once() {
     assert!(!header(stale.headers(), "cache-control").contains("public"));
     app.state.proxy().idle().await;
     assert_eq!(app.upstream.calls(), 2, "one store, one background refresh");
+}
+
+/// `Age`, `Cache-Status`, the representation and the request id of every
+/// hit, whether its head is built (first hit in a second) or reused (a hot
+/// entry's later hits in that second).
+#[tokio::test]
+async fn every_hit_of_a_hot_entry_carries_its_own_id_and_the_current_age() {
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let app = spawn_app_with_clock(clock.clone(), |_| {}).await;
+    app.get_hashtag(Q).await;
+    let mut ids = HashSet::new();
+    for second in 0..3_u64 {
+        for (hit, accept) in [None, None, Some(GZIP), None, Some(GZIP)]
+            .into_iter()
+            .enumerate()
+        {
+            let response = app.get_hashtag_with(Q, accept.as_slice()).await;
+            let headers = response.headers();
+            let context = format!("second {second}, hit {hit}");
+            assert_eq!(header(headers, "age"), second.to_string(), "{context}");
+            assert_eq!(
+                header(headers, "cache-status"),
+                format!("keyapi-proxy; hit; ttl={}", 3600 - second),
+                "{context}"
+            );
+            let encoding = headers.get("content-encoding").map(|v| v.to_str().unwrap());
+            assert_eq!(encoding, accept.map(|(_, gzip)| gzip), "{context}");
+            assert!(
+                ids.insert(header(headers, "x-request-id").to_owned()),
+                "{context}"
+            );
+        }
+        clock.advance(Duration::from_secs(1));
+    }
+    assert_eq!(app.upstream.calls(), 1);
 }
 
 #[tokio::test]

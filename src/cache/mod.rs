@@ -127,6 +127,9 @@ pub struct Entry {
     /// Hits served from this entry: refresh-ahead's "hot key" rule and the
     /// status page's top keys.
     hits: AtomicU64,
+    /// The whole second of age of the last hit: a second hit within the same
+    /// second makes the entry hot enough to keep [`Self::hit_heads`].
+    last_hit_age: AtomicU64,
     /// The response heads of a hit, built for the last whole second of age
     /// they were asked for: a hot entry builds them once a second, and each
     /// hit clones one (boxed: most entries are never hit twice in a second).
@@ -221,6 +224,7 @@ impl Entry {
             stale_while_revalidate,
             stale_if_error,
             hits: AtomicU64::new(0),
+            last_hit_age: AtomicU64::new(u64::MAX),
             hit_heads: Mutex::new(None),
         }
     }
@@ -289,14 +293,20 @@ impl Entry {
     }
 
     /// The response head of a hit at `age_secs` in the gzip or identity
-    /// representation: the memo's, if built for that second, else `build()`'s
-    /// (kept for the next hit).
+    /// representation: `build()`'s, kept for the next hit when this entry was
+    /// already hit in that second, or the memo's, if built for that second.
     pub fn hit_head(
         &self,
         gzip: bool,
         age_secs: u64,
         build: impl FnOnce() -> HeaderMap,
     ) -> HeaderMap {
+        // Most entries of a large cache are hit less than once a second: for
+        // them, dropping last second's memo and cloning a new one reads cold
+        // memory (the memo's buckets and values) that building does not.
+        if self.last_hit_age.swap(age_secs, Ordering::Relaxed) != age_secs {
+            return build();
+        }
         // A poisoned lock only means a panic elsewhere mid-update: the memo
         // is a plain value, rebuilt below if stale.
         let mut memo = self.hit_heads.lock().unwrap_or_else(|e| e.into_inner());
