@@ -111,7 +111,9 @@ pub fn decode(raw: &Bytes) -> Result<Entry, DecodeError> {
     let etag_end = body_end + etag_len;
     let etag = HeaderValue::from_maybe_shared(raw.slice(body_end..etag_end))
         .map_err(|_| DecodeError::Invalid)?;
-    let gzip = (gzip_len > 0).then(|| raw.slice(etag_end..));
+    // Copied: the entry copies its body and tag into a buffer of its own, so
+    // a view would keep the rest of the record alive for nothing.
+    let gzip = (gzip_len > 0).then(|| Bytes::copy_from_slice(&raw[etag_end..]));
     Ok(Entry::assemble(
         raw.slice(HEADER_LEN..body_end),
         etag,

@@ -5,7 +5,7 @@
 use std::{fmt::Write as _, io::Write as _, time::Duration};
 
 use axum::http::HeaderValue;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use flate2::{Compression, write::GzEncoder};
 
 use crate::digest;
@@ -45,6 +45,32 @@ pub(super) fn cache_control([ttl, swr, sie]: [Duration; 3]) -> HeaderValue {
     }
     // Digits, letters, `-`, `=`, `,` and spaces only.
     HeaderValue::try_from(value).unwrap_or(HeaderValue::from_static("max-age=0"))
+}
+
+/// `body`, `etag` and `cache_control` copied into one exact-size buffer and
+/// returned as views of it: a hit clones all three, and in a large cache
+/// their reference counts in three cold allocations cost three cache misses,
+/// in one buffer one.
+pub(super) fn packed(
+    body: &[u8],
+    etag: &HeaderValue,
+    cache_control: &HeaderValue,
+) -> (Bytes, HeaderValue, HeaderValue) {
+    let mut buffer = BytesMut::with_capacity(body.len() + etag.len() + cache_control.len());
+    for part in [body, etag.as_bytes(), cache_control.as_bytes()] {
+        buffer.extend_from_slice(part);
+    }
+    let buffer = buffer.freeze();
+    let (body_end, etag_end) = (body.len(), body.len() + etag.len());
+    // The bytes were valid header values already; the fallback never runs.
+    let value = |range: std::ops::Range<usize>, original: &HeaderValue| {
+        HeaderValue::from_maybe_shared(buffer.slice(range)).unwrap_or_else(|_| original.clone())
+    };
+    (
+        buffer.slice(..body_end),
+        value(body_end..etag_end, etag),
+        value(etag_end..buffer.len(), cache_control),
+    )
 }
 
 /// The gzip form of `body`, if it is smaller than `body`.

@@ -212,6 +212,7 @@ impl Entry {
             let _ = made.set(Some(Gzip::of(body, &etag)));
         }
         let cache_control = encoding::cache_control([ttl, stale_while_revalidate, stale_if_error]);
+        let (body, etag, cache_control) = encoding::packed(&body, &etag, &cache_control);
         Self {
             body,
             etag,
