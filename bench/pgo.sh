@@ -11,7 +11,7 @@
 # Steps: an instrumented build of both, a training load on each (the proxy:
 # 2,000 misses against bench/fake_upstream.rs, then Zipf and one-hot-key hits,
 # fresh keys, a few conditional and gzip requests and bad queries; the bare
-# server: hits), their profiles merged with llvm-profdata, then a build that
+# server: hits, on one body and on 10,000 copies), their profiles merged with llvm-profdata, then a build that
 # uses them. Both binaries get the same treatment so that bench/run.sh still
 # compares like with like. Needs: cargo, curl, python3, wrk, and rustup's
 # llvm-tools component (installed when missing). Takes ~8 min from a fresh clone on
@@ -100,14 +100,21 @@ stop "$proxy" TERM
 
 if [ "${PGO_ONLY:-}" != proxy ]; then
   log "training the bare hyper server"
-  bare_url=http://127.0.0.1:$(free_port)
-  LLVM_PROFILE_FILE="$PROFILES/bare-%p.profraw" \
-    "$GEN/examples/bench-bare-hyper" "${bare_url#http://}" >/dev/null &
-  bare=$!
-  PIDS+=("$bare")
-  wait_ok "$bare_url/"
-  wrk -t1 -c64 -d5s "$bare_url$HASHTAG_PATH" >/dev/null
-  stop "$bare" INT
+  # One body for every path, then 10,000 copies picked by key (bench/run.sh's two references).
+  for copies in "" 10000; do
+    bare_url=http://127.0.0.1:$(free_port)
+    LLVM_PROFILE_FILE="$PROFILES/bare-%p.profraw" \
+      "$GEN/examples/bench-bare-hyper" "${bare_url#http://}" $copies >/dev/null &
+    bare=$!
+    PIDS+=("$bare")
+    wait_ok "$bare_url/"
+    if [ -z "$copies" ]; then
+      wrk -t1 -c64 -d5s "$bare_url$HASHTAG_PATH" >/dev/null
+    else
+      wrk -t1 -c64 -d3s -s bench/keys.lua "$bare_url" -- zipf z 10000 >/dev/null
+    fi
+    stop "$bare" INT
+  done
 fi
 
 # One merged profile: the two programs share only hyper and tokio, which

@@ -95,6 +95,13 @@ def table(f):
         errors = sum(int(v) for k, v in f.items()
                      if k.startswith(f"{label}_") and k.endswith("_errors") and "warmup" not in k)
         row(name, "errors, all runs (all servers)", f"{errors}", target="0", result=verdict(errors == 0))
+    copies = [num(f"{r}_rps") for r in runs("zipf_barecopies_")]
+    if copies:
+        name = "2 hit, 10 000 keys (Zipf s=1)"
+        row(name, "throughput, bare hyper holding 10 000 distinct bodies: median (± half the spread); rounds",
+            f"{median(copies):,.0f} req/s (±{spread(copies) / 2:.0%}); {listing(copies)}")
+        ratio_row(name, "throughput: proxy / bare hyper holding 10 000 bodies (like for like), req/s",
+                  [num(f"{r}_rps") for r in runs("zipf_proxy_")], copies, "", None)
     row("2 hit, 10 000 keys (Zipf s=1)", "upstream calls during the hit runs (proxy and nginx)",
         f[("zipf_upstream_calls")], target="0", result=verdict(int(f["zipf_upstream_calls"]) == 0))
 

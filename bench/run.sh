@@ -339,6 +339,10 @@ done
 [ -z "$AUTH_URL" ] || stop "$AUTH_PID"
 
 log "warming $ZIPF_KEYS keys in the proxy and in nginx"
+# The like-for-like reference: bare hyper holding as many distinct bodies.
+start bare-copies "$BARE_BIN" 127.0.0.1:0 "$ZIPF_KEYS"
+BARE_COPIES_PID=$LAST_PID
+BARE_COPIES_URL=$(first_line bare-copies)
 before=$(upstream_calls)
 fill "$PROXY_URL" z "$ZIPF_KEYS" "$before"
 figure zipf_warm_calls "$(($(upstream_calls) - before))"
@@ -348,7 +352,9 @@ for round in $(seq "$ROUNDS"); do
   wrk_run "zipf_bare_$round" "$CONNS" "$DURATION" "$BARE_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
   wrk_run "zipf_nginx_$round" "$CONNS" "$DURATION" "$NGINX_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
   wrk_run "zipf_proxy_$round" "$CONNS" "$DURATION" "$PROXY_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+  wrk_run "zipf_barecopies_$round" "$CONNS" "$DURATION" "$BARE_COPIES_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
 done
+stop "$BARE_COPIES_PID"
 figure zipf_upstream_calls "$(($(upstream_calls) - before))"
 
 # 7: hits on the hot key while 16 connections flood /stats, against the same
