@@ -216,7 +216,8 @@ def render(f, rows):
     )
     out.append(
         f"- Hits: {f['conns']} keep-alive connections, {f['duration']} s per run after a 2 s warm-up; "
-        f"{f['rounds']} rounds, each running bare hyper, nginx and the proxy back to back; each "
+        f"{f['rounds']} rounds, each running bare hyper, nginx and the proxy back to back "
+        "(Zipf rounds then bare hyper holding 10,000 bodies); each "
         "figure is the median of the rounds (± half their spread, max − min over the median); a "
         f"ratio is the median of the per-round ratios, reported only when those agree within "
         f"{MAX_SPREAD:.0%}"

@@ -9,7 +9,8 @@
 # the servers pinned to CPU 0, wrk (one thread) pinned to CPU 1. Hits are
 # measured against two references in the same run, interleaved round by
 # round: a bare hyper server returning the same bytes (the machine's limit)
-# and nginx proxy_cache (bench/nginx.conf). Each figure is the median of the
+# and nginx proxy_cache (bench/nginx.conf); Zipf rounds add bare hyper holding
+# as many distinct bodies as keys (reported without a target). Each figure is the median of the
 # rounds with its spread; a ratio whose per-round values disagree by more
 # than 15% is not reported (bench/render.py). CPU pressure (PSI) is recorded
 # with every run. Every process it starts is stopped on exit. Needs: cargo,
