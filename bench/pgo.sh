@@ -11,11 +11,11 @@
 # Steps: an instrumented build of both, a training load on each (the proxy:
 # 2,000 misses against bench/fake_upstream.rs, then Zipf and one-hot-key hits,
 # fresh keys, a few conditional and gzip requests and bad queries; the bare
-# server: hits, on one body and on 10,000 copies), their profiles merged with llvm-profdata, then a build that
-# uses them. Both binaries get the same treatment so that bench/run.sh still
-# compares like with like. Needs: cargo, curl, python3, wrk, and rustup's
-# llvm-tools component (installed when missing). Takes ~8 min from a fresh clone on
-# 2 cores.
+# server: hits, on one body and on 10,000 copies), their profiles merged with
+# llvm-profdata, then a build that uses them. Both binaries get the same
+# treatment so that bench/run.sh still compares like with like. Needs: cargo,
+# curl, python3, wrk, and rustup's llvm-tools component (installed when
+# missing). Takes ~8 min from a fresh clone on 2 cores (~13 min on a slow VM).
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -104,7 +104,7 @@ if [ "${PGO_ONLY:-}" != proxy ]; then
   for copies in "" 10000; do
     bare_url=http://127.0.0.1:$(free_port)
     LLVM_PROFILE_FILE="$PROFILES/bare-%p.profraw" \
-      "$GEN/examples/bench-bare-hyper" "${bare_url#http://}" $copies >/dev/null &
+      "$GEN/examples/bench-bare-hyper" "${bare_url#http://}" ${copies:+"$copies"} >/dev/null &
     bare=$!
     PIDS+=("$bare")
     wait_ok "$bare_url/"
