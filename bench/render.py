@@ -70,7 +70,8 @@ def table(f):
                 f"{r:.2f} (rounds {listing(ratios, '{:.2f}')})", target,
                 verdict(ok(r)) if target else "")
 
-    for label, name in (("hot", "1 hit, one hot key"), ("zipf", "2 hit, 10 000 keys (Zipf s=1)")):
+    zipf = "2 hit, 10 000 keys (Zipf s=1)"
+    for label, name in (("hot", "1 hit, one hot key"), ("zipf", zipf)):
         series = {}
         for server in ("proxy", "bare", "nginx"):
             names = runs(f"{label}_{server}_")
@@ -97,12 +98,11 @@ def table(f):
         row(name, "errors, all runs (all servers)", f"{errors}", target="0", result=verdict(errors == 0))
     copies = [num(f"{r}_rps") for r in runs("zipf_barecopies_")]
     if copies:
-        name = "2 hit, 10 000 keys (Zipf s=1)"
-        row(name, "throughput, bare hyper holding 10 000 distinct bodies: median (± half the spread); rounds",
+        row(zipf, "throughput, bare hyper holding 10 000 distinct bodies: median (± half the spread); rounds",
             f"{median(copies):,.0f} req/s (±{spread(copies) / 2:.0%}); {listing(copies)}")
-        ratio_row(name, "throughput: proxy / bare hyper holding 10 000 bodies (like for like), req/s",
+        ratio_row(zipf, "throughput: proxy / bare hyper holding 10 000 bodies (like for like), req/s",
                   [num(f"{r}_rps") for r in runs("zipf_proxy_")], copies, "", None)
-    row("2 hit, 10 000 keys (Zipf s=1)", "upstream calls during the hit runs (proxy and nginx)",
+    row(zipf, "upstream calls during the hit runs (proxy and nginx)",
         f[("zipf_upstream_calls")], target="0", result=verdict(int(f["zipf_upstream_calls"]) == 0))
 
     if "miss_proxy_requests" not in f:

@@ -9,14 +9,14 @@
 # the servers pinned to CPU 0, wrk (one thread) pinned to CPU 1. Hits are
 # measured against two references in the same run, interleaved round by
 # round: a bare hyper server returning the same bytes (the machine's limit)
-# and nginx proxy_cache (bench/nginx.conf); Zipf rounds add bare hyper holding
-# as many distinct bodies as keys (reported without a target). Each figure is the median of the
-# rounds with its spread; a ratio whose per-round values disagree by more
-# than 15% is not reported (bench/render.py). CPU pressure (PSI) is recorded
-# with every run. Every process it starts is stopped on exit. Needs: cargo,
-# curl, python3, taskset, wrk and nginx (Debian's wrk and nginx-light are
-# installed when missing); valgrind for the instructions-per-hit figures
-# (bench/profile.sh), skipped when absent.
+# and nginx proxy_cache (bench/nginx.conf); Zipf rounds add bare hyper
+# holding as many distinct bodies as keys (reported without a target). Each
+# figure is the median of the rounds with its spread; a ratio whose per-round
+# values disagree by more than 15% is not reported (bench/render.py). CPU
+# pressure (PSI) is recorded with every run. Every process it starts is
+# stopped on exit. Needs: cargo, curl, python3, taskset, wrk and nginx
+# (Debian's wrk and nginx-light are installed when missing); valgrind for the
+# instructions-per-hit figures (bench/profile.sh), skipped when absent.
 #
 # Environment: BENCH_DURATION (seconds per measured run, default 5),
 # BENCH_ROUNDS (interleaved rounds of hit runs, at least 3, default 3),
