@@ -138,8 +138,14 @@ def table(f):
         ratio_row(name, "hit throughput: flooded / quiet, req/s",
                   [num(f"{r}_rps") for r in flooded], [num(f"{r}_rps") for r in quiet], "", None)
         ratio_row(name, "hit p99: flooded / quiet, µs",
-                  [num(f"{r}_p99_us") for r in flooded], [num(f"{r}_p99_us") for r in quiet],
-                  "≤ 1.1 × quiet", lambda r: r <= 1.1)
+                  [num(f"{r}_p99_us") for r in flooded], [num(f"{r}_p99_us") for r in quiet], "", None)
+        control = runs("healthz_flood_")
+        if control:
+            # An equal flood of /healthz takes the same share of the proxy's
+            # CPU: what is left is what /stats itself costs the hits.
+            ratio_row(name, "hit p99: /stats flood / /healthz flood (the control), µs",
+                      [num(f"{r}_p99_us") for r in flooded], [num(f"{r}_p99_us") for r in control],
+                      "≤ 1.1 × the control", lambda r: r <= 1.1)
 
     if "profile_proxy_instructions" in f:
         # bench/profile.sh counts the plain release builds, whatever the run measured.
