@@ -50,26 +50,28 @@ pub(super) fn cache_control([ttl, swr, sie]: [Duration; 3]) -> HeaderValue {
 /// `body`, `etag` and `cache_control` copied into one exact-size buffer and
 /// returned as views of it: a hit clones all three, and in a large cache
 /// their reference counts in three cold allocations cost three cache misses,
-/// in one buffer one.
+/// in one buffer one. The two values go first: a hit copies them into the
+/// response head, then the kernel reads the body that follows them, so they
+/// share its first cache line instead of taking one of their own after it.
 pub(super) fn packed(
     body: &[u8],
     etag: &HeaderValue,
     cache_control: &HeaderValue,
 ) -> (Bytes, HeaderValue, HeaderValue) {
-    let mut buffer = BytesMut::with_capacity(body.len() + etag.len() + cache_control.len());
-    for part in [body, etag.as_bytes(), cache_control.as_bytes()] {
+    let mut buffer = BytesMut::with_capacity(etag.len() + cache_control.len() + body.len());
+    for part in [etag.as_bytes(), cache_control.as_bytes(), body] {
         buffer.extend_from_slice(part);
     }
     let buffer = buffer.freeze();
-    let (body_end, etag_end) = (body.len(), body.len() + etag.len());
+    let (etag_end, head_end) = (etag.len(), etag.len() + cache_control.len());
     // The bytes were valid header values already; the fallback never runs.
     let value = |range: std::ops::Range<usize>, original: &HeaderValue| {
         HeaderValue::from_maybe_shared(buffer.slice(range)).unwrap_or_else(|_| original.clone())
     };
     (
-        buffer.slice(..body_end),
-        value(body_end..etag_end, etag),
-        value(etag_end..buffer.len(), cache_control),
+        buffer.slice(head_end..),
+        value(0..etag_end, etag),
+        value(etag_end..head_end, cache_control),
     )
 }
 
