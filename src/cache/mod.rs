@@ -127,12 +127,13 @@ pub struct Entry {
     /// Hits served from this entry: refresh-ahead's "hot key" rule and the
     /// status page's top keys.
     hits: AtomicU64,
-    /// The whole second of age of the last hit: a second hit within the same
-    /// second makes the entry hot enough to keep [`Self::hit_heads`].
-    last_hit_age: AtomicU64,
+    /// The whole second of age of the last hits and how many there were in
+    /// it (`second << 8 | count`): [`HOT_HITS_PER_SECOND`] within one second
+    /// make the entry hot enough to keep [`Self::hit_heads`].
+    hits_this_second: AtomicU64,
     /// The response heads of a hit, built for the last whole second of age
     /// they were asked for: a hot entry builds them once a second, and each
-    /// hit clones one (boxed: most entries are never hit twice in a second).
+    /// hit clones one (boxed: most entries are never that hot).
     hit_heads: Mutex<Option<Box<HitHeads>>>,
 }
 
@@ -155,6 +156,10 @@ impl Gzip {
         }
     }
 }
+
+/// Hits of an entry within one second of its age from which the response
+/// heads of its hits are kept for that second (see [`Entry::hit_head`]).
+pub const HOT_HITS_PER_SECOND: u64 = 8;
 
 /// [`Entry::hit_head`]'s memo: one head per representation, for one age.
 #[derive(Debug)]
@@ -225,7 +230,7 @@ impl Entry {
             stale_while_revalidate,
             stale_if_error,
             hits: AtomicU64::new(0),
-            last_hit_age: AtomicU64::new(u64::MAX),
+            hits_this_second: AtomicU64::new(u64::MAX),
             hit_heads: Mutex::new(None),
         }
     }
@@ -294,19 +299,31 @@ impl Entry {
     }
 
     /// The response head of a hit at `age_secs` in the gzip or identity
-    /// representation: `build()`'s, kept for the next hit when this entry was
-    /// already hit in that second, or the memo's, if built for that second.
+    /// representation: `build()`'s, kept for the next hits when this entry is
+    /// hot ([`HOT_HITS_PER_SECOND`] in that second), or the memo's, if built
+    /// for that second.
     pub fn hit_head(
         &self,
         gzip: bool,
         age_secs: u64,
         build: impl FnOnce() -> HeaderMap,
     ) -> HeaderMap {
-        // Most entries of a large cache are hit less than once a second: for
-        // them, dropping last second's memo and cloning a new one reads cold
-        // memory (the memo's buckets and values) that building does not.
-        if self.last_hit_age.swap(age_secs, Ordering::Relaxed) != age_secs {
-            return build();
+        // Most entries of a large cache are hit a few times a second at
+        // most: for them, dropping last second's memo and cloning a new one
+        // reads cold memory (the memo's buckets and values) that building
+        // does not. Racing hits may miscount; it only moves the memo by a hit.
+        let seen = self.hits_this_second.load(Ordering::Relaxed);
+        let count = if seen >> 8 == age_secs {
+            (seen & 0xff) + 1
+        } else {
+            1
+        };
+        if count <= HOT_HITS_PER_SECOND {
+            self.hits_this_second
+                .store((age_secs << 8) | count, Ordering::Relaxed);
+            if count < HOT_HITS_PER_SECOND {
+                return build();
+            }
         }
         // A poisoned lock only means a panic elsewhere mid-update: the memo
         // is a plain value, rebuilt below if stale.
