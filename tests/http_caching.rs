@@ -18,9 +18,10 @@ use common::{header, spawn_app, spawn_app_with_clock};
 use flate2::read::GzDecoder;
 use keyapi_proxy::{
     cache::{Entry, HOT_HITS_PER_SECOND},
+    clock::ManualClock,
+    demo::FakeMode,
     route::RouteTable,
 };
-use keyapi_proxy::{clock::ManualClock, demo::FakeMode};
 
 const Q: &str = "hashtag_name=ufc324";
 const GZIP: (&str, &str) = ("Accept-Encoding", "gzip");

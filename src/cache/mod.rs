@@ -128,8 +128,8 @@ pub struct Entry {
     /// status page's top keys.
     hits: AtomicU64,
     /// The whole second of age of the last hits and how many there were in
-    /// it (`second << 8 | count`): [`HOT_HITS_PER_SECOND`] within one second
-    /// make the entry hot enough to keep [`Self::hit_heads`].
+    /// it (`second << HIT_COUNT_BITS | count`): [`HOT_HITS_PER_SECOND`]
+    /// within one second make the entry hot enough to keep [`Self::hit_heads`].
     hits_this_second: AtomicU64,
     /// The response heads of a hit, built for the last whole second of age
     /// they were asked for: a hot entry builds them once a second, and each
@@ -160,6 +160,10 @@ impl Gzip {
 /// Hits of an entry within one second of its age from which the response
 /// heads of its hits are kept for that second (see [`Entry::hit_head`]).
 pub const HOT_HITS_PER_SECOND: u64 = 8;
+
+/// Low bits of [`Entry::hits_this_second`] that count the hits of its second.
+const HIT_COUNT_BITS: u32 = 8;
+const _: () = assert!(HOT_HITS_PER_SECOND < 1 << HIT_COUNT_BITS);
 
 /// [`Entry::hit_head`]'s memo: one head per representation, for one age.
 #[derive(Debug)]
@@ -313,14 +317,14 @@ impl Entry {
         // reads cold memory (the memo's buckets and values) that building
         // does not. Racing hits may miscount; it only moves the memo by a hit.
         let seen = self.hits_this_second.load(Ordering::Relaxed);
-        let count = if seen >> 8 == age_secs {
-            (seen & 0xff) + 1
+        let count = if seen >> HIT_COUNT_BITS == age_secs {
+            (seen & ((1 << HIT_COUNT_BITS) - 1)) + 1
         } else {
             1
         };
         if count <= HOT_HITS_PER_SECOND {
-            self.hits_this_second
-                .store((age_secs << 8) | count, Ordering::Relaxed);
+            let packed = (age_secs << HIT_COUNT_BITS) | count;
+            self.hits_this_second.store(packed, Ordering::Relaxed);
             if count < HOT_HITS_PER_SECOND {
                 return build();
             }
