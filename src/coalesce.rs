@@ -2,7 +2,8 @@
 //!
 //! The first caller (the leader) spawns the fetch as its own task, so a caller
 //! that disconnects cancels nothing: the fetch finishes and every waiter gets
-//! its result. The in-flight slot is removed when the task ends, even if it
+//! its result. The fetch can ask whether anyone still waits ([`Interest`]),
+//! so it pays for no further attempt once every caller has gone. The in-flight slot is removed when the task ends, even if it
 //! panics (a drop guard, as in pingora-cache's `lock.rs`), so a failed fetch is
 //! shared only with the waiters of that moment and the next request tries again.
 //! Background refreshes use the same slots, so a key never has two fetches.
@@ -35,6 +36,21 @@ pub struct Abandoned;
 
 type Slot<V> = watch::Receiver<Option<V>>;
 
+/// Whether anyone still waits for a fetch's result, for the fetch to ask
+/// before it pays for another attempt: a fetch started by callers who have
+/// all gone (disconnected) has nobody to answer. A background fetch
+/// ([`Coalescer::start`]) is always wanted.
+pub struct Interest<V>(Option<watch::Sender<Option<V>>>);
+
+impl<V> Interest<V> {
+    /// True while a caller waits (or for a background fetch).
+    pub fn wanted(&self) -> bool {
+        // The in-flight map holds one receiver of its own; each waiting
+        // caller holds another until it gets the value or is dropped.
+        self.0.as_ref().is_none_or(|tx| tx.receiver_count() > 1)
+    }
+}
+
 /// Map of in-flight fetches, one per key.
 pub struct Coalescer<K, V> {
     inflight: Mutex<HashMap<K, Slot<V>>>,
@@ -57,13 +73,14 @@ where
     V: Clone + Send + Sync + 'static,
 {
     /// Returns the result of the one fetch for `key`, starting it with `fetch`
-    /// if none is running. `fetch` is only called by the leader.
+    /// if none is running. `fetch` is only called by the leader, with the
+    /// [`Interest`] of the callers waiting for it.
     pub async fn run<F, Fut>(self: &Arc<Self>, key: K, fetch: F) -> Result<(V, Role), Abandoned>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Interest<V>) -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
-        let (mut rx, role) = self.join_or_start(key, fetch);
+        let (mut rx, role) = self.join_or_start(key, |tx| fetch(Interest(Some(tx.clone()))));
         let value = rx
             .wait_for(Option::is_some)
             .await
@@ -72,18 +89,19 @@ where
         value.map(|v| (v, role)).ok_or(Abandoned)
     }
 
-    /// Starts a fetch for `key` unless one is running, without waiting for it.
+    /// Starts a fetch for `key` unless one is running, without waiting for
+    /// it; `fetch` gets an [`Interest`] that is always wanted.
     pub fn start<F, Fut>(self: &Arc<Self>, key: K, fetch: F) -> Role
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Interest<V>) -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
-        self.join_or_start(key, fetch).1
+        self.join_or_start(key, |_| fetch(Interest(None))).1
     }
 
     fn join_or_start<F, Fut>(self: &Arc<Self>, key: K, fetch: F) -> (Slot<V>, Role)
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(&watch::Sender<Option<V>>) -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
         let mut inflight = self.lock();
@@ -97,7 +115,7 @@ where
             owner: Arc::clone(self),
             key,
         };
-        let fut = fetch();
+        let fut = fetch(&tx);
         tokio::spawn(async move {
             let value = fut.await;
             // Publish first, then free the slot (guard drop): nobody can start

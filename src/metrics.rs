@@ -448,7 +448,7 @@ impl Metrics {
         }
     }
 
-    /// Counts a retried upstream call.
+    /// Counts a retry of an upstream call, when it is made.
     pub fn upstream_retry(&self) {
         self.upstream_retries.inc();
     }

@@ -23,7 +23,7 @@ use crate::{
         CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache, Shared, Tiers, redis::RedisTier,
     },
     clock::SharedClock,
-    coalesce::{Abandoned, Coalescer, Role},
+    coalesce::{Abandoned, Coalescer, Interest, Role},
     ledger::{Charge, Initiator, Ledger, Payer, Refusal},
     metrics::{Metrics, Scope},
     protect::Protection,
@@ -272,10 +272,10 @@ impl Proxy {
         loop {
             let result = self
                 .inflight
-                .run(key.clone(), || {
+                .run(key.clone(), |interest| {
                     let fetcher = self.fetcher.clone();
                     let route = Arc::clone(route);
-                    fetcher.fetch(key.clone(), route, trigger.clone(), payer.clone())
+                    fetcher.fetch(key.clone(), route, trigger.clone(), payer.clone(), interest)
                 })
                 .await;
             let (fetched, role) = match result {
@@ -351,11 +351,11 @@ impl Proxy {
     /// charged to the global budget as the proxy's own call.
     fn revalidate(&self, key: &CacheKey, route: &Arc<Route>, entry: &Arc<Entry>, why: Initiator) {
         let trigger = Trigger::Background(Arc::clone(entry));
-        let role = self.inflight.start(key.clone(), || {
+        let role = self.inflight.start(key.clone(), |interest| {
             let route = Arc::clone(route);
             self.fetcher
                 .clone()
-                .fetch(key.clone(), route, trigger, Payer::Proxy(why))
+                .fetch(key.clone(), route, trigger, Payer::Proxy(why), interest)
         });
         if role == Role::Leader {
             tracing::debug!(%key, "background refresh started");
@@ -376,6 +376,7 @@ impl Fetcher {
         route: Arc<Route>,
         trigger: Trigger,
         payer: Payer,
+        interest: Interest<FetchResult>,
     ) -> FetchResult {
         if let Some(entry) = self.moot(&key, &trigger) {
             return Ok(Fetched::AlreadyCached(entry));
@@ -385,7 +386,7 @@ impl Fetcher {
             Shared::Usable(entry) => return Ok(Fetched::AlreadyCached(entry)),
             turn => turn,
         };
-        let result = self.call_upstream(&key, &route, &payer).await;
+        let result = self.call_upstream(&key, &route, &payer, &interest).await;
         self.tiers.release(&key, turn).await;
         result
     }
@@ -393,7 +394,13 @@ impl Fetcher {
     /// One guarded upstream call (with its retries); stores what deserves
     /// storing. The first attempt's credits are taken before protection may
     /// queue it, so concurrent fetches cannot overspend a budget together.
-    async fn call_upstream(&self, key: &CacheKey, route: &Route, payer: &Payer) -> FetchResult {
+    async fn call_upstream(
+        &self,
+        key: &CacheKey,
+        route: &Route,
+        payer: &Payer,
+        interest: &Interest<FetchResult>,
+    ) -> FetchResult {
         let cost = route.credits();
         let charge = self.ledger.charge(payer, cost).await.inspect_err(|refusal| {
             tracing::info!(%key, reason = refusal.as_str(), "upstream call refused by a credit budget");
@@ -407,7 +414,7 @@ impl Fetcher {
                 return Err(error.into());
             }
         };
-        let result = self.attempts(key, payer, cost, charge).await;
+        let result = self.attempts(key, payer, cost, charge, interest).await;
         admission.settle(&result);
         match result {
             Ok(UpstreamAnswer::Success(body)) => {
@@ -428,13 +435,15 @@ impl Fetcher {
     /// Attempts until one answers or must not be retried, all within the
     /// request timeout. Each attempt is charged as it is sent (`charge` pays
     /// for the first) and kept only if it reached KeyAPI; a retry the budgets
-    /// cannot afford is not made.
+    /// cannot afford is not made, nor one that nobody waits for any more
+    /// (every client of the fetch has gone; background fetches always retry).
     async fn attempts(
         &self,
         key: &CacheKey,
         payer: &Payer,
         cost: u64,
         mut charge: Charge<'_>,
+        interest: &Interest<FetchResult>,
     ) -> Result<UpstreamAnswer, UpstreamError> {
         let deadline = Instant::now() + self.upstream.request_timeout();
         let mut attempt = 0;
@@ -458,9 +467,11 @@ impl Fetcher {
                 return result;
             };
             attempt += 1;
-            tracing::info!(%key, error = %error, attempt, ?backoff, "retrying upstream call");
-            self.metrics.upstream_retry();
             tokio::time::sleep(backoff).await;
+            if !interest.wanted() {
+                tracing::info!(%key, error = %error, "retry not made: every client of this fetch has gone");
+                return result;
+            }
             charge = match self.ledger.charge(payer, cost).await {
                 Ok(charge) => charge,
                 Err(refusal) => {
@@ -468,6 +479,8 @@ impl Fetcher {
                     return result;
                 }
             };
+            tracing::info!(%key, error = %error, attempt, ?backoff, "retrying upstream call");
+            self.metrics.upstream_retry();
         }
     }
 

@@ -7,8 +7,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_envelope, header, join, metric, plain_ttl, spawn_app_with};
-use keyapi_proxy::{config::Config, demo::FakeMode};
+use common::{
+    assert_envelope, assert_ledger_equals_bill, header, join, metric, plain_ttl, spawn_app_with,
+};
+use keyapi_proxy::{config::Config, demo::FakeMode, route::HASHTAG_DETAIL_PATH};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 const TTL: Duration = Duration::from_millis(200);
 
@@ -226,14 +232,16 @@ async fn deterministic_refusals_are_cached_briefly_and_errors_never() {
     assert!(header(&headers, "cache-status").contains("stale-if-error"));
 }
 
+/// One retry after a short backoff; nothing stale is served.
+fn one_retry(c: &mut Config) {
+    short_ttl(c, Duration::ZERO, Duration::ZERO);
+    c.upstream.retries = 1;
+    c.upstream.retry_backoff = Duration::from_millis(10);
+}
+
 #[tokio::test]
 async fn retries_happen_only_where_they_cannot_double_charge() {
-    let app = spawn_app_with(|c| {
-        short_ttl(c, Duration::ZERO, Duration::ZERO);
-        c.upstream.retries = 1;
-        c.upstream.retry_backoff = Duration::from_millis(10);
-    })
-    .await;
+    let app = spawn_app_with(one_retry).await;
     let cases = [
         (vec![FakeMode::Status(503)], 200, 2),
         (vec![FakeMode::Status(502)], 200, 2),
@@ -259,6 +267,45 @@ async fn retries_happen_only_where_they_cannot_double_charge() {
     }
     let text = app.metrics().await;
     assert_eq!(metric(&text, "keyapi_proxy_upstream_retries_total"), 3.0);
+}
+
+#[tokio::test]
+async fn a_retry_is_not_paid_for_a_client_that_has_gone() {
+    let app = spawn_app_with(|c| {
+        one_retry(c);
+        // The first attempt is held until the client has gone: no timeout.
+        c.upstream.request_timeout = Duration::from_secs(10);
+    })
+    .await;
+    app.upstream.script([FakeMode::Status(503)]);
+    app.upstream.hold();
+    let mut client = TcpStream::connect(app.addr).await.unwrap();
+    let request =
+        format!("GET {HASHTAG_DETAIL_PATH}?hashtag_name=gone HTTP/1.1\r\nHost: proxy\r\n\r\n");
+    client.write_all(request.as_bytes()).await.unwrap();
+    app.upstream.wait_for_calls(1).await;
+    // The client leaves while the first attempt is out; the proxy closing
+    // the connection in turn means it has dropped the request.
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest));
+    closed
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    app.upstream.release();
+    let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(calls, 1, "the 503 is not retried for nobody");
+    let text = app.metrics().await;
+    assert_eq!(metric(&text, "keyapi_proxy_upstream_retries_total"), 0.0);
+
+    // The control: a client that waits gets the retry.
+    app.upstream.script([FakeMode::Status(503)]);
+    let (status, _, body) = app.get("hashtag_name=gone").await;
+    assert_eq!(status, 200, "{body}");
+    let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(calls, 3);
 }
 
 #[tokio::test]
