@@ -3,9 +3,10 @@
 //! The first caller (the leader) spawns the fetch as its own task, so a caller
 //! that disconnects cancels nothing: the fetch finishes and every waiter gets
 //! its result. The fetch can ask whether anyone still waits ([`Interest`]),
-//! so it pays for no further attempt once every caller has gone. The in-flight slot is removed when the task ends, even if it
-//! panics (a drop guard, as in pingora-cache's `lock.rs`), so a failed fetch is
-//! shared only with the waiters of that moment and the next request tries again.
+//! so it pays for no further attempt once every caller has gone. The
+//! in-flight slot is removed when the task ends, even if it panics (a drop
+//! guard, as in pingora-cache's `lock.rs`), so a failed fetch is shared only
+//! with the waiters of that moment and the next request tries again.
 //! Background refreshes use the same slots, so a key never has two fetches.
 //!
 //! Note: a cache's own loader (moka's `try_get_with`, quick_cache's guards)
