@@ -295,7 +295,7 @@ impl Metrics {
         let upstream_retries = Counter::default();
         registry.register(
             "upstream_retries",
-            "Upstream calls retried after a connect error or HTTP 502/503/504",
+            "Upstream retries made after a connect error or HTTP 502/503/504",
             upstream_retries.clone(),
         );
         let upstream_refused = Family::default();
