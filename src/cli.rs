@@ -36,7 +36,7 @@ enum Command {
     Serve,
     /// Print the effective configuration (key redacted); exit 1 if it is invalid.
     CheckConfig,
-    /// Print a new random client token and its SHA-256 (for a [[clients]] entry).
+    /// Print a new random client token and its SHA-256 (for a `[[clients]]` entry).
     HashToken,
     /// Print each warm-up's normalized questions and what a full run costs.
     Warmup {

@@ -105,7 +105,7 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// `KEYAPI_PROXY__SERVER__MAX_CONNECTIONS`: open connections at most; absent =
-    /// derived from the descriptor limit (see [`crate::server::default_max_connections`]).
+    /// derived from the descriptor limit (see `server::default_max_connections`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
 }

@@ -1,17 +1,17 @@
 //! keyapi-proxy: a caching, single-flight proxy in front of KeyAPI's paid
 //! endpoints (by default TikTok hashtag detail), one route per `[[routes]]` entry.
 //!
-//! One request, top to bottom: [`server`] (connections, their timeouts and
+//! One request, top to bottom: `server` (connections, their timeouts and
 //! cap) → [`routes`] (HTTP) → [`access`] (who is calling) → [`limits`]
 //! (request-rate limits) → [`route`] (the route table: raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
 //! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
-//! key injected, gated by [`protect`] and its [`breaker`]) → [`cache`] →
-//! [`negotiate`] (304 or gzip, from what the entry precomputed) with headers
-//! from [`cache_status`]; [`served`] names how it was answered. Errors are
-//! rendered in one place, [`error`]. [`app`] wires it together; [`config`]
-//! loads settings; [`observe`] logs and counts every request into
+//! key injected, gated by `protect` and its `breaker`) → [`cache`] →
+//! `negotiate` (304 or gzip, from what the entry precomputed) with headers
+//! from `cache_status`; [`served`] names how it was answered. Errors are
+//! rendered in one place, `error`. [`app`] wires it together; [`config`]
+//! loads settings; `observe` logs and counts every request into
 //! [`metrics`]; [`demo`] is a fake KeyAPI for `--demo` and the tests.
 
 pub mod access;

@@ -126,7 +126,7 @@ pub struct ClientCounters {
 }
 
 /// The connection layer's metrics: handles into the app's registry that
-/// [`crate::server`] updates once per connection, never per request.
+/// the server (`server` module) updates once per connection, never per request.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectionMetrics {
     open: Gauge<i64, AtomicI64>,

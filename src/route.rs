@@ -128,7 +128,7 @@ fn push_literal(class: &mut String, c: char) {
 /// A client request a route cannot answer. Messages are plain sentences
 /// saying what is wrong and what is allowed; they go to the client in the
 /// 400 envelope. Echoed values are quoted, clipped and free of control
-/// characters (see [`clip`]).
+/// characters (see `clip`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     #[error("The parameter \"{0}\" is given more than once; give it at most once.")]

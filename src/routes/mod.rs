@@ -1,7 +1,7 @@
 //! The HTTP surface: one file per endpoint group, assembled into one router.
-//! Every configured route is served by the one generic handler in [`proxied`].
+//! Every configured route is served by the one generic handler in `proxied`.
 //!
-//! [`Front`] is what the server runs: a plain `GET` of a configured route
+//! `Front` is what the server runs: a plain `GET` of a configured route
 //! (the hit path) goes straight to that handler; everything else — the
 //! operational endpoints, other methods, `HEAD`, CORS requests, 404s — goes
 //! through axum's `Router`, which serves the configured routes too, so both
