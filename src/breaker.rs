@@ -107,6 +107,17 @@ impl Breaker {
         *state = next;
     }
 
+    /// A pass was not used: a half-open probe that was never sent leaves
+    /// the next caller to probe.
+    fn unused(&self) {
+        let mut state = self.lock();
+        if matches!(*state, State::HalfOpen) {
+            *state = State::Open {
+                until: Instant::now(),
+            };
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -117,6 +128,12 @@ impl Pass<'_> {
     pub(crate) fn record(mut self, success: bool) {
         self.settled = true;
         self.breaker.settle(success);
+    }
+
+    /// Gives the pass back unused: no call was made, so nothing is recorded.
+    pub(crate) fn withdraw(mut self) {
+        self.settled = true;
+        self.breaker.unused();
     }
 }
 
@@ -157,5 +174,19 @@ mod tests {
         breaker.try_pass().unwrap().record(false);
         drop(breaker.try_pass().unwrap());
         assert_eq!(breaker.state_str(), "open");
+    }
+
+    #[test]
+    fn a_withdrawn_pass_records_nothing_and_leaves_the_probe_to_the_next_caller() {
+        let breaker = Breaker::new(2, Duration::ZERO);
+        breaker.try_pass().unwrap().record(false);
+        breaker.try_pass().unwrap().withdraw();
+        assert_eq!(breaker.state_str(), "closed", "one failure, not two");
+        breaker.try_pass().unwrap().record(false);
+        breaker.try_pass().unwrap().withdraw();
+        assert_eq!(breaker.state_str(), "open");
+        let probe = breaker.try_pass().expect("the next caller probes");
+        probe.record(true);
+        assert_eq!(breaker.state_str(), "closed");
     }
 }

@@ -3,7 +3,7 @@
 //! The first caller (the leader) spawns the fetch as its own task, so a caller
 //! that disconnects cancels nothing: the fetch finishes and every waiter gets
 //! its result. The fetch can ask whether anyone still waits ([`Interest`]),
-//! so it pays for no further attempt once every caller has gone. The
+//! so it pays for no attempt once every caller has gone. The
 //! in-flight slot is removed when the task ends, even if it panics (a drop
 //! guard, as in pingora-cache's `lock.rs`), so a failed fetch is shared only
 //! with the waiters of that moment and the next request tries again.
@@ -29,8 +29,8 @@ pub enum Role {
     Follower,
 }
 
-/// The fetch task ended without producing a value (it panicked or the runtime
-/// is shutting down).
+/// The fetch ended without an answer: it panicked, the runtime is shutting
+/// down, or it was withdrawn before its call because nobody waited for it.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the shared fetch ended without a result")]
 pub struct Abandoned;
@@ -38,24 +38,59 @@ pub struct Abandoned;
 type Slot<V> = watch::Receiver<Option<V>>;
 
 /// Whether anyone still waits for a fetch's result, for the fetch to ask
-/// before it pays for another attempt: a fetch started by callers who have
-/// all gone (disconnected) has nobody to answer. A background fetch
+/// before it pays for an attempt: a fetch whose callers have all gone
+/// (disconnected) has nobody to answer. A background fetch
 /// ([`Coalescer::start`]) is always wanted.
-pub struct Interest<V>(Option<watch::Sender<Option<V>>>);
+pub struct Interest<K: Hash + Eq, V>(Option<Flight<K, V>>);
 
-impl<V> Interest<V> {
-    /// True while a caller waits (or for a background fetch).
-    pub fn wanted(&self) -> bool {
-        // The in-flight map holds one receiver of its own; each waiting
-        // caller holds another until it gets the value or is dropped.
-        self.0.as_ref().is_none_or(|tx| tx.receiver_count() > 1)
+impl<K: Hash + Eq, V> Interest<K, V> {
+    /// True if nobody waits for this fetch any more, and then it has given
+    /// its key up: a caller from now on starts a fresh fetch rather than
+    /// join one that is ending without an answer for it.
+    pub fn withdraw_if_unwanted(&self) -> bool {
+        let Some(flight) = &self.0 else {
+            return false;
+        };
+        // Callers join under this lock, so none can join between the count
+        // and the removal. The in-flight map holds one receiver of its own;
+        // each waiting caller holds another until it gets the value or is
+        // dropped.
+        let mut inflight = flight.owner.lock();
+        if flight.tx.receiver_count() > 1 {
+            return false;
+        }
+        flight.forget(&mut inflight);
+        true
+    }
+}
+
+/// One running fetch: where it is filed and the channel of its result.
+#[derive(Clone)]
+struct Flight<K: Hash + Eq, V> {
+    owner: Arc<Coalescer<K, V>>,
+    key: K,
+    tx: watch::Sender<Option<V>>,
+}
+
+impl<K: Hash + Eq, V> Flight<K, V> {
+    /// Removes the key's slot if it is still this fetch's (a withdrawn
+    /// fetch's key may have a new fetch by now).
+    fn forget(&self, inflight: &mut HashMap<K, Slot<V>>) {
+        let own = self.tx.subscribe();
+        if inflight
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&own))
+        {
+            inflight.remove(&self.key);
+        }
     }
 }
 
 /// Map of in-flight fetches, one per key.
 pub struct Coalescer<K, V> {
     inflight: Mutex<HashMap<K, Slot<V>>>,
-    /// Number of fetches in flight, so callers can await quiescence.
+    /// Number of fetch tasks running (withdrawn ones included), so callers
+    /// can await quiescence.
     count: watch::Sender<usize>,
 }
 
@@ -78,10 +113,10 @@ where
     /// [`Interest`] of the callers waiting for it.
     pub async fn run<F, Fut>(self: &Arc<Self>, key: K, fetch: F) -> Result<(V, Role), Abandoned>
     where
-        F: FnOnce(Interest<V>) -> Fut,
+        F: FnOnce(Interest<K, V>) -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
-        let (mut rx, role) = self.join_or_start(key, |tx| fetch(Interest(Some(tx.clone()))));
+        let (mut rx, role) = self.join_or_start(key, |flight| fetch(Interest(Some(flight))));
         let value = rx
             .wait_for(Option::is_some)
             .await
@@ -94,7 +129,7 @@ where
     /// it; `fetch` gets an [`Interest`] that is always wanted.
     pub fn start<F, Fut>(self: &Arc<Self>, key: K, fetch: F) -> Role
     where
-        F: FnOnce(Interest<V>) -> Fut,
+        F: FnOnce(Interest<K, V>) -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
         self.join_or_start(key, |_| fetch(Interest(None))).1
@@ -102,7 +137,7 @@ where
 
     fn join_or_start<F, Fut>(self: &Arc<Self>, key: K, fetch: F) -> (Slot<V>, Role)
     where
-        F: FnOnce(&watch::Sender<Option<V>>) -> Fut,
+        F: FnOnce(Flight<K, V>) -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
         let mut inflight = self.lock();
@@ -111,17 +146,19 @@ where
         }
         let (tx, rx) = watch::channel(None);
         inflight.insert(key.clone(), rx.clone());
-        self.count.send_replace(inflight.len());
-        let guard = SlotGuard {
+        self.count.send_modify(|n| *n += 1);
+        let flight = Flight {
             owner: Arc::clone(self),
             key,
+            tx,
         };
-        let fut = fetch(&tx);
+        let fut = fetch(flight.clone());
+        let guard = SlotGuard(flight);
         tokio::spawn(async move {
             let value = fut.await;
             // Publish first, then free the slot (guard drop): nobody can start
             // a second fetch while waiters lack the value.
-            tx.send_replace(Some(value));
+            guard.0.tx.send_replace(Some(value));
             drop(guard);
         });
         (rx, Role::Leader)
@@ -144,15 +181,12 @@ impl<K, V> Coalescer<K, V> {
 }
 
 /// Frees a key's slot when its fetch task ends, however it ends.
-struct SlotGuard<K: Hash + Eq, V> {
-    owner: Arc<Coalescer<K, V>>,
-    key: K,
-}
+struct SlotGuard<K: Hash + Eq, V>(Flight<K, V>);
 
 impl<K: Hash + Eq, V> Drop for SlotGuard<K, V> {
     fn drop(&mut self) {
-        let mut inflight = self.owner.lock();
-        inflight.remove(&self.key);
-        self.owner.count.send_replace(inflight.len());
+        let flight = &self.0;
+        flight.forget(&mut flight.owner.lock());
+        flight.owner.count.send_modify(|n| *n -= 1);
     }
 }

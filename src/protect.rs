@@ -140,4 +140,9 @@ impl Admission<'_> {
         };
         self.pass.record(healthy);
     }
+
+    /// Gives the leave back unused (nobody waits for the call any more).
+    pub(crate) fn withdraw(self) {
+        self.pass.withdraw();
+    }
 }

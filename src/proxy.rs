@@ -376,7 +376,7 @@ impl Fetcher {
         route: Arc<Route>,
         trigger: Trigger,
         payer: Payer,
-        interest: Interest<FetchResult>,
+        interest: Interest<CacheKey, FetchResult>,
     ) -> FetchResult {
         if let Some(entry) = self.moot(&key, &trigger) {
             return Ok(Fetched::AlreadyCached(entry));
@@ -393,13 +393,14 @@ impl Fetcher {
 
     /// One guarded upstream call (with its retries); stores what deserves
     /// storing. The first attempt's credits are taken before protection may
-    /// queue it, so concurrent fetches cannot overspend a budget together.
+    /// queue it, so concurrent fetches cannot overspend a budget together,
+    /// and given back if every client has gone by the time it may be sent.
     async fn call_upstream(
         &self,
         key: &CacheKey,
         route: &Route,
         payer: &Payer,
-        interest: &Interest<FetchResult>,
+        interest: &Interest<CacheKey, FetchResult>,
     ) -> FetchResult {
         let cost = route.credits();
         let charge = self.ledger.charge(payer, cost).await.inspect_err(|refusal| {
@@ -414,6 +415,12 @@ impl Fetcher {
                 return Err(error.into());
             }
         };
+        if interest.withdraw_if_unwanted() {
+            admission.withdraw();
+            charge.settle(false).await;
+            tracing::info!(%key, "upstream call not made: every client of this fetch has gone");
+            return Err(Abandoned.into());
+        }
         let result = self.attempts(key, payer, cost, charge, interest).await;
         admission.settle(&result);
         match result {
@@ -443,7 +450,7 @@ impl Fetcher {
         payer: &Payer,
         cost: u64,
         mut charge: Charge<'_>,
-        interest: &Interest<FetchResult>,
+        interest: &Interest<CacheKey, FetchResult>,
     ) -> Result<UpstreamAnswer, UpstreamError> {
         let deadline = Instant::now() + self.upstream.request_timeout();
         let mut attempt = 0;
@@ -468,7 +475,7 @@ impl Fetcher {
             };
             attempt += 1;
             tokio::time::sleep(backoff).await;
-            if !interest.wanted() {
+            if interest.withdraw_if_unwanted() {
                 tracing::info!(%key, error = %error, "retry not made: every client of this fetch has gone");
                 return result;
             }

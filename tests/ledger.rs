@@ -9,7 +9,8 @@ mod common;
 use std::{net::TcpListener, time::Duration};
 
 use common::{
-    TestApp, assert_ledger_equals_bill, booked, client, header, join, metric, parts,
+    TestApp, assert_ledger_equals_bill, booked, client, hang_up, header, join, metric, parts,
+    raw_request,
     redis_server::{RedisServer, with_redis},
     spawn_app_with,
 };
@@ -80,6 +81,45 @@ async fn a_disconnect_storm_of_cold_requests_costs_only_the_calls_made() {
     // The budget was not drained for nothing: new questions are still answered.
     app.upstream.set_latency(Duration::ZERO);
     assert_eq!(app.get("hashtag_name=after").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_queued_call_is_not_paid_for_a_client_that_has_gone() {
+    let app = spawn_app_with(|c| {
+        c.credits.daily_budget = 1000;
+        c.upstream.max_in_flight = 1;
+        c.upstream.queue_timeout = Duration::from_secs(10);
+        c.upstream.request_timeout = Duration::from_secs(10);
+    })
+    .await;
+    app.upstream.hold();
+    let first = app.spawn_get_hashtag("hashtag_name=first");
+    app.upstream.wait_for_calls(1).await;
+    // A second question queues for the one upstream slot, its credits
+    // reserved, and its client leaves before the slot frees.
+    let client = raw_request(&app, "hashtag_name=queued").await;
+    let reserved = async {
+        while global_spent_today(&app).await < 4 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reserved)
+        .await
+        .expect("the second fetch reserves its credits");
+    hang_up(client).await;
+    app.upstream.release();
+    assert_eq!(first.await.unwrap().0, 200);
+    let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(calls, 1, "the queued call is not made for nobody");
+    assert_eq!(
+        global_spent_today(&app).await,
+        credits,
+        "reservation given back"
+    );
+
+    // The fetch gave its key up: the next client's question is asked anew.
+    assert_eq!(app.get("hashtag_name=queued").await.0, 200);
+    assert_eq!(assert_ledger_equals_bill(&[&app]).await.0, 2);
 }
 
 #[tokio::test]

@@ -8,13 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    assert_envelope, assert_ledger_equals_bill, header, join, metric, plain_ttl, spawn_app_with,
+    assert_envelope, assert_ledger_equals_bill, hang_up, header, join, metric, plain_ttl,
+    raw_request, spawn_app_with,
 };
-use keyapi_proxy::{config::Config, demo::FakeMode, route::HASHTAG_DETAIL_PATH};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use keyapi_proxy::{config::Config, demo::FakeMode};
 
 const TTL: Duration = Duration::from_millis(200);
 
@@ -279,21 +276,10 @@ async fn a_retry_is_not_paid_for_a_client_that_has_gone() {
     .await;
     app.upstream.script([FakeMode::Status(503)]);
     app.upstream.hold();
-    let mut client = TcpStream::connect(app.addr).await.unwrap();
-    let request =
-        format!("GET {HASHTAG_DETAIL_PATH}?hashtag_name=gone HTTP/1.1\r\nHost: proxy\r\n\r\n");
-    client.write_all(request.as_bytes()).await.unwrap();
+    let client = raw_request(&app, "hashtag_name=gone").await;
     app.upstream.wait_for_calls(1).await;
-    // The client leaves while the first attempt is out; the proxy closing
-    // the connection in turn means it has dropped the request.
-    client.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest));
-    closed
-        .await
-        .expect("the proxy closes the connection")
-        .unwrap();
-    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    // The client leaves while the first attempt is out.
+    hang_up(client).await;
     app.upstream.release();
     let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
     assert_eq!(calls, 1, "the 503 is not retried for nobody");

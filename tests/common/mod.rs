@@ -18,7 +18,8 @@ use keyapi_proxy::{
 };
 use secrecy::SecretString;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
     process::{Child, Command},
     sync::oneshot,
     task::JoinHandle,
@@ -273,6 +274,28 @@ pub async fn assert_ledger_equals_bill(apps: &[&TestApp]) -> (u64, u64) {
         "credits on the ledger = price x calls KeyAPI received"
     );
     (calls, credits)
+}
+
+/// A raw client that has sent `GET` of the hashtag route with `query` and
+/// waits (reqwest cannot hang up on a request at a moment of our choosing).
+pub async fn raw_request(app: &TestApp, query: &str) -> TcpStream {
+    let mut client = TcpStream::connect(app.addr).await.unwrap();
+    let request = format!("GET {HASHTAG_DETAIL_PATH}?{query} HTTP/1.1\r\nHost: proxy\r\n\r\n");
+    client.write_all(request.as_bytes()).await.unwrap();
+    client
+}
+
+/// Hangs up `client` before its answer and waits for the proxy to close the
+/// connection in turn: by then it has dropped the request.
+pub async fn hang_up(mut client: TcpStream) {
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest));
+    closed
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }
 
 /// The binary in `--demo` mode on a free port, its descriptor limit set to
