@@ -48,6 +48,14 @@ fn hashtag_key(name: &str) -> CacheKey {
     ))
 }
 
+/// A budget to watch, and one upstream call at a time with a queue of
+/// `queue_timeout` for the rest.
+fn one_upstream_slot(c: &mut Config, queue_timeout: Duration) {
+    c.credits.daily_budget = 1000;
+    c.upstream.max_in_flight = 1;
+    c.upstream.queue_timeout = queue_timeout;
+}
+
 /// Short TTL with a long stale-if-error window; single attempts.
 fn short_ttl(c: &mut Config, ttl: Duration) {
     c.cache.ttl = ttl;
@@ -86,9 +94,7 @@ async fn a_disconnect_storm_of_cold_requests_costs_only_the_calls_made() {
 #[tokio::test]
 async fn a_queued_call_is_not_paid_for_a_client_that_has_gone() {
     let app = spawn_app_with(|c| {
-        c.credits.daily_budget = 1000;
-        c.upstream.max_in_flight = 1;
-        c.upstream.queue_timeout = Duration::from_secs(10);
+        one_upstream_slot(c, Duration::from_secs(10));
         c.upstream.request_timeout = Duration::from_secs(10);
     })
     .await;
@@ -124,12 +130,7 @@ async fn a_queued_call_is_not_paid_for_a_client_that_has_gone() {
 
 #[tokio::test]
 async fn our_own_refusals_cost_nothing() {
-    let app = spawn_app_with(|c| {
-        c.credits.daily_budget = 1000;
-        c.upstream.max_in_flight = 1;
-        c.upstream.queue_timeout = Duration::from_millis(20);
-    })
-    .await;
+    let app = spawn_app_with(|c| one_upstream_slot(c, Duration::from_millis(20))).await;
     app.upstream.set_latency(Duration::from_millis(300));
     let handles = (0..40)
         .map(|i| app.spawn_get_hashtag(&format!("hashtag_name=burst{i}")))
