@@ -221,9 +221,11 @@ def render(f, rows):
         "worker, one nginx worker)"
     )
     out.append(
-        f"- Hits: {f['conns']} keep-alive connections, {f['duration']} s per run after a 2 s warm-up; "
-        f"{f['rounds']} rounds, each running bare hyper, nginx and the proxy back to back "
-        "(Zipf rounds then bare hyper holding 10,000 bodies); each "
+        f"- Hits: {f['conns']} keep-alive connections, 2 s of warm-up, then {f['rounds']} rounds; "
+        f"a round gives each server {f['duration']} s in turns of {f['slice']} s: bare hyper, "
+        "nginx and the proxy (Zipf: then bare hyper holding 10,000 bodies) one after another, "
+        "again and again, so that load which comes and goes falls on all alike; a round's "
+        "req/s is its requests over its time, its p50 and p99 the median of its turns'; each "
         "figure is the median of the rounds (± half their spread, max − min over the median); a "
         f"ratio is the median of the per-round ratios, reported only when those agree within "
         f"{MAX_SPREAD:.0%}"

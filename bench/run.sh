@@ -7,19 +7,23 @@
 # Builds release binaries (the proxy, bench/bare_hyper.rs, bench/baseline.rs,
 # bench/fake_upstream.rs), then runs each scenario against fresh processes:
 # the servers pinned to CPU 0, wrk (one thread) pinned to CPU 1. Hits are
-# measured against two references in the same run, interleaved round by
-# round: a bare hyper server returning the same bytes (the machine's limit)
-# and nginx proxy_cache (bench/nginx.conf); Zipf rounds add bare hyper
-# holding as many distinct bodies as keys (reported without a target). Each
-# figure is the median of the rounds with its spread; a ratio whose per-round
-# values disagree by more than 15% is not reported (bench/render.py). CPU
+# measured against two references in the same run, interleaved: a bare hyper
+# server returning the same bytes (the machine's limit) and nginx
+# proxy_cache (bench/nginx.conf); Zipf rounds add bare hyper holding as many
+# distinct bodies as keys (reported without a target). Within a round the
+# servers take turns in short slices, so load that comes and goes on this
+# shared machine falls on all of them alike. Each figure is the median of
+# the rounds with its spread; a ratio whose per-round values disagree by more
+# than 15% is not reported (bench/render.py). CPU
 # pressure (PSI) is recorded with every run. Every process it starts is
 # stopped on exit. Needs: cargo, curl, python3, taskset, wrk and nginx
 # (Debian's wrk and nginx-light are installed when missing); valgrind for the
 # instructions-per-hit figures (bench/profile.sh), skipped when absent.
 #
-# Environment: BENCH_DURATION (seconds per measured run, default 5),
-# BENCH_ROUNDS (interleaved rounds of hit runs, at least 3, default 3),
+# Environment: BENCH_DURATION (seconds per measured run, default 5; in the
+# hit rounds, each server's seconds per round), BENCH_SLICE (seconds of one
+# turn in the hit rounds, default 1), BENCH_ROUNDS (rounds of hit runs, at
+# least 3, default 3),
 # BENCH_PROFILE=0 (skip the callgrind count of bench/profile.sh),
 # BENCH_HITS_ONLY=1 (scenarios 1, 2 and 6 only: the three-server comparison),
 # BENCH_CONNECTIONS (hit scenarios, default 64), BENCH_OUT (default
@@ -31,11 +35,15 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 
 DURATION=${BENCH_DURATION:-5}
-# Each round runs bare hyper, nginx and the proxy once each; medians count.
-# Short runs, several times, interleaved: load from other work hits all
-# servers alike instead of one of them.
+# Each round gives bare hyper, nginx and the proxy DURATION seconds each, in
+# turns of SLICE seconds; medians of the rounds count. On this shared VM a
+# server's req/s drift by 10-30 % from one 5 s run to the next, and 1 s
+# turns let the drift fall on every server alike (bench/NOTES.md).
+SLICE=${BENCH_SLICE:-1}
+SLICES=$((DURATION / SLICE))
 ROUNDS=${BENCH_ROUNDS:-3}
 [ "$ROUNDS" -ge 3 ] || { echo "BENCH_ROUNDS must be at least 3" >&2; exit 1; }
+[ "$SLICES" -ge 1 ] || { echo "BENCH_SLICE must not exceed BENCH_DURATION" >&2; exit 1; }
 CONNS=${BENCH_CONNECTIONS:-64}
 OUT=${BENCH_OUT:-bench/RESULTS.md}
 KEY=bench-key-not-a-secret
@@ -232,6 +240,43 @@ wrk_run() {
   figure "${label}_psi" "$(cpu_pressure10)"
 }
 
+# slice LABEL URL SCRIPT [SCRIPT ARGS...]: one $SLICE-second turn of a hit
+# round, with $CONNS connections; its summary joins LABEL's other turns in
+# $WORK/slices-LABEL until `settle LABEL`. WRK_HEADER as for wrk_run.
+slice() {
+  local label=$1 url=$2 script=$3 line header=()
+  shift 3
+  [ -z "${WRK_HEADER:-}" ] || header=(-H "$WRK_HEADER")
+  taskset -c "$WRK_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${SLICE}s" --timeout 5s \
+    ${header[@]+"${header[@]}"} -s "$script" "$url" -- "$@" "$WRK_THREADS" \
+    >"$WORK/wrk-slice.txt" 2>&1 || { cat "$WORK/wrk-slice.txt" >&2; die "wrk $label"; }
+  line=$(grep '^BENCH ' "$WORK/wrk-slice.txt") || { cat "$WORK/wrk-slice.txt" >&2; die "wrk $label printed no summary"; }
+  printf '%s psi=%s\n' "${line#BENCH }" "$(cpu_pressure10)" >>"$WORK/slices-$label"
+}
+
+# settle LABEL: records LABEL's figures from its turns, as wrk_run does for
+# one run: requests, time and errors summed, rps = requests / time, p50, p90
+# and p99 the median of the turns' (wrk keeps no histogram to merge), max the
+# largest, psi at the last turn.
+settle() {
+  local label=$1 line pair
+  line=$(python3 - "$WORK/slices-$label" <<'EOF'
+import statistics, sys
+turns = [dict(p.split("=") for p in l.split()) for l in open(sys.argv[1])]
+total = lambda k: sum(int(t[k]) for t in turns)  # noqa: E731
+mid = lambda k: int(statistics.median(int(t[k]) for t in turns))  # noqa: E731
+print(f"requests={total('requests')} duration_us={total('duration_us')} "
+      f"rps={total('requests') / (total('duration_us') / 1e6):.0f} p50_us={mid('p50_us')} "
+      f"p90_us={mid('p90_us')} p99_us={mid('p99_us')} max_us={max(int(t['max_us']) for t in turns)} "
+      f"errors={total('errors')} status_errors={total('status_errors')} psi={turns[-1]['psi']}")
+EOF
+  )
+  log "$label: $line turns=$(wc -l <"$WORK/slices-$label")"
+  for pair in $line; do
+    figure "${label}_${pair%%=*}" "${pair#*=}"
+  done
+}
+
 # CPU pressure: share of the last 60 s (or 10 s) in which some task waited for a CPU.
 cpu_pressure() { sed -n 's/^some avg10=[0-9.]* avg60=\([0-9.]*\).*/\1/p' /proc/pressure/cpu 2>/dev/null || true; }
 cpu_pressure10() { sed -n 's/^some avg10=\([0-9.]*\).*/\1/p' /proc/pressure/cpu 2>/dev/null || true; }
@@ -268,6 +313,7 @@ figure rustc "$(rustc --version)"
 figure wrk "$(wrk -v 2>&1 | head -n1 | awk '{ print $2 }')"
 figure commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo +local-changes)"
 figure duration "$DURATION"
+figure slice "$SLICE"
 figure rounds "$ROUNDS"
 figure load_before "$(cut -d' ' -f1-3 /proc/loadavg)"
 figure psi_before "$(cpu_pressure)"
@@ -328,14 +374,19 @@ fi
 wrk_run warmup_bare "$CONNS" 2 "$HOT_URL_BARE" bench/report.lua
 wrk_run warmup_nginx "$CONNS" 2 "$HOT_URL_NGINX" bench/report.lua
 wrk_run warmup_proxy "$CONNS" 2 "$HOT_URL_PROXY" bench/report.lua
+hot_labels=(hot_bare hot_nginx hot_proxy)
+[ -z "$AUTH_URL" ] || hot_labels+=(auth_proxy)
 for round in $(seq "$ROUNDS"); do
-  wrk_run "hot_bare_$round" "$CONNS" "$DURATION" "$HOT_URL_BARE" bench/report.lua
-  wrk_run "hot_nginx_$round" "$CONNS" "$DURATION" "$HOT_URL_NGINX" bench/report.lua
-  wrk_run "hot_proxy_$round" "$CONNS" "$DURATION" "$HOT_URL_PROXY" bench/report.lua
-  if [ -n "$AUTH_URL" ]; then
-    WRK_HEADER="Authorization: Bearer $CLIENT_TOKEN" \
-      wrk_run "auth_proxy_$round" "$CONNS" "$DURATION" "$AUTH_URL" bench/report.lua
-  fi
+  for _ in $(seq "$SLICES"); do
+    slice "hot_bare_$round" "$HOT_URL_BARE" bench/report.lua
+    slice "hot_nginx_$round" "$HOT_URL_NGINX" bench/report.lua
+    slice "hot_proxy_$round" "$HOT_URL_PROXY" bench/report.lua
+    if [ -n "$AUTH_URL" ]; then
+      WRK_HEADER="Authorization: Bearer $CLIENT_TOKEN" \
+        slice "auth_proxy_$round" "$AUTH_URL" bench/report.lua
+    fi
+  done
+  for label in "${hot_labels[@]}"; do settle "${label}_$round"; done
 done
 [ -z "$AUTH_URL" ] || stop "$AUTH_PID"
 
@@ -350,10 +401,13 @@ figure zipf_warm_calls "$(($(upstream_calls) - before))"
 fill "$NGINX_URL" z "$ZIPF_KEYS" "$(upstream_calls)"
 before=$(upstream_calls)
 for round in $(seq "$ROUNDS"); do
-  wrk_run "zipf_bare_$round" "$CONNS" "$DURATION" "$BARE_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
-  wrk_run "zipf_nginx_$round" "$CONNS" "$DURATION" "$NGINX_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
-  wrk_run "zipf_proxy_$round" "$CONNS" "$DURATION" "$PROXY_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
-  wrk_run "zipf_barecopies_$round" "$CONNS" "$DURATION" "$BARE_COPIES_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+  for _ in $(seq "$SLICES"); do
+    slice "zipf_bare_$round" "$BARE_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+    slice "zipf_nginx_$round" "$NGINX_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+    slice "zipf_proxy_$round" "$PROXY_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+    slice "zipf_barecopies_$round" "$BARE_COPIES_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
+  done
+  for label in zipf_bare zipf_nginx zipf_proxy zipf_barecopies; do settle "${label}_$round"; done
 done
 stop "$BARE_COPIES_PID"
 figure zipf_upstream_calls "$(($(upstream_calls) - before))"
