@@ -221,20 +221,28 @@ cache_status() {
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
 # ------------------------------------------------------------------------- wrk
-# wrk_run LABEL CONNS SECONDS URL SCRIPT [SCRIPT ARGS...]: records
-# LABEL_rps, LABEL_p50_us, LABEL_p99_us, ... from the script's BENCH line,
-# and LABEL_psi, the CPU pressure (PSI `some`, avg10) at its end.
-# WRK_HEADER, when set, is sent as an extra request header.
-wrk_run() {
-  local label=$1 conns=$2 secs=$3 url=$4 script=$5 line pair header=()
+# wrk_summary NAME CONNS SECONDS URL SCRIPT [SCRIPT ARGS...]: runs wrk (its
+# output in $WORK/wrk-NAME.txt) and prints the script's BENCH line without
+# the prefix. WRK_HEADER, when set, is sent as an extra request header.
+wrk_summary() {
+  local name=$1 conns=$2 secs=$3 url=$4 script=$5 line header=()
   shift 5
   [ -z "${WRK_HEADER:-}" ] || header=(-H "$WRK_HEADER")
   taskset -c "$WRK_CPU" wrk -t"$WRK_THREADS" -c"$conns" -d"${secs}s" --timeout 5s \
     ${header[@]+"${header[@]}"} -s "$script" "$url" -- "$@" "$WRK_THREADS" \
-    >"$WORK/wrk-$label.txt" 2>&1 || { cat "$WORK/wrk-$label.txt" >&2; die "wrk $label"; }
-  line=$(grep '^BENCH ' "$WORK/wrk-$label.txt") || { cat "$WORK/wrk-$label.txt" >&2; die "wrk $label printed no summary"; }
-  log "$label: ${line#BENCH } psi=$(cpu_pressure10)"
-  for pair in ${line#BENCH }; do
+    >"$WORK/wrk-$name.txt" 2>&1 || { cat "$WORK/wrk-$name.txt" >&2; die "wrk $name"; }
+  line=$(grep '^BENCH ' "$WORK/wrk-$name.txt") || { cat "$WORK/wrk-$name.txt" >&2; die "wrk $name printed no summary"; }
+  printf '%s\n' "${line#BENCH }"
+}
+
+# wrk_run LABEL CONNS SECONDS URL SCRIPT [SCRIPT ARGS...]: records
+# LABEL_rps, LABEL_p50_us, LABEL_p99_us, ... from the script's BENCH line,
+# and LABEL_psi, the CPU pressure (PSI `some`, avg10) at its end.
+wrk_run() {
+  local label=$1 line pair
+  line=$(wrk_summary "$@")
+  log "$label: $line psi=$(cpu_pressure10)"
+  for pair in $line; do
     figure "${label}_${pair%%=*}" "${pair#*=}"
   done
   figure "${label}_psi" "$(cpu_pressure10)"
@@ -242,16 +250,12 @@ wrk_run() {
 
 # slice LABEL URL SCRIPT [SCRIPT ARGS...]: one $SLICE-second turn of a hit
 # round, with $CONNS connections; its summary joins LABEL's other turns in
-# $WORK/slices-LABEL until `settle LABEL`. WRK_HEADER as for wrk_run.
+# $WORK/slices-LABEL until `settle LABEL`.
 slice() {
-  local label=$1 url=$2 script=$3 line header=()
-  shift 3
-  [ -z "${WRK_HEADER:-}" ] || header=(-H "$WRK_HEADER")
-  taskset -c "$WRK_CPU" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${SLICE}s" --timeout 5s \
-    ${header[@]+"${header[@]}"} -s "$script" "$url" -- "$@" "$WRK_THREADS" \
-    >"$WORK/wrk-slice.txt" 2>&1 || { cat "$WORK/wrk-slice.txt" >&2; die "wrk $label"; }
-  line=$(grep '^BENCH ' "$WORK/wrk-slice.txt") || { cat "$WORK/wrk-slice.txt" >&2; die "wrk $label printed no summary"; }
-  printf '%s psi=%s\n' "${line#BENCH }" "$(cpu_pressure10)" >>"$WORK/slices-$label"
+  local label=$1 line
+  shift
+  line=$(wrk_summary slice "$CONNS" "$SLICE" "$@")
+  printf '%s psi=%s\n' "$line" "$(cpu_pressure10)" >>"$WORK/slices-$label"
 }
 
 # settle LABEL: records LABEL's figures from its turns, as wrk_run does for
