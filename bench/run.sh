@@ -250,7 +250,7 @@ wrk_run() {
 
 # slice LABEL URL SCRIPT [SCRIPT ARGS...]: one $SLICE-second turn of a hit
 # round, with $CONNS connections; its summary joins LABEL's other turns in
-# $WORK/slices-LABEL until `settle LABEL`.
+# $WORK/slices-LABEL until `settle`.
 slice() {
   local label=$1 line
   shift
@@ -258,13 +258,16 @@ slice() {
   printf '%s psi=%s\n' "$line" "$(cpu_pressure10)" >>"$WORK/slices-$label"
 }
 
-# settle LABEL: records LABEL's figures from its turns, as wrk_run does for
-# one run: requests, time and errors summed, rps = requests / time, p50, p90
-# and p99 the median of the turns' (wrk keeps no histogram to merge), max the
-# largest, psi at the last turn.
+# settle: records the figures of every label whose turns are not settled
+# yet, as wrk_run does for one run: requests, time and errors summed, rps =
+# requests / time, p50, p90 and p99 the median of the turns' (wrk keeps no
+# histogram to merge), max the largest, psi at the last turn.
 settle() {
-  local label=$1 line pair
-  line=$(python3 - "$WORK/slices-$label" <<'EOF'
+  local turns label line pair
+  for turns in "$WORK"/slices-*; do
+    [ -e "$turns" ] || return 0
+    label=${turns#"$WORK"/slices-}
+    line=$(python3 - "$turns" <<'EOF'
 import statistics, sys
 turns = [dict(p.split("=") for p in l.split()) for l in open(sys.argv[1])]
 total = lambda k: sum(int(t[k]) for t in turns)  # noqa: E731
@@ -274,10 +277,12 @@ print(f"requests={total('requests')} duration_us={total('duration_us')} "
       f"p90_us={mid('p90_us')} p99_us={mid('p99_us')} max_us={max(int(t['max_us']) for t in turns)} "
       f"errors={total('errors')} status_errors={total('status_errors')} psi={turns[-1]['psi']}")
 EOF
-  )
-  log "$label: $line turns=$(wc -l <"$WORK/slices-$label")"
-  for pair in $line; do
-    figure "${label}_${pair%%=*}" "${pair#*=}"
+    )
+    log "$label: $line turns=$(wc -l <"$turns")"
+    for pair in $line; do
+      figure "${label}_${pair%%=*}" "${pair#*=}"
+    done
+    rm "$turns"
   done
 }
 
@@ -378,8 +383,6 @@ fi
 wrk_run warmup_bare "$CONNS" 2 "$HOT_URL_BARE" bench/report.lua
 wrk_run warmup_nginx "$CONNS" 2 "$HOT_URL_NGINX" bench/report.lua
 wrk_run warmup_proxy "$CONNS" 2 "$HOT_URL_PROXY" bench/report.lua
-hot_labels=(hot_bare hot_nginx hot_proxy)
-[ -z "$AUTH_URL" ] || hot_labels+=(auth_proxy)
 for round in $(seq "$ROUNDS"); do
   for _ in $(seq "$SLICES"); do
     slice "hot_bare_$round" "$HOT_URL_BARE" bench/report.lua
@@ -390,7 +393,7 @@ for round in $(seq "$ROUNDS"); do
         slice "auth_proxy_$round" "$AUTH_URL" bench/report.lua
     fi
   done
-  for label in "${hot_labels[@]}"; do settle "${label}_$round"; done
+  settle
 done
 [ -z "$AUTH_URL" ] || stop "$AUTH_PID"
 
@@ -411,7 +414,7 @@ for round in $(seq "$ROUNDS"); do
     slice "zipf_proxy_$round" "$PROXY_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
     slice "zipf_barecopies_$round" "$BARE_COPIES_URL" bench/keys.lua zipf z "$ZIPF_KEYS"
   done
-  for label in zipf_bare zipf_nginx zipf_proxy zipf_barecopies; do settle "${label}_$round"; done
+  settle
 done
 stop "$BARE_COPIES_PID"
 figure zipf_upstream_calls "$(($(upstream_calls) - before))"
