@@ -427,8 +427,11 @@ pub struct ParamConfig {
     /// `one_of` is given, else `text`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// A request without it is a 400 "is required" (then it has no `default`).
     #[serde(default)]
     pub required: bool,
+    /// Normalized like a value; used when the parameter is absent (and, for
+    /// `one_of`, `int` and `region`, when it is empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<String>,
     /// A value shown in the "is required" message; absent: the default or the first allowed value.

@@ -38,7 +38,7 @@ struct Envelope {
 struct AdminListQuery {
     /// Only keys of this route (its path).
     route: Option<String>,
-    /// Prefix of each key's first required parameter (normalized like it); empty lists everything.
+    /// Prefix of each key's first required parameter, else its first hashtag or text one (normalized like it); empty lists everything.
     prefix: Option<String>,
 }
 
@@ -133,11 +133,11 @@ fn status_page() {}
               (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
 fn admin_list() {}
 
-/// Purge one normalized key (with the route's parameters) or, without a query, everything.
+/// Purge one normalized key (with the route's parameters) or, with `all=true` alone, everything.
 #[utoipa::path(delete, path = "/admin/cache", tag = "admin",
     security(("bearer" = []), ("apiKey" = [])),
     responses((status = 200, description = "`{purged, key?}`", body = Object),
-              (status = 400, description = "Invalid parameters", body = Envelope),
+              (status = 400, description = "Invalid parameters, a parameter the purge does not take, no query, or `all=true` with a key's parameters; nothing is purged", body = Envelope),
               (status = 401, description = "No valid token", body = Envelope),
               (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
 fn admin_purge() {}
@@ -216,8 +216,9 @@ pub fn document(table: &RouteTable) -> Bytes {
     Bytes::from(serde_json::to_vec(&doc).unwrap_or_default())
 }
 
-/// The purge's query: no query purges everything; otherwise `route` and the
-/// route's parameters name one key. Query parameters cannot depend on each
+/// The purge's query: `all=true` alone purges everything; otherwise `route`
+/// and the route's parameters name one key; anything else is a 400. Query
+/// parameters cannot depend on each
 /// other, so they become the properties of one form-exploded object (the same
 /// `?a=1&b=2` on the wire) whose `dependentRequired` says that any of them
 /// needs the route's required parameters (exact with one route; with several,
@@ -228,6 +229,10 @@ fn purge_query(table: &RouteTable) -> Value {
     properties.insert(
         "route".into(),
         json!({"type": "string", "enum": paths, "description": "The route (its path); may be left out with one route"}),
+    );
+    properties.insert(
+        "all".into(),
+        json!({"type": "string", "enum": ["true"], "description": "Purge everything; given alone"}),
     );
     let mut needs: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     for route in table.routes() {
@@ -259,9 +264,11 @@ fn purge_query(table: &RouteTable) -> Value {
         "style": "form",
         "explode": true,
         "required": false,
-        "description": "The key to purge: `route` and that route's parameters; none purges everything",
+        "description": "The key to purge: `route` and that route's parameters; or `all=true` alone to purge everything (no query, or another parameter, is a 400)",
         "schema": {
             "type": "object",
+            "minProperties": 1,
+            "additionalProperties": false,
             "properties": properties,
             "dependentRequired": dependent,
         },
@@ -350,10 +357,13 @@ fn parameter(param: &Param) -> Value {
             "minLength": 1,
             "pattern": route::hashtag_pattern(),
         }),
-        Kind::Text { max_len, .. } => {
-            let min_length = u8::from(param.default().is_none());
-            json!({ "type": "string", "minLength": min_length, "maxLength": max_len })
-        }
+        // Never empty: an empty text is a 400 even with a default.
+        Kind::Text { max_len, .. } => json!({
+            "type": "string",
+            "minLength": 1,
+            "maxLength": max_len,
+            "pattern": route::text_pattern(),
+        }),
     };
     // Integers are documented as numbers, everything else as the text sent.
     let typed = |value: &str| match param.kind() {

@@ -92,6 +92,19 @@ pub fn region_pattern() -> &'static str {
     &PATTERN
 }
 
+/// JSON Schema `pattern` of a raw `text` value: any characters but control
+/// and bidirectional formatting ones ([`is_unprintable_in_text`]), apart
+/// from the whitespace trimmed at either end. (A route's own `pattern`
+/// applies to the normalized value and is named in the description.)
+pub fn text_pattern() -> &'static str {
+    static PATTERN: LazyLock<String> = LazyLock::new(|| {
+        let space = char_class(char::is_whitespace);
+        let printable = char_class(|c| !is_unprintable_in_text(c));
+        format!("^{space}*{printable}*{space}*$")
+    });
+    &PATTERN
+}
+
 /// A regex character class of every code point `member` accepts, as ranges
 /// of literal characters (metacharacters escaped).
 fn char_class(member: fn(char) -> bool) -> String {
@@ -143,6 +156,26 @@ pub enum KeyError {
         rule: Arc<str>,
         got: String,
     },
+    /// Its percent-decoded bytes are not UTF-8 (decoding them lossily
+    /// would make different inputs one key).
+    #[error("The parameter \"{0}\" is not UTF-8 text once percent-decoded; send UTF-8.")]
+    NotUtf8(Arc<str>),
+    /// A parameter the request does not take (where a typo would change
+    /// what it does, as in an admin purge).
+    #[error("The parameter \"{name}\" is not one this request takes; it takes {takes}.")]
+    Unknown { name: String, takes: Arc<str> },
+    /// An admin purge naming nothing: purging everything must be asked for.
+    #[error("Say what to purge: all=true purges everything; a route's parameters purge one key.")]
+    PurgeUnnamed,
+    /// An admin purge with `all=true` and a key's parameters too.
+    #[error("The parameter \"all\" purges everything; give it alone, without a key's parameters.")]
+    PurgeAllWithKey,
+    /// A `text` value holding a control or bidirectional formatting character.
+    #[error(
+        "The parameter \"{0}\" holds a control or bidirectional formatting character; \
+         send printable text only."
+    )]
+    Unprintable(Arc<str>),
 }
 
 /// How a parameter's value is checked and normalized.
@@ -156,13 +189,23 @@ pub enum Kind {
     Region,
     /// One leading `#` dropped, lower-cased, 1-100 letters, digits or `_`.
     Hashtag,
-    /// Free text within a length and an optional pattern.
+    /// Free text within a length and an optional pattern: Unicode NFC, no
+    /// control or bidirectional formatting characters.
     Text {
         pattern: Option<Regex>,
         max_len: usize,
         lowercase: bool,
         strip_prefix: Option<String>,
     },
+}
+
+impl Kind {
+    /// Whether an empty value (`name=`) asks for the default. It does for
+    /// the closed sets (`period=`, `region=`); an empty hashtag or text is a
+    /// blank field, not a question for the default (`ufc324`), so it is a 400.
+    fn empty_means_default(&self) -> bool {
+        matches!(self, Self::OneOf(_) | Self::Int { .. } | Self::Region)
+    }
 }
 
 /// One compiled parameter.
@@ -289,6 +332,9 @@ impl Param {
                 lowercase,
                 strip_prefix,
             } => {
+                if raw.chars().any(is_unprintable_in_text) {
+                    return Err(KeyError::Unprintable(Arc::clone(&self.name)));
+                }
                 let value = fold_text(raw, strip_prefix.as_deref(), *lowercase);
                 let chars = value.chars().count();
                 let fits = (1..=*max_len).contains(&chars)
@@ -365,6 +411,18 @@ impl Route {
         &self.params
     }
 
+    /// The parameter an admin listing's `prefix` matches: the first required
+    /// one, else the first free-form one (`hashtag` or `text`), since the
+    /// others have a handful of values.
+    pub fn prefix_param(&self) -> Option<&Param> {
+        let free_form = |p: &&Param| matches!(p.kind, Kind::Hashtag | Kind::Text { .. });
+        let mut params = self.params.iter();
+        params
+            .clone()
+            .find(|p| p.required)
+            .or_else(|| params.find(free_form))
+    }
+
     /// Stale windows and negative caching of this route.
     pub fn policy(&self) -> &FreshnessPolicy {
         &self.policy
@@ -378,6 +436,9 @@ impl Route {
         for (name, value) in query_pairs(raw_query.unwrap_or("")) {
             let Some(index) = self.params.iter().position(|p| *p.name == *name) else {
                 continue;
+            };
+            let Ok(value) = value else {
+                return Err(KeyError::NotUtf8(Arc::clone(&self.params[index].name)));
             };
             if raw[index].replace(value).is_some() {
                 return Err(KeyError::Repeated(Arc::clone(&self.params[index].name)));
@@ -404,15 +465,23 @@ impl Route {
         let mut first = true;
         for (param, raw) in self.params.iter().zip(raw) {
             let given = raw.as_deref().map(str::trim).filter(|g| !g.is_empty());
-            if given.is_none() && param.default.is_none() {
-                if !param.required {
-                    continue;
-                }
+            // Absent: the default; empty: the default only where empty means it.
+            let default = match (raw, given) {
+                (_, Some(_)) => None,
+                (None, None) => param.default_in_key.as_deref(),
+                (Some(_), None) => param
+                    .default_in_key
+                    .as_deref()
+                    .filter(|_| param.kind.empty_means_default()),
+            };
+            if given.is_none() && default.is_none() {
                 let (name, example) = (Arc::clone(&param.name), Arc::clone(&param.example));
-                return Err(match raw {
-                    Some(_) => KeyError::Empty { name, example },
-                    None => KeyError::Missing { name, example },
-                });
+                return match raw {
+                    None if !param.required => continue,
+                    Some(_) if !param.required && param.default.is_none() => continue,
+                    None => Err(KeyError::Missing { name, example }),
+                    Some(_) => Err(KeyError::Empty { name, example }),
+                };
             }
             key.push_str(&param.key_prefix[usize::from(!first)]);
             first = false;
@@ -423,8 +492,7 @@ impl Route {
                     let value = key.split_off(start);
                     push_encoded(key, &value);
                 }
-            } else if let Some(default) = &param.default_in_key {
-                // Absent or empty: the default.
+            } else if let Some(default) = default {
                 key.push_str(default);
             }
         }
@@ -721,8 +789,8 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
                 None => None,
             };
             let rule = match &p.pattern {
-                Some(raw) => format!("1 to {max_len} characters matching {raw}"),
-                None => format!("1 to {max_len} characters"),
+                Some(raw) => format!("1 to {max_len} printable characters matching {raw}"),
+                None => format!("1 to {max_len} printable characters"),
             };
             let kind = Kind::Text {
                 pattern,
@@ -776,14 +844,29 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
     Ok(param)
 }
 
-/// A `text` value with its prefix dropped once and, if asked, lower-cased.
+/// A `text` value in NFC (like a hashtag, so canonically equal spellings
+/// are one key), its prefix dropped once and, if asked, lower-cased (and
+/// composed again: lower-casing can decompose).
 fn fold_text(raw: &str, strip_prefix: Option<&str>, lowercase: bool) -> String {
-    let value = strip_prefix.map_or(raw, |p| raw.strip_prefix(p).unwrap_or(raw));
+    let composed = nfc(Cow::Borrowed(raw));
+    let value = strip_prefix.map_or(composed.as_str(), |p| {
+        composed.strip_prefix(p).unwrap_or(&composed)
+    });
     if lowercase {
-        value.to_lowercase()
+        nfc(Cow::Owned(value.to_lowercase()))
     } else {
         value.to_owned()
     }
+}
+
+/// Characters a `text` value may not hold: control characters (C0, DEL,
+/// C1) and the bidirectional formatting controls that make text display
+/// other than it reads (Trojan Source: U+202A-U+202E, U+2066-U+2069, the
+/// marks U+200E, U+200F and U+061C).
+fn is_unprintable_in_text(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `text` in Unicode Normalization Form C, so canonically equivalent
@@ -799,9 +882,17 @@ fn nfc(text: Cow<'_, str>) -> String {
     }
 }
 
-/// The `name=value` pairs of a query, decoded as `application/x-www-form-urlencoded`.
+/// A value whose percent-decoded bytes are not UTF-8.
+struct NotUtf8;
+
+/// A decoded name and its value (or [`NotUtf8`]).
+type Pair<'q> = (Cow<'q, str>, Result<Cow<'q, str>, NotUtf8>);
+
+/// The `name=value` pairs of a query, decoded as `application/x-www-form-urlencoded`,
+/// except that a value whose bytes are not UTF-8 is an error rather than
+/// U+FFFD (names are decoded lossily: no parameter's name holds one).
 /// Pairs without `%` or `+` (the common case) are borrowed, not decoded.
-fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+fn query_pairs(query: &str) -> impl Iterator<Item = Pair<'_>> {
     let mut rest = query;
     // One pass over the bytes (a query is short; no searcher set-up).
     std::iter::from_fn(move || {
@@ -823,17 +914,37 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)
             if pair.is_empty() {
                 continue;
             }
-            if encoded {
-                match form_urlencoded::parse(pair.as_bytes()).next() {
-                    Some(decoded) => return Some(decoded),
-                    None => continue,
-                }
-            }
             let (name, value) = equals.map_or((pair, ""), |i| (&pair[..i], &pair[i + 1..]));
-            return Some((Cow::Borrowed(name), Cow::Borrowed(value)));
+            if encoded {
+                let name = form_decode(name).unwrap_or_else(|bytes| {
+                    Cow::Owned(String::from_utf8_lossy(&bytes).into_owned())
+                });
+                return Some((name, form_decode(value).map_err(|_| NotUtf8)));
+            }
+            return Some((Cow::Borrowed(name), Ok(Cow::Borrowed(value))));
         }
         None
     })
+}
+
+/// One form-encoded name or value decoded (`+` is a space), or its bytes
+/// when they are not UTF-8.
+fn form_decode(raw: &str) -> Result<Cow<'_, str>, Vec<u8>> {
+    if raw.contains('+') {
+        let spaced = raw.replace('+', " ");
+        let decoded: Vec<u8> = percent_encoding::percent_decode_str(&spaced).collect();
+        return String::from_utf8(decoded)
+            .map(Cow::Owned)
+            .map_err(|e| e.into_bytes());
+    }
+    match Cow::from(percent_encoding::percent_decode_str(raw)) {
+        Cow::Borrowed(bytes) => std::str::from_utf8(bytes)
+            .map(Cow::Borrowed)
+            .map_err(|_| bytes.to_vec()),
+        Cow::Owned(bytes) => String::from_utf8(bytes)
+            .map(Cow::Owned)
+            .map_err(|e| e.into_bytes()),
+    }
 }
 
 /// Whether `value` has anything but ASCII letters, digits and `_`.
@@ -856,7 +967,7 @@ fn push_encoded(out: &mut String, value: &str) {
 /// Echoes at most 40 characters of a bad value back to the client, each
 /// control or invisible formatting character shown as `�` (a message is for
 /// reading; the raw bytes are nobody's business).
-fn clip(raw: &str) -> String {
+pub(crate) fn clip(raw: &str) -> String {
     const MAX: usize = 40;
     let mut out: String = raw
         .chars()
@@ -929,9 +1040,10 @@ mod tests {
     #[test]
     fn bad_inputs_are_rejected_with_the_parameter_named() {
         let long = format!("hashtag_name={}", "a".repeat(101));
-        let cases: [(&str, &str); 10] = [
-            ("", "\"hashtag_name\" is required"),
+        let cases: [(&str, &str); 11] = [
             ("hashtag_name=", "\"hashtag_name\" is empty"),
+            ("hashtag_name=+", "\"hashtag_name\" is empty"),
+            ("hashtag_name=ab%FF", "\"hashtag_name\" is not UTF-8"),
             ("hashtag_name=%23", "\"hashtag_name\" must be"),
             ("hashtag_name=a-b", "\"hashtag_name\" must be"),
             ("hashtag_name=%23%23ab", "\"hashtag_name\" must be"),
@@ -953,6 +1065,81 @@ mod tests {
                 Ok(k) => panic!("query {q:?} was accepted as {k}"),
             }
         }
+    }
+
+    #[test]
+    fn without_hashtag_name_the_question_is_keyapis_default_ufc324() {
+        let expected =
+            "/v1/tiktok/trending/hashtag/detail?period=7&region=all_regions&hashtag_name=ufc324";
+        for q in ["", "period=7", "region=ALL_REGIONS&period=", "_=1"] {
+            assert_eq!(key(q).as_deref(), Ok(expected), "query {q:?}");
+        }
+        assert_eq!(
+            table().routes()[0].parse(None).unwrap().to_string(),
+            expected
+        );
+    }
+
+    /// The default route with `hashtag_name` as a `text` parameter.
+    fn text_key(q: &str) -> Result<String, KeyError> {
+        let mut config = Config::defaults().unwrap();
+        config.routes[0].params[2] = ParamConfig {
+            name: "hashtag_name".into(),
+            kind: Some("text".into()),
+            required: true,
+            ..ParamConfig::default()
+        };
+        let table = RouteTable::from_config(&config).unwrap();
+        table.routes()[0].parse(Some(q)).map(|k| k.to_string())
+    }
+
+    #[test]
+    fn text_is_utf8_printable_and_nfc() {
+        // Two spellings of "été": one key.
+        assert_eq!(
+            text_key("hashtag_name=e%CC%81te%CC%81"),
+            text_key("hashtag_name=%C3%A9t%C3%A9")
+        );
+        assert!(
+            text_key("hashtag_name=%C3%A9t%C3%A9")
+                .unwrap()
+                .ends_with("=%C3%A9t%C3%A9")
+        );
+        // Invalid UTF-8 is refused, not turned into U+FFFD (which is another, valid input).
+        assert!(text_key("hashtag_name=a%EF%BF%BD").is_ok());
+        for bad in ["a%FF", "a%C3", "%ED%A0%80", "a%FF+b"] {
+            assert_eq!(
+                text_key(&format!("hashtag_name={bad}")),
+                Err(KeyError::NotUtf8("hashtag_name".into())),
+                "{bad}"
+            );
+        }
+        // Control characters and bidi controls, anywhere but at the trimmed ends.
+        for bad in [
+            "a%00b",
+            "a%09b",
+            "a%0Ab",
+            "a%7Fb",
+            "a%C2%85b",
+            "a%D8%9Cb",
+            "a%E2%80%8Eb",
+            "a%E2%80%8Fb",
+            "a%E2%80%AAb",
+            "a%E2%80%AEb",
+            "a%E2%81%A6b",
+            "a%E2%81%A9b",
+        ] {
+            assert_eq!(
+                text_key(&format!("hashtag_name={bad}")),
+                Err(KeyError::Unprintable("hashtag_name".into())),
+                "{bad}"
+            );
+        }
+        // Not bidi controls: a zero-width joiner (emoji) and a right-to-left letter.
+        assert!(text_key("hashtag_name=a%E2%80%8Db").is_ok());
+        assert!(text_key("hashtag_name=%D7%90").is_ok());
+        // An invalid value of an unknown parameter is ignored, like the parameter.
+        assert!(key("hashtag_name=a&x=%FF").is_ok());
     }
 
     #[test]

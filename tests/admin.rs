@@ -112,16 +112,16 @@ async fn purge_one_normalized_key_then_it_misses() {
 }
 
 #[tokio::test]
-async fn purge_all_then_everything_misses() {
+async fn purge_all_needs_all_true_then_everything_misses() {
     let app = app().await;
     for tag in ["a", "b", "c"] {
         app.get_hashtag_as(USER, &format!("hashtag_name={tag}"))
             .await;
     }
-    // Unknown parameters are ignored, as on the route: this is "no query".
-    let (status, body) = admin(&app, reqwest::Method::DELETE, "?_=123", Some(ADMIN)).await;
+    let (status, body) = admin(&app, reqwest::Method::DELETE, "?all=true", Some(ADMIN)).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["purged"], 3);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((&v["purged"], &v["key"]), (&3.into(), &Value::Null));
     for tag in ["a", "b", "c"] {
         let (_, headers, _) = parts(
             app.get_hashtag_as(USER, &format!("hashtag_name={tag}"))
@@ -131,6 +131,41 @@ async fn purge_all_then_everything_misses() {
         assert!(header(&headers, "cache-status").ends_with("stored"));
     }
     assert_eq!(app.upstream.calls(), 6);
+}
+
+#[tokio::test]
+async fn a_purge_naming_nothing_or_a_typo_is_a_400_and_purges_nothing() {
+    let app = app().await;
+    for tag in ["x", "ufc324"] {
+        app.get_hashtag_as(USER, &format!("hashtag_name={tag}"))
+            .await;
+    }
+    let cases = [
+        ("", "all=true purges everything"),
+        ("?", "all=true purges everything"),
+        ("?hashtag=x", "\"hashtag\" is not one this request takes"),
+        ("?_=123", "\"_\" is not one this request takes"),
+        (
+            "?hashtag_name=x&hashtagname=y",
+            "\"hashtagname\" is not one",
+        ),
+        ("?all=1", "\"all\" must be true"),
+        ("?all=true&hashtag_name=x", "give it alone"),
+        ("?all=true&all=true", "more than once"),
+        (
+            "?route=/v1/nowhere&hashtag_name=x",
+            "\"route\" must be one of",
+        ),
+    ];
+    for (query, hint) in cases {
+        let (status, body) = admin(&app, reqwest::Method::DELETE, query, Some(ADMIN)).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        let message = assert_envelope(&body, 400, "admin-test");
+        assert!(message.contains(hint), "{query}: {message}");
+    }
+    let (_, body) = admin(&app, reqwest::Method::GET, "", Some(ADMIN)).await;
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["count"], 2);
+    assert_eq!(app.upstream.calls(), 2);
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{TEST_API_KEY, header, parts, plain_ttl, spawn_app, spawn_app_with};
+use common::{
+    TEST_API_KEY, assert_ledger_equals_bill, header, parts, plain_ttl, spawn_app, spawn_app_with,
+};
 use keyapi_proxy::config::ParamConfig;
 
 #[tokio::test]
@@ -82,6 +84,53 @@ async fn same_key_gives_byte_identical_upstream_requests() {
 }
 
 #[tokio::test]
+async fn without_hashtag_name_the_question_is_ufc324_as_keyapi_answers_it() {
+    let app = spawn_app().await;
+    for q in [
+        "",
+        "period=7",
+        "region=all_regions&_=1",
+        "hashtag_name=UFC324",
+    ] {
+        let (status, headers, _) = parts(app.get_hashtag(q).await).await;
+        assert_eq!(status, 200, "query {q:?}");
+        assert!(!header(&headers, "cache-status").is_empty());
+    }
+    // One key, one paid call, asked of KeyAPI with the default spelled out.
+    assert_eq!(app.upstream.calls(), 1);
+    assert_eq!(
+        app.upstream.requests()[0].path_and_query,
+        "/v1/tiktok/trending/hashtag/detail?period=7&region=all_regions&hashtag_name=ufc324"
+    );
+    assert_ledger_equals_bill(&[&app]).await;
+    // A blank hashtag is not a question for the default.
+    for q in ["hashtag_name=", "hashtag_name=%20"] {
+        let (status, _, body) = parts(app.get_hashtag(q).await).await;
+        assert_eq!(status, 400, "query {q:?}");
+        assert!(body.contains("\\\"hashtag_name\\\" is empty"), "{body}");
+    }
+    assert_eq!(app.upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_required_hashtag_name_keeps_the_400() {
+    let app = spawn_app_with(|c| {
+        let hashtag = &mut c.routes[0].params[2];
+        (hashtag.required, hashtag.default) = (true, None);
+    })
+    .await;
+    for q in ["", "period=7"] {
+        let (status, _, body) = parts(app.get_hashtag(q).await).await;
+        assert_eq!(status, 400, "query {q:?}");
+        assert!(
+            body.contains("is required, for example hashtag_name=ufc324"),
+            "{body}"
+        );
+    }
+    assert_eq!(app.upstream.calls(), 0);
+}
+
+#[tokio::test]
 async fn distinct_questions_are_distinct_keys() {
     let app = spawn_app().await;
     for q in [
@@ -116,6 +165,51 @@ async fn a_text_parameter_keeps_its_case_unless_told() {
         app.upstream.requests()[0]
             .path_and_query
             .ends_with("hashtag_name=UFC")
+    );
+}
+
+#[tokio::test]
+async fn a_text_parameter_is_printable_utf8_in_nfc() {
+    let app = spawn_app_with(|c| {
+        c.routes[0].params[2] = ParamConfig {
+            name: "hashtag_name".into(),
+            kind: Some("text".into()),
+            required: true,
+            ..ParamConfig::default()
+        };
+    })
+    .await;
+    // Invalid UTF-8 (once U+FFFD: two inputs, one key), a control
+    // character, bidi controls: 400s, no call.
+    for (q, hint) in [
+        ("hashtag_name=caf%E9", "is not UTF-8"),
+        ("hashtag_name=caf%C3", "is not UTF-8"),
+        ("hashtag_name=a%00b", "control or bidirectional"),
+        ("hashtag_name=a%1Bb", "control or bidirectional"),
+        (
+            "hashtag_name=admin%E2%80%AEnimda",
+            "control or bidirectional",
+        ),
+        (
+            "hashtag_name=a%E2%81%A6b%E2%81%A9",
+            "control or bidirectional",
+        ),
+        ("hashtag_name=%E2%80%8Fab", "control or bidirectional"),
+    ] {
+        let (status, _, body) = parts(app.get_hashtag(q).await).await;
+        assert_eq!(status, 400, "query {q:?}: {body}");
+        assert!(body.contains(hint), "query {q:?}: {body}");
+    }
+    assert_eq!(app.upstream.calls(), 0);
+    // Composed and decomposed spellings are one key, asked in NFC.
+    for q in ["hashtag_name=caf%C3%A9", "hashtag_name=cafe%CC%81"] {
+        assert_eq!(app.get_hashtag(q).await.status(), 200, "query {q:?}");
+    }
+    assert_eq!(app.upstream.calls(), 1);
+    assert!(
+        app.upstream.requests()[0]
+            .path_and_query
+            .ends_with("hashtag_name=caf%C3%A9")
     );
 }
 

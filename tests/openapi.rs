@@ -97,6 +97,33 @@ async fn document_is_openapi_3_1_and_covers_every_route() {
 }
 
 #[tokio::test]
+async fn a_required_hashtag_is_documented_as_required_and_needed_by_a_purge() {
+    let app = spawn_app_with(|c| {
+        let hashtag = &mut c.routes[0].params[2];
+        (hashtag.required, hashtag.default) = (true, None);
+    })
+    .await;
+    let doc = document(&app).await;
+    let get = &doc["paths"][HASHTAG_DETAIL_PATH]["get"];
+    let hashtag = get["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "hashtag_name")
+        .unwrap();
+    assert_eq!(hashtag["required"], true);
+    assert!(hashtag["schema"]["default"].is_null());
+    let purge = &doc["paths"]["/admin/cache"]["delete"]["parameters"][0];
+    for name in ["route", "period", "region"] {
+        assert_eq!(
+            purge["schema"]["dependentRequired"][name],
+            serde_json::json!(["hashtag_name"]),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn proxied_route_names_every_parameter_with_its_rules() {
     let app = spawn_app_with(|c| {
         let period = &mut c.routes[0].params[0];
@@ -111,9 +138,9 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
         .map(String::from)
         .into();
     assert_eq!(param_names(get), expected);
-    // A purge takes `route` and the route's parameters, as one optional
-    // object (no query purges everything) in which any of them needs
-    // `hashtag_name`.
+    // A purge takes `route` and the route's parameters, or `all`, as one
+    // object of at least one property and no others; `hashtag_name` has a
+    // default, so no parameter needs another.
     let purge = &doc["paths"]["/admin/cache"]["delete"]["parameters"][0];
     assert_eq!(
         (&purge["in"], &purge["required"]),
@@ -122,19 +149,16 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
     let properties = purge["schema"]["properties"].as_object().unwrap();
     let purged: BTreeSet<String> = properties.keys().cloned().collect();
     let mut with_route = expected.clone();
-    with_route.insert("route".into());
+    with_route.extend(["route".into(), "all".into()]);
     assert_eq!(purged, with_route);
+    assert_eq!(properties["all"]["enum"], serde_json::json!(["true"]));
+    assert_eq!(purge["schema"]["minProperties"], 1);
+    assert_eq!(purge["schema"]["additionalProperties"], false);
     assert_eq!(
         properties["hashtag_name"]["pattern"],
         route::hashtag_pattern()
     );
-    for name in ["route", "period", "region"] {
-        assert_eq!(
-            purge["schema"]["dependentRequired"][name],
-            serde_json::json!(["hashtag_name"]),
-            "{name}"
-        );
-    }
+    assert_eq!(purge["schema"]["dependentRequired"], serde_json::json!({}));
 
     let param = |name: &str| {
         get["parameters"]
@@ -145,7 +169,14 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
             .unwrap()
             .clone()
     };
-    assert_eq!(param("hashtag_name")["required"], true);
+    // KeyAPI's reference documents ufc324 as hashtag_name's default: so does ours.
+    assert_eq!(param("hashtag_name")["required"], false);
+    assert_eq!(param("hashtag_name")["schema"]["default"], "ufc324");
+    assert_eq!(
+        param("hashtag_name")["schema"]["minLength"],
+        1,
+        "empty is a 400"
+    );
     assert_eq!(
         param("period")["schema"]["enum"],
         serde_json::json!(["7", "30", ""]),

@@ -220,7 +220,7 @@ async fn the_page_shows_rejections_the_circuit_and_long_names_whole_in_a_tooltip
     for _ in 0..3 {
         assert_eq!(app.get_hashtag("hashtag_name=a-b").await.status(), 400);
     }
-    assert_eq!(app.get_hashtag("period=7").await.status(), 400);
+    assert_eq!(app.get_hashtag("period=8").await.status(), 400);
     let s = stats(&app).await;
     assert_eq!(s["rejected"], 4);
     assert_eq!(s["upstream"]["circuit"], "closed");

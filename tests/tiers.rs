@@ -294,7 +294,7 @@ async fn an_admin_purge_reaches_every_replica() {
     assert!(cache_status.contains("; hit;"), "{cache_status}");
     assert_eq!(a.upstream.calls(), 2, "one refetch for the cluster");
 
-    assert_eq!(purge("").await.unwrap().status(), 200);
+    assert_eq!(purge("?all=true").await.unwrap().status(), 200);
     let keys: Vec<String> = conn.keys("keyapi-proxy:v1:entry:*").await.unwrap();
     assert!(keys.is_empty(), "{keys:?}");
 }

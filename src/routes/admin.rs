@@ -3,13 +3,14 @@
 //! 403 without the flag — and always 403 when no client is configured).
 //!
 //! - `GET /admin/cache?route=<path>&prefix=ufc` lists stored keys (of one
-//!   route, if given) whose first required parameter starts with the prefix
-//!   (normalized like that parameter), with age, freshness left and size.
+//!   route, if given) whose first required parameter (else first hashtag or
+//!   text one) starts with the prefix (normalized like that parameter), with
+//!   age, freshness left and size.
 //! - `DELETE /admin/cache?route=<path>&<the route's parameters>` purges one
 //!   key, normalized exactly like the route's own query; `route` may be left
 //!   out when only one route is configured.
-//! - `DELETE /admin/cache` (no query, or neither `route` nor any route's
-//!   parameter) purges everything.
+//! - `DELETE /admin/cache?all=true` purges everything. Nothing else does: no
+//!   query, or a parameter the purge does not take (a typo), is a 400.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -23,9 +24,10 @@ use serde::Serialize;
 
 use crate::{
     access::Client,
+    cache::CacheKey,
     error::ApiError,
     request_id::RequestId,
-    route::{KeyError, Route, RouteTable},
+    route::{self, KeyError, Route, RouteTable},
     state::AppState,
 };
 
@@ -33,6 +35,8 @@ use crate::{
 const MAX_LISTED: usize = 1000;
 /// The admin queries' own parameter naming the route.
 const ROUTE_PARAM: &str = "route";
+/// The purge's own parameter asking for everything (`all=true`).
+const ALL_PARAM: &str = "all";
 
 /// One stored answer in a listing.
 #[derive(Debug, Serialize)]
@@ -107,8 +111,7 @@ pub(super) async fn list(
                 return None;
             }
             let params: BTreeMap<String, String> = Route::params_of(&key).into_iter().collect();
-            let first = route.params().iter().find(|p| p.required());
-            let matches = match first {
+            let matches = match route.prefix_param() {
                 Some(param) if !prefix.is_empty() => params
                     .get(param.name())
                     .is_some_and(|v| v.starts_with(&param.normalize_prefix(&prefix))),
@@ -143,38 +146,16 @@ pub(super) async fn purge(
     RawQuery(query): RawQuery,
 ) -> Response {
     let proxy = state.proxy();
-    // Unknown parameters are ignored, as on the routes: a query names a key
-    // only when it has `route` or one of a route's parameters.
-    let names_a_key = |q: &&str| {
-        form_urlencoded::parse(q.as_bytes()).any(|(name, _)| {
-            name == ROUTE_PARAM
-                || state
-                    .routes()
-                    .routes()
-                    .iter()
-                    .any(|r| r.params().iter().any(|p| p.name() == name))
-        })
-    };
-    let purged = match query.as_deref().filter(names_a_key) {
-        None => Purged {
+    let purged = match purge_target(state.routes(), query.as_deref().unwrap_or("")) {
+        Err(e) => return ApiError::from(e).to_response(&request_id),
+        Ok(PurgeTarget::All) => Purged {
             purged: proxy.purge_all().await,
             key: None,
         },
-        Some(raw) => {
-            let named = form_urlencoded::parse(raw.as_bytes())
-                .find(|(name, _)| name == ROUTE_PARAM)
-                .map(|(_, value)| value.into_owned());
-            let key = named_route(state.routes(), named.as_deref())
-                .and_then(|route| route.parse(Some(raw)));
-            let key = match key {
-                Ok(key) => key,
-                Err(e) => return ApiError::from(e).to_response(&request_id),
-            };
-            Purged {
-                purged: proxy.purge(&key).await,
-                key: Some(key.to_string()),
-            }
-        }
+        Ok(PurgeTarget::One(key)) => Purged {
+            purged: proxy.purge(&key).await,
+            key: Some(key.to_string()),
+        },
     };
     tracing::info!(
         client = &*admin.id,
@@ -183,6 +164,62 @@ pub(super) async fn purge(
         "cache purge"
     );
     Json(purged).into_response()
+}
+
+/// What a `DELETE /admin/cache` purges.
+#[derive(Debug)]
+enum PurgeTarget {
+    /// Every entry in every tier (`all=true`).
+    All,
+    /// One normalized key.
+    One(CacheKey),
+}
+
+/// Reads a purge's query. Unlike the routes, which ignore unknown
+/// parameters (cache busters), a purge refuses them: a typo (`hashtag=x`)
+/// would otherwise purge something else than meant, and purging everything
+/// must be asked for by name (`all=true`, alone).
+fn purge_target(table: &RouteTable, raw: &str) -> Result<PurgeTarget, KeyError> {
+    let (mut named, mut all) = (None, None);
+    let mut any = false;
+    for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
+        any = true;
+        let slot = match &*name {
+            ROUTE_PARAM => &mut named,
+            ALL_PARAM => &mut all,
+            _ => continue,
+        };
+        if slot.replace(value).is_some() {
+            return Err(KeyError::Repeated(name.into()));
+        }
+    }
+    if let Some(all) = all {
+        if all != "true" {
+            return Err(KeyError::Invalid {
+                name: ALL_PARAM.into(),
+                rule: "true".into(),
+                got: route::clip(&all),
+            });
+        }
+        let alone = form_urlencoded::parse(raw.as_bytes()).all(|(name, _)| name == ALL_PARAM);
+        return match alone {
+            true => Ok(PurgeTarget::All),
+            false => Err(KeyError::PurgeAllWithKey),
+        };
+    }
+    if !any {
+        return Err(KeyError::PurgeUnnamed);
+    }
+    let route = named_route(table, named.as_deref())?;
+    let known = |name: &str| name == ROUTE_PARAM || route.params().iter().any(|p| p.name() == name);
+    if let Some((name, _)) = form_urlencoded::parse(raw.as_bytes()).find(|(name, _)| !known(name)) {
+        let params: Vec<&str> = route.params().iter().map(|p| p.name()).collect();
+        return Err(KeyError::Unknown {
+            name: route::clip(&name),
+            takes: format!("route, {}, or all=true alone", params.join(", ")).into(),
+        });
+    }
+    route.parse(Some(raw)).map(PurgeTarget::One)
 }
 
 /// The route a `route=<path>` parameter names; without one, the only route.
