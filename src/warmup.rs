@@ -45,8 +45,6 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// One question as (parameter, raw value) pairs.
 type Question = Vec<(String, String)>;
-/// A question and where it was written (for error messages).
-type Labelled = (String, Question);
 
 /// A warm-up configuration that cannot run; the message names it and the problem.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -184,30 +182,18 @@ fn compile_one(config: &WarmupConfig, table: &RouteTable) -> Result<WarmupPlan, 
     if config.max_credits_per_day == 0 {
         return Err("max_credits_per_day: at least 1".into());
     }
-    let mut rows: Vec<Labelled> = Vec::new();
+    let mut questions = Questions::new(&route);
     for (i, question) in config.questions.iter().enumerate() {
         for combination in expand(question).map_err(|e| format!("questions[{i}]: {e}"))? {
-            rows.push((format!("questions[{i}]"), combination));
+            questions.add(&format!("questions[{i}]"), &combination)?;
         }
     }
     if let Some(path) = &config.questions_file {
-        rows.extend(read_csv(path)?);
+        read_csv(path, &mut questions)?;
     }
-    if rows.is_empty() {
+    let keys = questions.keys;
+    if keys.is_empty() {
         return Err("no questions: give [[warmup.questions]] or questions_file".into());
-    }
-    let mut seen = HashSet::new();
-    let mut keys = Vec::new();
-    for (origin, pairs) in rows {
-        let query: String = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(&pairs)
-            .finish();
-        let key = route
-            .parse(Some(&query))
-            .map_err(|e| format!("{origin}: {e}"))?;
-        if seen.insert(key.clone()) {
-            keys.push(key);
-        }
     }
     Ok(WarmupPlan {
         name: format!("warmup:{}", config.name.as_deref().unwrap_or(&config.route)),
@@ -265,33 +251,92 @@ fn scalar(value: &QuestionValue) -> Option<String> {
     }
 }
 
+/// A warm-up's questions as keys of its route, normalized as they are read,
+/// duplicates counted once.
+struct Questions<'r> {
+    route: &'r Route,
+    seen: HashSet<CacheKey>,
+    /// In the order first asked.
+    keys: Vec<CacheKey>,
+}
+
+impl<'r> Questions<'r> {
+    fn new(route: &'r Route) -> Self {
+        Self {
+            route,
+            seen: HashSet::new(),
+            keys: Vec::new(),
+        }
+    }
+
+    /// Adds one question given as (parameter, raw value) pairs; `origin`
+    /// says where it was written.
+    fn add<K, V>(&mut self, origin: &str, pairs: &[(K, V)]) -> Result<(), String>
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        if let Some((name, _)) = pairs.iter().find(|(name, _)| !self.takes(name.as_ref())) {
+            return Err(format!("{origin}: {}", self.unknown(name.as_ref())));
+        }
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        let key = self
+            .route
+            .parse(Some(&query))
+            .map_err(|e| format!("{origin}: {e}"))?;
+        if self.seen.insert(key.clone()) {
+            self.keys.push(key);
+        }
+        Ok(())
+    }
+
+    /// Whether the route has a parameter `name`.
+    fn takes(&self, name: &str) -> bool {
+        self.route.params().iter().any(|p| p.name() == name)
+    }
+
+    /// What is wrong with a name the route does not take: a misspelt
+    /// parameter would otherwise be ignored and warm another question.
+    fn unknown(&self, name: &str) -> String {
+        let names: Vec<&str> = self.route.params().iter().map(|p| p.name()).collect();
+        format!(
+            "{name:?} is not a parameter of this route (it has {})",
+            names.join(", ")
+        )
+    }
+}
+
 /// Questions from a CSV file: a header of parameter names, one question per
-/// line; each labelled with its line number for error messages.
-fn read_csv(path: &Path) -> Result<Vec<Labelled>, String> {
+/// line, read one record at a time (the file is never held whole); each
+/// labelled with its line number for error messages. A column the route
+/// does not take refuses the file.
+fn read_csv(path: &Path, questions: &mut Questions<'_>) -> Result<(), String> {
     let shown = path.display();
+    let fail = |e: csv::Error| format!("questions_file {shown}: {e}");
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_path(path)
-        .map_err(|e| format!("questions_file {shown}: {e}"))?;
-    let header: Vec<String> = reader
-        .headers()
-        .map_err(|e| format!("questions_file {shown}: {e}"))?
-        .iter()
-        .map(str::to_owned)
-        .collect();
-    let mut rows = Vec::new();
-    for record in reader.records() {
-        let record = record.map_err(|e| format!("questions_file {shown}: {e}"))?;
+        .map_err(fail)?;
+    let header = reader.headers().map_err(fail)?.clone();
+    if let Some(column) = header.iter().find(|c| !questions.takes(c)) {
+        return Err(format!(
+            "questions_file {shown}: column {}",
+            questions.unknown(column)
+        ));
+    }
+    let mut record = csv::StringRecord::new();
+    while reader.read_record(&mut record).map_err(fail)? {
         let line = record.position().map_or(0, csv::Position::line);
-        let pairs = header
+        let pairs: Vec<(&str, &str)> = header
             .iter()
             .zip(record.iter())
             .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| (k.clone(), v.to_owned()))
             .collect();
-        rows.push((format!("{shown} line {line}"), pairs));
+        questions.add(&format!("{shown} line {line}"), &pairs)?;
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// What one run did.
@@ -503,6 +548,32 @@ mod tests {
         assert_eq!(parse_hh_mm("00:30"), Some(Duration::from_secs(1800)));
         assert_eq!(parse_hh_mm("24:00"), None);
         assert_eq!(parse_hh_mm("7:30"), None);
+    }
+
+    #[test]
+    fn a_misspelt_parameter_refuses_the_warm_up() {
+        let table = RouteTable::from_config(&Config::defaults().unwrap()).unwrap();
+        let mut question = BTreeMap::new();
+        question.insert("hashtag".to_owned(), QuestionValue::Text("nba".into()));
+        let config = WarmupConfig {
+            name: None,
+            route: crate::route::HASHTAG_DETAIL_PATH.into(),
+            every: Some(Duration::from_secs(3600)),
+            at: None,
+            max_credits_per_day: 10,
+            start_delay: None,
+            pace: None,
+            questions: vec![question],
+            questions_file: None,
+        };
+        let error = WarmupPlan::compile(&[config], &table).unwrap_err();
+        assert!(
+            error.to_string().ends_with(
+                "questions[0]: \"hashtag\" is not a parameter of this route \
+                 (it has period, region, hashtag_name)"
+            ),
+            "{error}"
+        );
     }
 
     #[test]

@@ -316,5 +316,20 @@ fn dry_run_prints_the_normalized_questions_and_the_cost() {
     assert!(!out.status.success());
     assert!(stderr.contains("line 3"), "{stderr}");
     assert!(stderr.contains("\"period\""), "{stderr}");
+
+    // A misspelt column refuses to start, in one line naming it and the file.
+    std::fs::write(&csv, "hashtag_name,regoin\nnba,us\n").unwrap();
+    for command in [&["warmup", "--dry-run"][..], &["check-config"]] {
+        let mut args = vec!["--config", config.to_str().unwrap()];
+        args.extend(command);
+        let out = run_binary(&args);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(!out.status.success(), "{command:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{command:?}: {stderr}");
+        assert!(
+            stderr.contains("questions.csv: column \"regoin\" is not a parameter of this route"),
+            "{command:?}: {stderr}"
+        );
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
