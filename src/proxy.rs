@@ -32,6 +32,11 @@ use crate::{
     upstream::{Upstream, UpstreamAnswer, UpstreamError},
 };
 
+/// How many times a follower handed its leader's own budget refusal joins
+/// or leads again. Each time, a refused leader has left; a follower meeting
+/// several in a row (a crowd of spent clients) stops rather than wait on.
+const MAX_REJOINS: usize = 3;
+
 /// Why a fetch was started; decides whether a cached entry makes it moot.
 #[derive(Debug, Clone)]
 enum Trigger {
@@ -259,8 +264,10 @@ impl Proxy {
     }
 
     /// Runs or joins the one fetch of `key`. Joining is free and never refused
-    /// by a budget: a follower whose leader's client budget refused tries
-    /// again on its own account (it may lead this time, or join another).
+    /// by a budget: a follower whose leader's own budget (a client's, or a
+    /// warm-up's allowance) refused tries again on its own account (it may
+    /// lead this time, or join another). The global budget and an
+    /// unreachable ledger refuse everyone alike: no second try.
     async fn fetch_shared(
         &self,
         key: &CacheKey,
@@ -268,7 +275,7 @@ impl Proxy {
         trigger: Trigger,
         payer: Payer,
     ) -> (FetchResult, Role) {
-        let mut retried = false;
+        let mut rejoins = 0;
         loop {
             let result = self
                 .inflight
@@ -282,15 +289,15 @@ impl Proxy {
                 Ok((fetched, role)) => (fetched, role),
                 Err(abandoned) => (Err(abandoned.into()), Role::Follower),
             };
-            let someone_elses_budget = matches!(
+            let leaders_own_budget = matches!(
                 fetched,
                 Err(ProxyError::Budget(Refusal::Spent {
-                    scope: Scope::Client,
+                    scope: Scope::Client | Scope::Warmup,
                     ..
                 }))
             );
-            if role == Role::Follower && someone_elses_budget && !retried {
-                retried = true;
+            if role == Role::Follower && leaders_own_budget && rejoins < MAX_REJOINS {
+                rejoins += 1;
                 continue;
             }
             return (fetched, role);

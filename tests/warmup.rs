@@ -8,13 +8,14 @@ mod common;
 
 use std::{
     collections::BTreeMap,
+    pin::pin,
     process::Command,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use common::{
-    TestApp, assert_ledger_equals_bill, header, metric, parts,
+    TestApp, assert_ledger_equals_bill, header, metric, parts, poll_once,
     redis_server::{RedisServer, with_redis},
     spawn_app_with, spawn_app_with_clock,
 };
@@ -22,6 +23,8 @@ use keyapi_proxy::{
     clock::{Clock, ManualClock},
     config::{Config, QuestionValue, WarmupConfig},
     demo::FakeMode,
+    ledger::Payer,
+    proxy::Outcome,
     warmup::RunReport,
 };
 
@@ -203,6 +206,42 @@ async fn the_allowance_stops_a_run_part_way_and_the_next_day_resumes() {
     assert_eq!(warmup["lastRun"]["warmed"], 2);
     assert_eq!(warmup["questions"], 5);
     assert_ledger_equals_bill(&[&app]).await;
+}
+
+#[tokio::test]
+async fn clients_joining_a_fetch_the_allowance_refused_retry_on_their_own_account() {
+    let app = spawn_app_with(|c| {
+        c.credits.daily_budget = 100;
+        // 1 credit cannot pay a 2-credit call: the warm-up's fetch is refused.
+        c.warmup = vec![warmup(
+            vec![question(&[("hashtag_name", text("shared"))])],
+            1,
+        )];
+    })
+    .await;
+    let (proxy, route) = (app.state.proxy(), &app.state.routes().routes()[0]);
+    let key = route.parse(Some("hashtag_name=shared")).unwrap();
+    // The run starts the key's fetch and two clients join it before it runs.
+    let mut run = pin!(app.state.warmups()[0].run(proxy, app.state.clock().now()));
+    assert!(poll_once(run.as_mut()).await.is_pending());
+    let mut first = pin!(proxy.serve(&key, route, false, Payer::Request(None)));
+    assert!(poll_once(first.as_mut()).await.is_pending());
+    let mut second = pin!(proxy.serve(&key, route, false, Payer::Request(None)));
+    assert!(poll_once(second.as_mut()).await.is_pending());
+    let report = run.await;
+    assert_eq!(report.stopped_by, Some("warmup_allowance"));
+    // Not the warm-up's refusal: one call, on the clients' (global) account.
+    for served in [first.await, second.await] {
+        match served {
+            Ok(Outcome::Cached { entry, .. }) => assert!(!entry.negative),
+            other => panic!("the warm-up's refusal reached a client: {other:?}"),
+        }
+    }
+    assert_eq!(app.upstream.calls(), 1);
+    assert_ledger_equals_bill(&[&app]).await;
+    let stats = app.client.get(app.url("/stats")).send().await.unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats.text().await.unwrap()).unwrap();
+    assert_eq!(stats["warmups"][0]["creditsSpentToday"], 0, "{stats}");
 }
 
 #[tokio::test]

@@ -4,7 +4,10 @@
 
 pub mod redis_server;
 
-use std::{net::SocketAddr, process::Stdio, sync::Arc, time::Duration};
+use std::{
+    future::Future, net::SocketAddr, pin::Pin, process::Stdio, sync::Arc, task::Poll,
+    time::Duration,
+};
 
 use futures_util::future::join_all;
 use keyapi_proxy::{
@@ -249,6 +252,13 @@ pub async fn join(handles: Vec<JoinHandle<Parts>>) -> Vec<Parts> {
         .into_iter()
         .map(|r| r.expect("request task"))
         .collect()
+}
+
+/// Polls `future` once. In a test's single-threaded runtime it runs up to
+/// its first wait and nothing else runs meanwhile: e.g. it has joined or
+/// started a key's fetch, which has not run yet. Await it afterwards.
+pub async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
 }
 
 /// Credits on `app`'s ledger (`credits_spent_total`; readable after shutdown).
