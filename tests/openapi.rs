@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, sync::LazyLock};
 
 use common::{spawn_app, spawn_app_with};
 use keyapi_proxy::{
-    config::Config,
+    config::{Config, ParamConfig},
     openapi,
     route::{self, HASHTAG_DETAIL_PATH, RouteTable},
     routes::OPERATIONAL_PATHS,
@@ -226,7 +226,11 @@ struct Schema {
 
 impl Schema {
     fn of(name: &str) -> Self {
-        let doc: serde_json::Value = serde_json::from_slice(&openapi::document(table())).unwrap();
+        Self::of_in(table(), name)
+    }
+
+    fn of_in(table: &RouteTable, name: &str) -> Self {
+        let doc: serde_json::Value = serde_json::from_slice(&openapi::document(table)).unwrap();
         let param = doc["paths"][HASHTAG_DETAIL_PATH]["get"]["parameters"]
             .as_array()
             .unwrap()
@@ -256,10 +260,30 @@ fn table() -> &'static RouteTable {
     &TABLE
 }
 
+/// The default route with `hashtag_name` as a `text` parameter of at most 12 characters.
+fn text_table() -> &'static RouteTable {
+    static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
+        let mut config = Config::defaults().unwrap();
+        config.routes[0].params[2] = ParamConfig {
+            name: "hashtag_name".into(),
+            kind: Some("text".into()),
+            required: true,
+            max_len: Some(12),
+            ..ParamConfig::default()
+        };
+        RouteTable::from_config(&config).unwrap()
+    });
+    &TABLE
+}
+
 /// The parser takes `query` followed by `name=<value>`, percent-encoded.
 fn parser_accepts(query: &str, name: &str, value: &str) -> bool {
+    parser_accepts_in(table(), query, name, value)
+}
+
+fn parser_accepts_in(table: &RouteTable, query: &str, name: &str, value: &str) -> bool {
     let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
-    table().routes()[0]
+    table.routes()[0]
         .parse(Some(&format!("{query}{name}={encoded}")))
         .is_ok()
 }
@@ -332,6 +356,30 @@ proptest! {
         prop_assert_eq!(SCHEMA.accepts(&name), parsed, "hashtag_name {:?}", name);
         // A decomposed spelling is accepted exactly when its NFC form is.
         prop_assert_eq!(parser_accepts("", "hashtag_name", &raw), parsed, "hashtag_name {:?}", raw);
+    }
+
+    /// Text in NFC, up to 11 characters (within `max_len`): the schema's
+    /// `pattern` refuses exactly the control and bidi characters the parser
+    /// refuses.
+    #[test]
+    fn the_documented_text_schema_accepts_exactly_what_the_parser_accepts(
+        raw in prop::collection::vec(prop_oneof![
+            4 => edge_char(),
+            1 => prop::sample::select(vec![
+                '\u{1B}', '\u{7F}', '\u{9F}', '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}',
+                '\u{202E}', '\u{2066}', '\u{2069}', '\u{200D}', '\u{05D0}',
+            ]),
+        ], 1..12).prop_map(String::from_iter)
+    ) {
+        static SCHEMA: LazyLock<Schema> =
+            LazyLock::new(|| Schema::of_in(text_table(), "hashtag_name"));
+        let text: String = raw.nfc().collect();
+        // `minLength` counts what is sent, the parser the trimmed value: an
+        // all-whitespace value is "empty" to one only, so values padded at the
+        // ends are left out.
+        prop_assume!(text.trim().chars().count() == text.chars().count());
+        let parsed = parser_accepts_in(text_table(), "", "hashtag_name", &text);
+        prop_assert_eq!(SCHEMA.accepts(&text), parsed, "text {:?}", text);
     }
 
     #[test]
