@@ -26,6 +26,7 @@ pub mod config;
 pub(crate) mod cors;
 pub mod demo;
 pub mod digest;
+pub mod envelope;
 pub(crate) mod error;
 pub mod ledger;
 pub mod limits;
