@@ -448,7 +448,11 @@ impl Route {
 
     /// The longest freshness lifetime [`Route::ttl`] can give.
     fn longest_ttl(&self) -> Duration {
-        let by = self.ttl.by.iter().flat_map(|by| by.values.iter().map(|v| v.1));
+        let by = self
+            .ttl
+            .by
+            .iter()
+            .flat_map(|by| by.values.iter().map(|v| v.1));
         by.fold(self.ttl.base, Duration::max)
     }
 

@@ -310,7 +310,6 @@ impl Upstream {
             })
         }
     }
-
 }
 
 fn classify_transport(err: reqwest::Error) -> UpstreamError {

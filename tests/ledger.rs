@@ -15,11 +15,7 @@ use common::{
     redis_server::{RedisServer, with_redis},
     spawn_app_with,
 };
-use keyapi_proxy::{
-    cache::codec,
-    config::Config,
-    demo::FakeMode,
-};
+use keyapi_proxy::{cache::codec, config::Config, demo::FakeMode};
 use redis::AsyncCommands as _;
 
 const TOKEN: &str = "kp_ledger_dash";
@@ -368,7 +364,11 @@ async fn a_refusal_seen_by_one_replica_keeps_the_good_answer_and_is_paid_once() 
     // Replica A answers the refusal without paying, and keeps its good
     // (stale) copy for when the refusal is over.
     assert_eq!(a.get("hashtag_name=ufc324").await.0, 404);
-    assert_eq!(a.upstream.calls(), 2, "one call for the refusal, cluster-wide");
+    assert_eq!(
+        a.upstream.calls(),
+        2,
+        "one call for the refusal, cluster-wide"
+    );
     let held = a
         .state
         .proxy()

@@ -269,7 +269,11 @@ async fn a_refusal_after_a_stale_success_is_paid_once_per_negative_ttl_and_keeps
     assert_eq!(app.upstream.calls(), 4);
     clock.advance(negative_ttl);
     app.upstream.set_mode(FakeMode::Status(500));
-    assert_eq!(app.get(q).await.2, good, "the success outlived two refusals");
+    assert_eq!(
+        app.get(q).await.2,
+        good,
+        "the success outlived two refusals"
+    );
 
     // A fresh success is never replaced: a forced refresh sees the refusal,
     // everyone after it the success.
@@ -278,7 +282,9 @@ async fn a_refusal_after_a_stale_success_is_paid_once_per_negative_ttl_and_keeps
     assert_eq!(status, 200);
     assert_ne!(fresh, good);
     app.upstream.set_mode(FakeMode::Status(404));
-    let refreshed = app.get_hashtag_with(q, &[("Cache-Control", "no-cache")]).await;
+    let refreshed = app
+        .get_hashtag_with(q, &[("Cache-Control", "no-cache")])
+        .await;
     assert_eq!(refreshed.status(), 404);
     let (status, headers, body) = app.get(q).await;
     assert_eq!((status, &body), (200, &fresh));

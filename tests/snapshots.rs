@@ -73,7 +73,11 @@ async fn poisoned_snapshot_entries_are_never_served_and_are_counted() {
         c.upstream.max_body_bytes = max_body_bytes;
     })
     .await;
-    assert_eq!(app.state.proxy().cache().entry_count(), 1, "only the good one loaded");
+    assert_eq!(
+        app.state.proxy().cache().entry_count(),
+        1,
+        "only the good one loaded"
+    );
     let (_, headers, body) = app.get("hashtag_name=good").await;
     assert!(header(&headers, "cache-status").contains("; hit; "));
     assert!(body.contains("written by hand"), "{body}");

@@ -383,9 +383,16 @@ async fn a_refusal_after_a_stale_success_is_paid_once_for_the_cluster() {
         let cache_status = header(&headers, "cache-status");
         assert!(cache_status.ends_with("detail=negative"), "{cache_status}");
     }
-    assert_eq!(a.upstream.calls(), 2, "the refusal was paid once, cluster-wide");
+    assert_eq!(
+        a.upstream.calls(),
+        2,
+        "the refusal was paid once, cluster-wide"
+    );
     let mut conn = redis.connection().await;
-    let raw: Vec<u8> = conn.get(format!("keyapi-proxy:v1:entry:{KEY}")).await.unwrap();
+    let raw: Vec<u8> = conn
+        .get(format!("keyapi-proxy:v1:entry:{KEY}"))
+        .await
+        .unwrap();
     let shared = codec::decode(&bytes::Bytes::from(raw)).unwrap();
     assert!(shared.negative && shared.kept().is_some_and(|kept| !kept.negative));
 
@@ -414,7 +421,10 @@ async fn poisoned_redis_entries_are_never_served_and_are_counted() {
     let b = a.spawn_replica(config).await;
     let conn = redis.connection().await;
     let write = |name: &str, entry: &RawEntry| {
-        let (key, value) = (format!("keyapi-proxy:v1:entry:{}", hashtag_key(name)), entry.encode());
+        let (key, value) = (
+            format!("keyapi-proxy:v1:entry:{}", hashtag_key(name)),
+            entry.encode(),
+        );
         let mut conn = conn.clone();
         async move { conn.set::<_, _, ()>(key, value).await.unwrap() }
     };
@@ -441,11 +451,16 @@ async fn poisoned_redis_entries_are_never_served_and_are_counted() {
         );
         assert!(!body.contains("poison"), "{reason}: {body}");
     }
-    assert_eq!(a.upstream.calls(), poison.len(), "each poisoned key was fetched");
+    assert_eq!(
+        a.upstream.calls(),
+        poison.len(),
+        "each poisoned key was fetched"
+    );
     let (text_a, text_b) = (a.metrics().await, b.metrics().await);
     for (reason, _) in &poison {
-        let series =
-            format!("keyapi_proxy_cache_entries_rejected_total{{source=\"redis\",reason=\"{reason}\"}}");
+        let series = format!(
+            "keyapi_proxy_cache_entries_rejected_total{{source=\"redis\",reason=\"{reason}\"}}"
+        );
         let rejected = metric(&text_a, &series) + metric(&text_b, &series);
         assert!(rejected >= 1.0, "{series} = {rejected}");
     }

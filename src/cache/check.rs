@@ -198,7 +198,11 @@ impl EntryCheck {
         } else {
             limits.success
         };
-        if windows.iter().zip(longest).any(|(window, max)| *window > max) {
+        if windows
+            .iter()
+            .zip(longest)
+            .any(|(window, max)| *window > max)
+        {
             return Err(Rejection::Lifetime);
         }
         let code = envelope_code(&entry.body).map_err(|_| Rejection::Body)?;
@@ -290,17 +294,37 @@ mod tests {
             (entry(101, false, ok, [60, 0, 0]), Rejection::Status),
             (entry(999, true, ok, [30, 0, 0]), Rejection::Status),
             (entry(404, false, ok, [60, 0, 0]), Rejection::Status),
-            (entry(200, false, r#"{"code":3}"#, [60, 0, 0]), Rejection::Status),
-            (entry(200, true, r#"{"code":3}"#, [30, 0, 0]), Rejection::Status),
-            (entry(200, false, "<html>", [60, 0, 0]), Rejection::Body),
-            (entry(200, false, &"x".repeat(2000), [60, 0, 0]), Rejection::TooLarge),
             (
-                entry(200, false, r#"{"code":0,"m":"sk\u002dlive\u002dCHECK"}"#, [60, 0, 0]),
+                entry(200, false, r#"{"code":3}"#, [60, 0, 0]),
+                Rejection::Status,
+            ),
+            (
+                entry(200, true, r#"{"code":3}"#, [30, 0, 0]),
+                Rejection::Status,
+            ),
+            (entry(200, false, "<html>", [60, 0, 0]), Rejection::Body),
+            (
+                entry(200, false, &"x".repeat(2000), [60, 0, 0]),
+                Rejection::TooLarge,
+            ),
+            (
+                entry(
+                    200,
+                    false,
+                    r#"{"code":0,"m":"sk\u002dlive\u002dCHECK"}"#,
+                    [60, 0, 0],
+                ),
                 Rejection::ApiKey,
             ),
-            (entry(200, false, ok, [u64::MAX / 1000, 0, 0]), Rejection::Lifetime),
+            (
+                entry(200, false, ok, [u64::MAX / 1000, 0, 0]),
+                Rejection::Lifetime,
+            ),
             (entry(200, false, ok, [60, 1, 0]), Rejection::Lifetime),
-            (entry(404, true, r#"{"code":404}"#, [30, 0, 60]), Rejection::Lifetime),
+            (
+                entry(404, true, r#"{"code":404}"#, [30, 0, 60]),
+                Rejection::Lifetime,
+            ),
         ];
         for (e, rejection) in &bad {
             assert_eq!(check.check(e, now).as_ref(), Err(rejection), "{e:?}");

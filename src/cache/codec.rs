@@ -44,7 +44,8 @@ pub fn encode(entry: &Entry) -> Bytes {
     let gzip: &[u8] = entry.gzip_made().map_or(&[], |gzip| &gzip.body[..]);
     let kept = entry.kept().map(|kept| encode(kept)).unwrap_or_default();
     let parts = [&entry.body[..], etag, gzip, &kept[..]];
-    let mut out = BytesMut::with_capacity(HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>());
+    let mut out =
+        BytesMut::with_capacity(HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>());
     out.put_slice(MAGIC);
     out.put_u8(VERSION);
     out.put_u64_le(unix_millis(entry.stored_at));
@@ -240,10 +241,7 @@ mod tests {
             SystemTime::now(),
         )
         .keeping(Some(Arc::new(refusal)));
-        assert_eq!(
-            decode(&encode(&nested)).unwrap_err(),
-            DecodeError::Invalid
-        );
+        assert_eq!(decode(&encode(&nested)).unwrap_err(), DecodeError::Invalid);
     }
 
     #[test]

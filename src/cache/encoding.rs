@@ -95,7 +95,9 @@ pub(super) fn gzip(body: &[u8]) -> Option<Bytes> {
 /// Whether `gzip` decompresses to exactly `body` (reading at most one byte
 /// more than `body`, so a bomb costs no more than the body it claims).
 pub(super) fn gunzips_to(gzip: &[u8], body: &[u8]) -> bool {
-    let limit = u64::try_from(body.len()).unwrap_or(u64::MAX).saturating_add(1);
+    let limit = u64::try_from(body.len())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
     let mut plain = Vec::with_capacity(body.len());
     GzDecoder::new(gzip)
         .take(limit)

@@ -116,7 +116,9 @@ impl Tiers {
         if entry.negative
             && let Some(current) = self.memory.get(key, self.clock.now())
             && !current.negative
-            && !entry.kept().is_some_and(|kept| kept.is_same_answer(&current))
+            && !entry
+                .kept()
+                .is_some_and(|kept| kept.is_same_answer(&current))
         {
             return entry;
         }
