@@ -17,7 +17,7 @@ use tokio::{net::TcpListener, time::Instant};
 
 use crate::{
     access::Access,
-    cache::{LocalCache, Tiers, redis::RedisTier},
+    cache::{EntryCheck, LocalCache, Tiers, redis::RedisTier},
     clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
     cors,
@@ -98,11 +98,20 @@ impl App {
         }
         let metrics = Arc::new(Metrics::new(clock.clone()));
         let upstream = Upstream::new(&config.upstream, api_key)?;
+        // Redis and the snapshot hand back what anyone could have written:
+        // both are held to what these routes could have stored.
+        let check = Arc::new(EntryCheck::new(
+            routes.entry_limits(config.upstream.max_body_bytes),
+            upstream.key_echo(),
+            Arc::clone(&metrics),
+            clock.clone(),
+        ));
         let redis = match &config.cache.redis.url {
             Some(url) => Some(Arc::new(RedisTier::new(
                 url.expose(),
                 config.cache.redis.tier_settings(config.worst_fetch()),
                 Arc::clone(&metrics),
+                Arc::clone(&check),
             )?)),
             None => None,
         };
@@ -162,7 +171,8 @@ impl App {
             .clone()
             .map(|path| (path, config.cache.snapshot_interval));
         if let Some((path, _)) = &snapshot {
-            match snapshot::load(path, state.proxy().cache(), state.clock().now()).await {
+            let (cache, now) = (state.proxy().cache(), state.clock().now());
+            match snapshot::load(path, cache, &check, now).await {
                 Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot loaded"),
                 Err(e) => tracing::warn!(error = %e, "cache snapshot skipped"),
             }

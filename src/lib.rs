@@ -7,7 +7,8 @@
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
 //! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
-//! key injected, gated by `protect` and its `breaker`) → [`cache`] →
+//! key injected, gated by `protect` and its `breaker`; bodies checked by
+//! [`envelope`]) → [`cache`] →
 //! `negotiate` (304 or gzip, from what the entry precomputed) with headers
 //! from `cache_status`; [`served`] names how it was answered. Errors are
 //! rendered in one place, `error`. [`app`] wires it together; [`config`]
@@ -26,6 +27,7 @@ pub mod config;
 pub(crate) mod cors;
 pub mod demo;
 pub mod digest;
+pub mod envelope;
 pub(crate) mod error;
 pub mod ledger;
 pub mod limits;

@@ -68,6 +68,12 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RejectedLabels {
+    source: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PayerLabels {
     payer: &'static str,
 }
@@ -183,6 +189,7 @@ pub struct Metrics {
     upstream_retries: Counter,
     upstream_refused: Family<ReasonLabels, Counter>,
     redis_errors: Counter,
+    entries_rejected: Family<RejectedLabels, Counter>,
     connections: ConnectionMetrics,
 }
 
@@ -310,6 +317,12 @@ impl Metrics {
             "Redis tier calls that failed or timed out (served from memory and upstream instead)",
             redis_errors.clone(),
         );
+        let entries_rejected = Family::default();
+        registry.register(
+            "cache_entries_rejected",
+            "Entries read from Redis or a snapshot and skipped (never served), by source (redis, snapshot) and reason (unreadable, status, body, too_large, api_key, etag, gzip, future, lifetime)",
+            entries_rejected.clone(),
+        );
         let connections = ConnectionMetrics::default();
         registry.register(
             "connections_open",
@@ -355,6 +368,7 @@ impl Metrics {
             upstream_retries,
             upstream_refused,
             redis_errors,
+            entries_rejected,
             connections,
         }
     }
@@ -463,6 +477,13 @@ impl Metrics {
     /// Counts a failed or timed-out Redis call.
     pub fn redis_error(&self) {
         self.redis_errors.inc();
+    }
+
+    /// Counts an entry read from `source` and skipped for `reason`.
+    pub fn cache_entry_rejected(&self, source: &'static str, reason: &'static str) {
+        self.entries_rejected
+            .get_or_create(&RejectedLabels { source, reason })
+            .inc();
     }
 
     /// Counts a request refused by a rate limit.

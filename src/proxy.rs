@@ -3,7 +3,9 @@
 //! how it was obtained, applying the freshness model of [`crate::cache`]:
 //! fresh hits, stale-while-revalidate, stale-if-error, negative entries and
 //! refresh-ahead. Only the fetch task ever writes the cache, and it never
-//! replaces a good entry with a bad answer. The fetch charges the
+//! replaces a good entry with a bad answer: a refusal after a stale success
+//! is remembered for `negative_ttl` keeping that success, a refusal while a
+//! success is fresh is forwarded and forgotten. The fetch charges the
 //! [`Ledger`] for each upstream attempt as it is sent, on the account of the
 //! [`Payer`] that started it; requests that join it pay nothing.
 //!
@@ -20,7 +22,8 @@ use tokio::time::Instant;
 
 use crate::{
     cache::{
-        CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache, Shared, Tiers, redis::RedisTier,
+        CacheKey, Entry, Freshness, FreshnessPolicy, LocalCache, Shared, Tiers,
+        is_cacheable_refusal, redis::RedisTier,
     },
     clock::SharedClock,
     coalesce::{Abandoned, Coalescer, Interest, Role},
@@ -507,8 +510,11 @@ impl Fetcher {
         trigger.satisfied_by(&current, now).then_some(current)
     }
 
-    /// Caches deterministic refusals as negative entries — unless a good
-    /// entry exists, which a refusal never replaces.
+    /// Caches deterministic refusals as negative entries — unless a fresh
+    /// success exists, which a refusal never replaces. A stale success (in
+    /// any tier, or kept by the refusal it follows) is kept by the new
+    /// refusal: it serves again once the refusal expires, so N requests
+    /// within `negative_ttl` pay once and stale-if-error still works after.
     async fn declined(
         &self,
         key: &CacheKey,
@@ -517,18 +523,26 @@ impl Fetcher {
         code: i64,
         body: Bytes,
     ) -> FetchResult {
-        let deterministic = matches!(status.as_u16(), 400 | 404 | 422)
-            || (status == StatusCode::OK && policy.negative_codes.contains(&code));
-        let keeps_good_entry = match self.tiers.get(key, self.clock.now()) {
-            Some(current) => !current.negative,
-            None => false,
-        };
-        if deterministic && !keeps_good_entry && !policy.negative_ttl.is_zero() {
-            tracing::info!(%key, status = status.as_u16(), code, "upstream refusal cached as negative entry");
-            let entry = Entry::negative(status, body, policy, self.clock.now());
-            return Ok(Fetched::Stored(self.tiers.store(key, entry).await));
+        let deterministic = is_cacheable_refusal(status, code, &policy.negative_codes);
+        if !deterministic || policy.negative_ttl.is_zero() {
+            tracing::info!(%key, status = status.as_u16(), code, "upstream refusal forwarded; not cached");
+            return Ok(Fetched::Declined { status, body });
         }
-        tracing::info!(%key, status = status.as_u16(), code, "upstream refusal forwarded; not cached");
-        Ok(Fetched::Declined { status, body })
+        let now = self.clock.now();
+        let success = self.tiers.held(key, now).await.and_then(|current| {
+            if current.negative {
+                current.kept().cloned()
+            } else {
+                Some(current)
+            }
+        });
+        let success = success.filter(|s| !s.remaining_lifetime(now).is_zero());
+        if success.as_ref().is_some_and(|s| s.is_fresh(now)) {
+            tracing::info!(%key, status = status.as_u16(), code, "upstream refusal forwarded; a fresh answer is kept");
+            return Ok(Fetched::Declined { status, body });
+        }
+        tracing::info!(%key, status = status.as_u16(), code, keeps_stale = success.is_some(), "upstream refusal cached as negative entry");
+        let entry = Entry::negative(status, body, policy, now).keeping(success);
+        Ok(Fetched::Stored(self.tiers.store(key, entry).await))
     }
 }

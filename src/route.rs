@@ -25,7 +25,7 @@ use smallvec::{SmallVec, smallvec};
 use unicode_normalization::{IsNormalized, UnicodeNormalization as _, is_nfc_quick};
 
 use crate::{
-    cache::{CacheKey, FreshnessPolicy},
+    cache::{CacheKey, EntryLimits, FreshnessPolicy},
     clock,
     config::{Config, ParamConfig, RouteConfig},
 };
@@ -514,6 +514,16 @@ impl Route {
             .collect()
     }
 
+    /// The longest freshness lifetime [`Route::ttl`] can give.
+    fn longest_ttl(&self) -> Duration {
+        let by = self
+            .ttl
+            .by
+            .iter()
+            .flat_map(|by| by.values.iter().map(|v| v.1));
+        by.fold(self.ttl.base, Duration::max)
+    }
+
     /// Freshness lifetime of an answer to `key` stored at `now`.
     pub fn ttl(&self, key: &CacheKey, now: SystemTime) -> Duration {
         let mut ttl = self.ttl.base;
@@ -606,6 +616,33 @@ impl RouteTable {
     /// The route with this path.
     pub fn get(&self, path: &str) -> Option<&Arc<Route>> {
         self.routes.iter().find(|r| r.path == path)
+    }
+
+    /// What any of these routes could have stored, for checking entries
+    /// read back from Redis or a snapshot (bodies as large as `max_body_bytes`).
+    pub fn entry_limits(&self, max_body_bytes: usize) -> EntryLimits {
+        let mut limits = EntryLimits {
+            max_body_bytes,
+            success: [Duration::ZERO; 3],
+            negative_ttl: Duration::ZERO,
+            negative_codes: Vec::new(),
+        };
+        for route in self.routes.iter() {
+            let policy = &route.policy;
+            let windows = [
+                route.longest_ttl(),
+                policy.stale_while_revalidate,
+                policy.stale_if_error,
+            ];
+            for (longest, window) in limits.success.iter_mut().zip(windows) {
+                *longest = (*longest).max(window);
+            }
+            limits.negative_ttl = limits.negative_ttl.max(policy.negative_ttl);
+            limits.negative_codes.extend(&policy.negative_codes);
+        }
+        limits.negative_codes.sort_unstable();
+        limits.negative_codes.dedup();
+        limits
     }
 
     /// The route a stored key belongs to.

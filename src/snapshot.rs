@@ -10,7 +10,8 @@
 //!
 //! Format: `KAPSNAP1`, then records of `u32 key length, key, u32 entry
 //! length, entry` (entries in the [`codec`] form, each with its own CRC). A
-//! damaged file is skipped with a warning, never a crash.
+//! damaged file is skipped with a warning, never a crash; each entry passes
+//! the same [`EntryCheck`] as one read from Redis before it is loaded.
 
 use std::{
     fs::{File, OpenOptions},
@@ -23,7 +24,7 @@ use std::{
 
 use bytes::{Buf, Bytes};
 
-use crate::cache::{CacheKey, LocalCache, codec};
+use crate::cache::{CacheKey, EntryCheck, LocalCache, Source, codec};
 
 const MAGIC: &[u8; 8] = b"KAPSNAP1";
 
@@ -113,7 +114,7 @@ fn write_records(file: File, cache: &LocalCache, now: SystemTime) -> std::io::Re
     out.write_all(MAGIC)?;
     let mut count = 0;
     for (key, entry) in cache.iter() {
-        if entry.remaining_lifetime(now).is_zero() {
+        if entry.remaining_retention(now).is_zero() {
             continue;
         }
         let encoded = codec::encode(&entry);
@@ -127,11 +128,13 @@ fn write_records(file: File, cache: &LocalCache, now: SystemTime) -> std::io::Re
     Ok(count)
 }
 
-/// Loads `path` into `cache`, skipping entries expired at `now` (the app's clock) or damaged; returns how
-/// many were loaded. A missing file loads nothing.
+/// Loads `path` into `cache`, skipping entries expired at `now` (the app's
+/// clock) or refused by `check`; returns how many were loaded. A missing
+/// file loads nothing.
 pub(crate) async fn load(
     path: &Path,
     cache: &LocalCache,
+    check: &EntryCheck,
     now: SystemTime,
 ) -> Result<usize, SnapshotError> {
     let raw = match tokio::fs::read(path).await {
@@ -147,13 +150,12 @@ pub(crate) async fn load(
     let records = parse(raw).ok_or_else(|| SnapshotError::Damaged(path.to_owned()))?;
     let mut loaded = 0;
     for (key, encoded) in records {
-        match codec::decode(&encoded) {
-            Ok(entry) if !entry.remaining_lifetime(now).is_zero() => {
-                cache.insert(key, Arc::new(entry));
-                loaded += 1;
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(%key, error = %e, "skipping a damaged snapshot entry"),
+        let Some(entry) = check.admit(Source::Snapshot, &key, &encoded) else {
+            continue;
+        };
+        if !entry.remaining_retention(now).is_zero() {
+            cache.insert(key, Arc::new(entry));
+            loaded += 1;
         }
     }
     Ok(loaded)

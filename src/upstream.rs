@@ -8,7 +8,10 @@
 //! call; the caller (the fetch, which charges the ledger per attempt) loops
 //! over attempts with [`Upstream::backoff`].
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::{
@@ -16,10 +19,12 @@ use reqwest::{
     header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER},
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::config::UpstreamConfig;
+use crate::{
+    config::UpstreamConfig,
+    envelope::{KeyEcho, envelope_code},
+};
 
 /// `User-Agent` sent upstream.
 pub const USER_AGENT: &str = concat!("keyapi-proxy/", env!("CARGO_PKG_VERSION"));
@@ -150,19 +155,14 @@ impl UpstreamError {
     }
 }
 
-/// The part of KeyAPI's envelope we check; parsing into it also validates the
-/// whole body as JSON (serde skips the other fields but still parses them).
-#[derive(Deserialize)]
-struct EnvelopeHead {
-    code: i64,
-}
-
 /// KeyAPI client shared by all requests.
 #[derive(Debug)]
 pub struct Upstream {
     client: reqwest::Client,
     base_url: String,
     api_key: SecretString,
+    /// Finds the key in an answer (shared with the check of stored entries).
+    key_echo: Arc<KeyEcho>,
     max_body_bytes: usize,
     request_timeout: Duration,
     retries: u32,
@@ -183,6 +183,7 @@ impl Upstream {
         Ok(Self {
             client,
             base_url: config.base_url.trim_end_matches('/').to_owned(),
+            key_echo: Arc::new(KeyEcho::new(&api_key)),
             api_key,
             max_body_bytes: config.max_body_bytes,
             request_timeout: config.request_timeout,
@@ -194,6 +195,12 @@ impl Upstream {
     /// The full upstream URL for a canonical path-and-query: a pure function of it.
     pub fn url_for(&self, path_and_query: &str) -> String {
         format!("{}{}", self.base_url, path_and_query)
+    }
+
+    /// The search for our key in a body, for checking what comes back from
+    /// a cache tier as this client checks what comes from KeyAPI.
+    pub fn key_echo(&self) -> Arc<KeyEcho> {
+        Arc::clone(&self.key_echo)
     }
 
     /// Time allowed for one fetch, all its attempts together.
@@ -278,7 +285,7 @@ impl Upstream {
         if status.is_server_error() || !(status == StatusCode::OK || status.is_client_error()) {
             return Err(UpstreamError::Status(code));
         }
-        let head = serde_json::from_slice::<EnvelopeHead>(&body).map_err(|e| {
+        let code_in_body = envelope_code(&body).map_err(|e| {
             if status.is_client_error() {
                 // A 4xx without a JSON envelope: keep the status, use our envelope.
                 UpstreamError::Status(code)
@@ -289,24 +296,19 @@ impl Upstream {
                 }
             }
         })?;
-        if self.echoes_key(&body) {
-            // Never forward a body that quotes our key back.
+        if self.key_echo.is_in(&body) {
+            // Never forward (nor cache) a body that quotes our key back.
             return Err(UpstreamError::Status(code));
         }
-        if status == StatusCode::OK && head.code == 0 {
+        if status == StatusCode::OK && code_in_body == 0 {
             Ok(UpstreamAnswer::Success(body))
         } else {
             Ok(UpstreamAnswer::Declined {
                 status,
-                code: head.code,
+                code: code_in_body,
                 body,
             })
         }
-    }
-
-    fn echoes_key(&self, body: &[u8]) -> bool {
-        let key = self.api_key.expose_secret().as_bytes();
-        !key.is_empty() && body.windows(key.len()).any(|w| w == key)
     }
 }
 

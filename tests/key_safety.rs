@@ -68,6 +68,7 @@ async fn key_appears_in_no_response_and_no_log_line() {
         FakeMode::Garbage,
         FakeMode::Hang,
         FakeMode::EchoAuthorization,
+        FakeMode::EchoKeyEscaped,
     ];
     for (i, mode) in modes.iter().enumerate() {
         app.upstream.set_mode(mode.clone());
@@ -152,6 +153,19 @@ async fn an_upstream_body_quoting_the_key_is_not_forwarded() {
     let (status, _, body) = parts(app.get_hashtag("hashtag_name=echo").await).await;
     assert_eq!(status, 404, "{body}");
     assert_no_key("echoed body", &body);
+}
+
+#[tokio::test]
+async fn a_json_escaped_echo_of_the_key_is_neither_served_nor_cached() {
+    let app = spawn_app_with(|_| {}).await;
+    app.upstream.set_mode(FakeMode::EchoKeyEscaped);
+    for _ in 0..2 {
+        let (status, _, body) = parts(app.get_hashtag("hashtag_name=escaped").await).await;
+        assert_eq!(status, 502, "{body}");
+        assert_no_key("escaped echo", &body);
+    }
+    assert_eq!(app.upstream.calls(), 2, "nothing was cached");
+    assert_eq!(app.state.proxy().cache().entry_count(), 0);
 }
 
 #[test]

@@ -9,17 +9,13 @@ mod common;
 use std::{net::TcpListener, time::Duration};
 
 use common::{
-    TestApp, assert_ledger_equals_bill, booked, client, hang_up, header, join, metric, parts,
-    raw_request,
+    TestApp, assert_ledger_equals_bill, booked, client,
+    entries::hashtag_key,
+    hang_up, header, join, metric, parts, raw_request,
     redis_server::{RedisServer, with_redis},
     spawn_app_with,
 };
-use keyapi_proxy::{
-    cache::{CacheKey, codec},
-    config::Config,
-    demo::FakeMode,
-    route::HASHTAG_DETAIL_PATH,
-};
+use keyapi_proxy::{cache::codec, config::Config, demo::FakeMode};
 use redis::AsyncCommands as _;
 
 const TOKEN: &str = "kp_ledger_dash";
@@ -40,12 +36,6 @@ async fn stats(app: &TestApp) -> serde_json::Value {
 async fn global_spent_today(app: &TestApp) -> u64 {
     let ledger = app.state.proxy().ledger();
     ledger.spent_today(ledger.global().unwrap()).await
-}
-
-fn hashtag_key(name: &str) -> CacheKey {
-    CacheKey::new(format!(
-        "{HASHTAG_DETAIL_PATH}?period=7&region=all_regions&hashtag_name={name}"
-    ))
 }
 
 /// A budget to watch, and one upstream call at a time with a queue of
@@ -343,7 +333,7 @@ async fn two_replicas_never_exceed_a_shared_budget_under_200_concurrent_cold_req
 }
 
 #[tokio::test]
-async fn a_refusal_seen_by_one_replica_never_replaces_a_good_answer() {
+async fn a_refusal_seen_by_one_replica_keeps_the_good_answer_and_is_paid_once() {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
@@ -366,16 +356,26 @@ async fn a_refusal_seen_by_one_replica_never_replaces_a_good_answer() {
         .await
         .unwrap();
     let shared = codec::decode(&bytes::Bytes::from(raw)).unwrap();
-    assert!(!shared.negative, "Redis keeps the good answer");
-    // Replica A keeps its own good (stale) copy too.
-    let _ = a.get("hashtag_name=ufc324").await;
-    let kept = a
+    assert!(shared.negative, "Redis remembers the refusal");
+    assert!(
+        shared.kept().is_some_and(|kept| !kept.negative),
+        "and keeps the good answer with it"
+    );
+    // Replica A answers the refusal without paying, and keeps its good
+    // (stale) copy for when the refusal is over.
+    assert_eq!(a.get("hashtag_name=ufc324").await.0, 404);
+    assert_eq!(
+        a.upstream.calls(),
+        2,
+        "one call for the refusal, cluster-wide"
+    );
+    let held = a
         .state
         .proxy()
         .cache()
         .get(&key, a.state.clock().now())
         .unwrap();
-    assert!(!kept.negative, "A's memory keeps the good answer");
+    assert!(held.negative && held.kept().is_some_and(|kept| !kept.negative));
     assert_ledger_equals_bill(&[&a, &b]).await;
 }
 

@@ -5,13 +5,16 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use common::{
     assert_envelope, assert_ledger_equals_bill, hang_up, header, join, metric, plain_ttl,
-    raw_request, spawn_app_with,
+    raw_request, spawn_app_with, spawn_app_with_clock,
 };
-use keyapi_proxy::{config::Config, demo::FakeMode};
+use keyapi_proxy::{clock::ManualClock, config::Config, demo::FakeMode};
 
 const TTL: Duration = Duration::from_millis(200);
 
@@ -217,16 +220,78 @@ async fn deterministic_refusals_are_cached_briefly_and_errors_never() {
     let_expire(negative_ttl).await;
     let (status, _, _) = app.get("hashtag_name=neg0").await;
     assert_eq!(status, 200);
+}
 
-    // A refusal never replaces a good entry: after it, the good copy still serves stale.
-    let_expire(TTL).await;
+/// `Cache-Status` of a response, for one assertion per line.
+fn cache_status(headers: &reqwest::header::HeaderMap) -> String {
+    header(headers, "cache-status").to_owned()
+}
+
+#[tokio::test]
+async fn a_refusal_after_a_stale_success_is_paid_once_per_negative_ttl_and_keeps_it() {
+    let (ttl, negative_ttl) = (Duration::from_secs(600), Duration::from_secs(60));
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let app = spawn_app_with_clock(clock.clone(), |c| {
+        short_ttl(c, Duration::ZERO, Duration::from_secs(24 * 3600));
+        c.cache.ttl = ttl;
+        c.cache.negative_ttl = negative_ttl;
+        c.cache.allow_client_refresh = true;
+    })
+    .await;
+    let q = "hashtag_name=ufc324";
+    let (_, _, good) = app.get(q).await;
+    clock.advance(ttl + Duration::from_secs(1));
+
+    // KeyAPI now refuses the question: ten requests, one paid call.
     app.upstream.set_mode(FakeMode::Status(404));
-    let (status, _, _) = app.get("hashtag_name=neg0").await;
-    assert_eq!(status, 404, "the refusal itself is forwarded");
+    for i in 0..10 {
+        let (status, headers, _) = app.get(q).await;
+        assert_eq!(status, 404);
+        let expected = if i == 0 { "; stored" } else { "; hit; " };
+        assert!(cache_status(&headers).contains(expected), "{headers:?}");
+        assert!(cache_status(&headers).ends_with("detail=negative"));
+    }
+    assert_eq!(app.upstream.calls(), 2, "the refusal was paid once");
+
+    // Once the refusal is over, the stale success still stands in for failures.
+    clock.advance(negative_ttl);
     app.upstream.set_mode(FakeMode::Status(500));
-    let (status, headers, _) = app.get("hashtag_name=neg0").await;
+    let (status, headers, body) = app.get(q).await;
+    assert_eq!((status, &body), (200, &good));
+    assert!(cache_status(&headers).ends_with("detail=stale-if-error"));
+    assert_eq!(app.upstream.calls(), 3);
+
+    // Refused again: remembered again (still keeping the success), paid once.
+    app.upstream.set_mode(FakeMode::Status(404));
+    for _ in 0..3 {
+        assert_eq!(app.get(q).await.0, 404);
+    }
+    assert_eq!(app.upstream.calls(), 4);
+    clock.advance(negative_ttl);
+    app.upstream.set_mode(FakeMode::Status(500));
+    assert_eq!(
+        app.get(q).await.2,
+        good,
+        "the success outlived two refusals"
+    );
+
+    // A fresh success is never replaced: a forced refresh sees the refusal,
+    // everyone after it the success.
+    app.upstream.set_mode(FakeMode::Normal);
+    let (status, _, fresh) = app.get(q).await;
     assert_eq!(status, 200);
-    assert!(header(&headers, "cache-status").contains("stale-if-error"));
+    assert_ne!(fresh, good);
+    app.upstream.set_mode(FakeMode::Status(404));
+    let refreshed = app
+        .get_hashtag_with(q, &[("Cache-Control", "no-cache")])
+        .await;
+    assert_eq!(refreshed.status(), 404);
+    let (status, headers, body) = app.get(q).await;
+    assert_eq!((status, &body), (200, &fresh));
+    assert!(cache_status(&headers).contains("; hit; "), "{headers:?}");
+    assert!(!cache_status(&headers).contains("detail="), "{headers:?}");
+    assert_eq!(app.upstream.calls(), 7);
+    assert_ledger_equals_bill(&[&app]).await;
 }
 
 /// One retry after a short backoff; nothing stale is served.

@@ -1,13 +1,18 @@
 //! Snapshot files in hostile directories: a planted symlink (at the temporary
-//! name or the target) is never followed, and intervals that would spin the
-//! saver are refused at start-up.
+//! name or the target) is never followed, a planted or damaged entry is
+//! never served, and intervals that would spin the saver are refused at
+//! start-up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::{os::unix::fs::symlink, path::PathBuf, time::Duration};
 
-use common::{header, spawn_app_with, test_config};
+use common::{
+    TEST_API_KEY,
+    entries::{RawEntry, hashtag_key, poisoned, snapshot_file},
+    header, metric, spawn_app_with, test_config,
+};
 use keyapi_proxy::config::Config;
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -45,6 +50,51 @@ async fn a_snapshot_never_writes_through_a_planted_symlink() {
     let (status, headers, _) = third.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
     assert!(header(&headers, "cache-status").contains("; hit;"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn poisoned_snapshot_entries_are_never_served_and_are_counted() {
+    let dir = temp_dir("snap-poison");
+    let path = dir.join("cache.snap");
+    let max_body_bytes = 64 * 1024;
+    let poison = poisoned(TEST_API_KEY, max_body_bytes);
+    let mut records = vec![(
+        hashtag_key("good"),
+        RawEntry::success("written by hand").encode(),
+    )];
+    for (i, (_, entry)) in poison.iter().enumerate() {
+        records.push((hashtag_key(&format!("p{i}")), entry.encode()));
+    }
+    std::fs::write(&path, snapshot_file(&records)).unwrap();
+
+    let app = spawn_app_with(|c| {
+        c.cache.snapshot_path = Some(path.clone());
+        c.upstream.max_body_bytes = max_body_bytes;
+    })
+    .await;
+    assert_eq!(
+        app.state.proxy().cache().entry_count(),
+        1,
+        "only the good one loaded"
+    );
+    let (_, headers, body) = app.get("hashtag_name=good").await;
+    assert!(header(&headers, "cache-status").contains("; hit; "));
+    assert!(body.contains("written by hand"), "{body}");
+    for (i, (reason, _)) in poison.iter().enumerate() {
+        let (status, _, body) = app.get(&format!("hashtag_name=p{i}")).await;
+        assert_eq!(status, 200, "{reason}");
+        assert!(!body.contains("poison"), "{reason}: {body}");
+    }
+    assert_eq!(app.upstream.calls(), poison.len());
+    let text = app.metrics().await;
+    for (reason, _) in &poison {
+        let series = format!(
+            "keyapi_proxy_cache_entries_rejected_total{{source=\"snapshot\",reason=\"{reason}\"}}"
+        );
+        let expected = poison.iter().filter(|(r, _)| r == reason).count() as f64;
+        assert_eq!(metric(&text, &series), expected, "{series}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

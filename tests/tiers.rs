@@ -5,14 +5,19 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use common::{
-    client, header, join, metric,
+    TEST_API_KEY, assert_ledger_equals_bill, client,
+    entries::{RawEntry, hashtag_key, poisoned},
+    header, join, metric,
     redis_server::{RedisServer, with_redis},
-    spawn_app_with,
+    spawn_app_with, spawn_app_with_clock,
 };
-use keyapi_proxy::config::Config;
+use keyapi_proxy::{cache::codec, clock::ManualClock, config::Config, demo::FakeMode};
 use redis::AsyncCommands;
 
 const KEY: &str =
@@ -347,4 +352,116 @@ async fn rate_limits_hold_across_replicas() {
     assert!(body.contains("rate limit"), "{body}");
     let retry_after: u64 = header(&headers, "retry-after").parse().unwrap();
     assert!((1..=30).contains(&retry_after), "{retry_after}");
+}
+
+#[tokio::test]
+async fn a_refusal_after_a_stale_success_is_paid_once_for_the_cluster() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (ttl, negative_ttl) = (Duration::from_secs(600), Duration::from_secs(60));
+    let config = |c: &mut Config| {
+        with_redis(&redis.url())(c);
+        c.cache.ttl = ttl;
+        c.cache.stale_while_revalidate = Duration::ZERO;
+        c.cache.negative_ttl = negative_ttl;
+        c.upstream.retries = 0;
+    };
+    // One clock for the cluster, moved by hand.
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let a = spawn_app_with_clock(clock.clone(), config).await;
+    let b = a.spawn_replica_with_clock(clock.clone(), config).await;
+    let (_, _, good) = a.get("hashtag_name=ufc324").await;
+    assert!(header(&b.get("hashtag_name=ufc324").await.1, "cache-status").contains("; hit; "));
+    clock.advance(ttl + Duration::from_secs(1));
+
+    a.upstream.set_mode(FakeMode::Status(404));
+    assert_eq!(a.get("hashtag_name=ufc324").await.0, 404);
+    for replica in [&a, &b, &a, &b, &b] {
+        let (status, headers, _) = replica.get("hashtag_name=ufc324").await;
+        assert_eq!(status, 404);
+        let cache_status = header(&headers, "cache-status");
+        assert!(cache_status.ends_with("detail=negative"), "{cache_status}");
+    }
+    assert_eq!(
+        a.upstream.calls(),
+        2,
+        "the refusal was paid once, cluster-wide"
+    );
+    let mut conn = redis.connection().await;
+    let raw: Vec<u8> = conn
+        .get(format!("keyapi-proxy:v1:entry:{KEY}"))
+        .await
+        .unwrap();
+    let shared = codec::decode(&bytes::Bytes::from(raw)).unwrap();
+    assert!(shared.negative && shared.kept().is_some_and(|kept| !kept.negative));
+
+    // The refusal over, each replica's stale copy answers for a failing KeyAPI.
+    clock.advance(negative_ttl);
+    a.upstream.set_mode(FakeMode::Status(500));
+    for replica in [&a, &b] {
+        let (status, headers, body) = replica.get("hashtag_name=ufc324").await;
+        assert_eq!((status, &body), (200, &good));
+        assert!(header(&headers, "cache-status").ends_with("detail=stale-if-error"));
+    }
+    assert_ledger_equals_bill(&[&a, &b]).await;
+}
+
+#[tokio::test]
+async fn poisoned_redis_entries_are_never_served_and_are_counted() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let max_body_bytes = 64 * 1024;
+    let config = |c: &mut Config| {
+        with_redis(&redis.url())(c);
+        c.upstream.max_body_bytes = max_body_bytes;
+    };
+    let a = spawn_app_with(config).await;
+    let b = a.spawn_replica(config).await;
+    let conn = redis.connection().await;
+    let write = |name: &str, entry: &RawEntry| {
+        let (key, value) = (
+            format!("keyapi-proxy:v1:entry:{}", hashtag_key(name)),
+            entry.encode(),
+        );
+        let mut conn = conn.clone();
+        async move { conn.set::<_, _, ()>(key, value).await.unwrap() }
+    };
+    // Laid out by hand, a good entry is served: the layout is the codec's.
+    write("good", &RawEntry::success("written by hand")).await;
+    let (status, headers, body) = b.get("hashtag_name=good").await;
+    assert_eq!(status, 200);
+    assert!(header(&headers, "cache-status").contains("; hit; "));
+    assert!(body.contains("written by hand"), "{body}");
+    assert_eq!(a.upstream.calls(), 0);
+
+    let poison = poisoned(TEST_API_KEY, max_body_bytes);
+    for (i, (_, entry)) in poison.iter().enumerate() {
+        write(&format!("p{i}"), entry).await;
+    }
+    for (i, (reason, _)) in poison.iter().enumerate() {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        let (status, headers, body) = replica.get(&format!("hashtag_name=p{i}")).await;
+        assert_eq!(status, 200, "{reason}");
+        assert_eq!(
+            header(&headers, "cache-status"),
+            "keyapi-proxy; fwd=uri-miss; stored",
+            "{reason}"
+        );
+        assert!(!body.contains("poison"), "{reason}: {body}");
+    }
+    assert_eq!(
+        a.upstream.calls(),
+        poison.len(),
+        "each poisoned key was fetched"
+    );
+    let (text_a, text_b) = (a.metrics().await, b.metrics().await);
+    for (reason, _) in &poison {
+        let series = format!(
+            "keyapi_proxy_cache_entries_rejected_total{{source=\"redis\",reason=\"{reason}\"}}"
+        );
+        let rejected = metric(&text_a, &series) + metric(&text_b, &series);
+        assert!(rejected >= 1.0, "{series} = {rejected}");
+    }
 }

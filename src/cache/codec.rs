@@ -1,8 +1,10 @@
 //! Binary form of an [`Entry`], shared by the Redis tier and the snapshot
 //! file: a fixed header (magic, version, timestamps, windows, status, part
-//! lengths, CRC-32) followed by the raw body, its ETag and its gzip form. Anything that does
-//! not decode exactly — foreign values, truncation, bit rot — is rejected and
-//! treated as a miss, never served.
+//! lengths, CRC-32) followed by the raw body, its ETag, its gzip form and,
+//! for a refusal that keeps a stale success, that success in this same form
+//! (one level deep). Anything that does not decode exactly — foreign values,
+//! truncation, bit rot — is rejected; what decodes is still only a claim,
+//! checked by [`super::EntryCheck`] before it is served.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,12 +14,15 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::Entry;
 
 const MAGIC: &[u8; 4] = b"KAPE";
-/// 2: the ETag and the gzip form travel with the body, so a replica filling
-/// its memory from Redis (or a snapshot) does not recompute them.
-const VERSION: u8 = 2;
+/// 3: a refusal carries the stale success it keeps. Version 2 (the same
+/// header without the kept length) is still read, so an upgrade keeps its
+/// snapshot and Redis entries.
+const VERSION: u8 = 3;
+const VERSION_2: u8 = 2;
 /// magic + version + stored_at + ttl + swr + sie + status + negative
-/// + body, etag and gzip lengths + crc
-const HEADER_LEN: usize = 4 + 1 + 8 + 8 + 8 + 8 + 2 + 1 + 4 + 2 + 4 + 4;
+/// + body, etag and gzip lengths + crc (version 2 ends here) + kept length
+const HEADER_LEN: usize = 4 + 1 + 8 + 8 + 8 + 8 + 2 + 1 + 4 + 2 + 4 + 4 + 4;
+const HEADER_LEN_2: usize = HEADER_LEN - 4;
 
 /// Why bytes are not an entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,11 +38,14 @@ pub enum DecodeError {
 }
 
 /// Serializes `entry` (timestamps in milliseconds). The CRC covers
-/// everything after the header: body, ETag and gzip form.
+/// everything after the header: body, ETag, gzip form and kept entry.
 pub fn encode(entry: &Entry) -> Bytes {
     let etag = entry.etag.as_bytes();
     let gzip: &[u8] = entry.gzip_made().map_or(&[], |gzip| &gzip.body[..]);
-    let mut out = BytesMut::with_capacity(HEADER_LEN + entry.body.len() + etag.len() + gzip.len());
+    let kept = entry.kept().map(|kept| encode(kept)).unwrap_or_default();
+    let parts = [&entry.body[..], etag, gzip, &kept[..]];
+    let mut out =
+        BytesMut::with_capacity(HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>());
     out.put_slice(MAGIC);
     out.put_u8(VERSION);
     out.put_u64_le(unix_millis(entry.stored_at));
@@ -56,11 +64,12 @@ pub fn encode(entry: &Entry) -> Bytes {
     out.put_u16_le(u16::try_from(etag.len()).unwrap_or(u16::MAX));
     out.put_u32_le(u32::try_from(gzip.len()).unwrap_or(u32::MAX));
     let mut crc = crc32fast::Hasher::new();
-    for part in [&entry.body[..], etag, gzip] {
+    for part in parts {
         crc.update(part);
     }
     out.put_u32_le(crc.finalize());
-    for part in [&entry.body[..], etag, gzip] {
+    out.put_u32_le(u32::try_from(kept.len()).unwrap_or(u32::MAX));
+    for part in parts {
         out.put_slice(part);
     }
     out.freeze()
@@ -68,17 +77,27 @@ pub fn encode(entry: &Entry) -> Bytes {
 
 /// Parses bytes produced by [`encode`]; the parts are zero-copy slices of `raw`.
 pub fn decode(raw: &Bytes) -> Result<Entry, DecodeError> {
-    if raw.len() < HEADER_LEN {
+    decode_nested(raw, true)
+}
+
+/// [`decode`], with a kept entry allowed only at the top (`may_keep`).
+fn decode_nested(raw: &Bytes, may_keep: bool) -> Result<Entry, DecodeError> {
+    if raw.len() < 5 || &raw[..4] != MAGIC {
         return Err(if raw.starts_with(MAGIC) {
             DecodeError::Length
         } else {
             DecodeError::Foreign
         });
     }
-    let header = &raw[..HEADER_LEN];
-    if &header[..4] != MAGIC || header[4] != VERSION {
-        return Err(DecodeError::Foreign);
+    let header_len = match raw[4] {
+        VERSION => HEADER_LEN,
+        VERSION_2 => HEADER_LEN_2,
+        _ => return Err(DecodeError::Foreign),
+    };
+    if raw.len() < header_len {
+        return Err(DecodeError::Length);
     }
+    let header = &raw[..header_len];
     let u64_at = |i: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&header[i..i + 8]);
@@ -101,28 +120,42 @@ pub fn decode(raw: &Bytes) -> Result<Entry, DecodeError> {
     let body_len = u32_at(40) as usize;
     let etag_len = usize::from(u16::from_le_bytes([header[44], header[45]]));
     let gzip_len = u32_at(46) as usize;
-    if raw.len() - HEADER_LEN != body_len + etag_len + gzip_len {
+    let kept_len = if header_len == HEADER_LEN {
+        u32_at(54) as usize
+    } else {
+        0
+    };
+    if raw.len() - header_len != body_len + etag_len + gzip_len + kept_len {
         return Err(DecodeError::Length);
     }
-    if crc32fast::hash(&raw[HEADER_LEN..]) != u32_at(50) {
+    if crc32fast::hash(&raw[header_len..]) != u32_at(50) {
         return Err(DecodeError::Checksum);
     }
-    let body_end = HEADER_LEN + body_len;
+    if kept_len > 0 && !may_keep {
+        return Err(DecodeError::Invalid);
+    }
+    let body_end = header_len + body_len;
     let etag_end = body_end + etag_len;
+    let gzip_end = etag_end + gzip_len;
     let etag = HeaderValue::from_maybe_shared(raw.slice(body_end..etag_end))
         .map_err(|_| DecodeError::Invalid)?;
     // Copied: the entry copies its body and tag into a buffer of its own, so
     // a view would keep the rest of the record alive for nothing.
-    let gzip = (gzip_len > 0).then(|| Bytes::copy_from_slice(&raw[etag_end..]));
-    Ok(Entry::assemble(
-        raw.slice(HEADER_LEN..body_end),
+    let gzip = (gzip_len > 0).then(|| Bytes::copy_from_slice(&raw[etag_end..gzip_end]));
+    let kept = match kept_len {
+        0 => None,
+        _ => Some(decode_nested(&raw.slice(gzip_end..), false)?.into()),
+    };
+    let entry = Entry::assemble(
+        raw.slice(header_len..body_end),
         etag,
         gzip,
         status,
         negative,
         stored_at,
         windows,
-    ))
+    );
+    Ok(entry.keeping(kept))
 }
 
 fn unix_millis(t: SystemTime) -> u64 {
@@ -134,7 +167,7 @@ fn unix_millis(t: SystemTime) -> u64 {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
+    use std::{sync::Arc, time::SystemTime};
 
     use crate::config::Config;
 
@@ -180,6 +213,45 @@ mod tests {
         assert_eq!(decoded.gzip_made().map(|gzip| gzip.body.clone()), made);
         assert_eq!(decoded.etag, original.etag);
         assert_eq!(decoded.body, original.body);
+    }
+
+    #[test]
+    fn round_trips_a_refusal_that_keeps_a_success() {
+        let policy = Config::defaults().unwrap().cache.freshness_policy();
+        let success = Arc::new(entry());
+        let refusal = Entry::negative(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(br#"{"code":404}"#),
+            &policy,
+            SystemTime::now(),
+        )
+        .keeping(Some(Arc::clone(&success)));
+        let decoded = decode(&encode(&refusal)).unwrap();
+        assert!(decoded.negative);
+        assert_eq!(decoded.status, StatusCode::NOT_FOUND);
+        let kept = decoded.kept().unwrap();
+        assert!(kept.is_same_answer(&success) && kept.kept().is_none());
+        assert_eq!(kept.body, success.body);
+
+        // Only one level deep: a kept entry keeping another is refused.
+        let nested = Entry::negative(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(b"{}"),
+            &policy,
+            SystemTime::now(),
+        )
+        .keeping(Some(Arc::new(refusal)));
+        assert_eq!(decode(&encode(&nested)).unwrap_err(), DecodeError::Invalid);
+    }
+
+    #[test]
+    fn reads_version_2() {
+        let v3 = encode(&entry());
+        let mut v2 = v3[..HEADER_LEN_2].to_vec();
+        v2[4] = VERSION_2;
+        v2.extend_from_slice(&v3[HEADER_LEN..]);
+        let decoded = decode(&Bytes::from(v2)).unwrap();
+        assert_eq!(decoded.body, entry().body);
     }
 
     #[test]

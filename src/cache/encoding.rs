@@ -2,11 +2,15 @@
 //! `ETag` and the `Cache-Control` value of its lifetime (when stored), its
 //! gzip form with its own tag (when first asked for).
 
-use std::{fmt::Write as _, io::Write as _, time::Duration};
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    time::Duration,
+};
 
 use axum::http::HeaderValue;
 use bytes::{Bytes, BytesMut};
-use flate2::{Compression, write::GzEncoder};
+use flate2::{Compression, read::GzDecoder, write::GzEncoder};
 
 use crate::digest;
 
@@ -86,4 +90,17 @@ pub(super) fn gzip(body: &[u8]) -> Option<Bytes> {
     // Exact-size allocation: the encoder's Vec may have doubled its capacity,
     // and an entry keeps this buffer for its whole life.
     (compressed.len() < body.len()).then(|| Bytes::from(compressed.into_boxed_slice()))
+}
+
+/// Whether `gzip` decompresses to exactly `body` (reading at most one byte
+/// more than `body`, so a bomb costs no more than the body it claims).
+pub(super) fn gunzips_to(gzip: &[u8], body: &[u8]) -> bool {
+    let limit = u64::try_from(body.len())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    let mut plain = Vec::with_capacity(body.len());
+    GzDecoder::new(gzip)
+        .take(limit)
+        .read_to_end(&mut plain)
+        .is_ok_and(|_| plain == body)
 }

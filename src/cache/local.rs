@@ -5,7 +5,9 @@
 //! queue, no timer wheel. Expiry is checked on read against the app's clock;
 //! expired entries are dropped by [`LocalCache::sync`] (run before the cache
 //! is counted: `/metrics`, `/stats`; at most once a second, off the async
-//! threads) or, sooner, by eviction when room is needed.
+//! threads) or, sooner, by eviction when room is needed. A refusal that
+//! keeps a stale success ([`Entry::kept`]) gives way to that success when it
+//! expires, without a write.
 
 use std::{
     sync::{
@@ -40,8 +42,9 @@ struct StoredBytes;
 
 impl Weighter<CacheKey, Arc<Entry>> for StoredBytes {
     fn weight(&self, key: &CacheKey, entry: &Arc<Entry>) -> u64 {
-        let gzip = entry.body.len() / GZIP_SHARE;
-        let bytes = key.path_and_query().len() + entry.body.len() + gzip + ENTRY_OVERHEAD;
+        let answer = |e: &Entry| e.body.len() + e.body.len() / GZIP_SHARE + ENTRY_OVERHEAD;
+        let kept = entry.kept().map_or(0, |kept| answer(kept));
+        let bytes = key.path_and_query().len() + answer(entry) + kept;
         u64::try_from(bytes).unwrap_or(u64::MAX)
     }
 }
@@ -49,6 +52,15 @@ impl Weighter<CacheKey, Arc<Entry>> for StoredBytes {
 /// Whether `entry` is still within its longest window at `now` (servable).
 fn live(entry: &Entry, now: SystemTime) -> bool {
     !entry.remaining_lifetime(now).is_zero()
+}
+
+/// What a stored entry answers with at `now`: itself while live, then the
+/// success it keeps while that is.
+fn current(entry: &Arc<Entry>, now: SystemTime) -> Option<&Arc<Entry>> {
+    if live(entry, now) {
+        return Some(entry);
+    }
+    entry.kept().filter(|kept| live(kept, now))
 }
 
 type Store = Cache<CacheKey, Arc<Entry>, StoredBytes, foldhash::fast::RandomState>;
@@ -85,14 +97,17 @@ impl LocalCache {
     /// The entry for `key`, fresh or stale at `now`, if any.
     pub fn get(&self, key: &CacheKey, now: SystemTime) -> Option<Arc<Entry>> {
         let entry = self.inner.get(key)?;
-        live(&entry, now).then_some(entry)
+        if live(&entry, now) {
+            return Some(entry);
+        }
+        current(&entry, now).cloned()
     }
 
     /// Removes the entry for `key`; true if there was a live one.
     pub fn remove(&self, key: &CacheKey) -> bool {
         self.inner
             .remove(key)
-            .is_some_and(|(_, entry)| live(&entry, self.clock.now()))
+            .is_some_and(|(_, entry)| current(&entry, self.clock.now()).is_some())
     }
 
     /// Removes every entry; returns how many live ones there were.
@@ -107,12 +122,15 @@ impl LocalCache {
         self.iter().collect()
     }
 
-    /// Every live entry, one at a time, copying nothing but the pointers
-    /// (snapshots stream this to disk in bounded memory).
-    /// Each item takes one shard's read lock briefly; none is held between items.
+    /// Every live entry (as [`LocalCache::get`] would answer), one at a
+    /// time, copying nothing but the pointers (snapshots stream this to disk
+    /// in bounded memory). Each item takes one shard's read lock briefly;
+    /// none is held between items.
     pub fn iter(&self) -> impl Iterator<Item = (CacheKey, Arc<Entry>)> + '_ {
         let now = self.clock.now();
-        self.inner.iter().filter(move |(_, entry)| live(entry, now))
+        self.inner
+            .iter()
+            .filter_map(move |(key, entry)| Some((key, Arc::clone(current(&entry, now)?))))
     }
 
     /// Stores (or replaces) the entry for `key`.
@@ -141,7 +159,7 @@ impl LocalCache {
             return;
         }
         let inner = Arc::clone(&self.inner);
-        let sweep = move || inner.retain(|_, entry| live(entry, now));
+        let sweep = move || inner.retain(|_, entry| current(entry, now).is_some());
         // A panicking sweep only leaves expired entries for the next one.
         let _ = tokio::task::spawn_blocking(sweep).await;
     }

@@ -13,7 +13,13 @@
 //!    |  serve as hit |  refresh in the    |  upstream fails     |
 //!    |               |  background        |  (stale-if-error)   |
 //! ```
+//!
+//! A deterministic refusal of a key whose success has gone stale is stored
+//! as a negative entry that *keeps* that success ([`Entry::kept`]): the
+//! refusal answers for its negative TTL, then the success serves again for
+//! what is left of its stale windows. A fresh success is never replaced.
 
+mod check;
 pub mod codec;
 mod encoding;
 mod local;
@@ -26,12 +32,13 @@ use std::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use bytes::Bytes;
 
+pub use check::{EntryCheck, EntryLimits, MAX_CLOCK_SKEW, Rejection, Source};
 pub use local::LocalCache;
 pub use tiers::{Shared, Tiers};
 
@@ -83,6 +90,15 @@ pub struct FreshnessPolicy {
     pub refresh_ahead_min_hits: u32,
 }
 
+/// Whether KeyAPI's refusal (`status`, envelope `code`) is deterministic and
+/// so stored as a negative entry: 400, 404 and 422, and HTTP 200 with one of
+/// the configured `negative_codes`. The same rule decides which negative
+/// entries read back from a tier are ours.
+pub fn is_cacheable_refusal(status: StatusCode, code: i64, negative_codes: &[i64]) -> bool {
+    matches!(status.as_u16(), 400 | 404 | 422)
+        || (status == StatusCode::OK && negative_codes.contains(&code))
+}
+
 /// What an entry's age allows at a given moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
@@ -117,6 +133,9 @@ pub struct Entry {
     /// `Cache-Control` of every answer from this entry: its whole freshness
     /// lifetime and stale windows never change, so the value is built once.
     pub cache_control: HeaderValue,
+    /// For a refusal of a key whose success had gone stale: that success,
+    /// served again (stale windows) once the refusal is over.
+    kept: Option<Arc<Entry>>,
     /// Wall-clock time of storage; wall clock (not `Instant`) so `Age` stays
     /// meaningful if entries are ever shared between processes.
     pub stored_at: SystemTime,
@@ -227,6 +246,7 @@ impl Entry {
             etag,
             gzip: made,
             cache_control,
+            kept: None,
             status,
             negative,
             stored_at,
@@ -237,6 +257,25 @@ impl Entry {
             hits_this_second: AtomicU64::new(u64::MAX),
             hit_heads: Mutex::new(None),
         }
+    }
+
+    /// This refusal, keeping `success` (a stale success it must not lose)
+    /// until the end of that success's own windows.
+    pub fn keeping(mut self, success: Option<Arc<Entry>>) -> Self {
+        self.kept = success;
+        self
+    }
+
+    /// The success this refusal keeps, if any.
+    pub fn kept(&self) -> Option<&Arc<Entry>> {
+        self.kept.as_ref()
+    }
+
+    /// Whether `other` is the same stored answer (read back from a tier,
+    /// whose times are kept to the millisecond): same body, same store.
+    pub fn is_same_answer(&self, other: &Entry) -> bool {
+        let millis = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        self.etag == other.etag && millis(self.stored_at) == millis(other.stored_at)
     }
 
     /// The gzip representation (made now if it was not yet), unless it
@@ -285,6 +324,13 @@ impl Entry {
     /// Time left until the end of its longest window (zero once over).
     pub fn remaining_lifetime(&self, now: SystemTime) -> Duration {
         self.lifetime().saturating_sub(self.age(now))
+    }
+
+    /// How long a tier must hold it: until neither it nor the success it
+    /// keeps can be served.
+    pub fn remaining_retention(&self, now: SystemTime) -> Duration {
+        let kept = self.kept.as_ref().map(|k| k.remaining_lifetime(now));
+        self.remaining_lifetime(now).max(kept.unwrap_or_default())
     }
 
     /// True while within the fresh lifetime.

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use futures_util::StreamExt as _;
 
-use super::{CacheKey, Entry, LocalCache, codec};
+use super::{CacheKey, Entry, EntryCheck, LocalCache, Source, codec};
 use crate::metrics::Metrics;
 
 /// Deletes the lock only if we still own it.
@@ -77,6 +77,9 @@ pub struct RedisTier {
     up: AtomicBool,
     unlock: Script,
     metrics: Arc<Metrics>,
+    /// Whatever is read back is checked before use: anyone who can write
+    /// to Redis could otherwise serve every replica's clients.
+    check: Arc<EntryCheck>,
 }
 
 /// Shows the namespace and state only: the URL may hold a password.
@@ -90,11 +93,13 @@ impl std::fmt::Debug for RedisTier {
 }
 
 impl RedisTier {
-    /// Prepares a lazily connecting, self-reconnecting client; never blocks on Redis.
+    /// Prepares a lazily connecting, self-reconnecting client; never blocks
+    /// on Redis. Entries read back pass `check` or count as absent.
     pub fn new(
         url: &str,
         settings: TierSettings,
         metrics: Arc<Metrics>,
+        check: Arc<EntryCheck>,
     ) -> Result<Self, redis::RedisError> {
         let client = Client::open(url)?;
         let manager_config = ConnectionManagerConfig::new()
@@ -114,6 +119,7 @@ impl RedisTier {
             up: AtomicBool::new(true),
             unlock: Script::new(UNLOCK),
             metrics,
+            check,
         })
     }
 
@@ -132,7 +138,8 @@ impl RedisTier {
         format!("{}lock:{}", self.prefix, key.path_and_query())
     }
 
-    /// The stored entry for `key`; corrupt or foreign values count as absent.
+    /// The stored entry for `key`; values that are not an entry this proxy
+    /// could have stored (see [`EntryCheck`]) count as absent.
     pub async fn get(&self, key: &CacheKey) -> Option<Entry> {
         let redis_key = self.entry_key(key);
         let mut conn = self.conn.clone();
@@ -140,21 +147,17 @@ impl RedisTier {
             .call(conn.get::<_, Option<Vec<u8>>>(&redis_key))
             .await
             .flatten()?;
-        let raw = Bytes::from(raw);
-        match codec::decode(&raw) {
-            Ok(entry) => Some(entry),
-            Err(e) => {
-                tracing::warn!(%key, error = %e, "ignoring unreadable Redis value");
-                None
-            }
-        }
+        self.check.admit(Source::Redis, key, &Bytes::from(raw))
     }
 
-    /// Stores `entry` until the end of its longest window (as of `now`). A refusal
-    /// (negative entry) is stored only where nothing is: whatever is there is
-    /// a success still usable as a stale answer, or the same refusal.
+    /// Stores `entry` until neither it nor the success it keeps can be
+    /// served (as of `now`). A refusal that keeps nothing is stored only
+    /// where nothing is: whatever is there is a success still usable as a
+    /// stale answer, or the same refusal. One that keeps a stale success
+    /// replaces it (it carries it along); the key's fetch lock, held while
+    /// fetching and storing, keeps other replicas from storing meanwhile.
     pub async fn put(&self, key: &CacheKey, entry: &Entry, now: SystemTime) {
-        let remaining = entry.remaining_lifetime(now);
+        let remaining = entry.remaining_retention(now);
         let millis = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
         if millis == 0 {
             return;
@@ -165,7 +168,7 @@ impl RedisTier {
             .arg(codec::encode(entry).as_ref())
             .arg("PX")
             .arg(millis);
-        if entry.negative {
+        if entry.negative && entry.kept().is_none() {
             set.arg("NX");
         }
         let _ = self

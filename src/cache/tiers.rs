@@ -3,8 +3,9 @@
 //! turn to fetch), store in both.
 //!
 //! The rules of storing live here: a refusal (negative entry) never replaces
-//! a success — in Redis it is written only where nothing is, and memory keeps
-//! a success rather than take a refusal read from Redis.
+//! a success it does not keep — in Redis it is written only where nothing is
+//! unless it keeps the stale success there, and memory keeps its success
+//! rather than take a refusal (read from Redis) that keeps another one.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -58,6 +59,22 @@ impl Tiers {
         self.memory.get(key, now)
     }
 
+    /// The entry any tier holds for `key` at `now` (memory first; Redis when
+    /// memory has no success to offer), whatever its freshness: what a
+    /// refusal must not lose. Off the hit path (after a paid refusal).
+    pub async fn held(&self, key: &CacheKey, now: SystemTime) -> Option<Arc<Entry>> {
+        let memory = self.memory.get(key, now);
+        let has_success = |e: &Entry| !e.negative || e.kept().is_some();
+        if memory.as_deref().is_some_and(has_success) {
+            return memory;
+        }
+        let shared = match &self.shared {
+            Some(redis) => redis.get(key).await.map(Arc::new),
+            None => None,
+        };
+        shared.or(memory)
+    }
+
     /// Before fetching `key`: a `usable` answer another replica stored, or
     /// this replica's turn to fetch (the cluster-wide lock, waiting for its
     /// holder's answer for at most `lock_wait`).
@@ -92,13 +109,16 @@ impl Tiers {
     }
 
     /// Puts an entry into memory, unless it is a refusal and memory holds a
-    /// success (kept for stale answers); the entry is returned either way,
-    /// to answer the request at hand.
+    /// success it does not keep (kept for stale answers); the entry is
+    /// returned either way, to answer the request at hand.
     async fn fill_memory(&self, key: &CacheKey, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
         if entry.negative
             && let Some(current) = self.memory.get(key, self.clock.now())
             && !current.negative
+            && !entry
+                .kept()
+                .is_some_and(|kept| kept.is_same_answer(&current))
         {
             return entry;
         }

@@ -54,6 +54,9 @@ pub enum FakeMode {
     Oversize(usize),
     /// HTTP 404 whose body quotes the `Authorization` header it received.
     EchoAuthorization,
+    /// HTTP 200 success whose body quotes the key JSON-escaped (`-` as
+    /// `\u002d`, `/` as `\/`): valid JSON that holds the key all the same.
+    EchoKeyEscaped,
     /// HTTP 429 with `Retry-After: <secs>`.
     RateLimited { retry_after_secs: u64 },
 }
@@ -247,6 +250,16 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            response
+        }
+        FakeMode::EchoKeyEscaped => {
+            let key = state.expected_key.trim_start_matches("Bearer ");
+            let escaped = key.replace('-', "\\u002d").replace('/', "\\/");
+            let body = format!(r#"{{"code":0,"message":"success","data":{{"echo":"{escaped}"}}}}"#);
+            let mut response = Response::new(Body::from(body));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, crate::error::APPLICATION_JSON);
             response
         }
         FakeMode::EchoAuthorization => {

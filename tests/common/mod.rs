@@ -2,6 +2,7 @@
 //! that counts calls and records what it received.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod entries;
 pub mod redis_server;
 
 use std::{
@@ -125,7 +126,18 @@ async fn spawn_on(
 impl TestApp {
     /// Another instance of the proxy (a replica) using the same fake upstream.
     pub async fn spawn_replica(&self, adjust: impl FnOnce(&mut Config)) -> TestApp {
-        spawn_on(Arc::clone(&self.upstream), Arc::new(SystemClock), adjust).await
+        self.spawn_replica_with_clock(Arc::new(SystemClock), adjust)
+            .await
+    }
+
+    /// [`TestApp::spawn_replica`] counting time with `clock` (share one
+    /// `ManualClock` to move the whole cluster's time at once).
+    pub async fn spawn_replica_with_clock(
+        &self,
+        clock: Arc<dyn Clock>,
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestApp {
+        spawn_on(Arc::clone(&self.upstream), clock, adjust).await
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
