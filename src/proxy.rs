@@ -283,11 +283,8 @@ impl Proxy {
                 Err(abandoned) => (Err(abandoned.into()), Role::Follower),
             };
             let someone_elses_budget = matches!(
-                fetched,
-                Err(ProxyError::Budget(Refusal::Spent {
-                    scope: Scope::Client,
-                    ..
-                }))
+                &fetched,
+                Err(ProxyError::Budget(refusal)) if refusal.scope() == Some(Scope::Client)
             );
             if role == Role::Follower && someone_elses_budget && !retried {
                 retried = true;
