@@ -497,6 +497,12 @@ impl Ledger {
         budget.day(day).spent
     }
 
+    /// Money operations this replica holds for Redis to confirm (refunds,
+    /// cancellations, outage spend); 0 once Redis has answered them all.
+    pub fn awaiting_redis(&self) -> usize {
+        self.lock_pending().len()
+    }
+
     /// Fetches this replica refused today for want of `budget`.
     pub fn refused_today(&self, budget: &Budget) -> u64 {
         budget.day(clock::utc_day(self.clock.now())).refused
@@ -834,5 +840,69 @@ mod tests {
         manual.advance(Duration::from_secs(10));
         assert_eq!(ledger.spent_today(global).await, 0, "a new UTC day");
         assert!(ledger.charge(&payer, 2).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refund_settled_after_midnight_leaves_the_new_day_alone() {
+        let day = 24 * 3600;
+        let manual = Arc::new(ManualClock::new(
+            UNIX_EPOCH + Duration::from_secs(100 * day + day - 1),
+        ));
+        let clock = SharedClock::new(manual.clone());
+        let ledger = ledger(4, &clock);
+        let payer = Payer::Proxy(Initiator::Revalidate);
+        let late = ledger.charge(&payer, 2).await.unwrap();
+        manual.advance(Duration::from_secs(1));
+        ledger.charge(&payer, 2).await.unwrap().settle(true).await;
+        // Yesterday's charge never reached KeyAPI: yesterday gets it back.
+        late.settle(false).await;
+        let global = ledger.global().unwrap();
+        assert_eq!(ledger.spent_today(global).await, 2, "the new day keeps its count");
+        ledger.charge(&payer, 2).await.unwrap().settle(true).await;
+        assert!(matches!(
+            ledger.charge(&payer, 2).await.err(),
+            Some(Refusal::Spent { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_budget_held_by_calls_in_progress_is_told_apart_from_spent_money() {
+        let clock = SharedClock::new(Arc::new(ManualClock::new(UNIX_EPOCH)));
+        let ledger = ledger(4, &clock);
+        let payer = Payer::Proxy(Initiator::Revalidate);
+        let first = ledger.charge(&payer, 2).await.unwrap();
+        let second = ledger.charge(&payer, 2).await.unwrap();
+        let global = ledger.global().unwrap();
+        assert_eq!(global.reserved(), 4);
+        let refusal = ledger.charge(&payer, 2).await.err().unwrap();
+        assert_eq!(
+            refusal,
+            Refusal::Reserved {
+                scope: Scope::Global,
+                limit: 4,
+                reserved: 4
+            }
+        );
+        assert_eq!(refusal.retry_after_secs(), 5);
+        assert!(refusal.to_string().contains("4 credits are reserved by calls in progress"));
+        // One is given back, so a new call fits; the other is kept.
+        first.settle(false).await;
+        second.settle(true).await;
+        ledger.charge(&payer, 2).await.unwrap().settle(true).await;
+        assert_eq!(global.reserved(), 0);
+        let refusal = ledger.charge(&payer, 2).await.err().unwrap();
+        assert!(matches!(refusal, Refusal::Spent { .. }), "{refusal}");
+    }
+
+    #[test]
+    fn outcomes_read_back_from_redis() {
+        assert_eq!(Outcome::parse("charged"), Some(Outcome::Charged));
+        assert_eq!(
+            Outcome::parse("refused 2 18"),
+            Some(Outcome::Refused { index: 1, count: 18 })
+        );
+        for bad in ["refused 0 1", "refused 1", "charged 1", "", "OK"] {
+            assert_eq!(Outcome::parse(bad), None, "{bad}");
+        }
     }
 }

@@ -202,6 +202,9 @@ pub(crate) struct Stats {
     /// `up` / `down` when the Redis tier is configured, else absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) redis: Option<&'static str>,
+    /// Money operations awaiting Redis's confirmation (with the Redis tier).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ledger_awaiting_redis: Option<usize>,
     pub(crate) clients: Vec<ClientStats>,
     pub(crate) warmups: Vec<WarmupStats>,
     pub(crate) top_keys: Vec<TopKey>,
@@ -318,6 +321,10 @@ impl Stats {
                 .proxy()
                 .redis()
                 .map(|r| if r.is_up() { "up" } else { "down" }),
+            ledger_awaiting_redis: state
+                .proxy()
+                .redis()
+                .map(|_| ledger.awaiting_redis()),
             clients,
             warmups,
             top_keys: summary.top_keys,

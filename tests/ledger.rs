@@ -6,16 +6,21 @@
 
 mod common;
 
-use std::{net::TcpListener, time::Duration};
+use std::{
+    net::TcpListener,
+    time::{Duration, SystemTime},
+};
 
 use common::{
     TestApp, assert_ledger_equals_bill, booked, client, hang_up, header, join, metric, parts,
-    raw_request,
+    raw_request, raw_request_as,
     redis_server::{RedisServer, with_redis},
+    relay::SlowRelay,
     spawn_app_with,
 };
 use keyapi_proxy::{
     cache::{CacheKey, codec},
+    clock,
     config::Config,
     demo::FakeMode,
     route::HASHTAG_DETAIL_PATH,
@@ -40,6 +45,58 @@ async fn stats(app: &TestApp) -> serde_json::Value {
 async fn global_spent_today(app: &TestApp) -> u64 {
     let ledger = app.state.proxy().ledger();
     ledger.spent_today(ledger.global().unwrap()).await
+}
+
+/// Redis's replies, when the relay makes them late, come after every timeout
+/// [`behind_relay`] sets; Redis still applies each command on time.
+const SLOW: Duration = Duration::from_millis(600);
+
+/// The Redis tier through `relay`, with short timeouts (money operations
+/// 250 ms) so that a [`SLOW`] Redis misses them all.
+fn behind_relay(c: &mut Config, relay: &SlowRelay) {
+    with_redis(&relay.redis_url())(c);
+    c.cache.redis.op_timeout = Duration::from_millis(100);
+    c.cache.redis.ledger_timeout = Duration::from_millis(250);
+}
+
+/// A budget's counter of today as Redis holds it (0 when absent).
+async fn redis_count(redis: &RedisServer, name: &str) -> i64 {
+    let day = clock::utc_day(SystemTime::now());
+    let mut conn = redis.connection().await;
+    let count: Option<i64> = conn
+        .get(format!("keyapi-proxy:v1:count:{name}:{day}"))
+        .await
+        .unwrap();
+    count.unwrap_or(0)
+}
+
+/// Lets each of `apps` send Redis the money operations it holds (each look
+/// at a budget sends them first) until Redis has confirmed them all; the
+/// first tries may still meet replies delayed before Redis turned fast.
+async fn until_redis_confirms(apps: &[&TestApp]) {
+    for _ in 0..20 {
+        for app in apps {
+            global_spent_today(app).await;
+        }
+        if apps
+            .iter()
+            .all(|app| app.state.proxy().ledger().awaiting_redis() == 0)
+        {
+            return;
+        }
+    }
+    panic!("Redis never confirmed the ledger's pending operations");
+}
+
+/// Asserts that each budget's counter in Redis holds exactly `credits`.
+async fn assert_redis_budgets(redis: &RedisServer, names: &[&str], credits: u64) {
+    for name in names {
+        assert_eq!(
+            redis_count(redis, name).await,
+            i64::try_from(credits).unwrap(),
+            "budget {name} in Redis = price x calls KeyAPI received"
+        );
+    }
 }
 
 fn hashtag_key(name: &str) -> CacheKey {
@@ -419,6 +476,90 @@ async fn while_the_shared_ledger_is_down_replicas_spend_only_their_outage_allowa
     }
     assert_eq!(spent, 4, "outage spend recorded in Redis");
     assert_ledger_equals_bill(&[&a, &b]).await;
+}
+
+#[tokio::test]
+async fn with_redis_slower_than_the_ledger_timeout_each_budget_moves_once_per_call() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let relay = SlowRelay::start(redis.port).await;
+    let config = |c: &mut Config, outage_allowance: u64| {
+        behind_relay(c, &relay);
+        one_upstream_slot(c, Duration::from_secs(10));
+        c.upstream.request_timeout = Duration::from_secs(10);
+        c.credits.outage_allowance = outage_allowance;
+        let mut dash = client("dash", TOKEN);
+        dash.daily_budget = Some(100);
+        c.clients = vec![dash];
+    };
+    let a = spawn_app_with(|c| config(c, 0)).await;
+    let b = a.spawn_replica(|c| config(c, 4)).await;
+    let get = |app: &TestApp, query: String| {
+        let request = app
+            .hashtag_request(reqwest::Method::GET, &format!("hashtag_name={query}"))
+            .bearer_auth(TOKEN);
+        async move { parts(request.send().await.unwrap()).await }
+    };
+    assert_eq!(get(&a, "fast_a".into()).await.0, 200);
+    assert_eq!(get(&b, "fast_b".into()).await.0, 200);
+
+    // Redis applies every charge and cancellation at once; its replies come
+    // after the ledger timeout.
+    relay.set_delay(SLOW);
+    for i in 0..2 {
+        let (status, headers, body) = get(&a, format!("slow_a{i}")).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("ledger"), "{body}");
+        assert_eq!(header(&headers, "retry-after"), "5");
+    }
+    // B spends its outage allowance (two calls), then refuses too.
+    assert_eq!(get(&b, "slow_b0".into()).await.0, 200);
+    assert_eq!(get(&b, "slow_b1".into()).await.0, 200);
+    assert_eq!(get(&b, "slow_b2".into()).await.0, 503);
+    relay.set_delay(Duration::ZERO);
+    until_redis_confirms(&[&a, &b]).await;
+    let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
+    assert_eq!(calls, 4, "the 503s made no call");
+    // Charges whose replies were late were cancelled by their ids, and B's
+    // outage spend was recorded once: the refusals left nothing behind.
+    assert_redis_budgets(&redis, &["global", "client:dash"], credits).await;
+
+    // A charge taken while Redis is fast is given back while it is slow: the
+    // refund is applied at once, confirmed late, and sent again by its id.
+    a.upstream.hold();
+    let first = tokio::spawn(get(&a, "first".into()));
+    a.upstream.wait_for_calls(5).await;
+    let queued = raw_request_as(&a, TOKEN, "hashtag_name=queued").await;
+    let global = a.state.proxy().ledger().global().unwrap();
+    let reserved = async {
+        while global.reserved() < 4 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reserved)
+        .await
+        .expect("the queued call reserves its credits");
+    let stats = stats(&a).await;
+    assert_eq!(stats["creditsReserved"], 4, "{stats}");
+    assert_eq!(stats["creditsSpentToday"], credits, "{stats}");
+    relay.set_delay(SLOW);
+    hang_up(queued).await;
+    a.upstream.release();
+    assert_eq!(first.await.unwrap().0, 200);
+    a.state.proxy().idle().await;
+    assert!(a.state.proxy().ledger().awaiting_redis() > 0, "the refund awaits Redis");
+    relay.set_delay(Duration::ZERO);
+    until_redis_confirms(&[&a, &b]).await;
+    let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
+    assert_eq!(calls, 5, "the queued call is not made for nobody");
+    assert_redis_budgets(&redis, &["global", "client:dash"], credits).await;
+    eprintln!(
+        "slow Redis ({SLOW:?} per reply, ledger timeout 250 ms): {calls} calls KeyAPI received, \
+         credits_spent_total {credits}, Redis budgets global {} and client:dash {}",
+        redis_count(&redis, "global").await,
+        redis_count(&redis, "client:dash").await
+    );
 }
 
 #[tokio::test]
