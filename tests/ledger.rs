@@ -602,12 +602,36 @@ async fn a_refresh_in_flight_at_sigterm_is_stored_in_the_snapshot_and_paid_once(
 /// at random. `LEDGER_SEED=<n>` replays a run.
 #[tokio::test]
 async fn the_ledger_equals_the_bill_for_random_traffic() {
+    random_traffic(None).await;
+}
+
+/// The same, with the budgets in a Redis whose replies are late at random:
+/// on time, slower than the cache's op timeout, or slower than the ledger's.
+#[tokio::test]
+async fn the_ledger_equals_the_bill_for_random_traffic_with_a_slow_redis() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    random_traffic(Some(&redis)).await;
+}
+
+/// Credits one replica may spend per budget and day while the slow Redis
+/// does not answer in time (in the randomized test).
+const RANDOM_OUTAGE_ALLOWANCE: u64 = 4;
+
+/// Random rounds of traffic, then the ledger checked against the bill and
+/// every budget (in `redis` too, reached through a relay, when given).
+async fn random_traffic(redis: Option<&RedisServer>) {
     let seed = std::env::var("LEDGER_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
     eprintln!("ledger randomized test: LEDGER_SEED={seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
+    let relay = match redis {
+        Some(redis) => Some(SlowRelay::start(redis.port).await),
+        None => None,
+    };
     let tokens = ["kp_rand_a", "kp_rand_b", "kp_rand_c"];
     let app = spawn_app_with(|c| {
         let mut a = client("a", tokens[0]);
@@ -627,6 +651,10 @@ async fn the_ledger_equals_the_bill_for_random_traffic() {
         c.upstream.max_in_flight = 3;
         c.upstream.queue_timeout = Duration::from_millis(40);
         c.upstream.breaker_failures = 1000;
+        if let Some(relay) = &relay {
+            behind_relay(c, relay);
+            c.credits.outage_allowance = RANDOM_OUTAGE_ALLOWANCE;
+        }
     })
     .await;
     let modes = [
@@ -639,11 +667,26 @@ async fn the_ledger_equals_the_bill_for_random_traffic() {
         FakeMode::Garbage,
         FakeMode::Hang,
     ];
-    for _round in 0..8 {
+    // On time (twice as likely), past the cache's op timeout, past the ledger's.
+    let redis_delays = [
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::from_millis(150),
+        SLOW,
+    ];
+    for round in 0..8 {
         app.upstream
             .script((0..rng.usize(0..8)).map(|_| modes[rng.usize(..modes.len())].clone()));
         app.upstream
             .set_latency(Duration::from_millis(rng.u64(0..40)));
+        if let Some(relay) = &relay {
+            // At least one round past every timeout.
+            let delay = match round {
+                1 => SLOW,
+                _ => redis_delays[rng.usize(..redis_delays.len())],
+            };
+            relay.set_delay(delay);
+        }
         let mut round = Vec::new();
         for _ in 0..rng.usize(10..40) {
             let token = tokens[rng.usize(..tokens.len())];
@@ -668,21 +711,39 @@ async fn the_ledger_equals_the_bill_for_random_traffic() {
         }
         tokio::time::sleep(Duration::from_millis(rng.u64(0..300))).await;
     }
+    // The outage allowance may be spent on top of a budget while Redis is slow.
+    let mut allowance = 0;
+    if let Some(relay) = &relay {
+        relay.set_delay(Duration::ZERO);
+        app.state.proxy().idle().await;
+        until_redis_confirms(&[&app]).await;
+        allowance = RANDOM_OUTAGE_ALLOWANCE;
+    }
     let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
     let stats = stats(&app).await;
     assert_eq!(
         stats["creditsSpentToday"], credits,
         "global budget: {stats}"
     );
-    assert!(credits <= 60, "real spend within the global budget");
+    assert!(
+        credits <= 60 + allowance,
+        "real spend within the global budget"
+    );
     let mut by_clients = 0;
     for client in stats["clients"].as_array().unwrap() {
         let charged = client["creditsSpent"].as_u64().unwrap();
         if let Some(today) = client["creditsSpentToday"].as_u64() {
             assert_eq!(today, charged, "client budget: {client}");
-            assert!(today <= client["dailyBudget"].as_u64().unwrap());
+            assert!(today <= client["dailyBudget"].as_u64().unwrap() + allowance);
+            if let Some(redis) = redis {
+                let name = format!("client:{}", client["id"].as_str().unwrap());
+                assert_redis_budgets(redis, &[&name], charged).await;
+            }
         }
         by_clients += charged;
+    }
+    if let Some(redis) = redis {
+        assert_redis_budgets(redis, &["global"], credits).await;
     }
     let text = app.metrics().await;
     let background = metric(
@@ -699,7 +760,16 @@ async fn the_ledger_equals_the_bill_for_random_traffic() {
     );
     eprintln!(
         "ledger randomized test: seed {seed}: {calls} calls received, {credits} credits on the \
-         ledger; global budget {credits}/60; clients {}; background {background}",
-        stats["clients"]
+         ledger; global budget {credits}/60; clients {}; background {background}; Redis: {}",
+        stats["clients"],
+        match redis {
+            Some(redis) => format!(
+                "global {}, client:a {}, client:b {}",
+                redis_count(redis, "global").await,
+                redis_count(redis, "client:a").await,
+                redis_count(redis, "client:b").await
+            ),
+            None => "none".into(),
+        }
     );
 }
