@@ -8,7 +8,8 @@ mod common;
 
 use std::{
     net::TcpListener,
-    time::{Duration, SystemTime},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use common::{
@@ -16,11 +17,11 @@ use common::{
     raw_request, raw_request_as,
     redis_server::{RedisServer, with_redis},
     relay::SlowRelay,
-    spawn_app_with,
+    spawn_app_with, spawn_app_with_clock,
 };
 use keyapi_proxy::{
     cache::{CacheKey, codec},
-    clock,
+    clock::{self, ManualClock},
     config::Config,
     demo::FakeMode,
     route::HASHTAG_DETAIL_PATH,
@@ -61,7 +62,11 @@ fn behind_relay(c: &mut Config, relay: &SlowRelay) {
 
 /// A budget's counter of today as Redis holds it (0 when absent).
 async fn redis_count(redis: &RedisServer, name: &str) -> i64 {
-    let day = clock::utc_day(SystemTime::now());
+    redis_count_on(redis, name, clock::utc_day(SystemTime::now())).await
+}
+
+/// A budget's counter of UTC day `day` as Redis holds it (0 when absent).
+async fn redis_count_on(redis: &RedisServer, name: &str, day: u64) -> i64 {
     let mut conn = redis.connection().await;
     let count: Option<i64> = conn
         .get(format!("keyapi-proxy:v1:count:{name}:{day}"))
@@ -560,6 +565,42 @@ async fn with_redis_slower_than_the_ledger_timeout_each_budget_moves_once_per_ca
         redis_count(&redis, "global").await,
         redis_count(&redis, "client:dash").await
     );
+}
+
+#[tokio::test]
+async fn outage_spend_on_both_sides_of_midnight_reaches_each_days_counter() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let day = 24 * 3600;
+    let clock = Arc::new(ManualClock::new(
+        UNIX_EPOCH + Duration::from_secs(20_000 * day - 1),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |c| {
+        with_redis(&redis.url())(c);
+        c.cache.redis.op_timeout = Duration::from_millis(200);
+        c.credits.daily_budget = 100;
+        c.credits.outage_allowance = 4;
+    })
+    .await;
+    assert_eq!(app.get("hashtag_name=before").await.0, 200);
+    redis.kill();
+    // One outage call on the last second of day 19,999, two on day 20,000
+    // (the allowance is per day).
+    assert_eq!(app.get("hashtag_name=late").await.0, 200);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(app.get("hashtag_name=early").await.0, 200);
+    assert_eq!(app.get("hashtag_name=early2").await.0, 200);
+    assert_eq!(app.get("hashtag_name=early3").await.0, 503);
+    redis.restart().await;
+    until_redis_confirms(&[&app]).await;
+    let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(calls, 4);
+    // Each day's debt reached that day's counter; neither was dropped (the
+    // restarted Redis keeps no data, so the call before the outage is gone).
+    assert_eq!(redis_count_on(&redis, "global", 19_999).await, 2);
+    assert_eq!(redis_count_on(&redis, "global", 20_000).await, 4);
+    assert_eq!(global_spent_today(&app).await, 4);
 }
 
 #[tokio::test]
