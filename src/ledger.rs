@@ -517,13 +517,7 @@ impl Ledger {
     }
 
     /// Counts a refusal by `budget` (holding `count`) of a call of `cost`.
-    fn refuse(
-        &self,
-        budget: Option<&Budget>,
-        count: u64,
-        cost: u64,
-        now: SystemTime,
-    ) -> Refusal {
+    fn refuse(&self, budget: Option<&Budget>, count: u64, cost: u64, now: SystemTime) -> Refusal {
         let Some(budget) = budget else {
             return Refusal::LedgerUnavailable;
         };
@@ -857,7 +851,11 @@ mod tests {
         // Yesterday's charge never reached KeyAPI: yesterday gets it back.
         late.settle(false).await;
         let global = ledger.global().unwrap();
-        assert_eq!(ledger.spent_today(global).await, 2, "the new day keeps its count");
+        assert_eq!(
+            ledger.spent_today(global).await,
+            2,
+            "the new day keeps its count"
+        );
         ledger.charge(&payer, 2).await.unwrap().settle(true).await;
         assert!(matches!(
             ledger.charge(&payer, 2).await.err(),
@@ -884,7 +882,11 @@ mod tests {
             }
         );
         assert_eq!(refusal.retry_after_secs(), 5);
-        assert!(refusal.to_string().contains("4 credits are reserved by calls in progress"));
+        assert!(
+            refusal
+                .to_string()
+                .contains("4 credits are reserved by calls in progress")
+        );
         // One is given back, so a new call fits; the other is kept.
         first.settle(false).await;
         second.settle(true).await;
@@ -899,7 +901,10 @@ mod tests {
         assert_eq!(Outcome::parse("charged"), Some(Outcome::Charged));
         assert_eq!(
             Outcome::parse("refused 2 18"),
-            Some(Outcome::Refused { index: 1, count: 18 })
+            Some(Outcome::Refused {
+                index: 1,
+                count: 18
+            })
         );
         for bad in ["refused 0 1", "refused 1", "charged 1", "", "OK"] {
             assert_eq!(Outcome::parse(bad), None, "{bad}");

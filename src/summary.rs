@@ -321,10 +321,7 @@ impl Stats {
                 .proxy()
                 .redis()
                 .map(|r| if r.is_up() { "up" } else { "down" }),
-            ledger_awaiting_redis: state
-                .proxy()
-                .redis()
-                .map(|_| ledger.awaiting_redis()),
+            ledger_awaiting_redis: state.proxy().redis().map(|_| ledger.awaiting_redis()),
             clients,
             warmups,
             top_keys: summary.top_keys,

@@ -465,7 +465,9 @@ impl Warmup {
 fn stops_the_run(error: &ProxyError) -> Option<&'static str> {
     match error {
         ProxyError::Budget(
-            refusal @ (Refusal::Spent { .. } | Refusal::Reserved { .. } | Refusal::LedgerUnavailable),
+            refusal @ (Refusal::Spent { .. }
+            | Refusal::Reserved { .. }
+            | Refusal::LedgerUnavailable),
         ) => Some(refusal.as_str()),
         ProxyError::Upstream(
             e @ (UpstreamError::CircuitOpen { .. }

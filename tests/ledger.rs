@@ -553,7 +553,10 @@ async fn with_redis_slower_than_the_ledger_timeout_each_budget_moves_once_per_ca
     a.upstream.release();
     assert_eq!(first.await.unwrap().0, 200);
     a.state.proxy().idle().await;
-    assert!(a.state.proxy().ledger().awaiting_redis() > 0, "the refund awaits Redis");
+    assert!(
+        a.state.proxy().ledger().awaiting_redis() > 0,
+        "the refund awaits Redis"
+    );
     relay.set_delay(Duration::ZERO);
     until_redis_confirms(&[&a, &b]).await;
     let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
