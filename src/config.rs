@@ -192,6 +192,11 @@ pub struct RedisConfig {
     /// `KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT`: after this, a Redis call counts as failed.
     #[serde(with = "humantime_serde")]
     pub op_timeout: Duration,
+    /// `KEYAPI_PROXY__CACHE__REDIS__LEDGER_TIMEOUT`: how long a money
+    /// operation (a budget charge or refund) may take before its outcome is
+    /// resolved by its id and the replica falls back to its outage allowance.
+    #[serde(with = "humantime_serde")]
+    pub ledger_timeout: Duration,
     /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_TTL`: expiry of a fetch lock (a
     /// crashed holder blocks no longer). Absent: the worst-case fetch time + 5 s.
     #[serde(
@@ -262,6 +267,7 @@ impl RedisConfig {
         TierSettings {
             prefix: self.prefix.clone(),
             op_timeout: self.op_timeout,
+            ledger_timeout: self.ledger_timeout,
             lock_ttl,
             lock_wait,
         }
@@ -576,6 +582,12 @@ impl Config {
         if self.upstream.max_in_flight == 0 || self.upstream.breaker_failures == 0 {
             return invalid(
                 "upstream.max_in_flight and upstream.breaker_failures must be at least 1".into(),
+            );
+        }
+        if self.cache.redis.op_timeout.is_zero() || self.cache.redis.ledger_timeout.is_zero() {
+            return invalid(
+                "cache.redis.op_timeout and cache.redis.ledger_timeout must be greater than zero"
+                    .into(),
             );
         }
         if let Some(url) = &self.cache.redis.url {

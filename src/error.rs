@@ -59,9 +59,10 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden) | Self::OriginRefused => StatusCode::FORBIDDEN,
-            Self::Limited(_) | Self::Proxy(ProxyError::Budget(ledger::Refusal::Spent { .. })) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Self::Limited(_)
+            | Self::Proxy(ProxyError::Budget(
+                ledger::Refusal::Spent { .. } | ledger::Refusal::Reserved { .. },
+            )) => StatusCode::TOO_MANY_REQUESTS,
             Self::Proxy(ProxyError::Budget(ledger::Refusal::LedgerUnavailable)) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -293,11 +293,9 @@ impl Proxy {
                 Err(abandoned) => (Err(abandoned.into()), Role::Follower),
             };
             let leaders_own_budget = matches!(
-                fetched,
-                Err(ProxyError::Budget(Refusal::Spent {
-                    scope: Scope::Client | Scope::Warmup,
-                    ..
-                }))
+                &fetched,
+                Err(ProxyError::Budget(refusal))
+                    if matches!(refusal.scope(), Some(Scope::Client | Scope::Warmup))
             );
             if role == Role::Follower && leaders_own_budget && rejoins < MAX_REJOINS {
                 rejoins += 1;

@@ -190,7 +190,10 @@ pub(crate) struct Stats {
     /// Each configured route and its price per call.
     pub(crate) routes: Vec<RouteStats>,
     pub(crate) daily_budget: Option<u64>,
+    /// Settled spend of the global budget today (cluster-wide with Redis).
     pub(crate) credits_spent_today: Option<u64>,
+    /// Credits of the global budget held by this replica's calls in progress.
+    pub(crate) credits_reserved: Option<u64>,
     /// Fetches this replica refused today because the global budget was spent.
     pub(crate) budget_refused_today: Option<u64>,
     pub(crate) cache_entries: u64,
@@ -199,6 +202,9 @@ pub(crate) struct Stats {
     /// `up` / `down` when the Redis tier is configured, else absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) redis: Option<&'static str>,
+    /// Money operations awaiting Redis's confirmation (with the Redis tier).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ledger_awaiting_redis: Option<usize>,
     pub(crate) clients: Vec<ClientStats>,
     pub(crate) warmups: Vec<WarmupStats>,
     pub(crate) top_keys: Vec<TopKey>,
@@ -234,7 +240,10 @@ pub(crate) struct ClientStats {
     pub(crate) requests: u64,
     pub(crate) credits_spent: u64,
     pub(crate) daily_budget: Option<u64>,
+    /// Settled spend of this client's budget today (cluster-wide with Redis).
     pub(crate) credits_spent_today: Option<u64>,
+    /// Credits of this client's budget held by this replica's calls in progress.
+    pub(crate) credits_reserved: Option<u64>,
     /// Fetches this replica refused today because this client's budget was spent.
     pub(crate) budget_refused_today: Option<u64>,
 }
@@ -269,15 +278,19 @@ impl Stats {
         };
         let mut clients = Vec::new();
         for c in state.access().clients() {
+            let budget = c.account.budget.as_ref();
+            let (credits_spent_today, credits_reserved) = spent_today(ledger, budget).await;
             clients.push(ClientStats {
                 id: c.id.to_string(),
                 requests: c.requests.get(),
                 credits_spent: c.account.charged.get(),
-                daily_budget: c.account.budget.as_ref().map(Budget::limit),
-                credits_spent_today: spent_today(ledger, c.account.budget.as_ref()).await,
-                budget_refused_today: refused_today(ledger, c.account.budget.as_ref()),
+                daily_budget: budget.map(Budget::limit),
+                credits_spent_today,
+                credits_reserved,
+                budget_refused_today: refused_today(ledger, budget),
             });
         }
+        let (credits_spent_today, credits_reserved) = spent_today(ledger, ledger.global()).await;
         let mut warmups = Vec::new();
         for warmup in state.warmups() {
             warmups.push(warmup.stats(state.proxy()).await);
@@ -298,7 +311,8 @@ impl Stats {
                 })
                 .collect(),
             daily_budget: ledger.global().map(Budget::limit),
-            credits_spent_today: spent_today(ledger, ledger.global()).await,
+            credits_spent_today,
+            credits_reserved,
             budget_refused_today: refused_today(ledger, ledger.global()),
             cache_entries: summary.entries,
             cache_bytes: summary.bytes,
@@ -307,6 +321,7 @@ impl Stats {
                 .proxy()
                 .redis()
                 .map(|r| if r.is_up() { "up" } else { "down" }),
+            ledger_awaiting_redis: state.proxy().redis().map(|_| ledger.awaiting_redis()),
             clients,
             warmups,
             top_keys: summary.top_keys,
@@ -315,10 +330,16 @@ impl Stats {
     }
 }
 
-async fn spent_today(ledger: &Ledger, budget: Option<&Budget>) -> Option<u64> {
+/// `budget`'s settled spend today and what calls in progress reserve of it:
+/// a reservation may still be given back, so it is not shown as spent.
+async fn spent_today(ledger: &Ledger, budget: Option<&Budget>) -> (Option<u64>, Option<u64>) {
     match budget {
-        Some(budget) => Some(ledger.spent_today(budget).await),
-        None => None,
+        Some(budget) => {
+            let charged = ledger.spent_today(budget).await;
+            let reserved = budget.reserved();
+            (Some(charged.saturating_sub(reserved)), Some(reserved))
+        }
+        None => (None, None),
     }
 }
 

@@ -509,9 +509,11 @@ impl Warmup {
 /// cannot afford more, or our protection says KeyAPI must be left alone.
 fn stops_the_run(error: &ProxyError) -> Option<&'static str> {
     match error {
-        ProxyError::Budget(refusal @ (Refusal::Spent { .. } | Refusal::LedgerUnavailable)) => {
-            Some(refusal.as_str())
-        }
+        ProxyError::Budget(
+            refusal @ (Refusal::Spent { .. }
+            | Refusal::Reserved { .. }
+            | Refusal::LedgerUnavailable),
+        ) => Some(refusal.as_str()),
         ProxyError::Upstream(
             e @ (UpstreamError::CircuitOpen { .. }
             | UpstreamError::HeldBack { .. }

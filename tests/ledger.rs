@@ -6,16 +6,26 @@
 
 mod common;
 
-use std::{net::TcpListener, time::Duration};
+use std::{
+    net::TcpListener,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use common::{
     TestApp, assert_ledger_equals_bill, booked, client,
     entries::hashtag_key,
-    hang_up, header, join, metric, parts, raw_request,
+    hang_up, header, join, metric, parts, raw_request, raw_request_as,
     redis_server::{RedisServer, with_redis},
-    spawn_app_with,
+    relay::SlowRelay,
+    spawn_app_with, spawn_app_with_clock,
 };
-use keyapi_proxy::{cache::codec, config::Config, demo::FakeMode};
+use keyapi_proxy::{
+    cache::codec,
+    clock::{self, ManualClock},
+    config::Config,
+    demo::FakeMode,
+};
 use redis::AsyncCommands as _;
 
 const TOKEN: &str = "kp_ledger_dash";
@@ -36,6 +46,62 @@ async fn stats(app: &TestApp) -> serde_json::Value {
 async fn global_spent_today(app: &TestApp) -> u64 {
     let ledger = app.state.proxy().ledger();
     ledger.spent_today(ledger.global().unwrap()).await
+}
+
+/// Redis's replies, when the relay makes them late, come after every timeout
+/// [`behind_relay`] sets; Redis still applies each command on time.
+const SLOW: Duration = Duration::from_millis(600);
+
+/// The Redis tier through `relay`, with short timeouts (money operations
+/// 250 ms) so that a [`SLOW`] Redis misses them all.
+fn behind_relay(c: &mut Config, relay: &SlowRelay) {
+    with_redis(&relay.redis_url())(c);
+    c.cache.redis.op_timeout = Duration::from_millis(100);
+    c.cache.redis.ledger_timeout = Duration::from_millis(250);
+}
+
+/// A budget's counter of today as Redis holds it (0 when absent).
+async fn redis_count(redis: &RedisServer, name: &str) -> i64 {
+    redis_count_on(redis, name, clock::utc_day(SystemTime::now())).await
+}
+
+/// A budget's counter of UTC day `day` as Redis holds it (0 when absent).
+async fn redis_count_on(redis: &RedisServer, name: &str, day: u64) -> i64 {
+    let mut conn = redis.connection().await;
+    let count: Option<i64> = conn
+        .get(format!("keyapi-proxy:v1:count:{name}:{day}"))
+        .await
+        .unwrap();
+    count.unwrap_or(0)
+}
+
+/// Lets each of `apps` send Redis the money operations it holds (each look
+/// at a budget sends them first) until Redis has confirmed them all; the
+/// first tries may still meet replies delayed before Redis turned fast.
+async fn until_redis_confirms(apps: &[&TestApp]) {
+    for _ in 0..20 {
+        for app in apps {
+            global_spent_today(app).await;
+        }
+        if apps
+            .iter()
+            .all(|app| app.state.proxy().ledger().awaiting_redis() == 0)
+        {
+            return;
+        }
+    }
+    panic!("Redis never confirmed the ledger's pending operations");
+}
+
+/// Asserts that each budget's counter in Redis holds exactly `credits`.
+async fn assert_redis_budgets(redis: &RedisServer, names: &[&str], credits: u64) {
+    for name in names {
+        assert_eq!(
+            redis_count(redis, name).await,
+            i64::try_from(credits).unwrap(),
+            "budget {name} in Redis = price x calls KeyAPI received"
+        );
+    }
 }
 
 /// A budget to watch, and one upstream call at a time with a queue of
@@ -422,6 +488,129 @@ async fn while_the_shared_ledger_is_down_replicas_spend_only_their_outage_allowa
 }
 
 #[tokio::test]
+async fn with_redis_slower_than_the_ledger_timeout_each_budget_moves_once_per_call() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let relay = SlowRelay::start(redis.port).await;
+    let config = |c: &mut Config, outage_allowance: u64| {
+        behind_relay(c, &relay);
+        one_upstream_slot(c, Duration::from_secs(10));
+        c.upstream.request_timeout = Duration::from_secs(10);
+        c.credits.outage_allowance = outage_allowance;
+        let mut dash = client("dash", TOKEN);
+        dash.daily_budget = Some(100);
+        c.clients = vec![dash];
+    };
+    let a = spawn_app_with(|c| config(c, 0)).await;
+    let b = a.spawn_replica(|c| config(c, 4)).await;
+    let get = |app: &TestApp, query: String| {
+        let request = app
+            .hashtag_request(reqwest::Method::GET, &format!("hashtag_name={query}"))
+            .bearer_auth(TOKEN);
+        async move { parts(request.send().await.unwrap()).await }
+    };
+    assert_eq!(get(&a, "fast_a".into()).await.0, 200);
+    assert_eq!(get(&b, "fast_b".into()).await.0, 200);
+
+    // Redis applies every charge and cancellation at once; its replies come
+    // after the ledger timeout.
+    relay.set_delay(SLOW);
+    for i in 0..2 {
+        let (status, headers, body) = get(&a, format!("slow_a{i}")).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("ledger"), "{body}");
+        assert_eq!(header(&headers, "retry-after"), "5");
+    }
+    // B spends its outage allowance (two calls), then refuses too.
+    assert_eq!(get(&b, "slow_b0".into()).await.0, 200);
+    assert_eq!(get(&b, "slow_b1".into()).await.0, 200);
+    assert_eq!(get(&b, "slow_b2".into()).await.0, 503);
+    relay.set_delay(Duration::ZERO);
+    until_redis_confirms(&[&a, &b]).await;
+    let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
+    assert_eq!(calls, 4, "the 503s made no call");
+    // Charges whose replies were late were cancelled by their ids, and B's
+    // outage spend was recorded once: the refusals left nothing behind.
+    assert_redis_budgets(&redis, &["global", "client:dash"], credits).await;
+
+    // A charge taken while Redis is fast is given back while it is slow: the
+    // refund is applied at once, confirmed late, and sent again by its id.
+    a.upstream.hold();
+    let first = tokio::spawn(get(&a, "first".into()));
+    a.upstream.wait_for_calls(5).await;
+    let queued = raw_request_as(&a, TOKEN, "hashtag_name=queued").await;
+    let global = a.state.proxy().ledger().global().unwrap();
+    let reserved = async {
+        while global.reserved() < 4 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reserved)
+        .await
+        .expect("the queued call reserves its credits");
+    let stats = stats(&a).await;
+    assert_eq!(stats["creditsReserved"], 4, "{stats}");
+    assert_eq!(stats["creditsSpentToday"], credits, "{stats}");
+    relay.set_delay(SLOW);
+    hang_up(queued).await;
+    a.upstream.release();
+    assert_eq!(first.await.unwrap().0, 200);
+    a.state.proxy().idle().await;
+    assert!(
+        a.state.proxy().ledger().awaiting_redis() > 0,
+        "the refund awaits Redis"
+    );
+    relay.set_delay(Duration::ZERO);
+    until_redis_confirms(&[&a, &b]).await;
+    let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
+    assert_eq!(calls, 5, "the queued call is not made for nobody");
+    assert_redis_budgets(&redis, &["global", "client:dash"], credits).await;
+    eprintln!(
+        "slow Redis ({SLOW:?} per reply, ledger timeout 250 ms): {calls} calls KeyAPI received, \
+         credits_spent_total {credits}, Redis budgets global {} and client:dash {}",
+        redis_count(&redis, "global").await,
+        redis_count(&redis, "client:dash").await
+    );
+}
+
+#[tokio::test]
+async fn outage_spend_on_both_sides_of_midnight_reaches_each_days_counter() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let day = 24 * 3600;
+    let clock = Arc::new(ManualClock::new(
+        UNIX_EPOCH + Duration::from_secs(20_000 * day - 1),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |c| {
+        with_redis(&redis.url())(c);
+        c.cache.redis.op_timeout = Duration::from_millis(200);
+        c.credits.daily_budget = 100;
+        c.credits.outage_allowance = 4;
+    })
+    .await;
+    assert_eq!(app.get("hashtag_name=before").await.0, 200);
+    redis.kill();
+    // One outage call on the last second of day 19,999, two on day 20,000
+    // (the allowance is per day).
+    assert_eq!(app.get("hashtag_name=late").await.0, 200);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(app.get("hashtag_name=early").await.0, 200);
+    assert_eq!(app.get("hashtag_name=early2").await.0, 200);
+    assert_eq!(app.get("hashtag_name=early3").await.0, 503);
+    redis.restart().await;
+    until_redis_confirms(&[&app]).await;
+    let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(calls, 4);
+    // Each day's debt reached that day's counter; neither was dropped (the
+    // restarted Redis keeps no data, so the call before the outage is gone).
+    assert_eq!(redis_count_on(&redis, "global", 19_999).await, 2);
+    assert_eq!(redis_count_on(&redis, "global", 20_000).await, 4);
+    assert_eq!(global_spent_today(&app).await, 4);
+}
+
+#[tokio::test]
 async fn a_refresh_in_flight_at_sigterm_is_stored_in_the_snapshot_and_paid_once() {
     let dir = std::env::temp_dir().join(format!("keyapi-ledger-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -461,12 +650,36 @@ async fn a_refresh_in_flight_at_sigterm_is_stored_in_the_snapshot_and_paid_once(
 /// at random. `LEDGER_SEED=<n>` replays a run.
 #[tokio::test]
 async fn the_ledger_equals_the_bill_for_random_traffic() {
+    random_traffic(None).await;
+}
+
+/// The same, with the budgets in a Redis whose replies are late at random:
+/// on time, slower than the cache's op timeout, or slower than the ledger's.
+#[tokio::test]
+async fn the_ledger_equals_the_bill_for_random_traffic_with_a_slow_redis() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    random_traffic(Some(&redis)).await;
+}
+
+/// Credits one replica may spend per budget and day while the slow Redis
+/// does not answer in time (in the randomized test).
+const RANDOM_OUTAGE_ALLOWANCE: u64 = 4;
+
+/// Random rounds of traffic, then the ledger checked against the bill and
+/// every budget (in `redis` too, reached through a relay, when given).
+async fn random_traffic(redis: Option<&RedisServer>) {
     let seed = std::env::var("LEDGER_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
     eprintln!("ledger randomized test: LEDGER_SEED={seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
+    let relay = match redis {
+        Some(redis) => Some(SlowRelay::start(redis.port).await),
+        None => None,
+    };
     let tokens = ["kp_rand_a", "kp_rand_b", "kp_rand_c"];
     let app = spawn_app_with(|c| {
         let mut a = client("a", tokens[0]);
@@ -486,6 +699,10 @@ async fn the_ledger_equals_the_bill_for_random_traffic() {
         c.upstream.max_in_flight = 3;
         c.upstream.queue_timeout = Duration::from_millis(40);
         c.upstream.breaker_failures = 1000;
+        if let Some(relay) = &relay {
+            behind_relay(c, relay);
+            c.credits.outage_allowance = RANDOM_OUTAGE_ALLOWANCE;
+        }
     })
     .await;
     let modes = [
@@ -498,11 +715,26 @@ async fn the_ledger_equals_the_bill_for_random_traffic() {
         FakeMode::Garbage,
         FakeMode::Hang,
     ];
-    for _round in 0..8 {
+    // On time (twice as likely), past the cache's op timeout, past the ledger's.
+    let redis_delays = [
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::from_millis(150),
+        SLOW,
+    ];
+    for round in 0..8 {
         app.upstream
             .script((0..rng.usize(0..8)).map(|_| modes[rng.usize(..modes.len())].clone()));
         app.upstream
             .set_latency(Duration::from_millis(rng.u64(0..40)));
+        if let Some(relay) = &relay {
+            // At least one round past every timeout.
+            let delay = match round {
+                1 => SLOW,
+                _ => redis_delays[rng.usize(..redis_delays.len())],
+            };
+            relay.set_delay(delay);
+        }
         let mut round = Vec::new();
         for _ in 0..rng.usize(10..40) {
             let token = tokens[rng.usize(..tokens.len())];
@@ -527,21 +759,39 @@ async fn the_ledger_equals_the_bill_for_random_traffic() {
         }
         tokio::time::sleep(Duration::from_millis(rng.u64(0..300))).await;
     }
+    // The outage allowance may be spent on top of a budget while Redis is slow.
+    let mut allowance = 0;
+    if let Some(relay) = &relay {
+        relay.set_delay(Duration::ZERO);
+        app.state.proxy().idle().await;
+        until_redis_confirms(&[&app]).await;
+        allowance = RANDOM_OUTAGE_ALLOWANCE;
+    }
     let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
     let stats = stats(&app).await;
     assert_eq!(
         stats["creditsSpentToday"], credits,
         "global budget: {stats}"
     );
-    assert!(credits <= 60, "real spend within the global budget");
+    assert!(
+        credits <= 60 + allowance,
+        "real spend within the global budget"
+    );
     let mut by_clients = 0;
     for client in stats["clients"].as_array().unwrap() {
         let charged = client["creditsSpent"].as_u64().unwrap();
         if let Some(today) = client["creditsSpentToday"].as_u64() {
             assert_eq!(today, charged, "client budget: {client}");
-            assert!(today <= client["dailyBudget"].as_u64().unwrap());
+            assert!(today <= client["dailyBudget"].as_u64().unwrap() + allowance);
+            if let Some(redis) = redis {
+                let name = format!("client:{}", client["id"].as_str().unwrap());
+                assert_redis_budgets(redis, &[&name], charged).await;
+            }
         }
         by_clients += charged;
+    }
+    if let Some(redis) = redis {
+        assert_redis_budgets(redis, &["global"], credits).await;
     }
     let text = app.metrics().await;
     let background = metric(
@@ -558,7 +808,16 @@ async fn the_ledger_equals_the_bill_for_random_traffic() {
     );
     eprintln!(
         "ledger randomized test: seed {seed}: {calls} calls received, {credits} credits on the \
-         ledger; global budget {credits}/60; clients {}; background {background}",
-        stats["clients"]
+         ledger; global budget {credits}/60; clients {}; background {background}; Redis: {}",
+        stats["clients"],
+        match redis {
+            Some(redis) => format!(
+                "global {}, client:a {}, client:b {}",
+                redis_count(redis, "global").await,
+                redis_count(redis, "client:a").await,
+                redis_count(redis, "client:b").await
+            ),
+            None => "none".into(),
+        }
     );
 }

@@ -275,3 +275,46 @@ async fn stats_are_computed_at_most_once_a_second() {
         (Some(2), Some(2))
     );
 }
+
+#[tokio::test]
+async fn a_budget_held_by_a_call_in_progress_shows_as_reserved_not_spent() {
+    let clock = Arc::new(ManualClock::new(
+        UNIX_EPOCH + Duration::from_secs(29_000_000 * 60),
+    ));
+    let app = spawn_app_with_clock(clock.clone(), |c| c.credits.daily_budget = 2).await;
+    app.upstream.hold();
+    let first = app.spawn_get_hashtag("hashtag_name=first");
+    app.upstream.wait_for_calls(1).await;
+    let s = stats(&app).await;
+    assert_eq!(
+        (&s["creditsSpentToday"], &s["creditsReserved"]),
+        (&Value::from(0), &Value::from(2)),
+        "{s}"
+    );
+    let (_, html) = page(&app).await;
+    assert!(
+        html.contains("0 of 2 spent today (UTC), 2 reserved by calls in progress."),
+        "{html}"
+    );
+    // The only call that fits is in progress: come back shortly, not at midnight.
+    let (status, headers, body) = app.get("hashtag_name=second").await;
+    assert_eq!(status, 429);
+    assert_eq!(header(&headers, "retry-after"), "5");
+    assert!(
+        body.contains("2 credits are reserved by calls in progress"),
+        "{body}"
+    );
+    app.upstream.release();
+    assert_eq!(first.await.unwrap().0, 200);
+    clock.advance(Duration::from_secs(1));
+    let s = stats(&app).await;
+    assert_eq!(
+        (&s["creditsSpentToday"], &s["creditsReserved"]),
+        (&Value::from(2), &Value::from(0)),
+        "{s}"
+    );
+    let (status, headers, body) = app.get("hashtag_name=third").await;
+    assert_eq!(status, 429);
+    assert_ne!(header(&headers, "retry-after"), "5");
+    assert!(body.contains("is spent"), "{body}");
+}

@@ -13,7 +13,10 @@
 //! Redis is an optimisation, never a dependency: every call has a short
 //! timeout, and any error or timeout is reported as "unavailable" so the
 //! caller carries on with memory and the upstream. The connection manager
-//! reconnects in the background; state changes are logged once.
+//! reconnects in the background (it never sends a command twice); state
+//! changes are logged once. Money operations ([`RedisTier::invoke_ledger`])
+//! get a timeout of their own and tell "never sent" from "outcome unknown":
+//! a script whose reply is late may still have been applied.
 
 use std::{
     sync::{
@@ -44,6 +47,8 @@ pub struct TierSettings {
     pub prefix: String,
     /// Every Redis call gets this long.
     pub op_timeout: Duration,
+    /// The ledger's money operations get this long.
+    pub ledger_timeout: Duration,
     /// A fetch lock expires after this (a crashed holder blocks no longer).
     pub lock_ttl: Duration,
     /// How long other replicas wait for the lock holder's answer.
@@ -65,6 +70,37 @@ pub enum Claim {
     Alone,
 }
 
+/// What became of a money operation sent to Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied<T> {
+    /// Redis answered (the script ran).
+    Answered(T),
+    /// It never reached Redis (the connection was refused): nothing changed.
+    NotSent,
+    /// No answer in time, or the connection broke after sending: Redis may
+    /// have applied it or not; only the operation's own record can tell.
+    Unknown,
+}
+
+impl<T> Applied<T> {
+    /// The answer, if Redis gave one.
+    pub fn answer(self) -> Option<T> {
+        match self {
+            Self::Answered(value) => Some(value),
+            Self::NotSent | Self::Unknown => None,
+        }
+    }
+
+    /// Maps the answer, keeping what is known about an unanswered operation.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Applied<U> {
+        match self {
+            Self::Answered(value) => Applied::Answered(f(value)),
+            Self::NotSent => Applied::NotSent,
+            Self::Unknown => Applied::Unknown,
+        }
+    }
+}
+
 /// Connection and naming for the Redis tier.
 pub struct RedisTier {
     /// For the purge subscription (a pub/sub connection of its own).
@@ -72,6 +108,7 @@ pub struct RedisTier {
     conn: ConnectionManager,
     prefix: String,
     op_timeout: Duration,
+    ledger_timeout: Duration,
     lock_ttl: Duration,
     lock_wait: Duration,
     up: AtomicBool,
@@ -104,7 +141,9 @@ impl RedisTier {
         let client = Client::open(url)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.op_timeout.max(Duration::from_millis(100))))
-            .set_response_timeout(Some(settings.op_timeout))
+            // Our own timeouts cut each call short; the connection's must not
+            // cut a money operation shorter than its own.
+            .set_response_timeout(Some(settings.op_timeout.max(settings.ledger_timeout)))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_secs(1));
@@ -114,6 +153,7 @@ impl RedisTier {
             conn,
             prefix: settings.prefix,
             op_timeout: settings.op_timeout,
+            ledger_timeout: settings.ledger_timeout,
             lock_ttl: settings.lock_ttl,
             lock_wait: settings.lock_wait,
             up: AtomicBool::new(true),
@@ -190,6 +230,18 @@ impl RedisTier {
     ) -> Option<T> {
         let mut conn = self.conn.clone();
         self.call(invocation.invoke_async(&mut conn)).await
+    }
+
+    /// Runs one of the ledger's money scripts under the ledger timeout. The
+    /// script must be idempotent: after [`Applied::Unknown`] the caller
+    /// resolves the outcome by running it (or its undo) again with the same id.
+    pub async fn invoke_ledger<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Applied<T> {
+        let mut conn = self.conn.clone();
+        self.call_within(self.ledger_timeout, invocation.invoke_async(&mut conn))
+            .await
     }
 
     /// Tells every replica to drop `key` (or everything, with `None`) from memory.
@@ -337,26 +389,36 @@ impl RedisTier {
         &self,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
-        let result = match tokio::time::timeout(self.op_timeout, fut).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".to_owned()),
+        self.call_within(self.op_timeout, fut).await.answer()
+    }
+
+    /// Runs one Redis call for at most `limit`, noting Redis's state.
+    async fn call_within<T>(
+        &self,
+        limit: Duration,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Applied<T> {
+        let (applied, error) = match tokio::time::timeout(limit, fut).await {
+            Ok(Ok(value)) => (Applied::Answered(value), None),
+            // Refused at connect: the command was never written.
+            Ok(Err(e)) if e.is_connection_refusal() => (Applied::NotSent, Some(e.to_string())),
+            Ok(Err(e)) => (Applied::Unknown, Some(e.to_string())),
+            Err(_) => (Applied::Unknown, Some("timed out".to_owned())),
         };
-        match result {
-            Ok(value) => {
+        match error {
+            None => {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!("Redis tier available again");
                 }
-                Some(value)
             }
-            Err(error) => {
+            Some(error) => {
                 self.metrics.redis_error();
                 if self.up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(%error, "Redis tier unavailable; serving from memory and upstream");
                 }
-                None
             }
         }
+        applied
     }
 }
 

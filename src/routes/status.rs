@@ -158,9 +158,13 @@ fn render(stats: &Stats) -> String {
         },
     );
     if let Some(budget) = stats.daily_budget {
+        let reserved = match stats.credits_reserved {
+            Some(reserved) if reserved > 0 => format!(", {reserved} reserved by calls in progress"),
+            _ => String::new(),
+        };
         let _ = write!(
             html,
-            "<p>Daily credit budget: {} of {budget} spent today (UTC).</p>",
+            "<p>Daily credit budget: {} of {budget} spent today (UTC){reserved}.</p>",
             stats.credits_spent_today.unwrap_or(0)
         );
     }

@@ -4,6 +4,7 @@
 
 pub mod entries;
 pub mod redis_server;
+pub mod relay;
 
 use std::{
     future::Future, net::SocketAddr, pin::Pin, process::Stdio, sync::Arc, task::Poll,
@@ -301,8 +302,18 @@ pub async fn assert_ledger_equals_bill(apps: &[&TestApp]) -> (u64, u64) {
 /// A raw client that has sent `GET` of the hashtag route with `query` and
 /// waits (reqwest cannot hang up on a request at a moment of our choosing).
 pub async fn raw_request(app: &TestApp, query: &str) -> TcpStream {
+    raw_request_with(app, query, "").await
+}
+
+/// [`raw_request`] with `Authorization: Bearer <token>`.
+pub async fn raw_request_as(app: &TestApp, token: &str, query: &str) -> TcpStream {
+    raw_request_with(app, query, &format!("Authorization: Bearer {token}\r\n")).await
+}
+
+async fn raw_request_with(app: &TestApp, query: &str, headers: &str) -> TcpStream {
     let mut client = TcpStream::connect(app.addr).await.unwrap();
-    let request = format!("GET {HASHTAG_DETAIL_PATH}?{query} HTTP/1.1\r\nHost: proxy\r\n\r\n");
+    let request =
+        format!("GET {HASHTAG_DETAIL_PATH}?{query} HTTP/1.1\r\nHost: proxy\r\n{headers}\r\n");
     client.write_all(request.as_bytes()).await.unwrap();
     client
 }
