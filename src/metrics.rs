@@ -328,7 +328,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Client connections ended, by reason (client: the client or the protocol ended it; header_read_timeout, idle_timeout, evicted, shutdown: the proxy closed it)",
+            "Client connections ended, by reason (client: the client or the protocol ended it; header_read_timeout, idle_timeout, send_timeout, evicted, shutdown: the proxy closed it)",
             connections.closed.clone(),
         );
         Self {
