@@ -154,6 +154,10 @@ impl ConnectionMetrics {
     }
 }
 
+/// The `status` of a request whose client left before its answer (or whose
+/// connection was closed first): nginx's 499, "client closed request".
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// All metrics of one running proxy.
 #[derive(Debug)]
 pub struct Metrics {
@@ -408,7 +412,8 @@ impl Metrics {
             None => self.requests.get_or_create(&labels).inc(),
         };
         let Some((served, credits)) = served else {
-            if proxied && (400..500).contains(&status) {
+            // A client that left was not refused.
+            if proxied && (400..500).contains(&status) && status != CLIENT_CLOSED_REQUEST {
                 self.rejected.inc();
             }
             return;
