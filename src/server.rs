@@ -923,3 +923,28 @@ async fn serve_connection<H: Handle>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_whole_http2_preface_makes_a_connection_http2() {
+        let h2c = Speaks::at_start(true);
+        assert_eq!(h2c.after(H2_PREFACE), Speaks::Http2);
+        // In pieces, and followed by the first frame in the same read.
+        let (head, tail) = H2_PREFACE.split_at(4);
+        assert_eq!(h2c.after(head), Speaks::Undecided(4));
+        assert_eq!(h2c.after(head).after(tail), Speaks::Http2);
+        assert_eq!(
+            h2c.after(&[H2_PREFACE.as_slice(), b"\0\0\0\x04"].concat()),
+            Speaks::Http2
+        );
+        // An HTTP/1 request with method PRI is HTTP/1, whatever its target.
+        assert_eq!(h2c.after(b"PRI / HTTP/1.1\r\n"), Speaks::Http1);
+        assert_eq!(h2c.after(b"PRI ").after(b"* HTTP/1.1\r\n"), Speaks::Http1);
+        assert_eq!(h2c.after(b"GET / HTTP/1.1\r\n"), Speaks::Http1);
+        // Without h2c, everything is HTTP/1 (hyper's parser refuses the preface).
+        assert_eq!(Speaks::at_start(false).after(H2_PREFACE), Speaks::Http1);
+    }
+}
