@@ -353,13 +353,20 @@ impl Conn {
     }
 
     /// Since when the connection has been silent, in milliseconds after the
-    /// epoch: no request in progress, or every request's answer written and
-    /// not moving for [`STALL_PERIODS`]. `None` while it works.
+    /// epoch: no request in progress, or every answer stuck (see
+    /// [`Conn::stuck_since`]). `None` while it works.
     fn quiet_since(&self) -> Option<u64> {
-        let busy = self.busy.load(Ordering::Acquire);
-        if busy == 0 {
-            return Some(self.silent_since.load(Ordering::Acquire));
+        if self.is_busy() {
+            self.stuck_since()
+        } else {
+            Some(self.silent_since.load(Ordering::Acquire))
         }
+    }
+
+    /// Since when the answers of a busy connection have been stuck: every
+    /// request's handler has returned and nothing moved for [`STALL_PERIODS`].
+    fn stuck_since(&self) -> Option<u64> {
+        let busy = self.busy.load(Ordering::Acquire);
         let sending: u32 = self
             .sending
             .iter()
@@ -367,7 +374,7 @@ impl Conn {
             .sum();
         let progress_at = self.progress_at.load(Ordering::Relaxed);
         let stuck = self.now_ms() >= progress_at.saturating_add(self.ticks.stall_ms());
-        (sending >= busy && stuck).then_some(progress_at)
+        (busy > 0 && sending >= busy && stuck).then_some(progress_at)
     }
 
     /// Bytes arrived: on an idle connection a new request head has begun.
@@ -630,14 +637,15 @@ impl Connections {
     }
 
     /// Closes every connection past a deadline (see [`Conn::overdue`]) and,
-    /// while draining, every silent one.
+    /// while draining, every one whose answers are stuck. One that finished
+    /// its answers is left to hyper, which closes it once they are flushed.
     fn reap(&mut self, limits: &Limits, overdue_slot: Option<usize>) {
         let now = Instant::now();
         let draining = self.draining;
         self.open.retain(|_, conn| {
             let cut = conn
                 .overdue(limits, now, overdue_slot)
-                .or_else(|| (draining && conn.quiet_since().is_some()).then_some(Cut::Shutdown));
+                .or_else(|| (draining && conn.stuck_since().is_some()).then_some(Cut::Shutdown));
             match cut {
                 Some(cut) => {
                     conn.signal(Signal::Close(cut));
