@@ -505,9 +505,10 @@ impl Speaks {
         }
     }
 
-    /// What it speaks once `read` follows the bytes read so far. A request
-    /// with method `PRI` differs from the preface by its fifth byte at the
-    /// latest, so it is HTTP/1 and its later heads stay timed.
+    /// What it speaks once `read` follows the bytes read so far. An HTTP/1
+    /// request with method `PRI` (`PRI / HTTP/1.1`, `PRI * HTTP/1.1`) differs
+    /// from the preface within its request line, so it stays HTTP/1 and its
+    /// later heads stay timed.
     fn after(self, read: &[u8]) -> Self {
         let Self::Undecided(matched) = self else {
             return self;
