@@ -200,6 +200,8 @@ impl App {
             limits: Limits {
                 header_read_timeout: config.server.header_read_timeout,
                 idle_timeout: config.server.idle_timeout,
+                send_timeout: config.server.send_timeout,
+                http2: config.server.http2,
                 max_connections: config.server.max_connections.unwrap_or_else(|| {
                     server::default_max_connections(config.upstream.max_in_flight)
                 }),

@@ -104,6 +104,13 @@ pub struct ServerConfig {
     /// `KEYAPI_PROXY__SERVER__IDLE_TIMEOUT`: time a keep-alive connection may stay silent.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// `KEYAPI_PROXY__SERVER__SEND_TIMEOUT`: time an answer may take to be
+    /// written; a connection whose client does not take it in time is closed.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// `KEYAPI_PROXY__SERVER__HTTP2`: also serve cleartext HTTP/2 (h2c with prior
+    /// knowledge); off, the port speaks HTTP/1.1 only.
+    pub http2: bool,
     /// `KEYAPI_PROXY__SERVER__MAX_CONNECTIONS`: open connections at most; absent =
     /// derived from the descriptor limit (see `server::default_max_connections`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -570,9 +577,13 @@ impl Config {
                 MIN_SNAPSHOT_INTERVAL.as_secs()
             ));
         }
-        if self.server.header_read_timeout.is_zero() || self.server.idle_timeout.is_zero() {
+        if self.server.header_read_timeout.is_zero()
+            || self.server.idle_timeout.is_zero()
+            || self.server.send_timeout.is_zero()
+        {
             return invalid(
-                "server.header_read_timeout and server.idle_timeout must be greater than zero"
+                "server.header_read_timeout, server.idle_timeout and server.send_timeout \
+                 must be greater than zero"
                     .into(),
             );
         }

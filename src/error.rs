@@ -35,6 +35,10 @@ pub(crate) enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// An HTTP/1 request with method `PRI`: the HTTP/2 preface's first line,
+    /// which no HTTP/1 request may use (RFC 9113, section 3.4).
+    #[error("method PRI over HTTP/1")]
+    PrefaceOverHttp1,
     /// A handler panicked (the detail is logged, never sent).
     #[error("request handler panicked")]
     Panicked,
@@ -56,7 +60,7 @@ impl ApiError {
     /// The HTTP status this error is answered with.
     pub(crate) fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::PrefaceOverHttp1 => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden) | Self::OriginRefused => StatusCode::FORBIDDEN,
             Self::Limited(_)
@@ -108,6 +112,9 @@ impl ApiError {
             }
             Self::MethodNotAllowed => {
                 "This path does not take this method; the Allow header lists the methods it does take."
+            }
+            Self::PrefaceOverHttp1 => {
+                "PRI is the HTTP/2 connection preface, not a request method; this port speaks HTTP/1.1 (and h2c with prior knowledge only when server.http2 is on)."
             }
             Self::Proxy(ProxyError::Abandoned(_)) => {
                 "An internal error stopped the fetch from KeyAPI; try again."

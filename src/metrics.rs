@@ -160,6 +160,10 @@ impl ConnectionMetrics {
     }
 }
 
+/// The `status` of a request whose client left before its answer (or whose
+/// connection was closed first): nginx's 499, "client closed request".
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// All metrics of one running proxy.
 #[derive(Debug)]
 pub struct Metrics {
@@ -341,7 +345,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Client connections ended, by reason (client: the client or the protocol ended it; header_read_timeout, idle_timeout, evicted, shutdown: the proxy closed it)",
+            "Client connections ended, by reason (client: the client or the protocol ended it; header_read_timeout, idle_timeout, send_timeout, evicted, shutdown: the proxy closed it)",
             connections.closed.clone(),
         );
         Self {
@@ -422,7 +426,8 @@ impl Metrics {
             None => self.requests.get_or_create(&labels).inc(),
         };
         let Some((served, credits)) = served else {
-            if proxied && (400..500).contains(&status) {
+            // A client that left was not refused.
+            if proxied && (400..500).contains(&status) && status != CLIENT_CLOSED_REQUEST {
                 self.rejected.inc();
             }
             return;

@@ -6,7 +6,9 @@
 //! normalized key, cache state and upstream status without the middleware
 //! knowing any route. The `route` metric label is the request path when it is
 //! one of the router's (static) paths, else `unmatched`: bounded either way.
-//! A handler that panics is answered 500 here, in the error envelope.
+//! A handler that panics is answered 500 here, in the error envelope. A
+//! request dropped before its answer (the client left, or its connection was
+//! closed) is logged and counted with status 499, as nginx does.
 
 use std::{
     any::Any,
@@ -33,7 +35,7 @@ use tracing::Level;
 use crate::{
     cache::CacheKey,
     error::ApiError,
-    metrics::{CachedCounter, Metrics},
+    metrics::{CLIENT_CLOSED_REQUEST, CachedCounter, Metrics},
     request_id::{RequestId, X_REQUEST_ID},
     served::{CacheState, Served},
     server::Handle,
@@ -178,11 +180,26 @@ impl<H: Handle> Handle for Observe<H> {
 }
 
 pin_project_lite::pin_project! {
-    /// The inner response future, finished with the id header, log line and metrics.
+    /// The inner response future, finished with the id header, log line and
+    /// metrics; dropped unfinished, it logs and counts a 499.
     struct ObserveFuture<'a, F> {
         #[pin]
         inner: TaskLocalFuture<Current, F>,
         done: Option<Done<'a>>,
+    }
+
+    impl<F> PinnedDrop for ObserveFuture<'_, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // `done` is still here only when no answer was produced.
+            if let Some(done) = this.done.take() {
+                // What the handler reported so far, if anything.
+                let current = this.inner.take_value();
+                let id = current.as_ref().map(|c| &c.id);
+                let access = current.as_ref().and_then(|c| c.reported.take());
+                done.record(CLIENT_CLOSED_REQUEST, id, access.as_ref());
+            }
+        }
     }
 }
 
@@ -246,9 +263,17 @@ fn panicked(panic: &(dyn Any + Send), id: &RequestId) -> Response {
 
 impl Done<'_> {
     fn finish(self, response: &mut Response, current: Current) {
-        let access = current.reported.into_inner();
-        let access = access.as_ref();
-        let status = response.status().as_u16();
+        let Current { id, reported } = current;
+        let access = reported.into_inner();
+        self.record(response.status().as_u16(), Some(&id), access.as_ref());
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, id.into_header());
+    }
+
+    /// Counts the request with `status` and writes its access-log line with
+    /// what its handler reported (`id` is `None` if the request's scope is gone).
+    fn record(self, status: u16, id: Option<&RequestId>, access: Option<&AccessLog>) {
         let served = access.map(|log| (log.served, log.credits));
         // A route's hits all share one label set: count them without a lookup.
         let cached = match (self.proxied, served) {
@@ -266,7 +291,7 @@ impl Done<'_> {
         }) = &self.log
         {
             let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            let request_id = current.id.as_str();
+            let request_id = id.map(RequestId::as_str);
             match access {
                 Some(log) => tracing::info!(
                     request_id,
@@ -283,9 +308,6 @@ impl Done<'_> {
                 None => tracing::info!(request_id, %method, path, status, latency_us, "request"),
             }
         }
-        response
-            .headers_mut()
-            .insert(X_REQUEST_ID, current.id.into_header());
     }
 }
 
@@ -316,11 +338,49 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_panicking_handler_is_answered_500_with_an_id() {
+    /// A handler that never answers.
+    struct Never;
+
+    impl Handle for Never {
+        #[allow(clippy::manual_async_fn)]
+        fn handle<B>(&self, _: Request<B>) -> impl Future<Output = Response> + Send {
+            std::future::pending()
+        }
+    }
+
+    fn metrics() -> Arc<Metrics> {
         use crate::clock::{SharedClock, SystemClock};
 
-        let metrics = Arc::new(Metrics::new(SharedClock::new(Arc::new(SystemClock))));
+        Arc::new(Metrics::new(SharedClock::new(Arc::new(SystemClock))))
+    }
+
+    #[test]
+    fn a_request_dropped_before_its_answer_is_counted_as_499() {
+        let metrics = metrics();
+        // A proxied route: its 4xx answers count as refusals, a 499 must not.
+        let observed = Observe::new(Never, Arc::clone(&metrics), Arc::from(["/v1/route"]), 1);
+        let request = Request::get("/v1/route").body(Body::empty()).unwrap();
+        let mut answer = Box::pin(observed.handle(request));
+        let polled = answer
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()));
+        assert!(polled.is_pending());
+        drop(answer); // the client left: hyper drops the request's future
+
+        let text = metrics.render(crate::metrics::Format::Prometheus, 0, 0);
+        let series =
+            r#"keyapi_proxy_requests_total{route="/v1/route",status="499",cache="none"} 1"#;
+        assert!(text.contains(series), "{text}");
+        assert_eq!(
+            metrics.totals().rejected,
+            0,
+            "a client that left was not refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_500_with_an_id() {
+        let metrics = metrics();
         let observed = Observe::new(Panics, metrics, Arc::from(["/"]), 0);
         let response = observed.handle(Request::new(Body::empty())).await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);

@@ -1,23 +1,35 @@
 //! The connection layer: accepts TCP connections and serves each with
-//! hyper-util's HTTP/1.1 + h2c builder, keeping everything a client controls
-//! bounded — time to send a request head (`server.header_read_timeout`), time
-//! silent on a keep-alive connection (`server.idle_timeout`), header size and
-//! count, and open connections (`server.max_connections`). On HTTP/2 only the
-//! first request's head is timed: later frames between requests (PINGs) are
-//! idle traffic, and hyper's own HTTP/2 limits bound the rest.
+//! hyper-util's builder — HTTP/1.1, plus h2c when `server.http2` is on —
+//! keeping everything a client controls bounded: time to send a request head
+//! (`server.header_read_timeout`), time silent on a keep-alive connection
+//! (`server.idle_timeout`), time an answer takes to be written
+//! (`server.send_timeout`), header size and count, HTTP/2 streams and windows,
+//! and open connections (`server.max_connections`). On HTTP/2 only the first
+//! request's head is timed: later frames between requests (PINGs) are idle
+//! traffic.
+//!
+//! An answer the client does not take — socket writes blocked because it does
+//! not read, or an HTTP/2 stream held at a zero flow-control window — closes
+//! its connection after the send timeout, so no connection stays open without
+//! making progress. A connection whose every request is such a stuck answer
+//! counts as silent.
 //!
 //! At the cap, the connection that has been silent longest (no request in
-//! progress: idle keep-alive or head incomplete) is closed to admit the new
-//! one, as nginx reuses keep-alive connections, so a flood of silent sockets
-//! cannot lock real clients out nor exhaust descriptors. On shutdown, silent
-//! connections close at once; busy ones are told to close after their
-//! response (`Connection: close` / GOAWAY) and get at most the grace period.
+//! progress: idle keep-alive or head incomplete; or every answer stuck) is
+//! closed to admit the new one, as nginx reuses keep-alive connections, so a
+//! flood of silent sockets cannot lock real clients out nor exhaust
+//! descriptors. On shutdown, silent connections close at once; busy ones are
+//! told to close after their response (`Connection: close` / GOAWAY) and get
+//! at most the grace period, unless their answers get stuck meanwhile.
 //!
 //! A request costs a few atomic loads and stores here, no timer and no clock
 //! read: one reaper task ticks a coarse clock and sweeps all connections every
-//! tenth of the shorter timeout, so a deadline is enforced within two tenths
+//! tenth of the shortest timeout, so a deadline is enforced within two tenths
 //! (never early), and tells a connection's task to close through its own
-//! small channel.
+//! small channel. Answers being written are counted in a small ring indexed
+//! by coarse time (generations of half a send timeout): beginning and ending
+//! one is an atomic add, and the reaper closes a connection holding answers
+//! three generations old.
 
 use std::{
     collections::HashMap,
@@ -63,6 +75,33 @@ const MAX_DERIVED_CONNECTIONS: u64 = 65_536;
 const MIN_REAP_PERIOD: Duration = Duration::from_millis(10);
 /// Pause after an accept error such as EMFILE, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+/// Reap periods without progress after which every answer of a connection
+/// counts as stuck (for eviction and shutdown): one period is the clock's grain.
+const STALL_PERIODS: u32 = 2;
+/// Generations (half a send timeout each) an answer may stay unwritten: it is
+/// found three generations after its own, between 1 and 1.5 send timeouts.
+const OVERDUE_GENERATIONS: u64 = 3;
+/// Slots of the ring of answers being written. The reaper reads the clock one
+/// period late, so a writer may be one generation ahead of it: generations
+/// g-2..g+1 are written to while g-3 is checked, five slots in all.
+const SENDING_SLOTS: usize = 5;
+/// The first bytes of every HTTP/2 connection (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Concurrent streams per HTTP/2 connection: RFC 9113 advises no fewer than
+/// 100 (hyper's default is 200). With the send timeout, it bounds what one
+/// connection can hold: 100 answers at most, each for at most 1.5 send timeouts.
+const H2_MAX_STREAMS: u32 = 100;
+/// HTTP/2 receive windows, per stream and per connection: the protocol's
+/// initial 64 KiB (hyper's default is 1 MiB). No endpoint reads a request
+/// body, so nothing more is worth buffering.
+const H2_RECEIVE_WINDOW: u32 = 65_535;
+/// Data queued per HTTP/2 stream ahead of the client's window (hyper: 400 KiB).
+const H2_SEND_BUFFER: usize = 64 * 1024;
+/// Streams a client may open and reset before they are accepted, before the
+/// connection gets GOAWAY (h2's default; the "rapid reset" bound).
+const H2_PENDING_RESETS: usize = 20;
+/// Streams we may reset for a client's protocol errors before GOAWAY (hyper's default).
+const H2_LOCAL_RESETS: usize = 1024;
 
 /// What the connection layer serves: one answer per request, never an error.
 ///
@@ -85,6 +124,10 @@ pub(crate) struct Limits {
     pub(crate) header_read_timeout: Duration,
     /// Time a keep-alive connection may stay silent between requests.
     pub(crate) idle_timeout: Duration,
+    /// Time an answer may take to be written before its connection is closed.
+    pub(crate) send_timeout: Duration,
+    /// Serve h2c (HTTP/2 with prior knowledge) besides HTTP/1.1.
+    pub(crate) http2: bool,
     /// Open connections at most; the longest-silent one makes room.
     pub(crate) max_connections: usize,
     /// Drain time for busy connections after the shutdown signal.
@@ -122,6 +165,8 @@ enum Cut {
     HeaderTimeout,
     /// The keep-alive connection stayed silent for `idle_timeout`.
     IdleTimeout,
+    /// An answer was not taken by the client within `send_timeout`.
+    SendTimeout,
     /// Closed to admit a new connection at `max_connections`.
     Evicted,
     /// Silent when shutdown began, or still open when the grace period ended.
@@ -134,6 +179,7 @@ impl Cut {
         match self {
             Self::HeaderTimeout => "header_read_timeout",
             Self::IdleTimeout => "idle_timeout",
+            Self::SendTimeout => "send_timeout",
             Self::Evicted => "evicted",
             Self::Shutdown => "shutdown",
         }
@@ -157,14 +203,23 @@ enum Signal {
 struct Ticks {
     epoch: Instant,
     period: Duration,
+    /// `period` in milliseconds.
+    period_ms: u64,
+    /// Milliseconds in one generation of the ring of answers being written:
+    /// half the send timeout, and at least one period.
+    generation_ms: u64,
     elapsed_ms: AtomicU64,
 }
 
 impl Ticks {
-    fn new(period: Duration) -> Self {
+    fn new(period: Duration, send_timeout: Duration) -> Self {
+        let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
+        let half_send = u64::try_from((send_timeout / 2).as_millis()).unwrap_or(u64::MAX);
         Self {
             epoch: Instant::now(),
             period,
+            period_ms,
+            generation_ms: half_send.max(period_ms),
             elapsed_ms: AtomicU64::new(0),
         }
     }
@@ -177,16 +232,43 @@ impl Ticks {
 
     /// Now, in milliseconds after the epoch, rounded up to the next tick.
     fn now_ms(&self) -> u64 {
-        let period = u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX);
         self.elapsed_ms
             .load(Ordering::Acquire)
-            .saturating_add(period)
+            .saturating_add(self.period_ms)
+    }
+
+    /// The ring slot of the current generation, as of the last tick.
+    fn sending_slot(&self) -> usize {
+        ring_slot(self.elapsed_ms.load(Ordering::Acquire) / self.generation_ms)
+    }
+
+    /// The ring slot of answers that began writing [`OVERDUE_GENERATIONS`]
+    /// before the current generation, seen one period late so that no writer
+    /// (reading the newest tick) is in it; `None` early after the start.
+    fn overdue_slot(&self) -> Option<usize> {
+        let lagged = self
+            .elapsed_ms
+            .load(Ordering::Acquire)
+            .saturating_sub(self.period_ms)
+            / self.generation_ms;
+        lagged.checked_sub(OVERDUE_GENERATIONS).map(ring_slot)
+    }
+
+    /// Milliseconds without progress after which a connection's answers count as stuck.
+    fn stall_ms(&self) -> u64 {
+        self.period_ms.saturating_mul(u64::from(STALL_PERIODS))
     }
 
     /// The instant `ms` milliseconds after the epoch.
     fn instant(&self, ms: u64) -> Instant {
         self.epoch + Duration::from_millis(ms)
     }
+}
+
+/// The slot of `generation` in the ring of answers being written.
+fn ring_slot(generation: u64) -> usize {
+    // The remainder is below SENDING_SLOTS, so it fits.
+    (generation % SENDING_SLOTS as u64) as usize
 }
 
 /// What one connection is doing, shared by its task, its I/O, its requests
@@ -200,6 +282,15 @@ struct Conn {
     reading_head: AtomicBool,
     /// Milliseconds after the ticks' epoch when the current silent phase began.
     silent_since: AtomicU64,
+    /// Answers being written (handler done, body not finished), counted in
+    /// the slot of the generation in which writing began.
+    sending: [AtomicU32; SENDING_SLOTS],
+    /// When a socket write returned `Pending` with nothing written since
+    /// (milliseconds after the epoch; 0: writes are not blocked).
+    blocked_since: AtomicU64,
+    /// When an answer last moved: it began, hyper took a frame of it, or
+    /// bytes reached the socket.
+    progress_at: AtomicU64,
     /// To the connection's task; room for a drain and a close.
     signals: mpsc::Sender<Signal>,
 }
@@ -212,6 +303,9 @@ impl Conn {
             busy: AtomicU32::new(0),
             reading_head: AtomicBool::new(true),
             silent_since: AtomicU64::new(0),
+            sending: Default::default(),
+            blocked_since: AtomicU64::new(0),
+            progress_at: AtomicU64::new(0),
             signals,
         };
         conn.silent_since.store(conn.now_ms(), Ordering::Release);
@@ -229,7 +323,58 @@ impl Conn {
     /// A request head is complete: the connection is busy until the response ends.
     fn begin_request(self: &Arc<Self>) -> RequestGuard {
         self.busy.fetch_add(1, Ordering::AcqRel);
-        RequestGuard(Arc::clone(self))
+        RequestGuard {
+            conn: Arc::clone(self),
+            sending: None,
+        }
+    }
+
+    /// An answer moved; stored only when the coarse clock moved too.
+    fn progressed(&self) {
+        let now = self.now_ms();
+        if self.progress_at.load(Ordering::Relaxed) != now {
+            self.progress_at.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// A socket write returned: `blocked` when it could write nothing (the
+    /// client is not reading), which starts the send timer unless running.
+    fn on_write(&self, blocked: bool) {
+        if blocked {
+            if self.blocked_since.load(Ordering::Relaxed) == 0 {
+                self.blocked_since.store(self.now_ms(), Ordering::Relaxed);
+            }
+        } else {
+            if self.blocked_since.load(Ordering::Relaxed) != 0 {
+                self.blocked_since.store(0, Ordering::Relaxed);
+            }
+            self.progressed();
+        }
+    }
+
+    /// Since when the connection has been silent, in milliseconds after the
+    /// epoch: no request in progress, or every answer stuck (see
+    /// [`Conn::stuck_since`]). `None` while it works.
+    fn quiet_since(&self) -> Option<u64> {
+        if self.is_busy() {
+            self.stuck_since()
+        } else {
+            Some(self.silent_since.load(Ordering::Acquire))
+        }
+    }
+
+    /// Since when the answers of a busy connection have been stuck: every
+    /// request's handler has returned and nothing moved for [`STALL_PERIODS`].
+    fn stuck_since(&self) -> Option<u64> {
+        let busy = self.busy.load(Ordering::Acquire);
+        let sending: u32 = self
+            .sending
+            .iter()
+            .map(|slot| slot.load(Ordering::Acquire))
+            .sum();
+        let progress_at = self.progress_at.load(Ordering::Relaxed);
+        let stuck = self.now_ms() >= progress_at.saturating_add(self.ticks.stall_ms());
+        (busy > 0 && sending >= busy && stuck).then_some(progress_at)
     }
 
     /// Bytes arrived: on an idle connection a new request head has begun.
@@ -245,28 +390,59 @@ impl Conn {
         let _ = self.signals.try_send(signal);
     }
 
-    /// When the current silent phase ends the connection, and why; `None` while busy.
-    fn deadline(&self, limits: &Limits) -> Option<(Instant, Cut)> {
+    /// Why the connection must close as of `now`, if it must: an answer
+    /// overdue (in `overdue_slot`, or its socket writes blocked for the send
+    /// timeout), or the silent phase past its timeout.
+    fn overdue(&self, limits: &Limits, now: Instant, overdue_slot: Option<usize>) -> Option<Cut> {
+        let unwritten = overdue_slot
+            .and_then(|slot| self.sending.get(slot))
+            .is_some_and(|slot| slot.load(Ordering::Acquire) > 0);
+        let blocked = self.blocked_since.load(Ordering::Relaxed);
+        if unwritten || (blocked != 0 && self.ticks.instant(blocked) + limits.send_timeout <= now) {
+            return Some(Cut::SendTimeout);
+        }
         if self.is_busy() {
             return None;
         }
         let since = self
             .ticks
             .instant(self.silent_since.load(Ordering::Acquire));
-        Some(if self.reading_head.load(Ordering::Acquire) {
+        let (deadline, cut) = if self.reading_head.load(Ordering::Acquire) {
             (since + limits.header_read_timeout, Cut::HeaderTimeout)
         } else {
             (since + limits.idle_timeout, Cut::IdleTimeout)
-        })
+        };
+        (deadline <= now).then_some(cut)
     }
 }
 
-/// Marks one request finished when the response body is done (or dropped).
-struct RequestGuard(Arc<Conn>);
+/// One request in progress: marks it finished when the response body is done
+/// (or dropped), and counts its answer among those being written once the
+/// handler has returned.
+struct RequestGuard {
+    conn: Arc<Conn>,
+    /// The ring slot counting this answer, once it is being written.
+    sending: Option<usize>,
+}
+
+impl RequestGuard {
+    /// The handler returned: the answer is being written from now on.
+    fn begin_sending(&mut self) {
+        let slot = self.conn.ticks.sending_slot();
+        if let Some(count) = self.conn.sending.get(slot) {
+            count.fetch_add(1, Ordering::AcqRel);
+            self.sending = Some(slot);
+        }
+        self.conn.progressed();
+    }
+}
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        let conn = &self.0;
+        let conn = &self.conn;
+        if let Some(count) = self.sending.and_then(|slot| conn.sending.get(slot)) {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
         conn.silent_since.store(conn.now_ms(), Ordering::Release);
         conn.reading_head.store(false, Ordering::Release);
         conn.busy.fetch_sub(1, Ordering::AcqRel);
@@ -290,7 +466,12 @@ impl http_body::Body for TrackedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.project().body.poll_frame(cx)
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            this.guard.conn.progressed();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -305,14 +486,47 @@ impl http_body::Body for TrackedBody {
 /// What a connection's first bytes say it speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Speaks {
-    /// Nothing read yet.
-    Unknown,
+    /// The bytes read so far are this many first bytes of the HTTP/2
+    /// preface (0: nothing read yet).
+    Undecided(usize),
     Http1,
-    /// The client preface (`PRI * HTTP/2.0`), as hyper-util's builder detects it.
+    /// The whole client preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`), as
+    /// hyper-util's builder detects it; never when `server.http2` is off.
     Http2,
 }
 
-/// The socket, reporting reads so a new request head starts its timer.
+impl Speaks {
+    /// What a connection speaks from its start: undecided when h2c is served.
+    fn at_start(http2: bool) -> Self {
+        if http2 {
+            Self::Undecided(0)
+        } else {
+            Self::Http1
+        }
+    }
+
+    /// What it speaks once `read` follows the bytes read so far. An HTTP/1
+    /// request with method `PRI` (`PRI / HTTP/1.1`, `PRI * HTTP/1.1`) differs
+    /// from the preface within its request line, so it stays HTTP/1 and its
+    /// later heads stay timed.
+    fn after(self, read: &[u8]) -> Self {
+        let Self::Undecided(matched) = self else {
+            return self;
+        };
+        let rest = H2_PREFACE.get(matched..).unwrap_or_default();
+        let n = read.len().min(rest.len());
+        if read.get(..n) != rest.get(..n) {
+            Self::Http1
+        } else if matched + n == H2_PREFACE.len() {
+            Self::Http2
+        } else {
+            Self::Undecided(matched + n)
+        }
+    }
+}
+
+/// The socket, reporting reads so a new request head starts its timer, and
+/// writes so an answer the client does not take is noticed.
 struct Watched {
     stream: TcpStream,
     conn: Arc<Conn>,
@@ -329,20 +543,26 @@ impl AsyncRead for Watched {
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         let read = buf.filled().get(before..).unwrap_or_default();
         if !read.is_empty() {
-            if self.speaks == Speaks::Unknown {
-                self.speaks = if read.starts_with(b"PRI ") {
-                    Speaks::Http2
-                } else {
-                    Speaks::Http1
-                };
-            }
+            let speaks = self.speaks.after(read);
+            self.speaks = speaks;
             // HTTP/2 sends frames between requests (PING, SETTINGS,
             // WINDOW_UPDATE) that begin no request: its silences are idle ones.
-            if self.speaks == Speaks::Http1 {
+            if speaks != Speaks::Http2 {
                 self.conn.on_read();
             }
         }
         polled
+    }
+}
+
+impl Watched {
+    /// Reports a write's outcome to the connection (`Pending`: blocked).
+    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.conn.on_write(true),
+            Poll::Ready(Ok(n)) if *n > 0 => self.conn.on_write(false),
+            Poll::Ready(_) => {}
+        }
     }
 }
 
@@ -352,7 +572,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.wrote(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -360,7 +582,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -389,19 +613,21 @@ struct Registry {
 struct Connections {
     next_id: u64,
     open: HashMap<u64, Arc<Conn>>,
+    /// Shutdown has begun: connections close as soon as they fall silent.
+    draining: bool,
 }
 
 impl Connections {
     /// Closes the connection silent the longest (a linear scan, only at the
-    /// cap); false when every connection is busy.
+    /// cap); false when every connection is working.
     fn evict_longest_silent(&mut self) -> bool {
         let victim = self
             .open
             .iter()
-            .filter(|(_, c)| !c.is_busy())
+            .filter_map(|(id, c)| Some((c.quiet_since()?, *id)))
             // Milliseconds tie often under a flood; the older id is the older connection.
-            .min_by_key(|(id, c)| (c.silent_since.load(Ordering::Acquire), **id))
-            .map(|(id, _)| *id);
+            .min()
+            .map(|(_, id)| id);
         match victim.and_then(|id| self.open.remove(&id)) {
             Some(conn) => {
                 conn.signal(Signal::Close(Cut::Evicted));
@@ -411,39 +637,51 @@ impl Connections {
         }
     }
 
-    /// Closes every silent connection whose phase outlived its timeout.
-    fn reap(&mut self, limits: &Limits) {
+    /// Closes every connection past a deadline (see [`Conn::overdue`]) and,
+    /// while draining, every one whose answers are stuck. One that finished
+    /// its answers is left to hyper, which closes it once they are flushed.
+    fn reap(&mut self, limits: &Limits, overdue_slot: Option<usize>) {
         let now = Instant::now();
-        self.open.retain(|_, conn| match conn.deadline(limits) {
-            Some((deadline, why)) if deadline <= now => {
-                conn.signal(Signal::Close(why));
-                false
+        let draining = self.draining;
+        self.open.retain(|_, conn| {
+            let cut = conn
+                .overdue(limits, now, overdue_slot)
+                .or_else(|| (draining && conn.stuck_since().is_some()).then_some(Cut::Shutdown));
+            match cut {
+                Some(cut) => {
+                    conn.signal(Signal::Close(cut));
+                    false
+                }
+                None => true,
             }
-            _ => true,
         });
     }
 
-    /// Shutdown: silent connections close now, busy ones after their answer.
+    /// Shutdown: silent connections close now, working ones after their answer.
     fn drain(&mut self) {
+        self.draining = true;
         self.open.retain(|_, conn| {
-            if conn.is_busy() {
-                conn.signal(Signal::Drain);
-                true
-            } else {
+            if conn.quiet_since().is_some() {
                 conn.signal(Signal::Close(Cut::Shutdown));
                 false
+            } else {
+                conn.signal(Signal::Drain);
+                true
             }
         });
     }
 }
 
 impl Registry {
-    /// A registry whose reaper sweeps every `limits`' tenth of the shorter timeout.
+    /// A registry whose reaper sweeps every `limits`' tenth of the shortest timeout.
     fn new(limits: &Limits, metrics: ConnectionMetrics) -> Self {
-        let period =
-            (limits.header_read_timeout.min(limits.idle_timeout) / 10).max(MIN_REAP_PERIOD);
+        let shortest = limits
+            .header_read_timeout
+            .min(limits.idle_timeout)
+            .min(limits.send_timeout);
+        let period = (shortest / 10).max(MIN_REAP_PERIOD);
         Self {
-            ticks: Arc::new(Ticks::new(period)),
+            ticks: Arc::new(Ticks::new(period, limits.send_timeout)),
             conns: Mutex::new(Connections::default()),
             emptied: Notify::new(),
             metrics,
@@ -479,7 +717,8 @@ impl Registry {
         loop {
             ticks.tick().await;
             self.ticks.tick();
-            self.lock().reap(&limits);
+            let overdue_slot = self.ticks.overdue_slot();
+            self.lock().reap(&limits, overdue_slot);
         }
     }
 
@@ -528,11 +767,16 @@ impl Drop for Registered {
     }
 }
 
-/// hyper-util's auto (HTTP/1.1 or h2c by preface) builder with our limits.
-/// hyper's own HTTP/1 header timer is off: it would also end idle keep-alive
-/// connections after `header_read_timeout`; the reaper times both phases.
-fn builder() -> auto::Builder<TokioExecutor> {
+/// hyper-util's builder with our limits: HTTP/1.1 only, or with `http2`
+/// HTTP/1.1 or h2c by preface. hyper's own HTTP/1 header timer is off: it
+/// would also end idle keep-alive connections after `header_read_timeout`;
+/// the reaper times both phases. Without h2c, hyper's HTTP/1 parser closes a
+/// connection that opens with the HTTP/2 preface, answering nothing.
+fn builder(http2: bool) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    if !http2 {
+        builder = builder.http1_only();
+    }
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -540,10 +784,18 @@ fn builder() -> auto::Builder<TokioExecutor> {
         // At most 100 header fields (more gets 431): hyper's default, parsed on
         // the stack; an explicit `max_headers` would initialise that array per request.
         .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
+    if http2 {
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .initial_stream_window_size(H2_RECEIVE_WINDOW)
+            .initial_connection_window_size(H2_RECEIVE_WINDOW)
+            .max_send_buf_size(H2_SEND_BUFFER)
+            .max_pending_accept_reset_streams(H2_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_LOCAL_RESETS);
+    }
     builder
 }
 
@@ -561,7 +813,7 @@ pub(crate) async fn serve<H, F>(
     F: Future<Output = ()>,
 {
     let registry = Arc::new(Registry::new(&limits, metrics));
-    let builder = Arc::new(builder());
+    let builder = Arc::new(builder(limits.http2));
     let handler = Arc::new(handler);
     let reaper = tokio::spawn({
         let registry = Arc::clone(&registry);
@@ -642,13 +894,14 @@ async fn serve_connection<H: Handle>(
     let io = TokioIo::new(Watched {
         stream,
         conn: Arc::clone(&conn),
-        speaks: Speaks::Unknown,
+        speaks: Speaks::at_start(builder.is_http2_available()),
     });
     let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let guard = conn.begin_request();
+        let mut guard = conn.begin_request();
         let handler = Arc::clone(&handler);
         async move {
             let response = handler.handle(request).await;
+            guard.begin_sending();
             // Served as is (not boxed into another `Body`): no allocation per answer.
             Ok::<_, Infallible>(response.map(|body| TrackedBody { body, guard }))
         }
@@ -677,5 +930,30 @@ async fn serve_connection<H: Handle>(
                 None => return,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_whole_http2_preface_makes_a_connection_http2() {
+        let h2c = Speaks::at_start(true);
+        assert_eq!(h2c.after(H2_PREFACE), Speaks::Http2);
+        // In pieces, and followed by the first frame in the same read.
+        let (head, tail) = H2_PREFACE.split_at(4);
+        assert_eq!(h2c.after(head), Speaks::Undecided(4));
+        assert_eq!(h2c.after(head).after(tail), Speaks::Http2);
+        assert_eq!(
+            h2c.after(&[H2_PREFACE.as_slice(), b"\0\0\0\x04"].concat()),
+            Speaks::Http2
+        );
+        // An HTTP/1 request with method PRI is HTTP/1, whatever its target.
+        assert_eq!(h2c.after(b"PRI / HTTP/1.1\r\n"), Speaks::Http1);
+        assert_eq!(h2c.after(b"PRI ").after(b"* HTTP/1.1\r\n"), Speaks::Http1);
+        assert_eq!(h2c.after(b"GET / HTTP/1.1\r\n"), Speaks::Http1);
+        // Without h2c, everything is HTTP/1 (hyper's parser refuses the preface).
+        assert_eq!(Speaks::at_start(false).after(H2_PREFACE), Speaks::Http1);
     }
 }

@@ -1,7 +1,10 @@
 //! The connection layer against hostile clients: slowloris heads and idle
-//! keep-alive connections are cut after their timeouts, silent sockets beyond
-//! the cap (or the descriptor limit) make room for real clients, oversized
-//! heads are refused, and SIGTERM with silent connections exits at once.
+//! keep-alive connections are cut after their timeouts, answers a client does
+//! not take (HTTP/1 not reading, HTTP/2 at a zero window) after the send
+//! timeout, silent sockets and stuck HTTP/2 connections beyond the cap (or the
+//! descriptor limit) make room for real clients, oversized heads and `PRI`
+//! over HTTP/1 are refused, h2c is spoken only when enabled, and SIGTERM with
+//! silent or stuck connections exits at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{spawn_app_with, spawn_binary};
+use common::{StalledH2, await_metric, spawn_app_with, spawn_binary};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -241,21 +244,201 @@ async fn sigterm_with_silent_connections_exits_at_once_and_writes_the_snapshot()
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The HTTP/2 client preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 #[tokio::test]
-async fn h2c_with_prior_knowledge_is_served_on_the_same_port() {
-    let app = spawn_app_with(|_| {}).await;
+async fn h2c_with_prior_knowledge_is_served_on_the_same_port_only_when_enabled() {
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
         .unwrap();
+    let app = spawn_app_with(|c| c.server.http2 = true).await;
     let response = h2.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
+
+    // The default: HTTP/1.1 only. hyper's parser closes a connection that
+    // opens with the HTTP/2 preface, answering nothing.
+    let app = spawn_app_with(|_| {}).await;
+    assert!(h2.get(app.url("/healthz")).send().await.is_err());
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(H2_PREFACE).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest))
+        .await
+        .expect("the connection is closed");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    // HTTP/1.1 still works on the same port.
+    let response = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// Reads one HTTP/1.1 answer (head and `Content-Length` body) from `stream`.
+async fn answer_on(stream: &mut TcpStream) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .map_or(0, |n| n.trim().parse().unwrap());
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "answer: {text}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn pri_over_http1_is_a_400_and_later_heads_stay_timed() {
+    let timeout = Duration::from_millis(200);
+    for http2 in [false, true] {
+        let app = spawn_app_with(|c| {
+            c.server.http2 = http2;
+            c.server.header_read_timeout = timeout;
+            c.server.idle_timeout = Duration::from_secs(30);
+        })
+        .await;
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        stream
+            .write_all(b"PRI / HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = answer_on(&mut stream).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "http2 = {http2}: {answer}"
+        );
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        let envelope: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(envelope["code"], 400, "{body}");
+        assert!(
+            envelope["message"].as_str().unwrap().contains("PRI"),
+            "{body}"
+        );
+
+        // The connection still speaks HTTP/1: a slow head is cut by the
+        // header timer, not left to the idle one.
+        let started = Instant::now();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let elapsed = closed_after(&mut stream, started, Duration::from_secs(3)).await;
+        assert!(elapsed >= timeout, "cut too early: {elapsed:?}");
+        assert!(
+            elapsed < timeout * 4,
+            "http2 = {http2}: cut late: {elapsed:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_http1_client_that_does_not_read_is_closed_after_the_send_timeout() {
+    let send_timeout = Duration::from_millis(300);
+    let app = spawn_app_with(|c| c.server.send_timeout = send_timeout).await;
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    // Pipelined requests for the status page: megabytes of answers, more
+    // than both sockets' buffers hold, and the client reads none of them.
+    let requests = b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n".repeat(2000);
+    let started = Instant::now();
+    stream.write_all(&requests).await.unwrap();
+    let send_timeouts = r#"keyapi_proxy_connections_closed_total{reason="send_timeout"}"#;
+    await_metric(&app, send_timeouts, 1.0, Duration::from_secs(5)).await;
+    let elapsed = started.elapsed();
+    assert!(elapsed >= send_timeout, "closed too early: {elapsed:?}");
+    drop(stream);
+}
+
+#[tokio::test]
+async fn http2_streams_at_a_zero_window_are_closed_after_the_send_timeout() {
+    let send_timeout = Duration::from_millis(300);
+    let app = spawn_app_with(|c| {
+        c.server.http2 = true;
+        c.server.send_timeout = send_timeout;
+    })
+    .await;
+    let stalled = StalledH2::open(&app, 3).await;
+    let answered = Instant::now();
+    let elapsed = stalled.closed(answered, Duration::from_secs(3)).await;
+    assert!(elapsed >= send_timeout, "closed too early: {elapsed:?}");
+    assert!(elapsed < send_timeout * 2, "closed too late: {elapsed:?}");
+    let text = app.metrics().await;
+    let send_timeouts = r#"keyapi_proxy_connections_closed_total{reason="send_timeout"}"#;
+    assert_eq!(common::metric(&text, send_timeouts), 1.0, "{text}");
+}
+
+#[tokio::test]
+async fn stuck_http2_connections_at_the_cap_make_room_for_real_clients() {
+    // The default send timeout (30 s) never fires here: room comes from eviction.
+    let app = spawn_app_with(|c| {
+        c.server.http2 = true;
+        c.server.max_connections = Some(3);
+        // A short reap period: stuck is "no progress for two periods".
+        c.server.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(StalledH2::open(&app, 10).await);
+    }
+    let started = Instant::now();
+    // Refused while the answers are still fresh, served once they count as stuck.
+    let served = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match app.client.get(app.url("/healthz")).send().await {
+                Ok(response) => return response.status(),
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await
+    .expect("a real client is served at the cap");
+    assert_eq!(served, 200);
+    // The oldest stuck connection made room.
+    let oldest = stalled.remove(0);
+    oldest.closed(started, Duration::from_secs(1)).await;
+    let text = app.metrics().await;
+    let evicted = r#"keyapi_proxy_connections_closed_total{reason="evicted"}"#;
+    assert!(common::metric(&text, evicted) >= 1.0, "{text}");
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_http2_streams_at_a_zero_window() {
+    let mut app = spawn_app_with(|c| {
+        c.server.http2 = true;
+        c.server.shutdown_grace = Duration::from_secs(30);
+        c.server.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let stalled = [
+        StalledH2::open(&app, 5).await,
+        StalledH2::open(&app, 5).await,
+    ];
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(2), app.begin_shutdown())
+        .await
+        .expect("shutdown well within the grace period despite stuck streams")
+        .unwrap();
+    for connection in stalled {
+        connection.closed(started, Duration::from_secs(1)).await;
+    }
 }
 
 #[tokio::test]
 async fn http2_pings_between_requests_do_not_start_the_header_timer() {
     let app = spawn_app_with(|c| {
+        c.server.http2 = true;
         c.server.header_read_timeout = Duration::from_millis(100);
         c.server.idle_timeout = Duration::from_secs(30);
     })
@@ -304,7 +487,11 @@ async fn a_busy_connection_is_told_to_close_after_its_answer_on_shutdown() {
 
 #[tokio::test]
 async fn an_idle_http2_connection_does_not_hold_shutdown() {
-    let mut app = spawn_app_with(|c| c.server.shutdown_grace = Duration::from_secs(30)).await;
+    let mut app = spawn_app_with(|c| {
+        c.server.http2 = true;
+        c.server.shutdown_grace = Duration::from_secs(30);
+    })
+    .await;
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()

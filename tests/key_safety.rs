@@ -5,42 +5,11 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    process::Command,
-    sync::{Arc, Mutex, OnceLock},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use common::{TEST_API_KEY, parts, spawn_app_with};
+use common::{TEST_API_KEY, captured_logs, parts, spawn_app_with};
 use keyapi_proxy::{config::Config, demo::FakeMode, upstream::Upstream};
 use secrecy::SecretString;
-
-/// Everything every test in this binary logged, at TRACE, from every crate.
-fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&logs);
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || Capture(Arc::clone(&sink)))
-            .init();
-        logs
-    })
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn assert_no_key(what: &str, text: &str) {
     assert!(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{header, join, metric, spawn_app};
+use common::{captured_logs, hang_up, header, join, logged, metric, raw_request, spawn_app};
 use keyapi_proxy::{demo::FakeMode, route::HASHTAG_DETAIL_PATH};
 
 fn requests(route: &str, status: u16, cache: &str) -> String {
@@ -149,6 +149,28 @@ async fn failed_upstream_calls_are_counted_and_priced_by_outcome() {
         1.0
     );
     assert_eq!(metric(&text, "keyapi_proxy_cache_entries"), 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_answer_is_logged_and_counted_as_499() {
+    captured_logs();
+    let app = spawn_app().await;
+    app.upstream.hold();
+    let client = raw_request(&app, "hashtag_name=left_early").await;
+    app.upstream.wait_for_calls(1).await;
+    hang_up(client).await;
+
+    let text = app.metrics().await;
+    let left = requests(HASHTAG_DETAIL_PATH, 499, "none");
+    assert_eq!(metric(&text, &left), 1.0, "{text}");
+    let logs = logged();
+    let line = logs
+        .lines()
+        .find(|line| line.contains("status=499"))
+        .unwrap_or_else(|| panic!("no 499 line in:\n{logs}"));
+    assert!(line.contains(HASHTAG_DETAIL_PATH), "{line}");
+    assert!(line.contains("request_id="), "{line}");
+    app.upstream.release();
 }
 
 #[tokio::test]

@@ -153,6 +153,10 @@ impl Handle for Front {
             }
             return response;
         }
+        // Over HTTP/2, hyper takes the preface itself: a `PRI` here is HTTP/1.
+        if request.method().as_str() == "PRI" {
+            return ApiError::PrefaceOverHttp1.to_response(&RequestId::current());
+        }
         // Boxed: the router's future would otherwise make every hit's future
         // (moved on its way into hyper's task) as large as its own.
         let routed = Box::pin(self.router.clone().oneshot(request.map(Body::new)));

@@ -7,11 +7,20 @@ pub mod redis_server;
 pub mod relay;
 
 use std::{
-    future::Future, net::SocketAddr, pin::Pin, process::Stdio, sync::Arc, task::Poll,
-    time::Duration,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    process::Stdio,
+    sync::{Arc, Mutex, OnceLock},
+    task::Poll,
+    time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use futures_util::future::join_all;
+use http_body_util::Empty;
+use hyper::{body::Incoming, client::conn::http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyapi_proxy::{
     app::App,
     clock::{Clock, SystemClock},
@@ -248,6 +257,39 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Everything every test in this binary logged, at TRACE, from every crate
+/// (call it before the first app starts).
+pub fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Capture(Arc::clone(&sink)))
+            .init();
+        logs
+    })
+}
+
+/// The log text captured so far (see [`captured_logs`]).
+pub fn logged() -> String {
+    String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Quiet unless TEST_LOG=1.
 fn init_test_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
@@ -372,4 +414,68 @@ pub async fn spawn_binary(nofile: Option<u64>, env: &[(&str, &str)]) -> (Child, 
         }
     }
     panic!("the demo printed no address");
+}
+
+/// An HTTP/2 client that takes no answer: it sets its streams' flow-control
+/// window to 0, so the body of every answer it asks for stays unsent. Needs
+/// `server.http2 = true`.
+pub struct StalledH2 {
+    _sender: http2::SendRequest<Empty<Bytes>>,
+    /// The answers whose heads arrived; their bodies never will.
+    _answers: Vec<hyper::Response<Incoming>>,
+    /// Ends when the proxy closes the connection.
+    connection: JoinHandle<()>,
+}
+
+impl StalledH2 {
+    /// A connection to `app` holding `streams` answers of `GET /healthz`.
+    pub async fn open(app: &TestApp, streams: usize) -> Self {
+        let io = TokioIo::new(TcpStream::connect(app.addr).await.unwrap());
+        let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(io)
+            .await
+            .expect("HTTP/2 handshake");
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut answers = Vec::new();
+        for _ in 0..streams {
+            let request = hyper::Request::get(app.url("/healthz"))
+                .body(Empty::new())
+                .unwrap();
+            let answer = sender.send_request(request).await.expect("answer head");
+            assert_eq!(answer.status(), 200);
+            answers.push(answer);
+        }
+        Self {
+            _sender: sender,
+            _answers: answers,
+            connection,
+        }
+    }
+
+    /// Waits (at most `within`) until the proxy closes the connection;
+    /// returns how long after `since` that was.
+    pub async fn closed(self, since: Instant, within: Duration) -> Duration {
+        tokio::time::timeout(within, self.connection)
+            .await
+            .expect("the proxy closes the stalled connection")
+            .unwrap();
+        since.elapsed()
+    }
+}
+
+/// Waits (at most `within`, scraping every 10 ms) until `series` on `app`'s
+/// `/metrics` reads `value`: for what only the proxy sees, such as why it
+/// closed a connection whose client reads nothing.
+pub async fn await_metric(app: &TestApp, series: &str, value: f64, within: Duration) {
+    let waited = tokio::time::timeout(within, async {
+        while metric(&app.metrics().await, series) != value {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    waited
+        .await
+        .unwrap_or_else(|_| panic!("{series} did not reach {value}"));
 }
