@@ -24,6 +24,7 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -70,8 +71,14 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 /// future is one concrete type inside hyper's connection task: no box, no
 /// clone of the service per request.
 pub(crate) trait Handle: Send + Sync + 'static {
-    /// The answer to `request` (generic over the body so tests can build one).
-    fn handle<B>(&self, request: Request<B>) -> impl Future<Output = Response> + Send
+    /// The answer to `request` from the TCP peer `peer` (generic over the
+    /// body so tests can build one). The peer is a parameter, read once per
+    /// connection, rather than a request extension: no allocation per request.
+    fn handle<B>(
+        &self,
+        peer: SocketAddr,
+        request: Request<B>,
+    ) -> impl Future<Output = Response> + Send
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>;
@@ -575,8 +582,8 @@ pub(crate) async fn serve<H, F>(
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 on_accept_error(&e, &registry).await;
                 continue;
@@ -593,6 +600,7 @@ pub(crate) async fn serve<H, F>(
         };
         tokio::spawn(serve_connection(
             stream,
+            peer,
             conn,
             signals,
             registered,
@@ -632,6 +640,7 @@ async fn on_accept_error(error: &io::Error, registry: &Registry) {
 
 async fn serve_connection<H: Handle>(
     stream: TcpStream,
+    peer: SocketAddr,
     conn: Arc<Conn>,
     mut signals: mpsc::Receiver<Signal>,
     mut registered: Registered,
@@ -648,7 +657,7 @@ async fn serve_connection<H: Handle>(
         let guard = conn.begin_request();
         let handler = Arc::clone(&handler);
         async move {
-            let response = handler.handle(request).await;
+            let response = handler.handle(peer, request).await;
             // Served as is (not boxed into another `Body`): no allocation per answer.
             Ok::<_, Infallible>(response.map(|body| TrackedBody { body, guard }))
         }

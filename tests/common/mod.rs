@@ -290,7 +290,8 @@ pub async fn assert_ledger_equals_bill(apps: &[&TestApp]) -> (u64, u64) {
 /// waits (reqwest cannot hang up on a request at a moment of our choosing).
 pub async fn raw_request(app: &TestApp, query: &str) -> TcpStream {
     let mut client = TcpStream::connect(app.addr).await.unwrap();
-    let request = format!("GET {HASHTAG_DETAIL_PATH}?{query} HTTP/1.1\r\nHost: proxy\r\n\r\n");
+    let addr = app.addr;
+    let request = format!("GET {HASHTAG_DETAIL_PATH}?{query} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     client.write_all(request.as_bytes()).await.unwrap();
     client
 }
