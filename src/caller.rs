@@ -112,7 +112,7 @@ pub struct TrustedNet(IpNet);
 
 /// Why a `server.trusted_proxies` entry is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a CIDR like \"10.0.0.0/8\" or \"2001:db8::/32\", nor an address")]
+#[error("{0:?} is neither a CIDR (like \"10.0.0.0/8\" or \"2001:db8::/32\") nor an address")]
 pub struct BadCidr(String);
 
 impl FromStr for TrustedNet {

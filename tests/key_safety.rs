@@ -5,42 +5,11 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    process::Command,
-    sync::{Arc, Mutex, OnceLock},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use common::{TEST_API_KEY, parts, spawn_app_with};
 use keyapi_proxy::{config::Config, demo::FakeMode, upstream::Upstream};
 use secrecy::SecretString;
-
-/// Everything every test in this binary logged, at TRACE, from every crate.
-fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&logs);
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || Capture(Arc::clone(&sink)))
-            .init();
-        logs
-    })
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn assert_no_key(what: &str, text: &str) {
     assert!(
@@ -56,7 +25,7 @@ fn assert_no_key(what: &str, text: &str) {
 
 #[tokio::test]
 async fn key_appears_in_no_response_and_no_log_line() {
-    let logs = captured_logs();
+    common::logs::captured();
     let app = spawn_app_with(|c| c.upstream.request_timeout = Duration::from_millis(300)).await;
     let modes = [
         FakeMode::Normal,
@@ -101,7 +70,7 @@ async fn key_appears_in_no_response_and_no_log_line() {
             .all(|r| r.headers["authorization"] == format!("Bearer {TEST_API_KEY}").as_str())
     );
 
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let text = common::logs::text();
     assert!(
         text.contains("upstream call failed"),
         "error paths were logged"

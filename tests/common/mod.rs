@@ -2,6 +2,7 @@
 //! that counts calls and records what it received.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod logs;
 pub mod redis_server;
 
 use std::{
