@@ -31,6 +31,9 @@ use serde::{Deserialize, Serialize};
 /// `Sec-Fetch-Site`, sent by browsers with every request.
 pub const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
+/// The probes, `/healthz` and `/readyz`: answered whatever the `Host`.
+pub const PROBE_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+
 /// The hosts a loopback listener answers by default (any port).
 const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
 
@@ -129,7 +132,7 @@ impl Refusal {
 pub enum Target {
     /// A configured KeyAPI route: may spend.
     Proxied,
-    /// `/healthz` or `/readyz`: answered whatever the `Host`.
+    /// One of [`PROBE_PATHS`]: answered whatever the `Host`.
     Probe,
     /// Anything else (operational endpoints, 404s).
     Other,

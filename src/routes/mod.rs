@@ -31,7 +31,7 @@ use bytes::Bytes;
 use tower::ServiceExt as _;
 
 use crate::{
-    browser::{BrowserGuard, Target},
+    browser::{BrowserGuard, PROBE_PATHS, Target},
     cache_status, cors,
     error::ApiError,
     request_id::RequestId,
@@ -43,8 +43,8 @@ use crate::{
 /// `/stats` and `/` data, recomputed at most once a second (one per router).
 pub(crate) type StatsCell = crate::summary::Throttled<crate::summary::Stats>;
 
-const HEALTHZ_PATH: &str = "/healthz";
-const READYZ_PATH: &str = "/readyz";
+const HEALTHZ_PATH: &str = PROBE_PATHS[0];
+const READYZ_PATH: &str = PROBE_PATHS[1];
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
 const OPENAPI_PATH: &str = "/openapi.json";
@@ -161,7 +161,7 @@ impl Front {
 fn target(route: Option<&Arc<Route>>, path: &str) -> Target {
     match route {
         Some(_) => Target::Proxied,
-        None if path == HEALTHZ_PATH || path == READYZ_PATH => Target::Probe,
+        None if PROBE_PATHS.contains(&path) => Target::Probe,
         None => Target::Other,
     }
 }
