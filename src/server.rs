@@ -2,7 +2,8 @@
 //! hyper-util's HTTP/1.1 + h2c builder, keeping everything a client controls
 //! bounded — time to send a request head (`server.header_read_timeout`), time
 //! silent on a keep-alive connection (`server.idle_timeout`), header size and
-//! count, and open connections (`server.max_connections`). On HTTP/2 only the
+//! count, and open connections (`server.max_connections`). Each request is
+//! handed its connection's peer address, read once at accept. On HTTP/2 only the
 //! first request's head is timed: later frames between requests (PINGs) are
 //! idle traffic, and hyper's own HTTP/2 limits bound the rest.
 //!

@@ -167,6 +167,8 @@ fn target(route: Option<&Arc<Route>>, path: &str) -> Target {
 }
 
 impl Handle for Front {
+    /// `_peer` is not needed here: `Observe` has resolved the caller from it
+    /// ([`crate::caller::ClientAddr::current`]).
     async fn handle<B>(&self, _peer: SocketAddr, request: http::Request<B>) -> Response
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
