@@ -14,7 +14,7 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::AuthError, cache_status, ledger, limits::RateLimited, proxy::ProxyError,
+    access::AuthError, browser, cache_status, ledger, limits::RateLimited, proxy::ProxyError,
     request_id::RequestId, route::KeyError, upstream::UpstreamError,
 };
 
@@ -31,6 +31,9 @@ pub(crate) enum ApiError {
     Limited(#[from] RateLimited),
     #[error("origin not in cors.allowed_origins")]
     OriginRefused,
+    /// A foreign `Host` or a cross-site browser request (see [`browser`]).
+    #[error(transparent)]
+    Browser(#[from] browser::Refusal),
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -62,7 +65,10 @@ impl ApiError {
         match self {
             Self::BadRequest(_) | Self::PrefaceOverHttp1 => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
-            Self::Auth(AuthError::Forbidden) | Self::OriginRefused => StatusCode::FORBIDDEN,
+            Self::Auth(AuthError::Forbidden)
+            | Self::OriginRefused
+            | Self::Browser(browser::Refusal::CrossSite) => StatusCode::FORBIDDEN,
+            Self::Browser(browser::Refusal::MisdirectedHost) => StatusCode::MISDIRECTED_REQUEST,
             Self::Limited(_)
             | Self::Proxy(ProxyError::Budget(
                 ledger::Refusal::Spent { .. } | ledger::Refusal::Reserved { .. },
@@ -103,6 +109,7 @@ impl ApiError {
             Self::BadRequest(e) => return e.to_string(),
             Self::Auth(e) => return e.to_string(),
             Self::Limited(e) => return e.to_string(),
+            Self::Browser(e) => return e.to_string(),
             Self::Proxy(ProxyError::Budget(e)) => return e.to_string(),
             Self::OriginRefused => {
                 "Requests from this origin are not allowed: it is not in the proxy's cors.allowed_origins."

@@ -7,7 +7,7 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{TEST_API_KEY, captured_logs, parts, spawn_app_with};
+use common::{TEST_API_KEY, parts, spawn_app_with};
 use keyapi_proxy::{config::Config, demo::FakeMode, upstream::Upstream};
 use secrecy::SecretString;
 
@@ -25,7 +25,7 @@ fn assert_no_key(what: &str, text: &str) {
 
 #[tokio::test]
 async fn key_appears_in_no_response_and_no_log_line() {
-    let logs = captured_logs();
+    common::logs::captured();
     let app = spawn_app_with(|c| c.upstream.request_timeout = Duration::from_millis(300)).await;
     let modes = [
         FakeMode::Normal,
@@ -71,7 +71,7 @@ async fn key_appears_in_no_response_and_no_log_line() {
             .all(|r| r.headers["authorization"] == format!("Bearer {TEST_API_KEY}").as_str())
     );
 
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let text = common::logs::text();
     assert!(
         text.contains("upstream call failed"),
         "error paths were logged"
