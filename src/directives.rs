@@ -246,7 +246,11 @@ mod tests {
         let d = parse(&["  ONLY-IF-CACHED ,Max-Age = 10\t,\tMAX-STALE"]);
         assert!(d.only_if_cached);
         assert_eq!(d.max_age, secs(10));
-        assert_eq!(d.max_stale, Some(Duration::MAX), "bare max-stale: any staleness");
+        assert_eq!(
+            d.max_stale,
+            Some(Duration::MAX),
+            "bare max-stale: any staleness"
+        );
     }
 
     #[test]
@@ -274,9 +278,8 @@ mod tests {
 
     #[test]
     fn repeated_directives_keep_the_most_restrictive_value() {
-        let d = parse(&[
-            "max-age=60, max-age=5, max-stale, max-stale=30, min-fresh=1, min-fresh=9",
-        ]);
+        let d =
+            parse(&["max-age=60, max-age=5, max-stale, max-stale=30, min-fresh=1, min-fresh=9"]);
         assert_eq!(d.max_age, secs(5));
         assert_eq!(d.max_stale, secs(30));
         assert_eq!(d.min_fresh, secs(9));
@@ -343,7 +346,10 @@ mod tests {
         assert!(d.accepts(TTL, fresh(100)), "stored this instant");
         assert!(!d.accepts(TTL, fresh(99)));
         let d = parse(&["max-age=500"]);
-        assert!(d.accepts(TTL, stale(400)), "age 500: max-age alone bounds the age only");
+        assert!(
+            d.accepts(TTL, stale(400)),
+            "age 500: max-age alone bounds the age only"
+        );
     }
 
     #[test]

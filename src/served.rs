@@ -11,7 +11,8 @@ pub enum CacheState {
     Stored,
     /// This request waited on another request's fetch (single flight).
     Collapsed,
-    /// The client asked for a refresh (`Cache-Control: no-cache`, when allowed).
+    /// The client refused a fresh copy and may make the proxy call for it
+    /// (`Cache-Control: no-cache`, `max-age`, `min-fresh`, when allowed).
     Refreshed,
     /// Served stale within stale-while-revalidate; a background refresh runs.
     Stale,

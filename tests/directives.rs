@@ -99,8 +99,14 @@ async fn only_if_cached_serves_any_kept_copy_and_starts_no_refresh() {
     // kept only for stale-if-error. The same bytes each time, no call.
     let steps = [
         (secs(30), "keyapi-proxy; hit; ttl=30"),
-        (secs(40), "keyapi-proxy; hit; ttl=-10; detail=only-if-cached"),
-        (secs(590), "keyapi-proxy; hit; ttl=-600; detail=only-if-cached"),
+        (
+            secs(40),
+            "keyapi-proxy; hit; ttl=-10; detail=only-if-cached",
+        ),
+        (
+            secs(590),
+            "keyapi-proxy; hit; ttl=-600; detail=only-if-cached",
+        ),
     ];
     for (wait, cache_status) in steps {
         clock.advance(wait);
@@ -145,13 +151,19 @@ async fn max_age_and_min_fresh_refetch_a_fresh_copy_only_for_a_client_that_may_r
     for directives in ["max-age=0", "max-age=10", "min-fresh=50", "no-cache"] {
         let (status, headers, body) = ask(&app, Some(PLAIN), Q, directives).await;
         assert_eq!((status, &body), (200, &first), "{directives}");
-        assert_eq!(header(&headers, "cache-status"), "keyapi-proxy; hit; ttl=40");
+        assert_eq!(
+            header(&headers, "cache-status"),
+            "keyapi-proxy; hit; ttl=40"
+        );
     }
     // One that may: a copy within its bounds answers ...
     for directives in ["max-age=20", "min-fresh=40", "max-age=30, min-fresh=1"] {
         let (_, headers, body) = ask(&app, Some(MAY), Q, directives).await;
         assert_eq!(body, first, "{directives}");
-        assert_eq!(header(&headers, "cache-status"), "keyapi-proxy; hit; ttl=40");
+        assert_eq!(
+            header(&headers, "cache-status"),
+            "keyapi-proxy; hit; ttl=40"
+        );
     }
     assert_eq!(app.upstream.calls(), 1);
     // ... one older than max-age (or fresh for less than min-fresh) is
@@ -275,10 +287,7 @@ async fn only_if_cached_leaves_every_budget_untouched() {
     let text = app.metrics().await;
     assert_eq!(metric(&text, "keyapi_proxy_credits_spent_total"), 0.0);
     assert_eq!(
-        metric(
-            &text,
-            "keyapi_proxy_budget_refused_total{scope=\"client\"}"
-        ),
+        metric(&text, "keyapi_proxy_budget_refused_total{scope=\"client\"}"),
         0.0
     );
 
@@ -291,7 +300,12 @@ async fn only_if_cached_leaves_every_budget_untouched() {
     );
     // ... and once it is spent, only-if-cached still answers from the cache,
     // and with 504 (not 429) where nothing is kept.
-    assert_eq!(app.get_hashtag_as(TOKEN, "hashtag_name=other").await.status(), 429);
+    assert_eq!(
+        app.get_hashtag_as(TOKEN, "hashtag_name=other")
+            .await
+            .status(),
+        429
+    );
     let (status, _, body) = ask(&app, Some(TOKEN), Q, "only-if-cached").await;
     assert_eq!((status, body), (200, stored));
     assert_not_cached(&ask(&app, Some(TOKEN), "hashtag_name=other", "only-if-cached").await);

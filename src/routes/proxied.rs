@@ -42,8 +42,7 @@ pub(super) async fn answer(route: &Arc<Route>, state: &AppState, request: Parts)
     };
     let ask = Ask {
         directives: Directives::of(headers),
-        may_refresh: state.allow_client_refresh()
-            || client.as_ref().is_some_and(|c| c.may_refresh),
+        may_refresh: state.allow_client_refresh() || client.as_ref().is_some_and(|c| c.may_refresh),
     };
     // A fetch this request starts is charged to its client (and the global budget).
     let payer = Payer::Request(client.as_ref().map(|c| Arc::clone(&c.account)));
