@@ -148,7 +148,7 @@ async fn refused_requests_are_logged_with_their_caller_too() {
 
 #[tokio::test]
 async fn a_foreign_host_gets_421_and_costs_nothing() {
-    let app = spawn_logged(|_| {}).await;
+    let app = spawn_logged(|c| c.server.http2 = true).await;
     for h2 in [false, true] {
         let (status, id, body) = get_as_host(&app, "rebound.example", &hashtag("rebind"), h2).await;
         assert_eq!(status, 421, "h2={h2}: {body}");

@@ -174,6 +174,11 @@ impl Handle for Front {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        // Over HTTP/2, hyper takes the preface itself: a `PRI` here is HTTP/1
+        // misused: malformed, so refused before anything else looks at it.
+        if request.method().as_str() == "PRI" {
+            return ApiError::PrefaceOverHttp1.to_response(&RequestId::current());
+        }
         let route = self.state.routes().get(request.uri().path());
         let target = target(route, request.uri().path());
         if let Err(refusal) = self.guard.check(target, request.uri(), request.headers()) {
@@ -186,10 +191,6 @@ impl Handle for Front {
                 cors::vary_by_origin(response.headers_mut());
             }
             return response;
-        }
-        // Over HTTP/2, hyper takes the preface itself: a `PRI` here is HTTP/1.
-        if request.method().as_str() == "PRI" {
-            return ApiError::PrefaceOverHttp1.to_response(&RequestId::current());
         }
         // Boxed: the router's future would otherwise make every hit's future
         // (moved on its way into hyper's task) as large as its own.
