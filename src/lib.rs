@@ -2,7 +2,8 @@
 //! endpoints (by default TikTok hashtag detail), one route per `[[routes]]` entry.
 //!
 //! One request, top to bottom: `server` (connections, their timeouts and
-//! cap) → [`routes`] (HTTP) → [`access`] (who is calling) → [`limits`]
+//! cap) → [`routes`] (HTTP) → [`access`] (who is calling: a client token,
+//! or a signed visitor token of one of the [`issuers`]) → [`limits`]
 //! (request-rate limits) → [`route`] (the route table: raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod digest;
 pub mod envelope;
 pub(crate) mod error;
+pub mod issuers;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
