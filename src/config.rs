@@ -402,8 +402,8 @@ pub struct IssuerConfig {
     /// Credits each subject's misses may spend per UTC day (absent or 0 = no budget).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daily_budget: Option<u64>,
-    /// Subjects whose limits this replica keeps in memory; the least recently
-    /// seen are forgotten first.
+    /// Subjects whose limits this replica keeps in memory; when full, those
+    /// not seen again lately are forgotten first.
     #[serde(default = "default_max_subjects")]
     pub max_subjects: usize,
 }

@@ -15,11 +15,12 @@
 //! a subject appears in logs and Redis only as a hash of its `sub`.
 //!
 //! Per-subject state (its rate limit, budget and account) is kept in a
-//! bounded cache per issuer (`max_subjects`): a flood of distinct subjects
-//! makes the least recently seen ones forgotten, not the memory grow. With
-//! Redis, their counters live there (and expire with their window), so
-//! forgetting loses nothing; without it, a forgotten subject's rate and day
-//! count start afresh when it comes back.
+//! bounded cache per issuer (`max_subjects`, `quick_cache`): when it is full,
+//! subjects not seen again lately are forgotten first, and a flood of new
+//! subjects seen once displaces mostly its own kind, not the subjects that
+//! keep coming back. With Redis, their counters live there (and expire with
+//! their window), so forgetting loses nothing; without it, a forgotten
+//! subject's rate and day count start afresh when it comes back.
 
 mod jwks;
 
@@ -168,7 +169,7 @@ pub struct Issuer {
     rate_per_minute: u32,
     burst: u32,
     daily_budget: u64,
-    /// Recently seen subjects by hash; the least recently seen are forgotten first.
+    /// Recently seen subjects by hash, at most `max_subjects`.
     subjects: quick_cache::sync::Cache<[u8; SUBJECT_HASH_BYTES], Arc<Subject>>,
     counters: crate::metrics::ClientCounters,
     clock: SharedClock,
@@ -263,7 +264,7 @@ impl Issuer {
             .map_err(|e| TokenError::from_jwt(&e))?
             .claims;
         self.check_times(&claims)?;
-        let sub = claims.sub.as_str();
+        let sub = claims.sub.as_deref().unwrap_or_default();
         if sub.is_empty() || sub.len() > MAX_SUBJECT_BYTES {
             return Err(TokenError::Subject);
         }
@@ -320,7 +321,9 @@ impl Issuer {
 /// checked by `jsonwebtoken`).
 #[derive(serde::Deserialize)]
 struct Claims {
-    sub: String,
+    /// Absent is refused like empty (as a subject problem, not a malformed token).
+    #[serde(default)]
+    sub: Option<String>,
     /// NumericDate: seconds since the epoch, possibly fractional.
     exp: f64,
     #[serde(default)]

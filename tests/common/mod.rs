@@ -5,6 +5,7 @@
 pub mod entries;
 pub mod redis_server;
 pub mod relay;
+pub mod tokens;
 
 use std::{
     future::Future,
