@@ -434,3 +434,60 @@ async fn a_subjects_budget_holds_across_two_replicas_on_redis() {
         assert!(ttl > 0, "{sub}'s counter expires");
     }
 }
+
+#[test]
+fn issuer_configuration_is_checked() {
+    let secret = HsSecret::new(SECRET);
+    let mut config = Config::defaults().unwrap();
+    let cases: [(&str, fn(&mut Config)); 7] = [
+        ("1-64 characters", |c| c.issuers[0].name = "a b".into()),
+        ("used twice", |c| {
+            let mut other = c.issuers[0].clone();
+            other.issuer = "https://other.example/".into();
+            c.issuers.push(other);
+        }),
+        ("used by another entry", |c| {
+            let mut other = c.issuers[0].clone();
+            other.name = "other".into();
+            c.issuers.push(other);
+        }),
+        ("exactly one of", |c| {
+            c.issuers[0].jwks_url = Some("https://auth.example/jwks.json".into());
+        }),
+        ("exactly one of", |c| c.issuers[0].hs256_secret_file = None),
+        ("only allowed to a loopback host", |c| {
+            c.issuers[0].hs256_secret_file = None;
+            c.issuers[0].jwks_url = Some("http://auth.example/jwks.json".into());
+        }),
+        ("max_subjects", |c| c.issuers[0].max_subjects = 0),
+    ];
+    for (expected, break_it) in cases {
+        config.issuers = vec![hs256_issuer(&secret)];
+        assert!(config.validate().is_ok());
+        break_it(&mut config);
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains(expected), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn a_short_or_missing_secret_stops_start_up_without_quoting_it() {
+    let short = HsSecret::new("SHORTSECRET");
+    let mut config = common::test_config();
+    config.issuers = vec![hs256_issuer(&short)];
+    let key = secrecy::SecretString::from(common::TEST_API_KEY);
+    let error = keyapi_proxy::app::App::build(config.clone(), key.clone())
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("shorter than 32 bytes"), "{error}");
+    assert!(!error.contains("SHORTSECRET"), "{error}");
+    config.issuers[0].hs256_secret_file = Some("/nonexistent/jwt_secret".into());
+    let error = keyapi_proxy::app::App::build(config, key)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("cannot read hs256_secret_file"), "{error}");
+}
