@@ -435,11 +435,14 @@ async fn a_subjects_budget_holds_across_two_replicas_on_redis() {
     }
 }
 
+/// A change that makes a valid configuration invalid.
+type Breaks = fn(&mut Config);
+
 #[test]
 fn issuer_configuration_is_checked() {
     let secret = HsSecret::new(SECRET);
     let mut config = Config::defaults().unwrap();
-    let cases: [(&str, fn(&mut Config)); 7] = [
+    let cases: [(&str, Breaks); 7] = [
         ("1-64 characters", |c| c.issuers[0].name = "a b".into()),
         ("used twice", |c| {
             let mut other = c.issuers[0].clone();
