@@ -408,6 +408,9 @@ pub struct IssuerConfig {
     pub max_subjects: usize,
 }
 
+/// Largest `max_subjects`: its memory is sized at start-up.
+const MAX_SUBJECTS: usize = 10_000_000;
+
 /// `max_subjects` when absent: a few tens of megabytes at most.
 fn default_max_subjects() -> usize {
     100_000
@@ -760,9 +763,9 @@ fn validate_issuers(issuers: &[IssuerConfig]) -> Result<(), ConfigError> {
                 ));
             }
         }
-        if issuer.max_subjects == 0 {
+        if !(1..=MAX_SUBJECTS).contains(&issuer.max_subjects) {
             return invalid(format!(
-                "issuers: max_subjects of {name:?} must be at least 1"
+                "issuers: max_subjects of {name:?} must be between 1 and {MAX_SUBJECTS}"
             ));
         }
     }

@@ -217,7 +217,13 @@ async fn jwks_keys_are_fetched_when_needed_and_at_most_once_a_minute() {
         .await;
     }
     assert_eq!(jwks.fetches(), 3, "one fetch for the next minute's junk");
-    assert_eq!(app.upstream.calls(), 2);
+    assert_eq!(app.upstream.calls(), 2, "refused tokens cost nothing");
+    // Keys an hour old are fetched again: a key the issuer removed stops being trusted.
+    jwks.serve(&[("a", &key_a)]);
+    clock.advance(Duration::from_secs(3600));
+    assert_refused(&app, &token(&key_b, "b", "v1"), "unknown_key").await;
+    assert_eq!(jwks.fetches(), 4);
+    assert_eq!(ask(&app, &token(&key_a, "a", "v1"), "one").await.0, 200);
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use jsonwebtoken::{
     Algorithm, DecodingKey,
     jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse},
 };
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::TokenError;
 use crate::clock::{self, SharedClock};
@@ -100,13 +100,17 @@ impl Jwks {
         alg: Algorithm,
     ) -> Result<(DecodingKey, Algorithm), TokenError> {
         let held = self.held();
-        let now = self.clock.now();
-        if let Some(found) = find(&held, kid)
-            && !is_old(&held, now)
-        {
-            return matching(found, alg);
-        }
-        let held = self.refresh(&held).await;
+        let held = match find(&held, kid) {
+            Some(_) if !is_old(&held, self.clock.now()) => held,
+            // An hourly refresh: whoever comes first fetches; meanwhile the
+            // held key serves, so nobody waits on a slow JWKS host for it.
+            Some(_) => match self.last_fetch.try_lock() {
+                Ok(last) => self.refresh(last, &held).await,
+                Err(_) => held,
+            },
+            // A key we lack: wait for a fetch in progress, it may bring it.
+            None => self.refresh(self.last_fetch.lock().await, &held).await,
+        };
         match find(&held, kid) {
             Some(found) => matching(found, alg),
             None if held.keys.is_empty() => Err(TokenError::KeysUnavailable {
@@ -120,10 +124,14 @@ impl Jwks {
         Arc::clone(&self.keys.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Fetches the keys unless `seen` was replaced meanwhile or the last fetch
-    /// is under a minute old; returns the keys held afterwards.
-    async fn refresh(&self, seen: &Arc<KeySet>) -> Arc<KeySet> {
-        let mut last = self.last_fetch.lock().await;
+    /// Fetches the keys (holding `last`, the time of the last fetch) unless
+    /// `seen` was replaced meanwhile or the last fetch is under a minute old;
+    /// returns the keys held afterwards.
+    async fn refresh(
+        &self,
+        mut last: MutexGuard<'_, Option<SystemTime>>,
+        seen: &Arc<KeySet>,
+    ) -> Arc<KeySet> {
         let current = self.held();
         if !Arc::ptr_eq(&current, seen) {
             return current;
