@@ -8,12 +8,13 @@
 mod common;
 
 use std::{
+    pin::pin,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use common::{
-    TestApp, assert_envelope, assert_ledger_equals_bill, client, header, metric, parts,
+    TestApp, assert_envelope, assert_ledger_equals_bill, client, header, metric, parts, poll_once,
     redis_server::{RedisServer, with_redis},
     spawn_app_with, spawn_app_with_clock,
     tokens::{
@@ -25,6 +26,9 @@ use keyapi_proxy::{
     clock::{Clock as _, ManualClock},
     config::Config,
     digest,
+    issuers::Subject,
+    ledger::Payer,
+    proxy::{Outcome, ProxyError},
 };
 use redis::AsyncCommands as _;
 use serde_json::json;
@@ -334,6 +338,39 @@ async fn a_subject_out_of_budget_still_joins_another_subjects_fetch_for_free() {
     assert_eq!(ask(&app, &broke, "own").await.0, 429);
     let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
     assert_eq!(calls, 2);
+}
+
+#[tokio::test]
+async fn a_subject_joining_a_fetch_its_leaders_budget_refused_asks_on_its_own_account() {
+    let secret = HsSecret::new(SECRET);
+    let app = spawn_app_with(|c| budgeted(c, &secret, 2)).await;
+    let now = SystemTime::now();
+    let broke = secret.mint(&claims("broke", now));
+    assert_eq!(ask(&app, &broke, "spent").await.0, 200);
+    let issuers = app.state.issuers();
+    let broke = issuers.verify(broke.as_bytes()).await.unwrap();
+    let rich = secret.mint(&claims("rich", now));
+    let rich = issuers.verify(rich.as_bytes()).await.unwrap();
+    let (proxy, route) = (app.state.proxy(), &app.state.routes().routes()[0]);
+    let key = route.parse(Some("hashtag_name=shared")).unwrap();
+    // The spent subject starts the key's fetch; the other joins it before it runs.
+    let payer = |s: &Subject| Payer::Request(Some(Arc::clone(&s.account)));
+    let mut leader = pin!(proxy.serve(&key, route, false, payer(&broke)));
+    assert!(poll_once(leader.as_mut()).await.is_pending());
+    let mut follower = pin!(proxy.serve(&key, route, false, payer(&rich)));
+    assert!(poll_once(follower.as_mut()).await.is_pending());
+    match leader.await {
+        Err(ProxyError::Budget(refusal)) => assert_eq!(refusal.as_str(), "subject_budget"),
+        other => panic!("the spent subject was not refused: {other:?}"),
+    }
+    match follower.await {
+        Ok(Outcome::Cached { entry, .. }) => assert!(!entry.negative),
+        other => panic!("the leader's refusal reached the follower: {other:?}"),
+    }
+    let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
+    assert_eq!(calls, 2);
+    let budget = rich.account.budget.as_ref().unwrap();
+    assert_eq!(app.state.proxy().ledger().spent_today(budget).await, 2);
 }
 
 #[tokio::test]
