@@ -17,7 +17,9 @@ use tokio::{net::TcpListener, time::Instant};
 
 use crate::{
     access::Access,
+    browser::BrowserGuard,
     cache::{EntryCheck, LocalCache, Tiers, redis::RedisTier},
+    caller::Resolver,
     clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
     cors,
@@ -162,13 +164,22 @@ impl App {
             ready: AtomicBool::new(false),
         });
         let (router, cors) = cors::apply(routes::router(state.clone()), &config.cors);
-        let front = Front::new(state.clone(), router, cors);
+        let guard = BrowserGuard::new(
+            config.server.allowed_hosts.as_deref(),
+            config.server.listen,
+            cors,
+        );
+        let front = Front::new(state.clone(), router, cors, guard);
         // Observe wraps the whole surface once (not each route): ids, the
         // access log and request metrics see every answer, 404s and panics
         // (which it turns into 500s) included.
         let paths = routes::paths(state.routes());
         let proxied = state.routes().routes().len();
-        let front = Observe::new(front, metrics, paths, proxied);
+        let callers = Resolver::new(
+            &config.server.trusted_proxies,
+            config.server.client_addr_header,
+        );
+        let front = Observe::new(front, metrics, paths, proxied, callers);
         let snapshot = config
             .cache
             .snapshot_path

@@ -20,7 +20,11 @@ use figment::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{FreshnessPolicy, redis::TierSettings};
+use crate::{
+    browser::AllowedHost,
+    cache::{FreshnessPolicy, redis::TierSettings},
+    caller::{ForwardedHeader, TrustedNet},
+};
 
 /// The documented defaults, compiled in so the binary runs without any file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -119,6 +123,19 @@ pub struct ServerConfig {
     /// derived from the descriptor limit (see `server::default_max_connections`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// `KEYAPI_PROXY__SERVER__TRUSTED_PROXIES`, e.g. `["10.0.0.0/8"]`: peers
+    /// whose `client_addr_header` is believed; empty = nobody's (the peer is the caller).
+    #[serde(default)]
+    pub trusted_proxies: Vec<TrustedNet>,
+    /// `KEYAPI_PROXY__SERVER__CLIENT_ADDR_HEADER`: `x-forwarded-for` or
+    /// `forwarded`, the one header trusted proxies report the caller in.
+    #[serde(default)]
+    pub client_addr_header: ForwardedHeader,
+    /// `KEYAPI_PROXY__SERVER__ALLOWED_HOSTS`, e.g. `["proxy.example.com"]`
+    /// (`["*"]`: any): other `Host`s get 421. Absent: loopback names when
+    /// `listen` is loopback (against DNS rebinding), any host otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_hosts: Option<Vec<AllowedHost>>,
 }
 
 /// `[upstream]`: where KeyAPI is and how long we wait for it.

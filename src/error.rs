@@ -14,7 +14,7 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::AuthError, cache_status, issuers::TokenError, ledger, limits::RateLimited,
+    access::AuthError, browser, cache_status, issuers::TokenError, ledger, limits::RateLimited,
     proxy::ProxyError, request_id::RequestId, route::KeyError, upstream::UpstreamError,
 };
 
@@ -33,6 +33,9 @@ pub(crate) enum ApiError {
     Limited(#[from] RateLimited),
     #[error("origin not in cors.allowed_origins")]
     OriginRefused,
+    /// A foreign `Host` or a cross-site browser request (see [`browser`]).
+    #[error(transparent)]
+    Browser(#[from] browser::Refusal),
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -67,7 +70,10 @@ impl ApiError {
             // Not the token's fault: its issuer's keys cannot be had just now.
             Self::Token(TokenError::KeysUnavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Token(_) => StatusCode::UNAUTHORIZED,
-            Self::Auth(AuthError::Forbidden) | Self::OriginRefused => StatusCode::FORBIDDEN,
+            Self::Auth(AuthError::Forbidden)
+            | Self::OriginRefused
+            | Self::Browser(browser::Refusal::CrossSite) => StatusCode::FORBIDDEN,
+            Self::Browser(browser::Refusal::MisdirectedHost) => StatusCode::MISDIRECTED_REQUEST,
             Self::Limited(_)
             | Self::Proxy(ProxyError::Budget(
                 ledger::Refusal::Spent { .. } | ledger::Refusal::Reserved { .. },
@@ -109,6 +115,7 @@ impl ApiError {
             Self::Auth(e) => return e.to_string(),
             Self::Token(e) => return e.to_string(),
             Self::Limited(e) => return e.to_string(),
+            Self::Browser(e) => return e.to_string(),
             Self::Proxy(ProxyError::Budget(e)) => return e.to_string(),
             Self::OriginRefused => {
                 "Requests from this origin are not allowed: it is not in the proxy's cors.allowed_origins."

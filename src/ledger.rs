@@ -811,6 +811,15 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
+    /// A manual clock `secs` seconds before a UTC midnight.
+    fn before_midnight(secs: u64) -> (Arc<ManualClock>, SharedClock) {
+        let day = 24 * 3600;
+        let manual = Arc::new(ManualClock::new(
+            UNIX_EPOCH + Duration::from_secs(101 * day - secs),
+        ));
+        (manual.clone(), SharedClock::new(manual))
+    }
+
     fn ledger(global: u64, clock: &SharedClock) -> Ledger {
         let metrics = Arc::new(Metrics::new(clock.clone()));
         let budget = Budget::new(global, Scope::Global, "global".into());
@@ -819,11 +828,7 @@ mod tests {
 
     #[tokio::test]
     async fn charges_until_the_budget_is_spent_refunds_and_resets_at_utc_midnight() {
-        let day = 24 * 3600;
-        let manual = Arc::new(ManualClock::new(
-            UNIX_EPOCH + Duration::from_secs(100 * day + day - 10),
-        ));
-        let clock = SharedClock::new(manual.clone());
+        let (manual, clock) = before_midnight(10);
         let ledger = ledger(4, &clock);
         let payer = Payer::Proxy(Initiator::Revalidate);
         ledger.charge(&payer, 2).await.unwrap().settle(true).await;
@@ -842,11 +847,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refund_settled_after_midnight_leaves_the_new_day_alone() {
-        let day = 24 * 3600;
-        let manual = Arc::new(ManualClock::new(
-            UNIX_EPOCH + Duration::from_secs(100 * day + day - 1),
-        ));
-        let clock = SharedClock::new(manual.clone());
+        let (manual, clock) = before_midnight(1);
         let ledger = ledger(4, &clock);
         let payer = Payer::Proxy(Initiator::Revalidate);
         let late = ledger.charge(&payer, 2).await.unwrap();

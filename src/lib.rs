@@ -2,8 +2,9 @@
 //! endpoints (by default TikTok hashtag detail), one route per `[[routes]]` entry.
 //!
 //! One request, top to bottom: `server` (connections, their timeouts and
-//! cap) → [`routes`] (HTTP) → [`access`] (who is calling: a client token,
-//! or a signed visitor token of one of the [`issuers`]) → [`limits`]
+//! cap) → `observe` ([`caller`]: the caller's address) → [`routes`] (HTTP;
+//! [`browser`]: allowed `Host`s, cross-site refusals) → [`access`] (which
+//! client token) or [`issuers`] (a signed visitor token) → [`limits`]
 //! (request-rate limits) → [`route`] (the route table: raw query →
 //! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
 //! here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
@@ -19,8 +20,10 @@
 pub mod access;
 pub mod app;
 pub(crate) mod breaker;
+pub mod browser;
 pub mod cache;
 pub(crate) mod cache_status;
+pub mod caller;
 pub mod cli;
 pub mod clock;
 pub mod coalesce;

@@ -15,7 +15,10 @@ use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use crate::route::{self, Kind, Param, RouteTable};
+use crate::{
+    browser::PROBE_PATHS,
+    route::{self, Kind, Param, RouteTable},
+};
 
 /// The error envelope (KeyAPI's own shape), with the HTTP status as `code`.
 #[derive(ToSchema)]
@@ -77,7 +80,7 @@ const ROUTE_TEMPLATE: &str = "/__route__";
             headers(("Cache-Control" = String, description = "`no-store`"))),
         (status = 401, description = "Clients are configured and the token is missing or wrong; or a signed visitor token (issuers configured) is malformed, expired, foreign or does not verify", body = Envelope,
             headers(("WWW-Authenticate" = String, description = "`Bearer` (`Bearer error=\"invalid_token\"` for a signed token)"))),
-        (status = 403, description = "The `Origin` header names an origin not in `cors.allowed_origins`", body = Envelope),
+        (status = 403, description = "The `Origin` header names an origin not in `cors.allowed_origins`; or a browser's cross-site request (`Sec-Fetch-Site: cross-site`) that is not a CORS request from an allowed origin", body = Envelope),
         (status = 404, description = "KeyAPI's 404 (e.g. unknown hashtag), passed through (its body)", content_type = "application/json", body = Object),
         (status = 422, description = "KeyAPI's 422, passed through (its body)", content_type = "application/json", body = Object),
         (status = "4XX", description = "Another KeyAPI 4xx, passed through (its JSON body, else our envelope)", content_type = "application/json", body = Object),
@@ -197,6 +200,10 @@ pub fn document(table: &RouteTable) -> Bytes {
     }
     if let Some(paths) = doc["paths"].as_object_mut() {
         for (path, operations) in paths.iter_mut() {
+            // Before `complete`, so the HEAD made from GET gets it (without a body).
+            if !PROBE_PATHS.contains(&path.as_str()) {
+                refuse_foreign_hosts(operations);
+            }
             complete(operations, path != "/openapi.json");
         }
     }
@@ -210,6 +217,7 @@ pub fn document(table: &RouteTable) -> Bytes {
         ));
         operation["operationId"] = json!(route.path());
         operation["parameters"] = route.params().iter().map(parameter).collect();
+        refuse_foreign_hosts(&mut item);
         complete(&mut item, false);
         doc["paths"][route.path()] = item;
     }
@@ -273,6 +281,20 @@ fn purge_query(table: &RouteTable) -> Value {
             "dependentRequired": dependent,
         },
     })
+}
+
+/// The 421 every path but the probes gives to a `Host` not in `server.allowed_hosts`.
+fn refuse_foreign_hosts(operations: &mut Value) {
+    let Some(operations) = operations.as_object_mut() else {
+        return;
+    };
+    for operation in operations.values_mut() {
+        operation["responses"]["421"] = json!({
+            "description": "The `Host` is not in `server.allowed_hosts` (DNS-rebinding defence)",
+            "headers": {"Cache-Control": {"description": "`no-store`", "schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+        });
+    }
 }
 
 /// Fills in what only the router knows: `HEAD` next to every `GET` (axum

@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::{
-    TEST_API_KEY, captured_logs, parts, spawn_app_with,
+    TEST_API_KEY, parts, spawn_app_with,
     tokens::{HsSecret, claims, hs256_issuer, with},
 };
 use keyapi_proxy::{config::Config, demo::FakeMode, upstream::Upstream};
@@ -32,7 +32,7 @@ fn assert_no_key(what: &str, text: &str) {
 
 #[tokio::test]
 async fn key_appears_in_no_response_and_no_log_line() {
-    let logs = captured_logs();
+    common::logs::captured();
     let app = spawn_app_with(|c| c.upstream.request_timeout = Duration::from_millis(300)).await;
     let modes = [
         FakeMode::Normal,
@@ -78,7 +78,7 @@ async fn key_appears_in_no_response_and_no_log_line() {
             .all(|r| r.headers["authorization"] == format!("Bearer {TEST_API_KEY}").as_str())
     );
 
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let text = common::logs::text();
     assert!(
         text.contains("upstream call failed"),
         "error paths were logged"
@@ -92,7 +92,7 @@ async fn key_appears_in_no_response_and_no_log_line() {
 
 #[tokio::test]
 async fn signed_tokens_their_secret_and_subjects_appear_in_no_log_line_or_response() {
-    let logs = captured_logs();
+    common::logs::captured();
     let secret = HsSecret::new("hs256-SECRETVALUE-of-32-bytes-xyz");
     let app = spawn_app_with(|c| c.issuers = vec![hs256_issuer(&secret)]).await;
     let sub = "person-SUBJECTNAME@example.com";
