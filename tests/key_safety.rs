@@ -132,7 +132,7 @@ async fn signed_tokens_their_secret_and_subjects_appear_in_no_log_line_or_respon
     config.issuers = vec![hs256_issuer(&secret)];
     check("Debug of Config", &format!("{config:?}"));
     assert_eq!(app.upstream.calls(), 1);
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let text = common::logs::text();
     assert!(
         text.contains("subject:site:"),
         "the subject was logged, hashed"
