@@ -180,7 +180,8 @@ pub struct CacheConfig {
     /// `KEYAPI_PROXY__CACHE__TTL`: default freshness lifetime.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// `KEYAPI_PROXY__CACHE__ALLOW_CLIENT_REFRESH`: honour `Cache-Control: no-cache`.
+    /// `KEYAPI_PROXY__CACHE__ALLOW_CLIENT_REFRESH`: honour `Cache-Control: no-cache`, and
+    /// `max-age` / `min-fresh` refusing a fresh copy (both refetch, spending credits).
     pub allow_client_refresh: bool,
     /// `KEYAPI_PROXY__CACHE__STALE_WHILE_REVALIDATE`: after the TTL, serve stale and refresh in the background.
     #[serde(with = "humantime_serde")]
@@ -372,7 +373,8 @@ pub struct ClientConfig {
     pub id: String,
     /// Lower-case hex SHA-256 of the client's token (64 digits).
     pub token_sha256: String,
-    /// May force a refetch with `Cache-Control: no-cache` (spends credits).
+    /// May force a refetch with `Cache-Control: no-cache`, or `max-age` /
+    /// `min-fresh` refusing a fresh copy (spends credits).
     #[serde(default)]
     pub refresh: bool,
     /// May use the admin endpoints (`/admin/cache`: list and purge).

@@ -36,6 +36,9 @@ pub(crate) enum ApiError {
     /// A foreign `Host` or a cross-site browser request (see [`browser`]).
     #[error(transparent)]
     Browser(#[from] browser::Refusal),
+    /// `Cache-Control: only-if-cached` and no kept copy meets the request.
+    #[error("only-if-cached: no kept copy")]
+    NotCached,
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -86,7 +89,8 @@ impl ApiError {
             Self::Proxy(ProxyError::Abandoned(_)) | Self::Panicked => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            Self::Proxy(ProxyError::Upstream(UpstreamError::Timeout)) => {
+            // RFC 9111 §5.2.1.7: 504 when only-if-cached finds nothing.
+            Self::NotCached | Self::Proxy(ProxyError::Upstream(UpstreamError::Timeout)) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Self::Proxy(ProxyError::Upstream(
@@ -119,6 +123,9 @@ impl ApiError {
             Self::Proxy(ProxyError::Budget(e)) => return e.to_string(),
             Self::OriginRefused => {
                 "Requests from this origin are not allowed: it is not in the proxy's cors.allowed_origins."
+            }
+            Self::NotCached => {
+                "The request said Cache-Control: only-if-cached and the proxy keeps no copy of this answer that meets it; KeyAPI was not asked and no credits were spent."
             }
             Self::NotFound => {
                 "There is nothing at this path; /openapi.json lists the proxied routes and the other endpoints."
@@ -210,6 +217,7 @@ impl ApiError {
                 headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
                 cache_status::set_forwarded_uncached(headers, None, refusal.as_str());
             }
+            Self::NotCached => cache_status::set_unserved(headers, "only-if-cached"),
             _ => cache_status::set_no_store(headers),
         }
         response

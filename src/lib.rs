@@ -6,8 +6,8 @@
 //! [`browser`]: allowed `Host`s, cross-site refusals) → [`access`] (which
 //! client token) or [`issuers`] (a signed visitor token) → [`limits`]
 //! (request-rate limits) → [`route`] (the route table: raw query →
-//! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
-//! here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
+//! normalized key, bad input stops here) → [`directives`] (the client's
+//! `Cache-Control`) → [`proxy`] → [`cache`] (a hit ends here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
 //! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
 //! key injected, gated by `protect` and its `breaker`; bodies checked by
 //! [`envelope`]) → [`cache`] →
@@ -31,6 +31,7 @@ pub mod config;
 pub(crate) mod cors;
 pub mod demo;
 pub mod digest;
+pub mod directives;
 pub mod envelope;
 pub(crate) mod error;
 pub mod issuers;

@@ -59,7 +59,7 @@ const ROUTE_TEMPLATE: &str = "/__route__";
         (status = 200, description = "KeyAPI's body, byte for byte (cached, or a passed-through `code != 0` answer)",
             content_type = "application/json", body = Object,
             headers(
-                ("Cache-Status" = String, description = "RFC 9211: `keyapi-proxy; hit; ttl=N`, `…; fwd=uri-miss; stored`, `…; collapsed`, …"),
+                ("Cache-Status" = String, description = "RFC 9211: `keyapi-proxy; hit; ttl=N`, `…; fwd=uri-miss; stored`, `…; collapsed`, `…; hit; ttl=-N; detail=max-stale` (a stale copy the request's `Cache-Control` took), …"),
                 ("Age" = u64, description = "Seconds since the answer was stored"),
                 ("Cache-Control" = String, description = "Cached answers: `max-age=<whole freshness lifetime>` plus `stale-while-revalidate=`/`stale-if-error=` when configured (`max-age − Age` is the Cache-Status ttl); passed-through answers: `no-store`"),
                 ("ETag" = String, description = "Strong tag of the representation sent; the gzip one ends in `-gzip`"),
@@ -90,7 +90,8 @@ const ROUTE_TEMPLATE: &str = "/__route__";
         (status = 502, description = "KeyAPI failed, rejected the configured key, or answered invalidly", body = Envelope),
         (status = 503, description = "Upstream protection: circuit open, too many calls in flight, or the spend-rate cap; or the shared credit ledger (Redis) is unreachable; or the signing keys of a signed token's issuer cannot be fetched; see `Retry-After`", body = Envelope,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 504, description = "KeyAPI did not answer in time", body = Envelope),
+        (status = 504, description = "KeyAPI did not answer in time; or the request said `Cache-Control: only-if-cached` and no kept copy meets it (`Cache-Status: keyapi-proxy; detail=only-if-cached`: no call, no credits)", body = Envelope,
+            headers(("Cache-Status" = String, description = "`keyapi-proxy; detail=only-if-cached`, or `keyapi-proxy; fwd=uri-miss; detail=timeout`"))),
     )
 )]
 fn proxied_route() {}

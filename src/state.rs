@@ -88,7 +88,8 @@ impl AppState {
         &self.0.openapi
     }
 
-    /// Whether clients may force a refresh with `Cache-Control: no-cache`.
+    /// Whether clients may force a refresh with `Cache-Control: no-cache` (or
+    /// `max-age` / `min-fresh` refusing a fresh copy).
     pub fn allow_client_refresh(&self) -> bool {
         self.0.allow_client_refresh
     }

@@ -26,6 +26,7 @@ use keyapi_proxy::{
     clock::{Clock as _, ManualClock},
     config::Config,
     digest,
+    directives::Ask,
     issuers::Subject,
     ledger::Payer,
     proxy::{Outcome, ProxyError},
@@ -355,9 +356,10 @@ async fn a_subject_joining_a_fetch_its_leaders_budget_refused_asks_on_its_own_ac
     let key = route.parse(Some("hashtag_name=shared")).unwrap();
     // The spent subject starts the key's fetch; the other joins it before it runs.
     let payer = |s: &Subject| Payer::Request(Some(Arc::clone(&s.account)));
-    let mut leader = pin!(proxy.serve(&key, route, false, payer(&broke)));
+    let ask = Ask::default();
+    let mut leader = pin!(proxy.serve(&key, route, &ask, payer(&broke)));
     assert!(poll_once(leader.as_mut()).await.is_pending());
-    let mut follower = pin!(proxy.serve(&key, route, false, payer(&rich)));
+    let mut follower = pin!(proxy.serve(&key, route, &ask, payer(&rich)));
     assert!(poll_once(follower.as_mut()).await.is_pending());
     match leader.await {
         Err(ProxyError::Budget(refusal)) => assert_eq!(refusal.as_str(), "subject_budget"),

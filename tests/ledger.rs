@@ -668,6 +668,16 @@ async fn the_ledger_equals_the_bill_for_random_traffic_with_a_slow_redis() {
 /// does not answer in time (in the randomized test).
 const RANDOM_OUTAGE_ALLOWANCE: u64 = 4;
 
+/// Freshness directives a third of the random requests carry.
+const RANDOM_DIRECTIVES: [&str; 6] = [
+    "only-if-cached",
+    "no-cache",
+    "max-age=0",
+    "min-fresh=1",
+    "max-stale",
+    "max-stale=0, only-if-cached",
+];
+
 /// Subjects of the signed visitor tokens in the randomized test, and the
 /// budget each may spend per day.
 const RANDOM_SUBJECTS: [&str; 2] = ["subject-x", "subject-y"];
@@ -704,7 +714,10 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         a.daily_budget = Some(12);
         let mut b = client("b", tokens[1]);
         b.daily_budget = Some(1000);
-        c.clients = vec![a, b, client("c", tokens[2])];
+        // c may refresh: its no-cache and max-age refetch fresh copies.
+        let mut refresher = client("c", tokens[2]);
+        refresher.refresh = true;
+        c.clients = vec![a, b, refresher];
         c.credits.daily_budget = 60;
         c.cache.ttl = Duration::from_millis(250);
         c.cache.stale_while_revalidate = Duration::from_millis(150);
@@ -760,6 +773,10 @@ async fn random_traffic(redis: Option<&RedisServer>) {
             let mut request = app
                 .hashtag_request(reqwest::Method::GET, &query)
                 .bearer_auth(token);
+            if rng.u8(..3) == 0 {
+                let directives = RANDOM_DIRECTIVES[rng.usize(..RANDOM_DIRECTIVES.len())];
+                request = request.header("Cache-Control", directives);
+            }
             if rng.bool() {
                 // This client hangs up early.
                 request = request.timeout(Duration::from_millis(rng.u64(5..80)));

@@ -2,21 +2,22 @@
 //! Reads top to bottom: admit → parse (the route's parameters into a key) →
 //! serve (the proxy) → respond. Nothing of the client's request other than
 //! its token (a client token or a signed visitor token: checked, never
-//! forwarded), the route's parameters,
-//! `If-None-Match`, `Accept-Encoding` and, if allowed, `Cache-Control:
-//! no-cache` is used.
+//! forwarded), the route's parameters, `If-None-Match`, `Accept-Encoding`
+//! and its `Cache-Control` directives (read by [`crate::directives`];
+//! `no-cache` only if allowed) is used.
 
 use std::sync::Arc;
 
 use axum::{
     body::Body,
-    http::{HeaderMap, header::CACHE_CONTROL, header::CONTENT_TYPE, request::Parts},
+    http::{HeaderMap, header::CONTENT_TYPE, request::Parts},
     response::Response,
 };
 
 use crate::{
     access::Client,
     cache_status,
+    directives::{Ask, Directives},
     error::{APPLICATION_JSON, ApiError},
     issuers::Subject,
     ledger::{Account, Payer},
@@ -42,11 +43,13 @@ pub(super) async fn answer(route: &Arc<Route>, state: &AppState, request: Parts)
         Ok(key) => key,
         Err(e) => return ApiError::from(e).to_response(&RequestId::current()),
     };
-    let may_refresh = state.allow_client_refresh() || caller.may_refresh();
-    let refresh = may_refresh && asks_for_refresh(headers);
+    let ask = Ask {
+        directives: Directives::of(headers),
+        may_refresh: state.allow_client_refresh() || caller.may_refresh(),
+    };
     // A fetch this request starts is charged to its caller (and the global budget).
     let payer = Payer::Request(caller.account());
-    let outcome = state.proxy().serve(&key, route, refresh, payer).await;
+    let outcome = state.proxy().serve(&key, route, &ask, payer).await;
     let (response, served, upstream_status) = respond(headers, outcome);
     AccessLog {
         client: caller.id(),
@@ -69,7 +72,10 @@ fn respond(
         Ok(Outcome::Cached { entry, state, now }) => {
             let response = negotiate::cached_response(headers, &entry, state, now);
             let upstream = match state {
-                CacheState::Hit | CacheState::Stale | CacheState::StaleOverBudget => None,
+                CacheState::Hit
+                | CacheState::Stale
+                | CacheState::StaleOverBudget
+                | CacheState::StaleAccepted(_) => None,
                 CacheState::StaleIfError { fwd_status } => fwd_status,
                 CacheState::Stored | CacheState::Collapsed | CacheState::Refreshed => {
                     Some(entry.status.as_u16())
@@ -84,6 +90,10 @@ fn respond(
             headers.insert(CONTENT_TYPE, APPLICATION_JSON);
             cache_status::set_forwarded_uncached(headers, Some(status.as_u16()), "declined");
             (response, Served::Declined, Some(status.as_u16()))
+        }
+        Ok(Outcome::NotCached) => {
+            let response = ApiError::NotCached.to_response(&RequestId::current());
+            (response, Served::NotCached, None)
         }
         Err(error) => {
             let upstream_status = error.upstream_status();
@@ -171,15 +181,4 @@ async fn admit(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError
     }
     caller.count_request();
     Ok(caller)
-}
-
-/// `Cache-Control: no-cache` (or `max-age=0`) from the client.
-fn asks_for_refresh(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .any(|d| d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("max-age=0"))
 }
