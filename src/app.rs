@@ -23,6 +23,7 @@ use crate::{
     clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
     cors,
+    issuers::{IssuerError, Issuers},
     ledger::{Budget, Ledger},
     limits::RateLimit,
     metrics::{Metrics, Scope},
@@ -57,6 +58,8 @@ pub enum StartupError {
     Routes(#[from] RouteConfigError),
     #[error("configuration: {0}")]
     Warmup(#[from] WarmupConfigError),
+    #[error(transparent)]
+    Issuers(#[from] IssuerError),
 }
 
 /// Compiles what `config` describes beyond its own sections: the route table
@@ -139,6 +142,7 @@ impl App {
             ),
             metrics: Arc::clone(&metrics),
             access: Access::new(&config.clients, &metrics, &clock, redis.as_ref()),
+            issuers: Issuers::new(&config.issuers, &metrics, &clock, redis.as_ref())?,
             rate_limit: RateLimit::new(
                 config.rate_limit.per_minute,
                 config.rate_limit.burst,

@@ -14,8 +14,8 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::AuthError, browser, cache_status, ledger, limits::RateLimited, proxy::ProxyError,
-    request_id::RequestId, route::KeyError, upstream::UpstreamError,
+    access::AuthError, browser, cache_status, issuers::TokenError, ledger, limits::RateLimited,
+    proxy::ProxyError, request_id::RequestId, route::KeyError, upstream::UpstreamError,
 };
 
 /// An error answer.
@@ -27,6 +27,8 @@ pub(crate) enum ApiError {
     Proxy(#[from] ProxyError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
     #[error(transparent)]
     Limited(#[from] RateLimited),
     #[error("origin not in cors.allowed_origins")]
@@ -68,6 +70,9 @@ impl ApiError {
         match self {
             Self::BadRequest(_) | Self::PrefaceOverHttp1 => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
+            // Not the token's fault: its issuer's keys cannot be had just now.
+            Self::Token(TokenError::KeysUnavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Token(_) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden)
             | Self::OriginRefused
             | Self::Browser(browser::Refusal::CrossSite) => StatusCode::FORBIDDEN,
@@ -112,6 +117,7 @@ impl ApiError {
         let fixed = match self {
             Self::BadRequest(e) => return e.to_string(),
             Self::Auth(e) => return e.to_string(),
+            Self::Token(e) => return e.to_string(),
             Self::Limited(e) => return e.to_string(),
             Self::Browser(e) => return e.to_string(),
             Self::Proxy(ProxyError::Budget(e)) => return e.to_string(),
@@ -189,6 +195,18 @@ impl ApiError {
             }
             Self::Auth(AuthError::Unauthorized) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                cache_status::set_no_store(headers);
+            }
+            Self::Token(TokenError::KeysUnavailable { retry_after_secs }) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                cache_status::set_no_store(headers);
+            }
+            Self::Token(_) => {
+                // RFC 6750 3.1: the client should get a new token.
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
                 cache_status::set_no_store(headers);
             }
             Self::Limited(refusal) => {

@@ -172,6 +172,7 @@ impl Refusal {
             Some(Scope::Global) => "global_budget",
             Some(Scope::Client) => "client_budget",
             Some(Scope::Warmup) => "warmup_allowance",
+            Some(Scope::Subject) => "subject_budget",
             None => "ledger_unavailable",
         }
     }
@@ -267,22 +268,25 @@ impl Budget {
     }
 }
 
-/// A configured client's (or warm-up's) account: its budget and what it has been charged.
+/// A configured client's (or warm-up's, or token subject's) account: its
+/// budget and what it has been charged.
 #[derive(Debug)]
 pub struct Account {
-    /// The client's configured id.
+    /// The client's configured id (a subject's ledger name).
     pub id: Arc<str>,
     /// Its daily budget, if any.
     pub budget: Option<Budget>,
-    /// `client_credits_spent_total{client}`: credits of calls it started.
+    /// `client_credits_spent_total{client}` (for a subject, its issuer's
+    /// `issuer_credits_spent_total{issuer}`): credits of calls it started.
     pub charged: Counter,
 }
 
 /// Who starts an upstream fetch, and so whose budgets it draws on.
 #[derive(Debug, Clone)]
 pub enum Payer {
-    /// A client request whose miss started the fetch: its account (if
-    /// clients are configured) and the global budget.
+    /// A client request whose miss started the fetch: its account (a
+    /// configured client's, or a token subject's; none for an anonymous
+    /// caller) and the global budget.
     Request(Option<Arc<Account>>),
     /// The proxy itself: the global budget only.
     Proxy(Initiator),

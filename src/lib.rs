@@ -4,7 +4,7 @@
 //! One request, top to bottom: `server` (connections, their timeouts and
 //! cap) → `observe` ([`caller`]: the caller's address) → [`routes`] (HTTP;
 //! [`browser`]: allowed `Host`s, cross-site refusals) → [`access`] (which
-//! client token) → [`limits`]
+//! client token) or [`issuers`] (a signed visitor token) → [`limits`]
 //! (request-rate limits) → [`route`] (the route table: raw query →
 //! normalized key, bad input stops here) → [`directives`] (the client's
 //! `Cache-Control`) → [`proxy`] → [`cache`] (a hit ends here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
@@ -34,6 +34,7 @@ pub mod digest;
 pub mod directives;
 pub mod envelope;
 pub(crate) mod error;
+pub mod issuers;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

@@ -56,7 +56,7 @@ const MAX_LOGGED_LEN: usize = 256;
 /// What a handler reports about its answer for the access log and the metrics.
 #[derive(Debug, Clone)]
 pub(crate) struct AccessLog {
-    /// The configured client's id, when clients are configured.
+    /// Who asked: a configured client's id, or a token subject's hashed name.
     pub(crate) client: Option<Arc<str>>,
     pub(crate) key: CacheKey,
     /// How the request was answered (the `cache` log field).

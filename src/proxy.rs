@@ -382,8 +382,8 @@ impl Proxy {
     }
 
     /// Runs or joins the one fetch of `key`. Joining is free and never refused
-    /// by a budget: a follower whose leader's own budget (a client's, or a
-    /// warm-up's allowance) refused tries again on its own account (it may
+    /// by a budget: a follower whose leader's own budget (a client's, a token
+    /// subject's, or a warm-up's allowance) refused tries again on its own account (it may
     /// lead this time, or join another). The global budget and an
     /// unreachable ledger refuse everyone alike: no second try.
     async fn fetch_shared(
@@ -410,7 +410,7 @@ impl Proxy {
             let leaders_own_budget = matches!(
                 &fetched,
                 Err(ProxyError::Budget(refusal))
-                    if matches!(refusal.scope(), Some(Scope::Client | Scope::Warmup))
+                    if matches!(refusal.scope(), Some(Scope::Client | Scope::Subject | Scope::Warmup))
             );
             if role == Role::Follower && leaders_own_budget && rejoins < MAX_REJOINS {
                 rejoins += 1;

@@ -10,8 +10,8 @@ use std::sync::{
 use bytes::Bytes;
 
 use crate::{
-    access::Access, clock::SharedClock, limits::RateLimit, metrics::Metrics, proxy::Proxy,
-    route::RouteTable, warmup::Warmup,
+    access::Access, clock::SharedClock, issuers::Issuers, limits::RateLimit, metrics::Metrics,
+    proxy::Proxy, route::RouteTable, warmup::Warmup,
 };
 
 /// Shared, read-only state of the running service (cheap to clone).
@@ -23,6 +23,8 @@ pub struct Shared {
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
     pub access: Access,
+    /// The `[[issuers]]` whose signed tokens let visitors in.
+    pub issuers: Issuers,
     pub clock: SharedClock,
     pub rate_limit: Option<RateLimit>,
     pub routes: RouteTable,
@@ -54,6 +56,11 @@ impl AppState {
     /// The configured clients (empty: open proxy).
     pub fn access(&self) -> &Access {
         &self.0.access
+    }
+
+    /// The configured issuers of signed visitor tokens (empty: none).
+    pub fn issuers(&self) -> &Issuers {
+        &self.0.issuers
     }
 
     /// The clock that rate limits, budgets and statistics count with.

@@ -6,6 +6,7 @@ pub mod entries;
 pub mod logs;
 pub mod redis_server;
 pub mod relay;
+pub mod tokens;
 
 use std::{
     future::Future,
