@@ -18,7 +18,7 @@ use crate::{
     clock::SharedClock,
     config::ClientConfig,
     digest,
-    ledger::{Account, Budget},
+    ledger::{Account, Budget, DaySpend},
     limits::RateLimit,
     metrics::{Metrics, Scope},
 };
@@ -96,6 +96,7 @@ impl Access {
                             .daily_budget
                             .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
                         charged: counters.credits_spent,
+                        spent: DaySpend::default(),
                     }),
                     token_sha256: words(&digest::parse_sha256_hex(&c.token_sha256)?),
                     id,
@@ -136,6 +137,21 @@ impl Access {
         } else {
             Err(AuthError::Unauthorized)
         }
+    }
+
+    /// The client presenting a valid token, or `Ok(None)` for a visitor:
+    /// anyone when the proxy is open, else (when `visitors_allowed`, mixed
+    /// mode) a caller presenting no token at all. A wrong token is never a visitor.
+    pub fn authenticate_caller(
+        &self,
+        headers: &HeaderMap,
+        visitors_allowed: bool,
+    ) -> Result<Option<Arc<Client>>, AuthError> {
+        let no_token = !headers.contains_key(AUTHORIZATION) && !headers.contains_key(&X_API_KEY);
+        if visitors_allowed && no_token {
+            return Ok(None);
+        }
+        self.authenticate(headers)
     }
 
     /// A client with the purge flag, or why not.

@@ -37,6 +37,7 @@ use crate::{
     snapshot,
     state::{AppState, Shared},
     upstream::Upstream,
+    visitors::Visitors,
     warmup::{Warmup, WarmupConfigError, WarmupPlan},
 };
 
@@ -143,6 +144,7 @@ impl App {
             metrics: Arc::clone(&metrics),
             access: Access::new(&config.clients, &metrics, &clock, redis.as_ref()),
             issuers: Issuers::new(&config.issuers, &metrics, &clock, redis.as_ref())?,
+            visitors: Visitors::new(&config.visitors, &metrics, &clock, redis.as_ref()),
             rate_limit: RateLimit::new(
                 config.rate_limit.per_minute,
                 config.rate_limit.burst,

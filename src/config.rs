@@ -71,6 +71,7 @@ pub struct Config {
     pub log: LogConfig,
     pub credits: CreditsConfig,
     pub rate_limit: RateLimitConfig,
+    pub visitors: VisitorsConfig,
     pub cors: CorsConfig,
     /// `[[clients]]`, or `KEYAPI_PROXY__CLIENTS` as inline TOML. Empty: the proxy is
     /// open to anyone who can reach it (refused off loopback unless `server.open`).
@@ -350,6 +351,32 @@ pub struct RateLimitConfig {
     pub per_minute: u32,
     /// `KEYAPI_PROXY__RATE_LIMIT__BURST`: requests allowed at once; 0 = `per_minute`.
     pub burst: u32,
+}
+
+/// `[visitors]`: limits for each caller without a token (a visitor), known
+/// by its address cut to a prefix. Every limit 0 = visitors share only the
+/// global limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisitorsConfig {
+    /// `KEYAPI_PROXY__VISITORS__ALLOW`: with `[[clients]]`, let callers
+    /// without a token in as visitors (mixed mode) instead of 401.
+    pub allow: bool,
+    /// `KEYAPI_PROXY__VISITORS__IPV4_PREFIX`: leading bits of an IPv4 address naming a visitor.
+    pub ipv4_prefix: u8,
+    /// `KEYAPI_PROXY__VISITORS__IPV6_PREFIX`: leading bits of an IPv6 address
+    /// naming a visitor (64: one host cannot rotate through its /64).
+    pub ipv6_prefix: u8,
+    /// `KEYAPI_PROXY__VISITORS__RATE_PER_MINUTE`: each visitor's requests per minute; 0 = no limit.
+    pub rate_per_minute: u32,
+    /// `KEYAPI_PROXY__VISITORS__BURST`: each visitor's requests at once; 0 = `rate_per_minute`.
+    pub burst: u32,
+    /// `KEYAPI_PROXY__VISITORS__DAILY_BUDGET`: credits each visitor's misses
+    /// may spend per UTC day; 0 = no budget of its own.
+    pub daily_budget: u64,
+    /// `KEYAPI_PROXY__VISITORS__MAX_TRACKED`: visitors whose limits this
+    /// replica keeps in memory; when full, those not seen lately are forgotten first.
+    pub max_tracked: usize,
 }
 
 /// `[cors]`: which browser origins may call the proxy.
@@ -704,6 +731,7 @@ impl Config {
             }
         }
         validate_clients(&self.clients)?;
+        validate_visitors(&self.visitors)?;
         validate_issuers(&self.issuers)
     }
 }
@@ -747,6 +775,20 @@ fn is_label(name: &str) -> bool {
 }
 
 /// Issuer names become metric labels and ledger names; each names one key.
+fn validate_visitors(visitors: &VisitorsConfig) -> Result<(), ConfigError> {
+    if !(1..=32).contains(&visitors.ipv4_prefix) || !(1..=128).contains(&visitors.ipv6_prefix) {
+        return Err(ConfigError::Invalid(
+            "visitors.ipv4_prefix must be 1-32 and visitors.ipv6_prefix 1-128".into(),
+        ));
+    }
+    if !(1..=MAX_SUBJECTS).contains(&visitors.max_tracked) {
+        return Err(ConfigError::Invalid(format!(
+            "visitors.max_tracked must be between 1 and {MAX_SUBJECTS}"
+        )));
+    }
+    Ok(())
+}
+
 fn validate_issuers(issuers: &[IssuerConfig]) -> Result<(), ConfigError> {
     let invalid = |msg: String| Err(ConfigError::Invalid(msg));
     let mut names = std::collections::HashSet::new();

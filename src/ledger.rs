@@ -173,6 +173,7 @@ impl Refusal {
             Some(Scope::Client) => "client_budget",
             Some(Scope::Warmup) => "warmup_allowance",
             Some(Scope::Subject) => "subject_budget",
+            Some(Scope::Visitor) => "visitor_budget",
             None => "ledger_unavailable",
         }
     }
@@ -279,6 +280,37 @@ pub struct Account {
     /// `client_credits_spent_total{client}` (for a subject, its issuer's
     /// `issuer_credits_spent_total{issuer}`): credits of calls it started.
     pub charged: Counter,
+    /// Credits of its calls that reached KeyAPI today, on this replica
+    /// (`/stats`'s top spenders; kept whether or not it has a budget).
+    pub spent: DaySpend,
+}
+
+/// Credits spent on one UTC day, started afresh on the next.
+#[derive(Debug, Default)]
+pub struct DaySpend(Mutex<(u64, u64)>);
+
+impl DaySpend {
+    /// Credits spent on `day` (0 if the tally is of another day).
+    pub fn on(&self, day: u64) -> u64 {
+        let (tally_day, credits) = *self.lock();
+        if tally_day == day { credits } else { 0 }
+    }
+
+    /// Adds `cost` to `day`'s tally; an older day's is dropped first, and a
+    /// charge of a day that has ended does not count on the new one.
+    fn add(&self, day: u64, cost: u64) {
+        let mut tally = self.lock();
+        if day > tally.0 {
+            *tally = (day, 0);
+        }
+        if day == tally.0 {
+            tally.1 += cost;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (u64, u64)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Who starts an upstream fetch, and so whose budgets it draws on.
@@ -763,6 +795,7 @@ impl Charge<'_> {
             ledger.metrics.credits_spent(self.payer.as_str(), cost);
             if let Some(account) = self.payer.account() {
                 account.charged.inc_by(cost);
+                account.spent.add(self.day, cost);
             }
             return;
         }

@@ -4,7 +4,8 @@
 //! One request, top to bottom: `server` (connections, their timeouts and
 //! cap) → `observe` ([`caller`]: the caller's address) → [`routes`] (HTTP;
 //! [`browser`]: allowed `Host`s, cross-site refusals) → [`access`] (which
-//! client token) or [`issuers`] (a signed visitor token) → [`limits`]
+//! client token) or [`issuers`] (a signed visitor token) or [`visitors`]
+//! (no token: known by address), each a payer ([`payers`]) → [`limits`]
 //! (request-rate limits) → [`route`] (the route table: raw query →
 //! normalized key, bad input stops here) → [`directives`] (the client's
 //! `Cache-Control`) → [`proxy`] → [`cache`] (a hit ends here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
@@ -41,6 +42,7 @@ pub mod metrics;
 pub(crate) mod negotiate;
 pub(crate) mod observe;
 pub mod openapi;
+pub mod payers;
 pub(crate) mod protect;
 pub mod proxy;
 pub(crate) mod request_id;
@@ -55,4 +57,5 @@ pub(crate) mod stats;
 pub(crate) mod summary;
 pub(crate) mod telemetry;
 pub mod upstream;
+pub mod visitors;
 pub mod warmup;

@@ -104,6 +104,8 @@ pub enum Scope {
     Warmup,
     /// One subject (`sub`) of a signed visitor token.
     Subject,
+    /// One visitor (a caller without a token, by address prefix).
+    Visitor,
 }
 
 impl Scope {
@@ -114,6 +116,7 @@ impl Scope {
             Self::Client => "client",
             Self::Warmup => "warmup",
             Self::Subject => "subject",
+            Self::Visitor => "visitor",
         }
     }
 
@@ -124,6 +127,7 @@ impl Scope {
             Self::Client => "this client's",
             Self::Warmup => "this warm-up's",
             Self::Subject => "this token subject's",
+            Self::Visitor => "this visitor's",
         }
     }
 }
@@ -134,7 +138,7 @@ pub struct CachedCounter(OnceLock<Counter>);
 
 /// Counters of one configured client (or issuer), resolved once at start-up
 /// so the request path does no label lookup for them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClientCounters {
     pub requests: Counter,
     pub credits_spent: Counter,
@@ -196,6 +200,7 @@ pub struct Metrics {
     client_credits: Family<ClientLabels, Counter>,
     issuer_requests: Family<IssuerLabels, Counter>,
     issuer_credits: Family<IssuerLabels, Counter>,
+    visitors: ClientCounters,
     tokens_rejected: Family<ReasonLabels, Counter>,
     stale_served: Counter,
     /// Requests of the proxied route refused before the cache (bad input,
@@ -288,7 +293,7 @@ impl Metrics {
         let rate_limited = Family::default();
         registry.register(
             "rate_limited",
-            "Requests refused with 429 by a rate limit, by scope (global, client)",
+            "Requests refused with 429 by a rate limit, by scope (global, client, subject, visitor)",
             rate_limited.clone(),
         );
         let budget_refused = Family::default();
@@ -332,6 +337,17 @@ impl Metrics {
             "issuer_credits_spent",
             "Credits of upstream calls started by the subjects of a configured issuer",
             issuer_credits.clone(),
+        );
+        let visitors = ClientCounters::default();
+        registry.register(
+            "visitor_requests",
+            "Requests let in from visitors (callers without a token; no address label)",
+            visitors.requests.clone(),
+        );
+        registry.register(
+            "visitor_credits_spent",
+            "Credits of upstream calls started by visitors",
+            visitors.credits_spent.clone(),
         );
         let tokens_rejected = Family::default();
         registry.register(
@@ -399,6 +415,7 @@ impl Metrics {
             client_credits,
             issuer_requests,
             issuer_credits,
+            visitors,
             tokens_rejected,
             stale_served,
             rejected: Counter::default(),
@@ -562,6 +579,11 @@ impl Metrics {
             requests: self.issuer_requests.get_or_create(&labels).clone(),
             credits_spent: self.issuer_credits.get_or_create(&labels).clone(),
         }
+    }
+
+    /// The counters of all visitors together.
+    pub fn visitors(&self) -> ClientCounters {
+        self.visitors.clone()
     }
 
     /// Counts a signed token refused for `reason`.

@@ -410,7 +410,7 @@ impl Proxy {
             let leaders_own_budget = matches!(
                 &fetched,
                 Err(ProxyError::Budget(refusal))
-                    if matches!(refusal.scope(), Some(Scope::Client | Scope::Subject | Scope::Warmup))
+                    if matches!(refusal.scope(), Some(Scope::Client | Scope::Subject | Scope::Visitor | Scope::Warmup))
             );
             if role == Role::Follower && leaders_own_budget && rejoins < MAX_REJOINS {
                 rejoins += 1;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use crate::{
     access::Access, clock::SharedClock, issuers::Issuers, limits::RateLimit, metrics::Metrics,
-    proxy::Proxy, route::RouteTable, warmup::Warmup,
+    proxy::Proxy, route::RouteTable, visitors::Visitors, warmup::Warmup,
 };
 
 /// Shared, read-only state of the running service (cheap to clone).
@@ -25,6 +25,8 @@ pub struct Shared {
     pub access: Access,
     /// The `[[issuers]]` whose signed tokens let visitors in.
     pub issuers: Issuers,
+    /// Callers without a token: their limits and the ones seen lately.
+    pub visitors: Visitors,
     pub clock: SharedClock,
     pub rate_limit: Option<RateLimit>,
     pub routes: RouteTable,
@@ -61,6 +63,11 @@ impl AppState {
     /// The configured issuers of signed visitor tokens (empty: none).
     pub fn issuers(&self) -> &Issuers {
         &self.0.issuers
+    }
+
+    /// Callers without a token, known by address prefix.
+    pub fn visitors(&self) -> &Visitors {
+        &self.0.visitors
     }
 
     /// The clock that rate limits, budgets and statistics count with.

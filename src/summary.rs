@@ -20,7 +20,8 @@ use crate::{
     cache::{CacheKey, Entry, LocalCache},
     clock::{self, SharedClock},
     ledger::{Budget, Ledger},
-    metrics::Totals,
+    metrics::{Scope, Totals},
+    payers::{Spender, TOP_SPENDERS},
     route::Route,
     state::AppState,
     stats::Minute,
@@ -207,6 +208,9 @@ pub(crate) struct Stats {
     pub(crate) ledger_awaiting_redis: Option<usize>,
     pub(crate) clients: Vec<ClientStats>,
     pub(crate) warmups: Vec<WarmupStats>,
+    /// Today's top spenders among visitors and token subjects held by this
+    /// replica (at most [`TOP_SPENDERS`]), most first.
+    pub(crate) top_spenders: Vec<TopSpender>,
     pub(crate) top_keys: Vec<TopKey>,
     pub(crate) last_hour: Vec<Minute>,
 }
@@ -246,6 +250,41 @@ pub(crate) struct ClientStats {
     pub(crate) credits_reserved: Option<u64>,
     /// Fetches this replica refused today because this client's budget was spent.
     pub(crate) budget_refused_today: Option<u64>,
+}
+
+/// One of today's top spenders among keyed payers.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TopSpender {
+    /// `visitor` or `subject`.
+    pub(crate) kind: &'static str,
+    /// A visitor's address prefix, or a subject's hashed name.
+    pub(crate) label: String,
+    /// Credits of its calls that reached KeyAPI today, on this replica.
+    pub(crate) credits_spent_today: u64,
+}
+
+/// Today's top spenders among visitors and every issuer's subjects.
+fn top_spenders(state: &AppState) -> Vec<TopSpender> {
+    let mut all: Vec<(Spender, &'static str)> = state
+        .visitors()
+        .top_spenders(TOP_SPENDERS)
+        .into_iter()
+        .map(|s| (s, Scope::Visitor.as_str()))
+        .collect();
+    for issuer in state.issuers().issuers() {
+        let subjects = issuer.top_spenders(TOP_SPENDERS).into_iter();
+        all.extend(subjects.map(|s| (s, Scope::Subject.as_str())));
+    }
+    all.sort_by(|(a, _), (b, _)| b.credits.cmp(&a.credits).then(a.label.cmp(&b.label)));
+    all.truncate(TOP_SPENDERS);
+    all.into_iter()
+        .map(|(s, kind)| TopSpender {
+            kind,
+            label: s.label.to_string(),
+            credits_spent_today: s.credits,
+        })
+        .collect()
 }
 
 impl Stats {
@@ -324,6 +363,7 @@ impl Stats {
             ledger_awaiting_redis: state.proxy().redis().map(|_| ledger.awaiting_redis()),
             clients,
             warmups,
+            top_spenders: top_spenders(state),
             top_keys: summary.top_keys,
             last_hour,
         }

@@ -30,7 +30,7 @@ use crate::{
     cache::CacheKey,
     clock::{self, SharedClock},
     config::{Config, QuestionValue, WarmupConfig},
-    ledger::{Account, Budget, Payer, Refusal},
+    ledger::{Account, Budget, DaySpend, Payer, Refusal},
     metrics::Scope,
     proxy::{Prefetch, Proxy, ProxyError},
     route::{Route, RouteTable},
@@ -395,6 +395,7 @@ impl Warmup {
             id: plan.name.as_str().into(),
             budget,
             charged,
+            spent: DaySpend::default(),
         });
         Self {
             plan,

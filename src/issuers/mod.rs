@@ -15,24 +15,19 @@
 //! a subject appears in logs and Redis only as a hash of its `sub`.
 //!
 //! Per-subject state (its rate limit, budget and account) is kept in a
-//! bounded cache per issuer (`max_subjects`, `quick_cache`): when it is full,
-//! subjects not seen again lately are forgotten first, and a flood of new
-//! subjects seen once displaces mostly its own kind, not the subjects that
-//! keep coming back. With Redis, their counters live there (and expire with
-//! their window), so forgetting loses nothing; without it, a forgotten
-//! subject's rate and day count start afresh when it comes back.
+//! bounded set of [`KeyedPayers`] per issuer (`max_subjects`), as visitors'
+//! is: the least recently seen are forgotten first, and with Redis nothing is
+//! lost by forgetting.
 
 mod jwks;
 
 use std::{
-    convert::Infallible,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use axum::http::{HeaderMap, header::AUTHORIZATION};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
-use prometheus_client::metrics::counter::Counter;
 use secrecy::{ExposeSecret, SecretSlice, zeroize::Zeroize};
 
 use crate::{
@@ -40,9 +35,8 @@ use crate::{
     clock::{self, SharedClock},
     config::IssuerConfig,
     digest,
-    ledger::{Account, Budget},
-    limits::RateLimit,
     metrics::{Metrics, Scope},
+    payers::{KeyedPayer, KeyedPayers, Limits, Spender},
 };
 
 use jwks::Jwks;
@@ -137,18 +131,7 @@ impl TokenError {
 }
 
 /// One subject of one issuer: a payer with its own limits.
-#[derive(Debug)]
-pub struct Subject {
-    /// `subject:<issuer>:<32 hex digits of SHA-256(sub)>`: its name on the
-    /// ledger, in Redis and in the access log.
-    pub id: Arc<str>,
-    /// Its request rate limit, if its issuer sets one.
-    pub rate: Option<RateLimit>,
-    /// What its requests' fetches are charged to: its budget, its issuer's spend.
-    pub account: Arc<Account>,
-    /// Its issuer's `issuer_requests_total{issuer}`.
-    pub requests: Counter,
-}
+pub type Subject = KeyedPayer;
 
 /// How an issuer's signatures are checked.
 enum Keys {
@@ -166,14 +149,9 @@ pub struct Issuer {
     keys: Keys,
     /// One per algorithm its keys may use (each allows only that one).
     validations: Vec<Validation>,
-    rate_per_minute: u32,
-    burst: u32,
-    daily_budget: u64,
     /// Recently seen subjects by hash, at most `max_subjects`.
-    subjects: quick_cache::sync::Cache<[u8; SUBJECT_HASH_BYTES], Arc<Subject>>,
-    counters: crate::metrics::ClientCounters,
+    subjects: KeyedPayers<[u8; SUBJECT_HASH_BYTES]>,
     clock: SharedClock,
-    redis: Option<Arc<RedisTier>>,
 }
 
 impl Issuer {
@@ -213,13 +191,19 @@ impl Issuer {
             issuer: config.issuer.clone(),
             keys,
             validations,
-            rate_per_minute: config.rate_per_minute.unwrap_or(0),
-            burst: config.burst.unwrap_or(0),
-            daily_budget: config.daily_budget.unwrap_or(0),
-            subjects: quick_cache::sync::Cache::new(config.max_subjects),
-            counters: metrics.issuer(&config.name),
+            subjects: KeyedPayers::new(
+                Limits {
+                    rate_per_minute: config.rate_per_minute.unwrap_or(0),
+                    burst: config.burst.unwrap_or(0),
+                    daily_budget: config.daily_budget.unwrap_or(0),
+                },
+                config.max_subjects,
+                Scope::Subject,
+                metrics.issuer(&config.name),
+                clock,
+                redis,
+            ),
             clock: clock.clone(),
-            redis: redis.cloned(),
         })
     }
 
@@ -231,6 +215,11 @@ impl Issuer {
     /// Subjects this replica holds state for (at most `max_subjects`).
     pub fn tracked_subjects(&self) -> usize {
         self.subjects.len()
+    }
+
+    /// Today's top spenders among its subjects held by this replica.
+    pub fn top_spenders(&self, n: usize) -> Vec<Spender> {
+        self.subjects.top_spenders(n)
     }
 
     /// The state held for subject `sub`, if it is still held (not counted as a sighting).
@@ -268,13 +257,11 @@ impl Issuer {
         if sub.is_empty() || sub.len() > MAX_SUBJECT_BYTES {
             return Err(TokenError::Subject);
         }
-        let subject = self.subjects.get_or_insert_with(&subject_hash(sub), || {
-            Ok::<_, Infallible>(self.new_subject(sub))
-        });
-        Ok(match subject {
-            Ok(subject) => subject,
-            Err(never) => match never {},
-        })
+        let hash = subject_hash(sub);
+        Ok(self.subjects.get(&hash, || {
+            let name = format!("subject:{}:{}", self.name, digest::hex(&hash));
+            (name.clone(), name)
+        }))
     }
 
     /// `exp` not past and `nbf` (if any) not ahead, on the app's clock.
@@ -289,31 +276,6 @@ impl Issuer {
             return Err(TokenError::NotYetValid);
         }
         Ok(())
-    }
-
-    /// Fresh state for a subject seen for the first time (or again after
-    /// being forgotten).
-    fn new_subject(&self, sub: &str) -> Arc<Subject> {
-        let hash = subject_hash(sub);
-        let name = format!("subject:{}:{}", self.name, digest::hex(&hash));
-        let id = Arc::<str>::from(name.as_str());
-        let rate = RateLimit::new(
-            self.rate_per_minute,
-            self.burst,
-            Scope::Subject,
-            &self.clock,
-        )
-        .map(|l| l.shared(self.redis.as_ref(), &name));
-        Arc::new(Subject {
-            rate,
-            account: Arc::new(Account {
-                id: Arc::clone(&id),
-                budget: Budget::new(self.daily_budget, Scope::Subject, name),
-                charged: self.counters.credits_spent.clone(),
-            }),
-            requests: self.counters.requests.clone(),
-            id,
-        })
     }
 }
 

@@ -2,7 +2,7 @@
 //! Reads top to bottom: admit → parse (the route's parameters into a key) →
 //! serve (the proxy) → respond. Nothing of the client's request other than
 //! its token (a client token or a signed visitor token: checked, never
-//! forwarded), the route's parameters, `If-None-Match`, `Accept-Encoding`
+//! forwarded) or, without one, its address (a visitor's), the route's parameters, `If-None-Match`, `Accept-Encoding`
 //! and its `Cache-Control` directives (read by [`crate::directives`];
 //! `no-cache` only if allowed) is used.
 
@@ -17,13 +17,14 @@ use axum::{
 use crate::{
     access::Client,
     cache_status,
+    caller::ClientAddr,
     directives::{Ask, Directives},
     error::{APPLICATION_JSON, ApiError},
-    issuers::Subject,
     ledger::{Account, Payer},
     limits::RateLimit,
     negotiate,
     observe::AccessLog,
+    payers::KeyedPayer,
     proxy::{Outcome, ProxyError},
     request_id::RequestId,
     route::Route,
@@ -105,12 +106,14 @@ fn respond(
 
 /// Who is asking: whose limits apply and who pays for the fetches it starts.
 enum Caller {
-    /// No token, and none needed (no client is configured).
+    /// No token, none needed, and visitors have no limits of their own.
     Anonymous,
     /// A configured client, by its token.
     Client(Arc<Client>),
     /// The subject of a signed visitor token.
-    Subject(Arc<Subject>),
+    Subject(Arc<KeyedPayer>),
+    /// No token: a visitor, by its address prefix.
+    Visitor(Arc<KeyedPayer>),
 }
 
 impl Caller {
@@ -124,7 +127,7 @@ impl Caller {
         match self {
             Self::Anonymous => None,
             Self::Client(c) => Some(Arc::clone(&c.account)),
-            Self::Subject(s) => Some(Arc::clone(&s.account)),
+            Self::Subject(p) | Self::Visitor(p) => Some(Arc::clone(&p.account)),
         }
     }
 
@@ -133,7 +136,7 @@ impl Caller {
         match self {
             Self::Anonymous => None,
             Self::Client(c) => c.rate.as_ref(),
-            Self::Subject(s) => s.rate.as_ref(),
+            Self::Subject(p) | Self::Visitor(p) => p.rate.as_ref(),
         }
     }
 
@@ -142,35 +145,43 @@ impl Caller {
         match self {
             Self::Anonymous => None,
             Self::Client(c) => Some(Arc::clone(&c.id)),
-            Self::Subject(s) => Some(Arc::clone(&s.id)),
+            Self::Subject(p) | Self::Visitor(p) => Some(Arc::clone(&p.id)),
         }
     }
 
-    /// Counts a request let in (`client_requests_total` / `issuer_requests_total`).
+    /// Counts a request let in (`client_requests_total` / `issuer_requests_total`
+    /// / `visitor_requests_total`).
     fn count_request(&self) {
         match self {
             Self::Anonymous => {}
             Self::Client(c) => {
                 c.requests.inc();
             }
-            Self::Subject(s) => {
-                s.requests.inc();
+            Self::Subject(p) | Self::Visitor(p) => {
+                p.requests.inc();
             }
         }
     }
 }
 
 /// Authenticates the caller (a JWT-shaped bearer token when issuers are
-/// configured, else a client token) and applies its rate limit, then the
-/// global one.
+/// configured, else a client token, else none: a visitor, when the proxy is
+/// open or `visitors.allow`) and applies its rate limit, then the global one.
 async fn admit(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let caller = match state.issuers().presented(headers) {
         // Boxed: a key fetch's future would enlarge every request's future.
         Some(token) => Caller::Subject(Box::pin(state.issuers().verify(token)).await?),
-        None => match state.access().authenticate(headers)? {
-            Some(client) => Caller::Client(client),
-            None => Caller::Anonymous,
-        },
+        None => {
+            let visitors = state.visitors();
+            match (state.access())
+                .authenticate_caller(headers, visitors.allowed_beside_clients())?
+            {
+                Some(client) => Caller::Client(client),
+                None => visitors
+                    .visitor(ClientAddr::current())
+                    .map_or(Caller::Anonymous, Caller::Visitor),
+            }
+        }
     };
     let limits = caller.rate().into_iter().chain(state.rate_limit());
     for limit in limits {

@@ -212,6 +212,22 @@ fn render(stats: &Stats) -> String {
         }
         html.push_str("</table></div>");
     }
+    if !stats.top_spenders.is_empty() {
+        html.push_str(
+            "<h2>Top spenders today</h2><div class=\"scroll\"><table><tr><th>visitor or subject</th>\
+             <th class=\"num\">credits today</th></tr>",
+        );
+        for s in &stats.top_spenders {
+            let label = escape(&s.label);
+            let _ = write!(
+                html,
+                "<tr><td><span class=\"name\" title=\"{label}\">{} {label}</span></td>\
+                 <td class=\"num\">{}</td></tr>",
+                s.kind, s.credits_spent_today
+            );
+        }
+        html.push_str("</table></div>");
+    }
     if !stats.warmups.is_empty() {
         html.push_str(
             "<h2>Warm-ups</h2><div class=\"scroll\"><table><tr><th>warm-up</th><th>last run</th>\
