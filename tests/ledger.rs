@@ -36,12 +36,6 @@ async fn let_expire(ttl: Duration) {
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
 }
 
-/// `GET /stats` as JSON.
-async fn stats(app: &TestApp) -> serde_json::Value {
-    let response = app.client.get(app.url("/stats")).send().await.unwrap();
-    serde_json::from_str(&response.text().await.unwrap()).unwrap()
-}
-
 /// The global budget's count of today, read from the ledger itself (`/stats`
 /// shows the same, recomputed at most once a second).
 async fn global_spent_today(app: &TestApp) -> u64 {
@@ -331,7 +325,7 @@ async fn background_refreshes_are_charged_to_the_global_budget_not_the_client() 
         (by("request"), by("refresh_ahead"), by("revalidate")),
         (4.0, 2.0, 2.0)
     );
-    let stats = stats(&app).await;
+    let stats = app.stats().await;
     assert_eq!(stats["creditsSpentToday"], credits, "{stats}");
     assert_eq!(stats["clients"][0]["creditsSpentToday"], 4, "{stats}");
     assert_eq!(stats["clients"][0]["creditsSpent"], 4, "{stats}");
@@ -550,7 +544,7 @@ async fn with_redis_slower_than_the_ledger_timeout_each_budget_moves_once_per_ca
     tokio::time::timeout(Duration::from_secs(10), reserved)
         .await
         .expect("the queued call reserves its credits");
-    let stats = stats(&a).await;
+    let stats = a.stats().await;
     assert_eq!(stats["creditsReserved"], 4, "{stats}");
     assert_eq!(stats["creditsSpentToday"], credits, "{stats}");
     relay.set_delay(SLOW);
@@ -803,7 +797,7 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         allowance = RANDOM_OUTAGE_ALLOWANCE;
     }
     let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
-    let stats = stats(&app).await;
+    let stats = app.stats().await;
     assert_eq!(
         stats["creditsSpentToday"], credits,
         "global budget: {stats}"

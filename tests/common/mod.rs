@@ -83,6 +83,13 @@ pub fn client(id: &str, token: &str) -> ClientConfig {
     }
 }
 
+/// Forwarding headers believed from loopback, so one test process can be many
+/// visitors (each by its `X-Forwarded-For`), each with `daily_budget` credits a day.
+pub fn visitors(config: &mut Config, daily_budget: u64) {
+    config.server.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    config.visitors.daily_budget = daily_budget;
+}
+
 /// The app with default configuration.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
@@ -203,6 +210,23 @@ impl TestApp {
             request = request.header(*name, *value);
         }
         request.send().await.expect("request reaches the proxy")
+    }
+
+    /// `GET <route>?hashtag_name=<name>` without a token, as the visitor at
+    /// `addr` (reported in `X-Forwarded-For`; believed behind [`visitors`]), read whole.
+    pub async fn ask_as_visitor(&self, addr: &str, name: &str) -> Parts {
+        let query = format!("hashtag_name={name}");
+        parts(
+            self.get_hashtag_with(&query, &[("X-Forwarded-For", addr)])
+                .await,
+        )
+        .await
+    }
+
+    /// `GET /stats` as JSON.
+    pub async fn stats(&self) -> serde_json::Value {
+        let response = self.client.get(self.url("/stats")).send().await.unwrap();
+        serde_json::from_str(&response.text().await.unwrap()).unwrap()
     }
 
     /// `GET /metrics` as text.
