@@ -20,6 +20,7 @@ use common::{
     relay::SlowRelay,
     spawn_app_with, spawn_app_with_clock,
     tokens::{HsSecret, claims, hs256_issuer},
+    visitors,
 };
 use keyapi_proxy::{
     cache::codec,
@@ -677,7 +678,12 @@ const RANDOM_DIRECTIVES: [&str; 6] = [
 const RANDOM_SUBJECTS: [&str; 2] = ["subject-x", "subject-y"];
 const RANDOM_SUBJECT_BUDGET: u64 = 10;
 
-/// Random rounds of traffic from clients and token subjects, then the ledger
+/// Visitors (no token, by `X-Forwarded-For` in mixed mode) in the randomized
+/// test, and the budget each may spend per day.
+const RANDOM_VISITORS: [&str; 2] = ["198.51.100.1", "2001:db8:7::1"];
+const RANDOM_VISITOR_BUDGET: u64 = 8;
+
+/// Random rounds of traffic from clients, token subjects and visitors, then the ledger
 /// checked against the bill and every budget (in `redis` too, reached
 /// through a relay, when given).
 async fn random_traffic(redis: Option<&RedisServer>) {
@@ -712,6 +718,8 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         let mut refresher = client("c", tokens[2]);
         refresher.refresh = true;
         c.clients = vec![a, b, refresher];
+        visitors(c, RANDOM_VISITOR_BUDGET);
+        c.visitors.allow = true;
         c.credits.daily_budget = 60;
         c.cache.ttl = Duration::from_millis(250);
         c.cache.stale_while_revalidate = Duration::from_millis(150);
@@ -762,11 +770,13 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         }
         let mut round = Vec::new();
         for _ in 0..rng.usize(10..40) {
-            let token = tokens[rng.usize(..tokens.len())];
+            let caller = rng.usize(..tokens.len() + RANDOM_VISITORS.len());
             let query = format!("hashtag_name=k{}&period=30", rng.u8(0..10));
-            let mut request = app
-                .hashtag_request(reqwest::Method::GET, &query)
-                .bearer_auth(token);
+            let request = app.hashtag_request(reqwest::Method::GET, &query);
+            let mut request = match tokens.get(caller) {
+                Some(token) => request.bearer_auth(token),
+                None => request.header("X-Forwarded-For", RANDOM_VISITORS[caller - tokens.len()]),
+            };
             if rng.u8(..3) == 0 {
                 let directives = RANDOM_DIRECTIVES[rng.usize(..RANDOM_DIRECTIVES.len())];
                 request = request.header("Cache-Control", directives);
@@ -846,6 +856,35 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         by_subjects,
         "subject budgets: {subjects_today:?}"
     );
+    // So did each visitor's (in Redis too, when given).
+    let by_visitors = metric(&text, "keyapi_proxy_visitor_credits_spent_total") as u64;
+    let mut visitors_today = Vec::new();
+    for addr in RANDOM_VISITORS {
+        let today = match app.state.visitors().peek(addr.parse().unwrap()) {
+            Some(visitor) => {
+                let budget = visitor.account.budget.as_ref().unwrap();
+                let today = app.state.proxy().ledger().spent_today(budget).await;
+                // What its calls that reached KeyAPI cost, tallied as they settled.
+                let charged = visitor.account.spent.on(clock::utc_day(SystemTime::now()));
+                assert_eq!(today, charged, "visitor budget {addr}");
+                if let Some(redis) = redis {
+                    assert_redis_budgets(redis, &[&visitor.id], charged).await;
+                }
+                today
+            }
+            None => 0,
+        };
+        assert!(
+            today <= RANDOM_VISITOR_BUDGET + allowance,
+            "{addr}: {today}"
+        );
+        visitors_today.push(today);
+    }
+    assert_eq!(
+        visitors_today.iter().sum::<u64>(),
+        by_visitors,
+        "visitor budgets: {visitors_today:?}"
+    );
     let background = metric(
         &text,
         "keyapi_proxy_credits_spent_by_total{payer=\"revalidate\"}",
@@ -854,14 +893,14 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         "keyapi_proxy_credits_spent_by_total{payer=\"refresh_ahead\"}",
     );
     assert_eq!(
-        by_clients + by_subjects + background as u64,
+        by_clients + by_subjects + by_visitors + background as u64,
         credits,
         "every credit has a payer"
     );
     eprintln!(
         "ledger randomized test: seed {seed}: {calls} calls received, {credits} credits on the \
          ledger; global budget {credits}/60; clients {}; subjects {subjects_today:?}; \
-         background {background}; Redis: {}",
+         visitors {visitors_today:?}; background {background}; Redis: {}",
         stats["clients"],
         match redis {
             Some(redis) => format!(
