@@ -309,6 +309,13 @@ async fn a_subject_past_its_budget_gets_stale_or_429_while_another_is_served() {
         ),
         2.0
     );
+    // /stats names both among today's top spenders, by hashed name only.
+    let top = app.stats().await["topSpenders"].clone();
+    let alice = issuer.subject("alice").unwrap();
+    assert_eq!(top[0]["kind"], "subject");
+    assert_eq!(top[0]["creditsSpentToday"], 4);
+    assert!(top.to_string().contains(&*alice.id), "{top}");
+    assert!(!top.to_string().contains("alice"), "{top}");
 }
 
 #[tokio::test]

@@ -85,6 +85,10 @@ async fn a_visitor_past_its_budget_gets_stale_or_429_while_another_is_served() {
     assert_eq!(top[0]["creditsSpentToday"], 4);
     assert_eq!(top[1]["label"], "198.51.100.20/32");
     assert_eq!(top.as_array().unwrap().len(), 2);
+    let page = app.client.get(app.url("/")).send().await.unwrap();
+    let page = page.text().await.unwrap();
+    assert!(page.contains("Top spenders today"), "{page}");
+    assert!(page.contains("visitor 203.0.113.7/32"), "{page}");
 }
 
 #[tokio::test]
