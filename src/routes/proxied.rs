@@ -2,7 +2,8 @@
 //! Reads top to bottom: admit → parse (the route's parameters into a key) →
 //! serve (the proxy) → respond. Nothing of the client's request other than
 //! its token (a client token or a signed visitor token: checked, never
-//! forwarded) or, without one, its address (a visitor's), the route's parameters, `If-None-Match`, `Accept-Encoding`
+//! forwarded) or, without one, its address (a visitor's), the route's
+//! parameters, `If-None-Match`, `Accept-Encoding`
 //! and its `Cache-Control` directives (read by [`crate::directives`];
 //! `no-cache` only if allowed) is used.
 
@@ -173,9 +174,8 @@ async fn admit(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError
         Some(token) => Caller::Subject(Box::pin(state.issuers().verify(token)).await?),
         None => {
             let visitors = state.visitors();
-            match (state.access())
-                .authenticate_caller(headers, visitors.allowed_beside_clients())?
-            {
+            let allowed = visitors.allowed_beside_clients();
+            match state.access().authenticate_caller(headers, allowed)? {
                 Some(client) => Caller::Client(client),
                 None => visitors
                     .visitor(ClientAddr::current())
