@@ -13,7 +13,7 @@
 //!
 //! `serve` does one cache lookup; a hit returns from there.
 //!
-//! The client's directives, decided per kept copy in [`Proxy::judge`]:
+//! The client's directives, decided per kept copy in `Proxy::judge`:
 //! a copy they refuse (`max-age`, `min-fresh`, `max-stale`) is not served
 //! without a call; a stale one still stands in if the call fails or no budget
 //! can afford it, like any stale copy. A call for a key whose copy is

@@ -93,7 +93,7 @@ pub fn region_pattern() -> &'static str {
 }
 
 /// JSON Schema `pattern` of a raw `text` value: any characters but control
-/// and bidirectional formatting ones ([`is_unprintable_in_text`]), apart
+/// and bidirectional formatting ones (`is_unprintable_in_text`), apart
 /// from the whitespace trimmed at either end. (A route's own `pattern`
 /// applies to the normalized value and is named in the description.)
 pub fn text_pattern() -> &'static str {
