@@ -319,32 +319,21 @@ impl Done<'_> {
             let request_id = id.map(RequestId::as_str);
             let client_addr = display(caller.ip());
             let peer_addr = caller.is_forwarded().then(|| display(caller.peer()));
-            match access {
-                Some(log) => tracing::info!(
-                    request_id,
-                    %method,
-                    path,
-                    status,
-                    client_addr,
-                    peer_addr,
-                    client = log.client.as_deref(),
-                    key = %log.key,
-                    cache = log.served.as_str(),
-                    upstream_status = log.upstream_status,
-                    latency_us,
-                    "request"
-                ),
-                None => tracing::info!(
-                    request_id,
-                    %method,
-                    path,
-                    status,
-                    client_addr,
-                    peer_addr,
-                    latency_us,
-                    "request"
-                ),
-            }
+            // One line either way: fields the handler did not report are left out.
+            tracing::info!(
+                request_id,
+                %method,
+                path,
+                status,
+                client_addr,
+                peer_addr,
+                client = access.and_then(|log| log.client.as_deref()),
+                key = access.map(|log| display(&log.key)),
+                cache = access.map(|log| log.served.as_str()),
+                upstream_status = access.and_then(|log| log.upstream_status),
+                latency_us,
+                "request"
+            );
         }
     }
 }
