@@ -9,6 +9,10 @@
 //! A handler that panics is answered 500 here, in the error envelope. A
 //! request dropped before its answer (the client left, or its connection was
 //! closed) is logged and counted with status 499, as nginx does.
+//!
+//! With `[telemetry]` on, each request of a proxied route is also a trace span
+//! (entered while its handler runs, so the upstream and Redis spans nest under
+//! it), its parent taken from a trusted `traceparent`. Off, no span is made.
 
 use std::{
     any::Any,
@@ -29,8 +33,12 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry_http::HeaderExtractor;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tokio::task::futures::TaskLocalFuture;
-use tracing::Level;
+use tracing::{Level, Span, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     cache::CacheKey,
@@ -39,6 +47,7 @@ use crate::{
     request_id::{RequestId, X_REQUEST_ID},
     served::{CacheState, Served},
     server::Handle,
+    telemetry::TRACE_TARGET,
 };
 
 /// The `route` label of requests that matched no route.
@@ -110,6 +119,19 @@ pub(crate) struct Observe<H> {
     proxied: usize,
     /// Per KeyAPI route, its hits' `requests_total` counter.
     hits: Arc<[CachedCounter]>,
+    /// Whether proxied requests are spans, and how they find their parent.
+    traced: Traced,
+}
+
+/// Whether requests of proxied routes become trace spans (`[telemetry]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Traced {
+    /// Tracing is off: no span is made.
+    Off,
+    /// A span per request, a root span whatever the client sends.
+    Root,
+    /// A span per request, the child of the client's `traceparent` if any.
+    TrustTraceparent,
 }
 
 impl<H> Observe<H> {
@@ -120,6 +142,7 @@ impl<H> Observe<H> {
         metrics: Arc<Metrics>,
         paths: Arc<[&'static str]>,
         proxied: usize,
+        traced: Traced,
     ) -> Self {
         Self {
             inner,
@@ -127,6 +150,7 @@ impl<H> Observe<H> {
             paths,
             proxied,
             hits: (0..proxied).map(|_| CachedCounter::default()).collect(),
+            traced,
         }
     }
 
@@ -150,6 +174,10 @@ impl<H> Observe<H> {
             method: truncated(request.method().as_str()).to_owned(),
             path: truncated(request.uri().path()).to_owned(),
         });
+        let span = match (self.traced, proxied) {
+            (Traced::Off, _) | (_, None) => None,
+            (traced, Some(_)) => Some(request_span(route, request, traced)),
+        };
         let current = Current {
             id,
             reported: Cell::new(None),
@@ -158,11 +186,36 @@ impl<H> Observe<H> {
             route,
             proxied,
             log,
+            span,
             metrics: &self.metrics,
             hits: &self.hits,
         };
         (current, done)
     }
+}
+
+/// The span of one request of a proxied route; what is known only at the
+/// end (status, cache outcome, client, credits) is recorded then.
+fn request_span<B>(route: &'static str, request: &Request<B>, traced: Traced) -> Span {
+    let span = tracing::info_span!(
+        target: TRACE_TARGET,
+        "request",
+        otel.name = route,
+        otel.kind = "server",
+        http.request.method = truncated(request.method().as_str()),
+        http.route = route,
+        http.response.status_code = Empty,
+        keyapi.cache = Empty,
+        keyapi.client = Empty,
+        keyapi.credits = Empty,
+        keyapi.upstream_status = Empty,
+    );
+    if traced == Traced::TrustTraceparent {
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+        // An absent or malformed traceparent leaves the span a root: nothing to report.
+        let _ = span.set_parent(parent);
+    }
+    span
 }
 
 impl<H: Handle> Handle for Observe<H> {
@@ -211,6 +264,8 @@ struct Done<'a> {
     proxied: Option<usize>,
     /// The access log's fields, when it is written.
     log: Option<Logged>,
+    /// The request's trace span, when traced; it ends with `Done`.
+    span: Option<Span>,
     metrics: &'a Metrics,
     hits: &'a [CachedCounter],
 }
@@ -228,6 +283,12 @@ impl<F: Future<Output = Response>> Future for ObserveFuture<'_, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
         let mut this = self.project();
+        // The request's span (if traced) is current while its handler runs.
+        let entered = this
+            .done
+            .as_ref()
+            .and_then(|done| done.span.as_ref())
+            .map(Span::enter);
         // A panicking handler gets a 500 instead of a dropped connection;
         // caught here, around the whole surface, rather than by a layer on
         // every route, which would box each request's future once more.
@@ -237,6 +298,7 @@ impl<F: Future<Output = Response>> Future for ObserveFuture<'_, F> {
             Ok(Poll::Ready(response)) => Ok(response),
             Err(panic) => Err(panic),
         };
+        drop(entered);
         // The scope hands its value back once the inner future is done (or unwound).
         let current = this.inner.take_value().unwrap_or_else(|| Current {
             id: RequestId::generate(),
@@ -284,6 +346,9 @@ impl Done<'_> {
         };
         let proxied = self.proxied.is_some();
         (self.metrics).record_request_in(cached, self.route, proxied, status, served);
+        if let Some(span) = &self.span {
+            record_outcome(span, status, access);
+        }
         if let Some(Logged {
             started,
             method,
@@ -308,6 +373,30 @@ impl Done<'_> {
                 None => tracing::info!(request_id, %method, path, status, latency_us, "request"),
             }
         }
+    }
+}
+
+/// Writes what the request's span learns at its end. Credits: the route's
+/// price when this request's own fetch called KeyAPI for its answer (each
+/// attempt's exact charge is on its upstream span), else 0.
+/// Numbers go in as `i64`: OpenTelemetry has no unsigned attribute (a `u64`
+/// would arrive as text).
+fn record_outcome(span: &Span, status: u16, access: Option<&AccessLog>) {
+    span.record("http.response.status_code", i64::from(status));
+    let Some(log) = access else { return };
+    let paid = matches!(
+        log.served,
+        Served::Cached(CacheState::Stored | CacheState::Refreshed) | Served::Declined
+    );
+    span.record("keyapi.cache", log.served.as_str());
+    span.record(
+        "keyapi.client",
+        log.client.as_deref().unwrap_or("anonymous"),
+    );
+    let credits = if paid { log.credits } else { 0 };
+    span.record("keyapi.credits", i64::try_from(credits).unwrap_or(i64::MAX));
+    if let Some(upstream) = log.upstream_status {
+        span.record("keyapi.upstream_status", i64::from(upstream));
     }
 }
 
@@ -358,7 +447,13 @@ mod tests {
     fn a_request_dropped_before_its_answer_is_counted_as_499() {
         let metrics = metrics();
         // A proxied route: its 4xx answers count as refusals, a 499 must not.
-        let observed = Observe::new(Never, Arc::clone(&metrics), Arc::from(["/v1/route"]), 1);
+        let observed = Observe::new(
+            Never,
+            Arc::clone(&metrics),
+            Arc::from(["/v1/route"]),
+            1,
+            Traced::Off,
+        );
         let request = Request::get("/v1/route").body(Body::empty()).unwrap();
         let mut answer = Box::pin(observed.handle(request));
         let polled = answer
@@ -381,7 +476,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_handler_is_answered_500_with_an_id() {
         let metrics = metrics();
-        let observed = Observe::new(Panics, metrics, Arc::from(["/"]), 0);
+        let observed = Observe::new(Panics, metrics, Arc::from(["/"]), 0, Traced::Off);
         let response = observed.handle(Request::new(Body::empty())).await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let id = response.headers()[X_REQUEST_ID]
