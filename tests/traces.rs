@@ -259,3 +259,40 @@ async fn a_dead_collector_costs_no_failed_request_and_its_spans_are_counted() {
     counted.await.expect("the lost spans are counted");
     stop(child).await;
 }
+
+/// `telemetry.propagate_upstream`: off (the default), a client's `traceparent` never
+/// reaches KeyAPI; on, each attempt carries its own span's `traceparent`, in the
+/// caller's trace. In-process, under a thread-local subscriber with an OpenTelemetry
+/// layer (this test's runtime has one thread, so the app's tasks see it).
+#[tokio::test]
+async fn a_traceparent_reaches_keyapi_only_when_propagation_is_on() {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+    let _traced = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let traceparent = format!("00-{TRACE}-{PARENT}-01");
+    for propagate in [false, true] {
+        let app = common::spawn_app_with(|config| {
+            // Exports go nowhere: this subscriber has no exporter.
+            config.telemetry.otlp_endpoint = Some("http://127.0.0.1:9/v1/traces".into());
+            config.telemetry.propagate_upstream = propagate;
+        })
+        .await;
+        let response = app
+            .get_hashtag_with("hashtag_name=propagated", &[("traceparent", &traceparent)])
+            .await;
+        assert_eq!(response.status(), 200);
+        let sent = app.upstream.requests();
+        assert_eq!(sent.len(), 1);
+        let upstream = sent[0].headers.get("traceparent");
+        if propagate {
+            let value = upstream.expect("a traceparent").to_str().unwrap();
+            assert!(value.starts_with(&format!("00-{TRACE}-")), "{value}");
+            assert!(!value.contains(PARENT), "the attempt's own span: {value}");
+        } else {
+            assert!(upstream.is_none(), "{upstream:?} reached KeyAPI");
+        }
+    }
+}
