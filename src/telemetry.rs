@@ -198,6 +198,7 @@ async fn export_batches(
     stop: Arc<Notify>,
 ) {
     let mut batch = Vec::with_capacity(BATCH_SPANS);
+    let mut failing = false;
     loop {
         let stopping = tokio::select! {
             span = queued.recv() => match span {
@@ -210,7 +211,7 @@ async fn export_batches(
             while let Ok(span) = queued.try_recv() {
                 batch.push(span);
             }
-            export(&exporter, &mut batch).await;
+            export(&exporter, &mut batch, &mut failing).await;
             return;
         }
         let deadline = Instant::now() + BATCH_DELAY;
@@ -220,20 +221,41 @@ async fn export_batches(
                 Ok(None) | Err(_) => break,
             }
         }
-        export(&exporter, &mut batch).await;
+        export(&exporter, &mut batch, &mut failing).await;
     }
 }
 
-/// Sends `batch` (emptied); a failed or late export drops and counts its spans.
-async fn export(exporter: &opentelemetry_otlp::SpanExporter, batch: &mut Vec<SpanData>) {
+/// Sends `batch` (emptied); a failed or late export drops and counts its
+/// spans. The collector's state is logged when it changes, not per batch.
+async fn export(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: &mut Vec<SpanData>,
+    failing: &mut bool,
+) {
     if batch.is_empty() {
         return;
     }
     let spans = std::mem::replace(batch, Vec::with_capacity(BATCH_SPANS));
     let count = spans.len() as u64;
     let sent = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await;
-    if !matches!(sent, Ok(Ok(()))) {
-        metrics::trace_spans_dropped(SpanLoss::ExportFailed, count);
+    let error = match sent {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("no answer within {EXPORT_TIMEOUT:?}")),
+    };
+    match error {
+        None if *failing => {
+            *failing = false;
+            tracing::info!("trace export to the OTLP collector works again");
+        }
+        None => {}
+        Some(error) => {
+            metrics::trace_spans_dropped(SpanLoss::ExportFailed, count);
+            if !*failing {
+                *failing = true;
+                tracing::warn!(%error, "trace export to the OTLP collector failed; spans are dropped until it works");
+            }
+        }
     }
 }
 
