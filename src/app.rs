@@ -17,10 +17,13 @@ use tokio::{net::TcpListener, time::Instant};
 
 use crate::{
     access::Access,
+    browser::BrowserGuard,
     cache::{EntryCheck, LocalCache, Tiers, redis::RedisTier},
+    caller::Resolver,
     clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
     cors,
+    issuers::{IssuerError, Issuers},
     ledger::{Budget, Ledger},
     limits::RateLimit,
     metrics::{Metrics, Scope},
@@ -55,6 +58,8 @@ pub enum StartupError {
     Routes(#[from] RouteConfigError),
     #[error("configuration: {0}")]
     Warmup(#[from] WarmupConfigError),
+    #[error(transparent)]
+    Issuers(#[from] IssuerError),
 }
 
 /// Compiles what `config` describes beyond its own sections: the route table
@@ -138,6 +143,7 @@ impl App {
             ),
             metrics: Arc::clone(&metrics),
             access: Access::new(&config.clients, &metrics, &clock, redis.as_ref()),
+            issuers: Issuers::new(&config.issuers, &metrics, &clock, redis.as_ref())?,
             rate_limit: RateLimit::new(
                 config.rate_limit.per_minute,
                 config.rate_limit.burst,
@@ -159,12 +165,21 @@ impl App {
             ready: AtomicBool::new(false),
         });
         let (router, cors) = cors::apply(routes::router(state.clone()), &config.cors);
-        let front = Front::new(state.clone(), router, cors);
+        let guard = BrowserGuard::new(
+            config.server.allowed_hosts.as_deref(),
+            config.server.listen,
+            cors,
+        );
+        let front = Front::new(state.clone(), router, cors, guard);
         // Observe wraps the whole surface once (not each route): ids, the
         // access log and request metrics see every answer, 404s and panics
         // (which it turns into 500s) included.
         let paths = routes::paths(state.routes());
         let proxied = state.routes().routes().len();
+        let callers = Resolver::new(
+            &config.server.trusted_proxies,
+            config.server.client_addr_header,
+        );
         let traced = match (
             config.telemetry.enabled(),
             config.telemetry.trust_traceparent,
@@ -173,7 +188,7 @@ impl App {
             (true, false) => Traced::Root,
             (true, true) => Traced::TrustTraceparent,
         };
-        let front = Observe::new(front, metrics, paths, proxied, traced);
+        let front = Observe::new(front, metrics, paths, proxied, callers, traced);
         let snapshot = config
             .cache
             .snapshot_path

@@ -67,6 +67,10 @@ pub(crate) fn set_cached(
         CacheState::StaleOverBudget => format_value(format_args!(
             "keyapi-proxy; fwd=stale; ttl={stale_ttl}; detail=budget"
         )),
+        CacheState::StaleAccepted(by) => format_value(format_args!(
+            "keyapi-proxy; hit; ttl={stale_ttl}; detail={}",
+            by.as_str()
+        )),
     };
     headers.insert(AGE, HeaderValue::from(age.as_secs()));
     headers.insert(CACHE_STATUS_NAME, status);
@@ -95,6 +99,14 @@ pub(crate) fn set_forwarded_uncached(
         )),
         None => format_value(format_args!("keyapi-proxy; fwd=uri-miss; detail={detail}")),
     };
+    headers.insert(CACHE_STATUS_NAME, status);
+    set_no_store(headers);
+}
+
+/// Marks an answer the proxy made itself, neither from the cache nor
+/// forwarded (`detail` says why: `only-if-cached`).
+pub(crate) fn set_unserved(headers: &mut HeaderMap, detail: &str) {
+    let status = format_value(format_args!("keyapi-proxy; detail={detail}"));
     headers.insert(CACHE_STATUS_NAME, status);
     set_no_store(headers);
 }

@@ -20,7 +20,11 @@ use figment::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{FreshnessPolicy, redis::TierSettings};
+use crate::{
+    browser::AllowedHost,
+    cache::{FreshnessPolicy, redis::TierSettings},
+    caller::{ForwardedHeader, TrustedNet},
+};
 
 /// The documented defaults, compiled in so the binary runs without any file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -73,6 +77,10 @@ pub struct Config {
     /// open to anyone who can reach it (refused off loopback unless `server.open`).
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+    /// `[[issuers]]`, or `KEYAPI_PROXY__ISSUERS` as inline TOML: who may mint
+    /// signed visitor tokens (JWTs). Empty: a bearer token is a client token only.
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
     /// `[[routes]]` (file only): the proxied KeyAPI endpoints. A file that
     /// gives any replaces the compiled-in hashtag-detail route.
     pub routes: Vec<RouteConfig>,
@@ -116,6 +124,19 @@ pub struct ServerConfig {
     /// derived from the descriptor limit (see `server::default_max_connections`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// `KEYAPI_PROXY__SERVER__TRUSTED_PROXIES`, e.g. `["10.0.0.0/8"]`: peers
+    /// whose `client_addr_header` is believed; empty = nobody's (the peer is the caller).
+    #[serde(default)]
+    pub trusted_proxies: Vec<TrustedNet>,
+    /// `KEYAPI_PROXY__SERVER__CLIENT_ADDR_HEADER`: `x-forwarded-for` or
+    /// `forwarded`, the one header trusted proxies report the caller in.
+    #[serde(default)]
+    pub client_addr_header: ForwardedHeader,
+    /// `KEYAPI_PROXY__SERVER__ALLOWED_HOSTS`, e.g. `["proxy.example.com"]`
+    /// (`["*"]`: any): other `Host`s get 421. Absent: loopback names when
+    /// `listen` is loopback (against DNS rebinding), any host otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_hosts: Option<Vec<AllowedHost>>,
 }
 
 /// `[upstream]`: where KeyAPI is and how long we wait for it.
@@ -160,7 +181,8 @@ pub struct CacheConfig {
     /// `KEYAPI_PROXY__CACHE__TTL`: default freshness lifetime.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// `KEYAPI_PROXY__CACHE__ALLOW_CLIENT_REFRESH`: honour `Cache-Control: no-cache`.
+    /// `KEYAPI_PROXY__CACHE__ALLOW_CLIENT_REFRESH`: honour `Cache-Control: no-cache`, and
+    /// `max-age` / `min-fresh` refusing a fresh copy (both refetch, spending credits).
     pub allow_client_refresh: bool,
     /// `KEYAPI_PROXY__CACHE__STALE_WHILE_REVALIDATE`: after the TTL, serve stale and refresh in the background.
     #[serde(with = "humantime_serde")]
@@ -378,7 +400,8 @@ pub struct ClientConfig {
     pub id: String,
     /// Lower-case hex SHA-256 of the client's token (64 digits).
     pub token_sha256: String,
-    /// May force a refetch with `Cache-Control: no-cache` (spends credits).
+    /// May force a refetch with `Cache-Control: no-cache`, or `max-age` /
+    /// `min-fresh` refusing a fresh copy (spends credits).
     #[serde(default)]
     pub refresh: bool,
     /// May use the admin endpoints (`/admin/cache`: list and purge).
@@ -393,6 +416,50 @@ pub struct ClientConfig {
     /// Credits this client's misses may spend per UTC day (absent or 0 = no budget).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daily_budget: Option<u64>,
+}
+
+/// One `[[issuers]]` entry: a site backend or identity provider whose signed
+/// tokens (`Authorization: Bearer <jwt>`) let its visitors in, each subject
+/// (`sub`) with its own limits. Exactly one of `jwks_url` and
+/// `hs256_secret_file` names the key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Shown in logs, metrics (`issuer` label) and ledger names: 1-64 of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// The `iss` claim its tokens carry, exactly.
+    pub issuer: String,
+    /// A value its tokens' `aud` claim must hold (this proxy's name at the issuer).
+    pub audience: String,
+    /// Where its public keys are (a JWKS: RS256, ES256, EdDSA); `https://`, or
+    /// `http://` to a loopback host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// A file holding its HS256 secret (at least 32 bytes; a final newline is
+    /// ignored), read once at start-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret_file: Option<PathBuf>,
+    /// Each subject's requests per minute (absent or 0 = no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_minute: Option<u32>,
+    /// Each subject's burst (absent or 0 = `rate_per_minute`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Credits each subject's misses may spend per UTC day (absent or 0 = no budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_budget: Option<u64>,
+    /// Subjects whose limits this replica keeps in memory; when full, those
+    /// not seen again lately are forgotten first.
+    #[serde(default = "default_max_subjects")]
+    pub max_subjects: usize,
+}
+
+/// Largest `max_subjects`: its memory is sized at start-up.
+const MAX_SUBJECTS: usize = 10_000_000;
+
+/// `max_subjects` when absent: a few tens of megabytes at most.
+fn default_max_subjects() -> usize {
+    100_000
 }
 
 /// One `[[routes]]` entry as written in the configuration.
@@ -582,7 +649,7 @@ impl Config {
     /// Checks the rules that serde types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
-        validate_base_url(&self.upstream.base_url)?;
+        validate_url("upstream.base_url", &self.upstream.base_url)?;
         validate_telemetry(&self.telemetry)?;
         let listen = self.server.listen;
         if self.clients.is_empty() && !self.server.open && !listen.ip().is_loopback() {
@@ -664,7 +731,8 @@ impl Config {
                 ));
             }
         }
-        validate_clients(&self.clients)
+        validate_clients(&self.clients)?;
+        validate_issuers(&self.issuers)
     }
 }
 
@@ -694,11 +762,7 @@ fn validate_clients(clients: &[ClientConfig]) -> Result<(), ConfigError> {
     let mut hashes = std::collections::HashSet::new();
     for client in clients {
         let id = &client.id;
-        let id_ok = (1..=64).contains(&id.len())
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !id_ok {
+        if !is_label(id) {
             return Err(ConfigError::Invalid(format!(
                 "clients: id {id:?} must be 1-64 characters of [A-Za-z0-9._-]"
             )));
@@ -722,11 +786,66 @@ fn validate_clients(clients: &[ClientConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Plain http is only accepted to loopback: anywhere else the key would cross
-/// the network in clear text.
-fn validate_base_url(raw: &str) -> Result<(), ConfigError> {
+/// A name usable as a metric label and log field: 1-64 of `[A-Za-z0-9._-]`.
+fn is_label(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Issuer names become metric labels and ledger names; each names one key.
+fn validate_issuers(issuers: &[IssuerConfig]) -> Result<(), ConfigError> {
+    let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+    let mut names = std::collections::HashSet::new();
+    let mut iss = std::collections::HashSet::new();
+    for issuer in issuers {
+        let name = &issuer.name;
+        if !is_label(name) {
+            return invalid(format!(
+                "issuers: name {name:?} must be 1-64 characters of [A-Za-z0-9._-]"
+            ));
+        }
+        if !names.insert(name.as_str()) {
+            return invalid(format!("issuers: name {name:?} is used twice"));
+        }
+        if issuer.issuer.is_empty() || issuer.audience.is_empty() {
+            return invalid(format!(
+                "issuers: {name:?} needs a non-empty issuer and audience"
+            ));
+        }
+        // A token's `iss` picks the entry that verifies it.
+        if !iss.insert(issuer.issuer.as_str()) {
+            return invalid(format!(
+                "issuers: issuer {:?} of {name:?} is used by another entry",
+                issuer.issuer
+            ));
+        }
+        match (&issuer.jwks_url, &issuer.hs256_secret_file) {
+            (Some(url), None) => validate_url(&format!("issuers: jwks_url of {name:?}"), url)?,
+            (None, Some(_)) => {}
+            _ => {
+                return invalid(format!(
+                    "issuers: {name:?} needs exactly one of jwks_url and hs256_secret_file"
+                ));
+            }
+        }
+        if !(1..=MAX_SUBJECTS).contains(&issuer.max_subjects) {
+            return invalid(format!(
+                "issuers: max_subjects of {name:?} must be between 1 and {MAX_SUBJECTS}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `what` (a configured URL) is https, or plain http to a loopback host, and
+/// carries no query, fragment or credentials. Plain http is only accepted to
+/// loopback: anywhere else the KeyAPI key (or a JWKS) would cross the network
+/// in clear text, open to reading (or forging).
+fn validate_url(what: &str, raw: &str) -> Result<(), ConfigError> {
     let url = reqwest::Url::parse(raw)
-        .map_err(|e| ConfigError::Invalid(format!("upstream.base_url {raw:?}: {e}")))?;
+        .map_err(|e| ConfigError::Invalid(format!("{what} {raw:?}: {e}")))?;
     let loopback = match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
@@ -738,18 +857,18 @@ fn validate_base_url(raw: &str) -> Result<(), ConfigError> {
         "http" if loopback => {}
         "http" => {
             return Err(ConfigError::Invalid(format!(
-                "upstream.base_url {raw:?}: plain http is only allowed to a loopback host; use https"
+                "{what} {raw:?}: plain http is only allowed to a loopback host; use https"
             )));
         }
         other => {
             return Err(ConfigError::Invalid(format!(
-                "upstream.base_url {raw:?}: unsupported scheme {other:?}"
+                "{what} {raw:?}: unsupported scheme {other:?}"
             )));
         }
     }
     if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
         return Err(ConfigError::Invalid(format!(
-            "upstream.base_url {raw:?} must not carry a query, fragment or credentials"
+            "{what} {raw:?} must not carry a query, fragment or credentials"
         )));
     }
     Ok(())

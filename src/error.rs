@@ -14,8 +14,8 @@ use axum::{
 use serde::Serialize;
 
 use crate::{
-    access::AuthError, cache_status, ledger, limits::RateLimited, proxy::ProxyError,
-    request_id::RequestId, route::KeyError, upstream::UpstreamError,
+    access::AuthError, browser, cache_status, issuers::TokenError, ledger, limits::RateLimited,
+    proxy::ProxyError, request_id::RequestId, route::KeyError, upstream::UpstreamError,
 };
 
 /// An error answer.
@@ -28,9 +28,17 @@ pub(crate) enum ApiError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
     Limited(#[from] RateLimited),
     #[error("origin not in cors.allowed_origins")]
     OriginRefused,
+    /// A foreign `Host` or a cross-site browser request (see [`browser`]).
+    #[error(transparent)]
+    Browser(#[from] browser::Refusal),
+    /// `Cache-Control: only-if-cached` and no kept copy meets the request.
+    #[error("only-if-cached: no kept copy")]
+    NotCached,
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -62,7 +70,13 @@ impl ApiError {
         match self {
             Self::BadRequest(_) | Self::PrefaceOverHttp1 => StatusCode::BAD_REQUEST,
             Self::Auth(AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
-            Self::Auth(AuthError::Forbidden) | Self::OriginRefused => StatusCode::FORBIDDEN,
+            // Not the token's fault: its issuer's keys cannot be had just now.
+            Self::Token(TokenError::KeysUnavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Token(_) => StatusCode::UNAUTHORIZED,
+            Self::Auth(AuthError::Forbidden)
+            | Self::OriginRefused
+            | Self::Browser(browser::Refusal::CrossSite) => StatusCode::FORBIDDEN,
+            Self::Browser(browser::Refusal::MisdirectedHost) => StatusCode::MISDIRECTED_REQUEST,
             Self::Limited(_)
             | Self::Proxy(ProxyError::Budget(
                 ledger::Refusal::Spent { .. } | ledger::Refusal::Reserved { .. },
@@ -75,7 +89,8 @@ impl ApiError {
             Self::Proxy(ProxyError::Abandoned(_)) | Self::Panicked => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            Self::Proxy(ProxyError::Upstream(UpstreamError::Timeout)) => {
+            // RFC 9111 §5.2.1.7: 504 when only-if-cached finds nothing.
+            Self::NotCached | Self::Proxy(ProxyError::Upstream(UpstreamError::Timeout)) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Self::Proxy(ProxyError::Upstream(
@@ -102,10 +117,15 @@ impl ApiError {
         let fixed = match self {
             Self::BadRequest(e) => return e.to_string(),
             Self::Auth(e) => return e.to_string(),
+            Self::Token(e) => return e.to_string(),
             Self::Limited(e) => return e.to_string(),
+            Self::Browser(e) => return e.to_string(),
             Self::Proxy(ProxyError::Budget(e)) => return e.to_string(),
             Self::OriginRefused => {
                 "Requests from this origin are not allowed: it is not in the proxy's cors.allowed_origins."
+            }
+            Self::NotCached => {
+                "The request said Cache-Control: only-if-cached and the proxy keeps no copy of this answer that meets it; KeyAPI was not asked and no credits were spent."
             }
             Self::NotFound => {
                 "There is nothing at this path; /openapi.json lists the proxied routes and the other endpoints."
@@ -177,6 +197,18 @@ impl ApiError {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 cache_status::set_no_store(headers);
             }
+            Self::Token(TokenError::KeysUnavailable { retry_after_secs }) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                cache_status::set_no_store(headers);
+            }
+            Self::Token(_) => {
+                // RFC 6750 3.1: the client should get a new token.
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+                cache_status::set_no_store(headers);
+            }
             Self::Limited(refusal) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
                 cache_status::set_no_store(headers);
@@ -185,6 +217,7 @@ impl ApiError {
                 headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
                 cache_status::set_forwarded_uncached(headers, None, refusal.as_str());
             }
+            Self::NotCached => cache_status::set_unserved(headers, "only-if-cached"),
             _ => cache_status::set_no_store(headers),
         }
         response

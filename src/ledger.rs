@@ -172,6 +172,7 @@ impl Refusal {
             Some(Scope::Global) => "global_budget",
             Some(Scope::Client) => "client_budget",
             Some(Scope::Warmup) => "warmup_allowance",
+            Some(Scope::Subject) => "subject_budget",
             None => "ledger_unavailable",
         }
     }
@@ -267,22 +268,25 @@ impl Budget {
     }
 }
 
-/// A configured client's (or warm-up's) account: its budget and what it has been charged.
+/// A configured client's (or warm-up's, or token subject's) account: its
+/// budget and what it has been charged.
 #[derive(Debug)]
 pub struct Account {
-    /// The client's configured id.
+    /// The client's configured id (a subject's ledger name).
     pub id: Arc<str>,
     /// Its daily budget, if any.
     pub budget: Option<Budget>,
-    /// `client_credits_spent_total{client}`: credits of calls it started.
+    /// `client_credits_spent_total{client}` (for a subject, its issuer's
+    /// `issuer_credits_spent_total{issuer}`): credits of calls it started.
     pub charged: Counter,
 }
 
 /// Who starts an upstream fetch, and so whose budgets it draws on.
 #[derive(Debug, Clone)]
 pub enum Payer {
-    /// A client request whose miss started the fetch: its account (if
-    /// clients are configured) and the global budget.
+    /// A client request whose miss started the fetch: its account (a
+    /// configured client's, or a token subject's; none for an anonymous
+    /// caller) and the global budget.
     Request(Option<Arc<Account>>),
     /// The proxy itself: the global budget only.
     Proxy(Initiator),
@@ -807,6 +811,15 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
+    /// A manual clock `secs` seconds before a UTC midnight.
+    fn before_midnight(secs: u64) -> (Arc<ManualClock>, SharedClock) {
+        let day = 24 * 3600;
+        let manual = Arc::new(ManualClock::new(
+            UNIX_EPOCH + Duration::from_secs(101 * day - secs),
+        ));
+        (manual.clone(), SharedClock::new(manual))
+    }
+
     fn ledger(global: u64, clock: &SharedClock) -> Ledger {
         let metrics = Arc::new(Metrics::new(clock.clone()));
         let budget = Budget::new(global, Scope::Global, "global".into());
@@ -815,11 +828,7 @@ mod tests {
 
     #[tokio::test]
     async fn charges_until_the_budget_is_spent_refunds_and_resets_at_utc_midnight() {
-        let day = 24 * 3600;
-        let manual = Arc::new(ManualClock::new(
-            UNIX_EPOCH + Duration::from_secs(100 * day + day - 10),
-        ));
-        let clock = SharedClock::new(manual.clone());
+        let (manual, clock) = before_midnight(10);
         let ledger = ledger(4, &clock);
         let payer = Payer::Proxy(Initiator::Revalidate);
         ledger.charge(&payer, 2).await.unwrap().settle(true).await;
@@ -838,11 +847,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refund_settled_after_midnight_leaves_the_new_day_alone() {
-        let day = 24 * 3600;
-        let manual = Arc::new(ManualClock::new(
-            UNIX_EPOCH + Duration::from_secs(100 * day + day - 1),
-        ));
-        let clock = SharedClock::new(manual.clone());
+        let (manual, clock) = before_midnight(1);
         let ledger = ledger(4, &clock);
         let payer = Payer::Proxy(Initiator::Revalidate);
         let late = ledger.charge(&payer, 2).await.unwrap();

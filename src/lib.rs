@@ -2,10 +2,12 @@
 //! endpoints (by default TikTok hashtag detail), one route per `[[routes]]` entry.
 //!
 //! One request, top to bottom: `server` (connections, their timeouts and
-//! cap) → [`routes`] (HTTP) → [`access`] (who is calling) → [`limits`]
+//! cap) → `observe` ([`caller`]: the caller's address) → [`routes`] (HTTP;
+//! [`browser`]: allowed `Host`s, cross-site refusals) → [`access`] (which
+//! client token) or [`issuers`] (a signed visitor token) → [`limits`]
 //! (request-rate limits) → [`route`] (the route table: raw query →
-//! normalized key, bad input stops here) → [`proxy`] → [`cache`] (a hit ends
-//! here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
+//! normalized key, bad input stops here) → [`directives`] (the client's
+//! `Cache-Control`) → [`proxy`] → [`cache`] (a hit ends here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
 //! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
 //! key injected, gated by `protect` and its `breaker`; bodies checked by
 //! [`envelope`]) → [`cache`] →
@@ -19,8 +21,10 @@
 pub mod access;
 pub mod app;
 pub(crate) mod breaker;
+pub mod browser;
 pub mod cache;
 pub(crate) mod cache_status;
+pub mod caller;
 pub mod cli;
 pub mod clock;
 pub mod coalesce;
@@ -28,8 +32,10 @@ pub mod config;
 pub(crate) mod cors;
 pub mod demo;
 pub mod digest;
+pub mod directives;
 pub mod envelope;
 pub(crate) mod error;
+pub mod issuers;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

@@ -121,6 +121,11 @@ struct ClientLabels {
     client: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct IssuerLabels {
+    issuer: String,
+}
+
 /// Who a limit or budget belonged to (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -130,6 +135,8 @@ pub enum Scope {
     Client,
     /// One configured warm-up.
     Warmup,
+    /// One subject (`sub`) of a signed visitor token.
+    Subject,
 }
 
 impl Scope {
@@ -139,6 +146,7 @@ impl Scope {
             Self::Global => "global",
             Self::Client => "client",
             Self::Warmup => "warmup",
+            Self::Subject => "subject",
         }
     }
 
@@ -148,6 +156,7 @@ impl Scope {
             Self::Global => "the proxy's",
             Self::Client => "this client's",
             Self::Warmup => "this warm-up's",
+            Self::Subject => "this token subject's",
         }
     }
 }
@@ -156,8 +165,8 @@ impl Scope {
 #[derive(Debug, Default)]
 pub struct CachedCounter(OnceLock<Counter>);
 
-/// Counters of one configured client, resolved once at start-up so the
-/// request path does no label lookup for them.
+/// Counters of one configured client (or issuer), resolved once at start-up
+/// so the request path does no label lookup for them.
 #[derive(Debug, Clone)]
 pub struct ClientCounters {
     pub requests: Counter,
@@ -218,6 +227,9 @@ pub struct Metrics {
     budget_refused: Family<ScopeLabels, Counter>,
     client_requests: Family<ClientLabels, Counter>,
     client_credits: Family<ClientLabels, Counter>,
+    issuer_requests: Family<IssuerLabels, Counter>,
+    issuer_credits: Family<IssuerLabels, Counter>,
+    tokens_rejected: Family<ReasonLabels, Counter>,
     stale_served: Counter,
     /// Requests of the proxied route refused before the cache (bad input,
     /// token, origin, limits): for the status page; `requests_total` with
@@ -342,6 +354,24 @@ impl Metrics {
             "Upstream retries made after a connect error or HTTP 502/503/504",
             upstream_retries.clone(),
         );
+        let issuer_requests = Family::default();
+        registry.register(
+            "issuer_requests",
+            "Requests let in by a valid signed token, by configured issuer (no subject label)",
+            issuer_requests.clone(),
+        );
+        let issuer_credits = Family::default();
+        registry.register(
+            "issuer_credits_spent",
+            "Credits of upstream calls started by the subjects of a configured issuer",
+            issuer_credits.clone(),
+        );
+        let tokens_rejected = Family::default();
+        registry.register(
+            "tokens_rejected",
+            "Signed tokens refused, by reason (malformed, unknown_issuer, unknown_key, algorithm, signature, expired, not_yet_valid, audience, subject, keys_unavailable)",
+            tokens_rejected.clone(),
+        );
         let upstream_refused = Family::default();
         registry.register(
             "upstream_refused",
@@ -405,6 +435,9 @@ impl Metrics {
             budget_refused,
             client_requests,
             client_credits,
+            issuer_requests,
+            issuer_credits,
+            tokens_rejected,
             stale_served,
             rejected: Counter::default(),
             upstream_retries,
@@ -556,6 +589,24 @@ impl Metrics {
             requests: self.client_requests.get_or_create(&labels).clone(),
             credits_spent: self.client_credits.get_or_create(&labels).clone(),
         }
+    }
+
+    /// The counters of a configured issuer (created once, at start-up).
+    pub fn issuer(&self, name: &str) -> ClientCounters {
+        let labels = IssuerLabels {
+            issuer: name.to_owned(),
+        };
+        ClientCounters {
+            requests: self.issuer_requests.get_or_create(&labels).clone(),
+            credits_spent: self.issuer_credits.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Counts a signed token refused for `reason`.
+    pub fn token_rejected(&self, reason: &'static str) {
+        self.tokens_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// The registry as text in `format`, after updating the cache gauges.

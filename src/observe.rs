@@ -1,7 +1,10 @@
-//! Each request's id, its one access-log line, and request metrics.
+//! Each request's id and caller, its one access-log line, and request metrics.
 //!
-//! The id ([`RequestId`]) is assigned here and kept, with the access-log
-//! record, in a task-local for the request's lifetime. Handlers [`report`](AccessLog::report)
+//! The id ([`RequestId`]) is assigned and the caller ([`ClientAddr`], from
+//! the TCP peer and, behind trusted proxies, a forwarding header) resolved
+//! here; both are kept, with the access-log record, in a task-local for the
+//! request's lifetime. Every log line carries `client_addr`, and `peer_addr`
+//! when a trusted proxy reported the caller. Handlers [`report`](AccessLog::report)
 //! an [`AccessLog`] so the log line (and the request metrics) can name the
 //! normalized key, cache state and upstream status without the middleware
 //! knowing any route. The `route` metric label is the request path when it is
@@ -19,6 +22,7 @@ use std::{
     cell::Cell,
     convert::Infallible,
     future::Future,
+    net::SocketAddr,
     panic::{self, AssertUnwindSafe},
     pin::Pin,
     sync::Arc,
@@ -37,11 +41,15 @@ use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tokio::task::futures::TaskLocalFuture;
-use tracing::{Level, Span, field::Empty};
+use tracing::{
+    Level, Span,
+    field::{Empty, display},
+};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     cache::CacheKey,
+    caller::{ClientAddr, Resolver},
     error::ApiError,
     metrics::{CLIENT_CLOSED_REQUEST, CachedCounter, Metrics},
     request_id::{RequestId, X_REQUEST_ID},
@@ -60,7 +68,7 @@ const MAX_LOGGED_LEN: usize = 256;
 /// What a handler reports about its answer for the access log and the metrics.
 #[derive(Debug, Clone)]
 pub(crate) struct AccessLog {
-    /// The configured client's id, when clients are configured.
+    /// Who asked: a configured client's id, or a token subject's hashed name.
     pub(crate) client: Option<Arc<str>>,
     pub(crate) key: CacheKey,
     /// How the request was answered (the `cache` log field).
@@ -72,7 +80,7 @@ pub(crate) struct AccessLog {
 
 tokio::task_local! {
     /// The request being served: its id, read by handlers that answer with
-    /// an error, and the [`AccessLog`] its handler reports to [`Observe`].
+    /// an error, its caller, and the [`AccessLog`] its handler reports to [`Observe`].
     /// A task-local costs no allocation; a request extension costs three
     /// (the value's box, the map's box, its table).
     static CURRENT: Current;
@@ -81,6 +89,7 @@ tokio::task_local! {
 /// What [`CURRENT`] holds for one request.
 struct Current {
     id: RequestId,
+    caller: ClientAddr,
     reported: Cell<Option<AccessLog>>,
 }
 
@@ -102,6 +111,13 @@ impl<S: Sync> FromRequestParts<S> for RequestId {
     }
 }
 
+impl ClientAddr {
+    /// The caller of the request being served (none outside a request).
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(|current| current.caller).ok()
+    }
+}
+
 impl AccessLog {
     /// Hands this record to the [`Observe`] layer serving the current request
     /// (nothing happens outside one).
@@ -119,6 +135,8 @@ pub(crate) struct Observe<H> {
     proxied: usize,
     /// Per KeyAPI route, its hits' `requests_total` counter.
     hits: Arc<[CachedCounter]>,
+    /// Who is calling, from the peer and `server.trusted_proxies`.
+    callers: Resolver,
     /// Whether proxied requests are spans, and how they find their parent.
     traced: Traced,
 }
@@ -136,12 +154,14 @@ pub(crate) enum Traced {
 
 impl<H> Observe<H> {
     /// `inner`, counted into `metrics`; `paths` are the served (static) paths,
-    /// the values of the `route` label, the first `proxied` of them the KeyAPI routes.
+    /// the values of the `route` label, the first `proxied` of them the KeyAPI
+    /// routes; `callers` tells who is calling.
     pub(crate) fn new(
         inner: H,
         metrics: Arc<Metrics>,
         paths: Arc<[&'static str]>,
         proxied: usize,
+        callers: Resolver,
         traced: Traced,
     ) -> Self {
         Self {
@@ -150,12 +170,13 @@ impl<H> Observe<H> {
             paths,
             proxied,
             hits: (0..proxied).map(|_| CachedCounter::default()).collect(),
+            callers,
             traced,
         }
     }
 
-    /// What is known of `request` before it is answered.
-    fn begin<B>(&self, request: &Request<B>) -> (Current, Done<'_>) {
+    /// What is known of `request` from `peer` before it is answered.
+    fn begin<B>(&self, peer: SocketAddr, request: &Request<B>) -> (Current, Done<'_>) {
         let id = request
             .headers()
             .get(&X_REQUEST_ID)
@@ -168,11 +189,13 @@ impl<H> Observe<H> {
             None => (UNMATCHED, None),
         };
         let proxied = index.filter(|i| *i < self.proxied);
+        let caller = self.callers.resolve(peer.ip(), request.headers());
         // Log fields (and the clock) are only read when the line will be written.
         let log = tracing::enabled!(Level::INFO).then(|| Logged {
             started: Instant::now(),
             method: truncated(request.method().as_str()).to_owned(),
             path: truncated(request.uri().path()).to_owned(),
+            caller,
         });
         let span = match (self.traced, proxied) {
             (Traced::Off, _) | (_, None) => None,
@@ -180,6 +203,7 @@ impl<H> Observe<H> {
         };
         let current = Current {
             id,
+            caller,
             reported: Cell::new(None),
         };
         let done = Done {
@@ -219,14 +243,18 @@ fn request_span<B>(route: &'static str, request: &Request<B>, traced: Traced) ->
 }
 
 impl<H: Handle> Handle for Observe<H> {
-    fn handle<B>(&self, request: Request<B>) -> impl Future<Output = Response> + Send
+    fn handle<B>(
+        &self,
+        peer: SocketAddr,
+        request: Request<B>,
+    ) -> impl Future<Output = Response> + Send
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let (current, done) = self.begin(&request);
+        let (current, done) = self.begin(peer, &request);
         ObserveFuture {
-            inner: CURRENT.scope(current, self.inner.handle(request)),
+            inner: CURRENT.scope(current, self.inner.handle(peer, request)),
             done: Some(done),
         }
     }
@@ -276,6 +304,7 @@ struct Logged {
     /// Method and path, truncated.
     method: String,
     path: String,
+    caller: ClientAddr,
 }
 
 impl<F: Future<Output = Response>> Future for ObserveFuture<'_, F> {
@@ -300,13 +329,13 @@ impl<F: Future<Output = Response>> Future for ObserveFuture<'_, F> {
         };
         drop(entered);
         // The scope hands its value back once the inner future is done (or unwound).
-        let current = this.inner.take_value().unwrap_or_else(|| Current {
-            id: RequestId::generate(),
-            reported: Cell::new(None),
-        });
-        let mut response = answered.unwrap_or_else(|panic| panicked(&*panic, &current.id));
+        let (id, reported) = match this.inner.take_value() {
+            Some(Current { id, reported, .. }) => (id, reported.into_inner()),
+            None => (RequestId::generate(), None),
+        };
+        let mut response = answered.unwrap_or_else(|panic| panicked(&*panic, &id));
         if let Some(done) = this.done.take() {
-            done.finish(&mut response, current);
+            done.finish(&mut response, id, reported);
         }
         Poll::Ready(response)
     }
@@ -324,9 +353,7 @@ fn panicked(panic: &(dyn Any + Send), id: &RequestId) -> Response {
 }
 
 impl Done<'_> {
-    fn finish(self, response: &mut Response, current: Current) {
-        let Current { id, reported } = current;
-        let access = reported.into_inner();
+    fn finish(self, response: &mut Response, id: RequestId, access: Option<AccessLog>) {
         self.record(response.status().as_u16(), Some(&id), access.as_ref());
         response
             .headers_mut()
@@ -353,16 +380,21 @@ impl Done<'_> {
             started,
             method,
             path,
+            caller,
         }) = &self.log
         {
             let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let request_id = id.map(RequestId::as_str);
+            let client_addr = display(caller.ip());
+            let peer_addr = caller.is_forwarded().then(|| display(caller.peer()));
             match access {
                 Some(log) => tracing::info!(
                     request_id,
                     %method,
                     path,
                     status,
+                    client_addr,
+                    peer_addr,
                     client = log.client.as_deref(),
                     key = %log.key,
                     cache = log.served.as_str(),
@@ -370,7 +402,16 @@ impl Done<'_> {
                     latency_us,
                     "request"
                 ),
-                None => tracing::info!(request_id, %method, path, status, latency_us, "request"),
+                None => tracing::info!(
+                    request_id,
+                    %method,
+                    path,
+                    status,
+                    client_addr,
+                    peer_addr,
+                    latency_us,
+                    "request"
+                ),
             }
         }
     }
@@ -416,13 +457,17 @@ mod tests {
     use axum::{body::Body, http::StatusCode};
 
     use super::*;
+    use crate::{
+        caller::{ForwardedHeader, X_FORWARDED_FOR},
+        clock::{SharedClock, SystemClock},
+    };
 
     /// A handler that always panics.
     struct Panics;
 
     impl Handle for Panics {
         #[allow(clippy::manual_async_fn)]
-        fn handle<B>(&self, _: Request<B>) -> impl Future<Output = Response> + Send {
+        fn handle<B>(&self, _: SocketAddr, _: Request<B>) -> impl Future<Output = Response> + Send {
             async { panic!("boom") }
         }
     }
@@ -432,14 +477,28 @@ mod tests {
 
     impl Handle for Never {
         #[allow(clippy::manual_async_fn)]
-        fn handle<B>(&self, _: Request<B>) -> impl Future<Output = Response> + Send {
+        fn handle<B>(&self, _: SocketAddr, _: Request<B>) -> impl Future<Output = Response> + Send {
             std::future::pending()
         }
     }
 
-    fn metrics() -> Arc<Metrics> {
-        use crate::clock::{SharedClock, SystemClock};
+    /// A handler that answers with the caller it is told of, in a header.
+    struct EchoCaller;
 
+    impl Handle for EchoCaller {
+        #[allow(clippy::manual_async_fn)]
+        fn handle<B>(&self, _: SocketAddr, _: Request<B>) -> impl Future<Output = Response> + Send {
+            async {
+                let caller = ClientAddr::current().map(|c| c.to_string());
+                let mut response = Response::new(axum::body::Body::empty());
+                let value = caller.unwrap_or_default().parse().unwrap();
+                response.headers_mut().insert("caller", value);
+                response
+            }
+        }
+    }
+
+    fn metrics() -> Arc<Metrics> {
         Arc::new(Metrics::new(SharedClock::new(Arc::new(SystemClock))))
     }
 
@@ -452,10 +511,12 @@ mod tests {
             Arc::clone(&metrics),
             Arc::from(["/v1/route"]),
             1,
+            Resolver::default(),
             Traced::Off,
         );
         let request = Request::get("/v1/route").body(Body::empty()).unwrap();
-        let mut answer = Box::pin(observed.handle(request));
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let mut answer = Box::pin(observed.handle(peer, request));
         let polled = answer
             .as_mut()
             .poll(&mut Context::from_waker(std::task::Waker::noop()));
@@ -475,9 +536,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_is_answered_500_with_an_id() {
-        let metrics = metrics();
-        let observed = Observe::new(Panics, metrics, Arc::from(["/"]), 0, Traced::Off);
-        let response = observed.handle(Request::new(Body::empty())).await;
+        let observed = Observe::new(
+            Panics,
+            metrics(),
+            Arc::from(["/"]),
+            0,
+            Resolver::default(),
+            Traced::Off,
+        );
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let response = observed.handle(peer, Request::new(Body::empty())).await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let id = response.headers()[X_REQUEST_ID]
             .to_str()
@@ -489,5 +557,35 @@ mod tests {
         let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(envelope["code"], 500);
         assert_eq!(envelope["requestId"], id.as_str());
+    }
+
+    #[tokio::test]
+    async fn handlers_see_the_resolved_caller() {
+        let trusted = ["127.0.0.0/8".parse().unwrap()];
+        let resolver = Resolver::new(&trusted, ForwardedHeader::XForwardedFor);
+        let observed = Observe::new(
+            EchoCaller,
+            metrics(),
+            Arc::from(["/"]),
+            0,
+            resolver,
+            Traced::Off,
+        );
+        let caller = |peer: &str| {
+            let request = Request::builder()
+                .header(X_FORWARDED_FOR, "203.0.113.9")
+                .body(Body::empty())
+                .unwrap();
+            let answered = observed.handle(peer.parse().unwrap(), request);
+            async move {
+                answered.await.headers()["caller"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+            }
+        };
+        assert_eq!(caller("127.0.0.1:4000").await, "203.0.113.9");
+        assert_eq!(caller("192.0.2.1:4000").await, "192.0.2.1");
+        assert_eq!(ClientAddr::current(), None, "outside a request");
     }
 }

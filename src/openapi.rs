@@ -15,7 +15,10 @@ use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use crate::route::{self, Kind, Param, RouteTable};
+use crate::{
+    browser::PROBE_PATHS,
+    route::{self, Kind, Param, RouteTable},
+};
 
 /// The error envelope (KeyAPI's own shape), with the HTTP status as `code`.
 #[derive(ToSchema)]
@@ -56,7 +59,7 @@ const ROUTE_TEMPLATE: &str = "/__route__";
         (status = 200, description = "KeyAPI's body, byte for byte (cached, or a passed-through `code != 0` answer)",
             content_type = "application/json", body = Object,
             headers(
-                ("Cache-Status" = String, description = "RFC 9211: `keyapi-proxy; hit; ttl=N`, `…; fwd=uri-miss; stored`, `…; collapsed`, …"),
+                ("Cache-Status" = String, description = "RFC 9211: `keyapi-proxy; hit; ttl=N`, `…; fwd=uri-miss; stored`, `…; collapsed`, `…; hit; ttl=-N; detail=max-stale` (a stale copy the request's `Cache-Control` took), …"),
                 ("Age" = u64, description = "Seconds since the answer was stored"),
                 ("Cache-Control" = String, description = "Cached answers: `max-age=<whole freshness lifetime>` plus `stale-while-revalidate=`/`stale-if-error=` when configured (`max-age − Age` is the Cache-Status ttl); passed-through answers: `no-store`"),
                 ("ETag" = String, description = "Strong tag of the representation sent; the gzip one ends in `-gzip`"),
@@ -75,9 +78,9 @@ const ROUTE_TEMPLATE: &str = "/__route__";
             )),
         (status = 400, description = "Missing, empty, invalid or repeated parameter; or KeyAPI's own 400, passed through", body = Envelope,
             headers(("Cache-Control" = String, description = "`no-store`"))),
-        (status = 401, description = "Clients are configured and the token is missing or wrong", body = Envelope,
-            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = "The `Origin` header names an origin not in `cors.allowed_origins`", body = Envelope),
+        (status = 401, description = "Clients are configured and the token is missing or wrong; or a signed visitor token (issuers configured) is malformed, expired, foreign or does not verify", body = Envelope,
+            headers(("WWW-Authenticate" = String, description = "`Bearer` (`Bearer error=\"invalid_token\"` for a signed token)"))),
+        (status = 403, description = "The `Origin` header names an origin not in `cors.allowed_origins`; or a browser's cross-site request (`Sec-Fetch-Site: cross-site`) that is not a CORS request from an allowed origin", body = Envelope),
         (status = 404, description = "KeyAPI's 404 (e.g. unknown hashtag), passed through (its body)", content_type = "application/json", body = Object),
         (status = 422, description = "KeyAPI's 422, passed through (its body)", content_type = "application/json", body = Object),
         (status = "4XX", description = "Another KeyAPI 4xx, passed through (its JSON body, else our envelope)", content_type = "application/json", body = Object),
@@ -85,9 +88,10 @@ const ROUTE_TEMPLATE: &str = "/__route__";
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 500, description = "Internal failure of a shared upstream fetch", body = Envelope),
         (status = 502, description = "KeyAPI failed, rejected the configured key, or answered invalidly", body = Envelope),
-        (status = 503, description = "Upstream protection: circuit open, too many calls in flight, or the spend-rate cap; or the shared credit ledger (Redis) is unreachable; see `Retry-After`", body = Envelope,
+        (status = 503, description = "Upstream protection: circuit open, too many calls in flight, or the spend-rate cap; or the shared credit ledger (Redis) is unreachable; or the signing keys of a signed token's issuer cannot be fetched; see `Retry-After`", body = Envelope,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 504, description = "KeyAPI did not answer in time", body = Envelope),
+        (status = 504, description = "KeyAPI did not answer in time; or the request said `Cache-Control: only-if-cached` and no kept copy meets it (`Cache-Status: keyapi-proxy; detail=only-if-cached`: no call, no credits)", body = Envelope,
+            headers(("Cache-Status" = String, description = "`keyapi-proxy; detail=only-if-cached`, or `keyapi-proxy; fwd=uri-miss; detail=timeout`"))),
     )
 )]
 fn proxied_route() {}
@@ -197,6 +201,10 @@ pub fn document(table: &RouteTable) -> Bytes {
     }
     if let Some(paths) = doc["paths"].as_object_mut() {
         for (path, operations) in paths.iter_mut() {
+            // Before `complete`, so the HEAD made from GET gets it (without a body).
+            if !PROBE_PATHS.contains(&path.as_str()) {
+                refuse_foreign_hosts(operations);
+            }
             complete(operations, path != "/openapi.json");
         }
     }
@@ -210,6 +218,7 @@ pub fn document(table: &RouteTable) -> Bytes {
         ));
         operation["operationId"] = json!(route.path());
         operation["parameters"] = route.params().iter().map(parameter).collect();
+        refuse_foreign_hosts(&mut item);
         complete(&mut item, false);
         doc["paths"][route.path()] = item;
     }
@@ -273,6 +282,20 @@ fn purge_query(table: &RouteTable) -> Value {
             "dependentRequired": dependent,
         },
     })
+}
+
+/// The 421 every path but the probes gives to a `Host` not in `server.allowed_hosts`.
+fn refuse_foreign_hosts(operations: &mut Value) {
+    let Some(operations) = operations.as_object_mut() else {
+        return;
+    };
+    for operation in operations.values_mut() {
+        operation["responses"]["421"] = json!({
+            "description": "The `Host` is not in `server.allowed_hosts` (DNS-rebinding defence)",
+            "headers": {"Cache-Control": {"description": "`no-store`", "schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+        });
+    }
 }
 
 /// Fills in what only the router knows: `HEAD` next to every `GET` (axum

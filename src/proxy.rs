@@ -2,7 +2,9 @@
 //! cache. Given a normalized [`CacheKey`] and its TTL, returns the answer and
 //! how it was obtained, applying the freshness model of [`crate::cache`]:
 //! fresh hits, stale-while-revalidate, stale-if-error, negative entries and
-//! refresh-ahead. Only the fetch task ever writes the cache, and it never
+//! refresh-ahead, bent by the client's freshness directives
+//! ([`crate::directives`]) only where the proxy's policy allows. Only the
+//! fetch task ever writes the cache, and it never
 //! replaces a good entry with a bad answer: a refusal after a stale success
 //! is remembered for `negative_ttl` keeping that success, a refusal while a
 //! success is fresh is forwarded and forgotten. The fetch charges the
@@ -10,6 +12,16 @@
 //! [`Payer`] that started it; requests that join it pay nothing.
 //!
 //! `serve` does one cache lookup; a hit returns from there.
+//!
+//! The client's directives, decided per kept copy in [`Proxy::judge`]:
+//! a copy they refuse (`max-age`, `min-fresh`, `max-stale`) is not served
+//! without a call; a stale one still stands in if the call fails or no budget
+//! can afford it, like any stale copy. A call for a key whose copy is
+//! *fresh* is made only for a client that may refresh (as `no-cache`); for
+//! others the fresh copy answers. `max-stale` and `only-if-cached` take
+//! stale copies kept only for stale-if-error, without a call; nothing is
+//! served past the windows. `only-if-cached` never causes a call, neither
+//! its own nor a background refresh: the copy, or [`Outcome::NotCached`].
 
 use std::{
     sync::Arc,
@@ -28,11 +40,12 @@ use crate::{
     },
     clock::SharedClock,
     coalesce::{Abandoned, Coalescer, Interest, Role},
+    directives::{Ask, Directives},
     ledger::{Charge, Initiator, Ledger, Payer, Refusal},
     metrics::{Metrics, Scope},
     protect::Protection,
     route::Route,
-    served::CacheState,
+    served::{Accepted, CacheState},
     telemetry::TRACE_TARGET,
     upstream::{Upstream, UpstreamAnswer, UpstreamError},
 };
@@ -45,8 +58,9 @@ const MAX_REJOINS: usize = 3;
 /// Why a fetch was started; decides whether a cached entry makes it moot.
 #[derive(Debug, Clone)]
 enum Trigger {
-    /// No usable entry: a fresh one stored meanwhile answers it.
-    Miss,
+    /// No usable entry: a fresh one stored meanwhile answers it, if it
+    /// meets the request's directives.
+    Miss(Directives),
     /// The client asked for a new answer: always call.
     ClientRefresh,
     /// Revalidating this entry: moot if a newer one was stored meanwhile.
@@ -59,7 +73,11 @@ impl Trigger {
     /// Whether `candidate` (found in L1 or L2) answers this fetch.
     fn satisfied_by(&self, candidate: &Entry, now: SystemTime) -> bool {
         match self {
-            Trigger::Miss => candidate.is_fresh(now),
+            Trigger::Miss(directives) => {
+                let freshness = candidate.freshness(now);
+                matches!(freshness, Freshness::Fresh { .. })
+                    && directives.accepts(candidate.ttl, freshness)
+            }
             Trigger::ClientRefresh => false,
             Trigger::Background(old) => candidate.stored_at > old.stored_at,
             Trigger::Warm { fresh_for } => candidate.remaining_ttl(now) >= *fresh_for,
@@ -94,6 +112,22 @@ pub enum Outcome {
     },
     /// KeyAPI refused the question itself and it is not cacheable.
     Declined { status: StatusCode, body: Bytes },
+    /// `only-if-cached`, and no kept copy meets the request: nothing was
+    /// asked of KeyAPI.
+    NotCached,
+}
+
+/// What a kept copy does for one request ([`Proxy::judge`]).
+enum Verdict {
+    /// It answers (its hit counted, a background refresh started if due).
+    Serve(Outcome),
+    /// It does not: a call is needed. `fallback` is the copy when it may
+    /// stand in should the call fail (a stale one); `fresh` says it was
+    /// fresh (the call is then a refresh the client asked for).
+    Call {
+        fallback: Option<Arc<Entry>>,
+        fresh: bool,
+    },
 }
 
 /// What a warm-up's prefetch of one question did.
@@ -208,37 +242,31 @@ impl Proxy {
         self.inflight.idle().await;
     }
 
-    /// Answers `key`. With `refresh`, skips the cache lookup (still single
-    /// flight). A fetch this request starts is charged to `payer`.
+    /// Answers `key` as `ask` asks (its directives, its refresh
+    /// permission). A fetch this request starts is charged to `payer`.
     pub async fn serve(
         &self,
         key: &CacheKey,
         route: &Arc<Route>,
-        refresh: bool,
+        ask: &Ask,
         payer: Payer,
     ) -> Result<Outcome, ProxyError> {
-        let mut fallback = None;
+        let refresh = ask.refresh();
+        let (mut fallback, mut refused_fresh) = (None, refresh);
         let now = self.fetcher.clock.now();
         if !refresh && let Some(entry) = self.cache().get(key, now) {
-            match entry.freshness(now) {
-                Freshness::Fresh { .. } => {
-                    let hits = entry.record_hit();
-                    self.maybe_refresh_ahead(key, route, &entry, hits, now);
-                    return Ok(cached(entry, CacheState::Hit, now));
-                }
-                Freshness::StaleWhileRevalidate { .. } => {
-                    entry.record_hit();
-                    self.revalidate(key, route, &entry, Initiator::Revalidate);
-                    return Ok(cached(entry, CacheState::Stale, now));
-                }
-                Freshness::StaleIfError { .. } => fallback = Some(entry),
-                Freshness::Expired => {}
+            match self.judge(key, route, entry, ask, now) {
+                Verdict::Serve(outcome) => return Ok(outcome),
+                Verdict::Call { fallback: f, fresh } => (fallback, refused_fresh) = (f, fresh),
             }
+        }
+        if ask.directives.only_if_cached {
+            return Ok(Box::pin(self.only_if_cached(key, route, ask, now)).await);
         }
         let trigger = if refresh {
             Trigger::ClientRefresh
         } else {
-            Trigger::Miss
+            Trigger::Miss(ask.directives)
         };
         // Boxed: the fetch's state would otherwise make every hit's future
         // (moved several times on its way into hyper's task) as large as a miss's.
@@ -246,7 +274,7 @@ impl Proxy {
         let now = self.fetcher.clock.now();
         match (fetched, fallback) {
             (Ok(Fetched::Stored(entry)), _) => {
-                let state = match (role, refresh) {
+                let state = match (role, refused_fresh) {
                     (Role::Follower, _) => CacheState::Collapsed,
                     (Role::Leader, true) => CacheState::Refreshed,
                     (Role::Leader, false) => CacheState::Stored,
@@ -268,9 +296,96 @@ impl Proxy {
         }
     }
 
+    /// Whether the kept copy `entry` answers this request at `now`; if so,
+    /// counts its hit and starts what the proxy's policy starts on such a
+    /// hit (refresh-ahead, stale-while-revalidate), except for
+    /// `only-if-cached`, which causes no call.
+    fn judge(
+        &self,
+        key: &CacheKey,
+        route: &Arc<Route>,
+        entry: Arc<Entry>,
+        ask: &Ask,
+        now: SystemTime,
+    ) -> Verdict {
+        let directives = &ask.directives;
+        let freshness = entry.freshness(now);
+        let only_if_cached = directives.only_if_cached;
+        match freshness {
+            // A fresh copy the directives refuse still answers a client that
+            // may not make the proxy call for it (and does not say it would
+            // rather have no answer: only-if-cached).
+            Freshness::Fresh { .. }
+                if directives.accepts(entry.ttl, freshness)
+                    || !(ask.may_refresh || only_if_cached) =>
+            {
+                let hits = entry.record_hit();
+                if !only_if_cached {
+                    self.maybe_refresh_ahead(key, route, &entry, hits, now);
+                }
+                Verdict::Serve(cached(entry, CacheState::Hit, now))
+            }
+            Freshness::Fresh { .. } => Verdict::Call {
+                fallback: None,
+                fresh: true,
+            },
+            Freshness::StaleWhileRevalidate { .. } if directives.accepts(entry.ttl, freshness) => {
+                entry.record_hit();
+                if only_if_cached {
+                    let state = CacheState::StaleAccepted(Accepted::OnlyIfCached);
+                    return Verdict::Serve(cached(entry, state, now));
+                }
+                self.revalidate(key, route, &entry, Initiator::Revalidate);
+                Verdict::Serve(cached(entry, CacheState::Stale, now))
+            }
+            Freshness::StaleIfError { .. }
+                if directives.takes_stale_if_error_copies()
+                    && directives.accepts(entry.ttl, freshness) =>
+            {
+                entry.record_hit();
+                let by = if only_if_cached {
+                    Accepted::OnlyIfCached
+                } else {
+                    Accepted::MaxStale
+                };
+                Verdict::Serve(cached(entry, CacheState::StaleAccepted(by), now))
+            }
+            Freshness::StaleWhileRevalidate { .. } | Freshness::StaleIfError { .. } => {
+                Verdict::Call {
+                    fallback: Some(entry),
+                    fresh: false,
+                }
+            }
+            Freshness::Expired => Verdict::Call {
+                fallback: None,
+                fresh: false,
+            },
+        }
+    }
+
+    /// `only-if-cached` when memory had no copy that would do: another
+    /// replica's copy in Redis may; nothing else may (no call, no charge).
+    async fn only_if_cached(
+        &self,
+        key: &CacheKey,
+        route: &Arc<Route>,
+        ask: &Ask,
+        now: SystemTime,
+    ) -> Outcome {
+        // `no-cache`, when honoured, refuses every kept copy.
+        if !ask.refresh()
+            && let Some(entry) = self.fetcher.tiers.shared_copy(key, now).await
+            && let Verdict::Serve(outcome) = self.judge(key, route, entry, ask, now)
+        {
+            return outcome;
+        }
+        tracing::debug!(%key, "only-if-cached: no kept copy meets the request; not called");
+        Outcome::NotCached
+    }
+
     /// Runs or joins the one fetch of `key`. Joining is free and never refused
-    /// by a budget: a follower whose leader's own budget (a client's, or a
-    /// warm-up's allowance) refused tries again on its own account (it may
+    /// by a budget: a follower whose leader's own budget (a client's, a token
+    /// subject's, or a warm-up's allowance) refused tries again on its own account (it may
     /// lead this time, or join another). The global budget and an
     /// unreachable ledger refuse everyone alike: no second try.
     async fn fetch_shared(
@@ -301,7 +416,7 @@ impl Proxy {
             let leaders_own_budget = matches!(
                 &fetched,
                 Err(ProxyError::Budget(refusal))
-                    if matches!(refusal.scope(), Some(Scope::Client | Scope::Warmup))
+                    if matches!(refusal.scope(), Some(Scope::Client | Scope::Subject | Scope::Warmup))
             );
             if role == Role::Follower && leaders_own_budget && rejoins < MAX_REJOINS {
                 rejoins += 1;

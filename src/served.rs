@@ -11,7 +11,8 @@ pub enum CacheState {
     Stored,
     /// This request waited on another request's fetch (single flight).
     Collapsed,
-    /// The client asked for a refresh (`Cache-Control: no-cache`, when allowed).
+    /// The client refused a fresh copy and may make the proxy call for it
+    /// (`Cache-Control: no-cache`, `max-age`, `min-fresh`, when allowed).
     Refreshed,
     /// Served stale within stale-while-revalidate; a background refresh runs.
     Stale,
@@ -19,6 +20,28 @@ pub enum CacheState {
     StaleIfError { fwd_status: Option<u16> },
     /// Served stale because a credit budget could not afford a new call.
     StaleOverBudget,
+    /// Served stale without a call and without starting a refresh, because
+    /// the request's directive took it (see [`Accepted`]).
+    StaleAccepted(Accepted),
+}
+
+/// The request directive that took a stale copy as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// `Cache-Control: max-stale[=N]`, past stale-while-revalidate.
+    MaxStale,
+    /// `Cache-Control: only-if-cached`: no call at all, not even a refresh.
+    OnlyIfCached,
+}
+
+impl Accepted {
+    /// The directive's name (the `detail` of `Cache-Status`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::MaxStale => "max-stale",
+            Self::OnlyIfCached => "only-if-cached",
+        }
+    }
 }
 
 impl CacheState {
@@ -32,6 +55,7 @@ impl CacheState {
             Self::Stale => "stale",
             Self::StaleIfError { .. } => "stale_if_error",
             Self::StaleOverBudget => "stale_budget",
+            Self::StaleAccepted(_) => "stale_accepted",
         }
     }
 }
@@ -44,6 +68,9 @@ pub enum Served {
     Cached(CacheState),
     /// KeyAPI's own refusal, forwarded and not cached.
     Declined,
+    /// `Cache-Control: only-if-cached` and no kept copy would do: a 504,
+    /// nothing asked of KeyAPI.
+    NotCached,
     /// An error answer (ours or the upstream's).
     Failed,
 }
@@ -54,13 +81,18 @@ impl Served {
         match self {
             Self::Cached(state) => state.as_str(),
             Self::Declined => "declined",
+            Self::NotCached => "not_cached",
             Self::Failed => "error",
         }
     }
 
-    /// Answered from the cache without looking upstream (fresh or stale-while-revalidate).
+    /// Answered from the cache without looking upstream (fresh, or a stale
+    /// copy served at once: stale-while-revalidate, or taken by a directive).
     pub fn is_hit(&self) -> bool {
-        matches!(self, Self::Cached(CacheState::Hit | CacheState::Stale))
+        matches!(
+            self,
+            Self::Cached(CacheState::Hit | CacheState::Stale | CacheState::StaleAccepted(_))
+        )
     }
 
     /// Answered without a call of its own that KeyAPI would have charged:
@@ -74,7 +106,10 @@ impl Served {
         matches!(
             self,
             Self::Cached(
-                CacheState::Stale | CacheState::StaleIfError { .. } | CacheState::StaleOverBudget
+                CacheState::Stale
+                    | CacheState::StaleIfError { .. }
+                    | CacheState::StaleOverBudget
+                    | CacheState::StaleAccepted(_)
             )
         )
     }

@@ -4,9 +4,10 @@
 //! (`server.header_read_timeout`), time silent on a keep-alive connection
 //! (`server.idle_timeout`), time an answer takes to be written
 //! (`server.send_timeout`), header size and count, HTTP/2 streams and windows,
-//! and open connections (`server.max_connections`). On HTTP/2 only the first
-//! request's head is timed: later frames between requests (PINGs) are idle
-//! traffic.
+//! and open connections (`server.max_connections`). Each request is handed
+//! its connection's peer address, read once at accept. On HTTP/2 only the
+//! first request's head is timed: later frames between requests (PINGs) are
+//! idle traffic.
 //!
 //! An answer the client does not take — socket writes blocked because it does
 //! not read, or an HTTP/2 stream held at a zero flow-control window — closes
@@ -36,6 +37,7 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -109,8 +111,14 @@ const H2_LOCAL_RESETS: usize = 1024;
 /// future is one concrete type inside hyper's connection task: no box, no
 /// clone of the service per request.
 pub(crate) trait Handle: Send + Sync + 'static {
-    /// The answer to `request` (generic over the body so tests can build one).
-    fn handle<B>(&self, request: Request<B>) -> impl Future<Output = Response> + Send
+    /// The answer to `request` from the TCP peer `peer` (generic over the
+    /// body so tests can build one). The peer is a parameter, read once per
+    /// connection, rather than a request extension: no allocation per request.
+    fn handle<B>(
+        &self,
+        peer: SocketAddr,
+        request: Request<B>,
+    ) -> impl Future<Output = Response> + Send
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>;
@@ -827,8 +835,8 @@ pub(crate) async fn serve<H, F>(
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 on_accept_error(&e, &registry).await;
                 continue;
@@ -845,6 +853,7 @@ pub(crate) async fn serve<H, F>(
         };
         tokio::spawn(serve_connection(
             stream,
+            peer,
             conn,
             signals,
             registered,
@@ -884,6 +893,7 @@ async fn on_accept_error(error: &io::Error, registry: &Registry) {
 
 async fn serve_connection<H: Handle>(
     stream: TcpStream,
+    peer: SocketAddr,
     conn: Arc<Conn>,
     mut signals: mpsc::Receiver<Signal>,
     mut registered: Registered,
@@ -900,7 +910,7 @@ async fn serve_connection<H: Handle>(
         let mut guard = conn.begin_request();
         let handler = Arc::clone(&handler);
         async move {
-            let response = handler.handle(request).await;
+            let response = handler.handle(peer, request).await;
             guard.begin_sending();
             // Served as is (not boxed into another `Body`): no allocation per answer.
             Ok::<_, Infallible>(response.map(|body| TrackedBody { body, guard }))

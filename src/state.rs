@@ -10,8 +10,8 @@ use std::sync::{
 use bytes::Bytes;
 
 use crate::{
-    access::Access, clock::SharedClock, limits::RateLimit, metrics::Metrics, proxy::Proxy,
-    route::RouteTable, warmup::Warmup,
+    access::Access, clock::SharedClock, issuers::Issuers, limits::RateLimit, metrics::Metrics,
+    proxy::Proxy, route::RouteTable, warmup::Warmup,
 };
 
 /// Shared, read-only state of the running service (cheap to clone).
@@ -23,6 +23,8 @@ pub struct Shared {
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
     pub access: Access,
+    /// The `[[issuers]]` whose signed tokens let visitors in.
+    pub issuers: Issuers,
     pub clock: SharedClock,
     pub rate_limit: Option<RateLimit>,
     pub routes: RouteTable,
@@ -56,6 +58,11 @@ impl AppState {
         &self.0.access
     }
 
+    /// The configured issuers of signed visitor tokens (empty: none).
+    pub fn issuers(&self) -> &Issuers {
+        &self.0.issuers
+    }
+
     /// The clock that rate limits, budgets and statistics count with.
     pub fn clock(&self) -> &SharedClock {
         &self.0.clock
@@ -81,7 +88,8 @@ impl AppState {
         &self.0.openapi
     }
 
-    /// Whether clients may force a refresh with `Cache-Control: no-cache`.
+    /// Whether clients may force a refresh with `Cache-Control: no-cache` (or
+    /// `max-age` / `min-fresh` refusing a fresh copy).
     pub fn allow_client_refresh(&self) -> bool {
         self.0.allow_client_refresh
     }

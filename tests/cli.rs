@@ -52,10 +52,21 @@ fn defaults_file_and_env_are_layered() {
     .unwrap();
     let out = run(
         &["--config", file.to_str().unwrap(), "check-config"],
-        &[("KEYAPI_API_KEY", "k"), ("KEYAPI_PROXY__CACHE__TTL", "2h")],
+        &[
+            ("KEYAPI_API_KEY", "k"),
+            ("KEYAPI_PROXY__CACHE__TTL", "2h"),
+            (
+                "KEYAPI_PROXY__SERVER__TRUSTED_PROXIES",
+                r#"["10.0.0.0/8", "192.0.2.7"]"#,
+            ),
+        ],
     );
     let text = stdout(&out);
     assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(
+        text.contains(r#"trusted_proxies = ["10.0.0.0/8", "192.0.2.7/32"]"#),
+        "a list from the environment: {text}"
+    );
     assert!(
         text.contains("listen = \"0.0.0.0:9000\""),
         "file wins over defaults: {text}"
@@ -107,12 +118,28 @@ fn invalid_configuration_is_refused() {
         ("KEYAPI_PROXY__CREDITS__PER_CALL", "0", "per_call"),
         ("KEYAPI_PROXY__CACHE__TTL", "soon", "ttl"),
         ("KEYAPI_PROXY__CACHE__TLL", "1h", "tll"),
+        (
+            "KEYAPI_PROXY__SERVER__TRUSTED_PROXIES",
+            r#"["10.0.0.0/8", "10.0.0.0/33"]"#,
+            "\"10.0.0.0/33\" is neither a cidr",
+        ),
+        (
+            "KEYAPI_PROXY__SERVER__ALLOWED_HOSTS",
+            r#"["localhost:8080"]"#,
+            "\"localhost:8080\" is not a host",
+        ),
+        (
+            "KEYAPI_PROXY__SERVER__CLIENT_ADDR_HEADER",
+            "x-real-ip",
+            "client_addr_header",
+        ),
     ];
     for (name, value, hint) in cases {
         let out = run(&["check-config"], &[("KEYAPI_API_KEY", "k"), (name, value)]);
         assert!(!out.status.success(), "{name}={value} accepted");
         let err = stderr(&out);
         assert!(err.to_lowercase().contains(hint), "{name}={value}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
     }
     let missing = run(
         &["--config", "/nonexistent.toml", "check-config"],

@@ -350,9 +350,10 @@ async fn an_http1_client_that_does_not_read_is_closed_after_the_send_timeout() {
     let mut stream = TcpStream::connect(app.addr).await.unwrap();
     // Pipelined requests for the status page: megabytes of answers, more
     // than both sockets' buffers hold, and the client reads none of them.
-    let requests = b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n".repeat(2000);
+    let addr = app.addr;
+    let requests = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(2000);
     let started = Instant::now();
-    stream.write_all(&requests).await.unwrap();
+    stream.write_all(requests.as_bytes()).await.unwrap();
     let send_timeouts = r#"keyapi_proxy_connections_closed_total{reason="send_timeout"}"#;
     await_metric(&app, send_timeouts, 1.0, Duration::from_secs(5)).await;
     let elapsed = started.elapsed();

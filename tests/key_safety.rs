@@ -1,13 +1,20 @@
 //! The KeyAPI key never leaves: not in a response (body or header, on any
 //! path, errors included), not in a log line at any level, not in `Debug`
-//! output, not in `check-config`.
+//! output, not in `check-config`. Nor do signed visitor tokens, their HS256
+//! secret or their subjects.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::Command,
+    time::{Duration, SystemTime},
+};
 
-use common::{TEST_API_KEY, captured_logs, parts, spawn_app_with};
+use common::{
+    TEST_API_KEY, parts, spawn_app_with,
+    tokens::{HsSecret, claims, hs256_issuer, with},
+};
 use keyapi_proxy::{config::Config, demo::FakeMode, upstream::Upstream};
 use secrecy::SecretString;
 
@@ -25,7 +32,7 @@ fn assert_no_key(what: &str, text: &str) {
 
 #[tokio::test]
 async fn key_appears_in_no_response_and_no_log_line() {
-    let logs = captured_logs();
+    common::logs::captured();
     let app = spawn_app_with(|c| c.upstream.request_timeout = Duration::from_millis(300)).await;
     let modes = [
         FakeMode::Normal,
@@ -71,7 +78,7 @@ async fn key_appears_in_no_response_and_no_log_line() {
             .all(|r| r.headers["authorization"] == format!("Bearer {TEST_API_KEY}").as_str())
     );
 
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let text = common::logs::text();
     assert!(
         text.contains("upstream call failed"),
         "error paths were logged"
@@ -81,6 +88,56 @@ async fn key_appears_in_no_response_and_no_log_line() {
         !text.contains("some-client-token"),
         "a client token was logged"
     );
+}
+
+#[tokio::test]
+async fn signed_tokens_their_secret_and_subjects_appear_in_no_log_line_or_response() {
+    common::logs::captured();
+    let secret = HsSecret::new("hs256-SECRETVALUE-of-32-bytes-xyz");
+    let app = spawn_app_with(|c| c.issuers = vec![hs256_issuer(&secret)]).await;
+    let sub = "person-SUBJECTNAME@example.com";
+    let now = SystemTime::now();
+    let valid = secret.mint(&claims(sub, now));
+    let expired = secret.mint(&with(claims(sub, now), "exp", serde_json::json!(1)));
+    let forged = HsSecret::new("another-FORGEDKEY-of-32-bytes-xyz").mint(&claims(sub, now));
+    let secrets = ["SECRETVALUE", "FORGEDKEY", "SUBJECTNAME"];
+    let tokens = [&valid, &expired, &forged];
+    let check = |what: &str, text: &str| {
+        for token in tokens {
+            // The signature alone would let a token be replayed.
+            let signature = token.rsplit('.').next().unwrap();
+            assert!(
+                !text.contains(signature),
+                "{what} contains a token:\n{text}"
+            );
+        }
+        for secret in secrets {
+            assert!(!text.contains(secret), "{what} contains {secret}:\n{text}");
+        }
+    };
+    for (i, token) in tokens.iter().enumerate() {
+        let response = app.get_hashtag_as(token, "hashtag_name=jwt").await;
+        let (status, headers, body) = parts(response).await;
+        assert_eq!(status, if i == 0 { 200 } else { 401 }, "{body}");
+        check("body", &body);
+        for (name, value) in &headers {
+            check(name.as_str(), &String::from_utf8_lossy(value.as_bytes()));
+        }
+    }
+    for path in ["/metrics", "/stats"] {
+        let body = app.client.get(app.url(path)).send().await.unwrap();
+        check(path, &body.text().await.unwrap());
+    }
+    let mut config = Config::defaults().unwrap();
+    config.issuers = vec![hs256_issuer(&secret)];
+    check("Debug of Config", &format!("{config:?}"));
+    assert_eq!(app.upstream.calls(), 1);
+    let text = common::logs::text();
+    assert!(
+        text.contains("subject:site:"),
+        "the subject was logged, hashed"
+    );
+    check("captured logs", &text);
 }
 
 #[tokio::test]

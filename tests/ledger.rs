@@ -19,6 +19,7 @@ use common::{
     redis_server::{RedisServer, with_redis},
     relay::SlowRelay,
     spawn_app_with, spawn_app_with_clock,
+    tokens::{HsSecret, claims, hs256_issuer},
 };
 use keyapi_proxy::{
     cache::codec,
@@ -667,8 +668,24 @@ async fn the_ledger_equals_the_bill_for_random_traffic_with_a_slow_redis() {
 /// does not answer in time (in the randomized test).
 const RANDOM_OUTAGE_ALLOWANCE: u64 = 4;
 
-/// Random rounds of traffic, then the ledger checked against the bill and
-/// every budget (in `redis` too, reached through a relay, when given).
+/// Freshness directives a third of the random requests carry.
+const RANDOM_DIRECTIVES: [&str; 6] = [
+    "only-if-cached",
+    "no-cache",
+    "max-age=0",
+    "min-fresh=1",
+    "max-stale",
+    "max-stale=0, only-if-cached",
+];
+
+/// Subjects of the signed visitor tokens in the randomized test, and the
+/// budget each may spend per day.
+const RANDOM_SUBJECTS: [&str; 2] = ["subject-x", "subject-y"];
+const RANDOM_SUBJECT_BUDGET: u64 = 10;
+
+/// Random rounds of traffic from clients and token subjects, then the ledger
+/// checked against the bill and every budget (in `redis` too, reached
+/// through a relay, when given).
 async fn random_traffic(redis: Option<&RedisServer>) {
     let seed = std::env::var("LEDGER_SEED")
         .ok()
@@ -680,13 +697,27 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         Some(redis) => Some(SlowRelay::start(redis.port).await),
         None => None,
     };
-    let tokens = ["kp_rand_a", "kp_rand_b", "kp_rand_c"];
+    let secret = HsSecret::new("a-32-byte-secret-for-the-ledger!!");
+    let jwts = RANDOM_SUBJECTS.map(|sub| secret.mint(&claims(sub, SystemTime::now())));
+    let tokens = [
+        "kp_rand_a",
+        "kp_rand_b",
+        "kp_rand_c",
+        jwts[0].as_str(),
+        jwts[1].as_str(),
+    ];
     let app = spawn_app_with(|c| {
+        let mut issuer = hs256_issuer(&secret);
+        issuer.daily_budget = Some(RANDOM_SUBJECT_BUDGET);
+        c.issuers = vec![issuer];
         let mut a = client("a", tokens[0]);
         a.daily_budget = Some(12);
         let mut b = client("b", tokens[1]);
         b.daily_budget = Some(1000);
-        c.clients = vec![a, b, client("c", tokens[2])];
+        // c may refresh: its no-cache and max-age refetch fresh copies.
+        let mut refresher = client("c", tokens[2]);
+        refresher.refresh = true;
+        c.clients = vec![a, b, refresher];
         c.credits.daily_budget = 60;
         c.cache.ttl = Duration::from_millis(250);
         c.cache.stale_while_revalidate = Duration::from_millis(150);
@@ -742,6 +773,10 @@ async fn random_traffic(redis: Option<&RedisServer>) {
             let mut request = app
                 .hashtag_request(reqwest::Method::GET, &query)
                 .bearer_auth(token);
+            if rng.u8(..3) == 0 {
+                let directives = RANDOM_DIRECTIVES[rng.usize(..RANDOM_DIRECTIVES.len())];
+                request = request.header("Cache-Control", directives);
+            }
             if rng.bool() {
                 // This client hangs up early.
                 request = request.timeout(Duration::from_millis(rng.u64(5..80)));
@@ -794,6 +829,29 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         assert_redis_budgets(redis, &["global"], credits).await;
     }
     let text = app.metrics().await;
+    let by_subjects = metric(
+        &text,
+        "keyapi_proxy_issuer_credits_spent_total{issuer=\"site\"}",
+    ) as u64;
+    // Each subject's budget (in Redis, when given) moved by what its calls cost.
+    let issuer = &app.state.issuers().issuers()[0];
+    let mut subjects_today = Vec::new();
+    for sub in RANDOM_SUBJECTS {
+        let today = match issuer.subject(sub) {
+            Some(subject) => {
+                let budget = subject.account.budget.as_ref().unwrap();
+                app.state.proxy().ledger().spent_today(budget).await
+            }
+            None => 0,
+        };
+        assert!(today <= RANDOM_SUBJECT_BUDGET + allowance, "{sub}: {today}");
+        subjects_today.push(today);
+    }
+    assert_eq!(
+        subjects_today.iter().sum::<u64>(),
+        by_subjects,
+        "subject budgets: {subjects_today:?}"
+    );
     let background = metric(
         &text,
         "keyapi_proxy_credits_spent_by_total{payer=\"revalidate\"}",
@@ -802,13 +860,14 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         "keyapi_proxy_credits_spent_by_total{payer=\"refresh_ahead\"}",
     );
     assert_eq!(
-        by_clients + background as u64,
+        by_clients + by_subjects + background as u64,
         credits,
         "every credit has a payer"
     );
     eprintln!(
         "ledger randomized test: seed {seed}: {calls} calls received, {credits} credits on the \
-         ledger; global budget {credits}/60; clients {}; background {background}; Redis: {}",
+         ledger; global budget {credits}/60; clients {}; subjects {subjects_today:?}; \
+         background {background}; Redis: {}",
         stats["clients"],
         match redis {
             Some(redis) => format!(

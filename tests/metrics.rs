@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{captured_logs, hang_up, header, join, logged, metric, raw_request, spawn_app};
+use common::{hang_up, header, join, logs, metric, raw_request, spawn_app};
 use keyapi_proxy::{demo::FakeMode, route::HASHTAG_DETAIL_PATH};
 
 fn requests(route: &str, status: u16, cache: &str) -> String {
@@ -153,7 +153,7 @@ async fn failed_upstream_calls_are_counted_and_priced_by_outcome() {
 
 #[tokio::test]
 async fn a_client_that_leaves_before_its_answer_is_logged_and_counted_as_499() {
-    captured_logs();
+    logs::captured();
     let app = spawn_app().await;
     app.upstream.hold();
     let client = raw_request(&app, "hashtag_name=left_early").await;
@@ -163,7 +163,7 @@ async fn a_client_that_leaves_before_its_answer_is_logged_and_counted_as_499() {
     let text = app.metrics().await;
     let left = requests(HASHTAG_DETAIL_PATH, 499, "none");
     assert_eq!(metric(&text, &left), 1.0, "{text}");
-    let logs = logged();
+    let logs = logs::text();
     let line = logs
         .lines()
         .find(|line| line.contains("status=499"))

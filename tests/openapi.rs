@@ -81,6 +81,13 @@ async fn document_is_openapi_3_1_and_covers_every_route() {
             for status in ["403", "405"] {
                 assert!(responses[status].is_object(), "{status} of {method} {path}");
             }
+            // Every path but the probes refuses a foreign Host.
+            let probe = matches!(path, "/healthz" | "/readyz");
+            assert_eq!(
+                responses["421"].is_object(),
+                !probe,
+                "421 of {method} {path}"
+            );
             if !matches!(path, HASHTAG_DETAIL_PATH | "/openapi.json") {
                 assert!(
                     responses["200"]["headers"]["Cache-Control"].is_object(),
@@ -185,7 +192,8 @@ async fn proxied_route_names_every_parameter_with_its_rules() {
     assert_eq!(param("period")["schema"]["default"], "30");
     assert_eq!(param("region")["schema"]["default"], "all_regions");
     for status in [
-        "200", "304", "400", "401", "403", "404", "405", "422", "429", "500", "502", "503", "504",
+        "200", "304", "400", "401", "403", "404", "405", "421", "422", "429", "500", "502", "503",
+        "504",
     ] {
         assert!(get["responses"][status].is_object(), "response {status}");
     }

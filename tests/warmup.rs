@@ -23,6 +23,7 @@ use keyapi_proxy::{
     clock::{Clock, ManualClock},
     config::{Config, QuestionValue, WarmupConfig},
     demo::FakeMode,
+    directives::Ask,
     ledger::Payer,
     proxy::Outcome,
     warmup::RunReport,
@@ -221,12 +222,13 @@ async fn clients_joining_a_fetch_the_allowance_refused_retry_on_their_own_accoun
     .await;
     let (proxy, route) = (app.state.proxy(), &app.state.routes().routes()[0]);
     let key = route.parse(Some("hashtag_name=shared")).unwrap();
+    let ask = Ask::default();
     // The run starts the key's fetch and two clients join it before it runs.
     let mut run = pin!(app.state.warmups()[0].run(proxy, app.state.clock().now()));
     assert!(poll_once(run.as_mut()).await.is_pending());
-    let mut first = pin!(proxy.serve(&key, route, false, Payer::Request(None)));
+    let mut first = pin!(proxy.serve(&key, route, &ask, Payer::Request(None)));
     assert!(poll_once(first.as_mut()).await.is_pending());
-    let mut second = pin!(proxy.serve(&key, route, false, Payer::Request(None)));
+    let mut second = pin!(proxy.serve(&key, route, &ask, Payer::Request(None)));
     assert!(poll_once(second.as_mut()).await.is_pending());
     let report = run.await;
     assert_eq!(report.stopped_by, Some("warmup_allowance"));

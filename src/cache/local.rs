@@ -56,7 +56,7 @@ fn live(entry: &Entry, now: SystemTime) -> bool {
 
 /// What a stored entry answers with at `now`: itself while live, then the
 /// success it keeps while that is.
-fn current(entry: &Arc<Entry>, now: SystemTime) -> Option<&Arc<Entry>> {
+pub(super) fn current(entry: &Arc<Entry>, now: SystemTime) -> Option<&Arc<Entry>> {
     if live(entry, now) {
         return Some(entry);
     }

@@ -10,7 +10,7 @@
 use std::{sync::Arc, time::SystemTime};
 
 use super::{
-    CacheKey, Entry, LocalCache,
+    CacheKey, Entry, LocalCache, local,
     redis::{Claim, LockToken, RedisTier},
 };
 use crate::clock::SharedClock;
@@ -73,6 +73,20 @@ impl Tiers {
             None => None,
         };
         shared.or(memory)
+    }
+
+    /// What Redis holds for `key` at `now`, when it is newer than what memory
+    /// holds (then memory keeps it too), whatever its freshness: for a
+    /// request that must not cause a call (`only-if-cached`) and found
+    /// nothing in memory that would do. Read only: no fetch lock is taken.
+    pub async fn shared_copy(&self, key: &CacheKey, now: SystemTime) -> Option<Arc<Entry>> {
+        let found = self.shared.as_ref()?.get(key).await?;
+        let held = self.memory.get(key, now);
+        if held.is_some_and(|held| held.stored_at >= found.stored_at) {
+            return None;
+        }
+        let entry = self.fill_memory(key, found).await;
+        local::current(&entry, now).cloned()
     }
 
     /// Before fetching `key`: a `usable` answer another replica stored, or

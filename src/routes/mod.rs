@@ -1,11 +1,13 @@
 //! The HTTP surface: one file per endpoint group, assembled into one router.
 //! Every configured route is served by the one generic handler in `proxied`.
 //!
-//! `Front` is what the server runs: a plain `GET` of a configured route
-//! (the hit path) goes straight to that handler; everything else — the
-//! operational endpoints, other methods, `HEAD`, CORS requests, 404s — goes
-//! through axum's `Router`, which serves the configured routes too, so both
-//! ways give the same answer.
+//! `Front` is what the server runs: first the browser-safety checks (a
+//! foreign `Host`, a cross-site request; see [`crate::browser`]) for every
+//! request, then a plain `GET` of a configured route (the hit path) goes
+//! straight to that handler; everything else — the operational endpoints,
+//! other methods, `HEAD`, CORS requests, 404s — goes through axum's
+//! `Router`, which serves the configured routes too, so both ways give the
+//! same answer.
 
 mod admin;
 mod health;
@@ -14,7 +16,7 @@ mod openapi;
 mod proxied;
 mod status;
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     BoxError, Extension, Router,
@@ -29,13 +31,20 @@ use bytes::Bytes;
 use tower::ServiceExt as _;
 
 use crate::{
-    cache_status, cors, error::ApiError, request_id::RequestId, route::RouteTable, server::Handle,
+    browser::{BrowserGuard, PROBE_PATHS, Target},
+    cache_status, cors,
+    error::ApiError,
+    request_id::RequestId,
+    route::{Route, RouteTable},
+    server::Handle,
     state::AppState,
 };
 
 /// `/stats` and `/` data, recomputed at most once a second (one per router).
 pub(crate) type StatsCell = crate::summary::Throttled<crate::summary::Stats>;
 
+const HEALTHZ_PATH: &str = PROBE_PATHS[0];
+const READYZ_PATH: &str = PROBE_PATHS[1];
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
 const OPENAPI_PATH: &str = "/openapi.json";
@@ -44,8 +53,8 @@ const STATUS_PAGE_PATH: &str = "/";
 
 /// The operational endpoints' paths (what `/openapi.json` documents besides the routes).
 pub const OPERATIONAL_PATHS: [&str; 7] = [
-    "/healthz",
-    "/readyz",
+    HEALTHZ_PATH,
+    READYZ_PATH,
     METRICS_PATH,
     ADMIN_CACHE_PATH,
     OPENAPI_PATH,
@@ -69,8 +78,8 @@ pub fn router(state: AppState) -> Router {
     // Operational answers describe this moment of this process: no cache
     // (browser, CDN) may keep them.
     let operational = Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+        .route(HEALTHZ_PATH, get(health::healthz))
+        .route(READYZ_PATH, get(health::readyz))
         .route(METRICS_PATH, get(metrics::metrics))
         .route(STATS_PATH, get(status::stats))
         .route(STATUS_PAGE_PATH, get(status::status_page))
@@ -117,45 +126,71 @@ pub(crate) struct Front {
     /// through it and its origin check; one without is answered directly,
     /// with the `Vary` the layer would have added ([`cors::vary_by_origin`]).
     cors: bool,
+    /// Allowed hosts and cross-site refusals, checked before anything else.
+    guard: BrowserGuard,
 }
 
 impl Front {
-    /// Serves `router` (built by [`router`] from `state`, plus any CORS layer).
-    pub(crate) fn new(state: AppState, router: Router, cors: bool) -> Self {
+    /// Serves `router` (built by [`router`] from `state`, plus any CORS
+    /// layer), behind `guard`.
+    pub(crate) fn new(state: AppState, router: Router, cors: bool, guard: BrowserGuard) -> Self {
         Self {
             state,
             router,
             cors,
+            guard,
         }
     }
 
-    /// The configured route `request` asks for, when it can skip the router:
-    /// a `GET` (axum answers `HEAD` by dropping the body) outside CORS.
-    fn direct<B>(&self, request: &http::Request<B>) -> Option<&Arc<crate::route::Route>> {
+    /// The configured route `route` of `request`, when it can skip the
+    /// router: a `GET` (axum answers `HEAD` by dropping the body) outside CORS.
+    fn direct<'r, B>(
+        &self,
+        request: &http::Request<B>,
+        route: Option<&'r Arc<Route>>,
+    ) -> Option<&'r Arc<Route>> {
         if request.method() != Method::GET || (self.cors && request.headers().contains_key(ORIGIN))
         {
             return None;
         }
-        self.state.routes().get(request.uri().path())
+        route
+    }
+}
+
+/// What browser safety makes of a request for `path` (`route` its configured route, if any).
+fn target(route: Option<&Arc<Route>>, path: &str) -> Target {
+    match route {
+        Some(_) => Target::Proxied,
+        None if PROBE_PATHS.contains(&path) => Target::Probe,
+        None => Target::Other,
     }
 }
 
 impl Handle for Front {
-    async fn handle<B>(&self, request: http::Request<B>) -> Response
+    /// `_peer` is not needed here: `Observe` has resolved the caller from it
+    /// ([`crate::caller::ClientAddr::current`]).
+    async fn handle<B>(&self, _peer: SocketAddr, request: http::Request<B>) -> Response
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if let Some(route) = self.direct(&request) {
+        // Over HTTP/2, hyper takes the preface itself: a `PRI` here is HTTP/1
+        // misused: malformed, so refused before anything else looks at it.
+        if request.method().as_str() == "PRI" {
+            return ApiError::PrefaceOverHttp1.to_response(&RequestId::current());
+        }
+        let route = self.state.routes().get(request.uri().path());
+        let target = target(route, request.uri().path());
+        if let Err(refusal) = self.guard.check(target, request.uri(), request.headers()) {
+            tracing::debug!(reason = refusal.as_str(), "refused before any route");
+            return ApiError::from(refusal).to_response(&RequestId::current());
+        }
+        if let Some(route) = self.direct(&request, route) {
             let mut response = proxied::answer(route, &self.state, request.into_parts().0).await;
             if self.cors {
                 cors::vary_by_origin(response.headers_mut());
             }
             return response;
-        }
-        // Over HTTP/2, hyper takes the preface itself: a `PRI` here is HTTP/1.
-        if request.method().as_str() == "PRI" {
-            return ApiError::PrefaceOverHttp1.to_response(&RequestId::current());
         }
         // Boxed: the router's future would otherwise make every hit's future
         // (moved on its way into hyper's task) as large as its own.

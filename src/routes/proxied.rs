@@ -1,23 +1,27 @@
 //! `GET|HEAD <route path>`: the one handler of every configured KeyAPI route.
 //! Reads top to bottom: admit → parse (the route's parameters into a key) →
 //! serve (the proxy) → respond. Nothing of the client's request other than
-//! its token (checked, never forwarded), the route's parameters,
-//! `If-None-Match`, `Accept-Encoding` and, if allowed, `Cache-Control:
-//! no-cache` is used.
+//! its token (a client token or a signed visitor token: checked, never
+//! forwarded), the route's parameters, `If-None-Match`, `Accept-Encoding`
+//! and its `Cache-Control` directives (read by [`crate::directives`];
+//! `no-cache` only if allowed) is used.
 
 use std::sync::Arc;
 
 use axum::{
     body::Body,
-    http::{HeaderMap, header::CACHE_CONTROL, header::CONTENT_TYPE, request::Parts},
+    http::{HeaderMap, header::CONTENT_TYPE, request::Parts},
     response::Response,
 };
 
 use crate::{
     access::Client,
     cache_status,
+    directives::{Ask, Directives},
     error::{APPLICATION_JSON, ApiError},
-    ledger::Payer,
+    issuers::Subject,
+    ledger::{Account, Payer},
+    limits::RateLimit,
     negotiate,
     observe::AccessLog,
     proxy::{Outcome, ProxyError},
@@ -31,23 +35,24 @@ use crate::{
 /// if any, is never read).
 pub(super) async fn answer(route: &Arc<Route>, state: &AppState, request: Parts) -> Response {
     let headers = &request.headers;
-    let client = match admit(state, headers).await {
-        Ok(client) => client,
+    let caller = match admit(state, headers).await {
+        Ok(caller) => caller,
         Err(e) => return e.to_response(&RequestId::current()),
     };
     let key = match route.parse(request.uri.query()) {
         Ok(key) => key,
         Err(e) => return ApiError::from(e).to_response(&RequestId::current()),
     };
-    let may_refresh =
-        state.allow_client_refresh() || client.as_ref().is_some_and(|c| c.may_refresh);
-    let refresh = may_refresh && asks_for_refresh(headers);
-    // A fetch this request starts is charged to its client (and the global budget).
-    let payer = Payer::Request(client.as_ref().map(|c| Arc::clone(&c.account)));
-    let outcome = state.proxy().serve(&key, route, refresh, payer).await;
+    let ask = Ask {
+        directives: Directives::of(headers),
+        may_refresh: state.allow_client_refresh() || caller.may_refresh(),
+    };
+    // A fetch this request starts is charged to its caller (and the global budget).
+    let payer = Payer::Request(caller.account());
+    let outcome = state.proxy().serve(&key, route, &ask, payer).await;
     let (response, served, upstream_status) = respond(headers, outcome);
     AccessLog {
-        client: client.map(|c| Arc::clone(&c.id)),
+        client: caller.id(),
         key,
         served,
         credits: route.credits(),
@@ -67,7 +72,10 @@ fn respond(
         Ok(Outcome::Cached { entry, state, now }) => {
             let response = negotiate::cached_response(headers, &entry, state, now);
             let upstream = match state {
-                CacheState::Hit | CacheState::Stale | CacheState::StaleOverBudget => None,
+                CacheState::Hit
+                | CacheState::Stale
+                | CacheState::StaleOverBudget
+                | CacheState::StaleAccepted(_) => None,
                 CacheState::StaleIfError { fwd_status } => fwd_status,
                 CacheState::Stored | CacheState::Collapsed | CacheState::Refreshed => {
                     Some(entry.status.as_u16())
@@ -83,6 +91,10 @@ fn respond(
             cache_status::set_forwarded_uncached(headers, Some(status.as_u16()), "declined");
             (response, Served::Declined, Some(status.as_u16()))
         }
+        Ok(Outcome::NotCached) => {
+            let response = ApiError::NotCached.to_response(&RequestId::current());
+            (response, Served::NotCached, None)
+        }
         Err(error) => {
             let upstream_status = error.upstream_status();
             let response = ApiError::from(error).to_response(&RequestId::current());
@@ -91,33 +103,82 @@ fn respond(
     }
 }
 
-/// Authenticates the caller and applies its rate limit, then the global one.
-async fn admit(state: &AppState, headers: &HeaderMap) -> Result<Option<Arc<Client>>, ApiError> {
-    let client = state.access().authenticate(headers)?;
-    let limits = client
-        .as_ref()
-        .and_then(|c| c.rate.as_ref())
-        .into_iter()
-        .chain(state.rate_limit());
+/// Who is asking: whose limits apply and who pays for the fetches it starts.
+enum Caller {
+    /// No token, and none needed (no client is configured).
+    Anonymous,
+    /// A configured client, by its token.
+    Client(Arc<Client>),
+    /// The subject of a signed visitor token.
+    Subject(Arc<Subject>),
+}
+
+impl Caller {
+    /// May force a refetch with `Cache-Control: no-cache` (a client's flag).
+    fn may_refresh(&self) -> bool {
+        matches!(self, Self::Client(c) if c.may_refresh)
+    }
+
+    /// The account its fetches are charged to (none: the global budget only).
+    fn account(&self) -> Option<Arc<Account>> {
+        match self {
+            Self::Anonymous => None,
+            Self::Client(c) => Some(Arc::clone(&c.account)),
+            Self::Subject(s) => Some(Arc::clone(&s.account)),
+        }
+    }
+
+    /// Its own request rate limit, if any.
+    fn rate(&self) -> Option<&RateLimit> {
+        match self {
+            Self::Anonymous => None,
+            Self::Client(c) => c.rate.as_ref(),
+            Self::Subject(s) => s.rate.as_ref(),
+        }
+    }
+
+    /// Its name in the access log: a client's id, a subject's hashed name.
+    fn id(&self) -> Option<Arc<str>> {
+        match self {
+            Self::Anonymous => None,
+            Self::Client(c) => Some(Arc::clone(&c.id)),
+            Self::Subject(s) => Some(Arc::clone(&s.id)),
+        }
+    }
+
+    /// Counts a request let in (`client_requests_total` / `issuer_requests_total`).
+    fn count_request(&self) {
+        match self {
+            Self::Anonymous => {}
+            Self::Client(c) => {
+                c.requests.inc();
+            }
+            Self::Subject(s) => {
+                s.requests.inc();
+            }
+        }
+    }
+}
+
+/// Authenticates the caller (a JWT-shaped bearer token when issuers are
+/// configured, else a client token) and applies its rate limit, then the
+/// global one.
+async fn admit(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let caller = match state.issuers().presented(headers) {
+        // Boxed: a key fetch's future would enlarge every request's future.
+        Some(token) => Caller::Subject(Box::pin(state.issuers().verify(token)).await?),
+        None => match state.access().authenticate(headers)? {
+            Some(client) => Caller::Client(client),
+            None => Caller::Anonymous,
+        },
+    };
+    let limits = caller.rate().into_iter().chain(state.rate_limit());
     for limit in limits {
         if let Err(refusal) = limit.check().await {
             state.metrics().rate_limited(refusal.scope);
             return Err(refusal.into());
         }
     }
-    if let Some(client) = &client {
-        client.requests.inc();
-    }
-    Ok(client)
-}
-
-/// `Cache-Control: no-cache` (or `max-age=0`) from the client.
-fn asks_for_refresh(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .any(|d| d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("max-age=0"))
+    caller.count_request();
+    Ok(caller)
 }

@@ -3,15 +3,17 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod entries;
+pub mod logs;
 pub mod redis_server;
 pub mod relay;
+pub mod tokens;
 
 use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
     process::Stdio,
-    sync::{Arc, Mutex, OnceLock},
+    sync::Arc,
     task::Poll,
     time::{Duration, Instant},
 };
@@ -257,39 +259,6 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Everything every test in this binary logged, at TRACE, from every crate
-/// (call it before the first app starts).
-pub fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&logs);
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || Capture(Arc::clone(&sink)))
-            .init();
-        logs
-    })
-}
-
-/// The log text captured so far (see [`captured_logs`]).
-pub fn logged() -> String {
-    String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned()
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Quiet unless TEST_LOG=1.
 fn init_test_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
@@ -354,8 +323,13 @@ pub async fn raw_request_as(app: &TestApp, token: &str, query: &str) -> TcpStrea
 
 async fn raw_request_with(app: &TestApp, query: &str, headers: &str) -> TcpStream {
     let mut client = TcpStream::connect(app.addr).await.unwrap();
-    let request =
-        format!("GET {HASHTAG_DETAIL_PATH}?{query} HTTP/1.1\r\nHost: proxy\r\n{headers}\r\n");
+    let addr = app.addr;
+    let request = format!(
+        "GET {HASHTAG_DETAIL_PATH}?{query} HTTP/1.1
+Host: {addr}
+{headers}
+"
+    );
     client.write_all(request.as_bytes()).await.unwrap();
     client
 }
