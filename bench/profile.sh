@@ -20,7 +20,9 @@
 # (count another build of the proxy, e.g. target/pgo/keyapi-proxy from
 # bench/pgo.sh), PROFILE_BARE_BIN (likewise for bare hyper),
 # PROFILE_CACHE_SIM=1 (simulate the caches too and print the first-level
-# instruction-cache misses per request: a hit's code that does not fit).
+# instruction-cache misses per request: a hit's code that does not fit),
+# PROFILE_TRACES=1 (the proxy with [telemetry] on, sample_ratio 1.0, exporting
+# every hit's span to bench/otlp_sink.py: what tracing costs a hit).
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -132,6 +134,13 @@ port=$(free_port)
 proxy_env=(RUST_LOG=warn KEYAPI_API_KEY="$KEY" KEYAPI_PROXY__UPSTREAM__BASE_URL="$UPSTREAM_URL"
   KEYAPI_PROXY__SERVER__LISTEN="127.0.0.1:$port")
 [ -z "${PROFILE_MALLOC:-}" ] || proxy_env+=(LD_PRELOAD="$PROFILE_MALLOC")
+if [ "${PROFILE_TRACES:-0}" = 1 ]; then
+  sink_port=$(free_port)
+  python3 bench/otlp_sink.py "$sink_port" >"$WORK/otlp_sink.out" &
+  PIDS+=($!)
+  proxy_env+=(KEYAPI_PROXY__TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$sink_port/v1/traces"
+    KEYAPI_PROXY__TELEMETRY__SAMPLE_RATIO=1.0)
+fi
 profile proxy "$port" "${proxy_env[@]}" -- "${PROFILE_PROXY_BIN:-$WORK/bin/keyapi-proxy}" serve >"$WORK/proxy.row"
 ROWS=("$(cat "$WORK/proxy.row")")
 if [ "${PROFILE_ONLY:-}" != proxy ]; then

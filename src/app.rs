@@ -27,7 +27,7 @@ use crate::{
     ledger::{Budget, Ledger},
     limits::RateLimit,
     metrics::{Metrics, Scope},
-    observe::Observe,
+    observe::{Observe, Traced},
     openapi,
     protect::Protection,
     proxy::Proxy,
@@ -103,7 +103,8 @@ impl App {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
         let metrics = Arc::new(Metrics::new(clock.clone()));
-        let upstream = Upstream::new(&config.upstream, api_key)?;
+        let upstream = Upstream::new(&config.upstream, api_key)?
+            .propagating_traces(config.telemetry.propagate_upstream);
         // Redis and the snapshot hand back what anyone could have written:
         // both are held to what these routes could have stored.
         let check = Arc::new(EntryCheck::new(
@@ -181,7 +182,15 @@ impl App {
             &config.server.trusted_proxies,
             config.server.client_addr_header,
         );
-        let front = Observe::new(front, metrics, paths, proxied, callers);
+        let traced = match (
+            config.telemetry.enabled(),
+            config.telemetry.trust_traceparent,
+        ) {
+            (false, _) => Traced::Off,
+            (true, false) => Traced::Root,
+            (true, true) => Traced::TrustTraceparent,
+        };
+        let front = Observe::new(front, metrics, paths, proxied, callers, traced);
         let snapshot = config
             .cache
             .snapshot_path

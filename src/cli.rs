@@ -169,7 +169,10 @@ async fn healthcheck(config: &Config, url: Option<String>) -> ExitCode {
 }
 
 async fn serve(mut config: Config, demo: bool) -> ExitCode {
-    telemetry::init(config.log.format);
+    let tracing = match telemetry::init(config.log.format, &config.telemetry) {
+        Ok(tracing) => tracing,
+        Err(e) => return fail(&e),
+    };
     let mut _fake = None;
     let api_key = if demo {
         const DEMO_KEY: &str = "demo-key-not-a-secret";
@@ -197,5 +200,8 @@ async fn serve(mut config: Config, demo: bool) -> ExitCode {
         );
     }
     app.run_until(shutdown::signal()).await;
+    if let Some(tracing) = tracing {
+        tracing.flush().await;
+    }
     ExitCode::SUCCESS
 }

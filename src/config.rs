@@ -69,6 +69,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
     pub credits: CreditsConfig,
     pub rate_limit: RateLimitConfig,
     pub visitors: VisitorsConfig,
@@ -318,6 +319,32 @@ impl RedisConfig {
 pub struct LogConfig {
     /// `KEYAPI_PROXY__LOG__FORMAT`: `pretty` or `json`.
     pub format: LogFormat,
+}
+
+/// `[telemetry]`: OpenTelemetry traces over OTLP/HTTP; off while `otlp_endpoint` is unset.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `KEYAPI_PROXY__TELEMETRY__OTLP_ENDPOINT`: the collector's full traces URL
+    /// (`http://collector:4318/v1/traces`), protobuf over HTTP. Unset: no spans at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// `KEYAPI_PROXY__TELEMETRY__SAMPLE_RATIO`: share of new traces kept, 0 to 1; a trusted
+    /// incoming `traceparent` decides for its own trace.
+    pub sample_ratio: f64,
+    /// `KEYAPI_PROXY__TELEMETRY__TRUST_TRACEPARENT`: a client's W3C `traceparent` becomes
+    /// the parent of its request's span.
+    pub trust_traceparent: bool,
+    /// `KEYAPI_PROXY__TELEMETRY__PROPAGATE_UPSTREAM`: send a `traceparent` to KeyAPI (off:
+    /// the upstream request stays a pure function of the normalized key).
+    pub propagate_upstream: bool,
+}
+
+impl TelemetryConfig {
+    /// Whether spans are made and exported at all.
+    pub fn enabled(&self) -> bool {
+        self.otlp_endpoint.is_some()
+    }
 }
 
 /// Log line format.
@@ -650,6 +677,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         validate_url("upstream.base_url", &self.upstream.base_url)?;
+        validate_telemetry(&self.telemetry)?;
         let listen = self.server.listen;
         if self.clients.is_empty() && !self.server.open && !listen.ip().is_loopback() {
             return invalid(format!(
@@ -737,6 +765,26 @@ impl Config {
 }
 
 /// Client ids become metric labels and log fields; hashes must be usable.
+fn validate_telemetry(telemetry: &TelemetryConfig) -> Result<(), ConfigError> {
+    if !(0.0..=1.0).contains(&telemetry.sample_ratio) {
+        return Err(ConfigError::Invalid(format!(
+            "telemetry.sample_ratio {} must be between 0 and 1",
+            telemetry.sample_ratio
+        )));
+    }
+    if let Some(endpoint) = &telemetry.otlp_endpoint {
+        let parsed = url::Url::parse(endpoint).map_err(|e| {
+            ConfigError::Invalid(format!("telemetry.otlp_endpoint {endpoint:?}: {e}"))
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(ConfigError::Invalid(format!(
+                "telemetry.otlp_endpoint {endpoint:?} must be an http:// or https:// URL"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn validate_clients(clients: &[ClientConfig]) -> Result<(), ConfigError> {
     let mut ids = std::collections::HashSet::new();
     let mut hashes = std::collections::HashSet::new();

@@ -16,7 +16,8 @@
 //! from `cache_status`; [`served`] names how it was answered. Errors are
 //! rendered in one place, `error`. [`app`] wires it together; [`config`]
 //! loads settings; `observe` logs and counts every request into
-//! [`metrics`]; [`demo`] is a fake KeyAPI for `--demo` and the tests.
+//! [`metrics`] (and, with `[telemetry]`, makes it a trace span that
+//! `telemetry` exports); [`demo`] is a fake KeyAPI for `--demo` and the tests.
 
 pub mod access;
 pub mod app;

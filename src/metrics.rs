@@ -67,6 +67,39 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// Why a finished trace span was not delivered to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SpanLoss {
+    /// The export queue was full (the collector is slow or down).
+    QueueFull,
+    /// The export failed or timed out.
+    ExportFailed,
+}
+
+impl SpanLoss {
+    /// Bounded label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::ExportFailed => "export_failed",
+        }
+    }
+}
+
+/// Spans dropped, process-wide like the trace exporter that counts them (it is
+/// installed with the global subscriber, before any [`Metrics`] exists).
+static TRACE_SPANS_DROPPED: std::sync::LazyLock<Family<ReasonLabels, Counter>> =
+    std::sync::LazyLock::new(Family::default);
+
+/// Counts `count` spans dropped for `loss`.
+pub(crate) fn trace_spans_dropped(loss: SpanLoss, count: u64) {
+    TRACE_SPANS_DROPPED
+        .get_or_create(&ReasonLabels {
+            reason: loss.as_str(),
+        })
+        .inc_by(count);
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RejectedLabels {
     source: &'static str,
@@ -372,6 +405,11 @@ impl Metrics {
             "cache_entries_rejected",
             "Entries read from Redis or a snapshot and skipped (never served), by source (redis, snapshot) and reason (unreadable, status, body, too_large, api_key, etag, gzip, future, lifetime)",
             entries_rejected.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Trace spans not delivered to the OTLP collector, by reason (queue_full, export_failed)",
+            TRACE_SPANS_DROPPED.clone(),
         );
         let connections = ConnectionMetrics::default();
         registry.register(

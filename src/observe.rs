@@ -12,6 +12,10 @@
 //! A handler that panics is answered 500 here, in the error envelope. A
 //! request dropped before its answer (the client left, or its connection was
 //! closed) is logged and counted with status 499, as nginx does.
+//!
+//! With `[telemetry]` on, each request of a proxied route is also a trace span
+//! (entered while its handler runs, so the upstream and Redis spans nest under
+//! it), its parent taken from a trusted `traceparent`. Off, no span is made.
 
 use std::{
     any::Any,
@@ -33,8 +37,15 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry_http::HeaderExtractor;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tokio::task::futures::TaskLocalFuture;
-use tracing::{Level, field::display};
+use tracing::{
+    Level, Span,
+    field::{Empty, display},
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     cache::CacheKey,
@@ -44,6 +55,7 @@ use crate::{
     request_id::{RequestId, X_REQUEST_ID},
     served::{CacheState, Served},
     server::Handle,
+    telemetry::TRACE_TARGET,
 };
 
 /// The `route` label of requests that matched no route.
@@ -125,6 +137,19 @@ pub(crate) struct Observe<H> {
     hits: Arc<[CachedCounter]>,
     /// Who is calling, from the peer and `server.trusted_proxies`.
     callers: Resolver,
+    /// Whether proxied requests are spans, and how they find their parent.
+    traced: Traced,
+}
+
+/// Whether requests of proxied routes become trace spans (`[telemetry]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Traced {
+    /// Tracing is off: no span is made.
+    Off,
+    /// A span per request, a root span whatever the client sends.
+    Root,
+    /// A span per request, the child of the client's `traceparent` if any.
+    TrustTraceparent,
 }
 
 impl<H> Observe<H> {
@@ -137,6 +162,7 @@ impl<H> Observe<H> {
         paths: Arc<[&'static str]>,
         proxied: usize,
         callers: Resolver,
+        traced: Traced,
     ) -> Self {
         Self {
             inner,
@@ -145,6 +171,7 @@ impl<H> Observe<H> {
             proxied,
             hits: (0..proxied).map(|_| CachedCounter::default()).collect(),
             callers,
+            traced,
         }
     }
 
@@ -170,6 +197,10 @@ impl<H> Observe<H> {
             path: truncated(request.uri().path()).to_owned(),
             caller,
         });
+        let span = match (self.traced, proxied) {
+            (Traced::Off, _) | (_, None) => None,
+            (traced, Some(_)) => Some(request_span(route, request, traced)),
+        };
         let current = Current {
             id,
             caller,
@@ -179,11 +210,36 @@ impl<H> Observe<H> {
             route,
             proxied,
             log,
+            span,
             metrics: &self.metrics,
             hits: &self.hits,
         };
         (current, done)
     }
+}
+
+/// The span of one request of a proxied route; what is known only at the
+/// end (status, cache outcome, client, credits) is recorded then.
+fn request_span<B>(route: &'static str, request: &Request<B>, traced: Traced) -> Span {
+    let span = tracing::info_span!(
+        target: TRACE_TARGET,
+        "request",
+        otel.name = route,
+        otel.kind = "server",
+        http.request.method = truncated(request.method().as_str()),
+        http.route = route,
+        http.response.status_code = Empty,
+        keyapi.cache = Empty,
+        keyapi.client = Empty,
+        keyapi.credits = Empty,
+        keyapi.upstream_status = Empty,
+    );
+    if traced == Traced::TrustTraceparent {
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+        // An absent or malformed traceparent leaves the span a root: nothing to report.
+        let _ = span.set_parent(parent);
+    }
+    span
 }
 
 impl<H: Handle> Handle for Observe<H> {
@@ -236,6 +292,8 @@ struct Done<'a> {
     proxied: Option<usize>,
     /// The access log's fields, when it is written.
     log: Option<Logged>,
+    /// The request's trace span, when traced; it ends with `Done`.
+    span: Option<Span>,
     metrics: &'a Metrics,
     hits: &'a [CachedCounter],
 }
@@ -254,6 +312,12 @@ impl<F: Future<Output = Response>> Future for ObserveFuture<'_, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response> {
         let mut this = self.project();
+        // The request's span (if traced) is current while its handler runs.
+        let entered = this
+            .done
+            .as_ref()
+            .and_then(|done| done.span.as_ref())
+            .map(Span::enter);
         // A panicking handler gets a 500 instead of a dropped connection;
         // caught here, around the whole surface, rather than by a layer on
         // every route, which would box each request's future once more.
@@ -263,6 +327,7 @@ impl<F: Future<Output = Response>> Future for ObserveFuture<'_, F> {
             Ok(Poll::Ready(response)) => Ok(response),
             Err(panic) => Err(panic),
         };
+        drop(entered);
         // The scope hands its value back once the inner future is done (or unwound).
         let (id, reported) = match this.inner.take_value() {
             Some(Current { id, reported, .. }) => (id, reported.into_inner()),
@@ -308,6 +373,9 @@ impl Done<'_> {
         };
         let proxied = self.proxied.is_some();
         (self.metrics).record_request_in(cached, self.route, proxied, status, served);
+        if let Some(span) = &self.span {
+            record_outcome(span, status, access);
+        }
         if let Some(Logged {
             started,
             method,
@@ -335,6 +403,30 @@ impl Done<'_> {
                 "request"
             );
         }
+    }
+}
+
+/// Writes what the request's span learns at its end. Credits: the route's
+/// price when this request's own fetch called KeyAPI for its answer (each
+/// attempt's exact charge is on its upstream span), else 0.
+/// Numbers go in as `i64`: OpenTelemetry has no unsigned attribute (a `u64`
+/// would arrive as text).
+fn record_outcome(span: &Span, status: u16, access: Option<&AccessLog>) {
+    span.record("http.response.status_code", i64::from(status));
+    let Some(log) = access else { return };
+    let paid = matches!(
+        log.served,
+        Served::Cached(CacheState::Stored | CacheState::Refreshed) | Served::Declined
+    );
+    span.record("keyapi.cache", log.served.as_str());
+    span.record(
+        "keyapi.client",
+        log.client.as_deref().unwrap_or("anonymous"),
+    );
+    let credits = if paid { log.credits } else { 0 };
+    span.record("keyapi.credits", i64::try_from(credits).unwrap_or(i64::MAX));
+    if let Some(upstream) = log.upstream_status {
+        span.record("keyapi.upstream_status", i64::from(upstream));
     }
 }
 
@@ -409,6 +501,7 @@ mod tests {
             Arc::from(["/v1/route"]),
             1,
             Resolver::default(),
+            Traced::Off,
         );
         let request = Request::get("/v1/route").body(Body::empty()).unwrap();
         let peer = "127.0.0.1:1".parse().unwrap();
@@ -432,7 +525,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_is_answered_500_with_an_id() {
-        let observed = Observe::new(Panics, metrics(), Arc::from(["/"]), 0, Resolver::default());
+        let observed = Observe::new(
+            Panics,
+            metrics(),
+            Arc::from(["/"]),
+            0,
+            Resolver::default(),
+            Traced::Off,
+        );
         let peer = "127.0.0.1:1".parse().unwrap();
         let response = observed.handle(peer, Request::new(Body::empty())).await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -452,7 +552,14 @@ mod tests {
     async fn handlers_see_the_resolved_caller() {
         let trusted = ["127.0.0.0/8".parse().unwrap()];
         let resolver = Resolver::new(&trusted, ForwardedHeader::XForwardedFor);
-        let observed = Observe::new(EchoCaller, metrics(), Arc::from(["/"]), 0, resolver);
+        let observed = Observe::new(
+            EchoCaller,
+            metrics(),
+            Arc::from(["/"]),
+            0,
+            resolver,
+            Traced::Off,
+        );
         let caller = |peer: &str| {
             let request = Request::builder()
                 .header(X_FORWARDED_FOR, "203.0.113.9")

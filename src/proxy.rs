@@ -31,6 +31,7 @@ use std::{
 use bytes::Bytes;
 use reqwest::StatusCode;
 use tokio::time::Instant;
+use tracing::{Instrument, Span, field::Empty};
 
 use crate::{
     cache::{
@@ -45,6 +46,7 @@ use crate::{
     protect::Protection,
     route::Route,
     served::{Accepted, CacheState},
+    telemetry::TRACE_TARGET,
     upstream::{Upstream, UpstreamAnswer, UpstreamError},
 };
 
@@ -400,7 +402,11 @@ impl Proxy {
                 .run(key.clone(), |interest| {
                     let fetcher = self.fetcher.clone();
                     let route = Arc::clone(route);
-                    fetcher.fetch(key.clone(), route, trigger.clone(), payer.clone(), interest)
+                    // The fetch runs in its own task: its spans (upstream, Redis)
+                    // nest under the request that leads it (none when not traced).
+                    fetcher
+                        .fetch(key.clone(), route, trigger.clone(), payer.clone(), interest)
+                        .instrument(Span::current())
                 })
                 .await;
             let (fetched, role) = match result {
@@ -483,6 +489,39 @@ impl Proxy {
         if role == Role::Leader {
             tracing::debug!(%key, "background refresh started");
         }
+    }
+}
+
+/// The span of upstream attempt number `attempt` (0 = the first call).
+fn attempt_span(attempt: u32) -> Span {
+    tracing::info_span!(
+        target: TRACE_TARGET,
+        "upstream",
+        otel.name = "GET KeyAPI",
+        otel.kind = "client",
+        keyapi.attempt = i64::from(attempt) + 1,
+        keyapi.retry = attempt > 0,
+        keyapi.credits = Empty,
+        keyapi.outcome = Empty,
+        http.response.status_code = Empty,
+    )
+}
+
+/// Writes an attempt's outcome on its span: KeyAPI's status when it answered,
+/// and the credits the attempt was charged (numbers as `i64`: OpenTelemetry
+/// has no unsigned attribute).
+fn record_attempt(span: &Span, result: &Result<UpstreamAnswer, UpstreamError>, credits: u64) {
+    span.record("keyapi.credits", i64::try_from(credits).unwrap_or(i64::MAX));
+    let (outcome, status) = match result {
+        Ok(UpstreamAnswer::Success(_)) => ("success", Some(200)),
+        Ok(answer @ UpstreamAnswer::Declined { status, .. }) => {
+            (answer.as_str(), Some(status.as_u16()))
+        }
+        Err(error) => (error.as_str(), error.upstream_status()),
+    };
+    span.record("keyapi.outcome", outcome);
+    if let Some(status) = status {
+        span.record("http.response.status_code", i64::from(status));
     }
 }
 
@@ -580,7 +619,11 @@ impl Fetcher {
         loop {
             let call = self.metrics.upstream_call();
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let result = self.upstream.attempt(key.path_and_query(), remaining).await;
+            let span = attempt_span(attempt);
+            let result = (self.upstream)
+                .attempt(key.path_and_query(), remaining)
+                .instrument(span.clone())
+                .await;
             call.finish(
                 result
                     .as_ref()
@@ -591,6 +634,7 @@ impl Fetcher {
                 .as_ref()
                 .err()
                 .is_none_or(UpstreamError::reached_upstream);
+            record_attempt(&span, &result, if reached { cost } else { 0 });
             charge.settle(reached).await;
             let Err(error) = &result else { return result };
             let Some(backoff) = self.upstream.backoff(attempt, error, deadline) else {

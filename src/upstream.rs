@@ -6,7 +6,9 @@
 //! key) — nothing of the client's request reaches KeyAPI — so one key always
 //! means one byte-identical request. One [`Upstream::attempt`] is one paid
 //! call; the caller (the fetch, which charges the ledger per attempt) loops
-//! over attempts with [`Upstream::backoff`].
+//! over attempts with [`Upstream::backoff`]. Only with
+//! `telemetry.propagate_upstream` does an attempt also carry a W3C
+//! `traceparent` (the attempt's own span), so KeyAPI can join the trace.
 
 use std::{
     sync::Arc,
@@ -14,12 +16,16 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry_http::HeaderInjector;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use reqwest::{
     StatusCode,
     header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER},
 };
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     config::UpstreamConfig,
@@ -167,6 +173,8 @@ pub struct Upstream {
     request_timeout: Duration,
     retries: u32,
     retry_backoff: Duration,
+    /// `telemetry.propagate_upstream`: send the attempt's `traceparent`.
+    propagate_trace: bool,
 }
 
 impl Upstream {
@@ -189,7 +197,14 @@ impl Upstream {
             request_timeout: config.request_timeout,
             retries: config.retries,
             retry_backoff: config.retry_backoff,
+            propagate_trace: false,
         })
+    }
+
+    /// Sends each attempt's `traceparent` to KeyAPI (`telemetry.propagate_upstream`).
+    pub fn propagating_traces(mut self, on: bool) -> Self {
+        self.propagate_trace = on;
+        self
     }
 
     /// The full upstream URL for a canonical path-and-query: a pure function of it.
@@ -232,15 +247,16 @@ impl Upstream {
         path_and_query: &str,
         timeout: Duration,
     ) -> Result<UpstreamAnswer, UpstreamError> {
-        let response = self
+        let mut request = self
             .client
             .get(self.url_for(path_and_query))
             .header(AUTHORIZATION, self.authorization()?)
             .header(ACCEPT, HeaderValue::from_static("application/json"))
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(classify_transport)?;
+            .timeout(timeout);
+        if self.propagate_trace {
+            request = request.headers(current_traceparent());
+        }
+        let response = request.send().await.map_err(classify_transport)?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Err(UpstreamError::RateLimited {
@@ -331,6 +347,14 @@ pub const MAX_RETRY_AFTER_SECS: u64 = 3600;
 
 /// `Retry-After` as seconds (delta-seconds or HTTP-date), capped at
 /// [`MAX_RETRY_AFTER_SECS`]; 1 s when absent or unreadable.
+/// The current span's W3C trace context (`traceparent`; empty when not traced).
+fn current_traceparent() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let context = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(&mut headers));
+    headers
+}
+
 fn retry_after_secs(headers: &HeaderMap) -> u64 {
     let Some(value) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()) else {
         return 1;

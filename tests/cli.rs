@@ -243,3 +243,75 @@ fn an_open_proxy_on_a_public_address_needs_server_open() {
     assert!(!guarded.contains(warning), "{guarded}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `deploy/kubernetes/base`: the ConfigMap's `config.toml` passes `check-config` with what
+/// the Deployment adds (the key as a file, `secret.example.yaml`'s client hashes), and the
+/// pod's termination timeline holds: `drain_delay` outlasts the readiness probe's period
+/// times its failure threshold (the endpoint is gone before the listener closes), and
+/// `drain_delay + shutdown_grace` leaves time for the final snapshot before the kubelet's
+/// SIGKILL at `terminationGracePeriodSeconds`.
+#[test]
+fn the_kubernetes_configuration_is_valid_and_drains_before_the_kill() {
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base");
+    let read = |name: &str| std::fs::read_to_string(base.join(name)).unwrap();
+    let secret = read("secret.example.yaml");
+    let clients = secret
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("clients: "))
+        .expect("secret.example.yaml has a clients entry")
+        .trim_matches('\'');
+    let dir = std::env::temp_dir().join(format!("keyapi-proxy-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("keyapi_key");
+    std::fs::write(&key, "sk-mounted\n").unwrap();
+
+    let out = run(
+        &[
+            "--config",
+            base.join("config.toml").to_str().unwrap(),
+            "check-config",
+        ],
+        &[
+            ("KEYAPI_API_KEY_FILE", key.to_str().unwrap()),
+            ("KEYAPI_PROXY__CLIENTS", clients),
+        ],
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let effective: toml::Table = toml::from_str(&stdout(&out)).unwrap();
+    let server = effective["server"].as_table().unwrap();
+    let duration = |name: &str| {
+        humantime_serde::re::humantime::parse_duration(server[name].as_str().unwrap())
+            .unwrap()
+            .as_secs()
+    };
+    let (drain_delay, shutdown_grace) = (duration("drain_delay"), duration("shutdown_grace"));
+
+    let deployment = read("deployment.yaml");
+    // The first `name: N` at or after the line holding `after` (a YAML field of the Deployment).
+    let field = |after: &str, name: &str| -> u64 {
+        deployment
+            .lines()
+            .skip_while(|line| !line.contains(after))
+            .find_map(|line| line.trim().strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("deployment.yaml: no {name} after {after}"))
+            .parse()
+            .unwrap()
+    };
+    let kill_after = field(
+        "terminationGracePeriodSeconds",
+        "terminationGracePeriodSeconds",
+    );
+    let probe_period = field("readinessProbe:", "periodSeconds");
+    let probe_failures = field("readinessProbe:", "failureThreshold");
+    assert!(
+        drain_delay > probe_period * probe_failures,
+        "drain_delay {drain_delay}s must outlast the readiness probe ({probe_period}s x {probe_failures})"
+    );
+    let snapshot_margin = 5;
+    assert!(
+        drain_delay + shutdown_grace + snapshot_margin <= kill_after,
+        "drain_delay {drain_delay}s + shutdown_grace {shutdown_grace}s + {snapshot_margin}s for \
+         the final snapshot must fit in terminationGracePeriodSeconds {kill_after}"
+    );
+}

@@ -29,11 +29,12 @@ use std::{
 use bytes::Bytes;
 use redis::{AsyncCommands, Client, Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
 use tokio::time::Instant;
+use tracing::{Instrument, field::Empty};
 
 use futures_util::StreamExt as _;
 
 use super::{CacheKey, Entry, EntryCheck, LocalCache, Source, codec};
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, telemetry::TRACE_TARGET};
 
 /// Deletes the lock only if we still own it.
 const UNLOCK: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;
@@ -184,7 +185,7 @@ impl RedisTier {
         let redis_key = self.entry_key(key);
         let mut conn = self.conn.clone();
         let raw: Vec<u8> = self
-            .call(conn.get::<_, Option<Vec<u8>>>(&redis_key))
+            .call("GET", conn.get::<_, Option<Vec<u8>>>(&redis_key))
             .await
             .flatten()?;
         self.check.admit(Source::Redis, key, &Bytes::from(raw))
@@ -212,7 +213,7 @@ impl RedisTier {
             set.arg("NX");
         }
         let _ = self
-            .call(set.query_async::<Option<String>>(&mut conn))
+            .call("SET", set.query_async::<Option<String>>(&mut conn))
             .await;
     }
 
@@ -229,7 +230,8 @@ impl RedisTier {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Option<T> {
         let mut conn = self.conn.clone();
-        self.call(invocation.invoke_async(&mut conn)).await
+        self.call("EVALSHA", invocation.invoke_async(&mut conn))
+            .await
     }
 
     /// Runs one of the ledger's money scripts under the ledger timeout. The
@@ -240,8 +242,12 @@ impl RedisTier {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Applied<T> {
         let mut conn = self.conn.clone();
-        self.call_within(self.ledger_timeout, invocation.invoke_async(&mut conn))
-            .await
+        self.call_within(
+            "EVALSHA",
+            self.ledger_timeout,
+            invocation.invoke_async(&mut conn),
+        )
+        .await
     }
 
     /// Tells every replica to drop `key` (or everything, with `None`) from memory.
@@ -249,7 +255,10 @@ impl RedisTier {
         let payload = key.map_or("*", CacheKey::path_and_query);
         let mut conn = self.conn.clone();
         let _ = self
-            .call(conn.publish::<_, _, i64>(self.purge_channel(), payload))
+            .call(
+                "PUBLISH",
+                conn.publish::<_, _, i64>(self.purge_channel(), payload),
+            )
             .await;
     }
 
@@ -285,7 +294,9 @@ impl RedisTier {
     /// Deletes `key`'s entry; true if there was one.
     pub async fn remove(&self, key: &CacheKey) -> bool {
         let mut conn = self.conn.clone();
-        let deleted = self.call(conn.del::<_, u64>(self.entry_key(key))).await;
+        let deleted = self
+            .call("DEL", conn.del::<_, u64>(self.entry_key(key)))
+            .await;
         deleted.unwrap_or(0) > 0
     }
 
@@ -303,13 +314,16 @@ impl RedisTier {
                 .arg("COUNT")
                 .arg(500);
             let Some((next, keys)) = self
-                .call(scan.query_async::<(u64, Vec<String>)>(&mut conn))
+                .call("SCAN", scan.query_async::<(u64, Vec<String>)>(&mut conn))
                 .await
             else {
                 return deleted;
             };
             if !keys.is_empty() {
-                deleted += self.call(conn.del::<_, u64>(keys)).await.unwrap_or(0);
+                deleted += self
+                    .call("DEL", conn.del::<_, u64>(keys))
+                    .await
+                    .unwrap_or(0);
             }
             if next == 0 {
                 return deleted;
@@ -354,7 +368,9 @@ impl RedisTier {
         let mut conn = self.conn.clone();
         let mut invocation = self.unlock.key(self.lock_key(key));
         invocation.arg(token.0);
-        let _ = self.call(invocation.invoke_async::<i64>(&mut conn)).await;
+        let _ = self
+            .call("EVALSHA", invocation.invoke_async::<i64>(&mut conn))
+            .await;
     }
 
     /// `Some(true)` if taken, `Some(false)` if held by another, `None` if Redis failed.
@@ -379,32 +395,57 @@ impl RedisTier {
         let mut set = redis::cmd("SET");
         set.arg(key).arg(value).arg("NX").arg("PX").arg(millis);
         let reply = self
-            .call(set.query_async::<Option<String>>(&mut conn))
+            .call("SET", set.query_async::<Option<String>>(&mut conn))
             .await;
         reply.map(|taken| taken.is_some())
     }
 
-    /// Runs one Redis call under the op timeout; `None` on any failure.
+    /// Runs one Redis call (the command `op`) under the op timeout; `None` on any failure.
     async fn call<T>(
         &self,
+        op: &'static str,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
-        self.call_within(self.op_timeout, fut).await.answer()
+        self.call_within(op, self.op_timeout, fut).await.answer()
     }
 
-    /// Runs one Redis call for at most `limit`, noting Redis's state.
+    /// Runs one Redis call for at most `limit`, noting Redis's state; with
+    /// tracing on, a span (the command's name, never its keys or values).
     async fn call_within<T>(
         &self,
+        op: &'static str,
         limit: Duration,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Applied<T> {
-        let (applied, error) = match tokio::time::timeout(limit, fut).await {
+        let span = tracing::info_span!(
+            target: TRACE_TARGET,
+            "redis",
+            otel.name = op,
+            otel.kind = "client",
+            db.system.name = "redis",
+            db.operation.name = op,
+            error.type = Empty,
+        );
+        let outcome = tokio::time::timeout(limit, fut)
+            .instrument(span.clone())
+            .await;
+        let (applied, error) = match outcome {
             Ok(Ok(value)) => (Applied::Answered(value), None),
             // Refused at connect: the command was never written.
             Ok(Err(e)) if e.is_connection_refusal() => (Applied::NotSent, Some(e.to_string())),
             Ok(Err(e)) => (Applied::Unknown, Some(e.to_string())),
             Err(_) => (Applied::Unknown, Some("timed out".to_owned())),
         };
+        if error.is_some() {
+            span.record(
+                "error.type",
+                if matches!(applied, Applied::NotSent) {
+                    "refused"
+                } else {
+                    "unknown"
+                },
+            );
+        }
         match error {
             None => {
                 if !self.up.swap(true, Ordering::Relaxed) {
