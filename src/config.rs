@@ -510,7 +510,7 @@ pub struct RouteConfig {
     pub ttl_by: Option<TtlByConfig>,
     /// `daily`: fresh until the next 00:00 UTC + `daily_offset` (capped by the TTL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub freshness: Option<String>,
+    pub freshness: Option<RouteFreshness>,
     /// With `freshness = "daily"`: how long after 00:00 UTC the day's data is complete.
     #[serde(
         default,
@@ -544,6 +544,16 @@ pub struct RouteConfig {
     pub params: Vec<ParamConfig>,
 }
 
+/// A route's `freshness`: how its answers' lifetime ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteFreshness {
+    /// Fresh for the TTL.
+    Fixed,
+    /// Fresh until the next 00:00 UTC + `daily_offset`, at most the TTL.
+    Daily,
+}
+
 /// `ttl_by`: a TTL per value of one parameter.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -557,10 +567,9 @@ pub struct TtlByConfig {
 #[serde(deny_unknown_fields)]
 pub struct ParamConfig {
     pub name: String,
-    /// `one_of`, `int`, `region`, `hashtag` or `text`; absent: `one_of` when
-    /// `one_of` is given, else `text`.
+    /// Absent: `one_of` when `one_of` is given, else `text`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    pub kind: Option<ParamKind>,
     /// A request without it is a 400 "is required" (then it has no `default`).
     #[serde(default)]
     pub required: bool,
@@ -589,6 +598,22 @@ pub struct ParamConfig {
     /// `text`: drop this prefix once (e.g. `@`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strip_prefix: Option<String>,
+}
+
+/// A parameter's `kind`: how its values are checked and normalized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    /// One of the `one_of` values.
+    OneOf,
+    /// An integer within `min` and `max`.
+    Int,
+    /// `all_regions` or a 2-letter country code.
+    Region,
+    /// A hashtag name: one leading `#` dropped, lower-cased.
+    Hashtag,
+    /// Free text within `max_len`, optionally matching `pattern`.
+    Text,
 }
 
 /// One `[[warmup]]` entry as written in the configuration.

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     cache::FreshnessPolicy,
-    config::{Config, ParamConfig, RouteConfig},
+    config::{Config, ParamConfig, ParamKind, RouteConfig, RouteFreshness},
 };
 
 /// What a route inherits when it does not say: the `[cache]` and `[credits]` defaults.
@@ -127,19 +127,14 @@ fn compile_route(config: &RouteConfig, defaults: &RouteDefaults) -> Result<Route
             })
         }
     };
-    let daily = match config.freshness.as_deref() {
-        None | Some("fixed") => {
+    let daily = match config.freshness {
+        None | Some(RouteFreshness::Fixed) => {
             if config.daily_offset.is_some() {
                 return Err("daily_offset: only with freshness = \"daily\"".into());
             }
             None
         }
-        Some("daily") => Some(config.daily_offset.unwrap_or_default()),
-        Some(other) => {
-            return Err(format!(
-                "freshness: {other:?} is not \"fixed\" or \"daily\""
-            ));
-        }
+        Some(RouteFreshness::Daily) => Some(config.daily_offset.unwrap_or_default()),
     };
     let all_ttls = std::iter::once(ttl).chain(by.iter().flat_map(|b| b.values.iter().map(|x| x.1)));
     if all_ttls.into_iter().any(|t| t.is_zero()) {
@@ -178,10 +173,11 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
     if !valid_name {
         return Err("name: 1-64 letters, digits, _ - .".into());
     }
-    let kind_name = p
-        .kind
-        .as_deref()
-        .unwrap_or(if p.one_of.is_some() { "one_of" } else { "text" });
+    let kind_name = p.kind.unwrap_or(if p.one_of.is_some() {
+        ParamKind::OneOf
+    } else {
+        ParamKind::Text
+    });
     let only = |field: &str, present: bool, kinds: &str| {
         if present {
             Err(format!("{field}: only for kind {kinds}"))
@@ -191,12 +187,12 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
     };
     only(
         "one_of",
-        p.one_of.is_some() && kind_name != "one_of",
+        p.one_of.is_some() && kind_name != ParamKind::OneOf,
         "one_of",
     )?;
     only(
         "min/max",
-        (p.min.is_some() || p.max.is_some()) && kind_name != "int",
+        (p.min.is_some() || p.max.is_some()) && kind_name != ParamKind::Int,
         "int",
     )?;
     let text_only = p.pattern.is_some()
@@ -205,11 +201,11 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
         || p.strip_prefix.is_some();
     only(
         "pattern/max_len/lowercase/strip_prefix",
-        text_only && kind_name != "text",
+        text_only && kind_name != ParamKind::Text,
         "text",
     )?;
     let (kind, rule) = match kind_name {
-        "one_of" => {
+        ParamKind::OneOf => {
             let values: Vec<String> = p.one_of.clone().unwrap_or_default();
             if values.is_empty() || values.iter().any(|v| v.trim().is_empty() || v.trim() != v) {
                 return Err("one_of: list at least one value, none empty or padded".into());
@@ -217,7 +213,7 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
             let rule = format!("one of {}", values.join(", "));
             (Kind::OneOf(values), rule)
         }
-        "int" => {
+        ParamKind::Int => {
             let (min, max) = (p.min.unwrap_or(i64::MIN), p.max.unwrap_or(i64::MAX));
             if min > max {
                 return Err("min: must not exceed max".into());
@@ -227,17 +223,17 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
                 format!("an integer from {min} to {max}"),
             )
         }
-        "region" => (
+        ParamKind::Region => (
             Kind::Region,
             "\"all_regions\" or a 2-letter country code such as US".to_owned(),
         ),
-        "hashtag" => (
+        ParamKind::Hashtag => (
             Kind::Hashtag,
             format!(
                 "1 to {MAX_HASHTAG_CHARS} letters, digits or underscores, optionally after one \"#\""
             ),
         ),
-        "text" => {
+        ParamKind::Text => {
             let max_len = p.max_len.unwrap_or(DEFAULT_TEXT_MAX_LEN);
             if max_len == 0 || max_len > 1000 {
                 return Err("max_len: 1 to 1000".into());
@@ -260,11 +256,6 @@ fn compile_param(p: &ParamConfig) -> Result<Param, String> {
                 strip_prefix: p.strip_prefix.clone().filter(|s| !s.is_empty()),
             };
             (kind, rule)
-        }
-        other => {
-            return Err(format!(
-                "kind: unknown kind {other:?}; use one_of, int, region, hashtag or text"
-            ));
         }
     };
     let mut param = Param {
