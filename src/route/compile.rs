@@ -2,37 +2,17 @@
 //! field checked once at start-up, each problem one line naming the route
 //! and the field; defaults normalized and encoded as they will stand in keys.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use regex_lite::Regex;
 
 use super::{
-    Route, RouteTable, Ttl, TtlBy,
+    Route, RouteDefaults, RouteTable, Ttl, TtlBy,
+    error::RouteConfigError,
     kind::{DEFAULT_TEXT_MAX_LEN, Kind, MAX_HASHTAG_CHARS, Param},
     query::push_encoded,
 };
-use crate::{
-    cache::FreshnessPolicy,
-    config::{Config, ParamConfig, ParamKind, RouteConfig, RouteFreshness},
-};
-
-/// What a route inherits when it does not say: the `[cache]` and `[credits]` defaults.
-#[derive(Debug, Clone)]
-pub struct RouteDefaults {
-    pub credits: u64,
-    pub ttl: Duration,
-    /// Global freshness rules (stale windows and negative TTL may be overridden per route).
-    pub policy: FreshnessPolicy,
-}
-
-/// A route configuration that cannot be served. The message names the route and the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("routes[{index}] ({path}): {problem}")]
-pub struct RouteConfigError {
-    index: usize,
-    path: String,
-    problem: String,
-}
+use crate::config::{Config, ParamConfig, ParamKind, RouteConfig, RouteFreshness};
 
 impl RouteTable {
     /// The `[[routes]]` of `config`, inheriting its `[cache]` and `[credits]` defaults.

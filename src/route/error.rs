@@ -1,7 +1,17 @@
-//! What a client's query got wrong, in words the client reads: the 400
-//! envelope's message, with any echoed value clipped and made printable.
+//! What can be wrong: a route's configuration (one line naming the route
+//! and the field, at start-up), or a client's query, in words the client
+//! reads in the 400 envelope, with any echoed value clipped and made printable.
 
 use std::sync::Arc;
+
+/// A route configuration that cannot be served. The message names the route and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("routes[{index}] ({path}): {problem}")]
+pub struct RouteConfigError {
+    pub(super) index: usize,
+    pub(super) path: String,
+    pub(super) problem: String,
+}
 
 /// A client request a route cannot answer. Messages are plain sentences
 /// saying what is wrong and what is allowed; they go to the client in the

@@ -14,7 +14,7 @@
 //!
 //! By idea: [`kind`] checks and normalizes one parameter's value,
 //! [`compile`] builds the table from configuration, [`query`] turns a raw
-//! query into a key, and [`error`] says what a client's query got wrong.
+//! query into a key, and [`error`] says what a configuration or a client's query got wrong.
 //! This file holds the table and a route's answers about itself.
 
 mod compile;
@@ -29,9 +29,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-pub use compile::{RouteConfigError, RouteDefaults};
-pub use error::KeyError;
 pub(crate) use error::clip;
+pub use error::{KeyError, RouteConfigError};
 pub use kind::{
     DEFAULT_TEXT_MAX_LEN, Kind, MAX_HASHTAG_CHARS, Param, hashtag_pattern, is_hashtag_char,
     region_pattern, text_pattern,
@@ -44,6 +43,15 @@ use crate::{
 
 /// Path of the compiled-in default route (KeyAPI's hashtag detail).
 pub const HASHTAG_DETAIL_PATH: &str = "/v1/tiktok/trending/hashtag/detail";
+
+/// What a route inherits when it does not say: the `[cache]` and `[credits]` defaults.
+#[derive(Debug, Clone)]
+pub struct RouteDefaults {
+    pub credits: u64,
+    pub ttl: Duration,
+    /// Global freshness rules (stale windows and negative TTL may be overridden per route).
+    pub policy: FreshnessPolicy,
+}
 
 /// How long answers of a route stay fresh.
 #[derive(Debug, Clone)]
