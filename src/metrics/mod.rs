@@ -5,6 +5,11 @@
 //! Every label is bounded: route templates, cache states, upstream outcome
 //! kinds, limit scopes and client ids from configuration — never a raw
 //! hashtag or anything else a client can choose.
+//!
+//! Beside the counters, [`history`] keeps the last hour minute by minute for
+//! the status page ([`crate::status`]).
+
+pub(crate) mod history;
 
 use std::{
     sync::{
@@ -14,6 +19,7 @@ use std::{
     time::Instant,
 };
 
+pub(crate) use history::History;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -28,7 +34,6 @@ use prometheus_client::{
 use crate::{
     clock::SharedClock,
     served::{CacheState, Served},
-    stats::History,
 };
 
 /// A text exposition format `/metrics` can answer in.
