@@ -7,9 +7,14 @@
 //! hashtag or anything else a client can choose.
 //!
 //! Beside the counters, [`history`] keeps the last hour minute by minute for
-//! the status page ([`crate::status`]).
+//! the status page ([`crate::status`]). `register` names every family,
+//! `labels` holds their label sets and `exposition` the text formats; this
+//! file records.
 
+mod exposition;
 pub(crate) mod history;
+mod labels;
+mod register;
 
 use std::{
     sync::{
@@ -19,58 +24,24 @@ use std::{
     time::Instant,
 };
 
-pub(crate) use history::History;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-use crate::{
-    clock::SharedClock,
-    served::{CacheState, Served},
+pub use exposition::Format;
+pub(crate) use history::History;
+pub use labels::Scope;
+
+use self::{
+    exposition::prometheus_text,
+    labels::{
+        ClientLabels, IssuerLabels, OutcomeLabels, PayerLabels, ReasonLabels, RejectedLabels,
+        RequestLabels, ScopeLabels,
+    },
 };
-
-/// A text exposition format `/metrics` can answer in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Prometheus text 0.0.4: the default, and what `promtool check metrics` reads.
-    Prometheus,
-    /// OpenMetrics 1.0.0, for scrapers that ask for it.
-    OpenMetrics,
-}
-
-impl Format {
-    /// The `Content-Type` of this format.
-    pub fn content_type(&self) -> &'static str {
-        match self {
-            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
-            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct RequestLabels {
-    route: &'static str,
-    status: u16,
-    cache: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
-}
+use crate::served::{CacheState, Served};
 
 /// Why a finished trace span was not delivered to the collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,71 +74,6 @@ pub(crate) fn trace_spans_dropped(loss: SpanLoss, count: u64) {
             reason: loss.as_str(),
         })
         .inc_by(count);
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct RejectedLabels {
-    source: &'static str,
-    reason: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct PayerLabels {
-    payer: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ScopeLabels {
-    scope: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ClientLabels {
-    client: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct IssuerLabels {
-    issuer: String,
-}
-
-/// Who a limit or budget belonged to (a metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// The whole proxy.
-    Global,
-    /// One configured client.
-    Client,
-    /// One configured warm-up.
-    Warmup,
-    /// One subject (`sub`) of a signed visitor token.
-    Subject,
-    /// One visitor (a caller without a token, by address prefix).
-    Visitor,
-}
-
-impl Scope {
-    /// Bounded label for logs and metrics.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Global => "global",
-            Self::Client => "client",
-            Self::Warmup => "warmup",
-            Self::Subject => "subject",
-            Self::Visitor => "visitor",
-        }
-    }
-
-    /// Whose limit it is, for messages: "the proxy's", "this client's".
-    pub fn possessive(&self) -> &'static str {
-        match self {
-            Self::Global => "the proxy's",
-            Self::Client => "this client's",
-            Self::Warmup => "this warm-up's",
-            Self::Subject => "this token subject's",
-            Self::Visitor => "this visitor's",
-        }
-    }
 }
 
 /// A `requests_total` counter, resolved on first use (see [`Metrics::record_request_in`]).
@@ -253,223 +159,6 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A fresh registry; `clock` times the per-minute history of the status page.
-    pub fn new(clock: SharedClock) -> Self {
-        let mut registry = Registry::with_prefix("keyapi_proxy");
-        let requests = Family::default();
-        registry.register(
-            "requests",
-            "HTTP requests answered, by route template, status and cache state",
-            requests.clone(),
-        );
-        let cache_hits = Counter::default();
-        registry.register(
-            "cache_hits",
-            "Requests answered from the cache (no upstream call)",
-            cache_hits.clone(),
-        );
-        let cache_misses = Counter::default();
-        registry.register(
-            "cache_misses",
-            "Requests of the proxied route that were not in the cache (stored, collapsed, refreshed, declined or failed)",
-            cache_misses.clone(),
-        );
-        let collapsed = Counter::default();
-        registry.register(
-            "collapsed",
-            "Misses answered by another request's upstream call (single flight)",
-            collapsed.clone(),
-        );
-        let credits_spent = Counter::default();
-        registry.register(
-            "credits_spent",
-            "KeyAPI credits spent: the route's price for every upstream attempt that reached KeyAPI",
-            credits_spent.clone(),
-        );
-        let credits_spent_by = Family::default();
-        registry.register(
-            "credits_spent_by",
-            "KeyAPI credits spent, by who started the call (request, revalidate, refresh_ahead)",
-            credits_spent_by.clone(),
-        );
-        let credits_saved = Counter::default();
-        registry.register(
-            "credits_saved",
-            "KeyAPI credits saved: the route's price for every request answered without an upstream call of its own (hits, collapsed)",
-            credits_saved.clone(),
-        );
-        let upstream_calls = Family::default();
-        registry.register(
-            "upstream_calls",
-            "Upstream calls made, by outcome (success, declined or an error kind)",
-            upstream_calls.clone(),
-        );
-        let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 12));
-        registry.register(
-            "upstream_latency_seconds",
-            "Duration of upstream calls, body included",
-            upstream_latency.clone(),
-        );
-        let upstream_in_flight = Gauge::default();
-        registry.register(
-            "upstream_in_flight",
-            "Upstream calls in progress",
-            upstream_in_flight.clone(),
-        );
-        let cache_entries = Gauge::default();
-        registry.register(
-            "cache_entries",
-            "Answers in the cache",
-            cache_entries.clone(),
-        );
-        let cache_bytes = Gauge::default();
-        registry.register(
-            "cache_bytes",
-            "Bytes weighed by the cache (keys, bodies and precomputed encodings)",
-            cache_bytes.clone(),
-        );
-        let rate_limited = Family::default();
-        registry.register(
-            "rate_limited",
-            "Requests refused with 429 by a rate limit, by scope (global, client, subject, visitor)",
-            rate_limited.clone(),
-        );
-        let budget_refused = Family::default();
-        registry.register(
-            "budget_refused",
-            "Misses refused with 429 because a daily credit budget was spent, by scope",
-            budget_refused.clone(),
-        );
-        let client_requests = Family::default();
-        registry.register(
-            "client_requests",
-            "Authenticated requests of the proxied route, by configured client id",
-            client_requests.clone(),
-        );
-        let client_credits = Family::default();
-        registry.register(
-            "client_credits_spent",
-            "Credits charged to a configured client's daily budget",
-            client_credits.clone(),
-        );
-        let stale_served = Counter::default();
-        registry.register(
-            "stale_served",
-            "Requests answered from a stale copy (stale-while-revalidate or stale-if-error)",
-            stale_served.clone(),
-        );
-        let upstream_retries = Counter::default();
-        registry.register(
-            "upstream_retries",
-            "Upstream retries made after a connect error or HTTP 502/503/504",
-            upstream_retries.clone(),
-        );
-        let issuer_requests = Family::default();
-        registry.register(
-            "issuer_requests",
-            "Requests let in by a valid signed token, by configured issuer (no subject label)",
-            issuer_requests.clone(),
-        );
-        let issuer_credits = Family::default();
-        registry.register(
-            "issuer_credits_spent",
-            "Credits of upstream calls started by the subjects of a configured issuer",
-            issuer_credits.clone(),
-        );
-        let visitors = ClientCounters::default();
-        registry.register(
-            "visitor_requests",
-            "Requests let in from visitors (callers without a token; no address label)",
-            visitors.requests.clone(),
-        );
-        registry.register(
-            "visitor_credits_spent",
-            "Credits of upstream calls started by visitors",
-            visitors.credits_spent.clone(),
-        );
-        let tokens_rejected = Family::default();
-        registry.register(
-            "tokens_rejected",
-            "Signed tokens refused, by reason (malformed, unknown_issuer, unknown_key, algorithm, signature, expired, not_yet_valid, audience, subject, keys_unavailable)",
-            tokens_rejected.clone(),
-        );
-        let upstream_refused = Family::default();
-        registry.register(
-            "upstream_refused",
-            "Upstream calls not made because of upstream protection, by reason (held_back, circuit_open, overloaded, spend_cap)",
-            upstream_refused.clone(),
-        );
-        let redis_errors = Counter::default();
-        registry.register(
-            "redis_errors",
-            "Redis tier calls that failed or timed out (served from memory and upstream instead)",
-            redis_errors.clone(),
-        );
-        let entries_rejected = Family::default();
-        registry.register(
-            "cache_entries_rejected",
-            "Entries read from Redis or a snapshot and skipped (never served), by source (redis, snapshot) and reason (unreadable, status, body, too_large, api_key, etag, gzip, future, lifetime)",
-            entries_rejected.clone(),
-        );
-        registry.register(
-            "trace_spans_dropped",
-            "Trace spans not delivered to the OTLP collector, by reason (queue_full, export_failed)",
-            TRACE_SPANS_DROPPED.clone(),
-        );
-        let connections = ConnectionMetrics::default();
-        registry.register(
-            "connections_open",
-            "Client connections open",
-            connections.open.clone(),
-        );
-        registry.register(
-            "connections_accepted",
-            "Client connections accepted and served",
-            connections.accepted.clone(),
-        );
-        registry.register(
-            "connections_refused",
-            "Client connections closed on arrival because server.max_connections were open and all busy",
-            connections.refused.clone(),
-        );
-        registry.register(
-            "connections_closed",
-            "Client connections ended, by reason (client: the client or the protocol ended it; header_read_timeout, idle_timeout, send_timeout, evicted, shutdown: the proxy closed it)",
-            connections.closed.clone(),
-        );
-        Self {
-            registry,
-            history: History::new(clock),
-            requests,
-            cache_hits,
-            cache_misses,
-            collapsed,
-            credits_spent,
-            credits_spent_by,
-            credits_saved,
-            upstream_calls,
-            upstream_latency,
-            upstream_in_flight,
-            cache_entries,
-            cache_bytes,
-            rate_limited,
-            budget_refused,
-            client_requests,
-            client_credits,
-            issuer_requests,
-            issuer_credits,
-            visitors,
-            tokens_rejected,
-            stale_served,
-            rejected: Counter::default(),
-            upstream_retries,
-            upstream_refused,
-            redis_errors,
-            entries_rejected,
-            connections,
-        }
-    }
-
     /// The connection layer's metrics (handles into this registry).
     pub fn connections(&self) -> ConnectionMetrics {
         self.connections.clone()
@@ -661,41 +350,6 @@ impl Metrics {
             upstream_in_flight: u64::try_from(self.upstream_in_flight.get()).unwrap_or(0),
         }
     }
-}
-
-/// OpenMetrics text as Prometheus text 0.0.4. The two differ, for what this
-/// registry holds, only in that 0.0.4 names a counter family after its
-/// `_total` samples (else `# HELP` matches no sample) and has no `# UNIT` or
-/// `# EOF`.
-fn prometheus_text(openmetrics: &str) -> String {
-    let counters: Vec<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len() + 8 * counters.len());
-    for line in openmetrics.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let comment = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find_map(|p| Some((p, line.strip_prefix(p)?)));
-        match comment {
-            Some((prefix, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                out.push_str(prefix);
-                out.push_str(name);
-                if counters.contains(&name) && !name.ends_with("_total") {
-                    out.push_str("_total");
-                }
-                out.push(' ');
-                out.push_str(if tail == "unknown" { "untyped" } else { tail });
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
 }
 
 /// Cumulative counters since start, as numbers.
