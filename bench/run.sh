@@ -38,7 +38,7 @@ DURATION=${BENCH_DURATION:-5}
 # Each round gives bare hyper, nginx and the proxy DURATION seconds each, in
 # turns of SLICE seconds; medians of the rounds count. On this shared VM a
 # server's req/s drift by 10-30 % from one 5 s run to the next, and 1 s
-# turns let the drift fall on every server alike (bench/NOTES.md).
+# turns let the drift fall on every server alike (docs/performance.md, "Why 1 s turns").
 SLICE=${BENCH_SLICE:-1}
 SLICES=$((DURATION / SLICE))
 ROUNDS=${BENCH_ROUNDS:-3}
