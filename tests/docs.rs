@@ -64,7 +64,12 @@ fn default_toml_keys() -> BTreeSet<String> {
     keys
 }
 
-fn walk(table: &toml::Table, prefix: &str, sections: &BTreeSet<String>, keys: &mut BTreeSet<String>) {
+fn walk(
+    table: &toml::Table,
+    prefix: &str,
+    sections: &BTreeSet<String>,
+    keys: &mut BTreeSet<String>,
+) {
     for (key, value) in table {
         let path = join(prefix, key);
         match value {
@@ -139,14 +144,23 @@ fn every_default_toml_key_is_documented_and_every_documented_key_exists() {
         "routes.params.strip_prefix",
         "warmup.questions",
     ] {
-        assert!(in_file.contains(expected), "default.toml: {expected} not found");
+        assert!(
+            in_file.contains(expected),
+            "default.toml: {expected} not found"
+        );
     }
-    let undocumented: Vec<_> = in_file.iter().filter(|k| !documented.contains_key(*k)).collect();
+    let undocumented: Vec<_> = in_file
+        .iter()
+        .filter(|k| !documented.contains_key(*k))
+        .collect();
     assert!(
         undocumented.is_empty(),
         "keys of config/default.toml missing from {REFERENCE}: {undocumented:?}"
     );
-    let unknown: Vec<_> = documented.keys().filter(|k| !in_file.contains(*k)).collect();
+    let unknown: Vec<_> = documented
+        .keys()
+        .filter(|k| !in_file.contains(*k))
+        .collect();
     assert!(
         unknown.is_empty(),
         "keys in {REFERENCE} that config/default.toml does not have: {unknown:?}"
@@ -187,7 +201,11 @@ fn anchors(markdown: &str) -> BTreeSet<String> {
             .map(|c| if c == ' ' { '-' } else { c })
             .collect();
         let n = seen.entry(slug.clone()).or_default();
-        anchors.insert(if *n == 0 { slug.clone() } else { format!("{slug}-{n}") });
+        anchors.insert(if *n == 0 {
+            slug.clone()
+        } else {
+            format!("{slug}-{n}")
+        });
         *n += 1;
     }
     anchors
@@ -243,7 +261,11 @@ fn relative_links_point_to_existing_files_and_headings() {
             } else {
                 file.parent().expect("a directory").join(path)
             };
-            let name = file.strip_prefix(root()).unwrap_or(&file).display().to_string();
+            let name = file
+                .strip_prefix(root())
+                .unwrap_or(&file)
+                .display()
+                .to_string();
             if !target.exists() {
                 broken.push(format!("{name}: {link} (no such file)"));
             } else if !anchor.is_empty()
@@ -254,6 +276,9 @@ fn relative_links_point_to_existing_files_and_headings() {
             }
         }
     }
-    assert!(checked > 50, "only {checked} links found: is the parser right?");
+    assert!(
+        checked > 50,
+        "only {checked} links found: is the parser right?"
+    );
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
