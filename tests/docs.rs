@@ -3,6 +3,7 @@
 //! `docs/configuration.md` and the other way round, each documented
 //! environment variable is the key's, and every relative link in README.md
 //! and docs/ points to a file (and heading) that exists.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -51,12 +52,11 @@ fn default_toml_keys() -> BTreeSet<String> {
         if let Some(name) = header(uncommented.trim_end()) {
             sections.insert(name.to_owned());
             section = name.to_owned();
-        } else if line.trim_start().starts_with('#') {
-            if let Ok(table) = uncommented.parse::<toml::Table>()
-                && table.len() == 1
-            {
-                keys.extend(table.keys().map(|k| join(&section, k)));
-            }
+        } else if line.trim_start().starts_with('#')
+            && let Ok(table) = uncommented.parse::<toml::Table>()
+            && table.len() == 1
+        {
+            keys.extend(table.keys().map(|k| join(&section, k)));
         }
     }
     let parsed: toml::Table = DEFAULT_TOML.parse().expect("config/default.toml parses");
