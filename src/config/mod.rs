@@ -3,7 +3,7 @@
 //! `figment` into one typed tree that is validated once at start-up.
 //!
 //! The KeyAPI key is deliberately *not* part of this tree: it comes only from
-//! `KEYAPI_API_KEY` / `KEYAPI_API_KEY_FILE` and lives in a [`SecretString`], so
+//! `KEYAPI_API_KEY` / `KEYAPI_API_KEY_FILE` and lives in a [`secrecy::SecretString`], so
 //! printing or logging a [`Config`] can never reveal it.
 //!
 //! By section: `sections` holds the top-level tables, `callers` clients and

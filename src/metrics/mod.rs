@@ -6,8 +6,8 @@
 //! kinds, limit scopes and client ids from configuration — never a raw
 //! hashtag or anything else a client can choose.
 //!
-//! Beside the counters, [`history`] keeps the last hour minute by minute for
-//! the status page ([`crate::status`]). `register` names every family,
+//! Beside the counters, `history` keeps the last hour minute by minute for
+//! the status page (`status`). `register` names every family,
 //! `labels` holds their label sets and `exposition` the text formats; this
 //! file records.
 

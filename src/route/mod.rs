@@ -12,9 +12,9 @@
 //! A configured route is checked and compiled once at start-up; a bad one is
 //! refused with one line naming the route and the field.
 //!
-//! By idea: [`kind`] checks and normalizes one parameter's value,
-//! [`compile`] builds the table from configuration, [`query`] turns a raw
-//! query into a key, and [`error`] says what a configuration or a client's query got wrong.
+//! By idea: `kind` checks and normalizes one parameter's value,
+//! `compile` builds the table from configuration, `query` turns a raw
+//! query into a key, and `error` says what a configuration or a client's query got wrong.
 //! This file holds the table and a route's answers about itself.
 
 mod compile;
