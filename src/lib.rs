@@ -10,7 +10,7 @@
 //! compiled from config, raw query → normalized key; bad input stops here) → [`directives`] (the client's
 //! `Cache-Control`) → [`proxy`] → [`cache`] (a hit ends here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
 //! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
-//! key injected, gated by `protect` and its `breaker`; bodies checked by
+//! key injected, gated by [`protect`] (our own refusals) and its `breaker`; bodies checked by
 //! [`envelope`]) → [`cache`] →
 //! `negotiate` (304 or gzip, from what the entry precomputed) with headers
 //! from `cache_status`; [`served`] names how it was answered. Errors are
@@ -49,7 +49,7 @@ pub(crate) mod negotiate;
 pub(crate) mod observe;
 pub mod openapi;
 pub mod payers;
-pub(crate) mod protect;
+pub mod protect;
 pub mod proxy;
 pub(crate) mod request_id;
 pub mod route;

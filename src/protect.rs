@@ -2,7 +2,8 @@
 //! answered 429, a spend-rate cap, a concurrency cap, and the circuit breaker.
 //! A burst of misses therefore never becomes a burst of credits or sockets;
 //! callers that cannot get through in `queue_timeout` get a fast refusal with
-//! a `Retry-After`.
+//! a `Retry-After`. Such a refusal is a [`Refusal`], our own decision,
+//! never confused with what KeyAPI did ([`UpstreamError`]).
 
 use std::{
     num::NonZeroU32,
@@ -22,6 +23,42 @@ use crate::{
     config::UpstreamConfig,
     upstream::{UpstreamAnswer, UpstreamError},
 };
+
+/// Why protection declined to call KeyAPI: no call was made, nothing was
+/// charged. Each carries the seconds a client should wait.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    #[error("holding back upstream calls after a 429 for {retry_after_secs} s more")]
+    HeldBack { retry_after_secs: u64 },
+    #[error("circuit open after repeated upstream failures; retry after {retry_after_secs} s")]
+    CircuitOpen { retry_after_secs: u64 },
+    #[error("too many upstream calls in flight")]
+    Overloaded { retry_after_secs: u64 },
+    #[error("upstream spend-rate cap reached; retry after {retry_after_secs} s")]
+    SpendCap { retry_after_secs: u64 },
+}
+
+impl Refusal {
+    /// Seconds a client should wait before retrying.
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            Self::HeldBack { retry_after_secs }
+            | Self::CircuitOpen { retry_after_secs }
+            | Self::Overloaded { retry_after_secs }
+            | Self::SpendCap { retry_after_secs } => *retry_after_secs,
+        }
+    }
+
+    /// Short, bounded label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::HeldBack { .. } => "held_back",
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::Overloaded { .. } => "overloaded",
+            Self::SpendCap { .. } => "spend_cap",
+        }
+    }
+}
 
 /// Longest hold we accept from a KeyAPI `Retry-After`.
 const MAX_HOLD: Duration = Duration::from_secs(3600);
@@ -59,9 +96,9 @@ impl Protection {
     }
 
     /// Waits (at most `queue_timeout`) for leave to call upstream.
-    pub(crate) async fn admit(&self) -> Result<Admission<'_>, UpstreamError> {
+    pub(crate) async fn admit(&self) -> Result<Admission<'_>, Refusal> {
         if let Some(wait) = self.held_for() {
-            return Err(UpstreamError::HeldBack {
+            return Err(Refusal::HeldBack {
                 retry_after_secs: ceil_secs(wait),
             });
         }
@@ -78,7 +115,7 @@ impl Protection {
                 .map_or(Duration::from_secs(1), |not_until| {
                     not_until.wait_time_from(now)
                 });
-            return Err(UpstreamError::SpendCap {
+            return Err(Refusal::SpendCap {
                 retry_after_secs: ceil_secs(wait),
             });
         }
@@ -86,13 +123,13 @@ impl Protection {
             .await
             .ok()
             .and_then(Result::ok)
-            .ok_or(UpstreamError::Overloaded {
+            .ok_or(Refusal::Overloaded {
                 retry_after_secs: 1,
             })?;
         let pass = self
             .breaker
             .try_pass()
-            .map_err(|open| UpstreamError::CircuitOpen {
+            .map_err(|open| Refusal::CircuitOpen {
                 retry_after_secs: ceil_secs(open.retry_after),
             })?;
         Ok(Admission {
