@@ -35,7 +35,7 @@ use crate::{
     routes::{self, Front},
     server::{self, Limits},
     snapshot,
-    state::{AppState, Shared},
+    state::{AppParts, AppState},
     upstream::Upstream,
     visitors::Visitors,
     warmup::{Warmup, WarmupConfigError, WarmupPlan},
@@ -129,7 +129,7 @@ impl App {
             clock.clone(),
             Arc::clone(&metrics),
         );
-        let state = AppState::new(Shared {
+        let state = AppState::new(AppParts {
             proxy: Proxy::new(
                 Tiers::new(
                     LocalCache::new(config.cache.max_bytes, clock.clone()),

@@ -393,7 +393,6 @@ impl Warmup {
     pub fn new(plan: WarmupPlan, charged: Counter) -> Self {
         let budget = Budget::new(plan.allowance, Scope::Warmup, plan.name.clone());
         let account = Arc::new(Account {
-            id: plan.name.as_str().into(),
             budget,
             charged,
             spent: DaySpend::default(),
@@ -403,11 +402,6 @@ impl Warmup {
             account,
             state: Mutex::new(WarmupState::default()),
         }
-    }
-
-    /// Its checked configuration.
-    pub fn plan(&self) -> &WarmupPlan {
-        &self.plan
     }
 
     /// Runs once now: prefetches every question that would not stay fresh

@@ -282,7 +282,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreditsConfig {
-    /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs.
+    /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs on
+    /// a route that does not give its own `credits`.
     pub per_call: u64,
     /// `KEYAPI_PROXY__CREDITS__DAILY_BUDGET`: credits all upstream calls may
     /// spend per UTC day; 0 = no budget.
