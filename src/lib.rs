@@ -16,8 +16,8 @@
 //! from `cache_status`; [`served`] names how it was answered. Errors are
 //! rendered in one place, `error`. [`app`] wires it together; [`config`]
 //! loads settings; `observe` logs and counts every request into
-//! [`metrics`] (and, with `[telemetry]`, makes it a trace span that
-//! `telemetry` exports); `status` gathers `/stats` and draws the status
+//! [`metrics`] (and, with `[telemetry]`, makes it a trace span, marked by
+//! `spans`' target, that `telemetry` exports); `status` gathers `/stats` and draws the status
 //! page from them; [`demo`] is a fake KeyAPI for `--demo` and the tests.
 //!
 //! A module too large for one file is a directory whose `mod.rs` keeps its
@@ -58,6 +58,7 @@ pub mod served;
 pub(crate) mod server;
 pub(crate) mod shutdown;
 pub(crate) mod snapshot;
+pub(crate) mod spans;
 pub mod state;
 pub(crate) mod status;
 pub(crate) mod telemetry;

@@ -34,7 +34,7 @@ use tracing::{Instrument, field::Empty};
 use futures_util::StreamExt as _;
 
 use super::{CacheKey, Entry, EntryCheck, LocalCache, Source, codec};
-use crate::{metrics::Metrics, telemetry::TRACE_TARGET};
+use crate::{metrics::Metrics, spans::TRACE_TARGET};
 
 /// Deletes the lock only if we still own it.
 const UNLOCK: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end"#;

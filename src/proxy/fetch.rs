@@ -18,7 +18,7 @@ use crate::{
     metrics::Metrics,
     protect::Protection,
     route::Route,
-    telemetry::TRACE_TARGET,
+    spans::TRACE_TARGET,
     upstream::{Upstream, UpstreamAnswer, UpstreamError},
 };
 
