@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{StalledH2, await_metric, spawn_app_with, spawn_binary};
+use common::{StalledH2, await_metric, binary::spawn_binary, spawn_app_with};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

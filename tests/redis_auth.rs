@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{header, parts, redis_server::RedisServer, spawn_app_with, spawn_binary};
+use common::{binary::spawn_binary, header, parts, redis_server::RedisServer, spawn_app_with};
 use redis::AsyncCommands;
 
 const PASSWORD: &str = "s3cret-redis-pass-4f1e";

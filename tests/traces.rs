@@ -8,7 +8,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::post};
-use common::spawn_binary;
+use common::binary::spawn_binary;
 use keyapi_proxy::{digest, route::HASHTAG_DETAIL_PATH};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
