@@ -11,7 +11,9 @@ use super::{
     spawn_app_with_clock,
 };
 
-/// Replicas `a` and `b` on `redis`, counting time with `clock`.
+/// Replicas `a` and `b` on `redis`, counting time with `clock`. Keep `redis`
+/// bound when taking the cluster apart (`redis: _redis`): dropping it stops
+/// the server.
 pub struct Cluster {
     pub redis: RedisServer,
     pub clock: Arc<ManualClock>,
