@@ -8,19 +8,13 @@
 
 mod common;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::time::Duration;
 
 use common::{
-    Parts, TestApp, assert_envelope, assert_ledger_equals_bill, client, header, metric, parts,
-    redis_server::{RedisServer, with_redis},
-    spawn_app_with, spawn_app_with_clock,
+    Parts, TestApp, assert_envelope, assert_ledger_equals_bill, client, cluster::Cluster, header,
+    manual_clock, metric, parts, spawn_app_with, spawn_app_with_clock,
 };
-use keyapi_proxy::{
-    clock::ManualClock, config::Config, demo::FakeMode, route::HASHTAG_DETAIL_PATH,
-};
+use keyapi_proxy::{config::Config, demo::FakeMode, route::HASHTAG_DETAIL_PATH};
 
 const Q: &str = "hashtag_name=ufc324";
 const MINUTE: Duration = Duration::from_secs(60);
@@ -87,7 +81,7 @@ async fn only_if_cached_on_a_cold_key_is_a_504_that_calls_and_spends_nothing() {
 
 #[tokio::test]
 async fn only_if_cached_serves_any_kept_copy_and_starts_no_refresh() {
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), |c| {
         windows(c);
         c.cache.negative_ttl = MINUTE;
@@ -135,7 +129,7 @@ async fn only_if_cached_serves_any_kept_copy_and_starts_no_refresh() {
 async fn max_age_and_min_fresh_refetch_a_fresh_copy_only_for_a_client_that_may_refresh() {
     const MAY: &str = "kp_directives_may_refresh";
     const PLAIN: &str = "kp_directives_plain";
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), |c| {
         windows(c);
         let mut may = client("may", MAY);
@@ -205,7 +199,7 @@ async fn max_age_and_min_fresh_refetch_a_fresh_copy_only_for_a_client_that_may_r
 
 #[tokio::test]
 async fn max_stale_takes_stale_copies_within_the_windows_and_refuses_staler_ones() {
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), windows).await;
     let (_, _, stored) = app.get(Q).await;
 
@@ -315,11 +309,15 @@ async fn only_if_cached_leaves_every_budget_untouched() {
 
 #[tokio::test]
 async fn only_if_cached_answers_from_another_replicas_copy_in_redis() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some(Cluster {
+        redis: _redis,
+        a,
+        b,
+        ..
+    }) = Cluster::start(|_| {}).await
+    else {
         return;
     };
-    let a = spawn_app_with(with_redis(&redis.url())).await;
-    let b = a.spawn_replica(with_redis(&redis.url())).await;
     let (_, _, stored) = a.get(Q).await;
 
     let (status, headers, body) = ask(&b, None, Q, "only-if-cached").await;

@@ -14,11 +14,10 @@ use std::{
 
 use axum::http::StatusCode;
 use bytes::Bytes;
-use common::{header, spawn_app, spawn_app_with_clock};
+use common::{header, manual_clock, spawn_app, spawn_app_with_clock};
 use flate2::read::GzDecoder;
 use keyapi_proxy::{
     cache::{Entry, HOT_HITS_PER_SECOND},
-    clock::ManualClock,
     demo::FakeMode,
     route::RouteTable,
 };
@@ -118,7 +117,7 @@ async fn max_age_is_the_whole_lifetime_and_age_counts_down_once() {
 /// entry's later hits in that second).
 #[tokio::test]
 async fn every_hit_of_a_hot_entry_carries_its_own_id_and_the_current_age() {
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), |_| {}).await;
     app.get_hashtag(Q).await;
     let mut ids = HashSet::new();

@@ -352,15 +352,15 @@ async fn a_budget_never_refuses_a_request_that_joins_another_fetch() {
 
 #[tokio::test]
 async fn two_replicas_never_exceed_a_shared_budget_under_200_concurrent_cold_requests() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some(Cluster {
+        redis: _redis,
+        a,
+        b,
+        ..
+    }) = Cluster::start(|c| c.credits.daily_budget = 20).await
+    else {
         return;
     };
-    let budget = |c: &mut Config| {
-        with_redis(&redis.url())(c);
-        c.credits.daily_budget = 20;
-    };
-    let a = spawn_app_with(budget).await;
-    let b = a.spawn_replica(budget).await;
     a.upstream.set_latency(Duration::from_millis(20));
     let handles = (0..200)
         .map(|i| {

@@ -15,9 +15,8 @@ use std::{
 };
 
 use common::{
-    TestApp, assert_ledger_equals_bill, header, metric, parts, poll_once,
-    redis_server::{RedisServer, with_redis},
-    spawn_app_with, spawn_app_with_clock,
+    TestApp, assert_hit, assert_ledger_equals_bill, cluster::Cluster, header, metric, parts,
+    poll_once, spawn_app_with, spawn_app_with_clock,
 };
 use keyapi_proxy::{
     clock::{Clock, ManualClock},
@@ -270,19 +269,22 @@ async fn a_failing_upstream_stops_the_run_at_the_open_circuit() {
 
 #[tokio::test]
 async fn two_replicas_on_one_redis_warm_once() {
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
     let config = |c: &mut Config| {
-        with_redis(&redis.url())(c);
         c.warmup = vec![warmup(
             vec![question(&[("hashtag_name", list(&["x", "y", "z"]))])],
             100,
         )];
     };
-    let a = spawn_app_with(config).await;
-    let b = a.spawn_replica(config).await;
-    let now = SystemTime::now();
+    let Some(Cluster {
+        redis: _redis,
+        clock,
+        a,
+        b,
+    }) = Cluster::start(config).await
+    else {
+        return;
+    };
+    let now = clock.now();
     assert_eq!(run(&a, now).await.warmed, 3);
     let report = run(&b, now).await;
     assert_eq!(report.stopped_by, Some("another_replica"));
@@ -290,7 +292,7 @@ async fn two_replicas_on_one_redis_warm_once() {
     // B's clients are answered from what A warmed, through Redis.
     let (status, headers, _) = b.get("hashtag_name=y").await;
     assert_eq!(status, 200);
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert_eq!(a.upstream.calls(), 3);
 }
 
