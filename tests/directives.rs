@@ -11,8 +11,9 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Parts, TestApp, assert_envelope, assert_ledger_equals_bill, client, cluster::Cluster, header,
-    manual_clock, metric, parts, spawn_app_with, spawn_app_with_clock,
+    Parts, TestApp, assert_envelope, assert_hit, assert_ledger_equals_bill, assert_stored_miss,
+    client, cluster::Cluster, header, manual_clock, metric, parts, spawn_app_with,
+    spawn_app_with_clock,
 };
 use keyapi_proxy::{config::Config, demo::FakeMode, route::HASHTAG_DETAIL_PATH};
 
@@ -74,7 +75,7 @@ async fn only_if_cached_on_a_cold_key_is_a_504_that_calls_and_spends_nothing() {
     let (_, _, stored) = app.get(Q).await;
     let (status, headers, body) = ask(&app, None, "hashtag_name=%23UFC324", "only-if-cached").await;
     assert_eq!((status, body), (200, stored));
-    assert!(header(&headers, "cache-status").starts_with("keyapi-proxy; hit; ttl="));
+    assert_hit(&headers);
     let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
     assert_eq!((calls, credits), (1, 2));
 }
@@ -229,20 +230,14 @@ async fn max_stale_takes_stale_copies_within_the_windows_and_refuses_staler_ones
     );
     app.upstream.set_mode(FakeMode::Normal);
     let (_, headers, _) = ask(&app, None, Q, "max-stale=599").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     assert_eq!(app.upstream.calls(), 3);
 
     // Within stale-while-revalidate: too stale for the request → fetched in
     // the foreground; stale enough → served while refreshing, as usual.
     clock.advance(MINUTE + secs(30));
     let (_, headers, _) = ask(&app, None, Q, "max-stale=20").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     clock.advance(MINUTE + secs(30));
     let (_, headers, _) = ask(&app, None, Q, "max-stale=40").await;
     assert_eq!(
@@ -256,10 +251,7 @@ async fn max_stale_takes_stale_copies_within_the_windows_and_refuses_staler_ones
     clock.advance(2 * HOUR);
     assert_not_cached(&ask(&app, None, Q, "only-if-cached, max-stale").await);
     let (_, headers, _) = ask(&app, None, Q, "max-stale").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
     assert_eq!(calls, 6);
 }
@@ -288,10 +280,7 @@ async fn only_if_cached_leaves_every_budget_untouched() {
     // The client's budget still affords its one call ...
     let (status, headers, stored) = parts(app.get_hashtag_as(TOKEN, Q).await).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     // ... and once it is spent, only-if-cached still answers from the cache,
     // and with 504 (not 429) where nothing is kept.
     assert_eq!(
@@ -322,7 +311,7 @@ async fn only_if_cached_answers_from_another_replicas_copy_in_redis() {
 
     let (status, headers, body) = ask(&b, None, Q, "only-if-cached").await;
     assert_eq!((status, body), (200, stored));
-    assert!(header(&headers, "cache-status").starts_with("keyapi-proxy; hit; ttl="));
+    assert_hit(&headers);
     assert_not_cached(&ask(&b, None, "hashtag_name=cold", "only-if-cached").await);
     let (calls, _) = assert_ledger_equals_bill(&[&a, &b]).await;
     assert_eq!(calls, 1);

@@ -33,10 +33,7 @@ async fn head_is_served_like_get_without_a_body() {
         .unwrap();
     assert_eq!(head.status(), 200);
     assert_eq!(header(head.headers(), "content-type"), "application/json");
-    assert_eq!(
-        header(head.headers(), "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(head.headers());
     let length: usize = header(head.headers(), "content-length").parse().unwrap();
     assert!(head.text().await.unwrap().is_empty());
 

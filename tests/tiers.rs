@@ -54,7 +54,7 @@ async fn an_entry_stored_by_one_replica_is_a_hit_on_another() {
     assert_stored_miss(&stored);
     let (status, hit, body_b) = b.get("hashtag_name=%23UFC324").await;
     assert_eq!(status, 200);
-    assert!(header(&hit, "cache-status").starts_with("keyapi-proxy; hit; ttl="));
+    assert_hit(&hit);
     assert_eq!(body_a, body_b);
     assert_eq!(a.upstream.calls(), 1);
     // The value in Redis is our versioned format with a TTL.
@@ -95,10 +95,7 @@ async fn a_crashed_lock_holder_blocks_a_key_only_until_the_lock_expires() {
         .unwrap();
     let (status, headers, _) = a.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     assert_eq!(a.upstream.calls(), 1);
     let pttl: i64 = conn
         .pttl(format!("keyapi-proxy:v1:lock:{KEY}"))

@@ -9,14 +9,13 @@ mod common;
 use std::{
     collections::BTreeMap,
     pin::pin,
-    process::Command,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use common::{
-    TestApp, assert_hit, assert_ledger_equals_bill, cluster::Cluster, header, metric, parts,
-    poll_once, spawn_app_with, spawn_app_with_clock,
+    TestApp, assert_hit, assert_ledger_equals_bill, assert_stored_miss, binary::run_binary,
+    cluster::Cluster, metric, parts, poll_once, spawn_app_with, spawn_app_with_clock,
 };
 use keyapi_proxy::{
     clock::{Clock, ManualClock},
@@ -104,7 +103,7 @@ async fn a_run_warms_exactly_the_questions_that_would_go_stale() {
     assert_eq!(app.upstream.calls(), 8);
     // Clients are answered from the warmed cache.
     let (_, headers, _) = app.get("hashtag_name=UFC324&period=30").await;
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert_ledger_equals_bill(&[&app]).await;
     let text = app.metrics().await;
     assert_eq!(
@@ -157,10 +156,7 @@ async fn a_run_and_clients_share_one_call() {
     let running = run_in_task(1);
     app.upstream.release();
     let (_, headers, _) = client.await.unwrap();
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     let report = running.await.unwrap();
     assert_eq!(report.warmed, 0);
     assert_eq!(report.joined + report.skipped_fresh, 1);
@@ -307,16 +303,7 @@ async fn an_every_warm_up_runs_shortly_after_start_up() {
     app.upstream.wait_for_calls(2).await;
     app.state.proxy().idle().await;
     let (_, headers, _) = parts(app.get_hashtag("hashtag_name=q").await).await;
-    assert!(header(&headers, "cache-status").contains("; hit;"));
-}
-
-fn run_binary(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"))
-        .args(args)
-        .env_remove("KEYAPI_API_KEY")
-        .env_remove("KEYAPI_API_KEY_FILE")
-        .output()
-        .unwrap()
+    assert_hit(&headers);
 }
 
 #[test]
@@ -336,7 +323,10 @@ fn dry_run_prints_the_normalized_questions_and_the_cost() {
         ),
     )
     .unwrap();
-    let out = run_binary(&["--config", config.to_str().unwrap(), "warmup", "--dry-run"]);
+    let out = run_binary(
+        &["--config", config.to_str().unwrap(), "warmup", "--dry-run"],
+        &[],
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "{stdout}");
     assert!(
@@ -354,7 +344,10 @@ fn dry_run_prints_the_normalized_questions_and_the_cost() {
 
     // A bad question refuses to start, naming its line.
     std::fs::write(&csv, "hashtag_name,period\nnba,7\nnba,8\n").unwrap();
-    let out = run_binary(&["--config", config.to_str().unwrap(), "warmup", "--dry-run"]);
+    let out = run_binary(
+        &["--config", config.to_str().unwrap(), "warmup", "--dry-run"],
+        &[],
+    );
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(!out.status.success());
     assert!(stderr.contains("line 3"), "{stderr}");
@@ -365,7 +358,7 @@ fn dry_run_prints_the_normalized_questions_and_the_cost() {
     for command in [&["warmup", "--dry-run"][..], &["check-config"]] {
         let mut args = vec!["--config", config.to_str().unwrap()];
         args.extend(command);
-        let out = run_binary(&args);
+        let out = run_binary(&args, &[]);
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert!(!out.status.success(), "{command:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{command:?}: {stderr}");
