@@ -271,15 +271,10 @@ async fn an_admin_purge_reaches_every_replica() {
 #[tokio::test]
 async fn credit_budgets_hold_across_replicas() {
     // 4 credits a day = two upstream calls for the whole cluster.
-    let Some(Cluster {
-        redis: _redis,
-        a,
-        b,
-        ..
-    }) = Cluster::start(|c| c.credits.daily_budget = 4).await
-    else {
+    let Some(cluster) = Cluster::start(|c| c.credits.daily_budget = 4).await else {
         return;
     };
+    let Cluster { a, b, .. } = &cluster;
     assert_eq!(a.get("hashtag_name=one").await.0, 200);
     assert_eq!(b.get("hashtag_name=two").await.0, 200);
     // Each replica alone has spent only 2 of 4; together the budget is gone.
@@ -302,15 +297,10 @@ async fn rate_limits_hold_across_replicas() {
         c.rate_limit.per_minute = 2;
         c.rate_limit.burst = 2;
     };
-    let Some(Cluster {
-        redis: _redis,
-        a,
-        b,
-        ..
-    }) = Cluster::start(limited).await
-    else {
+    let Some(cluster) = Cluster::start(limited).await else {
         return;
     };
+    let Cluster { a, b, .. } = &cluster;
     assert_eq!(a.get("hashtag_name=one").await.0, 200);
     assert_eq!(b.get("hashtag_name=one").await.0, 200);
     // Each replica alone has seen one request; together the burst is used up.

@@ -271,15 +271,10 @@ async fn two_replicas_on_one_redis_warm_once() {
             100,
         )];
     };
-    let Some(Cluster {
-        redis: _redis,
-        clock,
-        a,
-        b,
-    }) = Cluster::start(config).await
-    else {
+    let Some(cluster) = Cluster::start(config).await else {
         return;
     };
+    let Cluster { clock, a, b, .. } = &cluster;
     let now = clock.now();
     assert_eq!(run(&a, now).await.warmed, 3);
     let report = run(&b, now).await;

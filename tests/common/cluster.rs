@@ -11,9 +11,9 @@ use super::{
     spawn_app_with_clock,
 };
 
-/// Replicas `a` and `b` on `redis`, counting time with `clock`. Keep `redis`
-/// bound when taking the cluster apart (`redis: _redis`): dropping it stops
-/// the server.
+/// Replicas `a` and `b` on `redis`, counting time with `clock`. Dropping
+/// `redis` stops the server: keep it bound when taking the cluster apart, or
+/// borrow the replicas (`let Cluster { a, b, .. } = &cluster;`).
 pub struct Cluster {
     pub redis: RedisServer,
     pub clock: Arc<ManualClock>,
