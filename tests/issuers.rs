@@ -463,7 +463,7 @@ async fn a_subjects_budget_holds_across_two_replicas_on_redis() {
     let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
     assert_eq!((calls, credits), (4, 8));
     let mut conn = redis.connection().await;
-    let day = keyapi_proxy::clock::utc_day(SystemTime::now());
+    let day = keyapi_proxy::clock::utc_day(now);
     for sub in ["alice", "bob"] {
         let hash = digest::hex(&digest::sha256(sub.as_bytes())[..16]);
         let key = format!("keyapi-proxy:v1:count:subject:site:{hash}:{day}");
