@@ -367,14 +367,14 @@ async fn two_replicas_never_exceed_a_shared_budget_under_200_concurrent_cold_req
     let answered = results.iter().filter(|(s, ..)| *s == 200).count();
     let refused = results.iter().filter(|(s, ..)| *s == 429).count();
     assert_eq!(answered + refused, 200);
-    let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
+    let (calls, credits) = assert_ledger_equals_bill(&[a, b]).await;
     assert_eq!(calls as usize, answered);
     assert!(
         credits <= 20,
         "real spend {credits} within the budget of 20"
     );
     assert_eq!(credits, 20, "and the budget was used");
-    assert_eq!(global_spent_today(&a).await, credits);
+    assert_eq!(global_spent_today(a).await, credits);
 }
 
 #[tokio::test]

@@ -276,8 +276,8 @@ async fn two_replicas_on_one_redis_warm_once() {
     };
     let Cluster { clock, a, b, .. } = &cluster;
     let now = clock.now();
-    assert_eq!(run(&a, now).await.warmed, 3);
-    let report = run(&b, now).await;
+    assert_eq!(run(a, now).await.warmed, 3);
+    let report = run(b, now).await;
     assert_eq!(report.stopped_by, Some("another_replica"));
     assert_eq!(a.upstream.calls(), 3);
     // B's clients are answered from what A warmed, through Redis.
