@@ -304,10 +304,10 @@ async fn only_if_cached_answers_from_another_replicas_copy_in_redis() {
     let Cluster { a, b, .. } = &cluster;
     let (_, _, stored) = a.get(Q).await;
 
-    let (status, headers, body) = ask(&b, None, Q, "only-if-cached").await;
+    let (status, headers, body) = ask(b, None, Q, "only-if-cached").await;
     assert_eq!((status, body), (200, stored));
     assert_hit(&headers);
-    assert_not_cached(&ask(&b, None, "hashtag_name=cold", "only-if-cached").await);
-    let (calls, _) = assert_ledger_equals_bill(&[&a, &b]).await;
+    assert_not_cached(&ask(b, None, "hashtag_name=cold", "only-if-cached").await);
+    let (calls, _) = assert_ledger_equals_bill(&[a, b]).await;
     assert_eq!(calls, 1);
 }
