@@ -137,7 +137,7 @@ impl App {
                     clock.clone(),
                 ),
                 upstream,
-                Protection::from_config(&config.upstream),
+                Protection::from_config(&config.upstream, clock.clone()),
                 ledger,
                 clock.clone(),
                 Arc::clone(&metrics),

@@ -4,11 +4,15 @@
 //! callers that cannot get through in `queue_timeout` get a fast refusal with
 //! a `Retry-After`. Such a refusal is a [`Refusal`], our own decision,
 //! never confused with what KeyAPI did ([`UpstreamError`]).
+//!
+//! The hold and the breaker's cool-down count on the app's clock (read only
+//! while one is set), so tests move time instead of waiting. The spend cap
+//! stays on `governor`'s own clock: its queue sleeps on real timers.
 
 use std::{
     num::NonZeroU32,
     sync::{Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::{Duration, SystemTime},
 };
 
 use governor::{
@@ -19,7 +23,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::{
     breaker::{Breaker, Pass},
-    clock::ceil_secs,
+    clock::{SharedClock, ceil_secs},
     config::UpstreamConfig,
     upstream::{UpstreamAnswer, UpstreamError},
 };
@@ -70,7 +74,8 @@ pub(crate) struct Protection {
     in_flight: Semaphore,
     spend: Option<DefaultDirectRateLimiter>,
     queue_timeout: Duration,
-    hold_until: Mutex<Option<Instant>>,
+    hold_until: Mutex<Option<SystemTime>>,
+    clock: SharedClock,
 }
 
 /// Leave to make one call: holds a concurrency slot and a breaker pass.
@@ -82,16 +87,21 @@ pub(crate) struct Admission<'a> {
 }
 
 impl Protection {
-    /// From the `[upstream]` section.
-    pub(crate) fn from_config(config: &UpstreamConfig) -> Self {
+    /// From the `[upstream]` section, counting holds and cool-downs on `clock`.
+    pub(crate) fn from_config(config: &UpstreamConfig, clock: SharedClock) -> Self {
         let spend = NonZeroU32::new(config.max_calls_per_minute)
             .map(|n| RateLimiter::direct(Quota::per_minute(n)));
         Self {
-            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+            breaker: Breaker::new(
+                config.breaker_failures,
+                config.breaker_cooldown,
+                clock.clone(),
+            ),
             in_flight: Semaphore::new(config.max_in_flight),
             spend,
             queue_timeout: config.queue_timeout,
             hold_until: Mutex::new(None),
+            clock,
         }
     }
 
@@ -146,12 +156,11 @@ impl Protection {
 
     fn held_for(&self) -> Option<Duration> {
         let hold = *self.lock_hold();
-        hold.and_then(|until| until.checked_duration_since(Instant::now()))
-            .filter(|d| !d.is_zero())
+        hold.and_then(|until| self.clock.left_until(until))
     }
 
     fn hold(&self, wait: Duration) {
-        let until = Instant::now() + wait.min(MAX_HOLD);
+        let until = self.clock.now() + wait.min(MAX_HOLD);
         let mut hold = self.lock_hold();
         if hold.is_none_or(|current| current < until) {
             tracing::warn!(?wait, "upstream rate limit: holding back upstream calls");
@@ -159,7 +168,7 @@ impl Protection {
         }
     }
 
-    fn lock_hold(&self) -> MutexGuard<'_, Option<Instant>> {
+    fn lock_hold(&self) -> MutexGuard<'_, Option<SystemTime>> {
         self.hold_until.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
