@@ -47,9 +47,9 @@ use prometheus_client::metrics::counter::Counter;
 use redis::Script;
 
 use crate::{
-    cache::redis::{Applied, RedisTier},
     clock::{self, SharedClock},
     metrics::{Metrics, Scope},
+    redis_conn::{Applied, RedisConn},
 };
 
 /// Charges one money operation on several per-day counters, once. KEYS = the
@@ -415,7 +415,7 @@ impl Op {
     }
 
     /// Runs the operation (again: it is idempotent); true once Redis answered.
-    async fn send(&mut self, redis: &RedisTier) -> bool {
+    async fn send(&mut self, redis: &RedisConn) -> bool {
         let names = self.budgets.iter().map(String::as_str);
         let applied = match self.kind {
             OpKind::Record => send_charge(redis, &self.id, names, None, self.day, self.cost).await,
@@ -460,7 +460,7 @@ impl Outcome {
 /// The proxy's books: the global budget and where counts live.
 pub struct Ledger {
     global: Option<Budget>,
-    redis: Option<Arc<RedisTier>>,
+    redis: Option<Arc<RedisConn>>,
     outage_allowance: u64,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -472,7 +472,7 @@ impl Ledger {
     /// Books with an optional global budget, counted in `redis` when given.
     pub fn new(
         global: Option<Budget>,
-        redis: Option<Arc<RedisTier>>,
+        redis: Option<Arc<RedisConn>>,
         outage_allowance: u64,
         clock: SharedClock,
         metrics: Arc<Metrics>,
@@ -588,7 +588,7 @@ impl Ledger {
     /// it may have been applied).
     async fn charge_shared(
         &self,
-        redis: &RedisTier,
+        redis: &RedisConn,
         budgets: &[Option<&Budget>; 2],
         day: u64,
         now: SystemTime,
@@ -656,7 +656,7 @@ impl Ledger {
 
     /// Sends a refund (or cancellation) now; queues it for another try with
     /// the same id if Redis does not confirm it.
-    async fn refund(&self, redis: &RedisTier, mut op: Op) {
+    async fn refund(&self, redis: &RedisConn, mut op: Op) {
         if op.send(redis).await {
             return;
         }
@@ -701,7 +701,7 @@ impl Ledger {
     /// Sends the operations Redis has not confirmed, oldest first, each with
     /// its own id (so one already applied changes nothing); true when none is
     /// left.
-    async fn flush(&self, redis: &RedisTier) -> bool {
+    async fn flush(&self, redis: &RedisConn) -> bool {
         loop {
             let Some(mut op) = self.lock_pending().pop_front() else {
                 return true;
@@ -725,20 +725,20 @@ fn new_op_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// `<prefix>count:<name>:<day>`: a budget's cluster-wide count of one UTC day.
-fn counter_key(redis: &RedisTier, name: &str, day: u64) -> String {
-    redis.namespaced(&format!("count:{name}:{day}"))
+/// `<prefix>[{ledger}:]count:<name>:<day>`: a budget's cluster-wide count of one UTC day.
+fn counter_key(redis: &RedisConn, name: &str, day: u64) -> String {
+    redis.ledger_key(&format!("count:{name}:{day}"))
 }
 
-/// `<prefix>op:<id>`: what became of one money operation.
-fn op_key(redis: &RedisTier, id: &str) -> String {
-    redis.namespaced(&format!("op:{id}"))
+/// `<prefix>[{ledger}:]op:<id>`: what became of one money operation.
+fn op_key(redis: &RedisConn, id: &str) -> String {
+    redis.ledger_key(&format!("op:{id}"))
 }
 
 /// Runs [`CHARGE`] for operation `id` on the counters `names` of `day`:
 /// checked against `limits` (one per counter) when given, else recorded.
 async fn send_charge<'a>(
-    redis: &RedisTier,
+    redis: &RedisConn,
     id: &str,
     names: impl Iterator<Item = &'a str>,
     limits: Option<&[u64]>,
@@ -760,7 +760,7 @@ async fn send_charge<'a>(
 
 /// Runs [`REFUND`] for operation `id` on the counters `names` of `day`.
 async fn send_refund<'a>(
-    redis: &RedisTier,
+    redis: &RedisConn,
     id: &str,
     names: impl Iterator<Item = &'a str>,
     day: u64,

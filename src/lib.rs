@@ -46,6 +46,7 @@ pub mod openapi;
 pub mod payers;
 pub(crate) mod protect;
 pub mod proxy;
+pub mod redis_conn;
 pub(crate) mod request_id;
 pub mod route;
 pub mod routes;

@@ -67,6 +67,11 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
 /// Why a finished trace span was not delivered to the collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SpanLoss {
@@ -242,7 +247,7 @@ pub struct Metrics {
     rejected: Counter,
     upstream_retries: Counter,
     upstream_refused: Family<ReasonLabels, Counter>,
-    redis_errors: Counter,
+    redis_errors: Family<KindLabels, Counter>,
     entries_rejected: Family<RejectedLabels, Counter>,
     connections: ConnectionMetrics,
 }
@@ -394,10 +399,10 @@ impl Metrics {
             "Upstream calls not made because of upstream protection, by reason (held_back, circuit_open, overloaded, spend_cap)",
             upstream_refused.clone(),
         );
-        let redis_errors = Counter::default();
+        let redis_errors = Family::default();
         registry.register(
             "redis_errors",
-            "Redis tier calls that failed or timed out (served from memory and upstream instead)",
+            "Redis calls that failed or timed out (served from memory and upstream instead), by kind (not_connected, timeout, refused, connection, readonly, cluster, server, other)",
             redis_errors.clone(),
         );
         let entries_rejected = Family::default();
@@ -567,9 +572,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a failed or timed-out Redis call.
-    pub fn redis_error(&self) {
-        self.redis_errors.inc();
+    /// Counts a failed or timed-out Redis call by its (bounded) `kind`.
+    pub fn redis_error(&self, kind: &'static str) {
+        self.redis_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Counts an entry read from `source` and skipped for `reason`.
