@@ -7,7 +7,7 @@
 //! Callers that see a call fail ask for a probe at once ([`Primary::suspect`]),
 //! so a dead connection is noticed within one probe timeout, not when the
 //! kernel gives up on it; while none answers, connecting is retried every
-//! 100 ms up to every second.
+//! 100 ms, backing off to every 500 ms.
 
 use std::{
     sync::{Arc, RwLock},
@@ -34,7 +34,7 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const MIN_PROBE_GAP: Duration = Duration::from_millis(100);
 /// First and longest wait between connection attempts while none answers.
 const MIN_RETRY: Duration = Duration::from_millis(100);
-const MAX_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_millis(500);
 
 /// How the primary is found.
 pub(super) enum Locator {

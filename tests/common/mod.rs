@@ -4,6 +4,7 @@
 
 pub mod entries;
 pub mod logs;
+pub mod redis_ha;
 pub mod redis_server;
 pub mod relay;
 pub mod tokens;
