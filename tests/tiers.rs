@@ -174,6 +174,68 @@ async fn redis_outage_is_invisible_to_clients_and_sharing_resumes() {
     assert!(a.state.proxy().redis().unwrap().conn().is_up());
 }
 
+/// Seconds until a question `a` stores is a hit on `b` again (sharing
+/// works), asking a new question every 50 ms.
+async fn until_sharing(a: &common::TestApp, b: &common::TestApp, tag: &str) -> Duration {
+    let started = std::time::Instant::now();
+    for i in 0..200 {
+        let query = format!("hashtag_name={tag}{i}");
+        a.get(&query).await;
+        let (_, headers, _) = b.get(&query).await;
+        if header(&headers, "cache-status").contains("; hit;") {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("sharing never resumed");
+}
+
+#[tokio::test]
+async fn replicas_started_before_redis_share_within_seconds_of_its_start() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    redis.kill();
+    let a = spawn_app_with(with_redis(&redis.url())).await;
+    let b = a.spawn_replica(with_redis(&redis.url())).await;
+    for i in 0..4 {
+        assert_eq!(a.get(&format!("hashtag_name=early{i}")).await.0, 200);
+    }
+    redis.restart().await;
+    let took = until_sharing(&a, &b, "late").await;
+    println!(
+        "started before Redis: sharing {:.2} s after Redis started",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "sharing resumed after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_stops_answering_is_replaced_within_seconds() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let relay = common::relay::SlowRelay::start(redis.port).await;
+    let a = spawn_app_with(with_redis(&relay.redis_url())).await;
+    let b = a.spawn_replica(with_redis(&relay.redis_url())).await;
+    until_sharing(&a, &b, "before").await;
+    // No reset, no answer: only a timeout can tell (the kernel would take
+    // many minutes to give up on the connection).
+    relay.stall_existing();
+    let took = until_sharing(&a, &b, "after").await;
+    println!(
+        "silent connection: sharing {:.2} s after it stalled",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "a new connection took over after {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_garbage_value_under_our_key_is_a_miss() {
     let Some(redis) = RedisServer::start().await else {

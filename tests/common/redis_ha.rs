@@ -54,10 +54,14 @@ impl Sentinels {
     /// and the Sentinel knows it (so it can promote it).
     pub async fn start(down_after: Duration) -> Option<Self> {
         let primary = RedisServer::start().await?;
+        let dir = scratch_dir("sentinel", primary.port);
+        // The replica stores the primary's snapshot in its `--dir`.
         let replica = RedisServer::start_with_args(vec![
             "--replicaof".into(),
             "127.0.0.1".into(),
             primary.port.to_string(),
+            "--dir".into(),
+            dir.display().to_string(),
         ])
         .await?;
         until("the replica syncs", Duration::from_secs(20), || async {
@@ -65,7 +69,6 @@ impl Sentinels {
             info.is_some_and(|i| i.contains("master_link_status:up"))
         })
         .await;
-        let dir = scratch_dir("sentinel", primary.port);
         let config = dir.join("sentinel.conf");
         let down_ms = down_after.as_millis();
         std::fs::write(
