@@ -201,7 +201,7 @@ async fn a_sentinel_failover_under_a_request_loop_costs_no_client_an_error() {
                 let mut i = 0u32;
                 while running.load(Ordering::Relaxed) {
                     // Every other question is new (a call), the rest repeat.
-                    let query = if i % 2 == 0 {
+                    let query = if i.is_multiple_of(2) {
                         format!("hashtag_name=new{worker}x{i}")
                     } else {
                         format!("hashtag_name=repeat{}", i % 10)
