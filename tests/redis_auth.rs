@@ -71,6 +71,8 @@ fn check_config_never_prints_sentinel_or_cluster_urls_nor_the_primary_password()
     );
     let cases = [
         vec![
+            // Empty counts as unset (a compose overlay switching modes).
+            ("KEYAPI_PROXY__CACHE__REDIS__URL", ""),
             ("KEYAPI_PROXY__CACHE__REDIS__SENTINELS", sentinels.as_str()),
             ("KEYAPI_PROXY__CACHE__REDIS__MASTER_NAME", "mymaster"),
             ("KEYAPI_PROXY__CACHE__REDIS__MASTER_PASSWORD", PASSWORD),

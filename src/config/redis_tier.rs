@@ -19,7 +19,7 @@ use crate::{
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `KEYAPI_PROXY__CACHE__REDIS__URL`, e.g. `redis://127.0.0.1:6379` or
-    /// `rediss://:password@host:6380`: one server. Never printed.
+    /// `rediss://:password@host:6380`: one server (empty: unset). Never printed.
     #[serde(default)]
     pub url: Option<RedisUrl>,
     /// `KEYAPI_PROXY__CACHE__REDIS__SENTINELS`, e.g. `["redis://sentinel-a:26379"]`:
@@ -111,7 +111,9 @@ impl RedisConfig {
         let sentinel_keys = self.master_name.is_some()
             || self.master_username.is_some()
             || self.master_password.is_some();
-        let target = match (&self.url, &self.sentinels[..], &self.cluster_nodes[..]) {
+        // Empty counts as unset, so an overlay can switch an inherited `url` off.
+        let url = self.url.as_ref().filter(|url| !url.expose().is_empty());
+        let target = match (url, &self.sentinels[..], &self.cluster_nodes[..]) {
             (None, [], [])
                 if sentinel_keys || self.lock_ttl.is_some() || self.lock_wait.is_some() =>
             {
