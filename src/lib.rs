@@ -59,6 +59,7 @@ pub mod served;
 pub(crate) mod server;
 pub(crate) mod shutdown;
 pub(crate) mod snapshot;
+pub(crate) mod spans;
 pub mod state;
 pub(crate) mod status;
 pub(crate) mod telemetry;

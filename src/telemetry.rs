@@ -36,8 +36,7 @@ use crate::{
     metrics::{self, SpanLoss},
 };
 
-/// The `tracing` target of every span meant for OpenTelemetry.
-pub(crate) const TRACE_TARGET: &str = "keyapi_proxy::trace";
+pub(crate) use crate::spans::TRACE_TARGET;
 
 /// Finished spans waiting for export at most; beyond, new ones are dropped.
 const QUEUE_SPANS: usize = 2048;

@@ -18,7 +18,7 @@ use common::{
     hang_up, header, join, metric, parts, raw_request, raw_request_as,
     redis_server::{RedisServer, until_redis_answers, with_redis},
     relay::SlowRelay,
-    spawn_app_with, spawn_app_with_clock,
+    spawn_across, spawn_app_with, spawn_app_with_clock,
     tokens::{HsSecret, claims, hs256_issuer},
     visitors,
 };
@@ -377,12 +377,7 @@ async fn two_replicas_never_exceed_a_shared_budget_under_200_concurrent_cold_req
     let a = spawn_app_with(budget).await;
     let b = a.spawn_replica(budget).await;
     a.upstream.set_latency(Duration::from_millis(20));
-    let handles = (0..200)
-        .map(|i| {
-            let replica = if i % 2 == 0 { &a } else { &b };
-            replica.spawn_get_hashtag(&format!("hashtag_name=cold{i}"))
-        })
-        .collect();
+    let handles = spawn_across(&a, &b, 200, |i| format!("hashtag_name=cold{i}"));
     let results = join(handles).await;
     let answered = results.iter().filter(|(s, ..)| *s == 200).count();
     let refused = results.iter().filter(|(s, ..)| *s == 429).count();

@@ -20,7 +20,7 @@ use common::{
     entries::hashtag_key,
     header, join,
     redis_ha::{Cluster, Sentinels, until, with_cluster, with_sentinels},
-    spawn_app_with,
+    spawn_across, spawn_app_with,
 };
 use keyapi_proxy::{
     config::{Config, QuestionValue, WarmupConfig},
@@ -93,12 +93,7 @@ async fn two_proxies_share_the_tier(redis: &(dyn Fn(&mut Config) + Sync)) -> (Te
     assert_eq!(a.upstream.calls(), 3, "one warm-up run for both");
 
     a.upstream.hold();
-    let handles = (0..200)
-        .map(|i| {
-            let replica = if i % 2 == 0 { &a } else { &b };
-            replica.spawn_get_hashtag("hashtag_name=ufc324")
-        })
-        .collect();
+    let handles = spawn_across(&a, &b, 200, |_| "hashtag_name=ufc324".into());
     a.upstream.wait_for_calls(4).await;
     a.upstream.release();
     let results = join(handles).await;
@@ -112,12 +107,7 @@ async fn two_proxies_share_the_tier(redis: &(dyn Fn(&mut Config) + Sync)) -> (Te
     assert_eq!(third, 429, "the rate limit is shared");
 
     a.upstream.set_latency(Duration::from_millis(20));
-    let handles = (0..200)
-        .map(|i| {
-            let replica = if i % 2 == 0 { &a } else { &b };
-            replica.spawn_get_hashtag(&format!("hashtag_name=cold{i}"))
-        })
-        .collect();
+    let handles = spawn_across(&a, &b, 200, |i| format!("hashtag_name=cold{i}"));
     let results = join(handles).await;
     assert!(results.iter().all(|(s, ..)| *s == 200 || *s == 429));
     let (_, credits) = assert_ledger_equals_bill(&[&a, &b]).await;

@@ -15,7 +15,7 @@ use common::{
     entries::{RawEntry, hashtag_key, poisoned},
     header, join, metric, metric_sum,
     redis_server::{RedisServer, with_redis},
-    spawn_app_with, spawn_app_with_clock,
+    spawn_across, spawn_app_with, spawn_app_with_clock,
 };
 use keyapi_proxy::{cache::codec, clock::ManualClock, config::Config, demo::FakeMode};
 use redis::AsyncCommands;
@@ -31,12 +31,7 @@ async fn two_replicas_pay_once_for_200_concurrent_cold_requests() {
     let a = spawn_app_with(with_redis(&redis.url())).await;
     let b = a.spawn_replica(with_redis(&redis.url())).await;
     a.upstream.hold();
-    let handles = (0..200)
-        .map(|i| {
-            let replica = if i % 2 == 0 { &a } else { &b };
-            replica.spawn_get_hashtag("hashtag_name=ufc324")
-        })
-        .collect();
+    let handles = spawn_across(&a, &b, 200, |_| "hashtag_name=ufc324".into());
     a.upstream.wait_for_calls(1).await;
     a.upstream.release();
     let results = join(handles).await;

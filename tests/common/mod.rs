@@ -305,6 +305,22 @@ fn init_test_logging() {
     }
 }
 
+/// `n` concurrent GETs of the hashtag route (the i-th asking `query(i)`),
+/// alternating between replicas `a` and `b`; await them with [`join`].
+pub fn spawn_across(
+    a: &TestApp,
+    b: &TestApp,
+    n: usize,
+    query: impl Fn(usize) -> String,
+) -> Vec<JoinHandle<Parts>> {
+    (0..n)
+        .map(|i| {
+            let replica = if i % 2 == 0 { a } else { b };
+            replica.spawn_get_hashtag(&query(i))
+        })
+        .collect()
+}
+
 /// Awaits every spawned request, in order.
 pub async fn join(handles: Vec<JoinHandle<Parts>>) -> Vec<Parts> {
     join_all(handles)
