@@ -91,7 +91,6 @@ impl Access {
                             .map(|l| l.shared(redis, &name))
                     }),
                     account: Arc::new(Account {
-                        id: Arc::clone(&id),
                         budget: c
                             .daily_budget
                             .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),

@@ -36,7 +36,7 @@ use crate::{
     routes::{self, Front},
     server::{self, Limits},
     snapshot,
-    state::{AppState, Shared},
+    state::{AppParts, AppState},
     upstream::Upstream,
     visitors::Visitors,
     warmup::{Warmup, WarmupConfigError, WarmupPlan},
@@ -136,7 +136,7 @@ impl App {
             clock.clone(),
             Arc::clone(&metrics),
         );
-        let state = AppState::new(Shared {
+        let state = AppState::new(AppParts {
             proxy: Proxy::new(
                 Tiers::new(
                     LocalCache::new(config.cache.max_bytes, clock.clone()),
@@ -144,7 +144,7 @@ impl App {
                     clock.clone(),
                 ),
                 upstream,
-                Protection::from_config(&config.upstream),
+                Protection::from_config(&config.upstream, clock.clone()),
                 ledger,
                 clock.clone(),
                 Arc::clone(&metrics),

@@ -153,7 +153,6 @@ impl<K: Eq + Hash + Clone> KeyedPayers<K> {
         Arc::new(KeyedPayer {
             rate,
             account: Arc::new(Account {
-                id: Arc::clone(&id),
                 budget: Budget::new(daily_budget, self.scope, name),
                 charged: self.counters.credits_spent.clone(),
                 spent: DaySpend::default(),

@@ -16,10 +16,11 @@ use crate::{
 
 /// Shared, read-only state of the running service (cheap to clone).
 #[derive(Clone)]
-pub struct AppState(Arc<Shared>);
+pub struct AppState(Arc<AppParts>);
 
-/// What the handlers share, as [`crate::app`] assembles it.
-pub struct Shared {
+/// The parts of an [`AppState`]: what the handlers share, as [`crate::app`]
+/// assembles it.
+pub struct AppParts {
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
     pub access: Access,
@@ -41,7 +42,7 @@ pub struct Shared {
 
 impl AppState {
     /// Shares `parts` with every handler.
-    pub fn new(parts: Shared) -> Self {
+    pub fn new(parts: AppParts) -> Self {
         Self(Arc::new(parts))
     }
 

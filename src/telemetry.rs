@@ -34,9 +34,8 @@ use tracing_subscriber::{
 use crate::{
     config::{LogFormat, TelemetryConfig},
     metrics::{self, SpanLoss},
+    spans::TRACE_TARGET,
 };
-
-pub(crate) use crate::spans::TRACE_TARGET;
 
 /// Finished spans waiting for export at most; beyond, new ones are dropped.
 const QUEUE_SPANS: usize = 2048;

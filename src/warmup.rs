@@ -32,6 +32,7 @@ use crate::{
     config::{Config, QuestionValue, WarmupConfig},
     ledger::{Account, Budget, DaySpend, Payer, Refusal},
     metrics::Scope,
+    protect,
     proxy::{Prefetch, Proxy, ProxyError},
     route::{Route, RouteTable},
     upstream::UpstreamError,
@@ -392,7 +393,6 @@ impl Warmup {
     pub fn new(plan: WarmupPlan, charged: Counter) -> Self {
         let budget = Budget::new(plan.allowance, Scope::Warmup, plan.name.clone());
         let account = Arc::new(Account {
-            id: plan.name.as_str().into(),
             budget,
             charged,
             spent: DaySpend::default(),
@@ -402,11 +402,6 @@ impl Warmup {
             account,
             state: Mutex::new(WarmupState::default()),
         }
-    }
-
-    /// Its checked configuration.
-    pub fn plan(&self) -> &WarmupPlan {
-        &self.plan
     }
 
     /// Runs once now: prefetches every question that would not stay fresh
@@ -515,14 +510,17 @@ fn stops_the_run(error: &ProxyError) -> Option<&'static str> {
             | Refusal::Reserved { .. }
             | Refusal::LedgerUnavailable),
         ) => Some(refusal.as_str()),
+        ProxyError::Protection(
+            refusal @ (protect::Refusal::CircuitOpen { .. }
+            | protect::Refusal::HeldBack { .. }
+            | protect::Refusal::SpendCap { .. }),
+        ) => Some(refusal.as_str()),
         ProxyError::Upstream(
-            e @ (UpstreamError::CircuitOpen { .. }
-            | UpstreamError::HeldBack { .. }
-            | UpstreamError::RateLimited { .. }
-            | UpstreamError::SpendCap { .. }
-            | UpstreamError::KeyRejected(_)),
+            e @ (UpstreamError::RateLimited { .. } | UpstreamError::KeyRejected(_)),
         ) => Some(e.as_str()),
-        ProxyError::Upstream(_) | ProxyError::Abandoned(_) => None,
+        ProxyError::Protection(protect::Refusal::Overloaded { .. })
+        | ProxyError::Upstream(_)
+        | ProxyError::Abandoned(_) => None,
     }
 }
 

@@ -7,7 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{header, parts, redis_server::RedisServer, spawn_app_with, spawn_binary};
+use common::{
+    binary::{run_binary, spawn_binary},
+    header, parts,
+    redis_server::RedisServer,
+    spawn_app_with,
+};
 use redis::AsyncCommands;
 
 const PASSWORD: &str = "s3cret-redis-pass-4f1e";
@@ -41,12 +46,13 @@ async fn a_password_in_the_url_authenticates_the_shared_tier() {
 #[test]
 fn check_config_never_prints_the_redis_url() {
     let url = format!("rediss://:{PASSWORD}@redis.example:6380");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"))
-        .arg("check-config")
-        .env("KEYAPI_API_KEY", "k")
-        .env("KEYAPI_PROXY__CACHE__REDIS__URL", &url)
-        .output()
-        .unwrap();
+    let out = run_binary(
+        &["check-config"],
+        &[
+            ("KEYAPI_API_KEY", "k"),
+            ("KEYAPI_PROXY__CACHE__REDIS__URL", &url),
+        ],
+    );
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{printed}");
     assert!(printed.contains("url = \"[redacted]\""), "{printed}");

@@ -18,9 +18,9 @@ use std::{
 use common::{
     TestApp, assert_ledger_equals_bill, client,
     entries::hashtag_key,
-    header, join,
-    redis_ha::{Cluster, Sentinels, until, with_cluster, with_sentinels},
-    spawn_across, spawn_app_with,
+    eventually, hashtag_path, header,
+    redis_ha::{RedisCluster, Sentinels, with_cluster, with_sentinels},
+    spawn_app_with, stampede,
 };
 use keyapi_proxy::{
     config::{Config, QuestionValue, WarmupConfig},
@@ -92,11 +92,7 @@ async fn two_proxies_share_the_tier(redis: &(dyn Fn(&mut Config) + Sync)) -> (Te
     );
     assert_eq!(a.upstream.calls(), 3, "one warm-up run for both");
 
-    a.upstream.hold();
-    let handles = spawn_across(&a, &b, 200, |_| "hashtag_name=ufc324".into());
-    a.upstream.wait_for_calls(4).await;
-    a.upstream.release();
-    let results = join(handles).await;
+    let results = stampede(&[&a, &b], 200, |_| hashtag_path("hashtag_name=ufc324"), 4).await;
     assert!(results.iter().all(|(status, ..)| *status == 200));
     assert_eq!(a.upstream.calls(), 4, "one call for 200 cold requests");
 
@@ -106,9 +102,15 @@ async fn two_proxies_share_the_tier(redis: &(dyn Fn(&mut Config) + Sync)) -> (Te
     let third = a.get_hashtag_as(LIMITED, query).await.status();
     assert_eq!(third, 429, "the rate limit is shared");
 
-    a.upstream.set_latency(Duration::from_millis(20));
-    let handles = spawn_across(&a, &b, 200, |i| format!("hashtag_name=cold{i}"));
-    let results = join(handles).await;
+    // 12 credits left: six calls go out (held until all six have), the
+    // rest are refused.
+    let results = stampede(
+        &[&a, &b],
+        200,
+        |i| hashtag_path(&format!("hashtag_name=cold{i}")),
+        10,
+    )
+    .await;
     assert!(results.iter().all(|(s, ..)| *s == 200 || *s == 429));
     let (_, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
     assert_eq!(
@@ -142,7 +144,7 @@ async fn two_proxies_on_sentinels_share_the_tier() {
 
 #[tokio::test]
 async fn two_proxies_on_a_cluster_share_the_tier_and_spread_its_keys() {
-    let Some(cluster) = Cluster::start().await else {
+    let Some(cluster) = RedisCluster::start().await else {
         return;
     };
     let urls = cluster.urls();
@@ -220,16 +222,16 @@ async fn a_sentinel_failover_under_a_request_loop_costs_no_client_an_error() {
     let killed = Instant::now();
     sentinels.primary.kill();
     let replica_port = sentinels.replica.port;
-    until(
-        "the sentinel promotes the replica",
+    eventually(
         Duration::from_secs(30),
+        "the sentinel promotes the replica",
         || async { sentinels.named_primary().await == Some(replica_port) },
     )
     .await;
     let promoted = killed.elapsed();
-    until(
-        "both proxies use the new primary",
+    eventually(
         Duration::from_secs(30),
+        "both proxies use the new primary",
         || async { uses_new_primary(&a) && uses_new_primary(&b) },
     )
     .await;
@@ -248,9 +250,9 @@ async fn a_sentinel_failover_under_a_request_loop_costs_no_client_an_error() {
     for app in [&a, &b] {
         common::redis_server::until_redis_answers(app).await;
         let ledger = app.state.proxy().ledger();
-        until(
-            "the ledger's pending operations reach Redis",
+        eventually(
             Duration::from_secs(10),
+            "the ledger's pending operations reach Redis",
             || async {
                 ledger.spent_today(ledger.global().unwrap()).await;
                 ledger.awaiting_redis() == 0
@@ -289,7 +291,7 @@ async fn a_sentinel_failover_under_a_request_loop_costs_no_client_an_error() {
 
 #[tokio::test]
 async fn a_dead_cluster_master_degrades_only_its_slots() {
-    let Some(mut cluster) = Cluster::start().await else {
+    let Some(mut cluster) = RedisCluster::start().await else {
         return;
     };
     let urls = cluster.urls();
@@ -346,9 +348,9 @@ async fn a_dead_cluster_master_degrades_only_its_slots() {
         "the budget, on a live master, counted every call"
     );
     let victim_addr = format!("127.0.0.1:{}", cluster.nodes[victim].port);
-    until(
-        "the status shows the dead master",
+    eventually(
         Duration::from_secs(10),
+        "the status shows the dead master",
         || async {
             let status = a.state.proxy().redis().unwrap().conn().status();
             status
@@ -362,7 +364,7 @@ async fn a_dead_cluster_master_degrades_only_its_slots() {
 
 #[tokio::test]
 async fn a_resharded_slot_is_followed_through_ask_and_moved() {
-    let Some(cluster) = Cluster::start().await else {
+    let Some(cluster) = RedisCluster::start().await else {
         return;
     };
     let urls = cluster.urls();

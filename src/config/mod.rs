@@ -9,6 +9,10 @@
 //! By section: `sections` holds the top-level tables, `callers` clients and
 //! issuers, `routes` routes and warm-ups; `validate` checks what serde cannot,
 //! `key` reads the KeyAPI key and `error` says what went wrong.
+//!
+//! An optional value needs no serde attribute: absent, it reads as `None`,
+//! and `check-config`'s TOML leaves a `None` out (TOML has no null). Only
+//! durations name their format (`humantime_serde`, which then needs `default`).
 
 mod callers;
 mod error;

@@ -27,14 +27,14 @@ pub struct RedisConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sentinels: Vec<RedisUrl>,
     /// `KEYAPI_PROXY__CACHE__REDIS__MASTER_NAME`: the name the sentinels monitor.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub master_name: Option<String>,
     /// `KEYAPI_PROXY__CACHE__REDIS__MASTER_USERNAME`: ACL user on the primary (Sentinel mode).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub master_username: Option<String>,
     /// `KEYAPI_PROXY__CACHE__REDIS__MASTER_PASSWORD`: password of the primary
     /// (Sentinel mode; the sentinels' own goes in their URLs). Never printed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub master_password: Option<Redacted>,
     /// `KEYAPI_PROXY__CACHE__REDIS__CLUSTER_NODES`, e.g. `["redis://node-a:6379"]`:
     /// seed nodes of a Redis Cluster. Never printed.
@@ -52,19 +52,11 @@ pub struct RedisConfig {
     pub ledger_timeout: Duration,
     /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_TTL`: expiry of a fetch lock (a
     /// crashed holder blocks no longer). Absent: the worst-case fetch time + 5 s.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub lock_ttl: Option<Duration>,
     /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_WAIT`: how long to wait for another
     /// replica's fetch before fetching anyway. Absent: `lock_ttl`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub lock_wait: Option<Duration>,
 }
 

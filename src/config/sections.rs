@@ -46,7 +46,6 @@ pub struct ServerConfig {
     pub http2: bool,
     /// `KEYAPI_PROXY__SERVER__MAX_CONNECTIONS`: open connections at most; absent =
     /// derived from the descriptor limit (see `server::default_max_connections`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// `KEYAPI_PROXY__SERVER__TRUSTED_PROXIES`, e.g. `["10.0.0.0/8"]`: peers
     /// whose `client_addr_header` is believed; empty = nobody's (the peer is the caller).
@@ -59,7 +58,6 @@ pub struct ServerConfig {
     /// `KEYAPI_PROXY__SERVER__ALLOWED_HOSTS`, e.g. `["proxy.example.com"]`
     /// (`["*"]`: any): other `Host`s get 421. Absent: loopback names when
     /// `listen` is loopback (against DNS rebinding), any host otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_hosts: Option<Vec<AllowedHost>>,
 }
 
@@ -161,7 +159,6 @@ pub struct LogConfig {
 pub struct TelemetryConfig {
     /// `KEYAPI_PROXY__TELEMETRY__OTLP_ENDPOINT`: the collector's full traces URL
     /// (`http://collector:4318/v1/traces`), protobuf over HTTP. Unset: no spans at all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
     /// `KEYAPI_PROXY__TELEMETRY__SAMPLE_RATIO`: share of new traces kept, 0 to 1; a trusted
     /// incoming `traceparent` decides for its own trace.
@@ -193,7 +190,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreditsConfig {
-    /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs.
+    /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs on
+    /// a route that does not give its own `credits`.
     pub per_call: u64,
     /// `KEYAPI_PROXY__CREDITS__DAILY_BUDGET`: credits all upstream calls may
     /// spend per UTC day; 0 = no budget.

@@ -10,7 +10,7 @@
 //! shared secret; RS256, ES256 or EdDSA for a key of its JWKS, see
 //! `jwks`), so `none` or a swapped algorithm never verifies; the signature
 //! must verify; `aud` must name this proxy, `exp` must be present and not
-//! past (on the app's clock, with `LEEWAY`), `nbf` not ahead. Anything
+//! past (on the app's clock, with `LEEWAY_SECS`), `nbf` not ahead. Anything
 //! else is a 401 that costs nothing. Tokens and secrets are never logged;
 //! a subject appears in logs and Redis only as a hash of its `sub`.
 //!

@@ -24,7 +24,7 @@ use axum::{
     extract::{Request, State},
     http::{self, Method, header::ORIGIN},
     middleware::map_response,
-    response::Response,
+    response::{IntoResponse, Response},
     routing::get,
 };
 use bytes::Bytes;
@@ -34,7 +34,6 @@ use crate::{
     browser::{BrowserGuard, PROBE_PATHS, Target},
     cache_status, cors,
     error::ApiError,
-    request_id::RequestId,
     route::{Route, RouteTable},
     server::Handle,
     state::AppState,
@@ -107,12 +106,12 @@ async fn no_store(mut response: Response) -> Response {
     response
 }
 
-async fn not_found(id: RequestId) -> Response {
-    ApiError::NotFound.to_response(&id)
+async fn not_found() -> ApiError {
+    ApiError::NotFound
 }
 
-async fn method_not_allowed(id: RequestId) -> Response {
-    ApiError::MethodNotAllowed.to_response(&id)
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// The served surface: the hit path dispatched directly, the rest by `router`.
@@ -175,16 +174,18 @@ impl Handle for Front {
         // Over HTTP/2, hyper takes the preface itself: a `PRI` here is HTTP/1
         // misused: malformed, so refused before anything else looks at it.
         if request.method().as_str() == "PRI" {
-            return ApiError::PrefaceOverHttp1.to_response(&RequestId::current());
+            return ApiError::PrefaceOverHttp1.into_response();
         }
         let route = self.state.routes().get(request.uri().path());
         let target = target(route, request.uri().path());
         if let Err(refusal) = self.guard.check(target, request.uri(), request.headers()) {
             tracing::debug!(reason = refusal.as_str(), "refused before any route");
-            return ApiError::from(refusal).to_response(&RequestId::current());
+            return ApiError::from(refusal).into_response();
         }
         if let Some(route) = self.direct(&request, route) {
-            let mut response = proxied::answer(route, &self.state, request.into_parts().0).await;
+            let mut response = proxied::answer(route, &self.state, request.into_parts().0)
+                .await
+                .into_response();
             if self.cors {
                 cors::vary_by_origin(response.headers_mut());
             }

@@ -8,23 +8,13 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use keyapi_proxy::config::Config;
 use redis::AsyncCommands as _;
 
-use super::redis_server::{RedisServer, available};
+use super::{
+    eventually,
+    redis_server::{RedisServer, available},
+};
 
 /// The name the test Sentinel monitors.
 pub const MASTER_NAME: &str = "keyapi";
-
-/// Polls `check` every 20 ms until it holds; panics after `within`.
-pub async fn until<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A fresh directory for one setup's files.
 fn scratch_dir(kind: &str, port: u16) -> PathBuf {
@@ -64,7 +54,7 @@ impl Sentinels {
             dir.display().to_string(),
         ])
         .await?;
-        until("the replica syncs", Duration::from_secs(20), || async {
+        eventually(Duration::from_secs(20), "the replica syncs", || async {
             let info: Option<String> = ask(&replica, redis::cmd("INFO").arg("replication")).await;
             info.is_some_and(|i| i.contains("master_link_status:up"))
         })
@@ -91,9 +81,9 @@ impl Sentinels {
             dir,
         };
         let replica_port = setup.replica.port.to_string();
-        until(
-            "the sentinel sees the replica",
+        eventually(
             Duration::from_secs(20),
+            "the sentinel sees the replica",
             || async {
                 let replicas: Option<Vec<std::collections::HashMap<String, String>>> = ask(
                     &setup.sentinel,
@@ -148,12 +138,12 @@ pub fn with_sentinels(sentinels: &[String]) -> impl Fn(&mut Config) + '_ {
 /// Three masters (no replicas) forming one Redis Cluster; a master that
 /// dies leaves its slots uncovered while the others serve theirs
 /// (`cluster-require-full-coverage no`).
-pub struct Cluster {
+pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
     dir: PathBuf,
 }
 
-impl Cluster {
+impl RedisCluster {
     /// Starts the nodes, joins them, and returns once every node says
     /// `cluster_state:ok` with all 16384 slots served.
     pub async fn start() -> Option<Self> {
@@ -188,7 +178,7 @@ impl Cluster {
             .expect("redis-cli runs");
         assert!(created.success(), "redis-cli --cluster create failed");
         let cluster = Self { nodes, dir };
-        until("the cluster is ok", Duration::from_secs(30), || async {
+        eventually(Duration::from_secs(30), "the cluster is ok", || async {
             for node in &cluster.nodes {
                 let info: Option<String> = ask(node, redis::cmd("CLUSTER").arg("INFO")).await;
                 let ok = info.is_some_and(|i| {
@@ -219,7 +209,7 @@ impl Cluster {
         .expect("CLUSTER KEYSLOT")
     }
 
-    /// The index (in [`Cluster::nodes`]) of the master serving `key`: the
+    /// The index (in [`RedisCluster::nodes`]) of the master serving `key`: the
     /// one node that answers for it (the others redirect with `MOVED`).
     pub async fn owner(&self, key: &str) -> usize {
         for (i, node) in self.nodes.iter().enumerate() {
@@ -245,7 +235,7 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
+impl Drop for RedisCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
             node.kill();
