@@ -14,13 +14,13 @@ use prometheus_client::metrics::counter::Counter;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::{
-    cache::redis::RedisTier,
     clock::SharedClock,
     config::ClientConfig,
     digest,
     ledger::{Account, Budget, DaySpend},
     limits::RateLimit,
     metrics::{Metrics, Scope},
+    redis_conn::RedisConn,
 };
 
 /// Longest token accepted, in bytes. Issued tokens (`kp_` + 64 hex digits)
@@ -73,7 +73,7 @@ impl Access {
         config: &[ClientConfig],
         metrics: &Metrics,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
     ) -> Self {
         let clients = config
             .iter()

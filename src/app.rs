@@ -31,6 +31,7 @@ use crate::{
     openapi,
     protect::Protection,
     proxy::Proxy,
+    redis_conn::{RedisConn, TargetError},
     route::{RouteConfigError, RouteTable},
     routes::{self, Front},
     server::{self, Limits},
@@ -53,8 +54,8 @@ pub enum StartupError {
     },
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(#[from] reqwest::Error),
-    #[error("cannot set up the Redis client: {0}")]
-    Redis(#[from] redis::RedisError),
+    #[error("configuration: {0}")]
+    Redis(#[from] TargetError),
     #[error("configuration: {0}")]
     Routes(#[from] RouteConfigError),
     #[error("configuration: {0}")]
@@ -113,15 +114,21 @@ impl App {
             Arc::clone(&metrics),
             clock.clone(),
         ));
-        let redis = match &config.cache.redis.url {
-            Some(url) => Some(Arc::new(RedisTier::new(
-                url.expose(),
-                config.cache.redis.tier_settings(config.worst_fetch()),
+        let redis = match config.cache.redis.target()? {
+            Some(target) => Some(Arc::new(RedisConn::new(
+                &target,
+                config.cache.redis.settings(),
                 Arc::clone(&metrics),
-                Arc::clone(&check),
             )?)),
             None => None,
         };
+        let tier = redis.as_ref().map(|conn| {
+            Arc::new(RedisTier::new(
+                Arc::clone(conn),
+                config.cache.redis.tier_settings(config.worst_fetch()),
+                Arc::clone(&check),
+            ))
+        });
         let ledger = Ledger::new(
             Budget::new(config.credits.daily_budget, Scope::Global, "global".into()),
             redis.clone(),
@@ -133,7 +140,7 @@ impl App {
             proxy: Proxy::new(
                 Tiers::new(
                     LocalCache::new(config.cache.max_bytes, clock.clone()),
-                    redis.clone(),
+                    tier,
                     clock.clone(),
                 ),
                 upstream,

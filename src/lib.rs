@@ -51,6 +51,7 @@ pub mod openapi;
 pub mod payers;
 pub mod protect;
 pub mod proxy;
+pub mod redis_conn;
 pub(crate) mod request_id;
 pub mod route;
 pub mod routes;

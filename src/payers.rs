@@ -18,11 +18,11 @@ use std::{convert::Infallible, hash::Hash, sync::Arc};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
-    cache::redis::RedisTier,
     clock::{self, SharedClock},
     ledger::{Account, Budget, DaySpend},
     limits::RateLimit,
     metrics::{ClientCounters, Scope},
+    redis_conn::RedisConn,
 };
 
 /// Spenders shown by `/stats`, at most.
@@ -71,7 +71,7 @@ pub struct KeyedPayers<K> {
     tracked: quick_cache::sync::Cache<K, Arc<KeyedPayer>>,
     counters: ClientCounters,
     clock: SharedClock,
-    redis: Option<Arc<RedisTier>>,
+    redis: Option<Arc<RedisConn>>,
 }
 
 impl<K: Eq + Hash + Clone> KeyedPayers<K> {
@@ -82,7 +82,7 @@ impl<K: Eq + Hash + Clone> KeyedPayers<K> {
         scope: Scope,
         counters: ClientCounters,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
     ) -> Self {
         Self {
             limits,

@@ -17,13 +17,13 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
-    cache::redis::RedisTier,
     caller::ClientAddr,
     clock::SharedClock,
     config::VisitorsConfig,
     digest,
     metrics::{Metrics, Scope},
     payers::{KeyedPayer, KeyedPayers, Limits, Spender},
+    redis_conn::RedisConn,
 };
 
 /// Bytes of SHA-256(prefix) that name a visitor (32 hex digits).
@@ -44,7 +44,7 @@ impl Visitors {
         config: &VisitorsConfig,
         metrics: &Metrics,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
     ) -> Self {
         let limits = Limits {
             rate_per_minute: config.rate_per_minute,

@@ -415,7 +415,7 @@ impl Warmup {
         if let Some(redis) = proxy.redis() {
             let lease = format!("{}:{}", self.plan.name, schedule.slot(now));
             let ttl = schedule.fresh_for(now).max(Duration::from_secs(1));
-            if redis.take_lease(&lease, ttl).await == Some(false) {
+            if redis.conn().take_lease(&lease, ttl).await == Some(false) {
                 report.stopped_by = Some("another_replica");
                 self.finish(report.clone());
                 return report;

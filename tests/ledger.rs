@@ -18,7 +18,7 @@ use common::{
     entries::hashtag_key,
     hang_up, hashtag_path, header, join, let_expire, manual_clock, metric, parts, raw_request,
     raw_request_as,
-    redis_server::{RedisServer, with_redis},
+    redis_server::{RedisServer, until_redis_answers, with_redis},
     relay::SlowRelay,
     spawn_app_with, spawn_app_with_clock, stampede,
     tokens::{HsSecret, claims, hs256_issuer},
@@ -72,6 +72,9 @@ async fn redis_count_on(redis: &RedisServer, name: &str, day: u64) -> i64 {
 /// at a budget sends them first) until Redis has confirmed them all; the
 /// first tries may still meet replies delayed before Redis turned fast.
 async fn until_redis_confirms(apps: &[&TestApp]) {
+    for app in apps {
+        until_redis_answers(app).await;
+    }
     for _ in 0..20 {
         for app in apps {
             global_spent_today(app).await;
@@ -447,8 +450,8 @@ async fn while_the_shared_ledger_is_down_replicas_spend_only_their_outage_allowa
     assert_eq!(b.get("hashtag_name=two").await.0, 200);
     assert_eq!(b.get("hashtag_name=three").await.0, 503);
     redis.restart().await;
-    // Its outage spend is added to the shared count once Redis answers again
-    // (the connection manager may need one failed call to reconnect).
+    until_redis_answers(&b).await;
+    // Its outage spend is added to the shared count once Redis answers again.
     let mut spent = 0;
     for _ in 0..20 {
         spent = global_spent_today(&b).await;

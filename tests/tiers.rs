@@ -8,10 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    TEST_API_KEY, assert_hit, assert_ledger_equals_bill, assert_stored_miss, client,
+    TEST_API_KEY, TestApp, assert_hit, assert_ledger_equals_bill, assert_stored_miss, client,
     cluster::Cluster,
     entries::{RawEntry, hashtag_key, poisoned},
-    eventually, hashtag_path, header, manual_clock, metric,
+    eventually, hashtag_path, header, manual_clock, metric, metric_sum,
     redis_server::{RedisServer, with_redis},
     spawn_app_with, spawn_app_with_clock, stampede,
 };
@@ -125,8 +125,8 @@ async fn redis_outage_is_invisible_to_clients_and_sharing_resumes() {
         assert_eq!(status, 200, "{body}");
         assert!(body.contains(&format!("\"hashtag_name\":\"down{i}\"")));
     }
-    assert!(!a.state.proxy().redis().unwrap().is_up());
-    let errors = metric(&a.metrics().await, "keyapi_proxy_redis_errors_total");
+    assert!(!a.state.proxy().redis().unwrap().conn().is_up());
+    let errors = metric_sum(&a.metrics().await, "keyapi_proxy_redis_errors_total");
     assert!(errors >= 1.0, "Redis failures are counted: {errors}");
     for path in ["/readyz", "/healthz"] {
         let ready = a.client.get(a.url(path)).send().await.unwrap();
@@ -149,7 +149,71 @@ async fn redis_outage_is_invisible_to_clients_and_sharing_resumes() {
         }
     })
     .await;
-    assert!(a.state.proxy().redis().unwrap().is_up());
+    assert!(a.state.proxy().redis().unwrap().conn().is_up());
+}
+
+/// How long until a question `a` stores is a hit on `b` again (sharing
+/// works), asking a new question at each try.
+async fn until_sharing(a: &TestApp, b: &TestApp, tag: &str) -> Duration {
+    let started = std::time::Instant::now();
+    let mut tries = 0;
+    eventually(WITHIN, "sharing resumes", || {
+        tries += 1;
+        let query = format!("hashtag_name={tag}{tries}");
+        async move {
+            a.get(&query).await;
+            let (_, headers, _) = b.get(&query).await;
+            header(&headers, "cache-status").contains("; hit;")
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn replicas_started_before_redis_share_within_seconds_of_its_start() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    redis.kill();
+    let a = spawn_app_with(with_redis(&redis.url())).await;
+    let b = a.spawn_replica(with_redis(&redis.url())).await;
+    for i in 0..4 {
+        assert_eq!(a.get(&format!("hashtag_name=early{i}")).await.0, 200);
+    }
+    redis.restart().await;
+    let took = until_sharing(&a, &b, "late").await;
+    println!(
+        "started before Redis: sharing {:.2} s after Redis started",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "sharing resumed after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_stops_answering_is_replaced_within_seconds() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let relay = common::relay::SlowRelay::start(redis.port).await;
+    let a = spawn_app_with(with_redis(&relay.redis_url())).await;
+    let b = a.spawn_replica(with_redis(&relay.redis_url())).await;
+    until_sharing(&a, &b, "before").await;
+    // No reset, no answer: only a timeout can tell (the kernel would take
+    // many minutes to give up on the connection).
+    relay.stall_existing();
+    let took = until_sharing(&a, &b, "after").await;
+    println!(
+        "silent connection: sharing {:.2} s after it stalled",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "a new connection took over after {took:?}"
+    );
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@
 mod callers;
 mod error;
 mod key;
+mod redis_tier;
 mod routes;
 mod sections;
 mod validate;
@@ -32,12 +33,13 @@ use serde::{Deserialize, Serialize};
 pub use callers::{ClientConfig, IssuerConfig};
 pub use error::{API_KEY_ENV, API_KEY_FILE_ENV, ConfigError};
 pub use key::{api_key_from_env, is_valid_api_key};
+pub use redis_tier::{Redacted, RedisConfig, RedisUrl};
 pub use routes::{
     ParamConfig, ParamKind, QuestionValue, RouteConfig, RouteFreshness, TtlByConfig, WarmupConfig,
 };
 pub use sections::{
-    CacheConfig, CorsConfig, CreditsConfig, LogConfig, LogFormat, RateLimitConfig, RedisConfig,
-    RedisUrl, ServerConfig, TelemetryConfig, UpstreamConfig, VisitorsConfig,
+    CacheConfig, CorsConfig, CreditsConfig, LogConfig, LogFormat, RateLimitConfig, ServerConfig,
+    TelemetryConfig, UpstreamConfig, VisitorsConfig,
 };
 
 /// The documented defaults, compiled in so the binary runs without any file.

@@ -31,12 +31,12 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use secrecy::{ExposeSecret, SecretSlice, zeroize::Zeroize};
 
 use crate::{
-    cache::redis::RedisTier,
     clock::{self, SharedClock},
     config::IssuerConfig,
     digest,
     metrics::{Metrics, Scope},
     payers::{KeyedPayer, KeyedPayers, Limits, Spender},
+    redis_conn::RedisConn,
 };
 
 use jwks::Jwks;
@@ -159,7 +159,7 @@ impl Issuer {
         config: &IssuerConfig,
         metrics: &Metrics,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
     ) -> Result<Self, IssuerError> {
         let (keys, algorithms) = match (&config.hs256_secret_file, &config.jwks_url) {
             (Some(path), _) => (
@@ -304,7 +304,7 @@ impl Issuers {
         config: &[IssuerConfig],
         metrics: &Arc<Metrics>,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
     ) -> Result<Self, IssuerError> {
         let issuers = config
             .iter()

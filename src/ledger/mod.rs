@@ -54,9 +54,9 @@ use self::{
     shared::{MAX_PENDING, Op, OpKind, Outcome, READ_COUNTER, counter_key, new_op_id, send_charge},
 };
 use crate::{
-    cache::redis::{Applied, RedisTier},
     clock::{self, SharedClock},
     metrics::Metrics,
+    redis_conn::{Applied, RedisConn},
 };
 
 pub use budget::{Account, Budget, DaySpend};
@@ -121,7 +121,7 @@ enum Counted {
 /// The proxy's books: the global budget and where counts live.
 pub struct Ledger {
     global: Option<Budget>,
-    redis: Option<Arc<RedisTier>>,
+    redis: Option<Arc<RedisConn>>,
     outage_allowance: u64,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -133,7 +133,7 @@ impl Ledger {
     /// Books with an optional global budget, counted in `redis` when given.
     pub fn new(
         global: Option<Budget>,
-        redis: Option<Arc<RedisTier>>,
+        redis: Option<Arc<RedisConn>>,
         outage_allowance: u64,
         clock: SharedClock,
         metrics: Arc<Metrics>,
@@ -249,7 +249,7 @@ impl Ledger {
     /// it may have been applied).
     async fn charge_shared(
         &self,
-        redis: &RedisTier,
+        redis: &RedisConn,
         budgets: &[Option<&Budget>; 2],
         day: u64,
         now: SystemTime,
@@ -317,7 +317,7 @@ impl Ledger {
 
     /// Sends a refund (or cancellation) now; queues it for another try with
     /// the same id if Redis does not confirm it.
-    async fn refund(&self, redis: &RedisTier, mut op: Op) {
+    async fn refund(&self, redis: &RedisConn, mut op: Op) {
         if op.send(redis).await {
             return;
         }
@@ -362,7 +362,7 @@ impl Ledger {
     /// Sends the operations Redis has not confirmed, oldest first, each with
     /// its own id (so one already applied changes nothing); true when none is
     /// left.
-    async fn flush(&self, redis: &RedisTier) -> bool {
+    async fn flush(&self, redis: &RedisConn) -> bool {
         loop {
             let Some(mut op) = self.lock_pending().pop_front() else {
                 return true;

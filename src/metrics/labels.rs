@@ -23,6 +23,8 @@ label_sets! {
     /// `tokens_rejected_total`, `upstream_refused_total`, `connections_closed_total`,
     /// `trace_spans_dropped_total`.
     ReasonLabels { reason: &'static str }
+    /// `redis_errors_total`.
+    KindLabels { kind: &'static str }
     /// `cache_entries_rejected_total`.
     RejectedLabels { source: &'static str, reason: &'static str }
     /// `credits_spent_by_total`.

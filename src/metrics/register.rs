@@ -167,8 +167,8 @@ impl Metrics {
         let redis_errors = registered(
             &mut registry,
             "redis_errors",
-            "Redis tier calls that failed or timed out (served from memory and upstream instead)",
-            Counter::default(),
+            "Redis calls that failed or timed out (served from memory and upstream instead), by kind (not_connected, timeout, refused, connection, readonly, cluster, server, other)",
+            Family::default(),
         );
         let entries_rejected = registered(
             &mut registry,

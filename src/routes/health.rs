@@ -1,5 +1,5 @@
-//! Liveness and readiness. Neither touches the cache or the upstream, so
-//! probes never spend credits.
+//! Liveness and readiness. Neither touches the cache, Redis or the upstream,
+//! so probes never spend credits nor wait.
 
 use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
 use serde_json::json;
@@ -12,13 +12,18 @@ pub(super) async fn healthz() -> impl IntoResponse {
 }
 
 /// `GET /readyz`: configuration loaded and listener up; 503 while draining.
+/// With Redis, the body also says its mode and which nodes answered this
+/// replica's last probe (from memory: Redis down never fails readiness,
+/// since every replica serves on without it).
 pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.is_ready() {
-        (StatusCode::OK, Json(json!({ "status": "ready" })))
+    let (status, word) = if state.is_ready() {
+        (StatusCode::OK, "ready")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "draining" })),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    };
+    let mut body = json!({ "status": word });
+    if let Some(redis) = state.proxy().redis() {
+        body["redis"] = json!(redis.conn().status());
     }
+    (status, Json(body))
 }

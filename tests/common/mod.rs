@@ -6,6 +6,7 @@ pub mod binary;
 pub mod cluster;
 pub mod entries;
 pub mod logs;
+pub mod redis_ha;
 pub mod redis_server;
 pub mod relay;
 pub mod tokens;
@@ -318,6 +319,17 @@ pub fn metric(text: &str, series: &str) -> f64 {
             Some(value.split(' ').next()?.parse::<f64>().unwrap())
         })
         .unwrap_or(0.0)
+}
+
+/// The sum of every series of the metric `name` (all label values).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Quiet unless TEST_LOG=1.
