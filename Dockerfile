@@ -9,7 +9,7 @@ FROM rust:1-slim-bookworm AS build
 ARG PGO=0
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target \
     if [ "$PGO" = 1 ]; then \
       apt-get update \
