@@ -24,14 +24,15 @@ pub fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
 /// background, within a second or so): pings through it until one answers.
 pub async fn until_redis_answers(app: &super::TestApp) {
     let redis = app.state.proxy().redis().expect("a Redis tier");
-    for _ in 0..500 {
-        let pong: Option<String> = redis.conn().query("PING", &redis::cmd("PING")).await;
-        if pong.is_some() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the app never reconnected to Redis");
+    super::eventually(
+        Duration::from_secs(10),
+        "the app reconnects to Redis",
+        || async {
+            let pong: Option<String> = redis.conn().query("PING", &redis::cmd("PING")).await;
+            pong.is_some()
+        },
+    )
+    .await;
 }
 
 /// A running `redis-server`, killed on drop.
