@@ -193,6 +193,33 @@ async fn replicas_started_before_redis_share_within_seconds_of_its_start() {
     );
 }
 
+/// With no traffic no call fails, yet `/stats` must not keep saying "up":
+/// the connection's own probes notice that Redis went away, and that it came back.
+#[tokio::test]
+async fn an_idle_replica_reports_redis_down_and_up_again() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let app = spawn_app_with(with_redis(&redis.url())).await;
+    let tier = |stats: serde_json::Value| stats["redisTier"]["up"].clone();
+    eventually(Duration::from_secs(10), "Redis up", || async {
+        tier(app.stats().await) == true
+    })
+    .await;
+    redis.kill();
+    eventually(Duration::from_secs(10), "Redis reported down", || async {
+        tier(app.stats().await) == false
+    })
+    .await;
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(10),
+        "Redis reported up again",
+        || async { tier(app.stats().await) == true },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_connection_that_stops_answering_is_replaced_within_seconds() {
     let Some(redis) = RedisServer::start().await else {

@@ -130,7 +130,7 @@ pub enum NodeRole {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub mode: Mode,
-    /// Whether the last call succeeded.
+    /// Whether Redis answers (see [`RedisConn::is_up`]).
     pub up: bool,
     pub nodes: Vec<NodeStatus>,
 }
@@ -278,9 +278,15 @@ impl RedisConn {
         self.mode
     }
 
-    /// Whether the last call succeeded.
+    /// Whether the last call succeeded and, with one server or Sentinel, the
+    /// supervisor's last probe found the primary: with no traffic, calls say
+    /// nothing, so a primary that went away is known from the probes.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        let linked = match &self.link {
+            Link::Primary(p) => p.connected(),
+            Link::Cluster(_) => true,
+        };
+        linked && self.up.load(Ordering::Relaxed)
     }
 
     /// The mode and each node as last probed (no Redis call: for probes).

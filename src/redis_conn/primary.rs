@@ -324,6 +324,11 @@ impl Primary {
         }
     }
 
+    /// Whether the supervisor holds a connection it last found healthy.
+    pub(super) fn connected(&self) -> bool {
+        matches!(&*self.state.borrow(), State::Connected(_))
+    }
+
     /// A call failed in a way that puts the connection in doubt: probe now.
     pub(super) fn suspect(&self) {
         self.suspect.notify_one();
