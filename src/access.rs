@@ -38,8 +38,8 @@ pub struct Client {
     pub id: Arc<str>,
     /// May force a refetch with `Cache-Control: no-cache`.
     pub may_refresh: bool,
-    /// May use `/admin/cache`.
-    pub may_purge: bool,
+    /// May use the `/admin` endpoints (`admin = true`).
+    pub is_admin: bool,
     /// `client_requests_total{client}`, resolved at start-up.
     pub requests: Counter,
     /// This client's request rate limit, if any.
@@ -57,7 +57,9 @@ pub enum AuthError {
         "The client token is missing or wrong; send it as Authorization: Bearer <token> or as X-Api-Key: <token>."
     )]
     Unauthorized,
-    #[error("This client token may not use the admin endpoints; it needs the purge flag.")]
+    #[error(
+        "This client token may not use the admin endpoints; its [[clients]] entry needs admin = true."
+    )]
     Forbidden,
 }
 
@@ -84,7 +86,7 @@ impl Access {
                 let counters = metrics.client(&id);
                 Some(Arc::new(Client {
                     may_refresh: c.refresh,
-                    may_purge: c.purge,
+                    is_admin: c.admin,
                     requests: counters.requests,
                     rate: c.rate_per_minute.and_then(|rate| {
                         RateLimit::new(rate, c.burst.unwrap_or(0), Scope::Client, clock)
@@ -154,14 +156,14 @@ impl Access {
         self.authenticate(headers)
     }
 
-    /// A client with the purge flag, or why not.
+    /// A client with `admin = true`, or why not.
     pub fn authenticate_admin(&self, headers: &HeaderMap) -> Result<Arc<Client>, AuthError> {
         if self.is_open() {
-            // Without clients nobody can hold the purge flag.
+            // Without clients nobody can be an admin.
             return Err(AuthError::Forbidden);
         }
         let client = self.authenticate(headers)?.ok_or(AuthError::Unauthorized)?;
-        if client.may_purge {
+        if client.is_admin {
             Ok(client)
         } else {
             Err(AuthError::Forbidden)
@@ -219,7 +221,7 @@ mod tests {
                 id: (*id).into(),
                 token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
                 refresh: false,
-                purge: *id == "admin",
+                admin: *id == "admin",
                 rate_per_minute: None,
                 burst: None,
                 daily_budget: None,

@@ -431,9 +431,10 @@ pub struct ClientConfig {
     /// `min-fresh` refusing a fresh copy (spends credits).
     #[serde(default)]
     pub refresh: bool,
-    /// May use the admin endpoints (`/admin/cache`: list and purge).
-    #[serde(default)]
-    pub purge: bool,
+    /// May use every `/admin` endpoint (cache, reload, spend); `purge` is
+    /// accepted as its older name.
+    #[serde(default, alias = "purge")]
+    pub admin: bool,
     /// This client's requests per minute (absent or 0 = no client limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_minute: Option<u32>,

@@ -128,13 +128,13 @@ fn stats() {}
     responses((status = 200, description = "HTML, no external assets", content_type = "text/html", body = String)))]
 fn status_page() {}
 
-/// List cached keys (clients with the purge flag).
+/// List cached keys (clients with `admin = true`).
 #[utoipa::path(get, path = "/admin/cache", tag = "admin", params(AdminListQuery),
     security(("bearer" = []), ("apiKey" = [])),
     responses((status = 200, description = "`{count, truncated, entries: [{key, route, params, ageSecs, ttlSecs, bytes, gzipBytes}]}`", body = Object),
               (status = 400, description = "`route` names no configured route", body = Envelope),
               (status = 401, description = "No valid token", body = Envelope),
-              (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
+              (status = 403, description = "Token of a client without `admin = true`, or no clients configured", body = Envelope)))]
 fn admin_list() {}
 
 /// Purge one normalized key (with the route's parameters) or, with `all=true` alone, everything.
@@ -143,7 +143,7 @@ fn admin_list() {}
     responses((status = 200, description = "`{purged, key?}`", body = Object),
               (status = 400, description = "Invalid parameters, a parameter the purge does not take, no query, or `all=true` with a key's parameters; nothing is purged", body = Envelope),
               (status = 401, description = "No valid token", body = Envelope),
-              (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
+              (status = 403, description = "Token of a client without `admin = true`, or no clients configured", body = Envelope)))]
 fn admin_purge() {}
 
 struct Security;
@@ -174,7 +174,7 @@ impl Modify for Security {
     tags(
         (name = "proxy", description = "The proxied KeyAPI route"),
         (name = "operations", description = "Health, metrics, statistics"),
-        (name = "admin", description = "Cache administration (purge flag)"),
+        (name = "admin", description = "Administration: cache, reload, spend history (clients with `admin = true`)"),
     )
 )]
 struct ApiDoc;

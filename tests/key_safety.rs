@@ -144,7 +144,7 @@ async fn signed_tokens_their_secret_and_subjects_appear_in_no_log_line_or_respon
 async fn key_appears_in_no_operational_endpoint() {
     let app = spawn_app_with(|c| {
         let mut admin = common::client("ops", "kp_admin");
-        admin.purge = true;
+        admin.admin = true;
         c.clients = vec![admin];
     })
     .await;

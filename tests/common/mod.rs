@@ -76,7 +76,7 @@ pub fn client(id: &str, token: &str) -> ClientConfig {
         id: id.into(),
         token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
         refresh: false,
-        purge: false,
+        admin: false,
         rate_per_minute: None,
         burst: None,
         daily_budget: None,
