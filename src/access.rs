@@ -48,6 +48,43 @@ pub struct Client {
     pub account: Arc<Account>,
     /// SHA-256 of the token as four words: compared word-wise in constant time.
     token_sha256: [u64; 4],
+    /// Its `[[clients]]` entry: a reload that leaves it as it is keeps the client.
+    config: ClientConfig,
+}
+
+impl Client {
+    /// A client from its (validated) entry; `None` if its hash is unreadable.
+    fn new(
+        c: &ClientConfig,
+        metrics: &Metrics,
+        clock: &SharedClock,
+        redis: Option<&Arc<RedisTier>>,
+    ) -> Option<Self> {
+        let id = Arc::<str>::from(c.id.as_str());
+        // Its rate limit and budget counters in Redis.
+        let name = format!("client:{id}");
+        let counters = metrics.client(&id);
+        Some(Self {
+            may_refresh: c.refresh,
+            is_admin: c.admin,
+            requests: counters.requests,
+            rate: c.rate_per_minute.and_then(|rate| {
+                RateLimit::new(rate, c.burst.unwrap_or(0), Scope::Client, clock)
+                    .map(|l| l.shared(redis, &name))
+            }),
+            account: Arc::new(Account {
+                id: Arc::clone(&id),
+                budget: c
+                    .daily_budget
+                    .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
+                charged: counters.credits_spent,
+                spent: DaySpend::default(),
+            }),
+            token_sha256: words(&digest::parse_sha256_hex(&c.token_sha256)?),
+            config: c.clone(),
+            id,
+        })
+    }
 }
 
 /// Why a request is not let in.
@@ -70,39 +107,29 @@ pub struct Access {
 }
 
 impl Access {
-    /// Clients from (validated) configuration.
+    /// Clients from (validated) configuration. With `previous` (a reload),
+    /// a client whose entry is unchanged is kept as it is (limits and
+    /// counts); a changed one starts from its predecessor's budget count of
+    /// today, so a new limit is not a new day.
     pub fn new(
         config: &[ClientConfig],
         metrics: &Metrics,
         clock: &SharedClock,
         redis: Option<&Arc<RedisTier>>,
+        previous: Option<&Access>,
     ) -> Self {
+        let before = |id: &str| previous?.clients.iter().find(|c| &*c.id == id);
         let clients = config
             .iter()
-            .filter_map(|c| {
-                let id = Arc::<str>::from(c.id.as_str());
-                // Its rate limit and budget counters in Redis.
-                let name = format!("client:{id}");
-                let counters = metrics.client(&id);
-                Some(Arc::new(Client {
-                    may_refresh: c.refresh,
-                    is_admin: c.admin,
-                    requests: counters.requests,
-                    rate: c.rate_per_minute.and_then(|rate| {
-                        RateLimit::new(rate, c.burst.unwrap_or(0), Scope::Client, clock)
-                            .map(|l| l.shared(redis, &name))
-                    }),
-                    account: Arc::new(Account {
-                        id: Arc::clone(&id),
-                        budget: c
-                            .daily_budget
-                            .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
-                        charged: counters.credits_spent,
-                        spent: DaySpend::default(),
-                    }),
-                    token_sha256: words(&digest::parse_sha256_hex(&c.token_sha256)?),
-                    id,
-                }))
+            .filter_map(|c| match before(&c.id) {
+                Some(old) if old.config == *c => Some(Arc::clone(old)),
+                old => {
+                    let client = Client::new(c, metrics, clock, redis)?;
+                    if let Some(old) = old {
+                        client.account.carry_over(&old.account);
+                    }
+                    Some(Arc::new(client))
+                }
             })
             .collect();
         Self { clients }
@@ -228,7 +255,7 @@ mod tests {
             })
             .collect();
         let clock = SharedClock::new(std::sync::Arc::new(crate::clock::SystemClock));
-        Access::new(&config, &Metrics::new(clock.clone()), &clock, None)
+        Access::new(&config, &Metrics::new(clock.clone()), &clock, None, None)
     }
 
     fn with(name: HeaderName, value: &str) -> HeaderMap {

@@ -2,7 +2,8 @@
 //! into a bound listener and a router; [`App::run_until`] serves until a
 //! shutdown future resolves, then drains for at most the grace period.
 //! Binding happens in `build` so callers (tests) can use port 0 and ask for
-//! the real address.
+//! the real address. The configuration's live part is assembled by
+//! [`crate::reload`], which also replaces it while running.
 
 use std::{
     future::Future,
@@ -12,33 +13,29 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use secrecy::SecretString;
-use tokio::{net::TcpListener, time::Instant};
+use tokio::{net::TcpListener, sync::mpsc, time::Instant};
 
+pub use crate::reload::{Origin, compile};
 use crate::{
-    access::Access,
-    browser::BrowserGuard,
+    api_key::LiveKey,
     cache::{EntryCheck, LocalCache, Tiers, redis::RedisTier},
     caller::Resolver,
     clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
-    cors,
-    issuers::{IssuerError, Issuers},
-    ledger::{Budget, Ledger},
-    limits::RateLimit,
-    metrics::{Metrics, Scope},
+    ledger::Ledger,
+    live::{ReloadRequest, Reloads},
+    metrics::Metrics,
     observe::{Observe, Traced},
-    openapi,
     protect::Protection,
     proxy::Proxy,
-    route::{RouteConfigError, RouteTable},
-    routes::{self, Front},
+    reload::{self, LiveError, Reloader, ReloaderParts},
+    routes::Front,
     server::{self, Limits},
     snapshot,
     state::{AppState, Shared},
     upstream::Upstream,
-    visitors::Visitors,
-    warmup::{Warmup, WarmupConfigError, WarmupPlan},
 };
 
 /// Why the service could not start. Messages never contain the API key.
@@ -46,6 +43,8 @@ use crate::{
 pub enum StartupError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Live(#[from] LiveError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -55,20 +54,6 @@ pub enum StartupError {
     Client(#[from] reqwest::Error),
     #[error("cannot set up the Redis client: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("configuration: {0}")]
-    Routes(#[from] RouteConfigError),
-    #[error("configuration: {0}")]
-    Warmup(#[from] WarmupConfigError),
-    #[error(transparent)]
-    Issuers(#[from] IssuerError),
-}
-
-/// Compiles what `config` describes beyond its own sections: the route table
-/// and the warm-ups (run by `App::build` and by `check-config`).
-pub fn compile(config: &Config) -> Result<(RouteTable, Vec<WarmupPlan>), StartupError> {
-    let routes = RouteTable::from_config(config)?;
-    let warmups = WarmupPlan::from_config(config, &routes)?;
-    Ok((routes, warmups))
 }
 
 /// A built, bound, not yet running service.
@@ -77,6 +62,9 @@ pub struct App {
     local_addr: SocketAddr,
     front: Observe<Front>,
     state: AppState,
+    /// Answers reloads and runs the warm-ups (in its own task while serving).
+    reloader: Reloader,
+    reload_requests: mpsc::Receiver<ReloadRequest>,
     limits: Limits,
     /// `server.drain_delay`: not ready but still accepting, after the signal.
     drain_delay: Duration,
@@ -89,21 +77,38 @@ impl App {
         Self::build_with_clock(config, api_key, Arc::new(SystemClock)).await
     }
 
-    /// [`App::build`] with a chosen clock (tests move time by hand).
+    /// [`App::build`] with a chosen clock (tests move time by hand). A
+    /// reload reads the defaults and the environment; the key never changes.
     pub async fn build_with_clock(
+        config: Config,
+        api_key: SecretString,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartupError> {
+        Self::build_from(Origin::default(), config, api_key, clock).await
+    }
+
+    /// [`App::build_with_clock`] for `config` read from `origin`, where a
+    /// reload reads it (and the key, from a file) again.
+    pub async fn build_from(
+        origin: Origin,
         config: Config,
         api_key: SecretString,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartupError> {
         config.validate()?;
         let clock = SharedClock::new(clock);
-        let (routes, warmup_plans) = compile(&config)?;
-        let openapi = openapi::document(&routes);
+        let (routes, _) = reload::compile(&config)?;
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
         let metrics = Arc::new(Metrics::new(clock.clone()));
-        let upstream = Upstream::new(&config.upstream, api_key)?
+        let api_key = Arc::new(LiveKey::new(
+            api_key,
+            origin.key_file.clone(),
+            Arc::clone(&metrics),
+            clock.clone(),
+        ));
+        let upstream = Upstream::new(&config.upstream, Arc::clone(&api_key))?
             .propagating_traces(config.telemetry.propagate_upstream);
         // Redis and the snapshot hand back what anyone could have written:
         // both are held to what these routes could have stored.
@@ -123,13 +128,14 @@ impl App {
             None => None,
         };
         let ledger = Ledger::new(
-            Budget::new(config.credits.daily_budget, Scope::Global, "global".into()),
+            config.credits.daily_budget,
             redis.clone(),
             config.credits.outage_allowance,
             clock.clone(),
             Arc::clone(&metrics),
         );
-        let state = AppState::new(Shared {
+        let (reloads, reload_requests) = Reloads::new();
+        let shared = Arc::new(Shared {
             proxy: Proxy::new(
                 Tiers::new(
                     LocalCache::new(config.cache.max_bytes, clock.clone()),
@@ -143,41 +149,17 @@ impl App {
                 Arc::clone(&metrics),
             ),
             metrics: Arc::clone(&metrics),
-            access: Access::new(&config.clients, &metrics, &clock, redis.as_ref()),
-            issuers: Issuers::new(&config.issuers, &metrics, &clock, redis.as_ref())?,
-            visitors: Visitors::new(&config.visitors, &metrics, &clock, redis.as_ref()),
-            rate_limit: RateLimit::new(
-                config.rate_limit.per_minute,
-                config.rate_limit.burst,
-                Scope::Global,
-                &clock,
-            )
-            .map(|l| l.shared(redis.as_ref(), "global")),
             clock,
-            routes,
-            openapi,
-            allow_client_refresh: config.cache.allow_client_refresh,
-            warmups: warmup_plans
-                .into_iter()
-                .map(|plan| {
-                    let charged = metrics.client(&plan.name).credits_spent;
-                    Arc::new(Warmup::new(plan, charged))
-                })
-                .collect(),
+            reloads,
             ready: AtomicBool::new(false),
         });
-        let (router, cors) = cors::apply(routes::router(state.clone()), &config.cors);
-        let guard = BrowserGuard::new(
-            config.server.allowed_hosts.as_deref(),
-            config.server.listen,
-            cors,
-        );
-        let front = Front::new(state.clone(), router, cors, guard);
-        // Observe wraps the whole surface once (not each route): ids, the
-        // access log and request metrics see every answer, 404s and panics
-        // (which it turns into 500s) included.
-        let paths = routes::paths(state.routes());
-        let proxied = state.routes().routes().len();
+        let live = reload::build_live(&config, &shared, redis.as_ref(), None)?;
+        let state = AppState::new(Arc::clone(&shared), Arc::new(live));
+        let current = Arc::new(ArcSwap::from_pointee(reload::generation(
+            state.clone(),
+            &config,
+        )));
+        let labels = Arc::new(ArcSwap::from_pointee(reload::labels(&state)));
         let callers = Resolver::new(
             &config.server.trusted_proxies,
             config.server.client_addr_header,
@@ -190,7 +172,16 @@ impl App {
             (true, false) => Traced::Root,
             (true, true) => Traced::TrustTraceparent,
         };
-        let front = Observe::new(front, metrics, paths, proxied, callers, traced);
+        // Observe wraps the whole surface once (not each route): ids, the
+        // access log and request metrics see every answer, 404s and panics
+        // (which it turns into 500s) included.
+        let front = Observe::new(
+            Front::new(Arc::clone(&current)),
+            metrics,
+            Arc::clone(&labels),
+            callers,
+            traced,
+        );
         let snapshot = config
             .cache
             .snapshot_path
@@ -218,22 +209,37 @@ impl App {
                  anyone who can reach this port spends your KeyAPI credits"
             );
         }
+        let limits = Limits {
+            header_read_timeout: config.server.header_read_timeout,
+            idle_timeout: config.server.idle_timeout,
+            send_timeout: config.server.send_timeout,
+            http2: config.server.http2,
+            max_connections: config
+                .server
+                .max_connections
+                .unwrap_or_else(|| server::default_max_connections(config.upstream.max_in_flight)),
+            shutdown_grace: config.server.shutdown_grace,
+        };
+        let drain_delay = config.server.drain_delay;
+        let reloader = Reloader::new(ReloaderParts {
+            origin,
+            shared,
+            current,
+            labels,
+            check,
+            redis,
+            api_key,
+            running: config,
+        });
         Ok(Self {
             listener,
             local_addr,
             front,
             state,
-            limits: Limits {
-                header_read_timeout: config.server.header_read_timeout,
-                idle_timeout: config.server.idle_timeout,
-                send_timeout: config.server.send_timeout,
-                http2: config.server.http2,
-                max_connections: config.server.max_connections.unwrap_or_else(|| {
-                    server::default_max_connections(config.upstream.max_in_flight)
-                }),
-                shutdown_grace: config.server.shutdown_grace,
-            },
-            drain_delay: config.server.drain_delay,
+            reloader,
+            reload_requests,
+            limits,
+            drain_delay,
             snapshot,
         })
     }
@@ -261,6 +267,8 @@ impl App {
             local_addr,
             front,
             state,
+            reloader,
+            reload_requests,
             limits,
             drain_delay,
             snapshot,
@@ -269,16 +277,8 @@ impl App {
             let cache = state.proxy().cache().clone();
             tokio::spawn(async move { redis.follow_purges(cache).await })
         });
-        let warmups: Vec<_> = state
-            .warmups()
-            .iter()
-            .map(|warmup| {
-                let (warmup, state) = (Arc::clone(warmup), state.clone());
-                tokio::spawn(async move {
-                    warmup.run_on_schedule(state.proxy(), state.clock()).await;
-                })
-            })
-            .collect();
+        // Reloads, the key file's watch and the warm-ups' schedules.
+        let reloads = tokio::spawn(reloader.run(reload_requests));
         let saver = snapshot.as_ref().map(|(path, interval)| {
             tokio::spawn(save_periodically(path.clone(), *interval, state.clone()))
         });
@@ -302,10 +302,9 @@ impl App {
         tracing::info!(%local_addr, max_connections = limits.max_connections, "listening");
         let connections = state.metrics().connections();
         server::serve(listener, front, limits, connections, signal).await;
-        // No new warm-up calls once draining; fetches they started go on below.
-        for task in warmups {
-            task.abort();
-        }
+        // No reloads nor new warm-up calls once draining; fetches they
+        // started go on below.
+        reloads.abort();
         // Fetches still running (background refreshes included) have been or
         // are being paid for: let them finish and be stored, so the snapshot
         // keeps them and a restart does not pay again.

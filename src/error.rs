@@ -50,6 +50,12 @@ pub(crate) enum ApiError {
     /// A handler panicked (the detail is logged, never sent).
     #[error("request handler panicked")]
     Panicked,
+    /// `POST /admin/reload` found the configuration invalid: nothing changed.
+    #[error("configuration reload rejected: {0}")]
+    ReloadRejected(String),
+    /// `POST /admin/reload` while the service is stopping.
+    #[error("no reload while stopping")]
+    Stopping,
 }
 
 #[derive(Serialize)]
@@ -85,6 +91,8 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::ReloadRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Stopping => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Proxy(ProxyError::Abandoned(_)) | Self::Panicked => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -140,6 +148,10 @@ impl ApiError {
                 "An internal error stopped the fetch from KeyAPI; try again."
             }
             Self::Panicked => "An internal error stopped this request; try again.",
+            Self::ReloadRejected(error) => {
+                return format!("The configuration was not reloaded and nothing changed: {error}");
+            }
+            Self::Stopping => "The proxy is stopping; it takes no reload now.",
             Self::Proxy(ProxyError::Upstream(e)) => match e {
                 UpstreamError::KeyRejected(_) => "KeyAPI rejected the configured API key.",
                 UpstreamError::Status(code) if (400..500).contains(code) => {

@@ -194,7 +194,8 @@ struct Day {
 /// Credits that may be spent per UTC day, by the whole proxy or one client.
 #[derive(Debug)]
 pub struct Budget {
-    limit: u64,
+    /// Credits per day; 0 = off (only the global budget, changed by a reload).
+    limit: AtomicU64,
     scope: Scope,
     /// The counter's name in Redis (`global`, `client:<id>`).
     name: String,
@@ -206,18 +207,28 @@ pub struct Budget {
 impl Budget {
     /// `None` when `limit` is 0 (no budget). `name` names its Redis counter.
     pub fn new(limit: u64, scope: Scope, name: String) -> Option<Self> {
-        (limit > 0).then(|| Self {
-            limit,
+        (limit > 0).then(|| Self::with_limit(limit, scope, name))
+    }
+
+    fn with_limit(limit: u64, scope: Scope, name: String) -> Self {
+        Self {
+            limit: AtomicU64::new(limit),
             scope,
             name,
             today: Mutex::new(Day::default()),
             reserved: AtomicU64::new(0),
-        })
+        }
     }
 
     /// Credits per day.
     pub fn limit(&self) -> u64 {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Starts from `previous`'s count of today (a reload replacing a
+    /// client's or warm-up's account): a new limit, not a new day.
+    pub fn carry_over(&self, previous: &Budget) {
+        *self.lock_today() = *previous.lock_today();
     }
 
     /// Credits this replica's calls in progress have been charged but not
@@ -254,16 +265,17 @@ impl Budget {
     /// spent, or taken up only by this replica's calls in progress.
     fn refusal(&self, count: u64, cost: u64, now: SystemTime) -> Refusal {
         let reserved = self.reserved();
-        if reserved > 0 && count.saturating_sub(reserved) + cost <= self.limit {
+        let limit = self.limit();
+        if reserved > 0 && count.saturating_sub(reserved) + cost <= limit {
             return Refusal::Reserved {
                 scope: self.scope,
-                limit: self.limit,
+                limit,
                 reserved,
             };
         }
         Refusal::Spent {
             scope: self.scope,
-            limit: self.limit,
+            limit,
             retry_after: clock::until_utc_midnight(now),
         }
     }
@@ -283,6 +295,17 @@ pub struct Account {
     /// Credits of its calls that reached KeyAPI today, on this replica
     /// (`/stats`'s top spenders; kept whether or not it has a budget).
     pub spent: DaySpend,
+}
+
+impl Account {
+    /// Starts from `previous`'s counts of today: a reload replacing its
+    /// configuration (a new limit) does not make a new day.
+    pub fn carry_over(&self, previous: &Account) {
+        if let (Some(budget), Some(old)) = (&self.budget, &previous.budget) {
+            budget.carry_over(old);
+        }
+        *self.spent.lock() = *previous.spent.lock();
+    }
 }
 
 /// Credits spent on one UTC day, started afresh on the next.
@@ -459,9 +482,10 @@ impl Outcome {
 
 /// The proxy's books: the global budget and where counts live.
 pub struct Ledger {
-    global: Option<Budget>,
+    /// `credits.daily_budget` (limit 0: none); a reload may change its limit.
+    global: Budget,
     redis: Option<Arc<RedisTier>>,
-    outage_allowance: u64,
+    outage_allowance: AtomicU64,
     clock: SharedClock,
     metrics: Arc<Metrics>,
     /// Money operations Redis has not confirmed, oldest first (at most [`MAX_PENDING`]).
@@ -469,18 +493,19 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Books with an optional global budget, counted in `redis` when given.
+    /// Books with a global budget of `global` credits a day (0: none),
+    /// counted in `redis` when given.
     pub fn new(
-        global: Option<Budget>,
+        global: u64,
         redis: Option<Arc<RedisTier>>,
         outage_allowance: u64,
         clock: SharedClock,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            global,
+            global: Budget::with_limit(global, Scope::Global, "global".into()),
             redis,
-            outage_allowance,
+            outage_allowance: AtomicU64::new(outage_allowance),
             clock,
             metrics,
             pending: Mutex::default(),
@@ -489,7 +514,16 @@ impl Ledger {
 
     /// The global daily budget, if configured.
     pub fn global(&self) -> Option<&Budget> {
-        self.global.as_ref()
+        Some(&self.global).filter(|g| g.limit() > 0)
+    }
+
+    /// New `credits.daily_budget` and `credits.outage_allowance` (a reload):
+    /// today's count carries on against the new limit. Calls in progress
+    /// settle against the budgets they were charged to.
+    pub fn set_limits(&self, global: u64, outage_allowance: u64) {
+        self.global.limit.store(global, Ordering::Relaxed);
+        self.outage_allowance
+            .store(outage_allowance, Ordering::Relaxed);
     }
 
     /// Takes one attempt's `cost` from every budget `payer` draws on, or
@@ -497,7 +531,8 @@ impl Ledger {
     pub async fn charge(&self, payer: &Payer, cost: u64) -> Result<Charge<'_>, Refusal> {
         let now = self.clock.now();
         let day = clock::utc_day(now);
-        let budgets = self.budgets(payer);
+        let global = self.global().is_some();
+        let budgets = self.budgets(payer, global);
         let counted = if budgets.iter().all(Option::is_none) {
             Counted::Nowhere
         } else if let Some(redis) = &self.redis {
@@ -513,6 +548,7 @@ impl Ledger {
             payer: payer.clone(),
             cost,
             day,
+            global,
             counted,
         })
     }
@@ -544,11 +580,12 @@ impl Ledger {
         budget.day(clock::utc_day(self.clock.now())).refused
     }
 
-    /// The payer's client budget, then the global one.
-    fn budgets<'a>(&'a self, payer: &'a Payer) -> [Option<&'a Budget>; 2] {
+    /// The payer's client budget, then the global one when `global` (it
+    /// was on when the charge was made).
+    fn budgets<'a>(&'a self, payer: &'a Payer, global: bool) -> [Option<&'a Budget>; 2] {
         [
             payer.account().and_then(|a| a.budget.as_ref()),
-            self.global.as_ref(),
+            Some(&self.global).filter(|_| global),
         ]
     }
 
@@ -572,7 +609,7 @@ impl Ledger {
     ) -> Result<Counted, Refusal> {
         // Always client before global, so two charges never lock in opposite orders.
         let mut days: Vec<_> = budgets.iter().flatten().map(|b| (*b, b.day(day))).collect();
-        if let Some(index) = days.iter().position(|(b, d)| d.spent + cost > b.limit) {
+        if let Some(index) = days.iter().position(|(b, d)| d.spent + cost > b.limit()) {
             let (budget, count) = (days[index].0, days[index].1.spent);
             drop(days);
             return Err(self.refuse(Some(budget), count, cost, now));
@@ -599,7 +636,7 @@ impl Ledger {
         if self.flush(redis).await {
             let id = new_op_id();
             let names = budgets.iter().flatten().map(|b| b.name.as_str());
-            let limits: Vec<u64> = budgets.iter().flatten().map(|b| b.limit).collect();
+            let limits: Vec<u64> = budgets.iter().flatten().map(|b| b.limit()).collect();
             match send_charge(redis, &id, names, Some(&limits), day, cost).await {
                 Applied::Answered(Some(Outcome::Charged)) => return Ok(Counted::Shared(id)),
                 Applied::Answered(Some(Outcome::Refused { index, count })) => {
@@ -630,7 +667,7 @@ impl Ledger {
     ) -> Result<Counted, Refusal> {
         let mut days: Vec<_> = budgets.iter().flatten().map(|b| (*b, b.day(day))).collect();
         let over = |(b, d): &(&Budget, MutexGuard<'_, Day>)| {
-            d.outage_spent + cost > self.outage_allowance.min(b.limit)
+            d.outage_spent + cost > self.outage_allowance.load(Ordering::Relaxed).min(b.limit())
         };
         if days.iter().any(over) {
             drop(days);
@@ -782,6 +819,8 @@ pub struct Charge<'a> {
     payer: Payer,
     cost: u64,
     day: u64,
+    /// The global budget was on, and charged.
+    global: bool,
     counted: Counted,
 }
 
@@ -799,7 +838,7 @@ impl Charge<'_> {
             }
             return;
         }
-        let budgets = ledger.budgets(&self.payer);
+        let budgets = ledger.budgets(&self.payer, self.global);
         match &self.counted {
             Counted::Nowhere => {}
             Counted::Local => {
@@ -830,7 +869,12 @@ impl Charge<'_> {
 /// Ends the reservation, settled or not (a fetch task may be dropped).
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
-        for budget in self.ledger.budgets(&self.payer).into_iter().flatten() {
+        for budget in self
+            .ledger
+            .budgets(&self.payer, self.global)
+            .into_iter()
+            .flatten()
+        {
             budget.reserved.fetch_sub(self.cost, Ordering::Relaxed);
         }
     }
@@ -855,8 +899,7 @@ mod tests {
 
     fn ledger(global: u64, clock: &SharedClock) -> Ledger {
         let metrics = Arc::new(Metrics::new(clock.clone()));
-        let budget = Budget::new(global, Scope::Global, "global".into());
-        Ledger::new(budget, None, 0, clock.clone(), metrics)
+        Ledger::new(global, None, 0, clock.clone(), metrics)
     }
 
     #[tokio::test]

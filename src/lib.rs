@@ -20,6 +20,7 @@
 //! `telemetry` exports); [`demo`] is a fake KeyAPI for `--demo` and the tests.
 
 pub mod access;
+pub mod api_key;
 pub mod app;
 pub(crate) mod breaker;
 pub mod browser;
@@ -39,6 +40,7 @@ pub(crate) mod error;
 pub mod issuers;
 pub mod ledger;
 pub mod limits;
+pub mod live;
 pub mod metrics;
 pub(crate) mod negotiate;
 pub(crate) mod observe;
@@ -46,6 +48,7 @@ pub mod openapi;
 pub mod payers;
 pub(crate) mod protect;
 pub mod proxy;
+pub mod reload;
 pub(crate) mod request_id;
 pub mod route;
 pub mod routes;

@@ -245,6 +245,9 @@ pub struct Metrics {
     redis_errors: Counter,
     entries_rejected: Family<RejectedLabels, Counter>,
     connections: ConnectionMetrics,
+    config_reloads: Family<OutcomeLabels, Counter>,
+    key_rotations: Counter,
+    key_rejected_after_rotation: Counter,
 }
 
 impl Metrics {
@@ -359,6 +362,24 @@ impl Metrics {
             "Upstream retries made after a connect error or HTTP 502/503/504",
             upstream_retries.clone(),
         );
+        let config_reloads = Family::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP, POST /admin/reload), by outcome: applied, unchanged or rejected (nothing changed)",
+            config_reloads.clone(),
+        );
+        let key_rotations = Counter::default();
+        registry.register(
+            "api_key_rotations",
+            "Times a new KeyAPI key was read from KEYAPI_API_KEY_FILE and put in use",
+            key_rotations.clone(),
+        );
+        let key_rejected_after_rotation = Counter::default();
+        registry.register(
+            "upstream_key_rejected_after_rotation",
+            "Upstream calls KeyAPI answered 401/403 for a key replaced meanwhile, retried once with the current key",
+            key_rejected_after_rotation.clone(),
+        );
         let issuer_requests = Family::default();
         registry.register(
             "issuer_requests",
@@ -462,6 +483,9 @@ impl Metrics {
             redis_errors,
             entries_rejected,
             connections,
+            config_reloads,
+            key_rotations,
+            key_rejected_after_rotation,
         }
     }
 
@@ -622,6 +646,23 @@ impl Metrics {
     /// The counters of all visitors together.
     pub fn visitors(&self) -> ClientCounters {
         self.visitors.clone()
+    }
+
+    /// Counts a configuration reload by its `outcome` (`applied`, `unchanged`, `rejected`).
+    pub fn config_reload(&self, outcome: &'static str) {
+        self.config_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Counts a new KeyAPI key put in use.
+    pub fn api_key_rotated(&self) {
+        self.key_rotations.inc();
+    }
+
+    /// Counts a call KeyAPI refused for a key replaced meanwhile (retried once).
+    pub fn key_rejected_after_rotation(&self) {
+        self.key_rejected_after_rotation.inc();
     }
 
     /// Counts a signed token refused for `reason`.

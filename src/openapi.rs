@@ -146,6 +146,16 @@ fn admin_list() {}
               (status = 403, description = "Token of a client without `admin = true`, or no clients configured", body = Envelope)))]
 fn admin_purge() {}
 
+/// Read the configuration file, the environment and the key file again (as `SIGHUP` does) and apply them, or change nothing.
+#[utoipa::path(post, path = "/admin/reload", tag = "admin",
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "`{outcome: applied|unchanged, at, applied: [keys now in use], restartNeeded: [keys that keep their running value], keyRotated}`", body = Object),
+              (status = 401, description = "No valid token", body = Envelope),
+              (status = 403, description = "Token of a client without `admin = true`, or no clients configured", body = Envelope),
+              (status = 422, description = "The configuration is invalid: nothing changed; the message says why", body = Envelope),
+              (status = 503, description = "The proxy is stopping", body = Envelope)))]
+fn admin_reload() {}
+
 struct Security;
 
 impl Modify for Security {
@@ -168,7 +178,7 @@ impl Modify for Security {
         title = "keyapi-proxy",
         description = "Caching, single-flight proxy for KeyAPI's paid endpoints. Same routes and bodies as KeyAPI; the KeyAPI key is injected server-side."
     ),
-    paths(proxied_route, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge),
+    paths(proxied_route, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge, admin_reload),
     components(schemas(Envelope)),
     modifiers(&Security),
     tags(

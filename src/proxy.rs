@@ -28,6 +28,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use reqwest::StatusCode;
 use tokio::time::Instant;
@@ -171,8 +172,10 @@ impl ProxyError {
 #[derive(Clone)]
 struct Fetcher {
     tiers: Tiers,
-    upstream: Arc<Upstream>,
-    protection: Arc<Protection>,
+    /// Replaced by a reload ([`Proxy::reconfigure`]); each fetch takes the
+    /// current one once, so a call in flight keeps its settings.
+    upstream: Arc<ArcSwap<Upstream>>,
+    protection: Arc<ArcSwap<Protection>>,
     clock: SharedClock,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
@@ -197,8 +200,8 @@ impl Proxy {
         Self {
             fetcher: Fetcher {
                 tiers,
-                upstream: Arc::new(upstream),
-                protection: Arc::new(protection),
+                upstream: Arc::new(ArcSwap::from_pointee(upstream)),
+                protection: Arc::new(ArcSwap::from_pointee(protection)),
                 clock,
                 ledger: Arc::new(ledger),
                 metrics,
@@ -223,13 +226,35 @@ impl Proxy {
     }
 
     /// Upstream protection state (for operational endpoints).
-    pub(crate) fn protection(&self) -> &Protection {
-        &self.fetcher.protection
+    pub(crate) fn protection(&self) -> Arc<Protection> {
+        self.fetcher.protection.load_full()
+    }
+
+    /// The KeyAPI client new fetches use.
+    pub fn upstream(&self) -> Arc<Upstream> {
+        self.fetcher.upstream.load_full()
+    }
+
+    /// New `[upstream]` settings (a reload): fetches started from now on use
+    /// `upstream`, and `protection` when given (new caps and breaker
+    /// settings start with a closed circuit); fetches in flight finish with
+    /// what they started with.
+    pub(crate) fn reconfigure(&self, upstream: Upstream, protection: Option<Protection>) {
+        self.fetcher.upstream.store(Arc::new(upstream));
+        if let Some(protection) = protection {
+            self.fetcher.protection.store(Arc::new(protection));
+        }
     }
 
     /// Forgets `key` in every tier; returns how many tiers held it.
     pub async fn purge(&self, key: &CacheKey) -> u64 {
         self.fetcher.tiers.purge(key).await
+    }
+
+    /// Forgets every entry of the route at `path` (a reload removed it);
+    /// returns how many memory held.
+    pub async fn purge_route(&self, path: &str) -> u64 {
+        self.fetcher.tiers.purge_route(path).await
     }
 
     /// Forgets every entry in every tier; returns the larger tier's count.
@@ -568,7 +593,8 @@ impl Fetcher {
         let charge = self.ledger.charge(payer, cost).await.inspect_err(|refusal| {
             tracing::info!(%key, reason = refusal.as_str(), "upstream call refused by a credit budget");
         })?;
-        let admission = match self.protection.admit().await {
+        let (upstream, protection) = (self.upstream.load_full(), self.protection.load_full());
+        let admission = match protection.admit().await {
             Ok(admission) => admission,
             Err(error) => {
                 charge.settle(false).await;
@@ -583,7 +609,7 @@ impl Fetcher {
             tracing::info!(%key, "upstream call not made: every client of this fetch has gone");
             return Err(Abandoned.into());
         }
-        let result = self.attempts(key, payer, cost, charge, interest).await;
+        let result = (self.attempts(&upstream, key, payer, cost, charge, interest)).await;
         admission.settle(&result);
         match result {
             Ok(UpstreamAnswer::Success(body)) => {
@@ -606,22 +632,25 @@ impl Fetcher {
     /// for the first) and kept only if it reached KeyAPI; a retry the budgets
     /// cannot afford is not made, nor one that nobody waits for any more
     /// (every client of the fetch has gone; background fetches always retry).
+    /// A key KeyAPI rejects after it was replaced (a rotation) is tried once
+    /// more, at once, with the current key.
     async fn attempts(
         &self,
+        upstream: &Upstream,
         key: &CacheKey,
         payer: &Payer,
         cost: u64,
         mut charge: Charge<'_>,
         interest: &Interest<CacheKey, FetchResult>,
     ) -> Result<UpstreamAnswer, UpstreamError> {
-        let deadline = Instant::now() + self.upstream.request_timeout();
-        let mut attempt = 0;
+        let deadline = Instant::now() + upstream.request_timeout();
+        let (mut attempt, mut api_key, mut rekeyed) = (0, upstream.api_key().current(), false);
         loop {
             let call = self.metrics.upstream_call();
             let remaining = deadline.saturating_duration_since(Instant::now());
             let span = attempt_span(attempt);
-            let result = (self.upstream)
-                .attempt(key.path_and_query(), remaining)
+            let result = upstream
+                .attempt(key.path_and_query(), &api_key, remaining)
                 .instrument(span.clone())
                 .await;
             call.finish(
@@ -637,7 +666,18 @@ impl Fetcher {
             record_attempt(&span, &result, if reached { cost } else { 0 });
             charge.settle(reached).await;
             let Err(error) = &result else { return result };
-            let Some(backoff) = self.upstream.backoff(attempt, error, deadline) else {
+            let newer_key = match error {
+                UpstreamError::KeyRejected(_) if !rekeyed => upstream.api_key().rejected(&api_key),
+                _ => None,
+            };
+            let backoff = match newer_key {
+                Some(newer) => {
+                    (api_key, rekeyed) = (newer, true);
+                    Some(Duration::ZERO)
+                }
+                None => upstream.backoff(attempt, error, deadline),
+            };
+            let Some(backoff) = backoff else {
                 return result;
             };
             attempt += 1;

@@ -15,8 +15,9 @@
 use std::{
     borrow::Cow,
     cell::RefCell,
+    collections::HashSet,
     fmt,
-    sync::{Arc, LazyLock},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -387,7 +388,7 @@ struct TtlBy {
 /// One compiled route.
 #[derive(Debug)]
 pub struct Route {
-    /// The path on both sides, leaked once at start-up: it is a metric label.
+    /// The path on both sides, leaked once per distinct path: it is a metric label.
     path: &'static str,
     credits: u64,
     params: Vec<Param>,
@@ -651,6 +652,21 @@ impl RouteTable {
     }
 }
 
+/// `path` as a `&'static str` (a metric label). Leaked once per distinct
+/// path: reloads that compile the same routes again leak nothing more.
+fn intern(path: &str) -> &'static str {
+    static PATHS: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Mutex::default);
+    let mut paths = PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    match paths.get(path) {
+        Some(interned) => interned,
+        None => {
+            let leaked: &'static str = Box::leak(path.to_owned().into_boxed_str());
+            paths.insert(leaked);
+            leaked
+        }
+    }
+}
+
 fn compile_route(config: &RouteConfig, defaults: &RouteDefaults) -> Result<Route, String> {
     let path = config.path.as_str();
     let valid_path = path.starts_with('/')
@@ -732,8 +748,7 @@ fn compile_route(config: &RouteConfig, defaults: &RouteDefaults) -> Result<Route
         policy.negative_ttl = negative;
     }
     Ok(Route {
-        // Bounded: once per configured route, at start-up.
-        path: Box::leak(path.to_owned().into_boxed_str()),
+        path: intern(path),
         credits,
         params,
         ttl: Ttl {

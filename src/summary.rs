@@ -17,9 +17,11 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::{
+    api_key::KeyStatus,
     cache::{CacheKey, Entry, LocalCache},
     clock::{self, SharedClock},
     ledger::{Budget, Ledger},
+    live::ReloadStats,
     metrics::{Scope, Totals},
     payers::{Spender, TOP_SPENDERS},
     route::Route,
@@ -213,6 +215,10 @@ pub(crate) struct Stats {
     pub(crate) top_spenders: Vec<TopSpender>,
     pub(crate) top_keys: Vec<TopKey>,
     pub(crate) last_hour: Vec<Minute>,
+    /// Configuration reloads so far, by outcome, and the last one.
+    pub(crate) reloads: ReloadStats,
+    /// The KeyAPI key in use (its generation), rotations and rejections.
+    pub(crate) api_key: KeyStatus,
 }
 
 #[derive(Debug, Serialize)]
@@ -366,6 +372,8 @@ impl Stats {
             top_spenders: top_spenders(state),
             top_keys: summary.top_keys,
             last_hour,
+            reloads: state.reloads().stats(),
+            api_key: state.proxy().upstream().api_key().status(),
         }
     }
 }

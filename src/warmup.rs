@@ -404,6 +404,13 @@ impl Warmup {
         }
     }
 
+    /// Takes over from `previous`, the warm-up of the same name a reload
+    /// replaces: its spend of today and its last run.
+    pub fn carry_over(&self, previous: &Warmup) {
+        self.account.carry_over(&previous.account);
+        self.lock().last_run = previous.lock().last_run.clone();
+    }
+
     /// Its checked configuration.
     pub fn plan(&self) -> &WarmupPlan {
         &self.plan

@@ -179,7 +179,7 @@ async fn hashtags_are_escaped_on_the_page() {
 async fn operational_answers_are_never_stored_downstream() {
     let app = spawn_app_with(|c| {
         c.clients = vec![client("ops", "tok-ops")];
-        c.clients[0].purge = true;
+        c.clients[0].admin = true;
     })
     .await;
     for (path, token) in [

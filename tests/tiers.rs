@@ -243,7 +243,7 @@ async fn an_admin_purge_reaches_every_replica() {
     let with_admin = |c: &mut Config| {
         with_redis(&redis.url())(c);
         let mut ops = client("ops", "kp_ops");
-        ops.purge = true;
+        ops.admin = true;
         c.clients = vec![ops, client("user", "kp_user")];
     };
     let a = spawn_app_with(with_admin).await;

@@ -302,7 +302,19 @@ impl RedisTier {
 
     /// Deletes every entry under our prefix (SCAN + DEL, in batches); returns how many.
     pub async fn clear(&self) -> u64 {
-        let pattern = format!("{}entry:*", glob_escape(&self.prefix));
+        self.delete_matching(&format!("{}entry:*", glob_escape(&self.prefix)))
+            .await
+    }
+
+    /// Deletes every entry of the route at `path` (a reload removed it); returns how many.
+    pub async fn clear_route(&self, path: &str) -> u64 {
+        let key = format!("{}entry:{}", glob_escape(&self.prefix), glob_escape(path));
+        // The path alone (a route without parameters), or followed by its query.
+        self.delete_matching(&key).await + self.delete_matching(&format!("{key}\\?*")).await
+    }
+
+    /// Deletes every key matching the glob `pattern` (SCAN + DEL, in batches).
+    async fn delete_matching(&self, pattern: &str) -> u64 {
         let mut conn = self.conn.clone();
         let mut cursor = 0u64;
         let mut deleted = 0;
@@ -310,7 +322,7 @@ impl RedisTier {
             let mut scan = redis::cmd("SCAN");
             scan.arg(cursor)
                 .arg("MATCH")
-                .arg(&pattern)
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(500);
             let Some((next, keys)) = self

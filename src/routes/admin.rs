@@ -70,7 +70,7 @@ pub(crate) struct Purged {
 
 /// A client allowed to use the admin endpoints; extracting it answers 401
 /// or 403 (with the envelope) for anyone else.
-pub(crate) struct Admin(Arc<Client>);
+pub(crate) struct Admin(pub(super) Arc<Client>);
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = Response;

@@ -12,13 +12,16 @@ pub(super) async fn healthz() -> impl IntoResponse {
 }
 
 /// `GET /readyz`: configuration loaded and listener up; 503 while draining.
+/// The detail says which KeyAPI key is in use (its generation, never the
+/// key), when it last changed, and when KeyAPI last rejected a key — just
+/// after a rotation (the old key, retried with the new one) or not.
 pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let api_key = state.proxy().upstream().api_key().status();
     if state.is_ready() {
-        (StatusCode::OK, Json(json!({ "status": "ready" })))
+        let ready = json!({ "status": "ready", "apiKey": api_key });
+        (StatusCode::OK, Json(ready))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "draining" })),
-        )
+        let draining = json!({ "status": "draining", "apiKey": api_key });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(draining))
     }
 }
