@@ -11,6 +11,7 @@ pub mod tokens;
 use std::{
     future::Future,
     net::SocketAddr,
+    path::PathBuf,
     pin::Pin,
     process::Stdio,
     sync::Arc,
@@ -24,7 +25,7 @@ use http_body_util::Empty;
 use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyapi_proxy::{
-    app::App,
+    app::{App, Origin},
     clock::{Clock, SystemClock},
     config::{ClientConfig, Config},
     demo::FakeUpstream,
@@ -112,6 +113,76 @@ pub async fn spawn_app_with_clock(
     spawn_on(Arc::new(upstream), clock, adjust).await
 }
 
+/// The configuration file and key file of a proxy that reloads them, in a
+/// directory of their own (removed when dropped).
+pub struct LiveFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub key: PathBuf,
+}
+
+impl LiveFiles {
+    /// A fresh directory named after `test`, holding the key [`TEST_API_KEY`].
+    pub fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("keyapi-live-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = Self {
+            config: dir.join("proxy.toml"),
+            key: dir.join("keyapi_key"),
+            dir,
+        };
+        files.replace_key(TEST_API_KEY);
+        files
+    }
+
+    /// Writes the configuration file: `[server]` on a free loopback port,
+    /// `[upstream]` at `upstream` followed by `body` (which may go on with
+    /// `[upstream]` keys before its own tables).
+    pub fn write_config(&self, upstream: &FakeUpstream, body: &str) {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nbase_url = \"{}\"\n{body}",
+            upstream.base_url()
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Replaces the key file as Docker and Kubernetes do: a new file renamed over it.
+    pub fn replace_key(&self, key: &str) {
+        let next = self.dir.join("keyapi_key.next");
+        std::fs::write(&next, format!("{key}\n")).unwrap();
+        std::fs::rename(&next, &self.key).unwrap();
+    }
+}
+
+impl Drop for LiveFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The proxy configured by `files` (read as the binary reads them: file,
+/// then environment; the key from its file), reloading them on request,
+/// against `upstream`, counting time with `clock`.
+pub async fn spawn_from_files(
+    files: &LiveFiles,
+    upstream: Arc<FakeUpstream>,
+    clock: Arc<dyn Clock>,
+) -> TestApp {
+    init_test_logging();
+    let config = Config::load(Some(&files.config)).expect("the configuration file loads");
+    let key = keyapi_proxy::config::read_api_key_file(&files.key).expect("the key file reads");
+    let origin = Origin {
+        config_file: Some(files.config.clone()),
+        key_file: Some(files.key.clone()),
+        base_url: None,
+    };
+    let app = App::build_from(origin, config, key, clock)
+        .await
+        .expect("app builds");
+    serve(app, upstream)
+}
+
 async fn spawn_on(
     upstream: Arc<FakeUpstream>,
     clock: Arc<dyn Clock>,
@@ -123,6 +194,11 @@ async fn spawn_on(
     let app = App::build_with_clock(config, SecretString::from(TEST_API_KEY), clock)
         .await
         .expect("app builds");
+    serve(app, upstream)
+}
+
+/// Runs `app` (its upstream the fake `upstream`) until the test shuts it down.
+pub fn serve(app: App, upstream: Arc<FakeUpstream>) -> TestApp {
     let addr = app.local_addr();
     let state = app.state().clone();
     let (tx, rx) = oneshot::channel::<()>();
@@ -374,6 +450,15 @@ pub async fn hang_up(mut client: TcpStream) {
 /// The binary in `--demo` mode on a free port, its descriptor limit set to
 /// `nofile` when given; returns it and its address.
 pub async fn spawn_binary(nofile: Option<u64>, env: &[(&str, &str)]) -> (Child, SocketAddr) {
+    spawn_binary_with(nofile, env, &[]).await
+}
+
+/// [`spawn_binary`] with more command-line arguments (`--config <file>`).
+pub async fn spawn_binary_with(
+    nofile: Option<u64>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Child, SocketAddr) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
     for (name, _) in std::env::vars() {
         if name.starts_with("KEYAPI_") {
@@ -381,6 +466,7 @@ pub async fn spawn_binary(nofile: Option<u64>, env: &[(&str, &str)]) -> (Child, 
         }
     }
     cmd.arg("--demo")
+        .args(args)
         .env("KEYAPI_PROXY__SERVER__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
