@@ -5,7 +5,7 @@
 FROM rust:1-slim-bookworm AS build
 # --build-arg PGO=1: a profile-guided build (bench/pgo.sh trains the proxy on
 # a fake KeyAPI; ~8 min more): a cache hit runs ~20 % fewer instructions and
-# 10–20 % faster (README, "Benchmarks").
+# 10–20 % faster (docs/performance.md, "Profile-guided builds").
 ARG PGO=0
 WORKDIR /src
 COPY . .

@@ -2,8 +2,8 @@
 # Profile-guided builds (PGO) of the proxy and of the bare hyper reference
 # (bench/bare_hyper.rs), for bench/run.sh (BENCH_PGO=1) and for operators who
 # want the faster binary. A hit runs through more code than fits the CPU's
-# instruction cache; PGO lays the hot path out together (bench/NOTES.md,
-# "Issue 14, fourth look").
+# instruction cache; PGO lays the hot path out together (docs/performance.md,
+# "Profile-guided builds").
 #
 #   bash bench/pgo.sh      → target/pgo/keyapi-proxy, target/pgo/bench-bare-hyper
 #   PGO_ONLY=proxy bash bench/pgo.sh   → the proxy only (the Dockerfile's PGO=1)

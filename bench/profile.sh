@@ -3,7 +3,7 @@
 # allocations per request, proxy vs the bare hyper server (bench/bare_hyper.rs)
 # and the axum baseline (bench/baseline.rs), counted by valgrind's callgrind
 # (so the figures do not depend on machine load, unlike bench/run.sh). Use it
-# to check a hit-path change; see bench/NOTES.md. Targets (issue 14): at most
+# to check a hit-path change; see docs/performance.md. Targets (issue 14): at most
 # 2.5x the bare server's instructions and 10 allocations per hit.
 #
 #   bash bench/profile.sh

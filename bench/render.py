@@ -130,6 +130,27 @@ def table(f):
     else:
         row(name, f.get("scenario6", "skipped"), "—")
 
+    name = "8 hit, one hot key, every request a trace span"
+    if any(k.startswith("traced_proxy_") for k in f):
+        t, p = runs("traced_proxy_"), runs("hot_proxy_")
+        trps, prps = ([num(f"{r}_rps") for r in x] for x in (t, p))
+        row(name, "what is on", f["traced"])
+        row(name, "throughput: median (± half the spread); rounds",
+            f"{median(trps):,.0f} req/s (±{spread(trps) / 2:.0%}); {listing(trps)}")
+        ratio_row(name, "throughput: traced proxy / proxy with traces off, req/s", trps, prps, "", None)
+        ratio_row(name, "p99 latency: traced proxy / proxy with traces off, µs",
+                  [num(f"{r}_p99_us") for r in t], [num(f"{r}_p99_us") for r in p], "", None)
+        row(name, "spans dropped (queue full or export failed)", f.get("traced_spans_dropped", "?"))
+        row(name, "what the sink received", f.get("traced_sink", "?"))
+
+    if any(k.startswith("compare_proxy_") for k in f):
+        name = f"9 hit, one hot key, another build: {f['compare']}"
+        c, p = runs("compare_proxy_"), runs("hot_proxy_")
+        ratio_row(name, "throughput: this build / the other build, req/s",
+                  [num(f"{r}_rps") for r in p], [num(f"{r}_rps") for r in c], "", None)
+        ratio_row(name, "p99 latency: this build / the other build, µs",
+                  [num(f"{r}_p99_us") for r in p], [num(f"{r}_p99_us") for r in c], "", None)
+
     name = "7 hit, one hot key, /stats flooded"
     if any(k.startswith("stats_flood_") for k in f):
         quiet, flooded = runs("stats_quiet_"), runs("stats_flood_")

@@ -26,7 +26,8 @@
 # least 3, default 3),
 # BENCH_PROFILE=0 (skip the callgrind count of bench/profile.sh),
 # BENCH_HITS_ONLY=1 (scenarios 1, 2 and 6 only: the three-server comparison),
-# BENCH_CONNECTIONS (hit scenarios, default 64), BENCH_OUT (default
+# BENCH_CONNECTIONS (hit scenarios, default 64), BENCH_COMPARE_BIN (another
+# proxy binary measured in the hit rounds; BENCH_COMPARE_LABEL names it), BENCH_OUT (default
 # bench/RESULTS.md), BENCH_PGO=1 (measure profile-guided builds of the proxy
 # and of bare hyper, made by bench/pgo.sh, instead of plain release builds).
 
@@ -38,7 +39,7 @@ DURATION=${BENCH_DURATION:-5}
 # Each round gives bare hyper, nginx and the proxy DURATION seconds each, in
 # turns of SLICE seconds; medians of the rounds count. On this shared VM a
 # server's req/s drift by 10-30 % from one 5 s run to the next, and 1 s
-# turns let the drift fall on every server alike (bench/NOTES.md).
+# turns let the drift fall on every server alike (docs/performance.md, "Why 1 s turns").
 SLICE=${BENCH_SLICE:-1}
 SLICES=$((DURATION / SLICE))
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -379,6 +380,39 @@ if "$PROXY_BIN" hash-token >/dev/null 2>&1; then
   case "$(curl -fsS -o /dev/null -D - -H "Authorization: Bearer $CLIENT_TOKEN" "$AUTH_URL" |
     tr -d '\r' | sed -n 's/^cache-status: //Ip')" in *hit*) ;; *) die "proxy-auth: no hit after warm-up" ;; esac
 fi
+# 8 runs in the same rounds: a proxy that makes every request a trace span
+# (telemetry.sample_ratio 1.0) and exports them to bench/otlp_sink.py, an
+# OTLP/HTTP sink that answers 200, pinned beside wrk (a collector runs on
+# another machine). Only when this build has `[telemetry]`.
+TRACED_URL=
+if grep -q '^\[telemetry\]' config/default.toml; then
+  SINK_PORT=$(free_port)
+  taskset -c "$WRK_CPU" python3 bench/otlp_sink.py "$SINK_PORT" >"$WORK/otlp-sink.out" 2>&1 &
+  SINK_PID=$!
+  PIDS+=("$SINK_PID")
+  hit_pid=$PROXY_PID hit_url=$PROXY_URL
+  start_proxy proxy-traced KEYAPI_PROXY__TELEMETRY__OTLP_ENDPOINT="http://127.0.0.1:$SINK_PORT" \
+    KEYAPI_PROXY__TELEMETRY__SAMPLE_RATIO=1.0
+  TRACED_PID=$PROXY_PID
+  TRACED_URL="$PROXY_URL$HASHTAG_PATH?hashtag_name=ufc324"
+  PROXY_PID=$hit_pid PROXY_URL=$hit_url
+  cache_status "${TRACED_URL%%$HASHTAG_PATH*}" ufc324 >/dev/null
+  case "$(cache_status "${TRACED_URL%%$HASHTAG_PATH*}" ufc324)" in *hit*) ;; *) die "proxy-traced: no hit after warm-up" ;; esac
+  figure traced "sample_ratio 1.0, OTLP/HTTP to a local sink answering 200"
+fi
+# BENCH_COMPARE_BIN: another build of the proxy (e.g. an older commit) in the
+# same rounds, for "did this change cost the hit path anything".
+COMPARE_URL=
+if [ -n "${BENCH_COMPARE_BIN:-}" ]; then
+  hit_pid=$PROXY_PID hit_url=$PROXY_URL own_bin=$PROXY_BIN
+  PROXY_BIN=$BENCH_COMPARE_BIN start_proxy proxy-compare
+  COMPARE_PID=$PROXY_PID
+  COMPARE_URL="$PROXY_URL$HASHTAG_PATH?hashtag_name=ufc324"
+  PROXY_PID=$hit_pid PROXY_URL=$hit_url PROXY_BIN=$own_bin
+  cache_status "${COMPARE_URL%%$HASHTAG_PATH*}" ufc324 >/dev/null
+  case "$(cache_status "${COMPARE_URL%%$HASHTAG_PATH*}" ufc324)" in *hit*) ;; *) die "proxy-compare: no hit after warm-up" ;; esac
+  figure compare "${BENCH_COMPARE_LABEL:-$BENCH_COMPARE_BIN}"
+fi
 # Short unrecorded runs first: connections, caches and CPU clocks settle.
 wrk_run warmup_bare "$CONNS" 2 "$HOT_URL_BARE" bench/report.lua
 wrk_run warmup_nginx "$CONNS" 2 "$HOT_URL_NGINX" bench/report.lua
@@ -392,10 +426,22 @@ for round in $(seq "$ROUNDS"); do
       WRK_HEADER="Authorization: Bearer $CLIENT_TOKEN" \
         slice "auth_proxy_$round" "$AUTH_URL" bench/report.lua
     fi
+    [ -z "$TRACED_URL" ] || slice "traced_proxy_$round" "$TRACED_URL" bench/report.lua
+    [ -z "$COMPARE_URL" ] || slice "compare_proxy_$round" "$COMPARE_URL" bench/report.lua
   done
   settle
 done
 [ -z "$AUTH_URL" ] || stop "$AUTH_PID"
+if [ -n "$TRACED_URL" ]; then
+  figure traced_spans_dropped "$(curl -fsS "${TRACED_URL%%$HASHTAG_PATH*}/metrics" |
+    awk '/^keyapi_proxy_trace_spans_dropped_total/ { n += $2 } END { print n + 0 }')"
+  stop "$TRACED_PID"
+  kill -TERM "$SINK_PID" 2>/dev/null || true
+  wait "$SINK_PID" 2>/dev/null || true
+  forget "$SINK_PID"
+  figure traced_sink "$(tail -n1 "$WORK/otlp-sink.out")"
+fi
+[ -z "$COMPARE_URL" ] || stop "$COMPARE_PID"
 
 log "warming $ZIPF_KEYS keys in the proxy and in nginx"
 # The like-for-like reference: bare hyper holding as many distinct bodies.

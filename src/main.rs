@@ -7,7 +7,7 @@ use clap::Parser;
 use keyapi_proxy::cli::{self, Cli};
 
 /// mimalloc: fewer instructions per hit and less fragmentation between
-/// long-lived cached bodies and short-lived request buffers (see bench/NOTES.md).
+/// long-lived cached bodies and short-lived request buffers (docs/architecture.md, "Smaller pieces").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

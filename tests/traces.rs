@@ -66,17 +66,28 @@ impl Collector {
                     return span.clone();
                 }
                 let body = self.exports.recv().await.expect("the receiver runs");
-                let request = ExportTraceServiceRequest::decode(body.as_ref()).unwrap();
-                self.raw.push(body);
-                let spans = request
-                    .resource_spans
-                    .into_iter()
-                    .flat_map(|r| r.scope_spans)
-                    .flat_map(|s| s.spans);
-                self.spans.extend(spans);
+                self.receive(body);
             }
         });
         waited.await.expect("the span was exported within 10 s")
+    }
+
+    /// Takes in every export received so far (after the exporters have flushed).
+    fn drain(&mut self) {
+        while let Ok(body) = self.exports.try_recv() {
+            self.receive(body);
+        }
+    }
+
+    fn receive(&mut self, body: Bytes) {
+        let request = ExportTraceServiceRequest::decode(body.as_ref()).unwrap();
+        self.raw.push(body);
+        let spans = request
+            .resource_spans
+            .into_iter()
+            .flat_map(|r| r.scope_spans)
+            .flat_map(|s| s.spans);
+        self.spans.extend(spans);
     }
 }
 
@@ -180,15 +191,7 @@ async fn a_miss_and_a_hit_are_spans_in_the_callers_trace_and_only_the_miss_calls
     assert_eq!(int(&hit, "keyapi.credits"), 0);
     stop(child).await;
     // Everything exported by now is in; the hit's trace has its request span only.
-    while let Ok(body) = collector.exports.try_recv() {
-        let request = ExportTraceServiceRequest::decode(body.as_ref()).unwrap();
-        collector.raw.push(body);
-        let spans = request
-            .resource_spans
-            .into_iter()
-            .flat_map(|r| r.scope_spans);
-        collector.spans.extend(spans.flat_map(|s| s.spans));
-    }
+    collector.drain();
     let in_hit_trace: Vec<_> = collector
         .spans
         .iter()
@@ -294,5 +297,55 @@ async fn a_traceparent_reaches_keyapi_only_when_propagation_is_on() {
         } else {
             assert!(upstream.is_none(), "{upstream:?} reached KeyAPI");
         }
+    }
+}
+
+/// With the Redis tier on, a miss's Redis commands are child spans of its request
+/// span, named for the command and carrying neither keys nor values; a second
+/// replica's hit from Redis reads it in a `GET` span of its own trace.
+#[tokio::test]
+async fn redis_commands_are_spans_under_the_request() {
+    let Some(redis) = common::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let mut collector = Collector::start().await;
+    let url = redis.url();
+    let redis_env = [("KEYAPI_PROXY__CACHE__REDIS__URL", url.as_str())];
+    let (first, first_addr) = spawn_traced(&collector, &redis_env).await;
+    let (second, second_addr) = spawn_traced(&collector, &redis_env).await;
+
+    let traceparent = format!("00-{TRACE}-{PARENT}-01");
+    assert_eq!(get(first_addr, "redisspans", Some(&traceparent)).await, 200);
+    let request = collector
+        .span(|s| s.name == HASHTAG_DETAIL_PATH && hex(&s.trace_id) == TRACE)
+        .await;
+    assert_eq!(text(&request, "keyapi.cache"), "stored");
+    let request_id = request.span_id.clone();
+    let lookup = collector
+        .span(|s| s.name == "GET" && s.parent_span_id == request_id)
+        .await;
+    assert_eq!(text(&lookup, "db.system.name"), "redis");
+    assert_eq!(text(&lookup, "db.operation.name"), "GET");
+    assert_eq!(hex(&lookup.trace_id), TRACE);
+
+    // The other replica answers from Redis: a hit whose trace has a Redis GET and no upstream call.
+    let hit_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let hit_parent = format!("00-{hit_trace}-{PARENT}-01");
+    assert_eq!(get(second_addr, "redisspans", Some(&hit_parent)).await, 200);
+    let hit = collector
+        .span(|s| s.name == HASHTAG_DETAIL_PATH && hex(&s.trace_id) == hit_trace)
+        .await;
+    assert_eq!(text(&hit, "keyapi.cache"), "hit");
+    let hit_id = hit.span_id.clone();
+    collector
+        .span(|s| s.name == "GET" && s.parent_span_id == hit_id)
+        .await;
+    stop(first).await;
+    stop(second).await;
+    collector.drain();
+    // Nothing of the question (its hashtag, the Redis key) reached a span.
+    for body in &collector.raw {
+        let found = body.windows(10).any(|w| w == b"redisspans");
+        assert!(!found, "a Redis key or value was exported");
     }
 }
