@@ -241,11 +241,12 @@ impl LiveKey {
         *self.lock_status()
     }
 
-    /// Watches the key file's directory and reads the key again after each
-    /// change, until the returned watch is dropped; `None` when the key was
-    /// given once.
+    /// Watches the key file's directory (a secret replaced by a rename, a
+    /// Kubernetes symlink swap) and the file itself (a write in place, seen
+    /// through a bind mount), and reads the key again after each change,
+    /// until the returned watch is dropped; `None` when the key was given once.
     pub fn watch(self: &Arc<Self>) -> Result<Option<KeyWatch>, notify::Error> {
-        let Some(file) = &self.file else {
+        let Some(file) = self.file.clone() else {
             return Ok(None);
         };
         let dir = match file.parent() {
@@ -262,18 +263,20 @@ impl LiveKey {
                 }
             })?;
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        let _ = watcher.watch(&file, RecursiveMode::NonRecursive);
+        // A change between the first read and the watch was not seen.
+        self.reread(Reread::Watch);
         let key = Arc::clone(self);
         let task = tokio::spawn(async move {
             loop {
                 changed.notified().await;
                 tokio::time::sleep(SETTLE).await;
                 key.reread(Reread::Watch);
+                // A file replaced by a rename is a new one: watch that.
+                let _ = watcher.watch(&file, RecursiveMode::NonRecursive);
             }
         });
-        Ok(Some(KeyWatch {
-            _watcher: watcher,
-            task,
-        }))
+        Ok(Some(KeyWatch { task }))
     }
 
     fn lock_status(&self) -> MutexGuard<'_, KeyStatus> {
@@ -281,9 +284,9 @@ impl LiveKey {
     }
 }
 
-/// A running watch of the key file's directory; stops when dropped.
+/// A running watch of the key file and its directory; stops when dropped.
 pub struct KeyWatch {
-    _watcher: notify::RecommendedWatcher,
+    /// Owns the watcher: aborting it stops the watch.
     task: JoinHandle<()>,
 }
 

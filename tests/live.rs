@@ -500,3 +500,17 @@ async fn sighup_reloads_the_binary() {
     // The process lives on.
     assert_eq!(stats().await["reloads"]["applied"], 1);
 }
+
+#[tokio::test]
+async fn a_key_file_written_in_place_is_read_again_too() {
+    let files = LiveFiles::new("in-place");
+    let upstream = fake().await;
+    files.write_config(&upstream, &admin_only());
+    let app = spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await;
+    // As a bind-mounted Docker secret changes: the same file, new contents.
+    std::fs::write(&files.key, "sk-live-INPLACE-0123456789\n").unwrap();
+    await_key(&app, 2).await;
+    upstream.set_key("sk-live-INPLACE-0123456789");
+    let (status, _, body) = parts(app.get_hashtag_as(ADMIN, "hashtag_name=nba").await).await;
+    assert_eq!(status, 200, "{body}");
+}
