@@ -18,6 +18,7 @@ use keyapi_proxy::{
     metrics::{Metrics, Scope},
     route::HASHTAG_DETAIL_PATH,
     served::{CacheState, Served},
+    spend::SpendHistory,
 };
 
 const N: u32 = 2_000_000;
@@ -49,7 +50,8 @@ fn main() {
             daily_budget: None,
         })
         .collect();
-    let access = Access::new(&clients, &metrics, &clock, None, None);
+    let spend = SpendHistory::new(90, clock.clone(), None);
+    let access = Access::new(&clients, &metrics, &clock, None, &spend, None);
     let global = RateLimit::new(u32::MAX, 1_000_000, Scope::Global, &clock);
     let mut headers = HeaderMap::new();
     headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer kp_token-7"));

@@ -21,6 +21,7 @@ use crate::{
     ledger::{Account, Budget, DaySpend},
     limits::RateLimit,
     metrics::{Metrics, Scope},
+    spend::SpendHistory,
 };
 
 /// Longest token accepted, in bytes. Issued tokens (`kp_` + 64 hex digits)
@@ -59,6 +60,7 @@ impl Client {
         metrics: &Metrics,
         clock: &SharedClock,
         redis: Option<&Arc<RedisTier>>,
+        spend: &SpendHistory,
     ) -> Option<Self> {
         let id = Arc::<str>::from(c.id.as_str());
         // Its rate limit and budget counters in Redis.
@@ -79,6 +81,7 @@ impl Client {
                     .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
                 charged: counters.credits_spent,
                 spent: DaySpend::default(),
+                tally: spend.tally(&name),
             }),
             token_sha256: words(&digest::parse_sha256_hex(&c.token_sha256)?),
             config: c.clone(),
@@ -116,6 +119,7 @@ impl Access {
         metrics: &Metrics,
         clock: &SharedClock,
         redis: Option<&Arc<RedisTier>>,
+        spend: &SpendHistory,
         previous: Option<&Access>,
     ) -> Self {
         let before = |id: &str| previous?.clients.iter().find(|c| &*c.id == id);
@@ -124,7 +128,7 @@ impl Access {
             .filter_map(|c| match before(&c.id) {
                 Some(old) if old.config == *c => Some(Arc::clone(old)),
                 old => {
-                    let client = Client::new(c, metrics, clock, redis)?;
+                    let client = Client::new(c, metrics, clock, redis, spend)?;
                     if let Some(old) = old {
                         client.account.carry_over(&old.account);
                     }
@@ -255,7 +259,15 @@ mod tests {
             })
             .collect();
         let clock = SharedClock::new(std::sync::Arc::new(crate::clock::SystemClock));
-        Access::new(&config, &Metrics::new(clock.clone()), &clock, None, None)
+        let spend = SpendHistory::new(90, clock.clone(), None);
+        Access::new(
+            &config,
+            &Metrics::new(clock.clone()),
+            &clock,
+            None,
+            &spend,
+            None,
+        )
     }
 
     fn with(name: HeaderName, value: &str) -> HeaderMap {

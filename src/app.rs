@@ -34,6 +34,7 @@ use crate::{
     routes::Front,
     server::{self, Limits},
     snapshot,
+    spend::{self, SpendHistory},
     state::{AppState, Shared},
     upstream::Upstream,
 };
@@ -127,7 +128,13 @@ impl App {
             )?)),
             None => None,
         };
+        let spend = Arc::new(SpendHistory::new(
+            config.credits.history_days,
+            clock.clone(),
+            redis.clone(),
+        ));
         let ledger = Ledger::new(
+            Arc::clone(&spend),
             config.credits.daily_budget,
             redis.clone(),
             config.credits.outage_allowance,
@@ -151,6 +158,7 @@ impl App {
             metrics: Arc::clone(&metrics),
             clock,
             reloads,
+            spend,
             ready: AtomicBool::new(false),
         });
         let live = reload::build_live(&config, &shared, redis.as_ref(), None)?;
@@ -190,7 +198,14 @@ impl App {
         if let Some((path, _)) = &snapshot {
             let (cache, now) = (state.proxy().cache(), state.clock().now());
             match snapshot::load(path, cache, &check, now).await {
-                Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot loaded"),
+                Ok(loaded) => {
+                    let count = loaded.entries;
+                    tracing::info!(path = %path.display(), count, "cache snapshot loaded");
+                    let spend = loaded.spend.filter(|_| state.proxy().redis().is_none());
+                    if spend.is_some_and(|spend| !state.spend().import(&spend)) {
+                        tracing::warn!("the snapshot's spend history is unreadable; skipped");
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "cache snapshot skipped"),
             }
         }
@@ -282,6 +297,14 @@ impl App {
         let saver = snapshot.as_ref().map(|(path, interval)| {
             tokio::spawn(save_periodically(path.clone(), *interval, state.clone()))
         });
+        let spend = Arc::clone(state.spend());
+        let flusher = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(spend::FLUSH_EVERY);
+            loop {
+                ticks.tick().await;
+                spend.flush().await;
+            }
+        });
         // Set when draining starts: connections and fetches must end by then.
         let (deadline_tx, deadline_rx) = tokio::sync::watch::channel(None::<Instant>);
         let shutdown_grace = limits.shutdown_grace;
@@ -317,9 +340,11 @@ impl App {
         {
             tracing::warn!("grace period over with upstream fetches still running");
         }
-        for task in [saver, purges].into_iter().flatten() {
+        for task in [saver, purges, Some(flusher)].into_iter().flatten() {
             task.abort();
         }
+        // The last counts: to Redis, or into memory for the snapshot below.
+        state.spend().flush().await;
         if let Some((path, _)) = &snapshot {
             save_snapshot(path, &state).await;
         }
@@ -337,7 +362,9 @@ async fn save_periodically(path: PathBuf, interval: Duration, state: AppState) {
 }
 
 async fn save_snapshot(path: &Path, state: &AppState) {
-    match snapshot::save(path, state.proxy().cache(), state.clock().now()).await {
+    // Kept in Redis when configured: the snapshot then holds none.
+    let spend = state.spend().export().await;
+    match snapshot::save(path, state.proxy().cache(), spend, state.clock().now()).await {
         Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot written"),
         Err(e) => tracing::warn!(error = %e, "cache snapshot not written"),
     }

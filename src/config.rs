@@ -368,6 +368,9 @@ pub struct CreditsConfig {
     /// spend per budget and UTC day while the shared ledger (Redis) is
     /// unreachable; 0 = refuse upstream calls that a budget would pay for.
     pub outage_allowance: u64,
+    /// `KEYAPI_PROXY__CREDITS__HISTORY_DAYS`: UTC days of spend history kept
+    /// (`GET /admin/spend`), 1-3650.
+    pub history_days: u64,
 }
 
 /// `[rate_limit]`: requests per minute over all callers together.
@@ -745,6 +748,12 @@ impl Config {
         }
         if self.credits.per_call == 0 {
             return invalid("credits.per_call must be at least 1".into());
+        }
+        if !(1..=crate::spend::MAX_HISTORY_DAYS).contains(&self.credits.history_days) {
+            return invalid(format!(
+                "credits.history_days must be between 1 and {}",
+                crate::spend::MAX_HISTORY_DAYS
+            ));
         }
         for origin in &self.cors.allowed_origins {
             let url = reqwest::Url::parse(origin).ok();

@@ -15,7 +15,8 @@ use serde::Serialize;
 
 use crate::{
     access::AuthError, browser, cache_status, issuers::TokenError, ledger, limits::RateLimited,
-    proxy::ProxyError, request_id::RequestId, route::KeyError, upstream::UpstreamError,
+    proxy::ProxyError, request_id::RequestId, route::KeyError, spend::SpendError,
+    upstream::UpstreamError,
 };
 
 /// An error answer.
@@ -53,6 +54,9 @@ pub(crate) enum ApiError {
     /// `POST /admin/reload` found the configuration invalid: nothing changed.
     #[error("configuration reload rejected: {0}")]
     ReloadRejected(String),
+    /// The spend history cannot be read just now.
+    #[error(transparent)]
+    Spend(#[from] SpendError),
     /// `POST /admin/reload` while the service is stopping.
     #[error("no reload while stopping")]
     Stopping,
@@ -92,7 +96,7 @@ impl ApiError {
             }
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::ReloadRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Stopping | Self::Spend(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Proxy(ProxyError::Abandoned(_)) | Self::Panicked => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -152,6 +156,7 @@ impl ApiError {
                 return format!("The configuration was not reloaded and nothing changed: {error}");
             }
             Self::Stopping => "The proxy is stopping; it takes no reload now.",
+            Self::Spend(e) => return e.to_string(),
             Self::Proxy(ProxyError::Upstream(e)) => match e {
                 UpstreamError::KeyRejected(_) => "KeyAPI rejected the configured API key.",
                 UpstreamError::Status(code) if (400..500).contains(code) => {

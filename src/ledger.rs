@@ -50,6 +50,7 @@ use crate::{
     cache::redis::{Applied, RedisTier},
     clock::{self, SharedClock},
     metrics::{Metrics, Scope},
+    spend::{SpendHistory, Tally},
 };
 
 /// Charges one money operation on several per-day counters, once. KEYS = the
@@ -295,6 +296,9 @@ pub struct Account {
     /// Credits of its calls that reached KeyAPI today, on this replica
     /// (`/stats`'s top spenders; kept whether or not it has a budget).
     pub spent: DaySpend,
+    /// Its payer's line in the spend history (a client's own; every
+    /// subject of an issuer shares one, as every visitor does).
+    pub tally: Arc<Tally>,
 }
 
 impl Account {
@@ -482,6 +486,8 @@ impl Outcome {
 
 /// The proxy's books: the global budget and where counts live.
 pub struct Ledger {
+    /// What each payer spent and was refused, per day.
+    spend: Arc<SpendHistory>,
     /// `credits.daily_budget` (limit 0: none); a reload may change its limit.
     global: Budget,
     redis: Option<Arc<RedisTier>>,
@@ -494,8 +500,10 @@ pub struct Ledger {
 
 impl Ledger {
     /// Books with a global budget of `global` credits a day (0: none),
-    /// counted in `redis` when given.
+    /// counted in `redis` when given; every call kept and every refusal
+    /// also goes into `spend`.
     pub fn new(
+        spend: Arc<SpendHistory>,
         global: u64,
         redis: Option<Arc<RedisTier>>,
         outage_allowance: u64,
@@ -503,6 +511,7 @@ impl Ledger {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            spend,
             global: Budget::with_limit(global, Scope::Global, "global".into()),
             redis,
             outage_allowance: AtomicU64::new(outage_allowance),
@@ -534,12 +543,13 @@ impl Ledger {
         let global = self.global().is_some();
         let budgets = self.budgets(payer, global);
         let counted = if budgets.iter().all(Option::is_none) {
-            Counted::Nowhere
+            Ok(Counted::Nowhere)
         } else if let Some(redis) = &self.redis {
-            self.charge_shared(redis, &budgets, day, now, cost).await?
+            self.charge_shared(redis, &budgets, day, now, cost).await
         } else {
-            self.charge_local(&budgets, day, now, cost)?
+            self.charge_local(&budgets, day, now, cost)
         };
+        let counted = counted.inspect_err(|_| self.spend.refused(self.tally(payer)))?;
         for budget in budgets.iter().flatten() {
             budget.reserved.fetch_add(cost, Ordering::Relaxed);
         }
@@ -578,6 +588,15 @@ impl Ledger {
     /// Fetches this replica refused today for want of `budget`.
     pub fn refused_today(&self, budget: &Budget) -> u64 {
         budget.day(clock::utc_day(self.clock.now())).refused
+    }
+
+    /// The spend history's line of `payer`.
+    fn tally<'a>(&'a self, payer: &'a Payer) -> &'a Tally {
+        match payer {
+            Payer::Request(Some(account)) | Payer::Warmup(account) => &account.tally,
+            Payer::Request(None) => self.spend.visitors(),
+            Payer::Proxy(_) => self.spend.refresh(),
+        }
     }
 
     /// The payer's client budget, then the global one when `global` (it
@@ -832,6 +851,7 @@ impl Charge<'_> {
         let cost = self.cost;
         if reached {
             ledger.metrics.credits_spent(self.payer.as_str(), cost);
+            ledger.spend.spent(ledger.tally(&self.payer), cost);
             if let Some(account) = self.payer.account() {
                 account.charged.inc_by(cost);
                 account.spent.add(self.day, cost);
@@ -899,7 +919,8 @@ mod tests {
 
     fn ledger(global: u64, clock: &SharedClock) -> Ledger {
         let metrics = Arc::new(Metrics::new(clock.clone()));
-        Ledger::new(global, None, 0, clock.clone(), metrics)
+        let spend = Arc::new(SpendHistory::new(90, clock.clone(), None));
+        Ledger::new(spend, global, None, 0, clock.clone(), metrics)
     }
 
     #[tokio::test]

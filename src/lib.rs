@@ -56,6 +56,7 @@ pub mod served;
 pub(crate) mod server;
 pub(crate) mod shutdown;
 pub(crate) mod snapshot;
+pub mod spend;
 pub mod state;
 pub(crate) mod stats;
 pub(crate) mod summary;

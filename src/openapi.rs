@@ -45,6 +45,18 @@ struct AdminListQuery {
     prefix: Option<String>,
 }
 
+/// Query of the spend history.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AdminSpendQuery {
+    /// First UTC day, `YYYY-MM-DD` (default: 29 days before `to`; never before the oldest day kept).
+    from: Option<String>,
+    /// Last UTC day, `YYYY-MM-DD` (default and at most: today).
+    to: Option<String>,
+    /// `json` (default) or `csv` (also chosen by `Accept: text/csv`).
+    format: Option<String>,
+}
+
 /// Where the configured routes' path items are made from (see [`document`]).
 const ROUTE_TEMPLATE: &str = "/__route__";
 
@@ -156,6 +168,17 @@ fn admin_purge() {}
               (status = 503, description = "The proxy is stopping", body = Envelope)))]
 fn admin_reload() {}
 
+/// Credits spent and saved, calls and refusals per UTC day and payer (`client:<id>`, `issuer:<name>`, `visitors`, `warmup:<name>`, `refresh`).
+#[utoipa::path(get, path = "/admin/spend", tag = "admin", params(AdminSpendQuery),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "JSON `{from, to, days: [{day, total: {creditsSpent, calls, creditsSaved, refusals}, payers: [{payer, creditsSpent, calls, creditsSaved, refusals}]}]}`, or CSV `day,payer,credits_spent,calls,credits_saved,refusals`", body = Object,
+                  content((Object = "application/json"), (String = "text/csv"))),
+              (status = 400, description = "A date that is not one, `from` after `to`, or a parameter it does not take", body = Envelope),
+              (status = 401, description = "No valid token", body = Envelope),
+              (status = 403, description = "Token of a client without `admin = true`, or no clients configured", body = Envelope),
+              (status = 503, description = "The history lives in Redis, which did not answer", body = Envelope)))]
+fn admin_spend() {}
+
 struct Security;
 
 impl Modify for Security {
@@ -178,7 +201,7 @@ impl Modify for Security {
         title = "keyapi-proxy",
         description = "Caching, single-flight proxy for KeyAPI's paid endpoints. Same routes and bodies as KeyAPI; the KeyAPI key is injected server-side."
     ),
-    paths(proxied_route, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge, admin_reload),
+    paths(proxied_route, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge, admin_reload, admin_spend),
     components(schemas(Envelope)),
     modifiers(&Security),
     tags(

@@ -116,17 +116,23 @@ pub(crate) fn build_live(
     redis: Option<&Arc<RedisTier>>,
     previous: Option<(&Live, &Config)>,
 ) -> Result<Live, LiveError> {
-    let (metrics, clock) = (&shared.metrics, &shared.clock);
+    let (metrics, clock, spend) = (&shared.metrics, &shared.clock, &*shared.spend);
     let (routes, plans) = compile(config)?;
     let kept =
         |section: fn(&Config) -> Value| previous.filter(|(_, old)| section(old) == section(config));
     let issuers = match kept(|c| json(&c.issuers)) {
         Some((old, _)) => Arc::clone(&old.issuers),
-        None => Arc::new(Issuers::new(&config.issuers, metrics, clock, redis)?),
+        None => Arc::new(Issuers::new(&config.issuers, metrics, clock, redis, spend)?),
     };
     let visitors = match kept(|c| json(&c.visitors)) {
         Some((old, _)) => Arc::clone(&old.visitors),
-        None => Arc::new(Visitors::new(&config.visitors, metrics, clock, redis)),
+        None => Arc::new(Visitors::new(
+            &config.visitors,
+            metrics,
+            clock,
+            redis,
+            spend,
+        )),
     };
     let rate_limit = match kept(|c| json(&c.rate_limit)) {
         Some((old, _)) => old.rate_limit.clone(),
@@ -141,6 +147,7 @@ pub(crate) fn build_live(
         metrics,
         clock,
         redis,
+        spend,
         previous.map(|(old, _)| &old.access),
     );
     let warmups = plans
@@ -156,7 +163,8 @@ pub(crate) fn build_live(
                 }
                 before => {
                     let charged = metrics.client(&plan.name).credits_spent;
-                    let warmup = Warmup::new(plan, charged);
+                    let tally = spend.tally(&plan.name);
+                    let warmup = Warmup::new(plan, charged, tally);
                     if let Some((old, _)) = before {
                         warmup.carry_over(old);
                     }
@@ -467,6 +475,7 @@ impl Reloader {
         }
         let credits = &config.credits;
         (self.shared.proxy.ledger()).set_limits(credits.daily_budget, credits.outage_allowance);
+        self.shared.spend.set_days(credits.history_days);
         (self.check).set_limits(live.routes.entry_limits(config.upstream.max_body_bytes));
         let state = AppState::new(Arc::clone(&self.shared), Arc::new(live));
         self.labels.store(Arc::new(labels(&state)));

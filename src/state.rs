@@ -19,7 +19,8 @@ use bytes::Bytes;
 
 use crate::{
     access::Access, clock::SharedClock, issuers::Issuers, limits::RateLimit, live::Reloads,
-    metrics::Metrics, proxy::Proxy, route::RouteTable, visitors::Visitors, warmup::Warmup,
+    metrics::Metrics, proxy::Proxy, route::RouteTable, spend::SpendHistory, visitors::Visitors,
+    warmup::Warmup,
 };
 
 /// One generation of the configuration, as requests see it (cheap to clone).
@@ -36,6 +37,8 @@ pub struct Shared {
     pub clock: SharedClock,
     /// Reload requests (`POST /admin/reload`) and what reloads did.
     pub reloads: Reloads,
+    /// Credits spent and saved, calls and refusals, per UTC day and payer.
+    pub spend: Arc<SpendHistory>,
     /// False before start and while draining (`/readyz`).
     pub ready: AtomicBool,
 }
@@ -87,6 +90,11 @@ impl AppState {
     /// Reload requests and what reloads did.
     pub fn reloads(&self) -> &Reloads {
         &self.shared.reloads
+    }
+
+    /// Credits spent and saved, calls and refusals, per UTC day and payer.
+    pub fn spend(&self) -> &Arc<SpendHistory> {
+        &self.shared.spend
     }
 
     /// The configured clients (empty: open proxy).

@@ -34,6 +34,7 @@ use crate::{
     metrics::Scope,
     proxy::{Prefetch, Proxy, ProxyError},
     route::{Route, RouteTable},
+    spend::Tally,
     upstream::UpstreamError,
 };
 
@@ -388,14 +389,16 @@ pub struct WarmupStats {
 }
 
 impl Warmup {
-    /// A warm-up charging its calls to an account whose spend is `charged`.
-    pub fn new(plan: WarmupPlan, charged: Counter) -> Self {
+    /// A warm-up charging its calls to an account whose spend is
+    /// `charged`, its spend history in `tally`.
+    pub fn new(plan: WarmupPlan, charged: Counter, tally: Arc<Tally>) -> Self {
         let budget = Budget::new(plan.allowance, Scope::Warmup, plan.name.clone());
         let account = Arc::new(Account {
             id: plan.name.as_str().into(),
             budget,
             charged,
             spent: DaySpend::default(),
+            tally,
         });
         Self {
             plan,

@@ -17,6 +17,7 @@ mod metrics;
 mod openapi;
 mod proxied;
 mod reload;
+mod spend;
 mod status;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -54,17 +55,19 @@ const READYZ_PATH: &str = PROBE_PATHS[1];
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
 const ADMIN_RELOAD_PATH: &str = "/admin/reload";
+const ADMIN_SPEND_PATH: &str = "/admin/spend";
 const OPENAPI_PATH: &str = "/openapi.json";
 const STATS_PATH: &str = "/stats";
 const STATUS_PAGE_PATH: &str = "/";
 
 /// The operational endpoints' paths (what `/openapi.json` documents besides the routes).
-pub const OPERATIONAL_PATHS: [&str; 8] = [
+pub const OPERATIONAL_PATHS: [&str; 9] = [
     HEALTHZ_PATH,
     READYZ_PATH,
     METRICS_PATH,
     ADMIN_CACHE_PATH,
     ADMIN_RELOAD_PATH,
+    ADMIN_SPEND_PATH,
     OPENAPI_PATH,
     STATS_PATH,
     STATUS_PAGE_PATH,
@@ -94,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .layer(Extension(Arc::new(StatsCell::default())))
         .route(ADMIN_CACHE_PATH, get(admin::list).delete(admin::purge))
         .route(ADMIN_RELOAD_PATH, post(reload::reload))
+        .route(ADMIN_SPEND_PATH, get(spend::spend))
         .layer(map_response(no_store));
     let mut router = Router::new();
     for route in state.routes().routes() {
