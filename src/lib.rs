@@ -6,8 +6,8 @@
 //! [`browser`]: allowed `Host`s, cross-site refusals) → [`access`] (which
 //! client token) or [`issuers`] (a signed visitor token) or [`visitors`]
 //! (no token: known by address), each a payer ([`payers`]) → [`limits`]
-//! (request-rate limits) → [`route`] (the route table: raw query →
-//! normalized key, bad input stops here) → [`directives`] (the client's
+//! (request-rate limits) → [`route`] (the route table: parameter kinds,
+//! compiled from config, raw query → normalized key; bad input stops here) → [`directives`] (the client's
 //! `Cache-Control`) → [`proxy`] → [`cache`] (a hit ends here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
 //! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
 //! key injected, gated by `protect` and its `breaker`; bodies checked by
@@ -17,7 +17,17 @@
 //! rendered in one place, `error`. [`app`] wires it together; [`config`]
 //! loads settings; `observe` logs and counts every request into
 //! [`metrics`] (and, with `[telemetry]`, makes it a trace span that
-//! `telemetry` exports); [`demo`] is a fake KeyAPI for `--demo` and the tests.
+//! `telemetry` exports); `status` gathers `/stats` and draws the status
+//! page from them; [`demo`] is a fake KeyAPI for `--demo` and the tests.
+//! Running for months: [`reload`] reads the configuration and the key again
+//! (`SIGHUP`, `POST /admin/reload`; the words shared with handlers are in
+//! [`live`]) and swaps in the next generation of the `state`; [`api_key`]
+//! holds the KeyAPI key and its rotation; [`spend`] keeps credits spent and
+//! saved per day and payer.
+//!
+//! A module too large for one file is a directory whose `mod.rs` keeps its
+//! public surface and names its parts: `route`, `config`, `ledger`, `proxy`,
+//! `server`, `metrics`, `status`, `cache`, `issuers`, `routes`.
 
 pub mod access;
 pub mod api_key;
@@ -58,8 +68,7 @@ pub(crate) mod shutdown;
 pub(crate) mod snapshot;
 pub mod spend;
 pub mod state;
-pub(crate) mod stats;
-pub(crate) mod summary;
+pub(crate) mod status;
 pub(crate) mod telemetry;
 pub mod upstream;
 pub mod visitors;

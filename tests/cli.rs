@@ -133,6 +133,16 @@ fn invalid_configuration_is_refused() {
             "x-real-ip",
             "client_addr_header",
         ),
+        (
+            "KEYAPI_PROXY__ROUTES",
+            r#"[{path = "/v1/x", params = [{name = "a", kind = "colour"}]}]"#,
+            "found `colour`, expected `one of `one_of`, `int`, `region`, `hashtag`, `text``",
+        ),
+        (
+            "KEYAPI_PROXY__ROUTES",
+            r#"[{path = "/v1/x", freshness = "weekly"}]"#,
+            "found `weekly`, expected ``fixed` or `daily``",
+        ),
     ];
     for (name, value, hint) in cases {
         let out = run(&["check-config"], &[("KEYAPI_API_KEY", "k"), (name, value)]);

@@ -7,7 +7,7 @@ mod common;
 use common::{
     TEST_API_KEY, assert_ledger_equals_bill, header, parts, plain_ttl, spawn_app, spawn_app_with,
 };
-use keyapi_proxy::config::ParamConfig;
+use keyapi_proxy::config::{ParamConfig, ParamKind};
 
 #[tokio::test]
 async fn equivalent_queries_share_one_upstream_call() {
@@ -150,7 +150,7 @@ async fn a_text_parameter_keeps_its_case_unless_told() {
     let app = spawn_app_with(|c| {
         c.routes[0].params[2] = ParamConfig {
             name: "hashtag_name".into(),
-            kind: Some("text".into()),
+            kind: Some(ParamKind::Text),
             required: true,
             pattern: Some("[A-Za-z0-9_]+".into()),
             strip_prefix: Some("#".into()),
@@ -173,7 +173,7 @@ async fn a_text_parameter_is_printable_utf8_in_nfc() {
     let app = spawn_app_with(|c| {
         c.routes[0].params[2] = ParamConfig {
             name: "hashtag_name".into(),
-            kind: Some("text".into()),
+            kind: Some(ParamKind::Text),
             required: true,
             ..ParamConfig::default()
         };

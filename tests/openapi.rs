@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, sync::LazyLock};
 
 use common::{spawn_app, spawn_app_with};
 use keyapi_proxy::{
-    config::{Config, ParamConfig},
+    config::{Config, ParamConfig, ParamKind},
     openapi,
     route::{self, HASHTAG_DETAIL_PATH, RouteTable},
     routes::OPERATIONAL_PATHS,
@@ -277,7 +277,7 @@ fn text_table() -> &'static RouteTable {
         let mut config = Config::defaults().unwrap();
         config.routes[0].params[2] = ParamConfig {
             name: "hashtag_name".into(),
-            kind: Some("text".into()),
+            kind: Some(ParamKind::Text),
             required: true,
             max_len: Some(12),
             ..ParamConfig::default()

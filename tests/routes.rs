@@ -19,7 +19,7 @@ use common::{
 use keyapi_proxy::{
     app::App,
     clock::ManualClock,
-    config::{Config, ParamConfig, RouteConfig},
+    config::{Config, ParamConfig, ParamKind, RouteConfig, RouteFreshness},
     route::HASHTAG_DETAIL_PATH,
 };
 use secrecy::SecretString;
@@ -41,7 +41,7 @@ fn list_route(config: &Config) -> RouteConfig {
             detail.params[1].clone(),
             ParamConfig {
                 name: "page".into(),
-                kind: Some("int".into()),
+                kind: Some(ParamKind::Int),
                 min: Some(1),
                 max: Some(50),
                 default: Some("1".into()),
@@ -249,7 +249,7 @@ async fn daily_freshness_expires_at_the_utc_boundary_on_the_app_clock() {
     ));
     let app = spawn_app_with_clock(clock.clone(), |c| {
         let detail = &mut c.routes[0];
-        detail.freshness = Some("daily".into());
+        detail.freshness = Some(RouteFreshness::Daily);
         detail.daily_offset = Some(Duration::from_secs(1800));
         detail.ttl = Some(Duration::from_secs(day));
         detail.ttl_by = None;

@@ -45,10 +45,8 @@ use crate::{
     route::{Route, RouteTable},
     server::Handle,
     state::AppState,
+    status::StatsCell,
 };
-
-/// `/stats` and `/` data, recomputed at most once a second (one per router).
-pub(crate) type StatsCell = crate::summary::Throttled<crate::summary::Stats>;
 
 const HEALTHZ_PATH: &str = PROBE_PATHS[0];
 const READYZ_PATH: &str = PROBE_PATHS[1];

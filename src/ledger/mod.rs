@@ -33,19 +33,29 @@
 //! upstream slot meanwhile). A refusal that only those reservations cause
 //! says so and asks to retry shortly; `/stats` shows reservations apart from
 //! settled spend.
+//!
+//! By idea: `budget` counts a budget's day on this replica, `shared` holds
+//! the Redis scripts and the operations not yet confirmed, `refusal` says why
+//! no attempt was made; this file holds the payers, the [`Ledger`] and its
+//! [`Charge`].
+
+mod budget;
+mod refusal;
+mod shared;
 
 use std::{
     collections::VecDeque,
     sync::{
-        Arc, LazyLock, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
-use prometheus_client::metrics::counter::Counter;
-use redis::Script;
-
+use self::{
+    budget::Day,
+    shared::{MAX_PENDING, Op, OpKind, Outcome, READ_COUNTER, counter_key, new_op_id, send_charge},
+};
 use crate::{
     cache::redis::{Applied, RedisTier},
     clock::{self, SharedClock},
@@ -53,292 +63,8 @@ use crate::{
     spend::{SpendHistory, Tally},
 };
 
-/// Charges one money operation on several per-day counters, once. KEYS = the
-/// operation's record, then the counters; ARGV = cost, expiry (s), mode:
-/// `check` (all or nothing, within each counter's limit, ARGV[4..]) or
-/// `record` (spend already made during an outage: no limit). An operation
-/// already recorded returns its outcome and changes nothing. Outcomes:
-/// `charged`, `refused <i> <count>` (the i-th counter, 1-based, held
-/// `count`), or `cancelled` / `refunded` (a refund of this id came first).
-static CHARGE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"local done = redis.call("GET", KEYS[1])
-if done then return done end
-local cost = tonumber(ARGV[1])
-if ARGV[3] == "check" then
-  for i = 2, #KEYS do
-    local count = tonumber(redis.call("GET", KEYS[i]) or "0")
-    if count + cost > tonumber(ARGV[2 + i]) then
-      local refused = "refused " .. (i - 1) .. " " .. count
-      redis.call("SET", KEYS[1], refused, "EX", ARGV[2])
-      return refused
-    end
-  end
-end
-for i = 2, #KEYS do
-  redis.call("INCRBY", KEYS[i], cost) redis.call("EXPIRE", KEYS[i], ARGV[2])
-end
-redis.call("SET", KEYS[1], "charged", "EX", ARGV[2])
-return "charged""#,
-    )
-});
-/// Gives a charge back, once. KEYS = the operation's record, then the
-/// counters; ARGV = cost, expiry (s). A charge not (yet) made is recorded
-/// `cancelled`, so a late copy of it does nothing; a refused, cancelled or
-/// refunded one is left as it is. Returns the outcome.
-static REFUND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"local done = redis.call("GET", KEYS[1])
-if done == "charged" then
-  for i = 2, #KEYS do redis.call("DECRBY", KEYS[i], ARGV[1]) end
-  redis.call("SET", KEYS[1], "refunded", "EX", ARGV[2])
-  return "refunded"
-end
-if done then return done end
-redis.call("SET", KEYS[1], "cancelled", "EX", ARGV[2])
-return "cancelled""#,
-    )
-});
-/// One counter's value (nil when absent).
-static READ_COUNTER: LazyLock<Script> =
-    LazyLock::new(|| Script::new(r#"return redis.call("GET", KEYS[1])"#));
-/// Per-day counters outlive their day a little, for late readers; operation
-/// records live as long, so no late copy of an operation outlives its record.
-const COUNTER_TTL_SECS: u64 = 2 * 24 * 3600;
-/// Money operations Redis has not confirmed, kept for another try. Outage
-/// spend never overflows it (a full queue refuses the call); a refund that
-/// does not fit is given up (its credits stay counted: the safe side).
-const MAX_PENDING: usize = 1024;
-
-/// How long a client should wait while the shared ledger is unreachable.
-const LEDGER_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// How long a client should wait when calls in progress hold the budget:
-/// they settle within a fetch's time, often giving credits back.
-const RESERVED_RETRY_AFTER: Duration = Duration::from_secs(5);
-
-/// Why no upstream attempt was made for a payer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error(
-        "{} daily credit budget ({limit} credits) is spent; cached answers are still served, \
-         new questions resume at 00:00 UTC (in {} s)",
-        scope.possessive(),
-        clock::ceil_secs(*retry_after)
-    )]
-    Spent {
-        scope: Scope,
-        limit: u64,
-        retry_after: Duration,
-    },
-    /// The budget is taken up only because calls in progress reserved part
-    /// of it; they may give it back.
-    #[error(
-        "{} daily credit budget ({limit} credits) is taken up for now: {reserved} credits are \
-         reserved by calls in progress and may be given back; try again in a few seconds",
-        scope.possessive()
-    )]
-    Reserved {
-        scope: Scope,
-        limit: u64,
-        reserved: u64,
-    },
-    #[error(
-        "the shared credit ledger is unreachable, so new questions are paused; cached answers \
-         are still served"
-    )]
-    LedgerUnavailable,
-}
-
-impl Refusal {
-    /// Whole seconds to wait (at least 1), for `Retry-After`.
-    pub fn retry_after_secs(&self) -> u64 {
-        match self {
-            Self::Spent { retry_after, .. } => clock::ceil_secs(*retry_after),
-            Self::Reserved { .. } => RESERVED_RETRY_AFTER.as_secs(),
-            Self::LedgerUnavailable => LEDGER_RETRY_AFTER.as_secs(),
-        }
-    }
-
-    /// Whose budget refused (none when the ledger itself is unreachable).
-    pub fn scope(&self) -> Option<Scope> {
-        match self {
-            Self::Spent { scope, .. } | Self::Reserved { scope, .. } => Some(*scope),
-            Self::LedgerUnavailable => None,
-        }
-    }
-
-    /// Bounded label for logs.
-    pub fn as_str(&self) -> &'static str {
-        match self.scope() {
-            Some(Scope::Global) => "global_budget",
-            Some(Scope::Client) => "client_budget",
-            Some(Scope::Warmup) => "warmup_allowance",
-            Some(Scope::Subject) => "subject_budget",
-            Some(Scope::Visitor) => "visitor_budget",
-            None => "ledger_unavailable",
-        }
-    }
-}
-
-/// One day of a budget as this replica sees it.
-#[derive(Debug, Default, Clone, Copy)]
-struct Day {
-    day: u64,
-    /// Credits spent today (the whole count without Redis).
-    spent: u64,
-    /// Fetches refused today.
-    refused: u64,
-    /// Credits spent today while Redis was unreachable (bounded by the allowance).
-    outage_spent: u64,
-}
-
-/// Credits that may be spent per UTC day, by the whole proxy or one client.
-#[derive(Debug)]
-pub struct Budget {
-    /// Credits per day; 0 = off (only the global budget, changed by a reload).
-    limit: AtomicU64,
-    scope: Scope,
-    /// The counter's name in Redis (`global`, `client:<id>`).
-    name: String,
-    today: Mutex<Day>,
-    /// Credits charged by this replica's calls not yet settled.
-    reserved: AtomicU64,
-}
-
-impl Budget {
-    /// `None` when `limit` is 0 (no budget). `name` names its Redis counter.
-    pub fn new(limit: u64, scope: Scope, name: String) -> Option<Self> {
-        (limit > 0).then(|| Self::with_limit(limit, scope, name))
-    }
-
-    fn with_limit(limit: u64, scope: Scope, name: String) -> Self {
-        Self {
-            limit: AtomicU64::new(limit),
-            scope,
-            name,
-            today: Mutex::new(Day::default()),
-            reserved: AtomicU64::new(0),
-        }
-    }
-
-    /// Credits per day.
-    pub fn limit(&self) -> u64 {
-        self.limit.load(Ordering::Relaxed)
-    }
-
-    /// Starts from `previous`'s count of today (a reload replacing a
-    /// client's or warm-up's account): a new limit, not a new day.
-    pub fn carry_over(&self, previous: &Budget) {
-        *self.lock_today() = *previous.lock_today();
-    }
-
-    /// Credits this replica's calls in progress have been charged but not
-    /// yet settled (kept, or given back).
-    pub fn reserved(&self) -> u64 {
-        self.reserved.load(Ordering::Relaxed)
-    }
-
-    /// The entry of UTC day `day`, started afresh when `day` is a new one.
-    /// It never goes back: a clock stepped back keeps counting on the newer
-    /// day (which only errs on the side of spending less).
-    fn day(&self, day: u64) -> MutexGuard<'_, Day> {
-        let mut today = self.lock_today();
-        if day > today.day {
-            *today = Day {
-                day,
-                ..Day::default()
-            };
-        }
-        today
-    }
-
-    /// The entry of `day` if it is still the current one: settling a charge
-    /// of a day that has ended must not touch the new day's counts.
-    fn on_day(&self, day: u64) -> Option<MutexGuard<'_, Day>> {
-        Some(self.lock_today()).filter(|today| today.day == day)
-    }
-
-    fn lock_today(&self) -> MutexGuard<'_, Day> {
-        self.today.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Why this budget refuses a call of `cost` while it holds `count`:
-    /// spent, or taken up only by this replica's calls in progress.
-    fn refusal(&self, count: u64, cost: u64, now: SystemTime) -> Refusal {
-        let reserved = self.reserved();
-        let limit = self.limit();
-        if reserved > 0 && count.saturating_sub(reserved) + cost <= limit {
-            return Refusal::Reserved {
-                scope: self.scope,
-                limit,
-                reserved,
-            };
-        }
-        Refusal::Spent {
-            scope: self.scope,
-            limit,
-            retry_after: clock::until_utc_midnight(now),
-        }
-    }
-}
-
-/// A configured client's (or warm-up's, or token subject's) account: its
-/// budget and what it has been charged.
-#[derive(Debug)]
-pub struct Account {
-    /// The client's configured id (a subject's ledger name).
-    pub id: Arc<str>,
-    /// Its daily budget, if any.
-    pub budget: Option<Budget>,
-    /// `client_credits_spent_total{client}` (for a subject, its issuer's
-    /// `issuer_credits_spent_total{issuer}`): credits of calls it started.
-    pub charged: Counter,
-    /// Credits of its calls that reached KeyAPI today, on this replica
-    /// (`/stats`'s top spenders; kept whether or not it has a budget).
-    pub spent: DaySpend,
-    /// Its payer's line in the spend history (a client's own; every
-    /// subject of an issuer shares one, as every visitor does).
-    pub tally: Arc<Tally>,
-}
-
-impl Account {
-    /// Starts from `previous`'s counts of today: a reload replacing its
-    /// configuration (a new limit) does not make a new day.
-    pub fn carry_over(&self, previous: &Account) {
-        if let (Some(budget), Some(old)) = (&self.budget, &previous.budget) {
-            budget.carry_over(old);
-        }
-        *self.spent.lock() = *previous.spent.lock();
-    }
-}
-
-/// Credits spent on one UTC day, started afresh on the next.
-#[derive(Debug, Default)]
-pub struct DaySpend(Mutex<(u64, u64)>);
-
-impl DaySpend {
-    /// Credits spent on `day` (0 if the tally is of another day).
-    pub fn on(&self, day: u64) -> u64 {
-        let (tally_day, credits) = *self.lock();
-        if tally_day == day { credits } else { 0 }
-    }
-
-    /// Adds `cost` to `day`'s tally; an older day's is dropped first, and a
-    /// charge of a day that has ended does not count on the new one.
-    fn add(&self, day: u64, cost: u64) {
-        let mut tally = self.lock();
-        if day > tally.0 {
-            *tally = (day, 0);
-        }
-        if day == tally.0 {
-            tally.1 += cost;
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, (u64, u64)> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+pub use budget::{Account, Budget, DaySpend};
+pub use refusal::Refusal;
 
 /// Who starts an upstream fetch, and so whose budgets it draws on.
 #[derive(Debug, Clone)]
@@ -394,94 +120,6 @@ enum Counted {
     /// This replica's outage allowance (Redis configured but unreachable);
     /// queued for Redis as the operation with this id.
     Outage(String),
-}
-
-/// What a money operation does in Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OpKind {
-    /// Adds spend made during an outage (no limit: the call was made).
-    Record,
-    /// Gives a charge back, or cancels it if it was never made.
-    Refund,
-}
-
-impl OpKind {
-    /// Bounded label for logs.
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Record => "record",
-            Self::Refund => "refund",
-        }
-    }
-}
-
-/// A money operation Redis has not confirmed: on some budgets' counters of
-/// one day, under its own id.
-#[derive(Debug, Clone)]
-struct Op {
-    id: String,
-    kind: OpKind,
-    /// The counters' names (client budget first, then global).
-    budgets: Vec<String>,
-    day: u64,
-    cost: u64,
-    /// Sent at least once, so Redis may have applied it.
-    sent: bool,
-}
-
-impl Op {
-    fn new(id: String, kind: OpKind, budgets: &[Option<&Budget>; 2], day: u64, cost: u64) -> Self {
-        Self {
-            id,
-            kind,
-            budgets: budgets.iter().flatten().map(|b| b.name.clone()).collect(),
-            day,
-            cost,
-            sent: false,
-        }
-    }
-
-    /// Runs the operation (again: it is idempotent); true once Redis answered.
-    async fn send(&mut self, redis: &RedisTier) -> bool {
-        let names = self.budgets.iter().map(String::as_str);
-        let applied = match self.kind {
-            OpKind::Record => send_charge(redis, &self.id, names, None, self.day, self.cost).await,
-            OpKind::Refund => send_refund(redis, &self.id, names, self.day, self.cost).await,
-        };
-        self.sent |= applied != Applied::NotSent;
-        matches!(applied, Applied::Answered(_))
-    }
-}
-
-/// What Redis recorded for a money operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Charged,
-    /// The `index`-th counter (0-based) held `count`: too much for the cost.
-    Refused {
-        index: usize,
-        count: u64,
-    },
-    Cancelled,
-    Refunded,
-}
-
-impl Outcome {
-    /// Reads a script's answer; `None` for anything else.
-    fn parse(raw: &str) -> Option<Self> {
-        let mut words = raw.split(' ');
-        let outcome = match words.next()? {
-            "charged" => Self::Charged,
-            "cancelled" => Self::Cancelled,
-            "refunded" => Self::Refunded,
-            "refused" => Self::Refused {
-                index: words.next()?.parse::<usize>().ok()?.checked_sub(1)?,
-                count: words.next()?.parse().ok()?,
-            },
-            _ => return None,
-        };
-        words.next().is_none().then_some(outcome)
-    }
 }
 
 /// The proxy's books: the global budget and where counts live.
@@ -776,61 +414,6 @@ impl Ledger {
     }
 }
 
-/// A fresh money operation id.
-fn new_op_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
-
-/// `<prefix>count:<name>:<day>`: a budget's cluster-wide count of one UTC day.
-fn counter_key(redis: &RedisTier, name: &str, day: u64) -> String {
-    redis.namespaced(&format!("count:{name}:{day}"))
-}
-
-/// `<prefix>op:<id>`: what became of one money operation.
-fn op_key(redis: &RedisTier, id: &str) -> String {
-    redis.namespaced(&format!("op:{id}"))
-}
-
-/// Runs [`CHARGE`] for operation `id` on the counters `names` of `day`:
-/// checked against `limits` (one per counter) when given, else recorded.
-async fn send_charge<'a>(
-    redis: &RedisTier,
-    id: &str,
-    names: impl Iterator<Item = &'a str>,
-    limits: Option<&[u64]>,
-    day: u64,
-    cost: u64,
-) -> Applied<Option<Outcome>> {
-    let mut invocation = CHARGE.key(op_key(redis, id));
-    let mode = if limits.is_some() { "check" } else { "record" };
-    invocation.arg(cost).arg(COUNTER_TTL_SECS).arg(mode);
-    for name in names {
-        invocation.key(counter_key(redis, name, day));
-    }
-    for limit in limits.unwrap_or_default() {
-        invocation.arg(*limit);
-    }
-    let applied: Applied<String> = redis.invoke_ledger(&invocation).await;
-    applied.map(|raw| Outcome::parse(&raw))
-}
-
-/// Runs [`REFUND`] for operation `id` on the counters `names` of `day`.
-async fn send_refund<'a>(
-    redis: &RedisTier,
-    id: &str,
-    names: impl Iterator<Item = &'a str>,
-    day: u64,
-    cost: u64,
-) -> Applied<Option<Outcome>> {
-    let mut invocation = REFUND.key(op_key(redis, id));
-    invocation.arg(cost).arg(COUNTER_TTL_SECS);
-    for name in names {
-        invocation.key(counter_key(redis, name, day));
-    }
-    let applied: Applied<String> = redis.invoke_ledger(&invocation).await;
-    applied.map(|raw| Outcome::parse(&raw))
-}
-
 /// Credits taken for one attempt; [`Charge::settle`] keeps or returns them.
 /// Until then (or until dropped) they count as reserved.
 pub struct Charge<'a> {
@@ -903,10 +486,10 @@ impl Drop for Charge<'_> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::time::UNIX_EPOCH;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::{clock::ManualClock, metrics::Scope};
 
     /// A manual clock `secs` seconds before a UTC midnight.
     fn before_midnight(secs: u64) -> (Arc<ManualClock>, SharedClock) {

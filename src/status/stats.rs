@@ -1,5 +1,5 @@
 //! The data of the operational endpoints (`/stats`, `/`), apart from how
-//! they render it ([`crate::routes`]). It is recomputed at most
+//! they render it ([`super::page`], served by [`crate::routes`]). It is recomputed at most
 //! once per [`REFRESH`] (by the app's clock) and shared by every request in
 //! between, so a flood of them costs a lock and a clone each. The one O(n)
 //! part — the cache's entry count, bytes and top keys — runs on a blocking
@@ -22,11 +22,11 @@ use crate::{
     clock::{self, SharedClock},
     ledger::{Budget, Ledger},
     live::ReloadStats,
+    metrics::history::Minute,
     metrics::{Scope, Totals},
     payers::{Spender, TOP_SPENDERS},
     route::Route,
     state::AppState,
-    stats::Minute,
     warmup::WarmupStats,
 };
 
@@ -72,6 +72,9 @@ impl<T> Throttled<T> {
         value
     }
 }
+
+/// `/stats` and `/` data, recomputed at most once a second (one per router).
+pub(crate) type StatsCell = Throttled<Stats>;
 
 /// One of the most-hit cached questions.
 #[derive(Debug, Clone, Serialize)]

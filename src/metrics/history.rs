@@ -1,6 +1,6 @@
 //! In-memory history for `/stats` and the status page: a ring of 60
 //! one-minute buckets (requests, hits, upstream calls, credits) and the
-//! upstream's recent health. Fed by [`crate::metrics::Metrics`]; bounded in
+//! upstream's recent health. Fed by [`super::Metrics`]; bounded in
 //! size whatever the traffic.
 
 use std::{
