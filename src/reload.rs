@@ -17,9 +17,9 @@
 //! warm-up is the same object; a changed client or warm-up carries its
 //! budget count of today over.
 //!
-//! The first generation is built here too ([`build_live`]), so start-up
+//! The first generation is built here too (`build_live`), so start-up
 //! and reload assemble a configuration the same way. The reloader runs in
-//! its own task ([`Reloader::run`]), one reload at a time, and owns the
+//! its own task (`Reloader::run`), one reload at a time, and owns the
 //! warm-ups' schedules.
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};

@@ -61,12 +61,15 @@ fn routes(ttl: &str, list: bool) -> String {
     text
 }
 
-async fn fake() -> Arc<FakeUpstream> {
-    Arc::new(
-        FakeUpstream::start(TEST_API_KEY, Duration::ZERO)
-            .await
-            .unwrap(),
-    )
+/// A fake KeyAPI and a proxy reading the files of `test` (configured by
+/// `body`, after `[upstream]`), which it reloads on request.
+async fn start(test: &str, body: &str) -> (LiveFiles, Arc<FakeUpstream>, TestApp) {
+    let files = LiveFiles::new(test);
+    let upstream = FakeUpstream::start(TEST_API_KEY, Duration::ZERO);
+    let upstream = Arc::new(upstream.await.unwrap());
+    files.write_config(&upstream, body);
+    let app = spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await;
+    (files, upstream, app)
 }
 
 /// `POST /admin/reload` as `token`: the status and the body as JSON.
@@ -100,10 +103,7 @@ async fn await_key(app: &TestApp, generation: u64) {
 
 #[tokio::test]
 async fn a_reload_adding_a_client_lets_it_in_at_once_and_keeps_the_others_and_the_cache() {
-    let files = LiveFiles::new("add-client");
-    let upstream = fake().await;
-    files.write_config(&upstream, &admin_only());
-    let app = spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await;
+    let (files, upstream, app) = start("add-client", &admin_only()).await;
     let (status, headers, _) = parts(app.get_hashtag_as(ADMIN, "hashtag_name=nba").await).await;
     assert_eq!(status, 200);
     assert!(header(&headers, "cache-status").ends_with("stored"));
@@ -153,10 +153,7 @@ async fn a_reload_adding_a_client_lets_it_in_at_once_and_keeps_the_others_and_th
 
 #[tokio::test]
 async fn an_invalid_configuration_is_rejected_whole_and_the_running_one_kept() {
-    let files = LiveFiles::new("invalid");
-    let upstream = fake().await;
-    files.write_config(&upstream, &admin_only());
-    let app = spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await;
+    let (files, upstream, app) = start("invalid", &admin_only()).await;
 
     // A valid new client next to an invalid one: neither applies.
     let bad = clients(&[
@@ -204,10 +201,7 @@ async fn an_invalid_configuration_is_rejected_whole_and_the_running_one_kept() {
 
 #[tokio::test]
 async fn restart_only_keys_are_reported_and_keep_their_running_values() {
-    let files = LiveFiles::new("restart-only");
-    let upstream = fake().await;
-    files.write_config(&upstream, &admin_only());
-    let app = spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await;
+    let (files, upstream, app) = start("restart-only", &admin_only()).await;
     let body = format!(
         "retries = 0\n\n[cache]\nmax_bytes = 1000000\n{}",
         clients(&[("ops", ADMIN, "admin = true"), ("team", TEAM, "")])
@@ -232,13 +226,8 @@ async fn restart_only_keys_are_reported_and_keep_their_running_values() {
 
 #[tokio::test]
 async fn a_route_ttl_change_applies_to_new_entries_and_a_removed_route_drops_its_own() {
-    let files = LiveFiles::new("routes");
-    let upstream = fake().await;
-    files.write_config(
-        &upstream,
-        &format!("{}{}", admin_only(), routes("1h", true)),
-    );
-    let app = spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await;
+    let body = format!("{}{}", admin_only(), routes("1h", true));
+    let (files, upstream, app) = start("routes", &body).await;
     app.get_hashtag_as(ADMIN, "hashtag_name=before").await;
     let list = |page: u32| {
         app.client
@@ -293,10 +282,7 @@ async fn a_route_ttl_change_applies_to_new_entries_and_a_removed_route_drops_its
 
 #[tokio::test]
 async fn the_key_file_replaced_by_a_rename_is_used_by_the_next_call() {
-    let files = LiveFiles::new("rotation");
-    let upstream = fake().await;
-    files.write_config(&upstream, &admin_only());
-    let app = spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await;
+    let (files, upstream, app) = start("rotation", &admin_only()).await;
     app.get_hashtag_as(ADMIN, "hashtag_name=one").await;
 
     const NEW_KEY: &str = "sk-live-ROTATED-0011223344556677";
@@ -325,10 +311,7 @@ async fn the_key_file_replaced_by_a_rename_is_used_by_the_next_call() {
 
 #[tokio::test]
 async fn a_key_revoked_while_its_call_is_in_flight_is_retried_once_with_the_new_key() {
-    let files = LiveFiles::new("revoked");
-    let upstream = fake().await;
-    files.write_config(&upstream, &admin_only());
-    let app = spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await;
+    let (files, upstream, app) = start("revoked", &admin_only()).await;
     // The call goes out with the first key and waits at KeyAPI...
     upstream.hold();
     let in_flight = {
@@ -373,11 +356,8 @@ async fn a_key_revoked_while_its_call_is_in_flight_is_retried_once_with_the_new_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_and_misses_through_20_reloads_and_3_rotations_see_no_error_and_pay_no_question_twice()
 {
-    let files = LiveFiles::new("load");
-    let upstream = fake().await;
-    files.write_config(&upstream, &admin_only());
-    let app =
-        Arc::new(spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await);
+    let (files, upstream, app) = start("load", &admin_only()).await;
+    let app = Arc::new(app);
     let stop = Arc::new(AtomicBool::new(false));
     let (requests, errors) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let workers: Vec<_> = (0..8)
@@ -503,10 +483,7 @@ async fn sighup_reloads_the_binary() {
 
 #[tokio::test]
 async fn a_key_file_written_in_place_is_read_again_too() {
-    let files = LiveFiles::new("in-place");
-    let upstream = fake().await;
-    files.write_config(&upstream, &admin_only());
-    let app = spawn_from_files(&files, Arc::clone(&upstream), Arc::new(SystemClock)).await;
+    let (files, upstream, app) = start("in-place", &admin_only()).await;
     // As a bind-mounted Docker secret changes: the same file, new contents.
     std::fs::write(&files.key, "sk-live-INPLACE-0123456789\n").unwrap();
     await_key(&app, 2).await;

@@ -83,6 +83,29 @@ async fn one_day(a: &TestApp, b: &TestApp, day: u64) {
     assert_eq!(report.warmed, 2, "{report:?}");
 }
 
+/// Runs [`one_day`] on `a` and `b` for each of `days`, moving the clock a
+/// day after each; returns each day's increase of `credits_spent_total`
+/// over `apps` (every replica once).
+async fn run_days(
+    (a, b): (&TestApp, &TestApp),
+    apps: &[&TestApp],
+    days: std::ops::Range<u64>,
+    manual: &ManualClock,
+) -> Vec<u64> {
+    let booked_all = || apps.iter().map(|app| booked(app)).sum::<u64>();
+    let mut increases = Vec::new();
+    for day in days {
+        let before = booked_all();
+        one_day(a, b, day).await;
+        for app in apps {
+            app.state.proxy().idle().await;
+        }
+        increases.push(booked_all() - before);
+        manual.advance(Duration::from_secs(DAY));
+    }
+    increases
+}
+
 /// What every day holds: (payer, spent, calls, saved, refusals).
 const EXPECTED: [(&str, u64, u64, u64, u64); 3] = [
     ("client:team-a", 2, 1, 2, 0),
@@ -169,14 +192,7 @@ fn check_csv(csv: &str) {
 async fn in_memory_three_days_two_clients_and_a_warm_up_agree_with_the_ledger() {
     let manual = manual_clock();
     let app = spawn_app_with_clock(manual.clone(), configure).await;
-    let mut increases = Vec::new();
-    for day in 0..3 {
-        let before = booked(&app);
-        one_day(&app, &app, day).await;
-        app.state.proxy().idle().await;
-        increases.push(booked(&app) - before);
-        manual.advance(Duration::from_secs(DAY));
-    }
+    let increases = run_days((&app, &app), &[&app], 0..3, &manual).await;
     assert_eq!(increases, [10, 10, 10]);
     let (status, body) = spend(&app, &three_days(), "application/json").await;
     assert_eq!(status, 200, "{body}");
@@ -239,23 +255,13 @@ async fn the_snapshot_file_keeps_the_history_across_a_restart() {
     };
     let manual = manual_clock();
     let mut first = spawn_app_with_clock(manual.clone(), with_snapshot).await;
-    let mut increases = Vec::new();
-    for day in 0..2 {
-        let before = booked(&first);
-        one_day(&first, &first, day).await;
-        first.state.proxy().idle().await;
-        increases.push(booked(&first) - before);
-        manual.advance(Duration::from_secs(DAY));
-    }
+    let mut increases = run_days((&first, &first), &[&first], 0..2, &manual).await;
     first.begin_shutdown().await.unwrap();
 
     let second = first
         .spawn_replica_with_clock(manual.clone(), with_snapshot)
         .await;
-    let before = booked(&second);
-    one_day(&second, &second, 2).await;
-    second.state.proxy().idle().await;
-    increases.push(booked(&second) - before);
+    increases.extend(run_days((&second, &second), &[&second], 2..3, &manual).await);
     let (status, body) = spend(&second, &three_days(), "application/json").await;
     assert_eq!(status, 200, "{body}");
     check_json(&body, &increases);
@@ -277,16 +283,8 @@ async fn redis_keeps_one_history_for_two_replicas() {
     let manual = manual_clock();
     let a = spawn_app_with_clock(manual.clone(), shared).await;
     let b = a.spawn_replica_with_clock(manual.clone(), shared).await;
-    let mut increases = Vec::new();
-    for day in 0..3 {
-        let before = booked(&a) + booked(&b);
-        // team-a and the warm-up on replica a, team-b on replica b.
-        one_day(&a, &b, day).await;
-        a.state.proxy().idle().await;
-        b.state.proxy().idle().await;
-        increases.push(booked(&a) + booked(&b) - before);
-        manual.advance(Duration::from_secs(DAY));
-    }
+    // team-a and the warm-up on replica a, team-b on replica b.
+    let increases = run_days((&a, &b), &[&a, &b], 0..3, &manual).await;
     assert_eq!(increases, [10, 10, 10]);
     // Each replica's counts reach Redis within seconds, and before its own reads.
     b.state.spend().flush().await;
