@@ -2,7 +2,7 @@
 //! process and without HTTP noise: run with
 //! `cargo run --release --example hit_path_overhead`.
 //!
-//! Each step is the exact call the hashtag route (or the request middleware)
+//! Each step is the exact call a proxied route (or the request middleware)
 //! makes per request; the loop runs it many times and prints ns per request.
 
 use futures_util::FutureExt as _;

@@ -14,13 +14,13 @@ use prometheus_client::metrics::counter::Counter;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::{
-    cache::redis::RedisTier,
     clock::SharedClock,
     config::ClientConfig,
     digest,
     ledger::{Account, Budget, DaySpend},
     limits::RateLimit,
     metrics::{Metrics, Scope},
+    redis_conn::RedisConn,
     spend::SpendHistory,
 };
 
@@ -59,7 +59,7 @@ impl Client {
         c: &ClientConfig,
         metrics: &Metrics,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
         spend: &SpendHistory,
     ) -> Option<Self> {
         let id = Arc::<str>::from(c.id.as_str());
@@ -75,7 +75,6 @@ impl Client {
                     .map(|l| l.shared(redis, &name))
             }),
             account: Arc::new(Account {
-                id: Arc::clone(&id),
                 budget: c
                     .daily_budget
                     .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
@@ -118,7 +117,7 @@ impl Access {
         config: &[ClientConfig],
         metrics: &Metrics,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
         spend: &SpendHistory,
         previous: Option<&Access>,
     ) -> Self {

@@ -30,6 +30,7 @@ use crate::{
     observe::{Observe, Traced},
     protect::Protection,
     proxy::Proxy,
+    redis_conn::{RedisConn, TargetError},
     reload::{self, LiveError, Reloader, ReloaderParts},
     routes::Front,
     server::{self, Limits},
@@ -53,8 +54,8 @@ pub enum StartupError {
     },
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(#[from] reqwest::Error),
-    #[error("cannot set up the Redis client: {0}")]
-    Redis(#[from] redis::RedisError),
+    #[error("configuration: {0}")]
+    Redis(#[from] TargetError),
 }
 
 /// A built, bound, not yet running service.
@@ -119,15 +120,21 @@ impl App {
             Arc::clone(&metrics),
             clock.clone(),
         ));
-        let redis = match &config.cache.redis.url {
-            Some(url) => Some(Arc::new(RedisTier::new(
-                url.expose(),
-                config.cache.redis.tier_settings(config.worst_fetch()),
+        let redis = match config.cache.redis.target()? {
+            Some(target) => Some(Arc::new(RedisConn::new(
+                &target,
+                config.cache.redis.settings(),
                 Arc::clone(&metrics),
-                Arc::clone(&check),
             )?)),
             None => None,
         };
+        let tier = redis.as_ref().map(|conn| {
+            Arc::new(RedisTier::new(
+                Arc::clone(conn),
+                config.cache.redis.tier_settings(config.worst_fetch()),
+                Arc::clone(&check),
+            ))
+        });
         let spend = Arc::new(SpendHistory::new(
             config.credits.history_days,
             clock.clone(),
@@ -146,11 +153,11 @@ impl App {
             proxy: Proxy::new(
                 Tiers::new(
                     LocalCache::new(config.cache.max_bytes, clock.clone()),
-                    redis.clone(),
+                    tier,
                     clock.clone(),
                 ),
                 upstream,
-                Protection::from_config(&config.upstream),
+                Protection::from_config(&config.upstream, clock.clone()),
                 ledger,
                 clock.clone(),
                 Arc::clone(&metrics),

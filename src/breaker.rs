@@ -4,16 +4,21 @@
 //!
 //! While open, misses fail fast instead of piling up sockets on a dead
 //! upstream (and spending credits on calls that fail).
+//!
+//! The cool-down is counted on the app's clock (read only while the circuit
+//! is not closed), so tests move it by hand instead of waiting it out.
 
 use std::{
     sync::{Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::{Duration, SystemTime},
 };
+
+use crate::clock::SharedClock;
 
 #[derive(Debug, Clone, Copy)]
 enum State {
     Closed { failures: u32 },
-    Open { until: Instant },
+    Open { until: SystemTime },
     HalfOpen,
 }
 
@@ -23,6 +28,7 @@ pub(crate) struct Breaker {
     state: Mutex<State>,
     threshold: u32,
     cooldown: Duration,
+    clock: SharedClock,
 }
 
 /// The circuit is open; try again after `retry_after`.
@@ -40,27 +46,25 @@ pub(crate) struct Pass<'a> {
 }
 
 impl Breaker {
-    /// A closed breaker.
-    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+    /// A closed breaker counting its cool-down on `clock`.
+    pub(crate) fn new(threshold: u32, cooldown: Duration, clock: SharedClock) -> Self {
         Self {
             state: Mutex::new(State::Closed { failures: 0 }),
             threshold: threshold.max(1),
             cooldown,
+            clock,
         }
     }
 
     /// Asks to make a call now.
     pub(crate) fn try_pass(&self) -> Result<Pass<'_>, Open> {
         let mut state = self.lock();
-        let now = Instant::now();
         match *state {
             State::Closed { .. } => {}
-            State::Open { until } if now < until => {
-                return Err(Open {
-                    retry_after: until - now,
-                });
-            }
-            State::Open { .. } => {
+            State::Open { until } => {
+                if let Some(retry_after) = self.clock.left_until(until) {
+                    return Err(Open { retry_after });
+                }
                 tracing::info!("circuit half-open: sending one probe");
                 *state = State::HalfOpen;
             }
@@ -97,7 +101,7 @@ impl Breaker {
             (_, false) => {
                 tracing::warn!(cooldown = ?self.cooldown, "circuit open: upstream keeps failing");
                 State::Open {
-                    until: Instant::now() + self.cooldown,
+                    until: self.clock.now() + self.cooldown,
                 }
             }
         };
@@ -113,7 +117,7 @@ impl Breaker {
         let mut state = self.lock();
         if matches!(*state, State::HalfOpen) {
             *state = State::Open {
-                until: Instant::now(),
+                until: self.clock.now(),
             };
         }
     }
@@ -148,11 +152,18 @@ impl Drop for Pass<'_> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::clock::{ManualClock, SystemClock};
+
+    fn on_system_clock(threshold: u32, cooldown: Duration) -> Breaker {
+        Breaker::new(threshold, cooldown, SharedClock::new(Arc::new(SystemClock)))
+    }
 
     #[test]
     fn opens_after_threshold_then_half_opens_with_one_probe() {
-        let breaker = Breaker::new(2, Duration::ZERO);
+        let breaker = on_system_clock(2, Duration::ZERO);
         breaker.try_pass().unwrap().record(false);
         assert_eq!(breaker.state_str(), "closed");
         breaker.try_pass().unwrap().record(false);
@@ -167,10 +178,10 @@ mod tests {
 
     #[test]
     fn a_dropped_probe_counts_as_failure() {
-        let breaker = Breaker::new(1, Duration::from_secs(60));
+        let breaker = on_system_clock(1, Duration::from_secs(60));
         breaker.try_pass().unwrap().record(false);
         assert!(breaker.try_pass().is_err());
-        let breaker = Breaker::new(1, Duration::ZERO);
+        let breaker = on_system_clock(1, Duration::ZERO);
         breaker.try_pass().unwrap().record(false);
         drop(breaker.try_pass().unwrap());
         assert_eq!(breaker.state_str(), "open");
@@ -178,7 +189,7 @@ mod tests {
 
     #[test]
     fn a_withdrawn_pass_records_nothing_and_leaves_the_probe_to_the_next_caller() {
-        let breaker = Breaker::new(2, Duration::ZERO);
+        let breaker = on_system_clock(2, Duration::ZERO);
         breaker.try_pass().unwrap().record(false);
         breaker.try_pass().unwrap().withdraw();
         assert_eq!(breaker.state_str(), "closed", "one failure, not two");
@@ -187,6 +198,19 @@ mod tests {
         assert_eq!(breaker.state_str(), "open");
         let probe = breaker.try_pass().expect("the next caller probes");
         probe.record(true);
+        assert_eq!(breaker.state_str(), "closed");
+    }
+
+    #[test]
+    fn the_cool_down_runs_on_the_app_clock() {
+        let manual = Arc::new(ManualClock::new(SystemTime::now()));
+        let breaker = Breaker::new(1, Duration::from_secs(30), SharedClock::new(manual.clone()));
+        breaker.try_pass().unwrap().record(false);
+        manual.advance(Duration::from_secs(20));
+        let open = breaker.try_pass().expect_err("still cooling down");
+        assert_eq!(open.retry_after, Duration::from_secs(10));
+        manual.advance(Duration::from_secs(10));
+        breaker.try_pass().expect("the probe").record(true);
         assert_eq!(breaker.state_str(), "closed");
     }
 }

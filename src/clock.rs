@@ -64,6 +64,11 @@ impl SharedClock {
     pub fn now(&self) -> SystemTime {
         self.0.now()
     }
+
+    /// Time left until `t`; `None` once `t` has come.
+    pub fn left_until(&self, t: SystemTime) -> Option<Duration> {
+        t.duration_since(self.now()).ok().filter(|d| !d.is_zero())
+    }
 }
 
 impl governor::clock::Clock for SharedClock {

@@ -21,16 +21,13 @@ use axum::{
         },
     },
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
-    access::X_API_KEY,
-    cache_status::CACHE_STATUS,
-    config::CorsConfig,
-    error::ApiError,
-    request_id::{RequestId, X_REQUEST_ID},
+    access::X_API_KEY, cache_status::CACHE_STATUS, config::CorsConfig, error::ApiError,
+    request_id::X_REQUEST_ID,
 };
 
 /// `router` behind the CORS layer and the origin check for `config`, and
@@ -84,14 +81,11 @@ pub(crate) fn vary_by_origin(headers: &mut HeaderMap) {
 
 async fn refuse_other_origins(
     State(allowed): State<Arc<[HeaderValue]>>,
-    request_id: RequestId,
     request: Request,
     next: Next,
 ) -> Response {
     match request.headers().get(ORIGIN) {
-        Some(origin) if !allowed.contains(origin) => {
-            ApiError::OriginRefused.to_response(&request_id)
-        }
+        Some(origin) if !allowed.contains(origin) => ApiError::OriginRefused.into_response(),
         _ => next.run(request).await,
     }
 }

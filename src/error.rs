@@ -1,21 +1,24 @@
 //! Every error a client can see, mapped to a response in one place: the
 //! upstream's own envelope `{"code","message","data":null,"requestId"}` with
 //! the right HTTP status. Client mistakes are 400, upstream trouble 502/504,
-//! our own faults 500. Internal detail goes to the log, never to the body.
+//! our own faults 500; our own refusals to call KeyAPI (protection, budgets)
+//! 429/503 with `Retry-After`. Internal detail goes to the log, never to the
+//! body. [`ApiError`] wraps each layer's error and is an `IntoResponse`, so
+//! handlers return it with `?`.
 
 use axum::{
     body::Body,
     http::{
-        HeaderValue, StatusCode,
+        HeaderMap, HeaderValue, StatusCode,
         header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE},
     },
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use serde::Serialize;
 
 use crate::{
     access::AuthError, browser, cache_status, issuers::TokenError, ledger, limits::RateLimited,
-    proxy::ProxyError, request_id::RequestId, route::KeyError, spend::SpendError,
+    protect, proxy::ProxyError, request_id::RequestId, route::KeyError, spend::SpendError,
     upstream::UpstreamError,
 };
 
@@ -71,6 +74,10 @@ struct Envelope<'a> {
     request_id: &'a str,
 }
 
+/// The message of a 429 that KeyAPI's rate limit caused, directly or through our hold.
+const RATE_LIMITED: &str =
+    "KeyAPI's rate limit is reached; retry after the seconds in Retry-After.";
+
 /// `application/json`, shared by every JSON answer.
 pub(crate) const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
@@ -105,13 +112,14 @@ impl ApiError {
             Self::NotCached | Self::Proxy(ProxyError::Upstream(UpstreamError::Timeout)) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            Self::Proxy(ProxyError::Upstream(
-                UpstreamError::RateLimited { .. } | UpstreamError::HeldBack { .. },
-            )) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Proxy(ProxyError::Upstream(
-                UpstreamError::CircuitOpen { .. }
-                | UpstreamError::Overloaded { .. }
-                | UpstreamError::SpendCap { .. },
+            Self::Proxy(ProxyError::Upstream(UpstreamError::RateLimited { .. }))
+            | Self::Proxy(ProxyError::Protection(protect::Refusal::HeldBack { .. })) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Proxy(ProxyError::Protection(
+                protect::Refusal::CircuitOpen { .. }
+                | protect::Refusal::Overloaded { .. }
+                | protect::Refusal::SpendCap { .. },
             )) => StatusCode::SERVICE_UNAVAILABLE,
             // KeyAPI's 4xx statuses (other than 401/403) keep their meaning.
             Self::Proxy(ProxyError::Upstream(UpstreamError::Status(code)))
@@ -170,16 +178,18 @@ impl ApiError {
                 UpstreamError::Transport(_) => "The request to KeyAPI failed.",
                 UpstreamError::Malformed { .. } => "KeyAPI sent an invalid answer.",
                 UpstreamError::TooLarge { .. } => "KeyAPI's answer is too large.",
-                UpstreamError::RateLimited { .. } | UpstreamError::HeldBack { .. } => {
-                    "KeyAPI's rate limit is reached; retry after the seconds in Retry-After."
-                }
-                UpstreamError::CircuitOpen { .. } => {
+                UpstreamError::RateLimited { .. } => RATE_LIMITED,
+            },
+            Self::Proxy(ProxyError::Protection(refusal)) => match refusal {
+                // We hold back because KeyAPI said 429: its limit, as far as the client can tell.
+                protect::Refusal::HeldBack { .. } => RATE_LIMITED,
+                protect::Refusal::CircuitOpen { .. } => {
                     "KeyAPI is failing, so calls to it are paused (circuit open); retry after the seconds in Retry-After."
                 }
-                UpstreamError::Overloaded { .. } => {
+                protect::Refusal::Overloaded { .. } => {
                     "Too many calls to KeyAPI are in flight; retry after the seconds in Retry-After."
                 }
-                UpstreamError::SpendCap { .. } => {
+                protect::Refusal::SpendCap { .. } => {
                     "The spend-rate cap on KeyAPI calls is reached; retry after the seconds in Retry-After."
                 }
             },
@@ -230,13 +240,30 @@ impl ApiError {
                 headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
                 cache_status::set_no_store(headers);
             }
+            Self::Proxy(ProxyError::Protection(refusal)) => {
+                declined(headers, refusal.retry_after_secs(), refusal.as_str());
+            }
             Self::Proxy(ProxyError::Budget(refusal)) => {
-                headers.insert(RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs()));
-                cache_status::set_forwarded_uncached(headers, None, refusal.as_str());
+                declined(headers, refusal.retry_after_secs(), refusal.as_str());
             }
             Self::NotCached => cache_status::set_unserved(headers, "only-if-cached"),
             _ => cache_status::set_no_store(headers),
         }
         response
     }
+}
+
+/// Handlers return `Result<_, ApiError>` and use `?`: the error answers
+/// with the current request's id.
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.to_response(&RequestId::current())
+    }
+}
+
+/// The headers of a call we declined to make (protection or a budget):
+/// when to come back, and that KeyAPI was not asked (`reason` says why).
+fn declined(headers: &mut HeaderMap, retry_after_secs: u64, reason: &str) {
+    headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    cache_status::set_forwarded_uncached(headers, None, reason);
 }

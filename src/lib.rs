@@ -10,14 +10,14 @@
 //! compiled from config, raw query → normalized key; bad input stops here) → [`directives`] (the client's
 //! `Cache-Control`) → [`proxy`] → [`cache`] (a hit ends here) → [`coalesce`] (one fetch per key) → [`ledger`] (each attempt charged
 //! to whoever started the fetch, within its budgets) → [`upstream`] (KeyAPI,
-//! key injected, gated by `protect` and its `breaker`; bodies checked by
+//! key injected, gated by [`protect`] (our own refusals) and its `breaker`; bodies checked by
 //! [`envelope`]) → [`cache`] →
 //! `negotiate` (304 or gzip, from what the entry precomputed) with headers
 //! from `cache_status`; [`served`] names how it was answered. Errors are
 //! rendered in one place, `error`. [`app`] wires it together; [`config`]
 //! loads settings; `observe` logs and counts every request into
-//! [`metrics`] (and, with `[telemetry]`, makes it a trace span that
-//! `telemetry` exports); `status` gathers `/stats` and draws the status
+//! [`metrics`] (and, with `[telemetry]`, makes it a trace span, marked by
+//! `spans`' target, that `telemetry` exports); `status` gathers `/stats` and draws the status
 //! page from them; [`demo`] is a fake KeyAPI for `--demo` and the tests.
 //! Running for months: [`reload`] reads the configuration and the key again
 //! (`SIGHUP`, `POST /admin/reload`; the words shared with handlers are in
@@ -56,8 +56,9 @@ pub(crate) mod negotiate;
 pub(crate) mod observe;
 pub mod openapi;
 pub mod payers;
-pub(crate) mod protect;
+pub mod protect;
 pub mod proxy;
+pub mod redis_conn;
 pub mod reload;
 pub(crate) mod request_id;
 pub mod route;
@@ -66,6 +67,7 @@ pub mod served;
 pub(crate) mod server;
 pub(crate) mod shutdown;
 pub(crate) mod snapshot;
+pub(crate) mod spans;
 pub mod spend;
 pub mod state;
 pub(crate) mod status;

@@ -18,9 +18,9 @@ use governor::{
 use redis::Script;
 
 use crate::{
-    cache::redis::RedisTier,
     clock::{SharedClock, ceil_secs},
     metrics::Scope,
+    redis_conn::RedisConn,
 };
 
 /// A request refused with 429 by a rate limit.
@@ -54,7 +54,7 @@ redis.call("SET", KEYS[1], new_tat, "PX", math.ceil((new_tat - now) / 1000) + 10
 /// (`<prefix>rate:<name>`): `Some(None)` to pass, `Some(Some(wait))` to
 /// refuse, `None` if Redis failed.
 async fn gcra(
-    redis: &RedisTier,
+    redis: &RedisConn,
     name: &str,
     now: SystemTime,
     interval: Duration,
@@ -62,7 +62,7 @@ async fn gcra(
 ) -> Option<Option<Duration>> {
     let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     let now = micros(now.duration_since(UNIX_EPOCH).unwrap_or_default());
-    let mut invocation = GCRA.key(redis.namespaced(&format!("rate:{name}")));
+    let mut invocation = GCRA.key(redis.key(&format!("rate:{name}")));
     invocation.arg(now).arg(micros(interval)).arg(burst);
     let wait: i64 = redis.invoke(&invocation).await?;
     Some((wait > 0).then(|| Duration::from_micros(wait.unsigned_abs())))
@@ -78,7 +78,7 @@ pub struct RateLimit {
     /// GCRA parameters for the cluster-wide check in Redis: (interval, burst).
     gcra: (Duration, u32),
     /// The Redis tier and this limit's name in it, when shared.
-    shared: Option<(Arc<RedisTier>, String)>,
+    shared: Option<(Arc<RedisConn>, String)>,
 }
 
 impl RateLimit {
@@ -98,7 +98,7 @@ impl RateLimit {
 
     /// Counts this limit in the Redis tier under `name` (e.g. `global`, `client:<id>`),
     /// so it holds for the whole cluster. Costs one Redis round trip per request.
-    pub fn shared(mut self, redis: Option<&Arc<RedisTier>>, name: &str) -> Self {
+    pub fn shared(mut self, redis: Option<&Arc<RedisConn>>, name: &str) -> Self {
         self.shared = redis.map(|r| (Arc::clone(r), name.to_owned()));
         self
     }

@@ -56,7 +56,7 @@ use crate::{
     request_id::{RequestId, X_REQUEST_ID},
     served::{CacheState, Served},
     server::Handle,
-    telemetry::TRACE_TARGET,
+    spans::TRACE_TARGET,
 };
 
 /// The `route` label of requests that matched no route.

@@ -18,11 +18,11 @@ use std::{convert::Infallible, hash::Hash, sync::Arc};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
-    cache::redis::RedisTier,
     clock::{self, SharedClock},
     ledger::{Account, Budget, DaySpend},
     limits::RateLimit,
     metrics::{ClientCounters, Scope},
+    redis_conn::RedisConn,
     spend::Tally,
 };
 
@@ -74,7 +74,7 @@ pub struct KeyedPayers<K> {
     /// Their kind's line in the spend history (one for all of them).
     tally: Arc<Tally>,
     clock: SharedClock,
-    redis: Option<Arc<RedisTier>>,
+    redis: Option<Arc<RedisConn>>,
 }
 
 impl<K: Eq + Hash + Clone> KeyedPayers<K> {
@@ -87,7 +87,7 @@ impl<K: Eq + Hash + Clone> KeyedPayers<K> {
         counters: ClientCounters,
         tally: Arc<Tally>,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
     ) -> Self {
         Self {
             limits,
@@ -159,7 +159,6 @@ impl<K: Eq + Hash + Clone> KeyedPayers<K> {
         Arc::new(KeyedPayer {
             rate,
             account: Arc::new(Account {
-                id: Arc::clone(&id),
                 budget: Budget::new(daily_budget, self.scope, name),
                 charged: self.counters.credits_spent.clone(),
                 spent: DaySpend::default(),

@@ -32,9 +32,9 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use crate::{
     access::Access,
     api_key::{LiveKey, Reread},
-    cache::{EntryCheck, redis::RedisTier},
+    cache::EntryCheck,
     clock,
-    config::{self, Config},
+    config::{self, Config, Redacted},
     issuers::{IssuerError, Issuers},
     limits::RateLimit,
     live::{ReloadOutcome, ReloadReport, ReloadRequest, ReloadTrigger},
@@ -42,6 +42,7 @@ use crate::{
     observe::RouteLabels,
     openapi,
     protect::Protection,
+    redis_conn::RedisConn,
     route::{RouteConfigError, RouteTable},
     routes::{self, Generation},
     state::{AppState, Live, Shared},
@@ -113,7 +114,7 @@ pub fn compile(config: &Config) -> Result<(RouteTable, Vec<WarmupPlan>), LiveErr
 pub(crate) fn build_live(
     config: &Config,
     shared: &Shared,
-    redis: Option<&Arc<RedisTier>>,
+    redis: Option<&Arc<RedisConn>>,
     previous: Option<(&Live, &Config)>,
 ) -> Result<Live, LiveError> {
     let (metrics, clock, spend) = (&shared.metrics, &shared.clock, &*shared.spend);
@@ -228,17 +229,25 @@ fn json<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or_default()
 }
 
-/// The restart-only part of `config`, to compare; the Redis URL (printed
-/// redacted) as a digest, so a changed URL is seen without being shown.
+/// The restart-only part of `config`, to compare. Redis URLs and passwords
+/// (printed redacted) are compared by digest, so a change is seen without
+/// being shown.
 fn restart_view(config: &Config) -> Value {
     let cache = &config.cache;
-    let redis_url = cache
-        .redis
-        .url
-        .as_ref()
-        .map(|url| crate::digest::hex(&crate::digest::sha256(url.expose().as_bytes())));
+    let digest =
+        |secret: &Redacted| crate::digest::hex(&crate::digest::sha256(secret.expose().as_bytes()));
     let mut redis = json(&cache.redis);
-    redis["url"] = json(&redis_url);
+    redis["url"] = json(&cache.redis.url.as_ref().map(digest));
+    redis["sentinels"] = json(&cache.redis.sentinels.iter().map(digest).collect::<Vec<_>>());
+    redis["master_password"] = json(&cache.redis.master_password.as_ref().map(digest));
+    redis["cluster_nodes"] = json(
+        &cache
+            .redis
+            .cluster_nodes
+            .iter()
+            .map(digest)
+            .collect::<Vec<_>>(),
+    );
     serde_json::json!({
         "server": json(&config.server),
         "log": { "format": json(&config.log.format) },
@@ -319,7 +328,7 @@ pub(crate) struct Reloader {
     labels: Arc<ArcSwap<RouteLabels>>,
     /// The check of entries read back (its limits follow the routes).
     check: Arc<EntryCheck>,
-    redis: Option<Arc<RedisTier>>,
+    redis: Option<Arc<RedisConn>>,
     api_key: Arc<LiveKey>,
     /// The configuration in use (restart-only keys at their running values).
     running: Config,
@@ -334,7 +343,7 @@ pub(crate) struct ReloaderParts {
     pub(crate) current: Arc<ArcSwap<Generation>>,
     pub(crate) labels: Arc<ArcSwap<RouteLabels>>,
     pub(crate) check: Arc<EntryCheck>,
-    pub(crate) redis: Option<Arc<RedisTier>>,
+    pub(crate) redis: Option<Arc<RedisConn>>,
     pub(crate) api_key: Arc<LiveKey>,
     pub(crate) running: Config,
 }
@@ -470,7 +479,7 @@ impl Reloader {
         let key_rotated = key.is_some_and(|k| self.api_key.install(k, Reread::Reload));
         if let Some(upstream) = upstream {
             let protection = protection_changed(&self.running, &config)
-                .then(|| Protection::from_config(&config.upstream));
+                .then(|| Protection::from_config(&config.upstream, self.shared.clock.clone()));
             self.shared.proxy.reconfigure(upstream, protection);
         }
         let credits = &config.credits;

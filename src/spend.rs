@@ -30,8 +30,8 @@ use redis::Script;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    cache::redis::{Applied, RedisTier},
     clock::{self, SharedClock},
+    redis_conn::{Applied, RedisConn},
 };
 
 /// The callers without a token (visitors, or everyone on an open proxy).
@@ -189,7 +189,7 @@ enum Store {
     Memory(Mutex<BTreeMap<(u64, Arc<str>), Counts>>),
     /// Redis, shared by every replica.
     Redis {
-        redis: Arc<RedisTier>,
+        redis: Arc<RedisConn>,
         unconfirmed: tokio::sync::Mutex<Vec<Batch>>,
     },
 }
@@ -216,7 +216,7 @@ impl std::fmt::Debug for SpendHistory {
 
 impl SpendHistory {
     /// A history of `days` days on `clock`, kept in `redis` when given.
-    pub fn new(days: u64, clock: SharedClock, redis: Option<Arc<RedisTier>>) -> Self {
+    pub fn new(days: u64, clock: SharedClock, redis: Option<Arc<RedisConn>>) -> Self {
         let visitors = new_tally(VISITORS);
         let refresh = new_tally(REFRESH);
         let tallies = [&visitors, &refresh]
@@ -432,14 +432,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `<prefix>spend:<day>`: one day's hash.
-fn day_key(redis: &RedisTier, day: u64) -> String {
-    redis.namespaced(&format!("spend:{day}"))
+/// `<prefix>spend:<day>`: one day's hash (in the ledger's slot in a
+/// cluster: a batch's script touches several days and its own record).
+fn day_key(redis: &RedisConn, day: u64) -> String {
+    redis.ledger_key(&format!("spend:{day}"))
 }
 
 /// Sends `batch` (again: it counts once); true once Redis answered.
-async fn send(redis: &RedisTier, batch: &Batch, ttl: u64) -> bool {
-    let mut add = ADD.key(redis.namespaced(&format!("spendop:{}", batch.id)));
+async fn send(redis: &RedisConn, batch: &Batch, ttl: u64) -> bool {
+    let mut add = ADD.key(redis.ledger_key(&format!("spendop:{}", batch.id)));
     add.arg(ttl);
     for (day, payer, counts) in &batch.rows {
         add.key(day_key(redis, *day));

@@ -34,10 +34,8 @@ use tracing_subscriber::{
 use crate::{
     config::{LogFormat, TelemetryConfig},
     metrics::{self, SpanLoss},
+    spans::TRACE_TARGET,
 };
-
-/// The `tracing` target of every span meant for OpenTelemetry.
-pub(crate) const TRACE_TARGET: &str = "keyapi_proxy::trace";
 
 /// Finished spans waiting for export at most; beyond, new ones are dropped.
 const QUEUE_SPANS: usize = 2048;

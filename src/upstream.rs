@@ -61,8 +61,10 @@ impl UpstreamAnswer {
     }
 }
 
-/// Why a call did not produce a forwardable answer. Cloneable so one failure
-/// can be shared with every waiter of a single flight. Never carries the key.
+/// Why a call did not produce a forwardable answer: what KeyAPI (or the way
+/// to it) did. Our own decision not to call is [`crate::protect::Refusal`].
+/// Cloneable so one failure can be shared with every waiter of a single
+/// flight. Never carries the key.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("upstream rejected the configured API key (HTTP {0})")]
@@ -83,14 +85,6 @@ pub enum UpstreamError {
     TooLarge { limit: usize },
     #[error("upstream answered 429; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
-    #[error("holding back upstream calls after a 429 for {retry_after_secs} s more")]
-    HeldBack { retry_after_secs: u64 },
-    #[error("circuit open after repeated upstream failures; retry after {retry_after_secs} s")]
-    CircuitOpen { retry_after_secs: u64 },
-    #[error("too many upstream calls in flight")]
-    Overloaded { retry_after_secs: u64 },
-    #[error("upstream spend-rate cap reached; retry after {retry_after_secs} s")]
-    SpendCap { retry_after_secs: u64 },
 }
 
 impl UpstreamError {
@@ -103,20 +97,16 @@ impl UpstreamError {
         }
     }
 
-    /// Seconds a client should wait before retrying, when we know.
+    /// Seconds a client should wait before retrying, when KeyAPI said.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            Self::RateLimited { retry_after_secs }
-            | Self::HeldBack { retry_after_secs }
-            | Self::CircuitOpen { retry_after_secs }
-            | Self::Overloaded { retry_after_secs }
-            | Self::SpendCap { retry_after_secs } => Some(*retry_after_secs),
+            Self::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
     }
 
     /// True when the upstream itself misbehaved (counts towards the circuit
-    /// breaker); false for its deliberate answers and for our own refusals.
+    /// breaker); false for its deliberate answers.
     pub fn is_upstream_failure(&self) -> bool {
         match self {
             Self::Status(code) => *code >= 500,
@@ -154,10 +144,6 @@ impl UpstreamError {
             Self::Malformed { .. } => "malformed",
             Self::TooLarge { .. } => "too_large",
             Self::RateLimited { .. } => "rate_limited",
-            Self::HeldBack { .. } => "held_back",
-            Self::CircuitOpen { .. } => "circuit_open",
-            Self::Overloaded { .. } => "overloaded",
-            Self::SpendCap { .. } => "spend_cap",
         }
     }
 }

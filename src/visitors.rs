@@ -17,13 +17,13 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
-    cache::redis::RedisTier,
     caller::ClientAddr,
     clock::SharedClock,
     config::VisitorsConfig,
     digest,
     metrics::{Metrics, Scope},
     payers::{KeyedPayer, KeyedPayers, Limits, Spender},
+    redis_conn::RedisConn,
     spend::SpendHistory,
 };
 
@@ -45,7 +45,7 @@ impl Visitors {
         config: &VisitorsConfig,
         metrics: &Metrics,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
         spend: &SpendHistory,
     ) -> Self {
         let limits = Limits {

@@ -32,6 +32,7 @@ use crate::{
     config::{Config, QuestionValue, WarmupConfig},
     ledger::{Account, Budget, DaySpend, Payer, Refusal},
     metrics::Scope,
+    protect,
     proxy::{Prefetch, Proxy, ProxyError},
     route::{Route, RouteTable},
     spend::Tally,
@@ -394,7 +395,6 @@ impl Warmup {
     pub fn new(plan: WarmupPlan, charged: Counter, tally: Arc<Tally>) -> Self {
         let budget = Budget::new(plan.allowance, Scope::Warmup, plan.name.clone());
         let account = Arc::new(Account {
-            id: plan.name.as_str().into(),
             budget,
             charged,
             spent: DaySpend::default(),
@@ -430,7 +430,7 @@ impl Warmup {
         if let Some(redis) = proxy.redis() {
             let lease = format!("{}:{}", self.plan.name, schedule.slot(now));
             let ttl = schedule.fresh_for(now).max(Duration::from_secs(1));
-            if redis.take_lease(&lease, ttl).await == Some(false) {
+            if redis.conn().take_lease(&lease, ttl).await == Some(false) {
                 report.stopped_by = Some("another_replica");
                 self.finish(report.clone());
                 return report;
@@ -525,14 +525,17 @@ fn stops_the_run(error: &ProxyError) -> Option<&'static str> {
             | Refusal::Reserved { .. }
             | Refusal::LedgerUnavailable),
         ) => Some(refusal.as_str()),
+        ProxyError::Protection(
+            refusal @ (protect::Refusal::CircuitOpen { .. }
+            | protect::Refusal::HeldBack { .. }
+            | protect::Refusal::SpendCap { .. }),
+        ) => Some(refusal.as_str()),
         ProxyError::Upstream(
-            e @ (UpstreamError::CircuitOpen { .. }
-            | UpstreamError::HeldBack { .. }
-            | UpstreamError::RateLimited { .. }
-            | UpstreamError::SpendCap { .. }
-            | UpstreamError::KeyRejected(_)),
+            e @ (UpstreamError::RateLimited { .. } | UpstreamError::KeyRejected(_)),
         ) => Some(e.as_str()),
-        ProxyError::Upstream(_) | ProxyError::Abandoned(_) => None,
+        ProxyError::Protection(protect::Refusal::Overloaded { .. })
+        | ProxyError::Upstream(_)
+        | ProxyError::Abandoned(_) => None,
     }
 }
 

@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::{TestApp, assert_envelope, client, header, parts, spawn_app, spawn_app_with};
+use common::{
+    TestApp, assert_envelope, assert_hit, assert_stored_miss, client, header, parts, spawn_app,
+    spawn_app_with,
+};
 use keyapi_proxy::route::HASHTAG_DETAIL_PATH;
 use serde_json::Value;
 
@@ -54,7 +57,7 @@ async fn admin_needs_the_admin_flag() {
     }
     // Nothing was purged by the refused attempts.
     let (_, headers, _) = parts(app.get_hashtag_as(USER, "hashtag_name=ufc324").await).await;
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
 }
 
 #[tokio::test]
@@ -87,15 +90,10 @@ async fn purge_one_normalized_key_then_it_misses() {
     assert!(v["key"].as_str().unwrap().ends_with("hashtag_name=ufc324"));
 
     let (_, headers, _) = parts(app.get_hashtag_as(USER, "hashtag_name=ufc324").await).await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     let (_, headers, _) = parts(app.get_hashtag_as(USER, "hashtag_name=other").await).await;
-    assert!(
-        header(&headers, "cache-status").contains("; hit;"),
-        "other keys stay"
-    );
+    // Other keys stay.
+    assert_hit(&headers);
     assert_eq!(app.upstream.calls(), 3);
 
     let (status, body) = admin(

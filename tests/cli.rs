@@ -4,19 +4,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::spawn_app;
-
-fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("KEYAPI_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.args(args).envs(env.iter().copied()).output().unwrap()
-}
+use common::{
+    binary::{proxy_command, run_binary as run},
+    spawn_app,
+};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -186,12 +179,8 @@ async fn healthcheck_subcommand_probes_a_running_proxy() {
 /// to and including "listening", then stops it.
 fn startup_log(listen: &str, config: Option<&std::path::Path>, env: &[(&str, &str)]) -> String {
     use std::io::{BufRead, BufReader};
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("KEYAPI_") || name == "RUST_LOG" {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = proxy_command();
+    cmd.env_remove("RUST_LOG");
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
     }

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{
-    TEST_API_KEY, assert_envelope, client, header, metric, parts, spawn_app, spawn_app_with,
+    TEST_API_KEY, assert_envelope, assert_hit, client, header, metric, parts, spawn_app,
+    spawn_app_with,
 };
 use keyapi_proxy::{config::Config, digest};
 
@@ -69,7 +68,7 @@ async fn right_tokens_are_served_by_either_header() {
         .get_hashtag_with("hashtag_name=ufc324", &[("X-Api-Key", TOKEN_B)])
         .await;
     assert_eq!(response.status(), 200);
-    assert!(header(response.headers(), "cache-status").contains("; hit;"));
+    assert_hit(response.headers());
     assert_eq!(app.upstream.calls(), 1, "clients share the cache");
 
     let text = app.metrics().await;
@@ -134,7 +133,7 @@ async fn the_refresh_flag_lets_one_client_force_a_refetch() {
     let q = "hashtag_name=ufc324";
     app.get_hashtag_as(TOKEN_A, q).await;
     let plain = no_cache_as(&app, TOKEN_B).await;
-    assert!(header(plain.headers(), "cache-status").contains("; hit;"));
+    assert_hit(plain.headers());
     assert_eq!(app.upstream.calls(), 1);
     let refreshed = no_cache_as(&app, TOKEN_A).await;
     assert_eq!(
@@ -174,11 +173,7 @@ fn configuration_holds_hashes_not_tokens() {
 
 #[tokio::test]
 async fn hash_token_prints_a_token_that_authenticates() {
-    let out = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"))
-        .arg("hash-token")
-        .env_remove("KEYAPI_API_KEY")
-        .output()
-        .unwrap();
+    let out = common::binary::run_binary(&["hash-token"], &[]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let field = |name: &str| {

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{StalledH2, await_metric, spawn_app_with, spawn_binary};
+use common::{StalledH2, await_metric, binary::spawn_binary, spawn_app_with};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -65,6 +65,7 @@ async fn a_slowloris_head_is_cut_after_the_header_timeout() {
         .await
         .unwrap();
     // One header byte every 20 ms: the client is never silent, yet its head never ends.
+    // (A real sleep: the drip is the slow client itself, against the server's real timer.)
     let (mut read, mut write) = stream.split();
     let drip = async {
         loop {
@@ -454,7 +455,9 @@ async fn http2_pings_between_requests_do_not_start_the_header_timer() {
     let healthz = app.url("/healthz");
     assert_eq!(h2.get(&healthz).send().await.unwrap().status(), 200);
     // Five header timeouts of PINGs: frames, not request heads, so the
-    // connection is idle (30 s) rather than reading a head (100 ms).
+    // connection is idle (30 s) rather than reading a head (100 ms). A real
+    // sleep: the header timer is the server's real one, and this is the silence
+    // it must not count (no signal marks a timer that did not fire).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(h2.get(&healthz).send().await.unwrap().status(), 200);
 

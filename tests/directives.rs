@@ -8,19 +8,14 @@
 
 mod common;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::time::Duration;
 
 use common::{
-    Parts, TestApp, assert_envelope, assert_ledger_equals_bill, client, header, metric, parts,
-    redis_server::{RedisServer, with_redis},
-    spawn_app_with, spawn_app_with_clock,
+    Parts, TestApp, assert_envelope, assert_hit, assert_ledger_equals_bill, assert_stored_miss,
+    client, cluster::Cluster, header, manual_clock, metric, parts, spawn_app_with,
+    spawn_app_with_clock,
 };
-use keyapi_proxy::{
-    clock::ManualClock, config::Config, demo::FakeMode, route::HASHTAG_DETAIL_PATH,
-};
+use keyapi_proxy::{config::Config, demo::FakeMode, route::HASHTAG_DETAIL_PATH};
 
 const Q: &str = "hashtag_name=ufc324";
 const MINUTE: Duration = Duration::from_secs(60);
@@ -80,14 +75,14 @@ async fn only_if_cached_on_a_cold_key_is_a_504_that_calls_and_spends_nothing() {
     let (_, _, stored) = app.get(Q).await;
     let (status, headers, body) = ask(&app, None, "hashtag_name=%23UFC324", "only-if-cached").await;
     assert_eq!((status, body), (200, stored));
-    assert!(header(&headers, "cache-status").starts_with("keyapi-proxy; hit; ttl="));
+    assert_hit(&headers);
     let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
     assert_eq!((calls, credits), (1, 2));
 }
 
 #[tokio::test]
 async fn only_if_cached_serves_any_kept_copy_and_starts_no_refresh() {
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), |c| {
         windows(c);
         c.cache.negative_ttl = MINUTE;
@@ -135,7 +130,7 @@ async fn only_if_cached_serves_any_kept_copy_and_starts_no_refresh() {
 async fn max_age_and_min_fresh_refetch_a_fresh_copy_only_for_a_client_that_may_refresh() {
     const MAY: &str = "kp_directives_may_refresh";
     const PLAIN: &str = "kp_directives_plain";
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), |c| {
         windows(c);
         let mut may = client("may", MAY);
@@ -205,7 +200,7 @@ async fn max_age_and_min_fresh_refetch_a_fresh_copy_only_for_a_client_that_may_r
 
 #[tokio::test]
 async fn max_stale_takes_stale_copies_within_the_windows_and_refuses_staler_ones() {
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), windows).await;
     let (_, _, stored) = app.get(Q).await;
 
@@ -235,20 +230,14 @@ async fn max_stale_takes_stale_copies_within_the_windows_and_refuses_staler_ones
     );
     app.upstream.set_mode(FakeMode::Normal);
     let (_, headers, _) = ask(&app, None, Q, "max-stale=599").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     assert_eq!(app.upstream.calls(), 3);
 
     // Within stale-while-revalidate: too stale for the request → fetched in
     // the foreground; stale enough → served while refreshing, as usual.
     clock.advance(MINUTE + secs(30));
     let (_, headers, _) = ask(&app, None, Q, "max-stale=20").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     clock.advance(MINUTE + secs(30));
     let (_, headers, _) = ask(&app, None, Q, "max-stale=40").await;
     assert_eq!(
@@ -262,10 +251,7 @@ async fn max_stale_takes_stale_copies_within_the_windows_and_refuses_staler_ones
     clock.advance(2 * HOUR);
     assert_not_cached(&ask(&app, None, Q, "only-if-cached, max-stale").await);
     let (_, headers, _) = ask(&app, None, Q, "max-stale").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
     assert_eq!(calls, 6);
 }
@@ -294,10 +280,7 @@ async fn only_if_cached_leaves_every_budget_untouched() {
     // The client's budget still affords its one call ...
     let (status, headers, stored) = parts(app.get_hashtag_as(TOKEN, Q).await).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     // ... and once it is spent, only-if-cached still answers from the cache,
     // and with 504 (not 429) where nothing is kept.
     assert_eq!(
@@ -315,17 +298,16 @@ async fn only_if_cached_leaves_every_budget_untouched() {
 
 #[tokio::test]
 async fn only_if_cached_answers_from_another_replicas_copy_in_redis() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some(cluster) = Cluster::start(|_| {}).await else {
         return;
     };
-    let a = spawn_app_with(with_redis(&redis.url())).await;
-    let b = a.spawn_replica(with_redis(&redis.url())).await;
+    let Cluster { a, b, .. } = &cluster;
     let (_, _, stored) = a.get(Q).await;
 
-    let (status, headers, body) = ask(&b, None, Q, "only-if-cached").await;
+    let (status, headers, body) = ask(b, None, Q, "only-if-cached").await;
     assert_eq!((status, body), (200, stored));
-    assert!(header(&headers, "cache-status").starts_with("keyapi-proxy; hit; ttl="));
-    assert_not_cached(&ask(&b, None, "hashtag_name=cold", "only-if-cached").await);
-    let (calls, _) = assert_ledger_equals_bill(&[&a, &b]).await;
+    assert_hit(&headers);
+    assert_not_cached(&ask(b, None, "hashtag_name=cold", "only-if-cached").await);
+    let (calls, _) = assert_ledger_equals_bill(&[a, b]).await;
     assert_eq!(calls, 1);
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{TestApp, assert_envelope, header, logs, parts, spawn_app_with, spawn_binary};
+use common::{TestApp, assert_envelope, binary::spawn_binary, header, logs, parts, spawn_app_with};
 use keyapi_proxy::{caller::ForwardedHeader, config::Config, route::HASHTAG_DETAIL_PATH};
 
 /// The app, its log captured.

@@ -14,11 +14,10 @@ use std::{
 
 use axum::http::StatusCode;
 use bytes::Bytes;
-use common::{header, spawn_app, spawn_app_with_clock};
+use common::{assert_hit, header, manual_clock, spawn_app, spawn_app_with_clock};
 use flate2::read::GzDecoder;
 use keyapi_proxy::{
     cache::{Entry, HOT_HITS_PER_SECOND},
-    clock::ManualClock,
     demo::FakeMode,
     route::RouteTable,
 };
@@ -89,7 +88,7 @@ async fn max_age_is_the_whole_lifetime_and_age_counts_down_once() {
 
     store_aged(&app, "hashtag_name=aged", Duration::from_secs(1000)).await;
     let hit = app.get_hashtag("hashtag_name=aged").await;
-    assert!(header(hit.headers(), "cache-status").contains("; hit;"));
+    assert_hit(hit.headers());
     let (max_age, age, ttl) = freshness(hit.headers());
     assert_eq!(max_age, 3600, "max-age is the lifetime, not what is left");
     assert!((1000..=1001).contains(&age), "Age {age}");
@@ -118,7 +117,7 @@ async fn max_age_is_the_whole_lifetime_and_age_counts_down_once() {
 /// entry's later hits in that second).
 #[tokio::test]
 async fn every_hit_of_a_hot_entry_carries_its_own_id_and_the_current_age() {
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), |_| {}).await;
     app.get_hashtag(Q).await;
     let mut ids = HashSet::new();
@@ -205,7 +204,7 @@ async fn cached_answers_carry_a_strong_etag() {
     );
     assert_eq!(header(stored.headers(), "vary"), "accept-encoding");
     let hit = app.get_hashtag(Q).await;
-    assert!(header(hit.headers(), "cache-status").contains("; hit;"));
+    assert_hit(hit.headers());
     assert_eq!(header(hit.headers(), "etag"), etag);
     let other = app.get_hashtag("hashtag_name=other").await;
     assert_ne!(header(other.headers(), "etag"), etag);
@@ -224,7 +223,7 @@ async fn if_none_match_answers_304_without_a_body_or_a_call() {
         let response = app.get_hashtag_with(Q, &[("If-None-Match", &tag)]).await;
         assert_eq!(response.status(), 304, "If-None-Match: {tag}");
         assert_eq!(header(response.headers(), "etag"), etag);
-        assert!(header(response.headers(), "cache-status").contains("; hit;"));
+        assert_hit(response.headers());
         assert!(response.bytes().await.unwrap().is_empty());
     }
     let changed = app
@@ -286,7 +285,7 @@ async fn a_cached_refusal_never_answers_304() {
     for tag in ["*", etag.as_str()] {
         let response = app.get_hashtag_with(Q, &[("if-none-match", tag)]).await;
         assert_eq!(response.status(), 404, "If-None-Match: {tag}");
-        assert!(header(response.headers(), "cache-status").contains("; hit;"));
+        assert_hit(response.headers());
     }
     assert_eq!(app.upstream.calls(), 1);
 }

@@ -14,16 +14,16 @@ use std::{
 };
 
 use common::{
-    TestApp, assert_envelope, assert_ledger_equals_bill, client, header, metric, parts, poll_once,
-    redis_server::{RedisServer, with_redis},
-    spawn_app_with, spawn_app_with_clock,
+    TestApp, assert_envelope, assert_hit, assert_ledger_equals_bill, assert_stored_miss, client,
+    cluster::Cluster,
+    header, manual_clock, metric, parts, poll_once, spawn_app_with, spawn_app_with_clock,
     tokens::{
         AFTER_A_MINUTE, HsSecret, JwksServer, claims, ed25519, hs256_issuer, jwks_issuer,
         mint_eddsa, unsigned, with,
     },
 };
 use keyapi_proxy::{
-    clock::{Clock as _, ManualClock},
+    clock::Clock as _,
     config::Config,
     digest,
     directives::Ask,
@@ -35,11 +35,6 @@ use redis::AsyncCommands as _;
 use serde_json::json;
 
 const SECRET: &str = "a-32-byte-secret-for-hs256-tests!";
-
-/// The app's clock, started now, to mint tokens on and to move by hand.
-fn manual_clock() -> Arc<ManualClock> {
-    Arc::new(ManualClock::new(SystemTime::now()))
-}
 
 /// `GET <route>?hashtag_name=<name>` with `Authorization: Bearer <token>`, read whole.
 async fn ask(app: &TestApp, token: &str, name: &str) -> common::Parts {
@@ -278,7 +273,7 @@ async fn a_subject_past_its_budget_gets_stale_or_429_while_another_is_served() {
     );
     assert!(header(&headers, "retry-after").parse::<u64>().unwrap() >= 1);
     // ...while hits cost her nothing, and Bob asks new questions.
-    assert!(header(&ask(&app, &alice, "one").await.1, "cache-status").contains("; hit;"));
+    assert_hit(&ask(&app, &alice, "one").await.1);
     assert_eq!(ask(&app, &bob, "three").await.0, 200);
     // Past its TTL, her expired answer is served stale instead of refetched.
     clock.advance(Duration::from_secs(61));
@@ -287,10 +282,7 @@ async fn a_subject_past_its_budget_gets_stale_or_429_while_another_is_served() {
     let cache_status = header(&headers, "cache-status");
     assert!(cache_status.ends_with("; detail=budget"), "{cache_status}");
     let (_, headers, _) = ask(&app, &bob, "one").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
 
     let (calls, _) = assert_ledger_equals_bill(&[&app]).await;
     assert_eq!(calls, 4);
@@ -448,17 +440,12 @@ async fn subject_state_is_bounded_and_a_flood_does_not_displace_regular_subjects
 
 #[tokio::test]
 async fn a_subjects_budget_holds_across_two_replicas_on_redis() {
-    let Some(redis) = RedisServer::start().await else {
+    let secret = HsSecret::new(SECRET);
+    let Some(Cluster { redis, clock, a, b }) = Cluster::start(|c| budgeted(c, &secret, 4)).await
+    else {
         return;
     };
-    let secret = HsSecret::new(SECRET);
-    let config = |c: &mut Config| {
-        with_redis(&redis.url())(c);
-        budgeted(c, &secret, 4);
-    };
-    let a = spawn_app_with(config).await;
-    let b = a.spawn_replica(config).await;
-    let now = SystemTime::now();
+    let now = clock.now();
     let (alice, bob) = (
         secret.mint(&claims("alice", now)),
         secret.mint(&claims("bob", now)),
@@ -476,7 +463,7 @@ async fn a_subjects_budget_holds_across_two_replicas_on_redis() {
     let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
     assert_eq!((calls, credits), (4, 8));
     let mut conn = redis.connection().await;
-    let day = keyapi_proxy::clock::utc_day(SystemTime::now());
+    let day = keyapi_proxy::clock::utc_day(now);
     for sub in ["alice", "bob"] {
         let hash = digest::hex(&digest::sha256(sub.as_bytes())[..16]);
         let key = format!("keyapi-proxy:v1:count:subject:site:{hash}:{day}");

@@ -7,13 +7,14 @@
 mod common;
 
 use std::{
-    process::Command,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use common::{
-    TEST_API_KEY, parts, spawn_app_with,
+    TEST_API_KEY,
+    binary::proxy_command,
+    parts, spawn_app_with,
     tokens::{HsSecret, claims, hs256_issuer, with},
 };
 use keyapi_proxy::{
@@ -217,16 +218,6 @@ fn debug_output_redacts_the_key() {
     assert_no_key("Debug of Upstream", &format!("{upstream:?}"));
     assert!(!format!("{upstream:?}{key:?}").contains("ROTATED"));
     assert_no_key("Debug of Config", &format!("{config:?}"));
-}
-
-fn proxy_command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("KEYAPI_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd
 }
 
 #[test]

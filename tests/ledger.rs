@@ -13,29 +13,26 @@ use std::{
 };
 
 use common::{
-    TestApp, assert_ledger_equals_bill, booked, client,
+    TestApp, assert_hit, assert_ledger_equals_bill, assert_stored_miss, booked, client,
+    cluster::Cluster,
     entries::hashtag_key,
-    hang_up, header, join, metric, parts, raw_request, raw_request_as,
-    redis_server::{RedisServer, with_redis},
+    hang_up, hashtag_path, header, join, let_expire, manual_clock, metric, parts, raw_request,
+    raw_request_as,
+    redis_server::{RedisServer, until_redis_answers, with_redis},
     relay::SlowRelay,
-    spawn_app_with, spawn_app_with_clock,
+    spawn_app_with, spawn_app_with_clock, stampede,
     tokens::{HsSecret, claims, hs256_issuer},
     visitors,
 };
 use keyapi_proxy::{
     cache::codec,
-    clock::{self, ManualClock},
+    clock::{self, Clock as _, ManualClock},
     config::Config,
     demo::FakeMode,
 };
 use redis::AsyncCommands as _;
 
 const TOKEN: &str = "kp_ledger_dash";
-
-/// Lets an entry's TTL pass (time itself, not a stand-in for a signal).
-async fn let_expire(ttl: Duration) {
-    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-}
 
 /// The global budget's count of today, read from the ledger itself (`/stats`
 /// shows the same, recomputed at most once a second).
@@ -75,6 +72,9 @@ async fn redis_count_on(redis: &RedisServer, name: &str, day: u64) -> i64 {
 /// at a budget sends them first) until Redis has confirmed them all; the
 /// first tries may still meet replies delayed before Redis turned fast.
 async fn until_redis_confirms(apps: &[&TestApp]) {
+    for app in apps {
+        until_redis_answers(app).await;
+    }
     for _ in 0..20 {
         for app in apps {
             global_spent_today(app).await;
@@ -206,13 +206,9 @@ async fn twenty_waiters_on_one_failing_call_pay_for_one_call() {
     })
     .await;
     app.upstream.set_mode(FakeMode::Status(500));
-    app.upstream.hold();
-    let handles = (0..20)
-        .map(|_| app.spawn_get_hashtag("hashtag_name=failing"))
-        .collect();
-    app.upstream.wait_for_calls(1).await;
-    app.upstream.release();
-    for (status, _, body) in join(handles).await {
+    for (status, _, body) in
+        stampede(&[&app], 20, |_| hashtag_path("hashtag_name=failing"), 1).await
+    {
         assert_eq!(status, 502, "{body}");
     }
     let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
@@ -245,26 +241,21 @@ async fn connection_refused_costs_nothing_and_keeps_the_budget() {
 #[tokio::test]
 async fn past_its_windows_an_entry_is_refetched_only_within_budget_then_served_stale() {
     let ttl = Duration::from_millis(300);
-    let app = spawn_app_with(|c| {
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| {
         short_ttl(c, ttl);
         c.credits.daily_budget = 4;
     })
     .await;
     let (status, headers, first) = app.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
-    let_expire(ttl).await;
+    assert_stored_miss(&headers);
+    let_expire(&clock, ttl);
     // Past the TTL (inside stale-if-error): refetched, and charged.
     let (_, headers, _) = app.get("hashtag_name=ufc324").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     assert_eq!(global_spent_today(&app).await, 4);
-    let_expire(ttl).await;
+    let_expire(&clock, ttl);
     // The budget cannot afford a third call: the stale copy answers.
     let (status, headers, stale) = app.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
@@ -287,7 +278,8 @@ async fn past_its_windows_an_entry_is_refetched_only_within_budget_then_served_s
 #[tokio::test]
 async fn background_refreshes_are_charged_to_the_global_budget_not_the_client() {
     let ttl = Duration::from_millis(1000);
-    let app = spawn_app_with(|c| {
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| {
         let mut dash = client("dash", TOKEN);
         dash.daily_budget = Some(100);
         c.clients = vec![dash];
@@ -305,12 +297,11 @@ async fn background_refreshes_are_charged_to_the_global_budget_not_the_client() 
     assert_eq!(get("hashtag_name=ahead").await.0, 200);
     assert_eq!(get("hashtag_name=behind").await.0, 200);
     // Past half its TTL, a hit on a hot entry starts a refresh-ahead.
-    tokio::time::sleep(ttl / 2 + Duration::from_millis(100)).await;
-    let (_, headers, _) = get("hashtag_name=ahead").await;
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    clock.advance(ttl / 2);
+    assert_hit(&get("hashtag_name=ahead").await.1);
     app.state.proxy().idle().await;
     // Past its TTL, an entry is served stale and revalidated in the background.
-    let_expire(ttl / 2).await;
+    let_expire(&clock, ttl / 2);
     let (_, headers, _) = get("hashtag_name=behind").await;
     assert!(header(&headers, "cache-status").ends_with("detail=stale-while-revalidate"));
     let (calls, credits) = assert_ledger_equals_bill(&[&app]).await;
@@ -364,15 +355,10 @@ async fn a_budget_never_refuses_a_request_that_joins_another_fetch() {
 
 #[tokio::test]
 async fn two_replicas_never_exceed_a_shared_budget_under_200_concurrent_cold_requests() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some(cluster) = Cluster::start(|c| c.credits.daily_budget = 20).await else {
         return;
     };
-    let budget = |c: &mut Config| {
-        with_redis(&redis.url())(c);
-        c.credits.daily_budget = 20;
-    };
-    let a = spawn_app_with(budget).await;
-    let b = a.spawn_replica(budget).await;
+    let Cluster { a, b, .. } = &cluster;
     a.upstream.set_latency(Duration::from_millis(20));
     let handles = (0..200)
         .map(|i| {
@@ -384,30 +370,24 @@ async fn two_replicas_never_exceed_a_shared_budget_under_200_concurrent_cold_req
     let answered = results.iter().filter(|(s, ..)| *s == 200).count();
     let refused = results.iter().filter(|(s, ..)| *s == 429).count();
     assert_eq!(answered + refused, 200);
-    let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
+    let (calls, credits) = assert_ledger_equals_bill(&[a, b]).await;
     assert_eq!(calls as usize, answered);
     assert!(
         credits <= 20,
         "real spend {credits} within the budget of 20"
     );
     assert_eq!(credits, 20, "and the budget was used");
-    assert_eq!(global_spent_today(&a).await, credits);
+    assert_eq!(global_spent_today(a).await, credits);
 }
 
 #[tokio::test]
 async fn a_refusal_seen_by_one_replica_keeps_the_good_answer_and_is_paid_once() {
-    let Some(redis) = RedisServer::start().await else {
+    let ttl = Duration::from_millis(300);
+    let Some(Cluster { redis, clock, a, b }) = Cluster::start(|c| short_ttl(c, ttl)).await else {
         return;
     };
-    let ttl = Duration::from_millis(300);
-    let config = |c: &mut Config| {
-        with_redis(&redis.url())(c);
-        short_ttl(c, ttl);
-    };
-    let a = spawn_app_with(config).await;
-    let b = a.spawn_replica(config).await;
     assert_eq!(a.get("hashtag_name=ufc324").await.0, 200);
-    let_expire(ttl).await;
+    let_expire(&clock, ttl);
     // KeyAPI now refuses the question; replica B asks first.
     a.upstream.set_mode(FakeMode::Status(404));
     assert_eq!(b.get("hashtag_name=ufc324").await.0, 404);
@@ -470,8 +450,8 @@ async fn while_the_shared_ledger_is_down_replicas_spend_only_their_outage_allowa
     assert_eq!(b.get("hashtag_name=two").await.0, 200);
     assert_eq!(b.get("hashtag_name=three").await.0, 503);
     redis.restart().await;
-    // Its outage spend is added to the shared count once Redis answers again
-    // (the connection manager may need one failed call to reconnect).
+    until_redis_answers(&b).await;
+    // Its outage spend is added to the shared count once Redis answers again.
     let mut spent = 0;
     for _ in 0..20 {
         spent = global_spent_today(&b).await;
@@ -617,9 +597,10 @@ async fn a_refresh_in_flight_at_sigterm_is_stored_in_the_snapshot_and_paid_once(
         c.cache.ttl = ttl;
         c.cache.stale_while_revalidate = Duration::from_secs(600);
     };
-    let mut first = spawn_app_with(config).await;
+    let clock = manual_clock();
+    let mut first = spawn_app_with_clock(clock.clone(), config).await;
     assert_eq!(first.get("hashtag_name=ufc324").await.0, 200);
-    let_expire(ttl).await;
+    let_expire(&clock, ttl);
     // KeyAPI takes its time over the refresh.
     first.upstream.set_latency(Duration::from_millis(300));
     let (_, headers, _) = first.get("hashtag_name=ufc324").await;
@@ -629,7 +610,7 @@ async fn a_refresh_in_flight_at_sigterm_is_stored_in_the_snapshot_and_paid_once(
     first.begin_shutdown().await.unwrap();
     assert_ledger_equals_bill(&[&first]).await;
 
-    let second = first.spawn_replica(config).await;
+    let second = first.spawn_replica_with_clock(clock, config).await;
     let (status, headers, _) = second.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
     let cache_status = header(&headers, "cache-status");
@@ -698,7 +679,9 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         None => None,
     };
     let secret = HsSecret::new("a-32-byte-secret-for-the-ledger!!");
-    let jwts = RANDOM_SUBJECTS.map(|sub| secret.mint(&claims(sub, SystemTime::now())));
+    // Entries age, and stale windows open and close, by this clock.
+    let clock = manual_clock();
+    let jwts = RANDOM_SUBJECTS.map(|sub| secret.mint(&claims(sub, clock.now())));
     let tokens = [
         "kp_rand_a",
         "kp_rand_b",
@@ -706,7 +689,7 @@ async fn random_traffic(redis: Option<&RedisServer>) {
         jwts[0].as_str(),
         jwts[1].as_str(),
     ];
-    let app = spawn_app_with(|c| {
+    let app = spawn_app_with_clock(clock.clone(), |c| {
         let mut issuer = hs256_issuer(&secret);
         issuer.daily_budget = Some(RANDOM_SUBJECT_BUDGET);
         c.issuers = vec![issuer];
@@ -796,7 +779,7 @@ async fn random_traffic(redis: Option<&RedisServer>) {
                 );
             }
         }
-        tokio::time::sleep(Duration::from_millis(rng.u64(0..300))).await;
+        clock.advance(Duration::from_millis(rng.u64(0..300)));
     }
     // The outage allowance may be spent on top of a budget while Redis is slow.
     let mut allowance = 0;

@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::time::Duration;
 
-use common::{header, parts, plain_ttl, spawn_app, spawn_app_with, spawn_app_with_clock};
-use keyapi_proxy::clock::ManualClock;
+use common::{
+    assert_hit, assert_stored_miss, header, let_expire, manual_clock, parts, plain_ttl, spawn_app,
+    spawn_app_with, spawn_app_with_clock,
+};
 
 #[tokio::test]
 async fn health_endpoints_answer_without_spending_credits() {
@@ -26,8 +25,7 @@ async fn health_endpoints_answer_without_spending_credits() {
 #[tokio::test]
 async fn head_is_served_like_get_without_a_body() {
     // A still clock: the two hits below are the same second of the entry's age.
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
-    let app = spawn_app_with_clock(clock, |_| {}).await;
+    let app = spawn_app_with_clock(manual_clock(), |_| {}).await;
     let head = app
         .hashtag_request(reqwest::Method::HEAD, "hashtag_name=ufc324")
         .send()
@@ -35,16 +33,13 @@ async fn head_is_served_like_get_without_a_body() {
         .unwrap();
     assert_eq!(head.status(), 200);
     assert_eq!(header(head.headers(), "content-type"), "application/json");
-    assert_eq!(
-        header(head.headers(), "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(head.headers());
     let length: usize = header(head.headers(), "content-length").parse().unwrap();
     assert!(head.text().await.unwrap().is_empty());
 
     let (status, headers, body) = parts(app.get_hashtag("hashtag_name=ufc324").await).await;
     assert_eq!(status, 200);
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert_eq!(body.len(), length);
     assert_eq!(app.upstream.calls(), 1, "HEAD filled the cache for GET");
 
@@ -69,17 +64,14 @@ async fn head_is_served_like_get_without_a_body() {
 #[tokio::test]
 async fn expired_entries_are_fetched_again() {
     let ttl = Duration::from_secs(1);
-    let app = spawn_app_with(|c| plain_ttl(c, ttl)).await;
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| plain_ttl(c, ttl)).await;
     app.get_hashtag("hashtag_name=ufc324").await;
-    app.get_hashtag("hashtag_name=ufc324").await;
+    clock.advance(ttl - Duration::from_millis(1));
+    assert_hit(&app.get("hashtag_name=ufc324").await.1);
     assert_eq!(app.upstream.calls(), 1);
-    // Waiting for time itself to pass, not for another task.
-    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    let (_, headers, _) = parts(app.get_hashtag("hashtag_name=ufc324").await).await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    let_expire(&clock, Duration::from_millis(1));
+    assert_stored_miss(&app.get("hashtag_name=ufc324").await.1);
     assert_eq!(app.upstream.calls(), 2);
 }
 
@@ -112,7 +104,7 @@ async fn client_no_cache_refreshes_when_allowed() {
     );
     assert_eq!(app.upstream.calls(), 2);
     let (_, headers, _) = parts(app.get_hashtag("hashtag_name=ufc324").await).await;
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert_eq!(app.upstream.calls(), 2);
 }
 
@@ -152,7 +144,7 @@ async fn drain_delay_keeps_serving_while_readiness_says_draining() {
     assert_eq!(ready["apiKey"]["generation"], 1, "{ready}");
     let (status, headers, body) = app.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200, "{body}");
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert!(!server.is_finished());
 
     // After the delay the listener closes and the drain runs as without one.

@@ -451,7 +451,7 @@ async fn sighup_reloads_the_binary() {
     let files = LiveFiles::new("sighup");
     std::fs::write(&files.config, "[rate_limit]\nper_minute = 0\n").unwrap();
     let config = files.config.to_str().unwrap();
-    let (child, addr) = common::spawn_binary_with(None, &[], &["--config", config]).await;
+    let (child, addr) = common::binary::spawn_binary_with(None, &[], &["--config", config]).await;
     let stats = || async move {
         let body = reqwest::get(format!("http://{addr}/stats")).await.unwrap();
         serde_json::from_str::<Value>(&body.text().await.unwrap()).unwrap()

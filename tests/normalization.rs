@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    TEST_API_KEY, assert_ledger_equals_bill, header, parts, plain_ttl, spawn_app, spawn_app_with,
+    TEST_API_KEY, assert_ledger_equals_bill, header, let_expire, manual_clock, parts, plain_ttl,
+    spawn_app, spawn_app_with, spawn_app_with_clock,
 };
 use keyapi_proxy::config::{ParamConfig, ParamKind};
 
@@ -71,10 +72,12 @@ async fn upstream_receives_exactly_the_normalized_request() {
 
 #[tokio::test]
 async fn same_key_gives_byte_identical_upstream_requests() {
-    let app = spawn_app_with(|c| plain_ttl(c, std::time::Duration::from_millis(1))).await;
-    // TTL of 1 ms: the second question misses again, from a different spelling.
+    let ttl = std::time::Duration::from_millis(1);
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| plain_ttl(c, ttl)).await;
+    // Past the TTL the second question misses again, from a different spelling.
     app.get_hashtag("hashtag_name=%23Cats&region=us").await;
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let_expire(&clock, ttl);
     app.get_hashtag("region=US&hashtag_name=cats&period=7")
         .await;
     let recorded = app.upstream.requests();

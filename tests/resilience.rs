@@ -5,23 +5,16 @@
 
 mod common;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::time::Duration;
 
 use common::{
-    assert_envelope, assert_ledger_equals_bill, hang_up, header, join, metric, plain_ttl,
-    raw_request, spawn_app_with, spawn_app_with_clock,
+    assert_envelope, assert_hit, assert_ledger_equals_bill, assert_stored_miss, hang_up, header,
+    join, let_expire, manual_clock, metric, plain_ttl, raw_request, spawn_app_with,
+    spawn_app_with_clock,
 };
-use keyapi_proxy::{clock::ManualClock, config::Config, demo::FakeMode};
+use keyapi_proxy::{config::Config, demo::FakeMode};
 
 const TTL: Duration = Duration::from_millis(200);
-
-/// Lets time itself pass (an entry's TTL), not a stand-in for a signal.
-async fn let_expire(ttl: Duration) {
-    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-}
 
 /// Short TTL, stale windows as given, single attempts, no breaker trips.
 fn short_ttl(c: &mut Config, swr: Duration, sie: Duration) {
@@ -35,10 +28,9 @@ fn short_ttl(c: &mut Config, swr: Duration, sie: Duration) {
 
 #[tokio::test]
 async fn stale_while_revalidate_answers_at_once_with_one_background_call() {
-    // A TTL long enough that the refreshed entry is still fresh when checked,
-    // even on a loaded machine.
     let ttl = Duration::from_secs(1);
-    let app = spawn_app_with(|c| {
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| {
         short_ttl(c, Duration::from_secs(600), Duration::ZERO);
         c.cache.ttl = ttl;
         // The refresh is held while 100 requests are answered: give it time.
@@ -46,7 +38,7 @@ async fn stale_while_revalidate_answers_at_once_with_one_background_call() {
     })
     .await;
     let (_, _, old_body) = app.get("hashtag_name=ufc324").await;
-    let_expire(ttl).await;
+    let_expire(&clock, ttl);
 
     // Upstream held: if any of these waited for the refresh, they would hang.
     app.upstream.hold();
@@ -103,9 +95,13 @@ async fn stale_while_revalidate_answers_at_once_with_one_background_call() {
 
 #[tokio::test]
 async fn stale_if_error_serves_the_old_answer_when_upstream_fails() {
-    let app = spawn_app_with(|c| short_ttl(c, Duration::ZERO, Duration::from_secs(3600))).await;
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| {
+        short_ttl(c, Duration::ZERO, Duration::from_secs(3600));
+    })
+    .await;
     let (_, _, old_body) = app.get("hashtag_name=ufc324").await;
-    let_expire(TTL).await;
+    let_expire(&clock, TTL);
 
     for (mode, fwd) in [
         (FakeMode::Status(500), "fwd=stale; fwd-status=500; "),
@@ -142,10 +138,7 @@ async fn stale_if_error_serves_the_old_answer_when_upstream_fails() {
 
     app.upstream.set_mode(FakeMode::Normal);
     let (_, headers, body) = app.get("hashtag_name=ufc324").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     assert_ne!(body, old_body);
 
     // Without a stale copy, the error as usual.
@@ -156,9 +149,13 @@ async fn stale_if_error_serves_the_old_answer_when_upstream_fails() {
 
 #[tokio::test]
 async fn a_failed_background_refresh_keeps_the_old_body() {
-    let app = spawn_app_with(|c| short_ttl(c, Duration::from_secs(600), Duration::ZERO)).await;
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| {
+        short_ttl(c, Duration::from_secs(600), Duration::ZERO);
+    })
+    .await;
     let (_, _, old_body) = app.get("hashtag_name=ufc324").await;
-    let_expire(TTL).await;
+    let_expire(&clock, TTL);
     for mode in [
         FakeMode::Status(500),
         FakeMode::Garbage,
@@ -179,7 +176,8 @@ async fn a_failed_background_refresh_keeps_the_old_body() {
 #[tokio::test]
 async fn deterministic_refusals_are_cached_briefly_and_errors_never() {
     let negative_ttl = Duration::from_secs(1);
-    let app = spawn_app_with(|c| {
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| {
         short_ttl(c, Duration::ZERO, Duration::from_secs(3600));
         c.cache.negative_ttl = negative_ttl;
         c.cache.negative_codes = vec![10001];
@@ -211,13 +209,13 @@ async fn deterministic_refusals_are_cached_briefly_and_errors_never() {
         assert_eq!((first, second), (*status, *status), "{mode:?}: {body}");
         assert_eq!(app.upstream.calls() - before, *calls, "{mode:?}");
         if *calls == 1 {
-            let cache_status = header(&headers, "cache-status");
-            assert!(cache_status.contains("; hit;") && cache_status.ends_with("detail=negative"));
+            assert_hit(&headers);
+            assert!(header(&headers, "cache-status").ends_with("detail=negative"));
         }
     }
     // Negative entries expire (no stale windows for them).
     app.upstream.set_mode(FakeMode::Normal);
-    let_expire(negative_ttl).await;
+    let_expire(&clock, negative_ttl);
     let (status, _, _) = app.get("hashtag_name=neg0").await;
     assert_eq!(status, 200);
 }
@@ -230,7 +228,7 @@ fn cache_status(headers: &reqwest::header::HeaderMap) -> String {
 #[tokio::test]
 async fn a_refusal_after_a_stale_success_is_paid_once_per_negative_ttl_and_keeps_it() {
     let (ttl, negative_ttl) = (Duration::from_secs(600), Duration::from_secs(60));
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), |c| {
         short_ttl(c, Duration::ZERO, Duration::from_secs(24 * 3600));
         c.cache.ttl = ttl;
@@ -288,7 +286,7 @@ async fn a_refusal_after_a_stale_success_is_paid_once_per_negative_ttl_and_keeps
     assert_eq!(refreshed.status(), 404);
     let (status, headers, body) = app.get(q).await;
     assert_eq!((status, &body), (200, &fresh));
-    assert!(cache_status(&headers).contains("; hit; "), "{headers:?}");
+    assert_hit(&headers);
     assert!(!cache_status(&headers).contains("detail="), "{headers:?}");
     assert_eq!(app.upstream.calls(), 7);
     assert_ledger_equals_bill(&[&app]).await;
@@ -362,7 +360,8 @@ async fn a_retry_is_not_paid_for_a_client_that_has_gone() {
 #[tokio::test]
 async fn circuit_opens_fails_fast_half_opens_with_one_probe_and_closes() {
     let cooldown = Duration::from_secs(1);
-    let app = spawn_app_with(|c| {
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| {
         short_ttl(c, Duration::ZERO, Duration::ZERO);
         c.upstream.breaker_failures = 3;
         c.upstream.breaker_cooldown = cooldown;
@@ -390,8 +389,12 @@ async fn circuit_opens_fails_fast_half_opens_with_one_probe_and_closes() {
         1.0
     );
 
-    // After the cool-down: exactly one probe goes through.
-    let_expire(cooldown).await;
+    // Not a moment before the cool-down is over.
+    clock.advance(cooldown - Duration::from_millis(1));
+    assert_eq!(app.get("hashtag_name=b").await.0, 503);
+    assert_eq!(app.upstream.calls(), 3);
+    // After it: exactly one probe goes through.
+    clock.advance(Duration::from_millis(1));
     app.upstream.set_mode(FakeMode::Normal);
     app.upstream.hold();
     let probe = app.spawn_get_hashtag("hashtag_name=probe");
@@ -456,7 +459,11 @@ async fn spend_rate_cap_refuses_misses_but_serves_hits() {
 
 #[tokio::test]
 async fn upstream_429_holds_back_every_call_until_retry_after() {
-    let app = spawn_app_with(|c| short_ttl(c, Duration::ZERO, Duration::ZERO)).await;
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| {
+        short_ttl(c, Duration::ZERO, Duration::ZERO)
+    })
+    .await;
     app.upstream.set_mode(FakeMode::RateLimited {
         retry_after_secs: 1,
     });
@@ -471,7 +478,9 @@ async fn upstream_429_holds_back_every_call_until_retry_after() {
     assert_eq!(header(&headers, "retry-after"), "1");
     assert_eq!(app.upstream.calls(), 1);
 
-    let_expire(Duration::from_secs(1)).await;
+    clock.advance(Duration::from_millis(999));
+    assert_eq!(app.get("hashtag_name=b").await.0, 429, "held to the end");
+    clock.advance(Duration::from_millis(1));
     assert_eq!(app.get("hashtag_name=b").await.0, 200);
     assert_eq!(app.upstream.calls(), 2);
 }
@@ -479,7 +488,8 @@ async fn upstream_429_holds_back_every_call_until_retry_after() {
 #[tokio::test]
 async fn refresh_ahead_keeps_hot_keys_fresh_and_leaves_cold_keys_alone() {
     let ttl = Duration::from_secs(2);
-    let app = spawn_app_with(|c| {
+    let clock = manual_clock();
+    let app = spawn_app_with_clock(clock.clone(), |c| {
         plain_ttl(c, ttl);
         c.cache.refresh_ahead = 0.5;
         c.cache.refresh_ahead_min_hits = 2;
@@ -488,25 +498,21 @@ async fn refresh_ahead_keeps_hot_keys_fresh_and_leaves_cold_keys_alone() {
     let (_, _, hot_body) = app.get("hashtag_name=hot").await;
     app.get("hashtag_name=cold").await;
     for _ in 0..2 {
-        let (_, headers, _) = app.get("hashtag_name=hot").await;
-        assert!(header(&headers, "cache-status").contains("; hit;"));
+        assert_hit(&app.get("hashtag_name=hot").await.1);
     }
     app.state.proxy().idle().await;
     assert_eq!(app.upstream.calls(), 2, "young entries are not refreshed");
 
     // Past half the TTL: the next hit on the hot key refreshes it in the background.
-    tokio::time::sleep(ttl / 2 + Duration::from_millis(50)).await;
+    clock.advance(ttl / 2);
     for query in ["hashtag_name=cold", "hashtag_name=hot"] {
-        let (_, headers, _) = app.get(query).await;
-        assert!(
-            header(&headers, "cache-status").contains("; hit;"),
-            "no client sees a miss"
-        );
+        // No client sees a miss.
+        assert_hit(&app.get(query).await.1);
     }
     app.state.proxy().idle().await;
     assert_eq!(app.upstream.calls(), 3, "one refresh, for the hot key only");
 
     let (_, headers, body) = app.get("hashtag_name=hot").await;
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert_ne!(body, hot_body, "served from the refreshed entry");
 }

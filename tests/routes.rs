@@ -13,8 +13,8 @@ use std::{
 };
 
 use common::{
-    TestApp, assert_envelope, client, header, join, metric, parts, spawn_app_with,
-    spawn_app_with_clock,
+    TestApp, assert_envelope, assert_stored_miss, client, header, metric, parts, spawn_app_with,
+    spawn_app_with_clock, stampede,
 };
 use keyapi_proxy::{
     app::App,
@@ -88,10 +88,7 @@ async fn defaults_and_normalization_share_one_key_and_the_upstream_query() {
     );
     // The fake echoes other routes' parameters: what the client gets is KeyAPI's body.
     let (_, headers, body) = get(&app, &format!("{LIST}?page=2&region=us")).await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["data"]["params"]["page"], "2");
     assert_eq!(v["data"]["params"]["region"], "US");
@@ -100,16 +97,7 @@ async fn defaults_and_normalization_share_one_key_and_the_upstream_query() {
 #[tokio::test]
 async fn fifty_concurrent_cold_requests_make_one_call() {
     let app = spawn_app_with(with_list_route).await;
-    app.upstream.hold();
-    let handles = (0..50)
-        .map(|_| {
-            let request = app.client.get(app.url(&format!("{LIST}?page=3")));
-            tokio::spawn(async move { parts(request.send().await.unwrap()).await })
-        })
-        .collect();
-    app.upstream.wait_for_calls(1).await;
-    app.upstream.release();
-    let results = join(handles).await;
+    let results = stampede(&[&app], 50, |_| format!("{LIST}?page=3"), 1).await;
     assert!(results.iter().all(|(status, ..)| *status == 200));
     assert_eq!(app.upstream.calls(), 1);
 }
@@ -258,10 +246,7 @@ async fn daily_freshness_expires_at_the_utc_boundary_on_the_app_clock() {
     })
     .await;
     let (_, headers, _) = app.get("hashtag_name=ufc324").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     // Fresh for 40 minutes: until 00:30 UTC, not for the 24 h TTL.
     clock.advance(Duration::from_secs(39 * 60));
     let (_, headers, _) = app.get("hashtag_name=ufc324").await;
@@ -271,10 +256,7 @@ async fn daily_freshness_expires_at_the_utc_boundary_on_the_app_clock() {
     );
     clock.advance(Duration::from_secs(61));
     let (_, headers, _) = app.get("hashtag_name=ufc324").await;
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     assert_eq!(app.upstream.calls(), 2);
 }
 

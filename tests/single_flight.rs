@@ -6,19 +6,14 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{header, join, parts, spawn_app};
+use common::{
+    assert_hit, assert_stored_miss, hashtag_path, header, join, parts, spawn_app, stampede,
+};
 
 #[tokio::test]
 async fn concurrent_identical_cold_requests_make_one_call() {
     let app = spawn_app().await;
-    app.upstream.hold();
-    let handles = (0..200)
-        .map(|_| app.spawn_get_hashtag("hashtag_name=ufc324"))
-        .collect();
-    app.upstream.wait_for_calls(1).await;
-    app.upstream.release();
-    let results = join(handles).await;
-
+    let results = stampede(&[&app], 200, |_| hashtag_path("hashtag_name=ufc324"), 1).await;
     assert_eq!(app.upstream.calls(), 1);
     assert_eq!(results.len(), 200);
     let bodies: HashSet<&str> = results.iter().map(|(_, _, b)| b.as_str()).collect();
@@ -43,13 +38,8 @@ async fn concurrent_identical_cold_requests_make_one_call() {
 #[tokio::test]
 async fn ten_keys_concurrently_make_ten_calls() {
     let app = spawn_app().await;
-    app.upstream.hold();
-    let handles = (0..200)
-        .map(|i| app.spawn_get_hashtag(&format!("hashtag_name=tag{}", i % 10)))
-        .collect();
-    app.upstream.wait_for_calls(10).await;
-    app.upstream.release();
-    let results = join(handles).await;
+    let tag = |i| hashtag_path(&format!("hashtag_name=tag{}", i % 10));
+    let results = stampede(&[&app], 200, tag, 10).await;
     assert_eq!(app.upstream.calls(), 10);
     for (i, (status, _, body)) in results.iter().enumerate() {
         assert_eq!(*status, 200);
@@ -77,7 +67,7 @@ async fn first_caller_dropped_mid_fetch_does_not_cancel_or_repeat_it() {
     assert_eq!(app.upstream.calls(), 1);
     // And it was stored: the next request is a hit.
     let (_, headers, _) = parts(app.get_hashtag("hashtag_name=ufc324").await).await;
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert_eq!(app.upstream.calls(), 1);
 }
 
@@ -85,10 +75,7 @@ async fn first_caller_dropped_mid_fetch_does_not_cancel_or_repeat_it() {
 async fn hit_headers_follow_the_stored_entry() {
     let app = spawn_app().await;
     let (_, miss, body1) = parts(app.get_hashtag("hashtag_name=ufc324&period=1095").await).await;
-    assert_eq!(
-        header(&miss, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&miss);
     assert_eq!(header(&miss, "age"), "0");
     let (_, hit, body2) = parts(app.get_hashtag("hashtag_name=ufc324&period=1095").await).await;
     assert_eq!(body1, body2);

@@ -9,9 +9,9 @@ mod common;
 use std::{os::unix::fs::symlink, path::PathBuf, time::Duration};
 
 use common::{
-    TEST_API_KEY,
+    TEST_API_KEY, assert_hit,
     entries::{RawEntry, hashtag_key, poisoned, snapshot_file},
-    header, metric, spawn_app_with, test_config,
+    metric, spawn_app_with, test_config,
 };
 use keyapi_proxy::config::Config;
 
@@ -49,7 +49,7 @@ async fn a_snapshot_never_writes_through_a_planted_symlink() {
     let third = first.spawn_replica(with_snapshot).await;
     let (status, headers, _) = third.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200);
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -79,7 +79,7 @@ async fn poisoned_snapshot_entries_are_never_served_and_are_counted() {
         "only the good one loaded"
     );
     let (_, headers, body) = app.get("hashtag_name=good").await;
-    assert!(header(&headers, "cache-status").contains("; hit; "));
+    assert_hit(&headers);
     assert!(body.contains("written by hand"), "{body}");
     for (i, (reason, _)) in poison.iter().enumerate() {
         let (status, _, body) = app.get(&format!("hashtag_name=p{i}")).await;
@@ -106,11 +106,10 @@ fn zero_or_tiny_snapshot_intervals_are_refused() {
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("cache.snapshot_interval"), "{error}");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"))
-        .args(["--demo", "serve"])
-        .env("KEYAPI_PROXY__CACHE__SNAPSHOT_INTERVAL", "0s")
-        .output()
-        .unwrap();
+    let out = common::binary::run_binary(
+        &["--demo", "serve"],
+        &[("KEYAPI_PROXY__CACHE__SNAPSHOT_INTERVAL", "0s")],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(err.lines().count(), 1, "one line, no panic: {err}");

@@ -8,7 +8,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::post};
-use common::spawn_binary;
+use common::binary::spawn_binary;
 use keyapi_proxy::{digest, route::HASHTAG_DETAIL_PATH};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
@@ -245,21 +245,20 @@ async fn a_dead_collector_costs_no_failed_request_and_its_spans_are_counted() {
     }
     let metrics_url = format!("http://{addr}/metrics");
     let dropped = r#"keyapi_proxy_trace_spans_dropped_total{reason="export_failed"}"#;
-    let counted = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
+    common::eventually(
+        Duration::from_secs(10),
+        "the lost spans are counted",
+        || async {
             let text = reqwest::get(&metrics_url)
                 .await
                 .unwrap()
                 .text()
                 .await
                 .unwrap();
-            if common::metric(&text, dropped) >= 10.0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-    counted.await.expect("the lost spans are counted");
+            common::metric(&text, dropped) >= 10.0
+        },
+    )
+    .await;
     stop(child).await;
 }
 

@@ -10,16 +10,14 @@ mod common;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use common::{
-    assert_ledger_equals_bill, client, header, metric, parts,
-    redis_server::{RedisServer, with_redis},
-    spawn_app_with, spawn_app_with_clock, visitors,
+    assert_hit, assert_ledger_equals_bill, client, cluster::Cluster, header, manual_clock, metric,
+    parts, spawn_app_with, spawn_app_with_clock, visitors,
 };
-use keyapi_proxy::{caller::ClientAddr, clock::ManualClock, config::Config, digest};
+use keyapi_proxy::{caller::ClientAddr, clock::Clock as _, config::Config, digest};
 use redis::AsyncCommands as _;
 
 /// Two calls (4 credits) per visitor per day; an hour of stale-if-error so
@@ -40,7 +38,7 @@ async fn spent_today(app: &common::TestApp, addr: &str) -> u64 {
 
 #[tokio::test]
 async fn a_visitor_past_its_budget_gets_stale_or_429_while_another_is_served() {
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let clock = manual_clock();
     let app = spawn_app_with_clock(clock.clone(), budgeted).await;
     let (script, reader) = ("203.0.113.7", "198.51.100.20");
     assert_eq!(app.ask_as_visitor(script, "one").await.0, 200);
@@ -56,7 +54,7 @@ async fn a_visitor_past_its_budget_gets_stale_or_429_while_another_is_served() {
     // ...hits past the budget are still served, and another visitor asks new questions.
     let (status, headers, _) = app.ask_as_visitor(script, "one").await;
     assert_eq!(status, 200);
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert_eq!(app.ask_as_visitor(reader, "three").await.0, 200);
     // Past its TTL, the script's expired answer is served stale instead of refetched.
     clock.advance(Duration::from_secs(61));
@@ -200,15 +198,9 @@ async fn with_clients_a_caller_without_a_token_is_a_visitor_only_in_mixed_mode()
 
 #[tokio::test]
 async fn a_visitors_budget_holds_across_two_replicas_on_redis() {
-    let Some(redis) = RedisServer::start().await else {
+    let Some(Cluster { redis, clock, a, b }) = Cluster::start(budgeted).await else {
         return;
     };
-    let config = |c: &mut Config| {
-        with_redis(&redis.url())(c);
-        budgeted(c);
-    };
-    let a = spawn_app_with(config).await;
-    let b = a.spawn_replica(config).await;
     let (script, reader) = ("203.0.113.7", "198.51.100.20");
     let mut served = 0;
     for i in 0..6 {
@@ -226,7 +218,7 @@ async fn a_visitors_budget_holds_across_two_replicas_on_redis() {
     let (calls, credits) = assert_ledger_equals_bill(&[&a, &b]).await;
     assert_eq!((calls, credits), (4, 8));
     let mut conn = redis.connection().await;
-    let day = keyapi_proxy::clock::utc_day(SystemTime::now());
+    let day = keyapi_proxy::clock::utc_day(clock.now());
     for addr in [script, reader] {
         let prefix = format!("{addr}/32");
         let hash = digest::hex(&digest::sha256(prefix.as_bytes())[..16]);

@@ -9,15 +9,13 @@ mod common;
 use std::{
     collections::BTreeMap,
     pin::pin,
-    process::Command,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use common::{
-    TestApp, assert_ledger_equals_bill, header, metric, parts, poll_once,
-    redis_server::{RedisServer, with_redis},
-    spawn_app_with, spawn_app_with_clock,
+    TestApp, assert_hit, assert_ledger_equals_bill, assert_stored_miss, binary::run_binary,
+    cluster::Cluster, metric, parts, poll_once, spawn_app_with, spawn_app_with_clock,
 };
 use keyapi_proxy::{
     clock::{Clock, ManualClock},
@@ -105,7 +103,7 @@ async fn a_run_warms_exactly_the_questions_that_would_go_stale() {
     assert_eq!(app.upstream.calls(), 8);
     // Clients are answered from the warmed cache.
     let (_, headers, _) = app.get("hashtag_name=UFC324&period=30").await;
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert_ledger_equals_bill(&[&app]).await;
     let text = app.metrics().await;
     assert_eq!(
@@ -158,10 +156,7 @@ async fn a_run_and_clients_share_one_call() {
     let running = run_in_task(1);
     app.upstream.release();
     let (_, headers, _) = client.await.unwrap();
-    assert_eq!(
-        header(&headers, "cache-status"),
-        "keyapi-proxy; fwd=uri-miss; stored"
-    );
+    assert_stored_miss(&headers);
     let report = running.await.unwrap();
     assert_eq!(report.warmed, 0);
     assert_eq!(report.joined + report.skipped_fresh, 1);
@@ -270,27 +265,25 @@ async fn a_failing_upstream_stops_the_run_at_the_open_circuit() {
 
 #[tokio::test]
 async fn two_replicas_on_one_redis_warm_once() {
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
     let config = |c: &mut Config| {
-        with_redis(&redis.url())(c);
         c.warmup = vec![warmup(
             vec![question(&[("hashtag_name", list(&["x", "y", "z"]))])],
             100,
         )];
     };
-    let a = spawn_app_with(config).await;
-    let b = a.spawn_replica(config).await;
-    let now = SystemTime::now();
-    assert_eq!(run(&a, now).await.warmed, 3);
-    let report = run(&b, now).await;
+    let Some(cluster) = Cluster::start(config).await else {
+        return;
+    };
+    let Cluster { clock, a, b, .. } = &cluster;
+    let now = clock.now();
+    assert_eq!(run(a, now).await.warmed, 3);
+    let report = run(b, now).await;
     assert_eq!(report.stopped_by, Some("another_replica"));
     assert_eq!(a.upstream.calls(), 3);
     // B's clients are answered from what A warmed, through Redis.
     let (status, headers, _) = b.get("hashtag_name=y").await;
     assert_eq!(status, 200);
-    assert!(header(&headers, "cache-status").contains("; hit;"));
+    assert_hit(&headers);
     assert_eq!(a.upstream.calls(), 3);
 }
 
@@ -305,16 +298,7 @@ async fn an_every_warm_up_runs_shortly_after_start_up() {
     app.upstream.wait_for_calls(2).await;
     app.state.proxy().idle().await;
     let (_, headers, _) = parts(app.get_hashtag("hashtag_name=q").await).await;
-    assert!(header(&headers, "cache-status").contains("; hit;"));
-}
-
-fn run_binary(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"))
-        .args(args)
-        .env_remove("KEYAPI_API_KEY")
-        .env_remove("KEYAPI_API_KEY_FILE")
-        .output()
-        .unwrap()
+    assert_hit(&headers);
 }
 
 #[test]
@@ -334,7 +318,10 @@ fn dry_run_prints_the_normalized_questions_and_the_cost() {
         ),
     )
     .unwrap();
-    let out = run_binary(&["--config", config.to_str().unwrap(), "warmup", "--dry-run"]);
+    let out = run_binary(
+        &["--config", config.to_str().unwrap(), "warmup", "--dry-run"],
+        &[],
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "{stdout}");
     assert!(
@@ -352,7 +339,10 @@ fn dry_run_prints_the_normalized_questions_and_the_cost() {
 
     // A bad question refuses to start, naming its line.
     std::fs::write(&csv, "hashtag_name,period\nnba,7\nnba,8\n").unwrap();
-    let out = run_binary(&["--config", config.to_str().unwrap(), "warmup", "--dry-run"]);
+    let out = run_binary(
+        &["--config", config.to_str().unwrap(), "warmup", "--dry-run"],
+        &[],
+    );
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(!out.status.success());
     assert!(stderr.contains("line 3"), "{stderr}");
@@ -363,7 +353,7 @@ fn dry_run_prints_the_normalized_questions_and_the_cost() {
     for command in [&["warmup", "--dry-run"][..], &["check-config"]] {
         let mut args = vec!["--config", config.to_str().unwrap()];
         args.extend(command);
-        let out = run_binary(&args);
+        let out = run_binary(&args, &[]);
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert!(!out.status.success(), "{command:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{command:?}: {stderr}");

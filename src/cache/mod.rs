@@ -40,7 +40,7 @@ use bytes::Bytes;
 
 pub use check::{EntryCheck, EntryLimits, MAX_CLOCK_SKEW, Rejection, Source};
 pub use local::LocalCache;
-pub use tiers::{Shared, Tiers};
+pub use tiers::{Consulted, Tiers};
 
 /// Normalized identity of an answer: the exact upstream path and query that
 /// produces it. Equal keys mean byte-identical upstream requests.
@@ -210,8 +210,11 @@ impl Entry {
         Self::restore(body, status, true, now, windows)
     }
 
-    /// An entry stored at `stored_at` (now, or earlier elsewhere: Redis, a
-    /// snapshot). Windows are `[ttl, stale_while_revalidate, stale_if_error]`.
+    /// An entry of `body` stored at `stored_at`, its ETag hashed afresh: what
+    /// [`Entry::success`] and [`Entry::negative`] build on (and tests, for an
+    /// entry stored at another time). Entries read back from Redis or a
+    /// snapshot are decoded by the codec, which keeps their ETag and gzip form.
+    /// Windows are `[ttl, stale_while_revalidate, stale_if_error]`.
     pub fn restore(
         body: Bytes,
         status: StatusCode,

@@ -15,9 +15,10 @@ use super::{
 };
 use crate::clock::SharedClock;
 
-/// What the shared tier said about a key this replica is about to fetch.
+/// What consulting the shared tier (Redis) said about a key this replica is
+/// about to fetch.
 #[derive(Debug)]
-pub enum Shared {
+pub enum Consulted {
     /// A usable answer (now in memory too): no fetch.
     Usable(Arc<Entry>),
     /// This replica holds the key's fetch lock: fetch, then [`Tiers::release`].
@@ -92,24 +93,28 @@ impl Tiers {
     /// Before fetching `key`: a `usable` answer another replica stored, or
     /// this replica's turn to fetch (the cluster-wide lock, waiting for its
     /// holder's answer for at most `lock_wait`).
-    pub async fn consult_shared(&self, key: &CacheKey, usable: impl Fn(&Entry) -> bool) -> Shared {
+    pub async fn consult_shared(
+        &self,
+        key: &CacheKey,
+        usable: impl Fn(&Entry) -> bool,
+    ) -> Consulted {
         let Some(redis) = &self.shared else {
-            return Shared::Alone;
+            return Consulted::Alone;
         };
         let found = match redis.get(key).await.filter(|e| usable(e)) {
             Some(entry) => entry,
             None => match redis.claim(key, usable).await {
                 Claim::Filled(entry) => *entry,
-                Claim::Locked(token) => return Shared::Locked(token),
-                Claim::Alone => return Shared::Alone,
+                Claim::Locked(token) => return Consulted::Locked(token),
+                Claim::Alone => return Consulted::Alone,
             },
         };
-        Shared::Usable(self.fill_memory(key, found).await)
+        Consulted::Usable(self.fill_memory(key, found).await)
     }
 
     /// After fetching `key`: releases the lock [`Tiers::consult_shared`] gave.
-    pub async fn release(&self, key: &CacheKey, turn: Shared) {
-        if let (Some(redis), Shared::Locked(token)) = (&self.shared, turn) {
+    pub async fn release(&self, key: &CacheKey, turn: Consulted) {
+        if let (Some(redis), Consulted::Locked(token)) = (&self.shared, turn) {
             redis.unlock(key, token).await;
         }
     }

@@ -23,13 +23,10 @@ pub struct ClientConfig {
     #[serde(default, alias = "purge")]
     pub admin: bool,
     /// This client's requests per minute (absent or 0 = no client limit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_minute: Option<u32>,
     /// This client's burst (absent or 0 = `rate_per_minute`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
     /// Credits this client's misses may spend per UTC day (absent or 0 = no budget).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daily_budget: Option<u64>,
 }
 
@@ -48,20 +45,15 @@ pub struct IssuerConfig {
     pub audience: String,
     /// Where its public keys are (a JWKS: RS256, ES256, EdDSA); `https://`, or
     /// `http://` to a loopback host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
     /// A file holding its HS256 secret (at least 32 bytes; a final newline is
     /// ignored), read once at start-up.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hs256_secret_file: Option<PathBuf>,
     /// Each subject's requests per minute (absent or 0 = no limit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_minute: Option<u32>,
     /// Each subject's burst (absent or 0 = `rate_per_minute`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
     /// Credits each subject's misses may spend per UTC day (absent or 0 = no budget).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daily_budget: Option<u64>,
     /// Subjects whose limits this replica keeps in memory; when full, those
     /// not seen again lately are forgotten first.

@@ -9,10 +9,15 @@
 //! By section: `sections` holds the top-level tables, `callers` clients and
 //! issuers, `routes` routes and warm-ups; `validate` checks what serde cannot,
 //! `key` reads the KeyAPI key and `error` says what went wrong.
+//!
+//! An optional value needs no serde attribute: absent, it reads as `None`,
+//! and `check-config`'s TOML leaves a `None` out (TOML has no null). Only
+//! durations name their format (`humantime_serde`, which then needs `default`).
 
 mod callers;
 mod error;
 mod key;
+mod redis_tier;
 mod routes;
 mod sections;
 mod validate;
@@ -28,12 +33,13 @@ use serde::{Deserialize, Serialize};
 pub use callers::{ClientConfig, IssuerConfig};
 pub use error::{API_KEY_ENV, API_KEY_FILE_ENV, ConfigError};
 pub use key::{api_key_file_from_env, api_key_from_env, is_valid_api_key, read_api_key_file};
+pub use redis_tier::{Redacted, RedisConfig, RedisUrl};
 pub use routes::{
     ParamConfig, ParamKind, QuestionValue, RouteConfig, RouteFreshness, TtlByConfig, WarmupConfig,
 };
 pub use sections::{
-    CacheConfig, CorsConfig, CreditsConfig, LogConfig, LogFormat, RateLimitConfig, RedisConfig,
-    RedisUrl, ServerConfig, TelemetryConfig, UpstreamConfig, VisitorsConfig,
+    CacheConfig, CorsConfig, CreditsConfig, LogConfig, LogFormat, RateLimitConfig, ServerConfig,
+    TelemetryConfig, UpstreamConfig, VisitorsConfig,
 };
 
 /// The documented defaults, compiled in so the binary runs without any file.

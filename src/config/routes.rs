@@ -13,48 +13,25 @@ pub struct RouteConfig {
     /// Path, identical on the proxy and on KeyAPI, e.g. `/v1/tiktok/trending/hashtag/detail`.
     pub path: String,
     /// KeyAPI's price per call; absent: `credits.per_call`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<u64>,
     /// Freshness lifetime; absent: `cache.ttl`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub ttl: Option<Duration>,
     /// TTL by the value of one parameter, e.g. `{ param = "period", values = { "365" = "12h" } }`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_by: Option<TtlByConfig>,
     /// `daily`: fresh until the next 00:00 UTC + `daily_offset` (capped by the TTL).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freshness: Option<RouteFreshness>,
     /// With `freshness = "daily"`: how long after 00:00 UTC the day's data is complete.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub daily_offset: Option<Duration>,
     /// Absent: `cache.stale_while_revalidate`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub stale_while_revalidate: Option<Duration>,
     /// Absent: `cache.stale_if_error`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub stale_if_error: Option<Duration>,
     /// Absent: `cache.negative_ttl`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub negative_ttl: Option<Duration>,
     /// The query parameters, in the order the upstream query is built.
     #[serde(default)]
@@ -85,35 +62,25 @@ pub struct TtlByConfig {
 pub struct ParamConfig {
     pub name: String,
     /// Absent: `one_of` when `one_of` is given, else `text`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<ParamKind>,
     /// A request without it is a 400 "is required" (then it has no `default`).
     #[serde(default)]
     pub required: bool,
     /// Normalized like a value; used when the parameter is absent (and, for
     /// `one_of`, `int` and `region`, when it is empty).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<String>,
     /// A value shown in the "is required" message; absent: the default or the first allowed value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub example: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub one_of: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<i64>,
     /// `text`: a regular expression the whole (normalized) value must match.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
     /// `text`: longest value in characters (default 100).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_len: Option<usize>,
     /// `text`: lower-case the value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lowercase: Option<bool>,
     /// `text`: drop this prefix once (e.g. `@`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strip_prefix: Option<String>,
 }
 
@@ -138,41 +105,26 @@ pub enum ParamKind {
 #[serde(deny_unknown_fields)]
 pub struct WarmupConfig {
     /// Shown in `/stats` and on the ledger as `warmup:<name>`; default: the route's path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The route's path, as in `[[routes]]`.
     pub route: String,
     /// Run at this interval (the first run shortly after start-up).
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub every: Option<Duration>,
     /// Or run daily at this UTC time, `HH:MM`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<String>,
     /// This warm-up's own credits per UTC day (the global budget applies too).
     pub max_credits_per_day: u64,
     /// With `every`: the first run, this long after start-up (default 1 s).
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub start_delay: Option<Duration>,
     /// Pause between two calls of a run (default 1 s).
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "humantime_serde")]
     pub pace: Option<Duration>,
     /// Parameter → value, or → a list of values (every combination is asked).
     #[serde(default)]
     pub questions: Vec<BTreeMap<String, QuestionValue>>,
     /// A CSV file: a header of parameter names, then one question per line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub questions_file: Option<PathBuf>,
 }
 

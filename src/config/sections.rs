@@ -1,15 +1,15 @@
-//! The top-level sections (`[server]`, `[upstream]`, `[cache]` and
-//! `[cache.redis]`, `[log]`, `[telemetry]`, `[credits]`, `[rate_limit]`,
+//! The top-level sections (`[server]`, `[upstream]`, `[cache]` (its
+//! `[cache.redis]` is in `redis_tier`), `[log]`, `[telemetry]`, `[credits]`, `[rate_limit]`,
 //! `[visitors]`, `[cors]`), each a serde struct whose fields name their env var.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use super::RedisConfig;
 use crate::{
     browser::AllowedHost,
-    cache::{FreshnessPolicy, redis::TierSettings},
+    cache::FreshnessPolicy,
     caller::{ForwardedHeader, TrustedNet},
 };
 
@@ -46,7 +46,6 @@ pub struct ServerConfig {
     pub http2: bool,
     /// `KEYAPI_PROXY__SERVER__MAX_CONNECTIONS`: open connections at most; absent =
     /// derived from the descriptor limit (see `server::default_max_connections`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// `KEYAPI_PROXY__SERVER__TRUSTED_PROXIES`, e.g. `["10.0.0.0/8"]`: peers
     /// whose `client_addr_header` is believed; empty = nobody's (the peer is the caller).
@@ -59,7 +58,6 @@ pub struct ServerConfig {
     /// `KEYAPI_PROXY__SERVER__ALLOWED_HOSTS`, e.g. `["proxy.example.com"]`
     /// (`["*"]`: any): other `Host`s get 421. Absent: loopback names when
     /// `listen` is loopback (against DNS rebinding), any host otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_hosts: Option<Vec<AllowedHost>>,
 }
 
@@ -133,73 +131,6 @@ pub struct CacheConfig {
     pub redis: RedisConfig,
 }
 
-/// `[cache.redis]`: a Redis (or Valkey) tier shared by several replicas.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisConfig {
-    /// `KEYAPI_PROXY__CACHE__REDIS__URL`, e.g. `redis://127.0.0.1:6379` or
-    /// `rediss://:password@host:6380`; absent = off. Never printed.
-    #[serde(default)]
-    pub url: Option<RedisUrl>,
-    /// `KEYAPI_PROXY__CACHE__REDIS__PREFIX`: namespace and format version of our keys.
-    pub prefix: String,
-    /// `KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT`: after this, a Redis call counts as failed.
-    #[serde(with = "humantime_serde")]
-    pub op_timeout: Duration,
-    /// `KEYAPI_PROXY__CACHE__REDIS__LEDGER_TIMEOUT`: how long a money
-    /// operation (a budget charge or refund) may take before its outcome is
-    /// resolved by its id and the replica falls back to its outage allowance.
-    #[serde(with = "humantime_serde")]
-    pub ledger_timeout: Duration,
-    /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_TTL`: expiry of a fetch lock (a
-    /// crashed holder blocks no longer). Absent: the worst-case fetch time + 5 s.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub lock_ttl: Option<Duration>,
-    /// `KEYAPI_PROXY__CACHE__REDIS__LOCK_WAIT`: how long to wait for another
-    /// replica's fetch before fetching anyway. Absent: `lock_ttl`.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub lock_wait: Option<Duration>,
-}
-
-/// A Redis URL. It may carry a password, so it prints as `[redacted]`
-/// everywhere (`Debug`, `check-config`); only the Redis client sees it.
-#[derive(Clone, Deserialize)]
-#[serde(from = "String")]
-pub struct RedisUrl(SecretString);
-
-impl RedisUrl {
-    /// The URL itself, for the Redis client only.
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-}
-
-impl From<String> for RedisUrl {
-    fn from(url: String) -> Self {
-        Self(SecretString::from(url))
-    }
-}
-
-impl std::fmt::Debug for RedisUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl Serialize for RedisUrl {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str("[redacted]")
-    }
-}
-
 impl CacheConfig {
     /// The freshness rules every route starts from.
     pub fn freshness_policy(&self) -> FreshnessPolicy {
@@ -211,28 +142,6 @@ impl CacheConfig {
             refresh_ahead: (self.refresh_ahead > 0.0).then_some(self.refresh_ahead),
             refresh_ahead_min_hits: self.refresh_ahead_min_hits,
         }
-    }
-}
-
-impl RedisConfig {
-    /// What the Redis tier needs, with lock times derived from `worst_fetch`.
-    pub fn tier_settings(&self, worst_fetch: Duration) -> TierSettings {
-        let (lock_ttl, lock_wait) = self.lock_times(worst_fetch);
-        TierSettings {
-            prefix: self.prefix.clone(),
-            op_timeout: self.op_timeout,
-            ledger_timeout: self.ledger_timeout,
-            lock_ttl,
-            lock_wait,
-        }
-    }
-
-    /// `(lock_ttl, lock_wait)`, derived from `worst_fetch` where not set.
-    pub fn lock_times(&self, worst_fetch: Duration) -> (Duration, Duration) {
-        let ttl = self
-            .lock_ttl
-            .unwrap_or(worst_fetch + Duration::from_secs(5));
-        (ttl, self.lock_wait.unwrap_or(ttl))
     }
 }
 
@@ -250,7 +159,6 @@ pub struct LogConfig {
 pub struct TelemetryConfig {
     /// `KEYAPI_PROXY__TELEMETRY__OTLP_ENDPOINT`: the collector's full traces URL
     /// (`http://collector:4318/v1/traces`), protobuf over HTTP. Unset: no spans at all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
     /// `KEYAPI_PROXY__TELEMETRY__SAMPLE_RATIO`: share of new traces kept, 0 to 1; a trusted
     /// incoming `traceparent` decides for its own trace.
@@ -282,7 +190,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreditsConfig {
-    /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs.
+    /// `KEYAPI_PROXY__CREDITS__PER_CALL`: credits one upstream call costs on
+    /// a route that does not give its own `credits`.
     pub per_call: u64,
     /// `KEYAPI_PROXY__CREDITS__DAILY_BUDGET`: credits all upstream calls may
     /// spend per UTC day; 0 = no budget.

@@ -61,15 +61,10 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(url) = &self.cache.redis.url {
-            // Parse only: the URL may hold a password, so it is never echoed.
-            if redis::Client::open(url.expose()).is_err() {
-                return invalid("cache.redis.url is not a valid redis:// or rediss:// URL".into());
-            }
-        }
+        let redis = self.cache.redis.target()?;
         let worst_fetch = self.worst_fetch();
         let (lock_ttl, lock_wait) = self.cache.redis.lock_times(worst_fetch);
-        if self.cache.redis.url.is_some() && lock_ttl.min(lock_wait) <= worst_fetch {
+        if redis.is_some() && lock_ttl.min(lock_wait) <= worst_fetch {
             return invalid(format!(
                 "cache.redis.lock_ttl and lock_wait must be longer than the worst-case fetch \
                  (upstream.queue_timeout + upstream.request_timeout = {}), so that no replica \

@@ -10,7 +10,7 @@
 //! shared secret; RS256, ES256 or EdDSA for a key of its JWKS, see
 //! `jwks`), so `none` or a swapped algorithm never verifies; the signature
 //! must verify; `aud` must name this proxy, `exp` must be present and not
-//! past (on the app's clock, with `LEEWAY`), `nbf` not ahead. Anything
+//! past (on the app's clock, with `LEEWAY_SECS`), `nbf` not ahead. Anything
 //! else is a 401 that costs nothing. Tokens and secrets are never logged;
 //! a subject appears in logs and Redis only as a hash of its `sub`.
 //!
@@ -31,12 +31,12 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use secrecy::{ExposeSecret, SecretSlice, zeroize::Zeroize};
 
 use crate::{
-    cache::redis::RedisTier,
     clock::{self, SharedClock},
     config::IssuerConfig,
     digest,
     metrics::{Metrics, Scope},
     payers::{KeyedPayer, KeyedPayers, Limits, Spender},
+    redis_conn::RedisConn,
     spend::SpendHistory,
 };
 
@@ -160,7 +160,7 @@ impl Issuer {
         config: &IssuerConfig,
         metrics: &Metrics,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
         spend: &SpendHistory,
     ) -> Result<Self, IssuerError> {
         let (keys, algorithms) = match (&config.hs256_secret_file, &config.jwks_url) {
@@ -307,7 +307,7 @@ impl Issuers {
         config: &[IssuerConfig],
         metrics: &Arc<Metrics>,
         clock: &SharedClock,
-        redis: Option<&Arc<RedisTier>>,
+        redis: Option<&Arc<RedisConn>>,
         spend: &SpendHistory,
     ) -> Result<Self, IssuerError> {
         let issuers = config

@@ -121,8 +121,6 @@ impl Budget {
 /// budget and what it has been charged.
 #[derive(Debug)]
 pub struct Account {
-    /// The client's configured id (a subject's ledger name).
-    pub id: Arc<str>,
     /// Its daily budget, if any.
     pub budget: Option<Budget>,
     /// `client_credits_spent_total{client}` (for a subject, its issuer's

@@ -57,9 +57,9 @@ use self::{
     shared::{MAX_PENDING, Op, OpKind, Outcome, READ_COUNTER, counter_key, new_op_id, send_charge},
 };
 use crate::{
-    cache::redis::{Applied, RedisTier},
     clock::{self, SharedClock},
     metrics::{Metrics, Scope},
+    redis_conn::{Applied, RedisConn},
     spend::{SpendHistory, Tally},
 };
 
@@ -128,7 +128,7 @@ pub struct Ledger {
     spend: Arc<SpendHistory>,
     /// `credits.daily_budget` (limit 0: none); a reload may change its limit.
     global: Budget,
-    redis: Option<Arc<RedisTier>>,
+    redis: Option<Arc<RedisConn>>,
     outage_allowance: AtomicU64,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -143,7 +143,7 @@ impl Ledger {
     pub fn new(
         spend: Arc<SpendHistory>,
         global: u64,
-        redis: Option<Arc<RedisTier>>,
+        redis: Option<Arc<RedisConn>>,
         outage_allowance: u64,
         clock: SharedClock,
         metrics: Arc<Metrics>,
@@ -282,7 +282,7 @@ impl Ledger {
     /// it may have been applied).
     async fn charge_shared(
         &self,
-        redis: &RedisTier,
+        redis: &RedisConn,
         budgets: &[Option<&Budget>; 2],
         day: u64,
         now: SystemTime,
@@ -350,7 +350,7 @@ impl Ledger {
 
     /// Sends a refund (or cancellation) now; queues it for another try with
     /// the same id if Redis does not confirm it.
-    async fn refund(&self, redis: &RedisTier, mut op: Op) {
+    async fn refund(&self, redis: &RedisConn, mut op: Op) {
         if op.send(redis).await {
             return;
         }
@@ -395,7 +395,7 @@ impl Ledger {
     /// Sends the operations Redis has not confirmed, oldest first, each with
     /// its own id (so one already applied changes nothing); true when none is
     /// left.
-    async fn flush(&self, redis: &RedisTier) -> bool {
+    async fn flush(&self, redis: &RedisConn) -> bool {
         loop {
             let Some(mut op) = self.lock_pending().pop_front() else {
                 return true;

@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use redis::Script;
 
 use super::budget::Budget;
-use crate::cache::redis::{Applied, RedisTier};
+use crate::redis_conn::{Applied, RedisConn};
 
 /// Charges one money operation on several per-day counters, once. KEYS = the
 /// operation's record, then the counters; ARGV = cost, expiry (s), mode:
@@ -117,7 +117,7 @@ impl Op {
     }
 
     /// Runs the operation (again: it is idempotent); true once Redis answered.
-    pub(super) async fn send(&mut self, redis: &RedisTier) -> bool {
+    pub(super) async fn send(&mut self, redis: &RedisConn) -> bool {
         let names = self.budgets.iter().map(String::as_str);
         let applied = match self.kind {
             OpKind::Record => send_charge(redis, &self.id, names, None, self.day, self.cost).await,
@@ -164,20 +164,20 @@ pub(super) fn new_op_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// `<prefix>count:<name>:<day>`: a budget's cluster-wide count of one UTC day.
-pub(super) fn counter_key(redis: &RedisTier, name: &str, day: u64) -> String {
-    redis.namespaced(&format!("count:{name}:{day}"))
+/// `<prefix>[{ledger}:]count:<name>:<day>`: a budget's cluster-wide count of one UTC day.
+pub(super) fn counter_key(redis: &RedisConn, name: &str, day: u64) -> String {
+    redis.ledger_key(&format!("count:{name}:{day}"))
 }
 
-/// `<prefix>op:<id>`: what became of one money operation.
-pub(super) fn op_key(redis: &RedisTier, id: &str) -> String {
-    redis.namespaced(&format!("op:{id}"))
+/// `<prefix>[{ledger}:]op:<id>`: what became of one money operation.
+pub(super) fn op_key(redis: &RedisConn, id: &str) -> String {
+    redis.ledger_key(&format!("op:{id}"))
 }
 
 /// Runs [`CHARGE`] for operation `id` on the counters `names` of `day`:
 /// checked against `limits` (one per counter) when given, else recorded.
 pub(super) async fn send_charge<'a>(
-    redis: &RedisTier,
+    redis: &RedisConn,
     id: &str,
     names: impl Iterator<Item = &'a str>,
     limits: Option<&[u64]>,
@@ -199,7 +199,7 @@ pub(super) async fn send_charge<'a>(
 
 /// Runs [`REFUND`] for operation `id` on the counters `names` of `day`.
 pub(super) async fn send_refund<'a>(
-    redis: &RedisTier,
+    redis: &RedisConn,
     id: &str,
     names: impl Iterator<Item = &'a str>,
     day: u64,

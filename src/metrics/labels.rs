@@ -4,46 +4,37 @@
 
 use prometheus_client::encoding::EncodeLabelSet;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(super) struct RequestLabels {
-    pub(super) route: &'static str,
-    pub(super) status: u16,
-    pub(super) cache: &'static str,
+/// Declares label sets: each field is one label, named as the field.
+macro_rules! label_sets {
+    ($($(#[$doc:meta])* $name:ident { $($label:ident: $ty:ty),+ })*) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+        pub(super) struct $name {
+            $(pub(super) $label: $ty),+
+        }
+    )*};
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(super) struct OutcomeLabels {
-    pub(super) outcome: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(super) struct ReasonLabels {
-    pub(super) reason: &'static str,
-}
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(super) struct RejectedLabels {
-    pub(super) source: &'static str,
-    pub(super) reason: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(super) struct PayerLabels {
-    pub(super) payer: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(super) struct ScopeLabels {
-    pub(super) scope: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(super) struct ClientLabels {
-    pub(super) client: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(super) struct IssuerLabels {
-    pub(super) issuer: String,
+label_sets! {
+    /// `requests_total`.
+    RequestLabels { route: &'static str, status: u16, cache: &'static str }
+    /// `upstream_calls_total`.
+    OutcomeLabels { outcome: &'static str }
+    /// `tokens_rejected_total`, `upstream_refused_total`, `connections_closed_total`,
+    /// `trace_spans_dropped_total`.
+    ReasonLabels { reason: &'static str }
+    /// `redis_errors_total`.
+    KindLabels { kind: &'static str }
+    /// `cache_entries_rejected_total`.
+    RejectedLabels { source: &'static str, reason: &'static str }
+    /// `credits_spent_by_total`.
+    PayerLabels { payer: &'static str }
+    /// `rate_limited_total`, `budget_refused_total`.
+    ScopeLabels { scope: &'static str }
+    /// A configured client's families.
+    ClientLabels { client: String }
+    /// A configured issuer's families.
+    IssuerLabels { issuer: String }
 }
 
 /// Who a limit or budget belonged to (a metric label).

@@ -37,8 +37,8 @@ pub use labels::Scope;
 use self::{
     exposition::prometheus_text,
     labels::{
-        ClientLabels, IssuerLabels, OutcomeLabels, PayerLabels, ReasonLabels, RejectedLabels,
-        RequestLabels, ScopeLabels,
+        ClientLabels, IssuerLabels, KindLabels, OutcomeLabels, PayerLabels, ReasonLabels,
+        RejectedLabels, RequestLabels, ScopeLabels,
     },
 };
 use crate::served::{CacheState, Served};
@@ -153,7 +153,7 @@ pub struct Metrics {
     rejected: Counter,
     upstream_retries: Counter,
     upstream_refused: Family<ReasonLabels, Counter>,
-    redis_errors: Counter,
+    redis_errors: Family<KindLabels, Counter>,
     entries_rejected: Family<RejectedLabels, Counter>,
     connections: ConnectionMetrics,
     config_reloads: Family<OutcomeLabels, Counter>,
@@ -264,9 +264,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a failed or timed-out Redis call.
-    pub fn redis_error(&self) {
-        self.redis_errors.inc();
+    /// Counts a failed or timed-out Redis call by its (bounded) `kind`.
+    pub fn redis_error(&self, kind: &'static str) {
+        self.redis_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Counts an entry read from `source` and skipped for `reason`.

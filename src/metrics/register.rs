@@ -8,7 +8,7 @@ use prometheus_client::{
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 use super::{ClientCounters, ConnectionMetrics, History, Metrics, TRACE_SPANS_DROPPED};
@@ -18,205 +18,213 @@ impl Metrics {
     /// A fresh registry; `clock` times the per-minute history of the status page.
     pub fn new(clock: SharedClock) -> Self {
         let mut registry = Registry::with_prefix("keyapi_proxy");
-        let requests = Family::default();
-        registry.register(
+        let requests = registered(
+            &mut registry,
             "requests",
             "HTTP requests answered, by route template, status and cache state",
-            requests.clone(),
+            Family::default(),
         );
-        let cache_hits = Counter::default();
-        registry.register(
+        let cache_hits = registered(
+            &mut registry,
             "cache_hits",
             "Requests answered from the cache (no upstream call)",
-            cache_hits.clone(),
+            Counter::default(),
         );
-        let cache_misses = Counter::default();
-        registry.register(
+        let cache_misses = registered(
+            &mut registry,
             "cache_misses",
             "Requests of the proxied route that were not in the cache (stored, collapsed, refreshed, declined or failed)",
-            cache_misses.clone(),
+            Counter::default(),
         );
-        let collapsed = Counter::default();
-        registry.register(
+        let collapsed = registered(
+            &mut registry,
             "collapsed",
             "Misses answered by another request's upstream call (single flight)",
-            collapsed.clone(),
+            Counter::default(),
         );
-        let credits_spent = Counter::default();
-        registry.register(
+        let credits_spent = registered(
+            &mut registry,
             "credits_spent",
             "KeyAPI credits spent: the route's price for every upstream attempt that reached KeyAPI",
-            credits_spent.clone(),
+            Counter::default(),
         );
-        let credits_spent_by = Family::default();
-        registry.register(
+        let credits_spent_by = registered(
+            &mut registry,
             "credits_spent_by",
             "KeyAPI credits spent, by who started the call (request, revalidate, refresh_ahead)",
-            credits_spent_by.clone(),
+            Family::default(),
         );
-        let credits_saved = Counter::default();
-        registry.register(
+        let credits_saved = registered(
+            &mut registry,
             "credits_saved",
             "KeyAPI credits saved: the route's price for every request answered without an upstream call of its own (hits, collapsed)",
-            credits_saved.clone(),
+            Counter::default(),
         );
-        let upstream_calls = Family::default();
-        registry.register(
+        let upstream_calls = registered(
+            &mut registry,
             "upstream_calls",
             "Upstream calls made, by outcome (success, declined or an error kind)",
-            upstream_calls.clone(),
+            Family::default(),
         );
-        let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 12));
-        registry.register(
+        let upstream_latency = registered(
+            &mut registry,
             "upstream_latency_seconds",
             "Duration of upstream calls, body included",
-            upstream_latency.clone(),
+            Histogram::new(exponential_buckets(0.005, 2.0, 12)),
         );
-        let upstream_in_flight = Gauge::default();
-        registry.register(
+        let upstream_in_flight = registered(
+            &mut registry,
             "upstream_in_flight",
             "Upstream calls in progress",
-            upstream_in_flight.clone(),
+            Gauge::default(),
         );
-        let cache_entries = Gauge::default();
-        registry.register(
+        let cache_entries = registered(
+            &mut registry,
             "cache_entries",
             "Answers in the cache",
-            cache_entries.clone(),
+            Gauge::default(),
         );
-        let cache_bytes = Gauge::default();
-        registry.register(
+        let cache_bytes = registered(
+            &mut registry,
             "cache_bytes",
             "Bytes weighed by the cache (keys, bodies and precomputed encodings)",
-            cache_bytes.clone(),
+            Gauge::default(),
         );
-        let rate_limited = Family::default();
-        registry.register(
+        let rate_limited = registered(
+            &mut registry,
             "rate_limited",
             "Requests refused with 429 by a rate limit, by scope (global, client, subject, visitor)",
-            rate_limited.clone(),
+            Family::default(),
         );
-        let budget_refused = Family::default();
-        registry.register(
+        let budget_refused = registered(
+            &mut registry,
             "budget_refused",
             "Misses refused with 429 because a daily credit budget was spent, by scope",
-            budget_refused.clone(),
+            Family::default(),
         );
-        let client_requests = Family::default();
-        registry.register(
+        let client_requests = registered(
+            &mut registry,
             "client_requests",
             "Authenticated requests of the proxied route, by configured client id",
-            client_requests.clone(),
+            Family::default(),
         );
-        let client_credits = Family::default();
-        registry.register(
+        let client_credits = registered(
+            &mut registry,
             "client_credits_spent",
             "Credits charged to a configured client's daily budget",
-            client_credits.clone(),
+            Family::default(),
         );
-        let stale_served = Counter::default();
-        registry.register(
+        let stale_served = registered(
+            &mut registry,
             "stale_served",
             "Requests answered from a stale copy (stale-while-revalidate or stale-if-error)",
-            stale_served.clone(),
+            Counter::default(),
         );
-        let upstream_retries = Counter::default();
-        registry.register(
+        let upstream_retries = registered(
+            &mut registry,
             "upstream_retries",
             "Upstream retries made after a connect error or HTTP 502/503/504",
-            upstream_retries.clone(),
+            Counter::default(),
         );
-        let config_reloads = Family::default();
-        registry.register(
+        let config_reloads = registered(
+            &mut registry,
             "config_reloads",
             "Configuration reloads (SIGHUP, POST /admin/reload), by outcome: applied, unchanged or rejected (nothing changed)",
-            config_reloads.clone(),
+            Family::default(),
         );
-        let key_rotations = Counter::default();
-        registry.register(
+        let key_rotations = registered(
+            &mut registry,
             "api_key_rotations",
             "Times a new KeyAPI key was read from KEYAPI_API_KEY_FILE and put in use",
-            key_rotations.clone(),
+            Counter::default(),
         );
-        let key_rejected_after_rotation = Counter::default();
-        registry.register(
+        let key_rejected_after_rotation = registered(
+            &mut registry,
             "upstream_key_rejected_after_rotation",
             "Upstream calls KeyAPI answered 401/403 for a key replaced meanwhile, retried once with the current key",
-            key_rejected_after_rotation.clone(),
+            Counter::default(),
         );
-        let issuer_requests = Family::default();
-        registry.register(
+        let issuer_requests = registered(
+            &mut registry,
             "issuer_requests",
             "Requests let in by a valid signed token, by configured issuer (no subject label)",
-            issuer_requests.clone(),
+            Family::default(),
         );
-        let issuer_credits = Family::default();
-        registry.register(
+        let issuer_credits = registered(
+            &mut registry,
             "issuer_credits_spent",
             "Credits of upstream calls started by the subjects of a configured issuer",
-            issuer_credits.clone(),
+            Family::default(),
         );
-        let visitors = ClientCounters::default();
-        registry.register(
-            "visitor_requests",
-            "Requests let in from visitors (callers without a token; no address label)",
-            visitors.requests.clone(),
-        );
-        registry.register(
-            "visitor_credits_spent",
-            "Credits of upstream calls started by visitors",
-            visitors.credits_spent.clone(),
-        );
-        let tokens_rejected = Family::default();
-        registry.register(
+        let visitors = ClientCounters {
+            requests: registered(
+                &mut registry,
+                "visitor_requests",
+                "Requests let in from visitors (callers without a token; no address label)",
+                Counter::default(),
+            ),
+            credits_spent: registered(
+                &mut registry,
+                "visitor_credits_spent",
+                "Credits of upstream calls started by visitors",
+                Counter::default(),
+            ),
+        };
+        let tokens_rejected = registered(
+            &mut registry,
             "tokens_rejected",
             "Signed tokens refused, by reason (malformed, unknown_issuer, unknown_key, algorithm, signature, expired, not_yet_valid, audience, subject, keys_unavailable)",
-            tokens_rejected.clone(),
+            Family::default(),
         );
-        let upstream_refused = Family::default();
-        registry.register(
+        let upstream_refused = registered(
+            &mut registry,
             "upstream_refused",
             "Upstream calls not made because of upstream protection, by reason (held_back, circuit_open, overloaded, spend_cap)",
-            upstream_refused.clone(),
+            Family::default(),
         );
-        let redis_errors = Counter::default();
-        registry.register(
+        let redis_errors = registered(
+            &mut registry,
             "redis_errors",
-            "Redis tier calls that failed or timed out (served from memory and upstream instead)",
-            redis_errors.clone(),
+            "Redis calls that failed or timed out (served from memory and upstream instead), by kind (not_connected, timeout, refused, connection, readonly, cluster, server, other)",
+            Family::default(),
         );
-        let entries_rejected = Family::default();
-        registry.register(
+        let entries_rejected = registered(
+            &mut registry,
             "cache_entries_rejected",
             "Entries read from Redis or a snapshot and skipped (never served), by source (redis, snapshot) and reason (unreadable, status, body, too_large, api_key, etag, gzip, future, lifetime)",
-            entries_rejected.clone(),
+            Family::default(),
         );
         registry.register(
             "trace_spans_dropped",
             "Trace spans not delivered to the OTLP collector, by reason (queue_full, export_failed)",
             TRACE_SPANS_DROPPED.clone(),
         );
-        let connections = ConnectionMetrics::default();
-        registry.register(
-            "connections_open",
-            "Client connections open",
-            connections.open.clone(),
-        );
-        registry.register(
-            "connections_accepted",
-            "Client connections accepted and served",
-            connections.accepted.clone(),
-        );
-        registry.register(
-            "connections_refused",
-            "Client connections closed on arrival because server.max_connections were open and all busy",
-            connections.refused.clone(),
-        );
-        registry.register(
-            "connections_closed",
-            "Client connections ended, by reason (client: the client or the protocol ended it; header_read_timeout, idle_timeout, send_timeout, evicted, shutdown: the proxy closed it)",
-            connections.closed.clone(),
-        );
+        let connections = ConnectionMetrics {
+            open: registered(
+                &mut registry,
+                "connections_open",
+                "Client connections open",
+                Gauge::default(),
+            ),
+            accepted: registered(
+                &mut registry,
+                "connections_accepted",
+                "Client connections accepted and served",
+                Counter::default(),
+            ),
+            refused: registered(
+                &mut registry,
+                "connections_refused",
+                "Client connections closed on arrival because server.max_connections were open and all busy",
+                Counter::default(),
+            ),
+            closed: registered(
+                &mut registry,
+                "connections_closed",
+                "Client connections ended, by reason (client: the client or the protocol ended it; header_read_timeout, idle_timeout, send_timeout, evicted, shutdown: the proxy closed it)",
+                Family::default(),
+            ),
+        };
         Self {
             registry,
             history: History::new(clock),
@@ -252,4 +260,11 @@ impl Metrics {
             key_rejected_after_rotation,
         }
     }
+}
+
+/// Registers `metric` under `name` with `help`, and gives it back to keep:
+/// the registry holds a clone, sharing its value.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }

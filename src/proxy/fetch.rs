@@ -12,14 +12,14 @@ use tracing::{Instrument, Span, field::Empty};
 
 use super::outcome::{FetchResult, Fetched, Trigger};
 use crate::{
-    cache::{CacheKey, Entry, FreshnessPolicy, Shared, Tiers, is_cacheable_refusal},
+    cache::{CacheKey, Consulted, Entry, FreshnessPolicy, Tiers, is_cacheable_refusal},
     clock::SharedClock,
     coalesce::{Abandoned, Interest},
     ledger::{Charge, Ledger, Payer},
     metrics::Metrics,
     protect::Protection,
     route::Route,
-    telemetry::TRACE_TARGET,
+    spans::TRACE_TARGET,
     upstream::{Upstream, UpstreamAnswer, UpstreamError},
 };
 
@@ -89,7 +89,7 @@ impl Fetcher {
         }
         let usable = |e: &Entry| trigger.satisfied_by(e, self.clock.now());
         let turn = match self.tiers.consult_shared(&key, usable).await {
-            Shared::Usable(entry) => return Ok(Fetched::AlreadyCached(entry)),
+            Consulted::Usable(entry) => return Ok(Fetched::AlreadyCached(entry)),
             turn => turn,
         };
         let result = self.call_upstream(&key, &route, &payer, &interest).await;

@@ -14,7 +14,7 @@ use crate::{
     cache::{Entry, Freshness},
     coalesce::Abandoned,
     directives::Directives,
-    ledger::Refusal,
+    ledger, protect,
     served::CacheState,
     upstream::UpstreamError,
 };
@@ -96,16 +96,21 @@ pub enum Prefetch {
     Failed(ProxyError),
 }
 
-/// Why no answer could be produced.
+/// Why no answer could be produced, by cause: what KeyAPI did, or our own
+/// decision not to ask it (protection, a budget), or an internal failure.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
+    /// KeyAPI was asked and gave no forwardable answer.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// Our protection declined the call; none was made.
+    #[error(transparent)]
+    Protection(#[from] protect::Refusal),
     #[error(transparent)]
     Abandoned(#[from] Abandoned),
     /// A credit budget could not afford the call; none was made.
     #[error(transparent)]
-    Budget(#[from] Refusal),
+    Budget(#[from] ledger::Refusal),
 }
 
 impl ProxyError {
@@ -113,7 +118,7 @@ impl ProxyError {
     pub fn upstream_status(&self) -> Option<u16> {
         match self {
             Self::Upstream(e) => e.upstream_status(),
-            Self::Abandoned(_) | Self::Budget(_) => None,
+            Self::Protection(_) | Self::Abandoned(_) | Self::Budget(_) => None,
         }
     }
 }

@@ -20,7 +20,6 @@ use axum::{
     Json,
     extract::{FromRequestParts, RawQuery, State},
     http::request::Parts,
-    response::{IntoResponse, Response},
 };
 use serde::Serialize;
 
@@ -28,7 +27,6 @@ use crate::{
     access::Client,
     cache::CacheKey,
     error::ApiError,
-    request_id::RequestId,
     route::{self, KeyError, Route, RouteTable},
     state::AppState,
 };
@@ -73,30 +71,23 @@ pub(crate) struct Purged {
 pub(crate) struct Admin(pub(super) Arc<Client>);
 
 impl FromRequestParts<AppState> for Admin {
-    type Rejection = Response;
+    type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        state
-            .access()
-            .authenticate_admin(&parts.headers)
-            .map(Admin)
-            .map_err(|e| ApiError::from(e).to_response(&RequestId::current()))
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let client = state.access().authenticate_admin(&parts.headers)?;
+        Ok(Admin(client))
     }
 }
 
 pub(super) async fn list(
     Admin(admin): Admin,
     State(state): State<AppState>,
-    request_id: RequestId,
     RawQuery(query): RawQuery,
-) -> Response {
+) -> Result<Json<Listing>, ApiError> {
     let (mut only, mut prefix) = (None, String::new());
     for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match &*name {
-            ROUTE_PARAM => match named_route(state.routes(), Some(&value)) {
-                Ok(route) => only = Some(route),
-                Err(e) => return ApiError::from(e).to_response(&request_id),
-            },
+            ROUTE_PARAM => only = Some(named_route(state.routes(), Some(&value))?),
             "prefix" => prefix = value.into_owned(),
             _ => {}
         }
@@ -134,28 +125,25 @@ pub(super) async fn list(
     let count = entries.len();
     tracing::info!(client = &*admin.id, count, "cache listed");
     entries.truncate(MAX_LISTED);
-    Json(Listing {
+    Ok(Json(Listing {
         count,
         truncated: count > MAX_LISTED,
         entries,
-    })
-    .into_response()
+    }))
 }
 
 pub(super) async fn purge(
     Admin(admin): Admin,
     State(state): State<AppState>,
-    request_id: RequestId,
     RawQuery(query): RawQuery,
-) -> Response {
+) -> Result<Json<Purged>, ApiError> {
     let proxy = state.proxy();
-    let purged = match purge_target(state.routes(), query.as_deref().unwrap_or("")) {
-        Err(e) => return ApiError::from(e).to_response(&request_id),
-        Ok(PurgeTarget::All) => Purged {
+    let purged = match purge_target(state.routes(), query.as_deref().unwrap_or(""))? {
+        PurgeTarget::All => Purged {
             purged: proxy.purge_all().await,
             key: None,
         },
-        Ok(PurgeTarget::One(key)) => Purged {
+        PurgeTarget::One(key) => Purged {
             purged: proxy.purge(&key).await,
             key: Some(key.to_string()),
         },
@@ -166,7 +154,7 @@ pub(super) async fn purge(
         key = purged.key.as_deref(),
         "cache purge"
     );
-    Json(purged).into_response()
+    Ok(Json(purged))
 }
 
 /// What a `DELETE /admin/cache` purges.

@@ -1,5 +1,5 @@
-//! Liveness and readiness. Neither touches the cache or the upstream, so
-//! probes never spend credits.
+//! Liveness and readiness. Neither touches the cache, Redis or the upstream,
+//! so probes never spend credits nor wait.
 
 use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
 use serde_json::json;
@@ -12,16 +12,22 @@ pub(super) async fn healthz() -> impl IntoResponse {
 }
 
 /// `GET /readyz`: configuration loaded and listener up; 503 while draining.
-/// The detail says which KeyAPI key is in use (its generation, never the
+/// The body says which KeyAPI key is in use (its generation, never the
 /// key), when it last changed, and when KeyAPI last rejected a key — just
-/// after a rotation (the old key, retried with the new one) or not.
+/// after a rotation (the old key, retried with the new one) or not. With
+/// Redis, it also says its mode and which nodes answered this replica's
+/// last probe (from memory: Redis down never fails readiness, since every
+/// replica serves on without it).
 pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let api_key = state.proxy().upstream().api_key().status();
-    if state.is_ready() {
-        let ready = json!({ "status": "ready", "apiKey": api_key });
-        (StatusCode::OK, Json(ready))
+    let (status, word) = if state.is_ready() {
+        (StatusCode::OK, "ready")
     } else {
-        let draining = json!({ "status": "draining", "apiKey": api_key });
-        (StatusCode::SERVICE_UNAVAILABLE, Json(draining))
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    };
+    let api_key = state.proxy().upstream().api_key().status();
+    let mut body = json!({ "status": word, "apiKey": api_key });
+    if let Some(redis) = state.proxy().redis() {
+        body["redis"] = json!(redis.conn().status());
     }
+    (status, Json(body))
 }

@@ -29,7 +29,7 @@ use axum::{
     extract::{Request, State},
     http::{self, Method, header::ORIGIN},
     middleware::map_response,
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use bytes::Bytes;
@@ -41,7 +41,6 @@ use crate::{
     config::CorsConfig,
     cors,
     error::ApiError,
-    request_id::RequestId,
     route::{Route, RouteTable},
     server::Handle,
     state::AppState,
@@ -120,12 +119,12 @@ async fn no_store(mut response: Response) -> Response {
     response
 }
 
-async fn not_found(id: RequestId) -> Response {
-    ApiError::NotFound.to_response(&id)
+async fn not_found() -> ApiError {
+    ApiError::NotFound
 }
 
-async fn method_not_allowed(id: RequestId) -> Response {
-    ApiError::MethodNotAllowed.to_response(&id)
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// One generation of the served surface: the state and router of one
@@ -215,7 +214,7 @@ impl Handle for Front {
         // Over HTTP/2, hyper takes the preface itself: a `PRI` here is HTTP/1
         // misused: malformed, so refused before anything else looks at it.
         if request.method().as_str() == "PRI" {
-            return ApiError::PrefaceOverHttp1.to_response(&RequestId::current());
+            return ApiError::PrefaceOverHttp1.into_response();
         }
         let generation = self.current.load_full();
         let route = generation.state.routes().get(request.uri().path());
@@ -225,11 +224,13 @@ impl Handle for Front {
             .check(target, request.uri(), request.headers())
         {
             tracing::debug!(reason = refusal.as_str(), "refused before any route");
-            return ApiError::from(refusal).to_response(&RequestId::current());
+            return ApiError::from(refusal).into_response();
         }
         if let Some(route) = generation.direct(&request, route) {
             let state = &generation.state;
-            let mut response = proxied::answer(route, state, request.into_parts().0).await;
+            let mut response = proxied::answer(route, state, request.into_parts().0)
+                .await
+                .into_response();
             if generation.cors {
                 cors::vary_by_origin(response.headers_mut());
             }

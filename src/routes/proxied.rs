@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::{
     body::Body,
     http::{HeaderMap, header::CONTENT_TYPE, request::Parts},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 
 use crate::{
@@ -27,7 +27,6 @@ use crate::{
     observe::AccessLog,
     payers::KeyedPayer,
     proxy::{Outcome, ProxyError},
-    request_id::RequestId,
     route::Route,
     served::{CacheState, Served},
     spend::Tally,
@@ -35,17 +34,16 @@ use crate::{
 };
 
 /// The answer to a request for `route` whose head is `request` (its body,
-/// if any, is never read).
-pub(super) async fn answer(route: &Arc<Route>, state: &AppState, request: Parts) -> Response {
+/// if any, is never read). A caller refused or a query that does not parse
+/// is an error answered before anything is served (and logged without a key).
+pub(super) async fn answer(
+    route: &Arc<Route>,
+    state: &AppState,
+    request: Parts,
+) -> Result<Response, ApiError> {
     let headers = &request.headers;
-    let caller = match admit(state, headers).await {
-        Ok(caller) => caller,
-        Err(e) => return e.to_response(&RequestId::current()),
-    };
-    let key = match route.parse(request.uri.query()) {
-        Ok(key) => key,
-        Err(e) => return ApiError::from(e).to_response(&RequestId::current()),
-    };
+    let caller = admit(state, headers).await?;
+    let key = route.parse(request.uri.query())?;
     let ask = Ask {
         directives: Directives::of(headers),
         may_refresh: state.allow_client_refresh() || caller.may_refresh(),
@@ -65,7 +63,7 @@ pub(super) async fn answer(route: &Arc<Route>, state: &AppState, request: Parts)
         upstream_status,
     }
     .report();
-    response
+    Ok(response)
 }
 
 /// The answer to one request: the response, how it was served, and the
@@ -98,12 +96,12 @@ fn respond(
             (response, Served::Declined, Some(status.as_u16()))
         }
         Ok(Outcome::NotCached) => {
-            let response = ApiError::NotCached.to_response(&RequestId::current());
+            let response = ApiError::NotCached.into_response();
             (response, Served::NotCached, None)
         }
         Err(error) => {
             let upstream_status = error.upstream_status();
-            let response = ApiError::from(error).to_response(&RequestId::current());
+            let response = ApiError::from(error).into_response();
             (response, Served::Failed, upstream_status)
         }
     }

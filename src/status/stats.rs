@@ -25,6 +25,7 @@ use crate::{
     metrics::history::Minute,
     metrics::{Scope, Totals},
     payers::{Spender, TOP_SPENDERS},
+    redis_conn,
     route::Route,
     state::AppState,
     warmup::WarmupStats,
@@ -208,6 +209,10 @@ pub(crate) struct Stats {
     /// `up` / `down` when the Redis tier is configured, else absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) redis: Option<&'static str>,
+    /// The Redis mode (`server`, `sentinel`, `cluster`) and each node, as
+    /// this replica last probed it (with the Redis tier).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) redis_tier: Option<redis_conn::Status>,
     /// Money operations awaiting Redis's confirmation (with the Redis tier).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) ledger_awaiting_redis: Option<usize>,
@@ -404,7 +409,8 @@ impl Stats {
             redis: state
                 .proxy()
                 .redis()
-                .map(|r| if r.is_up() { "up" } else { "down" }),
+                .map(|r| if r.conn().is_up() { "up" } else { "down" }),
+            redis_tier: state.proxy().redis().map(|r| r.conn().status()),
             ledger_awaiting_redis: state.proxy().redis().map(|_| ledger.awaiting_redis()),
             clients,
             warmups,

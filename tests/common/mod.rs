@@ -2,8 +2,11 @@
 //! that counts calls and records what it received.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod binary;
+pub mod cluster;
 pub mod entries;
 pub mod logs;
+pub mod redis_ha;
 pub mod redis_server;
 pub mod relay;
 pub mod tokens;
@@ -13,10 +16,9 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     pin::Pin,
-    process::Stdio,
     sync::Arc,
     task::Poll,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -26,7 +28,7 @@ use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyapi_proxy::{
     app::{App, Origin},
-    clock::{Clock, SystemClock},
+    clock::{Clock, ManualClock, SystemClock},
     config::{ClientConfig, Config},
     demo::FakeUpstream,
     digest,
@@ -35,9 +37,8 @@ use keyapi_proxy::{
 };
 use secrecy::SecretString;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    process::{Child, Command},
     sync::oneshot,
     task::JoinHandle,
 };
@@ -69,6 +70,18 @@ pub fn plain_ttl(config: &mut Config, ttl: Duration) {
     config.cache.ttl = ttl;
     config.cache.stale_while_revalidate = Duration::ZERO;
     config.cache.stale_if_error = Duration::ZERO;
+}
+
+/// A clock standing at the present, moved only by the test (share it to
+/// move several replicas' time at once).
+pub fn manual_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(SystemTime::now()))
+}
+
+/// Moves `clock` past `ttl`: an entry stored before, with that lifetime, is
+/// no longer fresh (an entry is stale from the moment its age equals its TTL).
+pub fn let_expire(clock: &ManualClock, ttl: Duration) {
+    clock.advance(ttl);
 }
 
 /// A `[[clients]]` entry for `token` (only its hash is configured).
@@ -254,7 +267,12 @@ impl TestApp {
 
     /// Starts `GET <route>?<query>` in its own task (it outlives this borrow).
     pub fn spawn_get_hashtag(&self, query: &str) -> JoinHandle<Parts> {
-        let request = self.hashtag_request(reqwest::Method::GET, query);
+        self.spawn_get(&hashtag_path(query))
+    }
+
+    /// Starts `GET <path_and_query>` in its own task.
+    pub fn spawn_get(&self, path_and_query: &str) -> JoinHandle<Parts> {
+        let request = self.client.get(self.url(path_and_query));
         tokio::spawn(async move {
             parts(request.send().await.expect("request reaches the proxy")).await
         })
@@ -262,8 +280,7 @@ impl TestApp {
 
     /// A request builder for the proxied route, to add headers.
     pub fn hashtag_request(&self, method: reqwest::Method, query: &str) -> reqwest::RequestBuilder {
-        self.client
-            .request(method, self.url(&format!("{HASHTAG_DETAIL_PATH}?{query}")))
+        self.client.request(method, self.url(&hashtag_path(query)))
     }
 
     /// `GET <route>?<query>` with `Authorization: Bearer <token>`.
@@ -321,6 +338,11 @@ impl TestApp {
     }
 }
 
+/// `<hashtag detail route>?<query>`.
+pub fn hashtag_path(query: &str) -> String {
+    format!("{HASHTAG_DETAIL_PATH}?{query}")
+}
+
 /// A response as (status, headers, body text).
 pub type Parts = (u16, reqwest::header::HeaderMap, String);
 
@@ -335,6 +357,22 @@ pub async fn parts(response: reqwest::Response) -> Parts {
 /// Header value as `&str` (empty if absent).
 pub fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
     headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+}
+
+/// Asserts the answer was served from the cache (`Cache-Status` says `hit`).
+#[track_caller]
+pub fn assert_hit(headers: &reqwest::header::HeaderMap) {
+    let cache_status = header(headers, "cache-status");
+    assert!(cache_status.contains("; hit;"), "not a hit: {cache_status}");
+}
+
+/// Asserts the answer was fetched from KeyAPI for this request and stored.
+#[track_caller]
+pub fn assert_stored_miss(headers: &reqwest::header::HeaderMap) {
+    assert_eq!(
+        header(headers, "cache-status"),
+        "keyapi-proxy; fwd=uri-miss; stored"
+    );
 }
 
 /// Asserts the body is our error envelope with `code` and returns its message.
@@ -359,6 +397,17 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of every series of the metric `name` (all label values).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Quiet unless TEST_LOG=1.
 fn init_test_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
@@ -376,6 +425,25 @@ pub async fn join(handles: Vec<JoinHandle<Parts>>) -> Vec<Parts> {
         .into_iter()
         .map(|r| r.expect("request task"))
         .collect()
+}
+
+/// The stampede: KeyAPI held, `n` requests sent at once (`GET path(i)`,
+/// round-robin over `apps`, which share the fake upstream), released once
+/// `calls` calls have arrived; returns the answers in order.
+pub async fn stampede(
+    apps: &[&TestApp],
+    n: usize,
+    path: impl Fn(usize) -> String,
+    calls: usize,
+) -> Vec<Parts> {
+    let upstream = &apps[0].upstream;
+    upstream.hold();
+    let handles = (0..n)
+        .map(|i| apps[i % apps.len()].spawn_get(&path(i)))
+        .collect();
+    upstream.wait_for_calls(calls).await;
+    upstream.release();
+    join(handles).await
 }
 
 /// Polls `future` once. In a test's single-threaded runtime it runs up to
@@ -447,59 +515,6 @@ pub async fn hang_up(mut client: TcpStream) {
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }
 
-/// The binary in `--demo` mode on a free port, its descriptor limit set to
-/// `nofile` when given; returns it and its address.
-pub async fn spawn_binary(nofile: Option<u64>, env: &[(&str, &str)]) -> (Child, SocketAddr) {
-    spawn_binary_with(nofile, env, &[]).await
-}
-
-/// [`spawn_binary`] with more command-line arguments (`--config <file>`).
-pub async fn spawn_binary_with(
-    nofile: Option<u64>,
-    env: &[(&str, &str)],
-    args: &[&str],
-) -> (Child, SocketAddr) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyapi-proxy"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("KEYAPI_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.arg("--demo")
-        .args(args)
-        .env("KEYAPI_PROXY__SERVER__LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    if let Some(limit) = nofile {
-        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let rlimit = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if let Some(rest) = line.split("http://").nth(1) {
-            let addr = rest.split('/').next().unwrap().parse().unwrap();
-            return (child, addr);
-        }
-    }
-    panic!("the demo printed no address");
-}
-
 /// An HTTP/2 client that takes no answer: it sets its streams' flow-control
 /// window to 0, so the body of every answer it asks for stays unsent. Needs
 /// `server.http2 = true`.
@@ -550,16 +565,30 @@ impl StalledH2 {
     }
 }
 
-/// Waits (at most `within`, scraping every 10 ms) until `series` on `app`'s
-/// `/metrics` reads `value`: for what only the proxy sees, such as why it
-/// closed a connection whose client reads nothing.
-pub async fn await_metric(app: &TestApp, series: &str, value: f64, within: Duration) {
+/// Polls `check` every 10 ms until it holds, failing with `what` after
+/// `within`: the bounded wait for what the app does in the background and
+/// announces to no one (a reconnect, a pub/sub message, an export).
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     let waited = tokio::time::timeout(within, async {
-        while metric(&app.metrics().await, series) != value {
+        while !check().await {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
     waited
         .await
-        .unwrap_or_else(|_| panic!("{series} did not reach {value}"));
+        .unwrap_or_else(|_| panic!("within {within:?}: {what}"));
+}
+
+/// Waits (at most `within`) until `series` on `app`'s `/metrics` reads
+/// `value`: for what only the proxy sees, such as why it closed a connection
+/// whose client reads nothing.
+pub async fn await_metric(app: &TestApp, series: &str, value: f64, within: Duration) {
+    eventually(within, &format!("{series} reaches {value}"), || async {
+        metric(&app.metrics().await, series) == value
+    })
+    .await;
 }

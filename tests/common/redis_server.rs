@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -20,6 +20,21 @@ pub fn with_redis(url: &str) -> impl Fn(&mut Config) + '_ {
     }
 }
 
+/// Waits until `app`'s own Redis connection answers (it reconnects in the
+/// background, within a second or so): pings through it until one answers.
+pub async fn until_redis_answers(app: &super::TestApp) {
+    let redis = app.state.proxy().redis().expect("a Redis tier");
+    super::eventually(
+        Duration::from_secs(10),
+        "the app reconnects to Redis",
+        || async {
+            let pong: Option<String> = redis.conn().query("PING", &redis::cmd("PING")).await;
+            pong.is_some()
+        },
+    )
+    .await;
+}
+
 /// A running `redis-server`, killed on drop.
 pub struct RedisServer {
     pub port: u16,
@@ -29,6 +44,8 @@ pub struct RedisServer {
     pub tls_port: Option<u16>,
     /// Arguments beyond port, bind and persistence.
     extra_args: Vec<String>,
+    /// A Sentinel's configuration file (then it runs with `--sentinel`).
+    sentinel_config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -50,22 +67,6 @@ impl RedisServer {
     }
 
     async fn start_inner(password: Option<String>, tls: Option<(&Path, &Path)>) -> Option<Self> {
-        let available = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !available {
-            assert!(
-                std::env::var_os("KEYAPI_REQUIRE_REDIS").is_none(),
-                "redis-server is required (KEYAPI_REQUIRE_REDIS is set) but not on PATH"
-            );
-            eprintln!(
-                "\n*** SKIPPED: redis-server is not on PATH; install it to run the Redis tests ***\n"
-            );
-            return None;
-        }
-        let port = free_port();
         let tls_port = tls.map(|_| free_port());
         let extra_args = match (tls, tls_port) {
             (Some((cert, key)), Some(tls_port)) => vec![
@@ -85,11 +86,34 @@ impl RedisServer {
                 .flat_map(|p| ["--requirepass".to_owned(), p.clone()])
                 .collect(),
         };
+        let mut server = Self::start_with_args(extra_args).await?;
+        server.password = password;
+        server.tls_port = tls_port;
+        Some(server)
+    }
+
+    /// Starts a server with `args` beyond port, bind and persistence (a
+    /// replica, a cluster node), or `None` if the binary is missing.
+    pub async fn start_with_args(args: Vec<String>) -> Option<Self> {
+        Self::spawn(None, args).await
+    }
+
+    /// Starts a Sentinel (`redis-server <config> --sentinel`) whose
+    /// configuration file (which it rewrites) is `config`.
+    pub async fn start_sentinel(config: PathBuf) -> Option<Self> {
+        Self::spawn(Some(config), Vec::new()).await
+    }
+
+    async fn spawn(sentinel_config: Option<PathBuf>, extra_args: Vec<String>) -> Option<Self> {
+        if !available("redis-server") {
+            return None;
+        }
         let mut server = Self {
-            port,
-            password,
-            tls_port,
+            port: free_port(),
+            password: None,
+            tls_port: None,
             extra_args,
+            sentinel_config,
             child: None,
         };
         server.restart().await;
@@ -117,10 +141,23 @@ impl RedisServer {
         self.kill();
         let port = self.port;
         let extra_args = self.extra_args.clone();
+        let sentinel_config = self.sentinel_config.clone();
         let child = tokio::task::spawn_blocking(move || {
-            let mut child = Command::new("redis-server")
+            let mut command = Command::new("redis-server");
+            // A Sentinel logs no "Ready" line: its first monitored master is the signal.
+            let ready = match &sentinel_config {
+                Some(config) => {
+                    command.arg(config).arg("--sentinel");
+                    "+monitor master"
+                }
+                None => {
+                    command.args(["--save", "", "--appendonly", "no"]);
+                    "Ready to accept connections"
+                }
+            };
+            let mut child = command
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
+                .args(["--loglevel", "notice"])
                 .args(&extra_args)
                 .stdout(Stdio::piped())
                 .spawn()
@@ -130,7 +167,7 @@ impl RedisServer {
             let ready = BufReader::new(stdout)
                 .lines()
                 .map_while(Result::ok)
-                .any(|line| line.contains("Ready to accept connections"));
+                .any(|line| line.contains(ready));
             assert!(ready, "redis-server on port {port} did not become ready");
             child
         })
@@ -149,7 +186,28 @@ impl RedisServer {
     }
 }
 
-fn free_port() -> u16 {
+/// Whether `program` runs; a loud skip without it, a failure under
+/// `KEYAPI_REQUIRE_REDIS=1` (set by CI).
+pub fn available(program: &str) -> bool {
+    let found = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("KEYAPI_REQUIRE_REDIS").is_none(),
+            "{program} is required (KEYAPI_REQUIRE_REDIS is set) but not on PATH"
+        );
+        eprintln!(
+            "\n*** SKIPPED: {program} is not on PATH; install it to run the Redis tests ***\n"
+        );
+    }
+    found
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -2,7 +2,8 @@
 //! every chunk the server sends waits the current delay before the client
 //! gets it, while requests pass at once (so the server applies them on time
 //! and only the answers are late — a slow network or an overloaded Redis as
-//! a client sees it). The delay is switched at run time.
+//! a client sees it). The delay is switched at run time. Connections open
+//! so far can also be stalled for good ([`SlowRelay::stall_existing`]).
 
 use std::{
     sync::{
@@ -22,6 +23,9 @@ use tokio::{
 pub struct SlowRelay {
     pub port: u16,
     delay_ms: Arc<AtomicU64>,
+    /// Connections numbered below this pass nothing more, either way.
+    stalled_below: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
     tasks: JoinSet<()>,
 }
 
@@ -31,20 +35,33 @@ impl SlowRelay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let stalled_below = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
         let mut tasks = JoinSet::new();
-        let delay = Arc::clone(&delay_ms);
+        let (delay, stalled, count) = (
+            Arc::clone(&delay_ms),
+            Arc::clone(&stalled_below),
+            Arc::clone(&accepted),
+        );
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
                     continue;
                 };
-                connections.spawn(relay(client, server, Arc::clone(&delay)));
+                let number = count.fetch_add(1, Ordering::Relaxed);
+                let stall = Stall {
+                    number,
+                    below: Arc::clone(&stalled),
+                };
+                connections.spawn(relay(client, server, Arc::clone(&delay), stall));
             }
         });
         Self {
             port,
             delay_ms,
+            stalled_below,
+            accepted,
             tasks,
         }
     }
@@ -61,18 +78,49 @@ impl SlowRelay {
     }
 }
 
+impl SlowRelay {
+    /// Every connection open now stops passing anything, without a reset
+    /// (a dropped NAT entry, a peer gone without a word); new ones work.
+    pub fn stall_existing(&self) {
+        let accepted = self.accepted.load(Ordering::Relaxed);
+        self.stalled_below.store(accepted, Ordering::Relaxed);
+    }
+}
+
+/// Whether a connection is stalled: numbered below the mark.
+struct Stall {
+    number: u64,
+    below: Arc<AtomicU64>,
+}
+
+impl Stall {
+    /// Never returns once the connection is stalled.
+    async fn check(&self) {
+        if self.number < self.below.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 impl Drop for SlowRelay {
     fn drop(&mut self) {
         self.tasks.abort_all();
     }
 }
 
-/// Copies both ways until either side closes; server → client waits the delay.
-async fn relay(client: TcpStream, server: TcpStream, delay_ms: Arc<AtomicU64>) {
+/// Copies both ways until either side closes (or for ever once stalled);
+/// server → client waits the delay.
+async fn relay(client: TcpStream, server: TcpStream, delay_ms: Arc<AtomicU64>, stall: Stall) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let requests = async {
-        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+            stall.check().await;
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
     };
     let replies = async {
         let mut buf = vec![0u8; 16 * 1024];
@@ -82,6 +130,7 @@ async fn relay(client: TcpStream, server: TcpStream, delay_ms: Arc<AtomicU64>) {
                 // The simulated latency itself, not a wait for a signal.
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
+            stall.check().await;
             if client_write.write_all(&buf[..n]).await.is_err() {
                 break;
             }
