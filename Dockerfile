@@ -9,7 +9,9 @@ FROM rust:1-slim-bookworm AS build
 ARG PGO=0
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
+# sharing=locked: compose builds this image once per service that names it, in parallel
+# under podman-compose; two cargos unpacking into one registry cache collide.
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target \
     if [ "$PGO" = 1 ]; then \
       apt-get update \
