@@ -18,6 +18,7 @@ use keyapi_proxy::{
     metrics::{Metrics, Scope},
     route::HASHTAG_DETAIL_PATH,
     served::{CacheState, Served},
+    spend::SpendHistory,
 };
 
 const N: u32 = 2_000_000;
@@ -43,13 +44,14 @@ fn main() {
             id: format!("client-{i}"),
             token_sha256: digest::hex(&digest::sha256(format!("kp_token-{i}").as_bytes())),
             refresh: false,
-            purge: false,
+            admin: false,
             rate_per_minute: Some(u32::MAX),
             burst: Some(1_000_000),
             daily_budget: None,
         })
         .collect();
-    let access = Access::new(&clients, &metrics, &clock, None);
+    let spend = SpendHistory::new(90, clock.clone(), None);
+    let access = Access::new(&clients, &metrics, &clock, None, &spend, None);
     let global = RateLimit::new(u32::MAX, 1_000_000, Scope::Global, &clock);
     let mut headers = HeaderMap::new();
     headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer kp_token-7"));

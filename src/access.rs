@@ -21,6 +21,7 @@ use crate::{
     limits::RateLimit,
     metrics::{Metrics, Scope},
     redis_conn::RedisConn,
+    spend::SpendHistory,
 };
 
 /// Longest token accepted, in bytes. Issued tokens (`kp_` + 64 hex digits)
@@ -38,8 +39,8 @@ pub struct Client {
     pub id: Arc<str>,
     /// May force a refetch with `Cache-Control: no-cache`.
     pub may_refresh: bool,
-    /// May use `/admin/cache`.
-    pub may_purge: bool,
+    /// May use the `/admin` endpoints (`admin = true`).
+    pub is_admin: bool,
     /// `client_requests_total{client}`, resolved at start-up.
     pub requests: Counter,
     /// This client's request rate limit, if any.
@@ -48,6 +49,44 @@ pub struct Client {
     pub account: Arc<Account>,
     /// SHA-256 of the token as four words: compared word-wise in constant time.
     token_sha256: [u64; 4],
+    /// Its `[[clients]]` entry: a reload that leaves it as it is keeps the client.
+    config: ClientConfig,
+}
+
+impl Client {
+    /// A client from its (validated) entry; `None` if its hash is unreadable.
+    fn new(
+        c: &ClientConfig,
+        metrics: &Metrics,
+        clock: &SharedClock,
+        redis: Option<&Arc<RedisConn>>,
+        spend: &SpendHistory,
+    ) -> Option<Self> {
+        let id = Arc::<str>::from(c.id.as_str());
+        // Its rate limit and budget counters in Redis.
+        let name = format!("client:{id}");
+        let counters = metrics.client(&id);
+        Some(Self {
+            may_refresh: c.refresh,
+            is_admin: c.admin,
+            requests: counters.requests,
+            rate: c.rate_per_minute.and_then(|rate| {
+                RateLimit::new(rate, c.burst.unwrap_or(0), Scope::Client, clock)
+                    .map(|l| l.shared(redis, &name))
+            }),
+            account: Arc::new(Account {
+                budget: c
+                    .daily_budget
+                    .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
+                charged: counters.credits_spent,
+                spent: DaySpend::default(),
+                tally: spend.tally(&name),
+            }),
+            token_sha256: words(&digest::parse_sha256_hex(&c.token_sha256)?),
+            config: c.clone(),
+            id,
+        })
+    }
 }
 
 /// Why a request is not let in.
@@ -57,7 +96,9 @@ pub enum AuthError {
         "The client token is missing or wrong; send it as Authorization: Bearer <token> or as X-Api-Key: <token>."
     )]
     Unauthorized,
-    #[error("This client token may not use the admin endpoints; it needs the purge flag.")]
+    #[error(
+        "This client token may not use the admin endpoints; its [[clients]] entry needs admin = true."
+    )]
     Forbidden,
 }
 
@@ -68,38 +109,30 @@ pub struct Access {
 }
 
 impl Access {
-    /// Clients from (validated) configuration.
+    /// Clients from (validated) configuration. With `previous` (a reload),
+    /// a client whose entry is unchanged is kept as it is (limits and
+    /// counts); a changed one starts from its predecessor's budget count of
+    /// today, so a new limit is not a new day.
     pub fn new(
         config: &[ClientConfig],
         metrics: &Metrics,
         clock: &SharedClock,
         redis: Option<&Arc<RedisConn>>,
+        spend: &SpendHistory,
+        previous: Option<&Access>,
     ) -> Self {
+        let before = |id: &str| previous?.clients.iter().find(|c| &*c.id == id);
         let clients = config
             .iter()
-            .filter_map(|c| {
-                let id = Arc::<str>::from(c.id.as_str());
-                // Its rate limit and budget counters in Redis.
-                let name = format!("client:{id}");
-                let counters = metrics.client(&id);
-                Some(Arc::new(Client {
-                    may_refresh: c.refresh,
-                    may_purge: c.purge,
-                    requests: counters.requests,
-                    rate: c.rate_per_minute.and_then(|rate| {
-                        RateLimit::new(rate, c.burst.unwrap_or(0), Scope::Client, clock)
-                            .map(|l| l.shared(redis, &name))
-                    }),
-                    account: Arc::new(Account {
-                        budget: c
-                            .daily_budget
-                            .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
-                        charged: counters.credits_spent,
-                        spent: DaySpend::default(),
-                    }),
-                    token_sha256: words(&digest::parse_sha256_hex(&c.token_sha256)?),
-                    id,
-                }))
+            .filter_map(|c| match before(&c.id) {
+                Some(old) if old.config == *c => Some(Arc::clone(old)),
+                old => {
+                    let client = Client::new(c, metrics, clock, redis, spend)?;
+                    if let Some(old) = old {
+                        client.account.carry_over(&old.account);
+                    }
+                    Some(Arc::new(client))
+                }
             })
             .collect();
         Self { clients }
@@ -153,14 +186,14 @@ impl Access {
         self.authenticate(headers)
     }
 
-    /// A client with the purge flag, or why not.
+    /// A client with `admin = true`, or why not.
     pub fn authenticate_admin(&self, headers: &HeaderMap) -> Result<Arc<Client>, AuthError> {
         if self.is_open() {
-            // Without clients nobody can hold the purge flag.
+            // Without clients nobody can be an admin.
             return Err(AuthError::Forbidden);
         }
         let client = self.authenticate(headers)?.ok_or(AuthError::Unauthorized)?;
-        if client.may_purge {
+        if client.is_admin {
             Ok(client)
         } else {
             Err(AuthError::Forbidden)
@@ -218,14 +251,22 @@ mod tests {
                 id: (*id).into(),
                 token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
                 refresh: false,
-                purge: *id == "admin",
+                admin: *id == "admin",
                 rate_per_minute: None,
                 burst: None,
                 daily_budget: None,
             })
             .collect();
         let clock = SharedClock::new(std::sync::Arc::new(crate::clock::SystemClock));
-        Access::new(&config, &Metrics::new(clock.clone()), &clock, None)
+        let spend = SpendHistory::new(90, clock.clone(), None);
+        Access::new(
+            &config,
+            &Metrics::new(clock.clone()),
+            &clock,
+            None,
+            &spend,
+            None,
+        )
     }
 
     fn with(name: HeaderName, value: &str) -> HeaderMap {

@@ -2,7 +2,8 @@
 //! into a bound listener and a router; [`App::run_until`] serves until a
 //! shutdown future resolves, then drains for at most the grace period.
 //! Binding happens in `build` so callers (tests) can use port 0 and ask for
-//! the real address.
+//! the real address. The configuration's live part is assembled by
+//! [`crate::reload`], which also replaces it while running.
 
 use std::{
     future::Future,
@@ -12,34 +13,31 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use secrecy::SecretString;
-use tokio::{net::TcpListener, time::Instant};
+use tokio::{net::TcpListener, sync::mpsc, time::Instant};
 
+pub use crate::reload::{Origin, compile};
 use crate::{
-    access::Access,
-    browser::BrowserGuard,
+    api_key::LiveKey,
     cache::{EntryCheck, LocalCache, Tiers, redis::RedisTier},
     caller::Resolver,
     clock::{Clock, SharedClock, SystemClock},
     config::{self, Config},
-    cors,
-    issuers::{IssuerError, Issuers},
-    ledger::{Budget, Ledger},
-    limits::RateLimit,
-    metrics::{Metrics, Scope},
+    ledger::Ledger,
+    live::{ReloadRequest, Reloads},
+    metrics::Metrics,
     observe::{Observe, Traced},
-    openapi,
     protect::Protection,
     proxy::Proxy,
     redis_conn::{RedisConn, TargetError},
-    route::{RouteConfigError, RouteTable},
-    routes::{self, Front},
+    reload::{self, LiveError, Reloader, ReloaderParts},
+    routes::Front,
     server::{self, Limits},
     snapshot,
-    state::{AppParts, AppState},
+    spend::{self, SpendHistory},
+    state::{AppState, Shared},
     upstream::Upstream,
-    visitors::Visitors,
-    warmup::{Warmup, WarmupConfigError, WarmupPlan},
 };
 
 /// Why the service could not start. Messages never contain the API key.
@@ -47,6 +45,8 @@ use crate::{
 pub enum StartupError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Live(#[from] LiveError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -56,20 +56,6 @@ pub enum StartupError {
     Client(#[from] reqwest::Error),
     #[error("configuration: {0}")]
     Redis(#[from] TargetError),
-    #[error("configuration: {0}")]
-    Routes(#[from] RouteConfigError),
-    #[error("configuration: {0}")]
-    Warmup(#[from] WarmupConfigError),
-    #[error(transparent)]
-    Issuers(#[from] IssuerError),
-}
-
-/// Compiles what `config` describes beyond its own sections: the route table
-/// and the warm-ups (run by `App::build` and by `check-config`).
-pub fn compile(config: &Config) -> Result<(RouteTable, Vec<WarmupPlan>), StartupError> {
-    let routes = RouteTable::from_config(config)?;
-    let warmups = WarmupPlan::from_config(config, &routes)?;
-    Ok((routes, warmups))
 }
 
 /// A built, bound, not yet running service.
@@ -78,6 +64,9 @@ pub struct App {
     local_addr: SocketAddr,
     front: Observe<Front>,
     state: AppState,
+    /// Answers reloads and runs the warm-ups (in its own task while serving).
+    reloader: Reloader,
+    reload_requests: mpsc::Receiver<ReloadRequest>,
     limits: Limits,
     /// `server.drain_delay`: not ready but still accepting, after the signal.
     drain_delay: Duration,
@@ -90,21 +79,38 @@ impl App {
         Self::build_with_clock(config, api_key, Arc::new(SystemClock)).await
     }
 
-    /// [`App::build`] with a chosen clock (tests move time by hand).
+    /// [`App::build`] with a chosen clock (tests move time by hand). A
+    /// reload reads the defaults and the environment; the key never changes.
     pub async fn build_with_clock(
+        config: Config,
+        api_key: SecretString,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartupError> {
+        Self::build_from(Origin::default(), config, api_key, clock).await
+    }
+
+    /// [`App::build_with_clock`] for `config` read from `origin`, where a
+    /// reload reads it (and the key, from a file) again.
+    pub async fn build_from(
+        origin: Origin,
         config: Config,
         api_key: SecretString,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartupError> {
         config.validate()?;
         let clock = SharedClock::new(clock);
-        let (routes, warmup_plans) = compile(&config)?;
-        let openapi = openapi::document(&routes);
+        let (routes, _) = reload::compile(&config)?;
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
         let metrics = Arc::new(Metrics::new(clock.clone()));
-        let upstream = Upstream::new(&config.upstream, api_key)?
+        let api_key = Arc::new(LiveKey::new(
+            api_key,
+            origin.key_file.clone(),
+            Arc::clone(&metrics),
+            clock.clone(),
+        ));
+        let upstream = Upstream::new(&config.upstream, Arc::clone(&api_key))?
             .propagating_traces(config.telemetry.propagate_upstream);
         // Redis and the snapshot hand back what anyone could have written:
         // both are held to what these routes could have stored.
@@ -129,14 +135,21 @@ impl App {
                 Arc::clone(&check),
             ))
         });
+        let spend = Arc::new(SpendHistory::new(
+            config.credits.history_days,
+            clock.clone(),
+            redis.clone(),
+        ));
         let ledger = Ledger::new(
-            Budget::new(config.credits.daily_budget, Scope::Global, "global".into()),
+            Arc::clone(&spend),
+            config.credits.daily_budget,
             redis.clone(),
             config.credits.outage_allowance,
             clock.clone(),
             Arc::clone(&metrics),
         );
-        let state = AppState::new(AppParts {
+        let (reloads, reload_requests) = Reloads::new();
+        let shared = Arc::new(Shared {
             proxy: Proxy::new(
                 Tiers::new(
                     LocalCache::new(config.cache.max_bytes, clock.clone()),
@@ -150,41 +163,18 @@ impl App {
                 Arc::clone(&metrics),
             ),
             metrics: Arc::clone(&metrics),
-            access: Access::new(&config.clients, &metrics, &clock, redis.as_ref()),
-            issuers: Issuers::new(&config.issuers, &metrics, &clock, redis.as_ref())?,
-            visitors: Visitors::new(&config.visitors, &metrics, &clock, redis.as_ref()),
-            rate_limit: RateLimit::new(
-                config.rate_limit.per_minute,
-                config.rate_limit.burst,
-                Scope::Global,
-                &clock,
-            )
-            .map(|l| l.shared(redis.as_ref(), "global")),
             clock,
-            routes,
-            openapi,
-            allow_client_refresh: config.cache.allow_client_refresh,
-            warmups: warmup_plans
-                .into_iter()
-                .map(|plan| {
-                    let charged = metrics.client(&plan.name).credits_spent;
-                    Arc::new(Warmup::new(plan, charged))
-                })
-                .collect(),
+            reloads,
+            spend,
             ready: AtomicBool::new(false),
         });
-        let (router, cors) = cors::apply(routes::router(state.clone()), &config.cors);
-        let guard = BrowserGuard::new(
-            config.server.allowed_hosts.as_deref(),
-            config.server.listen,
-            cors,
-        );
-        let front = Front::new(state.clone(), router, cors, guard);
-        // Observe wraps the whole surface once (not each route): ids, the
-        // access log and request metrics see every answer, 404s and panics
-        // (which it turns into 500s) included.
-        let paths = routes::paths(state.routes());
-        let proxied = state.routes().routes().len();
+        let live = reload::build_live(&config, &shared, redis.as_ref(), None)?;
+        let state = AppState::new(Arc::clone(&shared), Arc::new(live));
+        let current = Arc::new(ArcSwap::from_pointee(reload::generation(
+            state.clone(),
+            &config,
+        )));
+        let labels = Arc::new(ArcSwap::from_pointee(reload::labels(&state)));
         let callers = Resolver::new(
             &config.server.trusted_proxies,
             config.server.client_addr_header,
@@ -197,7 +187,16 @@ impl App {
             (true, false) => Traced::Root,
             (true, true) => Traced::TrustTraceparent,
         };
-        let front = Observe::new(front, metrics, paths, proxied, callers, traced);
+        // Observe wraps the whole surface once (not each route): ids, the
+        // access log and request metrics see every answer, 404s and panics
+        // (which it turns into 500s) included.
+        let front = Observe::new(
+            Front::new(Arc::clone(&current)),
+            metrics,
+            Arc::clone(&labels),
+            callers,
+            traced,
+        );
         let snapshot = config
             .cache
             .snapshot_path
@@ -206,7 +205,14 @@ impl App {
         if let Some((path, _)) = &snapshot {
             let (cache, now) = (state.proxy().cache(), state.clock().now());
             match snapshot::load(path, cache, &check, now).await {
-                Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot loaded"),
+                Ok(loaded) => {
+                    let count = loaded.entries;
+                    tracing::info!(path = %path.display(), count, "cache snapshot loaded");
+                    let spend = loaded.spend.filter(|_| state.proxy().redis().is_none());
+                    if spend.is_some_and(|spend| !state.spend().import(&spend)) {
+                        tracing::warn!("the snapshot's spend history is unreadable; skipped");
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "cache snapshot skipped"),
             }
         }
@@ -225,22 +231,37 @@ impl App {
                  anyone who can reach this port spends your KeyAPI credits"
             );
         }
+        let limits = Limits {
+            header_read_timeout: config.server.header_read_timeout,
+            idle_timeout: config.server.idle_timeout,
+            send_timeout: config.server.send_timeout,
+            http2: config.server.http2,
+            max_connections: config
+                .server
+                .max_connections
+                .unwrap_or_else(|| server::default_max_connections(config.upstream.max_in_flight)),
+            shutdown_grace: config.server.shutdown_grace,
+        };
+        let drain_delay = config.server.drain_delay;
+        let reloader = Reloader::new(ReloaderParts {
+            origin,
+            shared,
+            current,
+            labels,
+            check,
+            redis,
+            api_key,
+            running: config,
+        });
         Ok(Self {
             listener,
             local_addr,
             front,
             state,
-            limits: Limits {
-                header_read_timeout: config.server.header_read_timeout,
-                idle_timeout: config.server.idle_timeout,
-                send_timeout: config.server.send_timeout,
-                http2: config.server.http2,
-                max_connections: config.server.max_connections.unwrap_or_else(|| {
-                    server::default_max_connections(config.upstream.max_in_flight)
-                }),
-                shutdown_grace: config.server.shutdown_grace,
-            },
-            drain_delay: config.server.drain_delay,
+            reloader,
+            reload_requests,
+            limits,
+            drain_delay,
             snapshot,
         })
     }
@@ -268,6 +289,8 @@ impl App {
             local_addr,
             front,
             state,
+            reloader,
+            reload_requests,
             limits,
             drain_delay,
             snapshot,
@@ -276,18 +299,18 @@ impl App {
             let cache = state.proxy().cache().clone();
             tokio::spawn(async move { redis.follow_purges(cache).await })
         });
-        let warmups: Vec<_> = state
-            .warmups()
-            .iter()
-            .map(|warmup| {
-                let (warmup, state) = (Arc::clone(warmup), state.clone());
-                tokio::spawn(async move {
-                    warmup.run_on_schedule(state.proxy(), state.clock()).await;
-                })
-            })
-            .collect();
+        // Reloads, the key file's watch and the warm-ups' schedules.
+        let reloads = tokio::spawn(reloader.run(reload_requests));
         let saver = snapshot.as_ref().map(|(path, interval)| {
             tokio::spawn(save_periodically(path.clone(), *interval, state.clone()))
+        });
+        let spend = Arc::clone(state.spend());
+        let flusher = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(spend::FLUSH_EVERY);
+            loop {
+                ticks.tick().await;
+                spend.flush().await;
+            }
         });
         // Set when draining starts: connections and fetches must end by then.
         let (deadline_tx, deadline_rx) = tokio::sync::watch::channel(None::<Instant>);
@@ -309,10 +332,9 @@ impl App {
         tracing::info!(%local_addr, max_connections = limits.max_connections, "listening");
         let connections = state.metrics().connections();
         server::serve(listener, front, limits, connections, signal).await;
-        // No new warm-up calls once draining; fetches they started go on below.
-        for task in warmups {
-            task.abort();
-        }
+        // No reloads nor new warm-up calls once draining; fetches they
+        // started go on below.
+        reloads.abort();
         // Fetches still running (background refreshes included) have been or
         // are being paid for: let them finish and be stored, so the snapshot
         // keeps them and a restart does not pay again.
@@ -325,9 +347,11 @@ impl App {
         {
             tracing::warn!("grace period over with upstream fetches still running");
         }
-        for task in [saver, purges].into_iter().flatten() {
+        for task in [saver, purges, Some(flusher)].into_iter().flatten() {
             task.abort();
         }
+        // The last counts: to Redis, or into memory for the snapshot below.
+        state.spend().flush().await;
         if let Some((path, _)) = &snapshot {
             save_snapshot(path, &state).await;
         }
@@ -345,7 +369,9 @@ async fn save_periodically(path: PathBuf, interval: Duration, state: AppState) {
 }
 
 async fn save_snapshot(path: &Path, state: &AppState) {
-    match snapshot::save(path, state.proxy().cache(), state.clock().now()).await {
+    // Kept in Redis when configured: the snapshot then holds none.
+    let spend = state.spend().export().await;
+    match snapshot::save(path, state.proxy().cache(), spend, state.clock().now()).await {
         Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot written"),
         Err(e) => tracing::warn!(error = %e, "cache snapshot not written"),
     }

@@ -2,14 +2,15 @@
 //! `check-config`, `hash-token` and `healthcheck`. `main.rs` only parses the
 //! arguments and calls [`run`].
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
 use crate::{
     access,
-    app::{self, App},
+    app::{self, App, Origin},
+    clock::SystemClock,
     config::{self, Config},
     demo::FakeUpstream,
     route::HASHTAG_DETAIL_PATH,
@@ -64,7 +65,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => check_config(&config, cli.demo),
         Command::Healthcheck { url } => healthcheck(&config, url).await,
-        Command::Serve => serve(config, cli.demo).await,
+        Command::Serve => serve(config, cli.config, cli.demo).await,
         Command::HashToken => hash_token(),
         Command::Warmup { dry_run } => warmup(&config, dry_run),
     }
@@ -168,12 +169,16 @@ async fn healthcheck(config: &Config, url: Option<String>) -> ExitCode {
     }
 }
 
-async fn serve(mut config: Config, demo: bool) -> ExitCode {
+async fn serve(mut config: Config, config_file: Option<PathBuf>, demo: bool) -> ExitCode {
     let tracing = match telemetry::init(config.log.format, &config.telemetry) {
         Ok(tracing) => tracing,
         Err(e) => return fail(&e),
     };
     let mut _fake = None;
+    let mut origin = Origin {
+        config_file,
+        ..Origin::default()
+    };
     let api_key = if demo {
         const DEMO_KEY: &str = "demo-key-not-a-secret";
         let fake = match FakeUpstream::start(DEMO_KEY, Duration::from_millis(150)).await {
@@ -181,15 +186,17 @@ async fn serve(mut config: Config, demo: bool) -> ExitCode {
             Err(e) => return fail(&format!("cannot start the demo upstream: {e}")),
         };
         config.upstream.base_url = fake.base_url();
+        origin.base_url = Some(fake.base_url());
         _fake = Some(fake);
         SecretString::from(DEMO_KEY)
     } else {
+        origin.key_file = config::api_key_file_from_env();
         match config::api_key_from_env() {
             Ok(key) => key,
             Err(e) => return fail(&e),
         }
     };
-    let app = match App::build(config, api_key).await {
+    let app = match App::build_from(origin, config, api_key, Arc::new(SystemClock)).await {
         Ok(app) => app,
         Err(e) => return fail(&e),
     };

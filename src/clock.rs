@@ -84,6 +84,48 @@ pub fn utc_day(t: SystemTime) -> u64 {
     unix_secs(t) / DAY
 }
 
+/// UTC day `day` (days since 1970-01-01) as `YYYY-MM-DD`.
+pub fn utc_date(day: u64) -> String {
+    // Howard Hinnant's civil_from_days, for days on or after the epoch.
+    let z = day + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// `YYYY-MM-DD` (a real date, 1970 or later) as its UTC day; `None` otherwise.
+pub fn parse_utc_date(text: &str) -> Option<u64> {
+    let bytes = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| -> Option<u64> {
+        let part = text.get(range)?;
+        part.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
+        return None;
+    }
+    let (y, m, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    if y < 1970 || !(1..=12).contains(&m) || d == 0 {
+        return None;
+    }
+    // Days from civil (Hinnant), then checked by going back.
+    let y_adj = if m <= 2 { y - 1 } else { y };
+    let era = y_adj / 400;
+    let yoe = y_adj - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let day = (era * 146_097 + doe).checked_sub(719_468)?;
+    (utc_date(day) == text).then_some(day)
+}
+
 /// Time left until the next 00:00 UTC.
 pub fn until_utc_midnight(t: SystemTime) -> Duration {
     let secs = unix_secs(t);
@@ -103,6 +145,28 @@ pub fn unix_secs(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_dates_round_trip_and_refuse_what_is_not_a_date() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(19_723), "2024-01-01");
+        assert_eq!(utc_date(19_782), "2024-02-29");
+        for day in [0, 59, 60, 365, 11_016, 19_782, 20_000, 60_000] {
+            assert_eq!(parse_utc_date(&utc_date(day)), Some(day));
+        }
+        for bad in [
+            "2023-02-29",
+            "2024-13-01",
+            "2024-00-10",
+            "1969-12-31",
+            "2024-1-01",
+            "2024-01-01x",
+            "+024-01-01",
+            "",
+        ] {
+            assert_eq!(parse_utc_date(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn days_turn_at_utc_midnight() {

@@ -4,6 +4,9 @@
 //! ([`KeyEcho`]) — raw or as JSON escapes it (`sk\u002dlive…`, `\/`), since
 //! a body is JSON and any character of a JSON string may be escaped.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -19,10 +22,13 @@ pub fn envelope_code(body: &[u8]) -> Result<i64, serde_json::Error> {
     serde_json::from_slice::<EnvelopeHead>(body).map(|head| head.code)
 }
 
-/// Finds the API key in a body. Holds the key itself, so it prints as
-/// `[redacted]` and never says where (or whether) the key was found.
+/// Finds the API key in a body: the current key and, after a rotation, the
+/// one before it (still valid at KeyAPI for a while, so no less secret).
+/// Holds the keys themselves, so it prints as `[redacted]` and never says
+/// where (or whether) a key was found.
 pub struct KeyEcho {
-    key: SecretString,
+    /// The current key first, then the previous one.
+    keys: ArcSwap<Vec<SecretString>>,
 }
 
 impl std::fmt::Debug for KeyEcho {
@@ -34,21 +40,31 @@ impl std::fmt::Debug for KeyEcho {
 impl KeyEcho {
     /// A search for `key`.
     pub fn new(key: &SecretString) -> Self {
-        Self { key: key.clone() }
+        Self {
+            keys: ArcSwap::from_pointee(vec![key.clone()]),
+        }
     }
 
-    /// Whether `body` holds the key, as is or with any of its characters
+    /// Searches for `key` from now on, and for the key it replaces.
+    pub fn rotate(&self, key: &SecretString) {
+        let previous = self.keys.load().first().cloned();
+        self.keys.store(Arc::new(
+            std::iter::once(key.clone()).chain(previous).collect(),
+        ));
+    }
+
+    /// Whether `body` holds a key, as is or with any of its characters
     /// JSON-escaped (`\uXXXX` in either case, `\/`, `\"`, `\\`).
     pub fn is_in(&self, body: &[u8]) -> bool {
-        let key = self.key.expose_secret().as_bytes();
-        if key.is_empty() {
-            return false;
-        }
-        if contains(body, key) {
-            return true;
-        }
+        let keys = self.keys.load();
+        let keys = keys
+            .iter()
+            .map(|k| k.expose_secret().as_bytes())
+            .filter(|k| !k.is_empty());
         // Every escape starts with a backslash: without one, nothing hides.
-        body.contains(&b'\\') && contains(&unescaped(body), key)
+        let unescaped = body.contains(&b'\\').then(|| unescaped(body));
+        keys.into_iter()
+            .any(|key| contains(body, key) || unescaped.as_ref().is_some_and(|u| contains(u, key)))
     }
 }
 
@@ -133,5 +149,19 @@ mod tests {
         }
         assert!(!echo("").is_in(b"anything"));
         assert_eq!(format!("{found:?}"), "KeyEcho([redacted])");
+    }
+
+    #[test]
+    fn after_a_rotation_finds_the_new_key_and_the_one_it_replaced() {
+        let found = echo("sk-live-1");
+        found.rotate(&SecretString::from("sk-live-2"));
+        assert!(found.is_in(br#"{"m":"sk-live-1"}"#));
+        assert!(found.is_in(br#"{"m":"sk\u002dlive\u002d2"}"#));
+        found.rotate(&SecretString::from("sk-live-3"));
+        assert!(
+            !found.is_in(br#"{"m":"sk-live-1"}"#),
+            "two keys back is forgotten"
+        );
+        assert!(found.is_in(br#"{"m":"sk-live-2"}"#) && found.is_in(br#"{"m":"sk-live-3"}"#));
     }
 }

@@ -18,7 +18,8 @@ use serde::Serialize;
 
 use crate::{
     access::AuthError, browser, cache_status, issuers::TokenError, ledger, limits::RateLimited,
-    protect, proxy::ProxyError, request_id::RequestId, route::KeyError, upstream::UpstreamError,
+    protect, proxy::ProxyError, request_id::RequestId, route::KeyError, spend::SpendError,
+    upstream::UpstreamError,
 };
 
 /// An error answer.
@@ -53,6 +54,15 @@ pub(crate) enum ApiError {
     /// A handler panicked (the detail is logged, never sent).
     #[error("request handler panicked")]
     Panicked,
+    /// `POST /admin/reload` found the configuration invalid: nothing changed.
+    #[error("configuration reload rejected: {0}")]
+    ReloadRejected(String),
+    /// The spend history cannot be read just now.
+    #[error(transparent)]
+    Spend(#[from] SpendError),
+    /// `POST /admin/reload` while the service is stopping.
+    #[error("no reload while stopping")]
+    Stopping,
 }
 
 #[derive(Serialize)]
@@ -92,6 +102,8 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::ReloadRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Stopping | Self::Spend(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Proxy(ProxyError::Abandoned(_)) | Self::Panicked => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -148,6 +160,11 @@ impl ApiError {
                 "An internal error stopped the fetch from KeyAPI; try again."
             }
             Self::Panicked => "An internal error stopped this request; try again.",
+            Self::ReloadRejected(error) => {
+                return format!("The configuration was not reloaded and nothing changed: {error}");
+            }
+            Self::Stopping => "The proxy is stopping; it takes no reload now.",
+            Self::Spend(e) => return e.to_string(),
             Self::Proxy(ProxyError::Upstream(e)) => match e {
                 UpstreamError::KeyRejected(_) => "KeyAPI rejected the configured API key.",
                 UpstreamError::Status(code) if (400..500).contains(code) => {

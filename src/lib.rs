@@ -19,12 +19,18 @@
 //! [`metrics`] (and, with `[telemetry]`, makes it a trace span, marked by
 //! `spans`' target, that `telemetry` exports); `status` gathers `/stats` and draws the status
 //! page from them; [`demo`] is a fake KeyAPI for `--demo` and the tests.
+//! Running for months: [`reload`] reads the configuration and the key again
+//! (`SIGHUP`, `POST /admin/reload`; the words shared with handlers are in
+//! [`live`]) and swaps in the next generation of the `state`; [`api_key`]
+//! holds the KeyAPI key and its rotation; [`spend`] keeps credits spent and
+//! saved per day and payer.
 //!
 //! A module too large for one file is a directory whose `mod.rs` keeps its
 //! public surface and names its parts: `route`, `config`, `ledger`, `proxy`,
 //! `server`, `metrics`, `status`, `cache`, `issuers`, `routes`.
 
 pub mod access;
+pub mod api_key;
 pub mod app;
 pub(crate) mod breaker;
 pub mod browser;
@@ -44,6 +50,7 @@ pub(crate) mod error;
 pub mod issuers;
 pub mod ledger;
 pub mod limits;
+pub mod live;
 pub mod metrics;
 pub(crate) mod negotiate;
 pub(crate) mod observe;
@@ -52,6 +59,7 @@ pub mod payers;
 pub mod protect;
 pub mod proxy;
 pub mod redis_conn;
+pub mod reload;
 pub(crate) mod request_id;
 pub mod route;
 pub mod routes;
@@ -60,6 +68,7 @@ pub(crate) mod server;
 pub(crate) mod shutdown;
 pub(crate) mod snapshot;
 pub(crate) mod spans;
+pub mod spend;
 pub mod state;
 pub(crate) mod status;
 pub(crate) mod telemetry;

@@ -30,6 +30,7 @@ use std::{
     time::Instant,
 };
 
+use arc_swap::ArcSwap;
 use axum::{
     BoxError,
     extract::FromRequestParts,
@@ -131,10 +132,8 @@ impl AccessLog {
 pub(crate) struct Observe<H> {
     inner: H,
     metrics: Arc<Metrics>,
-    paths: Arc<[&'static str]>,
-    proxied: usize,
-    /// Per KeyAPI route, its hits' `requests_total` counter.
-    hits: Arc<[CachedCounter]>,
+    /// The `route` label values; a reload that changes the routes replaces them.
+    labels: Arc<ArcSwap<RouteLabels>>,
     /// Who is calling, from the peer and `server.trusted_proxies`.
     callers: Resolver,
     /// Whether proxied requests are spans, and how they find their parent.
@@ -152,24 +151,40 @@ pub(crate) enum Traced {
     TrustTraceparent,
 }
 
+/// The values of the `route` label: the served (static) paths, the first
+/// `proxied` of them the KeyAPI routes.
+pub(crate) struct RouteLabels {
+    paths: Arc<[&'static str]>,
+    proxied: usize,
+    /// Per KeyAPI route, its hits' `requests_total` counter.
+    hits: Box<[CachedCounter]>,
+}
+
+impl RouteLabels {
+    /// `paths`, the first `proxied` of them KeyAPI routes.
+    pub(crate) fn new(paths: Arc<[&'static str]>, proxied: usize) -> Self {
+        Self {
+            paths,
+            proxied,
+            hits: (0..proxied).map(|_| CachedCounter::default()).collect(),
+        }
+    }
+}
+
 impl<H> Observe<H> {
-    /// `inner`, counted into `metrics`; `paths` are the served (static) paths,
-    /// the values of the `route` label, the first `proxied` of them the KeyAPI
-    /// routes; `callers` tells who is calling.
+    /// `inner`, counted into `metrics`, its requests labelled by the current
+    /// `labels`; `callers` tells who is calling.
     pub(crate) fn new(
         inner: H,
         metrics: Arc<Metrics>,
-        paths: Arc<[&'static str]>,
-        proxied: usize,
+        labels: Arc<ArcSwap<RouteLabels>>,
         callers: Resolver,
         traced: Traced,
     ) -> Self {
         Self {
             inner,
             metrics,
-            paths,
-            proxied,
-            hits: (0..proxied).map(|_| CachedCounter::default()).collect(),
+            labels,
             callers,
             traced,
         }
@@ -184,11 +199,12 @@ impl<H> Observe<H> {
             .unwrap_or_else(RequestId::generate);
         // Every route is a static path, so the path itself is the template.
         let path = request.uri().path();
-        let (route, index) = match self.paths.iter().position(|p| *p == path) {
-            Some(i) => (self.paths[i], Some(i)),
+        let labels = self.labels.load_full();
+        let (route, index) = match labels.paths.iter().position(|p| *p == path) {
+            Some(i) => (labels.paths[i], Some(i)),
             None => (UNMATCHED, None),
         };
-        let proxied = index.filter(|i| *i < self.proxied);
+        let proxied = index.filter(|i| *i < labels.proxied);
         let caller = self.callers.resolve(peer.ip(), request.headers());
         // Log fields (and the clock) are only read when the line will be written.
         let log = tracing::enabled!(Level::INFO).then(|| Logged {
@@ -212,7 +228,7 @@ impl<H> Observe<H> {
             log,
             span,
             metrics: &self.metrics,
-            hits: &self.hits,
+            labels,
         };
         (current, done)
     }
@@ -295,7 +311,8 @@ struct Done<'a> {
     /// The request's trace span, when traced; it ends with `Done`.
     span: Option<Span>,
     metrics: &'a Metrics,
-    hits: &'a [CachedCounter],
+    /// The labels the request was counted under (its hit counters).
+    labels: Arc<RouteLabels>,
 }
 
 /// What the access log line needs from the request's start.
@@ -367,7 +384,7 @@ impl Done<'_> {
         // A route's hits all share one label set: count them without a lookup.
         let cached = match (self.proxied, served) {
             (Some(i), Some((Served::Cached(CacheState::Hit), _))) if status == 200 => {
-                self.hits.get(i)
+                self.labels.hits.get(i)
             }
             _ => None,
         };
@@ -487,6 +504,11 @@ mod tests {
         }
     }
 
+    fn labels(paths: &[&'static str], proxied: usize) -> Arc<ArcSwap<RouteLabels>> {
+        let labels = RouteLabels::new(Arc::from(paths), proxied);
+        Arc::new(ArcSwap::from_pointee(labels))
+    }
+
     fn metrics() -> Arc<Metrics> {
         Arc::new(Metrics::new(SharedClock::new(Arc::new(SystemClock))))
     }
@@ -498,8 +520,7 @@ mod tests {
         let observed = Observe::new(
             Never,
             Arc::clone(&metrics),
-            Arc::from(["/v1/route"]),
-            1,
+            labels(&["/v1/route"], 1),
             Resolver::default(),
             Traced::Off,
         );
@@ -528,8 +549,7 @@ mod tests {
         let observed = Observe::new(
             Panics,
             metrics(),
-            Arc::from(["/"]),
-            0,
+            labels(&["/"], 0),
             Resolver::default(),
             Traced::Off,
         );
@@ -555,8 +575,7 @@ mod tests {
         let observed = Observe::new(
             EchoCaller,
             metrics(),
-            Arc::from(["/"]),
-            0,
+            labels(&["/"], 0),
             resolver,
             Traced::Off,
         );

@@ -45,6 +45,18 @@ struct AdminListQuery {
     prefix: Option<String>,
 }
 
+/// Query of the spend history.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AdminSpendQuery {
+    /// First UTC day, `YYYY-MM-DD` (default: 29 days before `to`; never before the oldest day kept).
+    from: Option<String>,
+    /// Last UTC day, `YYYY-MM-DD` (default and at most: today).
+    to: Option<String>,
+    /// `json` (default) or `csv` (also chosen by `Accept: text/csv`).
+    format: Option<String>,
+}
+
 /// Where the configured routes' path items are made from (see [`document`]).
 const ROUTE_TEMPLATE: &str = "/__route__";
 
@@ -128,13 +140,13 @@ fn stats() {}
     responses((status = 200, description = "HTML, no external assets", content_type = "text/html", body = String)))]
 fn status_page() {}
 
-/// List cached keys (clients with the purge flag).
+/// List cached keys (clients with `admin = true`).
 #[utoipa::path(get, path = "/admin/cache", tag = "admin", params(AdminListQuery),
     security(("bearer" = []), ("apiKey" = [])),
     responses((status = 200, description = "`{count, truncated, entries: [{key, route, params, ageSecs, ttlSecs, bytes, gzipBytes}]}`", body = Object),
               (status = 400, description = "`route` names no configured route", body = Envelope),
               (status = 401, description = "No valid token", body = Envelope),
-              (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
+              (status = 403, description = "Token of a client without `admin = true`, or no clients configured", body = Envelope)))]
 fn admin_list() {}
 
 /// Purge one normalized key (with the route's parameters) or, with `all=true` alone, everything.
@@ -143,8 +155,29 @@ fn admin_list() {}
     responses((status = 200, description = "`{purged, key?}`", body = Object),
               (status = 400, description = "Invalid parameters, a parameter the purge does not take, no query, or `all=true` with a key's parameters; nothing is purged", body = Envelope),
               (status = 401, description = "No valid token", body = Envelope),
-              (status = 403, description = "Token without the purge flag, or no clients configured", body = Envelope)))]
+              (status = 403, description = "Token of a client without `admin = true`, or no clients configured", body = Envelope)))]
 fn admin_purge() {}
+
+/// Read the configuration file, the environment and the key file again (as `SIGHUP` does) and apply them, or change nothing.
+#[utoipa::path(post, path = "/admin/reload", tag = "admin",
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "`{outcome: applied|unchanged, at, applied: [keys now in use], restartNeeded: [keys that keep their running value], keyRotated}`", body = Object),
+              (status = 401, description = "No valid token", body = Envelope),
+              (status = 403, description = "Token of a client without `admin = true`, or no clients configured", body = Envelope),
+              (status = 422, description = "The configuration is invalid: nothing changed; the message says why", body = Envelope),
+              (status = 503, description = "The proxy is stopping", body = Envelope)))]
+fn admin_reload() {}
+
+/// Credits spent and saved, calls and refusals per UTC day and payer (`client:<id>`, `issuer:<name>`, `visitors`, `warmup:<name>`, `refresh`).
+#[utoipa::path(get, path = "/admin/spend", tag = "admin", params(AdminSpendQuery),
+    security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, description = "JSON `{from, to, days: [{day, total: {creditsSpent, calls, creditsSaved, refusals}, payers: [{payer, creditsSpent, calls, creditsSaved, refusals}]}]}`, or CSV `day,payer,credits_spent,calls,credits_saved,refusals`", body = Object,
+                  content((Object = "application/json"), (String = "text/csv"))),
+              (status = 400, description = "A date that is not one, `from` after `to`, or a parameter it does not take", body = Envelope),
+              (status = 401, description = "No valid token", body = Envelope),
+              (status = 403, description = "Token of a client without `admin = true`, or no clients configured", body = Envelope),
+              (status = 503, description = "The history lives in Redis, which did not answer", body = Envelope)))]
+fn admin_spend() {}
 
 struct Security;
 
@@ -168,13 +201,13 @@ impl Modify for Security {
         title = "keyapi-proxy",
         description = "Caching, single-flight proxy for KeyAPI's paid endpoints. Same routes and bodies as KeyAPI; the KeyAPI key is injected server-side."
     ),
-    paths(proxied_route, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge),
+    paths(proxied_route, healthz, readyz, metrics, openapi, stats, status_page, admin_list, admin_purge, admin_reload, admin_spend),
     components(schemas(Envelope)),
     modifiers(&Security),
     tags(
         (name = "proxy", description = "The proxied KeyAPI route"),
         (name = "operations", description = "Health, metrics, statistics"),
-        (name = "admin", description = "Cache administration (purge flag)"),
+        (name = "admin", description = "Administration: cache, reload, spend history (clients with `admin = true`)"),
     )
 )]
 struct ApiDoc;

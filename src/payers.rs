@@ -23,6 +23,7 @@ use crate::{
     limits::RateLimit,
     metrics::{ClientCounters, Scope},
     redis_conn::RedisConn,
+    spend::Tally,
 };
 
 /// Spenders shown by `/stats`, at most.
@@ -70,17 +71,21 @@ pub struct KeyedPayers<K> {
     scope: Scope,
     tracked: quick_cache::sync::Cache<K, Arc<KeyedPayer>>,
     counters: ClientCounters,
+    /// Their kind's line in the spend history (one for all of them).
+    tally: Arc<Tally>,
     clock: SharedClock,
     redis: Option<Arc<RedisConn>>,
 }
 
 impl<K: Eq + Hash + Clone> KeyedPayers<K> {
-    /// An empty set whose payers get `limits`, refusals counted under `scope`.
+    /// An empty set whose payers get `limits`, refusals counted under
+    /// `scope`, their spend history all in `tally`.
     pub fn new(
         limits: Limits,
         capacity: usize,
         scope: Scope,
         counters: ClientCounters,
+        tally: Arc<Tally>,
         clock: &SharedClock,
         redis: Option<&Arc<RedisConn>>,
     ) -> Self {
@@ -89,6 +94,7 @@ impl<K: Eq + Hash + Clone> KeyedPayers<K> {
             scope,
             tracked: quick_cache::sync::Cache::new(capacity),
             counters,
+            tally,
             clock: clock.clone(),
             redis: redis.cloned(),
         }
@@ -156,6 +162,7 @@ impl<K: Eq + Hash + Clone> KeyedPayers<K> {
                 budget: Budget::new(daily_budget, self.scope, name),
                 charged: self.counters.credits_spent.clone(),
                 spent: DaySpend::default(),
+                tally: Arc::clone(&self.tally),
             }),
             requests: self.counters.requests.clone(),
             label: Arc::from(label),

@@ -11,7 +11,10 @@
 //! Format: `KAPSNAP1`, then records of `u32 key length, key, u32 entry
 //! length, entry` (entries in the [`codec`] form, each with its own CRC). A
 //! damaged file is skipped with a warning, never a crash; each entry passes
-//! the same [`EntryCheck`] as one read from Redis before it is loaded.
+//! the same [`EntryCheck`] as one read from Redis before it is loaded. The
+//! spend history, when it lives in memory, is one more record under
+//! [`SPEND_RECORD`], a key no route can have (a version without it skips
+//! the record as an unreadable entry).
 
 use std::{
     fs::{File, OpenOptions},
@@ -27,6 +30,17 @@ use bytes::{Buf, Bytes};
 use crate::cache::{CacheKey, EntryCheck, LocalCache, Source, codec};
 
 const MAGIC: &[u8; 8] = b"KAPSNAP1";
+/// The key of the spend history's record: `#` is in no route's path.
+const SPEND_RECORD: &str = "/#spend-history";
+
+/// What a snapshot held besides the entries it loaded.
+#[derive(Debug, Default)]
+pub(crate) struct Loaded {
+    /// Entries loaded into the cache.
+    pub(crate) entries: usize,
+    /// The spend history's record, if the snapshot has one.
+    pub(crate) spend: Option<Bytes>,
+}
 
 /// Why a snapshot could not be used or written.
 #[derive(Debug, thiserror::Error)]
@@ -43,16 +57,18 @@ pub(crate) enum SnapshotError {
 /// Write buffer of the snapshot stream: a few syscalls per megabyte, not per entry.
 const WRITE_BUFFER: usize = 256 * 1024;
 
-/// Writes every live entry of `cache` to `path`; returns how many.
+/// Writes every live entry of `cache` to `path`, and `spend` (the spend
+/// history) when given; returns how many entries.
 pub(crate) async fn save(
     path: &Path,
     cache: &LocalCache,
+    spend: Option<Vec<u8>>,
     now: SystemTime,
 ) -> Result<usize, SnapshotError> {
     let path = path.to_owned();
     let cache = cache.clone();
     let target = path.clone();
-    tokio::task::spawn_blocking(move || write_atomically(&target, &cache, now))
+    tokio::task::spawn_blocking(move || write_atomically(&target, &cache, spend, now))
         .await
         .map_err(|e| SnapshotError::Io {
             path,
@@ -63,6 +79,7 @@ pub(crate) async fn save(
 fn write_atomically(
     path: &Path,
     cache: &LocalCache,
+    spend: Option<Vec<u8>>,
     now: SystemTime,
 ) -> Result<usize, SnapshotError> {
     let io = |source| SnapshotError::Io {
@@ -73,7 +90,7 @@ fn write_atomically(
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let file = create_private(&tmp).map_err(io)?;
-    let written = write_records(file, cache, now).and_then(|count| {
+    let written = write_records(file, cache, spend, now).and_then(|count| {
         std::fs::rename(&tmp, path)?;
         // The rename itself is durable only once the directory is synced.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -108,8 +125,13 @@ fn create_private(tmp: &Path) -> std::io::Result<File> {
     }
 }
 
-/// Streams the magic and every live entry to `file`, then syncs it.
-fn write_records(file: File, cache: &LocalCache, now: SystemTime) -> std::io::Result<usize> {
+/// Streams the magic, every live entry and `spend` to `file`, then syncs it.
+fn write_records(
+    file: File,
+    cache: &LocalCache,
+    spend: Option<Vec<u8>>,
+    now: SystemTime,
+) -> std::io::Result<usize> {
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
     out.write_all(MAGIC)?;
     let mut count = 0;
@@ -117,29 +139,41 @@ fn write_records(file: File, cache: &LocalCache, now: SystemTime) -> std::io::Re
         if entry.remaining_retention(now).is_zero() {
             continue;
         }
-        let encoded = codec::encode(&entry);
-        for part in [key.path_and_query().as_bytes(), &encoded[..]] {
-            out.write_all(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_le_bytes())?;
-            out.write_all(part)?;
-        }
+        write_record(
+            &mut out,
+            key.path_and_query().as_bytes(),
+            &codec::encode(&entry),
+        )?;
         count += 1;
+    }
+    if let Some(spend) = spend {
+        write_record(&mut out, SPEND_RECORD.as_bytes(), &spend)?;
     }
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(count)
 }
 
+/// One record: its key and its value, each after its length.
+fn write_record(out: &mut impl Write, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+    for part in [key, value] {
+        out.write_all(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_le_bytes())?;
+        out.write_all(part)?;
+    }
+    Ok(())
+}
+
 /// Loads `path` into `cache`, skipping entries expired at `now` (the app's
-/// clock) or refused by `check`; returns how many were loaded. A missing
-/// file loads nothing.
+/// clock) or refused by `check`; returns how many were loaded, and the
+/// spend history's record. A missing file loads nothing.
 pub(crate) async fn load(
     path: &Path,
     cache: &LocalCache,
     check: &EntryCheck,
     now: SystemTime,
-) -> Result<usize, SnapshotError> {
+) -> Result<Loaded, SnapshotError> {
     let raw = match tokio::fs::read(path).await {
         Ok(raw) => Bytes::from(raw),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::default()),
         Err(source) => {
             return Err(SnapshotError::Io {
                 path: path.to_owned(),
@@ -148,14 +182,18 @@ pub(crate) async fn load(
         }
     };
     let records = parse(raw).ok_or_else(|| SnapshotError::Damaged(path.to_owned()))?;
-    let mut loaded = 0;
+    let mut loaded = Loaded::default();
     for (key, encoded) in records {
+        if key.path_and_query() == SPEND_RECORD {
+            loaded.spend = Some(encoded);
+            continue;
+        }
         let Some(entry) = check.admit(Source::Snapshot, &key, &encoded) else {
             continue;
         };
         if !entry.remaining_retention(now).is_zero() {
             cache.insert(key, Arc::new(entry));
-            loaded += 1;
+            loaded.entries += 1;
         }
     }
     Ok(loaded)

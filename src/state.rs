@@ -1,6 +1,14 @@
-//! What every handler shares: [`AppState`], built once by [`crate::app`].
-//! Handlers import this module, never `app`, so the HTTP layer does not
-//! depend on how the service is assembled and run.
+//! What every handler shares: [`AppState`], built by [`crate::app`] and, on
+//! each configuration reload, by `reload`. Handlers import this module, never
+//! `app`, so the HTTP layer does not depend on how the service is assembled
+//! and run.
+//!
+//! It has two parts. [`Shared`] lives as long as the process: the cache and
+//! upstream pipeline, the metrics, the clock. [`Live`] is one generation of
+//! the configuration that a reload replaces as a whole: clients, issuers,
+//! visitors, limits, routes, warm-ups. A request takes the generation once,
+//! as it arrives, and keeps it to the end: it sees the old configuration or
+//! the new one, never a mix.
 
 use std::sync::{
     Arc,
@@ -10,105 +18,138 @@ use std::sync::{
 use bytes::Bytes;
 
 use crate::{
-    access::Access, clock::SharedClock, issuers::Issuers, limits::RateLimit, metrics::Metrics,
-    proxy::Proxy, route::RouteTable, visitors::Visitors, warmup::Warmup,
+    access::Access, clock::SharedClock, issuers::Issuers, limits::RateLimit, live::Reloads,
+    metrics::Metrics, proxy::Proxy, route::RouteTable, spend::SpendHistory, visitors::Visitors,
+    warmup::Warmup,
 };
 
-/// Shared, read-only state of the running service (cheap to clone).
+/// One generation of the configuration, as requests see it (cheap to clone).
 #[derive(Clone)]
-pub struct AppState(Arc<AppParts>);
+pub struct AppState {
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+}
 
-/// The parts of an [`AppState`]: what the handlers share, as [`crate::app`]
-/// assembles it.
-pub struct AppParts {
+/// What lives as long as the process, whatever reloads change.
+pub struct Shared {
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
-    pub access: Access,
-    /// The `[[issuers]]` whose signed tokens let visitors in.
-    pub issuers: Issuers,
-    /// Callers without a token: their limits and the ones seen lately.
-    pub visitors: Visitors,
     pub clock: SharedClock,
-    pub rate_limit: Option<RateLimit>,
-    pub routes: RouteTable,
-    /// `/openapi.json`, rendered once for this configuration.
-    pub openapi: Bytes,
-    pub allow_client_refresh: bool,
-    /// The configured warm-ups (their schedules run in [`crate::app`]).
-    pub warmups: Vec<Arc<Warmup>>,
+    /// Reload requests (`POST /admin/reload`) and what reloads did.
+    pub reloads: Reloads,
+    /// Credits spent and saved, calls and refusals, per UTC day and payer.
+    pub spend: Arc<SpendHistory>,
     /// False before start and while draining (`/readyz`).
     pub ready: AtomicBool,
 }
 
+/// What a reload replaces, as one piece.
+pub struct Live {
+    pub access: Access,
+    /// The `[[issuers]]` whose signed tokens let visitors in (kept across a
+    /// reload that leaves `[[issuers]]` as it is).
+    pub issuers: Arc<Issuers>,
+    /// Callers without a token: their limits and the ones seen lately
+    /// (kept across a reload that leaves `[visitors]` as it is).
+    pub visitors: Arc<Visitors>,
+    pub rate_limit: Option<Arc<RateLimit>>,
+    pub routes: RouteTable,
+    /// `/openapi.json`, rendered once for this configuration.
+    pub openapi: Bytes,
+    pub allow_client_refresh: bool,
+    /// The configured warm-ups (their schedules run in `reload`).
+    pub warmups: Vec<Arc<Warmup>>,
+}
+
 impl AppState {
-    /// Shares `parts` with every handler.
-    pub fn new(parts: AppParts) -> Self {
-        Self(Arc::new(parts))
+    /// `live` as seen with `shared`.
+    pub fn new(shared: Arc<Shared>, live: Arc<Live>) -> Self {
+        Self { shared, live }
+    }
+
+    /// The part no reload replaces.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// This generation of the configuration.
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
     }
 
     /// The cache/single-flight/upstream pipeline.
     pub fn proxy(&self) -> &Proxy {
-        &self.0.proxy
+        &self.shared.proxy
     }
 
     /// This app's metrics registry.
     pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
+        &self.shared.metrics
+    }
+
+    /// Reload requests and what reloads did.
+    pub fn reloads(&self) -> &Reloads {
+        &self.shared.reloads
+    }
+
+    /// Credits spent and saved, calls and refusals, per UTC day and payer.
+    pub fn spend(&self) -> &Arc<SpendHistory> {
+        &self.shared.spend
     }
 
     /// The configured clients (empty: open proxy).
     pub fn access(&self) -> &Access {
-        &self.0.access
+        &self.live.access
     }
 
     /// The configured issuers of signed visitor tokens (empty: none).
     pub fn issuers(&self) -> &Issuers {
-        &self.0.issuers
+        &self.live.issuers
     }
 
     /// Callers without a token, known by address prefix.
     pub fn visitors(&self) -> &Visitors {
-        &self.0.visitors
+        &self.live.visitors
     }
 
     /// The clock that rate limits, budgets and statistics count with.
     pub fn clock(&self) -> &SharedClock {
-        &self.0.clock
+        &self.shared.clock
     }
 
     /// The global rate limit, if configured.
     pub fn rate_limit(&self) -> Option<&RateLimit> {
-        self.0.rate_limit.as_ref()
+        self.live.rate_limit.as_deref()
     }
 
     /// The configured routes.
     pub fn routes(&self) -> &RouteTable {
-        &self.0.routes
+        &self.live.routes
     }
 
     /// The configured warm-ups.
     pub fn warmups(&self) -> &[Arc<Warmup>] {
-        &self.0.warmups
+        &self.live.warmups
     }
 
     /// The OpenAPI document, as stored JSON bytes.
     pub fn openapi(&self) -> &Bytes {
-        &self.0.openapi
+        &self.live.openapi
     }
 
     /// Whether clients may force a refresh with `Cache-Control: no-cache` (or
     /// `max-age` / `min-fresh` refusing a fresh copy).
     pub fn allow_client_refresh(&self) -> bool {
-        self.0.allow_client_refresh
+        self.live.allow_client_refresh
     }
 
     /// True while serving; false before start and while draining.
     pub fn is_ready(&self) -> bool {
-        self.0.ready.load(Ordering::Relaxed)
+        self.shared.ready.load(Ordering::Relaxed)
     }
 
     /// Marks the service ready (serving) or not (starting, draining).
     pub fn set_ready(&self, ready: bool) {
-        self.0.ready.store(ready, Ordering::Relaxed);
+        self.shared.ready.store(ready, Ordering::Relaxed);
     }
 }

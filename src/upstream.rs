@@ -5,7 +5,8 @@
 //! The request is built from the canonical path-and-query alone (a cache
 //! key) — nothing of the client's request reaches KeyAPI — so one key always
 //! means one byte-identical request. One [`Upstream::attempt`] is one paid
-//! call; the caller (the fetch, which charges the ledger per attempt) loops
+//! call, with the API key it is given ([`LiveKey::current`], taken once per
+//! attempt, so a rotation never changes a call already sent); the caller (the fetch, which charges the ledger per attempt) loops
 //! over attempts with [`Upstream::backoff`]. Only with
 //! `telemetry.propagate_upstream` does an attempt also carry a W3C
 //! `traceparent` (the attempt's own span), so KeyAPI can join the trace.
@@ -23,11 +24,11 @@ use reqwest::{
     StatusCode,
     header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER},
 };
-use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
+    api_key::{ApiKey, LiveKey},
     config::UpstreamConfig,
     envelope::{KeyEcho, envelope_code},
 };
@@ -152,7 +153,9 @@ impl UpstreamError {
 pub struct Upstream {
     client: reqwest::Client,
     base_url: String,
-    api_key: SecretString,
+    /// The key in use, replaced on rotation (shared by every `Upstream`
+    /// a reload builds).
+    api_key: Arc<LiveKey>,
     /// Finds the key in an answer (shared with the check of stored entries).
     key_echo: Arc<KeyEcho>,
     max_body_bytes: usize,
@@ -165,7 +168,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds the pooled client. `config` must have been validated.
-    pub fn new(config: &UpstreamConfig, api_key: SecretString) -> Result<Self, reqwest::Error> {
+    pub fn new(config: &UpstreamConfig, api_key: Arc<LiveKey>) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(config.connect_timeout)
@@ -177,7 +180,7 @@ impl Upstream {
         Ok(Self {
             client,
             base_url: config.base_url.trim_end_matches('/').to_owned(),
-            key_echo: Arc::new(KeyEcho::new(&api_key)),
+            key_echo: api_key.echo(),
             api_key,
             max_body_bytes: config.max_body_bytes,
             request_timeout: config.request_timeout,
@@ -204,6 +207,11 @@ impl Upstream {
         Arc::clone(&self.key_echo)
     }
 
+    /// The key in use and where the next one comes from.
+    pub fn api_key(&self) -> &Arc<LiveKey> {
+        &self.api_key
+    }
+
     /// Time allowed for one fetch, all its attempts together.
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
@@ -227,16 +235,17 @@ impl Upstream {
         (Instant::now() + backoff < deadline).then_some(backoff)
     }
 
-    /// One (paid) call for `path_and_query`, given `timeout` at most.
+    /// One (paid) call for `path_and_query` with `key`, given `timeout` at most.
     pub async fn attempt(
         &self,
         path_and_query: &str,
+        key: &ApiKey,
         timeout: Duration,
     ) -> Result<UpstreamAnswer, UpstreamError> {
         let mut request = self
             .client
             .get(self.url_for(path_and_query))
-            .header(AUTHORIZATION, self.authorization()?)
+            .header(AUTHORIZATION, authorization(key)?)
             .header(ACCEPT, HeaderValue::from_static("application/json"))
             .timeout(timeout);
         if self.propagate_trace {
@@ -251,15 +260,6 @@ impl Upstream {
         }
         let body = self.read_capped(response).await?;
         self.classify(status, body)
-    }
-
-    fn authorization(&self) -> Result<HeaderValue, UpstreamError> {
-        let mut value = HeaderValue::try_from(format!("Bearer {}", self.api_key.expose_secret()))
-            // Unreachable after start-up validation; say nothing about the value.
-            .map_err(|_| UpstreamError::Transport("invalid API key characters".into()))?;
-        // Keeps the value out of any `Debug` output of the request.
-        value.set_sensitive(true);
-        Ok(value)
     }
 
     async fn read_capped(&self, mut response: reqwest::Response) -> Result<Bytes, UpstreamError> {
@@ -312,6 +312,16 @@ impl Upstream {
             })
         }
     }
+}
+
+/// `Bearer <key>`, marked sensitive.
+fn authorization(key: &ApiKey) -> Result<HeaderValue, UpstreamError> {
+    let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+        // Unreachable: every key is checked before use; say nothing about the value.
+        .map_err(|_| UpstreamError::Transport("invalid API key characters".into()))?;
+    // Keeps the value out of any `Debug` output of the request.
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 fn classify_transport(err: reqwest::Error) -> UpstreamError {

@@ -24,6 +24,7 @@ use crate::{
     metrics::{Metrics, Scope},
     payers::{KeyedPayer, KeyedPayers, Limits, Spender},
     redis_conn::RedisConn,
+    spend::SpendHistory,
 };
 
 /// Bytes of SHA-256(prefix) that name a visitor (32 hex digits).
@@ -45,6 +46,7 @@ impl Visitors {
         metrics: &Metrics,
         clock: &SharedClock,
         redis: Option<&Arc<RedisConn>>,
+        spend: &SpendHistory,
     ) -> Self {
         let limits = Limits {
             rate_per_minute: config.rate_per_minute,
@@ -62,6 +64,7 @@ impl Visitors {
                     config.max_tracked,
                     Scope::Visitor,
                     metrics.visitors(),
+                    Arc::clone(spend.visitors()),
                     clock,
                     redis,
                 )

@@ -35,6 +35,7 @@ use crate::{
     protect,
     proxy::{Prefetch, Proxy, ProxyError},
     route::{Route, RouteTable},
+    spend::Tally,
     upstream::UpstreamError,
 };
 
@@ -389,19 +390,33 @@ pub struct WarmupStats {
 }
 
 impl Warmup {
-    /// A warm-up charging its calls to an account whose spend is `charged`.
-    pub fn new(plan: WarmupPlan, charged: Counter) -> Self {
+    /// A warm-up charging its calls to an account whose spend is
+    /// `charged`, its spend history in `tally`.
+    pub fn new(plan: WarmupPlan, charged: Counter, tally: Arc<Tally>) -> Self {
         let budget = Budget::new(plan.allowance, Scope::Warmup, plan.name.clone());
         let account = Arc::new(Account {
             budget,
             charged,
             spent: DaySpend::default(),
+            tally,
         });
         Self {
             plan,
             account,
             state: Mutex::new(WarmupState::default()),
         }
+    }
+
+    /// Takes over from `previous`, the warm-up of the same name a reload
+    /// replaces: its spend of today and its last run.
+    pub fn carry_over(&self, previous: &Warmup) {
+        self.account.carry_over(&previous.account);
+        self.lock().last_run = previous.lock().last_run.clone();
+    }
+
+    /// Its checked configuration.
+    pub fn plan(&self) -> &WarmupPlan {
+        &self.plan
     }
 
     /// Runs once now: prefetches every question that would not stay fresh

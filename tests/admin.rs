@@ -1,5 +1,6 @@
 //! `/admin/cache`: list and purge, only with a token whose client has the
-//! purge flag; a purged key is fetched again on the next request.
+//! `admin = true` (or its older name, `purge = true`); a purged key is
+//! fetched again on the next request.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -17,7 +18,7 @@ const USER: &str = "kp_user-token";
 async fn app() -> TestApp {
     spawn_app_with(|c| {
         let mut admin = client("ops", ADMIN);
-        admin.purge = true;
+        admin.admin = true;
         c.clients = vec![admin, client("user", USER)];
     })
     .await
@@ -41,7 +42,7 @@ async fn admin(
 }
 
 #[tokio::test]
-async fn admin_needs_the_purge_flag() {
+async fn admin_needs_the_admin_flag() {
     let app = app().await;
     app.get_hashtag_as(USER, "hashtag_name=ufc324").await;
     for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
@@ -52,7 +53,7 @@ async fn admin_needs_the_purge_flag() {
         assert_eq!(status, 401, "{method} {body}");
         let (status, body) = admin(&app, method.clone(), "", Some(USER)).await;
         assert_eq!(status, 403, "{method} {body}");
-        assert!(assert_envelope(&body, 403, "admin-test").contains("purge flag"));
+        assert!(assert_envelope(&body, 403, "admin-test").contains("admin = true"));
     }
     // Nothing was purged by the refused attempts.
     let (_, headers, _) = parts(app.get_hashtag_as(USER, "hashtag_name=ufc324").await).await;
@@ -196,4 +197,54 @@ async fn list_keys_by_prefix_with_age_and_size() {
     let (_, body) = admin(&app, reqwest::Method::GET, "", Some(ADMIN)).await;
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["count"], 3);
     assert_eq!(app.upstream.calls(), 3, "listing costs nothing");
+}
+
+#[tokio::test]
+async fn admin_true_and_its_older_name_purge_true_both_open_admin_and_actions_name_the_client() {
+    common::logs::captured();
+    let dir = std::env::temp_dir().join(format!("keyapi-admin-flag-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proxy.toml");
+    let hash = |t: &str| keyapi_proxy::digest::hex(&keyapi_proxy::digest::sha256(t.as_bytes()));
+    std::fs::write(
+        &file,
+        format!(
+            "[[clients]]\nid = \"new-style\"\ntoken_sha256 = \"{}\"\nadmin = true\n\n\
+             [[clients]]\nid = \"old-style\"\ntoken_sha256 = \"{}\"\npurge = true\n\n\
+             [[clients]]\nid = \"plain\"\ntoken_sha256 = \"{}\"\n",
+            hash(ADMIN),
+            hash("kp_old-admin"),
+            hash(USER)
+        ),
+    )
+    .unwrap();
+    let loaded = keyapi_proxy::config::Config::load(Some(&file)).unwrap();
+    let flags: Vec<bool> = loaded.clients.iter().map(|c| c.admin).collect();
+    assert_eq!(flags, [true, true, false]);
+    let app = spawn_app_with(|c| c.clients = loaded.clients).await;
+    app.get_hashtag_as(USER, "hashtag_name=ufc324").await;
+    for token in [ADMIN, "kp_old-admin"] {
+        let (status, body) = admin(&app, reqwest::Method::GET, "", Some(token)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = admin(&app, reqwest::Method::GET, "", Some(USER)).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, _) = admin(
+        &app,
+        reqwest::Method::DELETE,
+        "?all=true",
+        Some("kp_old-admin"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let logs = common::logs::text();
+    let logged = |action: &str, client: &str| {
+        let client = format!("client=\"{client}\"");
+        logs.lines()
+            .any(|l| l.contains(action) && l.contains(&client))
+    };
+    assert!(logged("cache listed", "new-style"), "{logs}");
+    assert!(logged("cache listed", "old-style"), "{logs}");
+    assert!(logged("cache purge", "old-style"), "{logs}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

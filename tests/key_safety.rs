@@ -6,7 +6,10 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use common::{
     TEST_API_KEY,
@@ -14,7 +17,14 @@ use common::{
     parts, spawn_app_with,
     tokens::{HsSecret, claims, hs256_issuer, with},
 };
-use keyapi_proxy::{config::Config, demo::FakeMode, upstream::Upstream};
+use keyapi_proxy::{
+    api_key::{LiveKey, Reread},
+    clock::{SharedClock, SystemClock},
+    config::Config,
+    demo::FakeMode,
+    metrics::Metrics,
+    upstream::Upstream,
+};
 use secrecy::SecretString;
 
 fn assert_no_key(what: &str, text: &str) {
@@ -143,7 +153,7 @@ async fn signed_tokens_their_secret_and_subjects_appear_in_no_log_line_or_respon
 async fn key_appears_in_no_operational_endpoint() {
     let app = spawn_app_with(|c| {
         let mut admin = common::client("ops", "kp_admin");
-        admin.purge = true;
+        admin.admin = true;
         c.clients = vec![admin];
     })
     .await;
@@ -196,8 +206,17 @@ async fn a_json_escaped_echo_of_the_key_is_neither_served_nor_cached() {
 #[test]
 fn debug_output_redacts_the_key() {
     let config = Config::defaults().unwrap();
-    let upstream = Upstream::new(&config.upstream, SecretString::from(TEST_API_KEY)).unwrap();
+    let clock = SharedClock::new(Arc::new(SystemClock));
+    let metrics = Arc::new(Metrics::new(clock.clone()));
+    let key = LiveKey::new(SecretString::from(TEST_API_KEY), None, metrics, clock);
+    let key = Arc::new(key);
+    key.install(
+        SecretString::from("sk-live-ROTATED-0123456789"),
+        Reread::Reload,
+    );
+    let upstream = Upstream::new(&config.upstream, Arc::clone(&key)).unwrap();
     assert_no_key("Debug of Upstream", &format!("{upstream:?}"));
+    assert!(!format!("{upstream:?}{key:?}").contains("ROTATED"));
     assert_no_key("Debug of Config", &format!("{config:?}"));
 }
 

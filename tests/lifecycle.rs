@@ -139,7 +139,9 @@ async fn drain_delay_keeps_serving_while_readiness_says_draining() {
     // but a load balancer probing readiness is told to stop sending them.
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
-    assert_eq!(ready.text().await.unwrap(), r#"{"status":"draining"}"#);
+    let ready: serde_json::Value = serde_json::from_str(&ready.text().await.unwrap()).unwrap();
+    assert_eq!(ready["status"], "draining", "{ready}");
+    assert_eq!(ready["apiKey"]["generation"], 1, "{ready}");
     let (status, headers, body) = app.get("hashtag_name=ufc324").await;
     assert_eq!(status, 200, "{body}");
     assert_hit(&headers);

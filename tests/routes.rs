@@ -187,7 +187,7 @@ async fn admin_purges_one_key_by_route() {
     let app = spawn_app_with(|c| {
         with_list_route(c);
         let mut admin = client("ops", ADMIN);
-        admin.purge = true;
+        admin.admin = true;
         c.clients = vec![admin];
     })
     .await;

@@ -139,16 +139,22 @@ async fn the_status_page_is_self_contained() {
     assert!(html.starts_with("<!doctype html>"));
     assert_eq!(
         html.matches("<svg").count(),
-        2,
-        "requests and credits, each on its own scale"
+        3,
+        "requests and credits of the last hour, each on its own scale, and the last 30 days"
     );
+    // Today's bar of the 30 days: one call (2 credits), two hits (2 x 2 saved).
+    assert!(
+        html.contains("spent 2</span>") && html.contains("saved 4</span>"),
+        "{html}"
+    );
+    assert!(html.contains(": 2 spent, 4 saved</title>"), "{html}");
     assert!(html.contains("66.7 %"), "hit ratio");
     assert!(html.contains("2 hits / 1 miss<"), "counts with their nouns");
     assert!(html.contains("<b>1</b>entry,"), "{html}");
     assert!(html.contains("ufc324"), "top keys");
     let lower = html.to_ascii_lowercase();
     for forbidden in [
-        "<script", "<link", "<img", "<iframe", "src=", "url(", "@import",
+        "<script", "<link", "<img", "<iframe", "src=", "url(", "@import", " style=",
     ] {
         assert!(!lower.contains(forbidden), "page references {forbidden}");
     }
@@ -179,7 +185,7 @@ async fn hashtags_are_escaped_on_the_page() {
 async fn operational_answers_are_never_stored_downstream() {
     let app = spawn_app_with(|c| {
         c.clients = vec![client("ops", "tok-ops")];
-        c.clients[0].purge = true;
+        c.clients[0].admin = true;
     })
     .await;
     for (path, token) in [

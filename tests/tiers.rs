@@ -302,7 +302,7 @@ async fn a_snapshot_carries_the_cache_across_a_restart() {
 async fn an_admin_purge_reaches_every_replica() {
     let with_admin = |c: &mut Config| {
         let mut ops = client("ops", "kp_ops");
-        ops.purge = true;
+        ops.admin = true;
         c.clients = vec![ops, client("user", "kp_user")];
     };
     let Some(Cluster { redis, a, b, .. }) = Cluster::start(with_admin).await else {

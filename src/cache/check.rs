@@ -16,6 +16,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use arc_swap::ArcSwap;
 use axum::http::StatusCode;
 use bytes::Bytes;
 
@@ -120,7 +121,8 @@ pub struct EntryLimits {
 /// The one check of entries read back, for every source.
 #[derive(Debug)]
 pub struct EntryCheck {
-    limits: EntryLimits,
+    /// Replaced when a reload changes the routes ([`EntryCheck::set_limits`]).
+    limits: ArcSwap<EntryLimits>,
     key_echo: Arc<KeyEcho>,
     metrics: Arc<Metrics>,
     /// The app's clock: "the future" is the app's.
@@ -139,12 +141,17 @@ impl EntryCheck {
         clock: SharedClock,
     ) -> Self {
         Self {
-            limits,
+            limits: ArcSwap::from_pointee(limits),
             key_echo,
             metrics,
             clock,
             logged: AtomicU64::new(0),
         }
+    }
+
+    /// What the configuration lets this proxy store from now on (a reload).
+    pub fn set_limits(&self, limits: EntryLimits) {
+        self.limits.store(Arc::new(limits));
     }
 
     /// The entry `raw` (read from `source` under `key`) holds, if it decodes
@@ -177,7 +184,7 @@ impl EntryCheck {
 
     /// Cheap checks first; the body is parsed, searched and hashed last.
     fn check_one(&self, entry: &Entry, now: SystemTime) -> Result<(), Rejection> {
-        let limits = &self.limits;
+        let limits = self.limits.load();
         // A refusal's status goes with its code: checked with the body, below.
         if !entry.negative && entry.status != StatusCode::OK {
             return Err(Rejection::Status);

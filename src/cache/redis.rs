@@ -190,6 +190,14 @@ impl RedisTier {
         self.conn.delete_matching(&pattern).await
     }
 
+    /// Deletes every entry of the route at `path` (a reload removed it); returns how many.
+    pub async fn clear_route(&self, path: &str) -> u64 {
+        let key = glob_escape(&self.entry_key(&CacheKey::copied(path)));
+        // The path alone (a route without parameters), or followed by its query.
+        let alone = self.conn.delete_matching(&key).await;
+        alone + self.conn.delete_matching(&format!("{key}\\?*")).await
+    }
+
     /// Takes `key`'s fetch lock, or waits for its holder's answer (`usable`
     /// decides whether a stored entry answers us) for at most `lock_wait`.
     pub async fn claim(&self, key: &CacheKey, usable: impl Fn(&Entry) -> bool) -> Claim {

@@ -160,6 +160,23 @@ impl Tiers {
         local.max(shared)
     }
 
+    /// Forgets every entry of the route at `path` in every tier (a reload
+    /// removed the route); returns how many memory held.
+    pub async fn purge_route(&self, path: &str) -> u64 {
+        let mut dropped = 0;
+        for (key, _) in self.memory.entries() {
+            let key_path = key.path_and_query().split('?').next();
+            let in_route = key_path == Some(path);
+            if in_route && self.memory.remove(&key) {
+                dropped += 1;
+            }
+        }
+        if let Some(redis) = &self.shared {
+            redis.clear_route(path).await;
+        }
+        dropped
+    }
+
     /// Forgets every entry in every tier; returns the larger tier's count.
     pub async fn purge_all(&self) -> u64 {
         let local = self.memory.clear();

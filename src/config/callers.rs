@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// One `[[clients]]` entry: a caller allowed to use the proxy. The token itself
 /// is never configured, only its SHA-256 (`keyapi-proxy hash-token` makes both).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     /// Shown in logs, metrics (`client` label) and `/stats`: 1-64 of `[A-Za-z0-9._-]`.
@@ -18,9 +18,10 @@ pub struct ClientConfig {
     /// `min-fresh` refusing a fresh copy (spends credits).
     #[serde(default)]
     pub refresh: bool,
-    /// May use the admin endpoints (`/admin/cache`: list and purge).
-    #[serde(default)]
-    pub purge: bool,
+    /// May use every `/admin` endpoint (cache, reload, spend); `purge` is
+    /// accepted as its older name.
+    #[serde(default, alias = "purge")]
+    pub admin: bool,
     /// This client's requests per minute (absent or 0 = no client limit).
     pub rate_per_minute: Option<u32>,
     /// This client's burst (absent or 0 = `rate_per_minute`).

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use callers::{ClientConfig, IssuerConfig};
 pub use error::{API_KEY_ENV, API_KEY_FILE_ENV, ConfigError};
-pub use key::{api_key_from_env, is_valid_api_key};
+pub use key::{api_key_file_from_env, api_key_from_env, is_valid_api_key, read_api_key_file};
 pub use redis_tier::{Redacted, RedisConfig, RedisUrl};
 pub use routes::{
     ParamConfig, ParamKind, QuestionValue, RouteConfig, RouteFreshness, TtlByConfig, WarmupConfig,

@@ -200,6 +200,9 @@ pub struct CreditsConfig {
     /// spend per budget and UTC day while the shared ledger (Redis) is
     /// unreachable; 0 = refuse upstream calls that a budget would pay for.
     pub outage_allowance: u64,
+    /// `KEYAPI_PROXY__CREDITS__HISTORY_DAYS`: UTC days of spend history kept
+    /// (`GET /admin/spend`), 1-3650.
+    pub history_days: u64,
 }
 
 /// `[rate_limit]`: requests per minute over all callers together.

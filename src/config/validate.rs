@@ -78,6 +78,12 @@ impl Config {
         if self.credits.per_call == 0 {
             return invalid("credits.per_call must be at least 1".into());
         }
+        if !(1..=crate::spend::MAX_HISTORY_DAYS).contains(&self.credits.history_days) {
+            return invalid(format!(
+                "credits.history_days must be between 1 and {}",
+                crate::spend::MAX_HISTORY_DAYS
+            ));
+        }
         for origin in &self.cors.allowed_origins {
             let url = reqwest::Url::parse(origin).ok();
             let exact = url.as_ref().is_some_and(|u| {

@@ -73,7 +73,10 @@ pub struct Recorded {
 }
 
 struct FakeState {
-    expected_key: String,
+    /// `Bearer <key>`: the one key accepted (a test rotates it).
+    expected_key: Mutex<String>,
+    /// Calls refused for a wrong key.
+    rejected: AtomicUsize,
     latency: Mutex<Duration>,
     mode: Mutex<FakeMode>,
     calls: watch::Sender<usize>,
@@ -101,7 +104,8 @@ impl FakeUpstream {
     pub async fn start(expected_key: &str, latency: Duration) -> std::io::Result<Self> {
         let sample = serde_json::from_str(SAMPLE).map_err(std::io::Error::other)?;
         let state = Arc::new(FakeState {
-            expected_key: format!("Bearer {expected_key}"),
+            expected_key: Mutex::new(format!("Bearer {expected_key}")),
+            rejected: AtomicUsize::new(0),
             latency: Mutex::new(latency),
             mode: Mutex::new(FakeMode::Normal),
             calls: watch::Sender::new(0),
@@ -164,6 +168,16 @@ impl FakeUpstream {
         *lock(&self.state.mode) = mode;
     }
 
+    /// Accepts only `key` from now on (a rotation at KeyAPI: the old key is revoked).
+    pub fn set_key(&self, key: &str) {
+        *lock(&self.state.expected_key) = format!("Bearer {key}");
+    }
+
+    /// Calls refused (401) for a wrong key so far.
+    pub fn rejected(&self) -> usize {
+        self.state.rejected.load(Ordering::SeqCst)
+    }
+
     /// Changes the answer latency of the next calls.
     pub fn set_latency(&self, latency: Duration) {
         *lock(&self.state.latency) = latency;
@@ -224,10 +238,12 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         tokio::time::sleep(latency).await;
     }
     let mode = scripted.unwrap_or_else(|| lock(&state.mode).clone());
+    // Checked as the answer goes out: a key revoked meanwhile is refused.
     let authorized = headers
         .get(AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes() == state.expected_key.as_bytes());
+        .is_some_and(|v| v.as_bytes() == lock(&state.expected_key).as_bytes());
     if !authorized {
+        state.rejected.fetch_add(1, Ordering::SeqCst);
         return envelope(StatusCode::UNAUTHORIZED, 401, "invalid api key");
     }
     match mode {
@@ -253,7 +269,8 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             response
         }
         FakeMode::EchoKeyEscaped => {
-            let key = state.expected_key.trim_start_matches("Bearer ");
+            let expected = lock(&state.expected_key).clone();
+            let key = expected.trim_start_matches("Bearer ");
             let escaped = key.replace('-', "\\u002d").replace('/', "\\/");
             let body = format!(r#"{{"code":0,"message":"success","data":{{"echo":"{escaped}"}}}}"#);
             let mut response = Response::new(Body::from(body));
@@ -263,7 +280,7 @@ async fn answer(State(state): State<Arc<FakeState>>, request: Request) -> Respon
             response
         }
         FakeMode::EchoAuthorization => {
-            let echoed = format!("bad request from {}", state.expected_key);
+            let echoed = format!("bad request from {}", lock(&state.expected_key));
             envelope(StatusCode::NOT_FOUND, 404, &echoed)
         }
     }

@@ -37,6 +37,7 @@ use crate::{
     metrics::{Metrics, Scope},
     payers::{KeyedPayer, KeyedPayers, Limits, Spender},
     redis_conn::RedisConn,
+    spend::SpendHistory,
 };
 
 use jwks::Jwks;
@@ -160,6 +161,7 @@ impl Issuer {
         metrics: &Metrics,
         clock: &SharedClock,
         redis: Option<&Arc<RedisConn>>,
+        spend: &SpendHistory,
     ) -> Result<Self, IssuerError> {
         let (keys, algorithms) = match (&config.hs256_secret_file, &config.jwks_url) {
             (Some(path), _) => (
@@ -200,6 +202,7 @@ impl Issuer {
                 config.max_subjects,
                 Scope::Subject,
                 metrics.issuer(&config.name),
+                spend.tally(&format!("issuer:{}", config.name)),
                 clock,
                 redis,
             ),
@@ -305,10 +308,11 @@ impl Issuers {
         metrics: &Arc<Metrics>,
         clock: &SharedClock,
         redis: Option<&Arc<RedisConn>>,
+        spend: &SpendHistory,
     ) -> Result<Self, IssuerError> {
         let issuers = config
             .iter()
-            .map(|c| Issuer::new(c, metrics, clock, redis))
+            .map(|c| Issuer::new(c, metrics, clock, redis, spend))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             issuers,

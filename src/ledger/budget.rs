@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -12,7 +12,7 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 
 use super::refusal::Refusal;
-use crate::{clock, metrics::Scope};
+use crate::{clock, metrics::Scope, spend::Tally};
 
 /// One day of a budget as this replica sees it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -29,7 +29,8 @@ pub(super) struct Day {
 /// Credits that may be spent per UTC day, by the whole proxy or one client.
 #[derive(Debug)]
 pub struct Budget {
-    pub(super) limit: u64,
+    /// Credits per day; 0 = off (only the global budget, changed by a reload).
+    pub(super) limit: AtomicU64,
     pub(super) scope: Scope,
     /// The counter's name in Redis (`global`, `client:<id>`).
     pub(super) name: String,
@@ -41,18 +42,29 @@ pub struct Budget {
 impl Budget {
     /// `None` when `limit` is 0 (no budget). `name` names its Redis counter.
     pub fn new(limit: u64, scope: Scope, name: String) -> Option<Self> {
-        (limit > 0).then(|| Self {
-            limit,
+        (limit > 0).then(|| Self::with_limit(limit, scope, name))
+    }
+
+    /// A budget of `limit` credits a day, 0 included (off until a reload sets one).
+    pub(super) fn with_limit(limit: u64, scope: Scope, name: String) -> Self {
+        Self {
+            limit: AtomicU64::new(limit),
             scope,
             name,
             today: Mutex::new(Day::default()),
             reserved: AtomicU64::new(0),
-        })
+        }
     }
 
     /// Credits per day.
     pub fn limit(&self) -> u64 {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Starts from `previous`'s count of today (a reload replacing a
+    /// client's or warm-up's account): a new limit, not a new day.
+    pub fn carry_over(&self, previous: &Budget) {
+        *self.lock_today() = *previous.lock_today();
     }
 
     /// Credits this replica's calls in progress have been charged but not
@@ -89,16 +101,17 @@ impl Budget {
     /// spent, or taken up only by this replica's calls in progress.
     pub(super) fn refusal(&self, count: u64, cost: u64, now: SystemTime) -> Refusal {
         let reserved = self.reserved();
-        if reserved > 0 && count.saturating_sub(reserved) + cost <= self.limit {
+        let limit = self.limit();
+        if reserved > 0 && count.saturating_sub(reserved) + cost <= limit {
             return Refusal::Reserved {
                 scope: self.scope,
-                limit: self.limit,
+                limit,
                 reserved,
             };
         }
         Refusal::Spent {
             scope: self.scope,
-            limit: self.limit,
+            limit,
             retry_after: clock::until_utc_midnight(now),
         }
     }
@@ -116,6 +129,20 @@ pub struct Account {
     /// Credits of its calls that reached KeyAPI today, on this replica
     /// (`/stats`'s top spenders; kept whether or not it has a budget).
     pub spent: DaySpend,
+    /// Its payer's line in the spend history (a client's own; every
+    /// subject of an issuer shares one, as every visitor does).
+    pub tally: Arc<Tally>,
+}
+
+impl Account {
+    /// Starts from `previous`'s counts of today: a reload replacing its
+    /// configuration (a new limit) does not make a new day.
+    pub fn carry_over(&self, previous: &Account) {
+        if let (Some(budget), Some(old)) = (&self.budget, &previous.budget) {
+            budget.carry_over(old);
+        }
+        *self.spent.lock() = *previous.spent.lock();
+    }
 }
 
 /// Credits spent on one UTC day, started afresh on the next.

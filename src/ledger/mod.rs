@@ -45,7 +45,10 @@ mod shared;
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, MutexGuard, atomic::Ordering},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -55,8 +58,9 @@ use self::{
 };
 use crate::{
     clock::{self, SharedClock},
-    metrics::Metrics,
+    metrics::{Metrics, Scope},
     redis_conn::{Applied, RedisConn},
+    spend::{SpendHistory, Tally},
 };
 
 pub use budget::{Account, Budget, DaySpend};
@@ -120,9 +124,12 @@ enum Counted {
 
 /// The proxy's books: the global budget and where counts live.
 pub struct Ledger {
-    global: Option<Budget>,
+    /// What each payer spent and was refused, per day.
+    spend: Arc<SpendHistory>,
+    /// `credits.daily_budget` (limit 0: none); a reload may change its limit.
+    global: Budget,
     redis: Option<Arc<RedisConn>>,
-    outage_allowance: u64,
+    outage_allowance: AtomicU64,
     clock: SharedClock,
     metrics: Arc<Metrics>,
     /// Money operations Redis has not confirmed, oldest first (at most [`MAX_PENDING`]).
@@ -130,18 +137,22 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Books with an optional global budget, counted in `redis` when given.
+    /// Books with a global budget of `global` credits a day (0: none),
+    /// counted in `redis` when given; every call kept and every refusal
+    /// also goes into `spend`.
     pub fn new(
-        global: Option<Budget>,
+        spend: Arc<SpendHistory>,
+        global: u64,
         redis: Option<Arc<RedisConn>>,
         outage_allowance: u64,
         clock: SharedClock,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            global,
+            spend,
+            global: Budget::with_limit(global, Scope::Global, "global".into()),
             redis,
-            outage_allowance,
+            outage_allowance: AtomicU64::new(outage_allowance),
             clock,
             metrics,
             pending: Mutex::default(),
@@ -150,7 +161,16 @@ impl Ledger {
 
     /// The global daily budget, if configured.
     pub fn global(&self) -> Option<&Budget> {
-        self.global.as_ref()
+        Some(&self.global).filter(|g| g.limit() > 0)
+    }
+
+    /// New `credits.daily_budget` and `credits.outage_allowance` (a reload):
+    /// today's count carries on against the new limit. Calls in progress
+    /// settle against the budgets they were charged to.
+    pub fn set_limits(&self, global: u64, outage_allowance: u64) {
+        self.global.limit.store(global, Ordering::Relaxed);
+        self.outage_allowance
+            .store(outage_allowance, Ordering::Relaxed);
     }
 
     /// Takes one attempt's `cost` from every budget `payer` draws on, or
@@ -158,14 +178,16 @@ impl Ledger {
     pub async fn charge(&self, payer: &Payer, cost: u64) -> Result<Charge<'_>, Refusal> {
         let now = self.clock.now();
         let day = clock::utc_day(now);
-        let budgets = self.budgets(payer);
+        let global = self.global().is_some();
+        let budgets = self.budgets(payer, global);
         let counted = if budgets.iter().all(Option::is_none) {
-            Counted::Nowhere
+            Ok(Counted::Nowhere)
         } else if let Some(redis) = &self.redis {
-            self.charge_shared(redis, &budgets, day, now, cost).await?
+            self.charge_shared(redis, &budgets, day, now, cost).await
         } else {
-            self.charge_local(&budgets, day, now, cost)?
+            self.charge_local(&budgets, day, now, cost)
         };
+        let counted = counted.inspect_err(|_| self.spend.refused(self.tally(payer)))?;
         for budget in budgets.iter().flatten() {
             budget.reserved.fetch_add(cost, Ordering::Relaxed);
         }
@@ -174,6 +196,7 @@ impl Ledger {
             payer: payer.clone(),
             cost,
             day,
+            global,
             counted,
         })
     }
@@ -205,11 +228,21 @@ impl Ledger {
         budget.day(clock::utc_day(self.clock.now())).refused
     }
 
-    /// The payer's client budget, then the global one.
-    fn budgets<'a>(&'a self, payer: &'a Payer) -> [Option<&'a Budget>; 2] {
+    /// The spend history's line of `payer`.
+    fn tally<'a>(&'a self, payer: &'a Payer) -> &'a Tally {
+        match payer {
+            Payer::Request(Some(account)) | Payer::Warmup(account) => &account.tally,
+            Payer::Request(None) => self.spend.visitors(),
+            Payer::Proxy(_) => self.spend.refresh(),
+        }
+    }
+
+    /// The payer's client budget, then the global one when `global` (it
+    /// was on when the charge was made).
+    fn budgets<'a>(&'a self, payer: &'a Payer, global: bool) -> [Option<&'a Budget>; 2] {
         [
             payer.account().and_then(|a| a.budget.as_ref()),
-            self.global.as_ref(),
+            Some(&self.global).filter(|_| global),
         ]
     }
 
@@ -233,7 +266,7 @@ impl Ledger {
     ) -> Result<Counted, Refusal> {
         // Always client before global, so two charges never lock in opposite orders.
         let mut days: Vec<_> = budgets.iter().flatten().map(|b| (*b, b.day(day))).collect();
-        if let Some(index) = days.iter().position(|(b, d)| d.spent + cost > b.limit) {
+        if let Some(index) = days.iter().position(|(b, d)| d.spent + cost > b.limit()) {
             let (budget, count) = (days[index].0, days[index].1.spent);
             drop(days);
             return Err(self.refuse(Some(budget), count, cost, now));
@@ -260,7 +293,7 @@ impl Ledger {
         if self.flush(redis).await {
             let id = new_op_id();
             let names = budgets.iter().flatten().map(|b| b.name.as_str());
-            let limits: Vec<u64> = budgets.iter().flatten().map(|b| b.limit).collect();
+            let limits: Vec<u64> = budgets.iter().flatten().map(|b| b.limit()).collect();
             match send_charge(redis, &id, names, Some(&limits), day, cost).await {
                 Applied::Answered(Some(Outcome::Charged)) => return Ok(Counted::Shared(id)),
                 Applied::Answered(Some(Outcome::Refused { index, count })) => {
@@ -291,7 +324,7 @@ impl Ledger {
     ) -> Result<Counted, Refusal> {
         let mut days: Vec<_> = budgets.iter().flatten().map(|b| (*b, b.day(day))).collect();
         let over = |(b, d): &(&Budget, MutexGuard<'_, Day>)| {
-            d.outage_spent + cost > self.outage_allowance.min(b.limit)
+            d.outage_spent + cost > self.outage_allowance.load(Ordering::Relaxed).min(b.limit())
         };
         if days.iter().any(over) {
             drop(days);
@@ -388,6 +421,8 @@ pub struct Charge<'a> {
     payer: Payer,
     cost: u64,
     day: u64,
+    /// The global budget was on, and charged.
+    global: bool,
     counted: Counted,
 }
 
@@ -399,13 +434,14 @@ impl Charge<'_> {
         let cost = self.cost;
         if reached {
             ledger.metrics.credits_spent(self.payer.as_str(), cost);
+            ledger.spend.spent(ledger.tally(&self.payer), cost);
             if let Some(account) = self.payer.account() {
                 account.charged.inc_by(cost);
                 account.spent.add(self.day, cost);
             }
             return;
         }
-        let budgets = ledger.budgets(&self.payer);
+        let budgets = ledger.budgets(&self.payer, self.global);
         match &self.counted {
             Counted::Nowhere => {}
             Counted::Local => {
@@ -436,7 +472,12 @@ impl Charge<'_> {
 /// Ends the reservation, settled or not (a fetch task may be dropped).
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
-        for budget in self.ledger.budgets(&self.payer).into_iter().flatten() {
+        for budget in self
+            .ledger
+            .budgets(&self.payer, self.global)
+            .into_iter()
+            .flatten()
+        {
             budget.reserved.fetch_sub(self.cost, Ordering::Relaxed);
         }
     }
@@ -461,8 +502,8 @@ mod tests {
 
     fn ledger(global: u64, clock: &SharedClock) -> Ledger {
         let metrics = Arc::new(Metrics::new(clock.clone()));
-        let budget = Budget::new(global, Scope::Global, "global".into());
-        Ledger::new(budget, None, 0, clock.clone(), metrics)
+        let spend = Arc::new(SpendHistory::new(90, clock.clone(), None));
+        Ledger::new(spend, global, None, 0, clock.clone(), metrics)
     }
 
     #[tokio::test]

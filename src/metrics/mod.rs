@@ -156,6 +156,9 @@ pub struct Metrics {
     redis_errors: Family<KindLabels, Counter>,
     entries_rejected: Family<RejectedLabels, Counter>,
     connections: ConnectionMetrics,
+    config_reloads: Family<OutcomeLabels, Counter>,
+    key_rotations: Counter,
+    key_rejected_after_rotation: Counter,
 }
 
 impl Metrics {
@@ -316,6 +319,23 @@ impl Metrics {
     /// The counters of all visitors together.
     pub fn visitors(&self) -> ClientCounters {
         self.visitors.clone()
+    }
+
+    /// Counts a configuration reload by its `outcome` (`applied`, `unchanged`, `rejected`).
+    pub fn config_reload(&self, outcome: &'static str) {
+        self.config_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Counts a new KeyAPI key put in use.
+    pub fn api_key_rotated(&self) {
+        self.key_rotations.inc();
+    }
+
+    /// Counts a call KeyAPI refused for a key replaced meanwhile (retried once).
+    pub fn key_rejected_after_rotation(&self) {
+        self.key_rejected_after_rotation.inc();
     }
 
     /// Counts a signed token refused for `reason`.

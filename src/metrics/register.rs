@@ -126,6 +126,24 @@ impl Metrics {
             "Upstream retries made after a connect error or HTTP 502/503/504",
             Counter::default(),
         );
+        let config_reloads = registered(
+            &mut registry,
+            "config_reloads",
+            "Configuration reloads (SIGHUP, POST /admin/reload), by outcome: applied, unchanged or rejected (nothing changed)",
+            Family::default(),
+        );
+        let key_rotations = registered(
+            &mut registry,
+            "api_key_rotations",
+            "Times a new KeyAPI key was read from KEYAPI_API_KEY_FILE and put in use",
+            Counter::default(),
+        );
+        let key_rejected_after_rotation = registered(
+            &mut registry,
+            "upstream_key_rejected_after_rotation",
+            "Upstream calls KeyAPI answered 401/403 for a key replaced meanwhile, retried once with the current key",
+            Counter::default(),
+        );
         let issuer_requests = registered(
             &mut registry,
             "issuer_requests",
@@ -237,6 +255,9 @@ impl Metrics {
             redis_errors,
             entries_rejected,
             connections,
+            config_reloads,
+            key_rotations,
+            key_rejected_after_rotation,
         }
     }
 }

@@ -2,8 +2,9 @@
 //! replica's answer or lock, then KeyAPI, each attempt charged to its payer
 //! and traced as a span; only this task writes the cache.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use reqwest::StatusCode;
 use tokio::time::Instant;
@@ -26,8 +27,10 @@ use crate::{
 #[derive(Clone)]
 pub(super) struct Fetcher {
     pub(super) tiers: Tiers,
-    pub(super) upstream: Arc<Upstream>,
-    pub(super) protection: Arc<Protection>,
+    /// Replaced by a reload ([`super::Proxy::reconfigure`]); each fetch
+    /// takes the current one once, so a call in flight keeps its settings.
+    pub(super) upstream: Arc<ArcSwap<Upstream>>,
+    pub(super) protection: Arc<ArcSwap<Protection>>,
     pub(super) clock: SharedClock,
     pub(super) ledger: Arc<Ledger>,
     pub(super) metrics: Arc<Metrics>,
@@ -109,7 +112,8 @@ impl Fetcher {
         let charge = self.ledger.charge(payer, cost).await.inspect_err(|refusal| {
             tracing::info!(%key, reason = refusal.as_str(), "upstream call refused by a credit budget");
         })?;
-        let admission = match self.protection.admit().await {
+        let (upstream, protection) = (self.upstream.load_full(), self.protection.load_full());
+        let admission = match protection.admit().await {
             Ok(admission) => admission,
             Err(error) => {
                 charge.settle(false).await;
@@ -124,7 +128,7 @@ impl Fetcher {
             tracing::info!(%key, "upstream call not made: every client of this fetch has gone");
             return Err(Abandoned.into());
         }
-        let result = self.attempts(key, payer, cost, charge, interest).await;
+        let result = (self.attempts(&upstream, key, payer, cost, charge, interest)).await;
         admission.settle(&result);
         match result {
             Ok(UpstreamAnswer::Success(body)) => {
@@ -147,22 +151,25 @@ impl Fetcher {
     /// for the first) and kept only if it reached KeyAPI; a retry the budgets
     /// cannot afford is not made, nor one that nobody waits for any more
     /// (every client of the fetch has gone; background fetches always retry).
+    /// A key KeyAPI rejects after it was replaced (a rotation) is tried once
+    /// more, at once, with the current key.
     async fn attempts(
         &self,
+        upstream: &Upstream,
         key: &CacheKey,
         payer: &Payer,
         cost: u64,
         mut charge: Charge<'_>,
         interest: &Interest<CacheKey, FetchResult>,
     ) -> Result<UpstreamAnswer, UpstreamError> {
-        let deadline = Instant::now() + self.upstream.request_timeout();
-        let mut attempt = 0;
+        let deadline = Instant::now() + upstream.request_timeout();
+        let (mut attempt, mut api_key, mut rekeyed) = (0, upstream.api_key().current(), false);
         loop {
             let call = self.metrics.upstream_call();
             let remaining = deadline.saturating_duration_since(Instant::now());
             let span = attempt_span(attempt);
-            let result = (self.upstream)
-                .attempt(key.path_and_query(), remaining)
+            let result = upstream
+                .attempt(key.path_and_query(), &api_key, remaining)
                 .instrument(span.clone())
                 .await;
             call.finish(
@@ -178,7 +185,18 @@ impl Fetcher {
             record_attempt(&span, &result, if reached { cost } else { 0 });
             charge.settle(reached).await;
             let Err(error) = &result else { return result };
-            let Some(backoff) = self.upstream.backoff(attempt, error, deadline) else {
+            let newer_key = match error {
+                UpstreamError::KeyRejected(_) if !rekeyed => upstream.api_key().rejected(&api_key),
+                _ => None,
+            };
+            let backoff = match newer_key {
+                Some(newer) => {
+                    (api_key, rekeyed) = (newer, true);
+                    Some(Duration::ZERO)
+                }
+                None => upstream.backoff(attempt, error, deadline),
+            };
+            let Some(backoff) = backoff else {
                 return result;
             };
             attempt += 1;

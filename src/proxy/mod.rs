@@ -33,6 +33,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use arc_swap::ArcSwap;
 use tracing::{Instrument, Span};
 
 use self::{
@@ -91,8 +92,8 @@ impl Proxy {
         Self {
             fetcher: Fetcher {
                 tiers,
-                upstream: Arc::new(upstream),
-                protection: Arc::new(protection),
+                upstream: Arc::new(ArcSwap::from_pointee(upstream)),
+                protection: Arc::new(ArcSwap::from_pointee(protection)),
                 clock,
                 ledger: Arc::new(ledger),
                 metrics,
@@ -117,13 +118,35 @@ impl Proxy {
     }
 
     /// Upstream protection state (for operational endpoints).
-    pub(crate) fn protection(&self) -> &Protection {
-        &self.fetcher.protection
+    pub(crate) fn protection(&self) -> Arc<Protection> {
+        self.fetcher.protection.load_full()
+    }
+
+    /// The KeyAPI client new fetches use.
+    pub fn upstream(&self) -> Arc<Upstream> {
+        self.fetcher.upstream.load_full()
+    }
+
+    /// New `[upstream]` settings (a reload): fetches started from now on use
+    /// `upstream`, and `protection` when given (new caps and breaker
+    /// settings start with a closed circuit); fetches in flight finish with
+    /// what they started with.
+    pub(crate) fn reconfigure(&self, upstream: Upstream, protection: Option<Protection>) {
+        self.fetcher.upstream.store(Arc::new(upstream));
+        if let Some(protection) = protection {
+            self.fetcher.protection.store(Arc::new(protection));
+        }
     }
 
     /// Forgets `key` in every tier; returns how many tiers held it.
     pub async fn purge(&self, key: &CacheKey) -> u64 {
         self.fetcher.tiers.purge(key).await
+    }
+
+    /// Forgets every entry of the route at `path` (a reload removed it);
+    /// returns how many memory held.
+    pub async fn purge_route(&self, path: &str) -> u64 {
+        self.fetcher.tiers.purge_route(path).await
     }
 
     /// Forgets every entry in every tier; returns the larger tier's count.

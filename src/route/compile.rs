@@ -2,7 +2,10 @@
 //! field checked once at start-up, each problem one line naming the route
 //! and the field; defaults normalized and encoded as they will stand in keys.
 
-use std::sync::Arc;
+use std::{
+    collections::HashSet,
+    sync::{Arc, LazyLock, Mutex},
+};
 
 use regex_lite::Regex;
 
@@ -52,6 +55,21 @@ impl RouteTable {
         Ok(Self {
             routes: routes.into(),
         })
+    }
+}
+
+/// `path` as a `&'static str` (a metric label). Leaked once per distinct
+/// path: reloads that compile the same routes again leak nothing more.
+fn intern(path: &str) -> &'static str {
+    static PATHS: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Mutex::default);
+    let mut paths = PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    match paths.get(path) {
+        Some(interned) => interned,
+        None => {
+            let leaked: &'static str = Box::leak(path.to_owned().into_boxed_str());
+            paths.insert(leaked);
+            leaked
+        }
     }
 }
 
@@ -131,8 +149,7 @@ fn compile_route(config: &RouteConfig, defaults: &RouteDefaults) -> Result<Route
         policy.negative_ttl = negative;
     }
     Ok(Route {
-        // Bounded: once per configured route, at start-up.
-        path: Box::leak(path.to_owned().into_boxed_str()),
+        path: intern(path),
         credits,
         params,
         ttl: Ttl {

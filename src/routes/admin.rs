@@ -1,6 +1,8 @@
 //! `/admin/cache`: list and purge cached answers. Only a client whose
-//! `[[clients]]` entry has `purge = true` gets in (401 without a valid token,
-//! 403 without the flag — and always 403 when no client is configured).
+//! `[[clients]]` entry has `admin = true` (or `purge = true`, its older
+//! name) gets in (401 without a valid token, 403 without the flag — and
+//! always 403 when no client is configured); every admin action is logged
+//! with the client's id.
 //!
 //! - `GET /admin/cache?route=<path>&prefix=ufc` lists stored keys (of one
 //!   route, if given) whose first required parameter (else first hashtag or
@@ -66,7 +68,7 @@ pub(crate) struct Purged {
 
 /// A client allowed to use the admin endpoints; extracting it answers 401
 /// or 403 (with the envelope) for anyone else.
-pub(crate) struct Admin(Arc<Client>);
+pub(crate) struct Admin(pub(super) Arc<Client>);
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
@@ -78,7 +80,7 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 pub(super) async fn list(
-    _: Admin,
+    Admin(admin): Admin,
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Listing>, ApiError> {
@@ -121,6 +123,7 @@ pub(super) async fn list(
         .collect();
     entries.sort_by(|a, b| (a.route, &a.params).cmp(&(b.route, &b.params)));
     let count = entries.len();
+    tracing::info!(client = &*admin.id, count, "cache listed");
     entries.truncate(MAX_LISTED);
     Ok(Json(Listing {
         count,

@@ -1,7 +1,9 @@
 //! The HTTP surface: one file per endpoint group, assembled into one router.
 //! Every configured route is served by the one generic handler in `proxied`.
 //!
-//! `Front` is what the server runs: first the browser-safety checks (a
+//! `Front` is what the server runs. It takes the current `Generation` (one
+//! configuration's state and router, replaced whole by a reload) once per
+//! request, then runs the browser-safety checks (a
 //! foreign `Host`, a cross-site request; see [`crate::browser`]) for every
 //! request, then a plain `GET` of a configured route (the hit path) goes
 //! straight to that handler; everything else — the operational endpoints,
@@ -14,10 +16,13 @@ mod health;
 mod metrics;
 mod openapi;
 mod proxied;
+mod reload;
+mod spend;
 mod status;
 
 use std::{net::SocketAddr, sync::Arc};
 
+use arc_swap::ArcSwap;
 use axum::{
     BoxError, Extension, Router,
     body::Body,
@@ -25,14 +30,16 @@ use axum::{
     http::{self, Method, header::ORIGIN},
     middleware::map_response,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use bytes::Bytes;
 use tower::ServiceExt as _;
 
 use crate::{
-    browser::{BrowserGuard, PROBE_PATHS, Target},
-    cache_status, cors,
+    browser::{AllowedHost, BrowserGuard, PROBE_PATHS, Target},
+    cache_status,
+    config::CorsConfig,
+    cors,
     error::ApiError,
     route::{Route, RouteTable},
     server::Handle,
@@ -44,16 +51,20 @@ const HEALTHZ_PATH: &str = PROBE_PATHS[0];
 const READYZ_PATH: &str = PROBE_PATHS[1];
 const METRICS_PATH: &str = "/metrics";
 const ADMIN_CACHE_PATH: &str = "/admin/cache";
+const ADMIN_RELOAD_PATH: &str = "/admin/reload";
+const ADMIN_SPEND_PATH: &str = "/admin/spend";
 const OPENAPI_PATH: &str = "/openapi.json";
 const STATS_PATH: &str = "/stats";
 const STATUS_PAGE_PATH: &str = "/";
 
 /// The operational endpoints' paths (what `/openapi.json` documents besides the routes).
-pub const OPERATIONAL_PATHS: [&str; 7] = [
+pub const OPERATIONAL_PATHS: [&str; 9] = [
     HEALTHZ_PATH,
     READYZ_PATH,
     METRICS_PATH,
     ADMIN_CACHE_PATH,
+    ADMIN_RELOAD_PATH,
+    ADMIN_SPEND_PATH,
     OPENAPI_PATH,
     STATS_PATH,
     STATUS_PAGE_PATH,
@@ -82,6 +93,8 @@ pub fn router(state: AppState) -> Router {
         .route(STATUS_PAGE_PATH, get(status::status_page))
         .layer(Extension(Arc::new(StatsCell::default())))
         .route(ADMIN_CACHE_PATH, get(admin::list).delete(admin::purge))
+        .route(ADMIN_RELOAD_PATH, post(reload::reload))
+        .route(ADMIN_SPEND_PATH, get(spend::spend))
         .layer(map_response(no_store));
     let mut router = Router::new();
     for route in state.routes().routes() {
@@ -114,8 +127,9 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// The served surface: the hit path dispatched directly, the rest by `router`.
-pub(crate) struct Front {
+/// One generation of the served surface: the state and router of one
+/// configuration. A reload builds the next and [`Front`] swaps it in.
+pub(crate) struct Generation {
     state: AppState,
     /// [`router`], behind the CORS layer when origins are configured.
     router: Router,
@@ -127,16 +141,28 @@ pub(crate) struct Front {
     guard: BrowserGuard,
 }
 
-impl Front {
-    /// Serves `router` (built by [`router`] from `state`, plus any CORS
-    /// layer), behind `guard`.
-    pub(crate) fn new(state: AppState, router: Router, cors: bool, guard: BrowserGuard) -> Self {
+impl Generation {
+    /// The surface of `state` with `cors_config`, behind the browser checks
+    /// for `allowed_hosts` and `listen`.
+    pub(crate) fn new(
+        state: AppState,
+        cors_config: &CorsConfig,
+        allowed_hosts: Option<&[AllowedHost]>,
+        listen: SocketAddr,
+    ) -> Self {
+        let (router, cors) = cors::apply(router(state.clone()), cors_config);
+        let guard = BrowserGuard::new(allowed_hosts, listen, cors);
         Self {
             state,
             router,
             cors,
             guard,
         }
+    }
+
+    /// Its state.
+    pub(crate) fn state(&self) -> &AppState {
+        &self.state
     }
 
     /// The configured route `route` of `request`, when it can skip the
@@ -151,6 +177,20 @@ impl Front {
             return None;
         }
         route
+    }
+}
+
+/// The served surface: the hit path dispatched directly, the rest by the
+/// generation's router.
+pub(crate) struct Front {
+    /// The configuration in use; each request takes it once.
+    current: Arc<ArcSwap<Generation>>,
+}
+
+impl Front {
+    /// Serves whatever generation `current` holds when a request arrives.
+    pub(crate) fn new(current: Arc<ArcSwap<Generation>>) -> Self {
+        Self { current }
     }
 }
 
@@ -176,24 +216,29 @@ impl Handle for Front {
         if request.method().as_str() == "PRI" {
             return ApiError::PrefaceOverHttp1.into_response();
         }
-        let route = self.state.routes().get(request.uri().path());
+        let generation = self.current.load_full();
+        let route = generation.state.routes().get(request.uri().path());
         let target = target(route, request.uri().path());
-        if let Err(refusal) = self.guard.check(target, request.uri(), request.headers()) {
+        if let Err(refusal) = generation
+            .guard
+            .check(target, request.uri(), request.headers())
+        {
             tracing::debug!(reason = refusal.as_str(), "refused before any route");
             return ApiError::from(refusal).into_response();
         }
-        if let Some(route) = self.direct(&request, route) {
-            let mut response = proxied::answer(route, &self.state, request.into_parts().0)
+        if let Some(route) = generation.direct(&request, route) {
+            let state = &generation.state;
+            let mut response = proxied::answer(route, state, request.into_parts().0)
                 .await
                 .into_response();
-            if self.cors {
+            if generation.cors {
                 cors::vary_by_origin(response.headers_mut());
             }
             return response;
         }
         // Boxed: the router's future would otherwise make every hit's future
         // (moved on its way into hyper's task) as large as its own.
-        let routed = Box::pin(self.router.clone().oneshot(request.map(Body::new)));
+        let routed = Box::pin(generation.router.clone().oneshot(request.map(Body::new)));
         let Ok(response) = routed.await;
         response
     }

@@ -29,6 +29,7 @@ use crate::{
     proxy::{Outcome, ProxyError},
     route::Route,
     served::{CacheState, Served},
+    spend::Tally,
     state::AppState,
 };
 
@@ -51,6 +52,9 @@ pub(super) async fn answer(
     let payer = Payer::Request(caller.account());
     let outcome = state.proxy().serve(&key, route, &ask, payer).await;
     let (response, served, upstream_status) = respond(headers, outcome);
+    if served.saved_a_call() {
+        state.spend().saved(caller.tally(state), route.credits());
+    }
     AccessLog {
         client: caller.id(),
         key,
@@ -139,6 +143,15 @@ impl Caller {
         }
     }
 
+    /// Its line in the spend history.
+    fn tally<'a>(&'a self, state: &'a AppState) -> &'a Tally {
+        match self {
+            Self::Anonymous => state.spend().visitors(),
+            Self::Client(c) => &c.account.tally,
+            Self::Subject(p) | Self::Visitor(p) => &p.account.tally,
+        }
+    }
+
     /// Its name in the access log: a client's id, a subject's hashed name.
     fn id(&self) -> Option<Arc<str>> {
         match self {
@@ -185,6 +198,7 @@ async fn admit(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError
     for limit in limits {
         if let Err(refusal) = limit.check().await {
             state.metrics().rate_limited(refusal.scope);
+            state.spend().refused(caller.tally(state));
             return Err(refusal.into());
         }
     }

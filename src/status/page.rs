@@ -1,5 +1,6 @@
 //! The HTML status page of [`Stats`]: one self-contained document (cards,
-//! tables and a chart of the last hour drawn as inline SVG) that loads
+//! tables, charts of the last hour and of the last 30 days' credits spent
+//! and saved, drawn as inline SVG) that loads
 //! nothing from anywhere, and the `Content-Security-Policy` that says so,
 //! admitting only its own inline stylesheet, by hash.
 
@@ -8,7 +9,7 @@ use std::{fmt::Write as _, sync::LazyLock};
 use axum::http::HeaderValue;
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 
-use super::stats::Stats;
+use super::stats::{SpendDay, Stats};
 use crate::{digest, metrics::history::Minute};
 
 /// Nothing may load, and only our own stylesheet (by its hash, not any
@@ -40,6 +41,7 @@ small{color:#666}@media(max-width:480px){td,th{padding:.2em .35em}}\
 .card{border:1px solid #ddd;border-radius:6px;padding:.5em .8em;overflow-wrap:anywhere}\
 .card b{display:block;font-size:1.5em}.ok,.closed{color:#18794e}\
 .failing,.open{color:#c62828}.half_open,.rejected{color:#b26a00}\
+.spent{color:#e8710a}.saved{color:#18794e}\
 .charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,420px),1fr));gap:1em}\
 svg{width:100%;height:auto;display:block}figure{margin:0}\
 figcaption{font-size:.9em;color:#555}";
@@ -96,6 +98,7 @@ pub(crate) fn render(stats: &Stats) -> String {
         ("credits spent", "#e8710a"),
     );
     html.push_str("</div>");
+    spend_chart(&mut html, &stats.spend_last_30_days);
 
     let _ = write!(
         html,
@@ -265,6 +268,52 @@ fn chart(
         html,
         "<text x=\"0\" y=\"{y}\" font-size=\"11\">-60 min</text>\
          <text x=\"{W}\" y=\"{y}\" font-size=\"11\" text-anchor=\"end\">now</text></svg></figure>",
+        y = H + 13,
+    );
+}
+
+/// The last days' credits as stacked bars: what each day's questions would
+/// have cost, spent (paid to KeyAPI) below and saved (answered without a
+/// call) above, on one scale.
+fn spend_chart(html: &mut String, days: &[SpendDay]) {
+    const W: usize = 600;
+    const H: u64 = 100;
+    const SPENT: &str = "#e8710a";
+    const SAVED: &str = "#18794e";
+    let bar = W / days.len().max(1);
+    let peak = days
+        .iter()
+        .map(|d| d.credits_spent + d.credits_saved)
+        .max()
+        .unwrap_or(0);
+    let scale = peak.max(1);
+    let spent: u64 = days.iter().map(|d| d.credits_spent).sum();
+    let saved: u64 = days.iter().map(|d| d.credits_saved).sum();
+    let _ = write!(
+        html,
+        "<h2>Last {n} days</h2><figure><figcaption>credits per UTC day ·          <span class=\"spent\">spent {spent}</span> · <span class=\"saved\">saved {saved}</span></figcaption>         <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {}\" role=\"img\"          aria-label=\"credits spent and saved per day over the last {n} days\">         <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>",
+        H + 16,
+        n = days.len(),
+    );
+    for (i, d) in days.iter().enumerate() {
+        let spent_height = d.credits_spent * H / scale;
+        let saved_height = (d.credits_spent + d.credits_saved) * H / scale - spent_height;
+        let (x, width) = (i * bar, bar.saturating_sub(1));
+        let title = format!(
+            "{}: {} spent, {} saved",
+            d.day, d.credits_spent, d.credits_saved
+        );
+        let _ = write!(
+            html,
+            "<g><title>{title}</title>             <rect x=\"{x}\" y=\"{}\" width=\"{width}\" height=\"{saved_height}\" fill=\"{SAVED}\"/>             <rect x=\"{x}\" y=\"{}\" width=\"{width}\" height=\"{spent_height}\" fill=\"{SPENT}\"/></g>",
+            H - spent_height - saved_height,
+            H - spent_height,
+        );
+    }
+    let first = days.first().map_or("", |d| d.day.as_str());
+    let _ = write!(
+        html,
+        "<text x=\"0\" y=\"{y}\" font-size=\"11\">{first}</text>         <text x=\"{W}\" y=\"{y}\" font-size=\"11\" text-anchor=\"end\">today</text></svg></figure>",
         y = H + 13,
     );
 }

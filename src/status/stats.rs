@@ -17,9 +17,11 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::{
+    api_key::KeyStatus,
     cache::{CacheKey, Entry, LocalCache},
     clock::{self, SharedClock},
     ledger::{Budget, Ledger},
+    live::ReloadStats,
     metrics::history::Minute,
     metrics::{Scope, Totals},
     payers::{Spender, TOP_SPENDERS},
@@ -221,6 +223,46 @@ pub(crate) struct Stats {
     pub(crate) top_spenders: Vec<TopSpender>,
     pub(crate) top_keys: Vec<TopKey>,
     pub(crate) last_hour: Vec<Minute>,
+    /// Credits spent and saved on each of the last [`SPEND_DAYS`] UTC days
+    /// (cluster-wide with Redis), oldest first; empty if unreadable just now.
+    pub(crate) spend_last_30_days: Vec<SpendDay>,
+    /// Configuration reloads so far, by outcome, and the last one.
+    pub(crate) reloads: ReloadStats,
+    /// The KeyAPI key in use (its generation), rotations and rejections.
+    pub(crate) api_key: KeyStatus,
+}
+
+/// One UTC day of the spend history, all payers together.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SpendDay {
+    /// `YYYY-MM-DD`.
+    pub(crate) day: String,
+    pub(crate) credits_spent: u64,
+    pub(crate) credits_saved: u64,
+}
+
+/// Days of spend history on the status page.
+pub(crate) const SPEND_DAYS: u64 = 30;
+
+/// The last [`SPEND_DAYS`] days of `state`'s spend history.
+async fn spend_days(state: &AppState) -> Vec<SpendDay> {
+    let spend = state.spend();
+    let today = spend.today();
+    let from = (today + 1)
+        .saturating_sub(SPEND_DAYS)
+        .max(spend.first_kept());
+    let days = spend.days(from, today).await.unwrap_or_default();
+    days.iter()
+        .map(|day| {
+            let total = day.total();
+            SpendDay {
+                day: clock::utc_date(day.day),
+                credits_spent: total.credits_spent,
+                credits_saved: total.credits_saved,
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -375,6 +417,9 @@ impl Stats {
             top_spenders: top_spenders(state),
             top_keys: summary.top_keys,
             last_hour,
+            spend_last_30_days: spend_days(state).await,
+            reloads: state.reloads().stats(),
+            api_key: state.proxy().upstream().api_key().status(),
         }
     }
 }

@@ -35,8 +35,18 @@ pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
 /// The binary in `--demo` mode on a free port, its descriptor limit set to
 /// `nofile` when given; returns it and its address.
 pub async fn spawn_binary(nofile: Option<u64>, env: &[(&str, &str)]) -> (Child, SocketAddr) {
+    spawn_binary_with(nofile, env, &[]).await
+}
+
+/// [`spawn_binary`] with more command-line arguments (`--config <file>`).
+pub async fn spawn_binary_with(
+    nofile: Option<u64>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Child, SocketAddr) {
     let mut cmd = Command::from(proxy_command());
     cmd.arg("--demo")
+        .args(args)
         .env("KEYAPI_PROXY__SERVER__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())

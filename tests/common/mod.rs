@@ -14,6 +14,7 @@ pub mod tokens;
 use std::{
     future::Future,
     net::SocketAddr,
+    path::PathBuf,
     pin::Pin,
     sync::Arc,
     task::Poll,
@@ -26,7 +27,7 @@ use http_body_util::Empty;
 use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyapi_proxy::{
-    app::App,
+    app::{App, Origin},
     clock::{Clock, ManualClock, SystemClock},
     config::{ClientConfig, Config},
     demo::FakeUpstream,
@@ -89,7 +90,7 @@ pub fn client(id: &str, token: &str) -> ClientConfig {
         id: id.into(),
         token_sha256: digest::hex(&digest::sha256(token.as_bytes())),
         refresh: false,
-        purge: false,
+        admin: false,
         rate_per_minute: None,
         burst: None,
         daily_budget: None,
@@ -125,6 +126,76 @@ pub async fn spawn_app_with_clock(
     spawn_on(Arc::new(upstream), clock, adjust).await
 }
 
+/// The configuration file and key file of a proxy that reloads them, in a
+/// directory of their own (removed when dropped).
+pub struct LiveFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub key: PathBuf,
+}
+
+impl LiveFiles {
+    /// A fresh directory named after `test`, holding the key [`TEST_API_KEY`].
+    pub fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("keyapi-live-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = Self {
+            config: dir.join("proxy.toml"),
+            key: dir.join("keyapi_key"),
+            dir,
+        };
+        files.replace_key(TEST_API_KEY);
+        files
+    }
+
+    /// Writes the configuration file: `[server]` on a free loopback port,
+    /// `[upstream]` at `upstream` followed by `body` (which may go on with
+    /// `[upstream]` keys before its own tables).
+    pub fn write_config(&self, upstream: &FakeUpstream, body: &str) {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nbase_url = \"{}\"\n{body}",
+            upstream.base_url()
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Replaces the key file as Docker and Kubernetes do: a new file renamed over it.
+    pub fn replace_key(&self, key: &str) {
+        let next = self.dir.join("keyapi_key.next");
+        std::fs::write(&next, format!("{key}\n")).unwrap();
+        std::fs::rename(&next, &self.key).unwrap();
+    }
+}
+
+impl Drop for LiveFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The proxy configured by `files` (read as the binary reads them: file,
+/// then environment; the key from its file), reloading them on request,
+/// against `upstream`, counting time with `clock`.
+pub async fn spawn_from_files(
+    files: &LiveFiles,
+    upstream: Arc<FakeUpstream>,
+    clock: Arc<dyn Clock>,
+) -> TestApp {
+    init_test_logging();
+    let config = Config::load(Some(&files.config)).expect("the configuration file loads");
+    let key = keyapi_proxy::config::read_api_key_file(&files.key).expect("the key file reads");
+    let origin = Origin {
+        config_file: Some(files.config.clone()),
+        key_file: Some(files.key.clone()),
+        base_url: None,
+    };
+    let app = App::build_from(origin, config, key, clock)
+        .await
+        .expect("app builds");
+    serve(app, upstream)
+}
+
 async fn spawn_on(
     upstream: Arc<FakeUpstream>,
     clock: Arc<dyn Clock>,
@@ -136,6 +207,11 @@ async fn spawn_on(
     let app = App::build_with_clock(config, SecretString::from(TEST_API_KEY), clock)
         .await
         .expect("app builds");
+    serve(app, upstream)
+}
+
+/// Runs `app` (its upstream the fake `upstream`) until the test shuts it down.
+pub fn serve(app: App, upstream: Arc<FakeUpstream>) -> TestApp {
     let addr = app.local_addr();
     let state = app.state().clone();
     let (tx, rx) = oneshot::channel::<()>();
