@@ -50,10 +50,13 @@ struct AdminListQuery {
 #[into_params(parameter_in = Query)]
 struct AdminSpendQuery {
     /// First UTC day, `YYYY-MM-DD` (default: 29 days before `to`; never before the oldest day kept).
+    #[param(format = Date, pattern = "^(19[7-9][0-9]|[2-9][0-9]{3})-[0-9]{2}-[0-9]{2}$")]
     from: Option<String>,
     /// Last UTC day, `YYYY-MM-DD` (default and at most: today).
+    #[param(format = Date, pattern = "^(19[7-9][0-9]|[2-9][0-9]{3})-[0-9]{2}-[0-9]{2}$")]
     to: Option<String>,
     /// `json` (default) or `csv` (also chosen by `Accept: text/csv`).
+    #[param(pattern = "^(json|csv)$")]
     format: Option<String>,
 }
 

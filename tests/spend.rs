@@ -233,6 +233,13 @@ async fn bad_queries_are_a_400_and_only_admins_read_the_history() {
         let message = common::assert_envelope(&body, 400, &header_id(&body));
         assert!(message.contains(hint), "{query}: {message}");
     }
+    // Days outside what is kept (long ago, or after today) are no mistake: none is kept.
+    for query in ["?from=2000-01-01&to=2000-01-02", "?from=2999-01-01"] {
+        let (status, body) = spend(&app, query, "application/json").await;
+        assert_eq!(status, 200, "{query}: {body}");
+        let history: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(history["days"], serde_json::json!([]), "{query}: {body}");
+    }
     let response = app
         .client
         .get(app.url("/admin/spend"))

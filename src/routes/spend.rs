@@ -82,6 +82,16 @@ pub(super) async fn spend(
         Ok(query) => query,
         Err(e) => return ApiError::from(e).to_response(&request_id),
     };
+    if let (Some(from), Some(to)) = (query.from, query.to)
+        && from > to
+    {
+        let error = KeyError::Invalid {
+            name: "from".into(),
+            rule: format!("a day on or before to ({})", clock::utc_date(to)).into(),
+            got: clock::utc_date(from),
+        };
+        return ApiError::from(error).to_response(&request_id);
+    }
     let history = state.spend();
     let today = history.today();
     let to = query.to.unwrap_or(today).min(today);
@@ -89,21 +99,14 @@ pub(super) async fn spend(
         .from
         .unwrap_or_else(|| (to + 1).saturating_sub(DEFAULT_DAYS))
         .max(history.first_kept());
-    if from > to {
-        let error = KeyError::Invalid {
-            name: "from".into(),
-            rule: format!(
-                "a day on or before to ({}), within the days kept",
-                clock::utc_date(to)
-            )
-            .into(),
-            got: clock::utc_date(query.from.unwrap_or(from)),
-        };
-        return ApiError::from(error).to_response(&request_id);
-    }
-    let days = match history.days(from, to).await {
-        Ok(days) => days,
-        Err(e) => return ApiError::from(e).to_response(&request_id),
+    // Days before the oldest kept or after today are not an error: none is kept.
+    let days = if from > to {
+        Vec::new()
+    } else {
+        match history.days(from, to).await {
+            Ok(days) => days,
+            Err(e) => return ApiError::from(e).to_response(&request_id),
+        }
     };
     tracing::info!(client = &*admin.id, from, to, "spend history read");
     let csv = match query.format {
