@@ -170,7 +170,11 @@ async fn healthcheck(config: &Config, url: Option<String>) -> ExitCode {
 }
 
 async fn serve(mut config: Config, config_file: Option<PathBuf>, demo: bool) -> ExitCode {
-    let tracing = match telemetry::init(config.log.format, &config.telemetry) {
+    let tracing = match telemetry::init(
+        config.log.format,
+        config.log.level.as_deref(),
+        &config.telemetry,
+    ) {
         Ok(tracing) => tracing,
         Err(e) => return fail(&e),
     };

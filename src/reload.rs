@@ -46,6 +46,7 @@ use crate::{
     route::{RouteConfigError, RouteTable},
     routes::{self, Generation},
     state::{AppState, Live, Shared},
+    telemetry,
     upstream::Upstream,
     visitors::Visitors,
     warmup::{Warmup, WarmupConfigError, WarmupPlan},
@@ -476,6 +477,9 @@ impl Reloader {
             false => None,
         };
         // Nothing below fails: the new configuration goes in use.
+        if config.log.level != self.running.log.level {
+            telemetry::set_log_level(config.log.level.as_deref());
+        }
         let key_rotated = key.is_some_and(|k| self.api_key.install(k, Reread::Reload));
         if let Some(upstream) = upstream {
             let protection = protection_changed(&self.running, &config)

@@ -10,7 +10,10 @@
 //! and counted in `keyapi_proxy_trace_spans_dropped_total`, so a slow or dead
 //! collector never holds a request. Off, no layer is installed and no span is made.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use opentelemetry::{Context, trace::TracerProvider as _};
@@ -27,7 +30,7 @@ use tokio::{
     time::Instant,
 };
 use tracing_subscriber::{
-    EnvFilter, Layer, filter::FilterExt, filter::filter_fn, layer::SubscriberExt,
+    EnvFilter, Layer, filter::FilterExt, filter::filter_fn, layer::SubscriberExt, reload,
     util::SubscriberInitExt,
 };
 
@@ -79,32 +82,87 @@ impl Tracing {
     }
 }
 
+/// Replaces the running log filter (see [`set_log_level`]).
+type Refilter = Box<dyn Fn(EnvFilter) -> Result<(), reload::Error> + Send + Sync>;
+
+/// The installed subscriber's filter, for a configuration reload to replace.
+static LOG_FILTER: OnceLock<Refilter> = OnceLock::new();
+
+/// The log filter `level` (`log.level`) asks for; unset, `RUST_LOG`'s, else `info`.
+fn log_filter(level: Option<&str>) -> EnvFilter {
+    let filter = match level {
+        Some(level) => EnvFilter::try_new(level).ok(),
+        None => EnvFilter::try_from_default_env().ok(),
+    };
+    filter.unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+/// `filter` with trace spans (Redis, upstream) off at their callsites: the
+/// plain subscriber never makes them.
+fn without_trace_spans(filter: EnvFilter) -> EnvFilter {
+    match format!("{TRACE_TARGET}=off").parse() {
+        Ok(off) => filter.add_directive(off),
+        Err(_) => filter,
+    }
+}
+
+/// Keeps `handle` for [`set_log_level`]; `adjust` is applied to each new filter.
+fn keep_refilter<S: 'static>(
+    handle: reload::Handle<EnvFilter, S>,
+    adjust: fn(EnvFilter) -> EnvFilter,
+) {
+    let _ = LOG_FILTER.set(Box::new(move |filter| handle.reload(adjust(filter))));
+}
+
+/// Puts the log filter `level` asks for in use (a reload changed `log.level`).
+/// The reload layer rebuilds the callsites' cached interest, so a log call
+/// that stays off costs what it cost before.
+pub(crate) fn set_log_level(level: Option<&str>) {
+    if let Some(refilter) = LOG_FILTER.get()
+        && let Err(error) = refilter(log_filter(level))
+    {
+        tracing::warn!(%error, "log.level could not be changed");
+    }
+}
+
 /// Installs the global subscriber (logs, and traces when configured). Call
 /// once, from `serve`, inside the Tokio runtime.
 pub(crate) fn init(
     format: LogFormat,
+    level: Option<&str>,
     telemetry: &TelemetryConfig,
 ) -> Result<Option<Tracing>, TelemetryError> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(level);
     let Some(endpoint) = &telemetry.otlp_endpoint else {
-        // Off: the plain fmt subscriber with its global filter, exactly as
-        // before traces existed. The layered registry below costs a hit about
-        // 1,100 instructions and 2 allocations more (callgrind), even unused.
-        // Trace spans (Redis, upstream) are never made then: off at their callsites.
-        let filter = match format!("{TRACE_TARGET}=off").parse() {
-            Ok(off) => filter.add_directive(off),
-            Err(_) => filter,
-        };
-        let builder = tracing_subscriber::fmt().with_env_filter(filter);
+        // Off: the plain fmt subscriber with its global filter, as before
+        // traces existed. The layered registry below costs a hit about 1,100
+        // instructions and 2 allocations more (callgrind), even unused.
+        let filter = without_trace_spans(filter);
         let result = match format {
-            LogFormat::Pretty => builder.try_init(),
-            LogFormat::Json => builder.json().flatten_event(true).try_init(),
+            LogFormat::Pretty => {
+                let builder = tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_filter_reloading();
+                keep_refilter(builder.reload_handle(), without_trace_spans);
+                builder.try_init()
+            }
+            LogFormat::Json => {
+                let builder = tracing_subscriber::fmt()
+                    .json()
+                    .flatten_event(true)
+                    .with_env_filter(filter)
+                    .with_filter_reloading();
+                keep_refilter(builder.reload_handle(), without_trace_spans);
+                builder.try_init()
+            }
         };
         if let Err(e) = result {
             eprintln!("logging was already initialised: {e}");
         }
         return Ok(None);
     };
+    let (filter, handle) = reload::Layer::new(filter);
+    keep_refilter(handle, |filter| filter);
     // Even at RUST_LOG=trace, trace spans stay out of log lines.
     let logs_only = filter.and(filter_fn(|meta| meta.target() != TRACE_TARGET));
     let fmt = tracing_subscriber::fmt::layer();

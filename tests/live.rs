@@ -491,3 +491,69 @@ async fn a_key_file_written_in_place_is_read_again_too() {
     let (status, _, body) = parts(app.get_hashtag_as(ADMIN, "hashtag_name=nba").await).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// `log.level` changes on a reload, and wins over `RUST_LOG`: at `warn` the
+/// reload's own `info` line is not written; after a reload to `info` it is.
+#[tokio::test]
+async fn a_reload_changes_the_log_level() {
+    use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+    let files = LiveFiles::new("loglevel");
+    std::fs::write(&files.config, "[log]\nlevel = \"warn\"\n").unwrap();
+    let mut cmd = tokio::process::Command::from(common::binary::proxy_command());
+    cmd.args(["--demo", "--config", files.config.to_str().unwrap()])
+        .env("KEYAPI_PROXY__SERVER__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let addr: std::net::SocketAddr = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the demo's address");
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.split('/').next().unwrap().parse().unwrap();
+        }
+        seen.push(line);
+    };
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    let reloads = |outcome: &'static str| async move {
+        let body = reqwest::get(format!("http://{addr}/stats")).await.unwrap();
+        let stats: Value = serde_json::from_str(&body.text().await.unwrap()).unwrap();
+        stats["reloads"][outcome].clone()
+    };
+    // Serving (and so handling SIGHUP) before the first signal.
+    assert_eq!(reloads("unchanged").await, 0);
+    // An unchanged reload at `warn`: done (counted), its info line filtered out.
+    // SAFETY: sends a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    common::eventually(Duration::from_secs(10), "the first reload", || async {
+        reloads("unchanged").await == 1
+    })
+    .await;
+    std::fs::write(&files.config, "[log]\nlevel = \"info\"\n").unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let reloaded = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("the proxy runs");
+            if line.contains("configuration reloaded") {
+                return line;
+            }
+            seen.push(line);
+        }
+    });
+    let line = reloaded
+        .await
+        .expect("the info line after the level changed");
+    assert!(line.contains("log.level"), "{line}");
+    assert!(
+        !seen.iter().any(|l| l.contains("configuration reloaded")),
+        "a reload was logged at warn: {seen:?}"
+    );
+}

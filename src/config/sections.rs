@@ -145,12 +145,16 @@ impl CacheConfig {
     }
 }
 
-/// `[log]`: output format; the filter comes from `RUST_LOG`.
+/// `[log]`: output format and filter.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `KEYAPI_PROXY__LOG__FORMAT`: `pretty` or `json`.
     pub format: LogFormat,
+    /// `KEYAPI_PROXY__LOG__LEVEL`: the filter, in `RUST_LOG`'s syntax (`info`,
+    /// `warn,keyapi_proxy=debug`); unset, `RUST_LOG` decides (default `info`).
+    /// Changes on a reload.
+    pub level: Option<String>,
 }
 
 /// `[telemetry]`: OpenTelemetry traces over OTLP/HTTP; off while `otlp_endpoint` is unset.

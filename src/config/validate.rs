@@ -16,6 +16,11 @@ impl Config {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         validate_url("upstream.base_url", &self.upstream.base_url)?;
         validate_telemetry(&self.telemetry)?;
+        if let Some(level) = &self.log.level {
+            tracing_subscriber::EnvFilter::builder()
+                .parse(level)
+                .map_err(|e| ConfigError::Invalid(format!("log.level {level:?}: {e}")))?;
+        }
         let listen = self.server.listen;
         if self.clients.is_empty() && !self.server.open && !listen.ip().is_loopback() {
             return invalid(format!(
