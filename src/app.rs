@@ -36,7 +36,7 @@ use crate::{
     server::{self, Limits},
     snapshot,
     spend::{self, SpendHistory},
-    state::{AppState, Shared},
+    state::{AppState, Lasting},
     upstream::Upstream,
 };
 
@@ -149,7 +149,7 @@ impl App {
             Arc::clone(&metrics),
         );
         let (reloads, reload_requests) = Reloads::new();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Lasting {
             proxy: Proxy::new(
                 Tiers::new(
                     LocalCache::new(config.cache.max_bytes, clock.clone()),
@@ -271,7 +271,7 @@ impl App {
         self.local_addr
     }
 
-    /// Shared state, e.g. to inspect the cache.
+    /// The app's state (the configuration generation in use), e.g. to inspect the cache.
     pub fn state(&self) -> &AppState {
         &self.state
     }

@@ -45,7 +45,7 @@ use crate::{
     redis_conn::RedisConn,
     route::{RouteConfigError, RouteTable},
     routes::{self, Generation},
-    state::{AppState, Live, Shared},
+    state::{AppState, Lasting, Live},
     telemetry,
     upstream::Upstream,
     visitors::Visitors,
@@ -114,7 +114,7 @@ pub fn compile(config: &Config) -> Result<(RouteTable, Vec<WarmupPlan>), LiveErr
 /// generation and its configuration), what is unchanged is kept.
 pub(crate) fn build_live(
     config: &Config,
-    shared: &Shared,
+    shared: &Lasting,
     redis: Option<&Arc<RedisConn>>,
     previous: Option<(&Live, &Config)>,
 ) -> Result<Live, LiveError> {
@@ -322,7 +322,7 @@ struct Changes {
 /// Reads, checks and applies configurations; owns the warm-ups' schedules.
 pub(crate) struct Reloader {
     origin: Origin,
-    shared: Arc<Shared>,
+    shared: Arc<Lasting>,
     /// What [`crate::routes::Front`] serves.
     current: Arc<ArcSwap<Generation>>,
     /// What `observe` labels requests with.
@@ -340,7 +340,7 @@ pub(crate) struct Reloader {
 /// What the reloader is built from ([`Reloader::new`]).
 pub(crate) struct ReloaderParts {
     pub(crate) origin: Origin,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<Lasting>,
     pub(crate) current: Arc<ArcSwap<Generation>>,
     pub(crate) labels: Arc<ArcSwap<RouteLabels>>,
     pub(crate) check: Arc<EntryCheck>,

@@ -3,7 +3,7 @@
 //! `app`, so the HTTP layer does not depend on how the service is assembled
 //! and run.
 //!
-//! It has two parts. [`Shared`] lives as long as the process: the cache and
+//! It has two parts. [`Lasting`] lives as long as the process: the cache and
 //! upstream pipeline, the metrics, the clock. [`Live`] is one generation of
 //! the configuration that a reload replaces as a whole: clients, issuers,
 //! visitors, limits, routes, warm-ups. A request takes the generation once,
@@ -26,12 +26,12 @@ use crate::{
 /// One generation of the configuration, as requests see it (cheap to clone).
 #[derive(Clone)]
 pub struct AppState {
-    shared: Arc<Shared>,
+    shared: Arc<Lasting>,
     live: Arc<Live>,
 }
 
 /// What lives as long as the process, whatever reloads change.
-pub struct Shared {
+pub struct Lasting {
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
     pub clock: SharedClock,
@@ -63,12 +63,12 @@ pub struct Live {
 
 impl AppState {
     /// `live` as seen with `shared`.
-    pub fn new(shared: Arc<Shared>, live: Arc<Live>) -> Self {
+    pub fn new(shared: Arc<Lasting>, live: Arc<Live>) -> Self {
         Self { shared, live }
     }
 
     /// The part no reload replaces.
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub fn shared(&self) -> &Arc<Lasting> {
         &self.shared
     }
 
