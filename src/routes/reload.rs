@@ -15,23 +15,20 @@ use super::admin::Admin;
 use crate::{
     error::ApiError,
     live::{ReloadOutcome, ReloadTrigger},
-    request_id::RequestId,
     state::AppState,
 };
 
 pub(super) async fn reload(
     Admin(admin): Admin,
     State(state): State<AppState>,
-    request_id: RequestId,
-) -> Response {
+) -> Result<Response, ApiError> {
     tracing::info!(client = &*admin.id, "configuration reload asked");
     let trigger = ReloadTrigger::Admin(admin.id.clone());
     match state.reloads().request(trigger).await {
-        None => ApiError::Stopping.to_response(&request_id),
+        None => Err(ApiError::Stopping),
         Some(report) if report.outcome == ReloadOutcome::Rejected => {
-            let error = report.error.unwrap_or_default();
-            ApiError::ReloadRejected(error).to_response(&request_id)
+            Err(ApiError::ReloadRejected(report.error.unwrap_or_default()))
         }
-        Some(report) => Json(report).into_response(),
+        Some(report) => Ok(Json(report).into_response()),
     }
 }

@@ -23,7 +23,6 @@ use super::admin::Admin;
 use crate::{
     clock,
     error::ApiError,
-    request_id::RequestId,
     route::{self, KeyError},
     spend::{Counts, Day},
     state::AppState,
@@ -74,14 +73,10 @@ struct Query {
 pub(super) async fn spend(
     Admin(admin): Admin,
     State(state): State<AppState>,
-    request_id: RequestId,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-) -> Response {
-    let query = match parse(query.as_deref().unwrap_or("")) {
-        Ok(query) => query,
-        Err(e) => return ApiError::from(e).to_response(&request_id),
-    };
+) -> Result<Response, ApiError> {
+    let query = parse(query.as_deref().unwrap_or(""))?;
     if let (Some(from), Some(to)) = (query.from, query.to)
         && from > to
     {
@@ -90,7 +85,7 @@ pub(super) async fn spend(
             rule: format!("a day on or before to ({})", clock::utc_date(to)).into(),
             got: clock::utc_date(from),
         };
-        return ApiError::from(error).to_response(&request_id);
+        return Err(error.into());
     }
     let history = state.spend();
     let today = history.today();
@@ -103,10 +98,7 @@ pub(super) async fn spend(
     let days = if from > to {
         Vec::new()
     } else {
-        match history.days(from, to).await {
-            Ok(days) => days,
-            Err(e) => return ApiError::from(e).to_response(&request_id),
-        }
+        history.days(from, to).await?
     };
     tracing::info!(client = &*admin.id, from, to, "spend history read");
     let csv = match query.format {
@@ -117,14 +109,14 @@ pub(super) async fn spend(
             .is_some_and(|accept| accept.contains("text/csv")),
     };
     if csv {
-        return csv_response(from, to, &days);
+        return Ok(csv_response(from, to, &days));
     }
-    Json(History {
+    Ok(Json(History {
         from: clock::utc_date(from),
         to: clock::utc_date(to),
         days: days.iter().map(day_json).collect(),
     })
-    .into_response()
+    .into_response())
 }
 
 fn day_json(day: &Day) -> DayJson {
