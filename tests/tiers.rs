@@ -201,23 +201,17 @@ async fn an_idle_replica_reports_redis_down_and_up_again() {
         return;
     };
     let app = spawn_app_with(with_redis(&redis.url())).await;
-    let tier = |stats: serde_json::Value| stats["redisTier"]["up"].clone();
-    eventually(Duration::from_secs(10), "Redis up", || async {
-        tier(app.stats().await) == true
-    })
-    .await;
+    let reported = |up: bool, what: &'static str| {
+        let app = &app;
+        eventually(Duration::from_secs(10), what, move || async move {
+            app.stats().await["redisTier"]["up"] == up
+        })
+    };
+    reported(true, "Redis up").await;
     redis.kill();
-    eventually(Duration::from_secs(10), "Redis reported down", || async {
-        tier(app.stats().await) == false
-    })
-    .await;
+    reported(false, "Redis reported down").await;
     redis.restart().await;
-    eventually(
-        Duration::from_secs(10),
-        "Redis reported up again",
-        || async { tier(app.stats().await) == true },
-    )
-    .await;
+    reported(true, "Redis reported up again").await;
 }
 
 #[tokio::test]

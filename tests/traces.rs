@@ -72,6 +72,12 @@ impl Collector {
         waited.await.expect("the span was exported within 10 s")
     }
 
+    /// The request span of the trace `trace` (32 hex digits).
+    async fn request_span(&mut self, trace: &str) -> Span {
+        self.span(|s| s.name == HASHTAG_DETAIL_PATH && hex(&s.trace_id) == trace)
+            .await
+    }
+
     /// Takes in every export received so far (after the exporters have flushed).
     fn drain(&mut self) {
         while let Ok(body) = self.exports.try_recv() {
@@ -157,9 +163,7 @@ async fn a_miss_and_a_hit_are_spans_in_the_callers_trace_and_only_the_miss_calls
 
     let traceparent = format!("00-{TRACE}-{PARENT}-01");
     assert_eq!(get(addr, "tracedtag", Some(&traceparent)).await, 200);
-    let request = collector
-        .span(|s| s.name == HASHTAG_DETAIL_PATH && hex(&s.trace_id) == TRACE)
-        .await;
+    let request = collector.request_span(TRACE).await;
     assert_eq!(
         hex(&request.parent_span_id),
         PARENT,
@@ -184,9 +188,7 @@ async fn a_miss_and_a_hit_are_spans_in_the_callers_trace_and_only_the_miss_calls
     let hit_trace = "0af7651916cd43dd8448eb211c80319c";
     let hit_parent = format!("00-{hit_trace}-b7ad6b7169203331-01");
     assert_eq!(get(addr, "TRACEDTAG", Some(&hit_parent)).await, 200);
-    let hit = collector
-        .span(|s| s.name == HASHTAG_DETAIL_PATH && hex(&s.trace_id) == hit_trace)
-        .await;
+    let hit = collector.request_span(hit_trace).await;
     assert_eq!(text(&hit, "keyapi.cache"), "hit");
     assert_eq!(int(&hit, "keyapi.credits"), 0);
     stop(child).await;
@@ -315,9 +317,7 @@ async fn redis_commands_are_spans_under_the_request() {
 
     let traceparent = format!("00-{TRACE}-{PARENT}-01");
     assert_eq!(get(first_addr, "redisspans", Some(&traceparent)).await, 200);
-    let request = collector
-        .span(|s| s.name == HASHTAG_DETAIL_PATH && hex(&s.trace_id) == TRACE)
-        .await;
+    let request = collector.request_span(TRACE).await;
     assert_eq!(text(&request, "keyapi.cache"), "stored");
     let request_id = request.span_id.clone();
     let lookup = collector
@@ -331,9 +331,7 @@ async fn redis_commands_are_spans_under_the_request() {
     let hit_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
     let hit_parent = format!("00-{hit_trace}-{PARENT}-01");
     assert_eq!(get(second_addr, "redisspans", Some(&hit_parent)).await, 200);
-    let hit = collector
-        .span(|s| s.name == HASHTAG_DETAIL_PATH && hex(&s.trace_id) == hit_trace)
-        .await;
+    let hit = collector.request_span(hit_trace).await;
     assert_eq!(text(&hit, "keyapi.cache"), "hit");
     let hit_id = hit.span_id.clone();
     collector
