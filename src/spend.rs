@@ -34,6 +34,9 @@ use crate::{
     redis_conn::{Applied, RedisConn},
 };
 
+/// Days of history `/admin/spend` and the status page show unless asked otherwise.
+pub const RECENT_DAYS: u64 = 30;
+
 /// The callers without a token (visitors, or everyone on an open proxy).
 pub const VISITORS: &str = "visitors";
 /// The proxy's own calls: stale-while-revalidate and refresh-ahead.
@@ -286,6 +289,12 @@ impl SpendHistory {
     /// Today (UTC) by the app's clock.
     pub fn today(&self) -> u64 {
         clock::utc_day(self.clock.now())
+    }
+
+    /// The first of the [`RECENT_DAYS`] days ending with `to`, or the
+    /// oldest day kept if that is later: the span shown when none is asked for.
+    pub fn recent_from(&self, to: u64) -> u64 {
+        (to + 1).saturating_sub(RECENT_DAYS).max(self.first_kept())
     }
 
     /// The oldest day kept.

@@ -28,8 +28,6 @@ use crate::{
     state::AppState,
 };
 
-/// Days shown when `from` is not given.
-pub(crate) const DEFAULT_DAYS: u64 = 30;
 /// What the query takes.
 const TAKES: &str = "from, to (YYYY-MM-DD, UTC) and format (json or csv)";
 
@@ -90,10 +88,10 @@ pub(super) async fn spend(
     let history = state.spend();
     let today = history.today();
     let to = query.to.unwrap_or(today).min(today);
-    let from = query
-        .from
-        .unwrap_or_else(|| (to + 1).saturating_sub(DEFAULT_DAYS))
-        .max(history.first_kept());
+    let from = match query.from {
+        Some(from) => from.max(history.first_kept()),
+        None => history.recent_from(to),
+    };
     // Days before the oldest kept or after today are not an error: none is kept.
     let days = if from > to {
         Vec::new()

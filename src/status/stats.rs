@@ -223,7 +223,7 @@ pub(crate) struct Stats {
     pub(crate) top_spenders: Vec<TopSpender>,
     pub(crate) top_keys: Vec<TopKey>,
     pub(crate) last_hour: Vec<Minute>,
-    /// Credits spent and saved on each of the last [`SPEND_DAYS`] UTC days
+    /// Credits spent and saved on each of the last [`RECENT_DAYS`](crate::spend::RECENT_DAYS) UTC days
     /// (cluster-wide with Redis), oldest first; empty if unreadable just now.
     pub(crate) spend_last_30_days: Vec<SpendDay>,
     /// Configuration reloads so far, by outcome, and the last one.
@@ -242,16 +242,11 @@ pub(crate) struct SpendDay {
     pub(crate) credits_saved: u64,
 }
 
-/// Days of spend history on the status page.
-pub(crate) const SPEND_DAYS: u64 = 30;
-
-/// The last [`SPEND_DAYS`] days of `state`'s spend history.
+/// The last [`RECENT_DAYS`](crate::spend::RECENT_DAYS) days of `state`'s spend history.
 async fn spend_days(state: &AppState) -> Vec<SpendDay> {
     let spend = state.spend();
     let today = spend.today();
-    let from = (today + 1)
-        .saturating_sub(SPEND_DAYS)
-        .max(spend.first_kept());
+    let from = spend.recent_from(today);
     let days = spend.days(from, today).await.unwrap_or_default();
     days.iter()
         .map(|day| {
