@@ -51,9 +51,16 @@ pub(super) async fn answer(
     // A fetch this request starts is charged to its caller (and the global budget).
     let payer = Payer::Request(caller.account());
     let outcome = state.proxy().serve(&key, route, &ask, payer).await;
+    // A cached answer was judged at this time: its day is the saving's day.
+    let judged_at = match &outcome {
+        Ok(Outcome::Cached { now, .. }) => Some(*now),
+        _ => None,
+    };
     let (response, served, upstream_status) = respond(headers, outcome);
     if served.saved_a_call() {
-        state.spend().saved(caller.tally(state), route.credits());
+        state
+            .spend()
+            .saved(caller.tally(state), route.credits(), judged_at);
     }
     AccessLog {
         client: caller.id(),
