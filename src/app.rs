@@ -98,6 +98,7 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartupError> {
         config.validate()?;
+        let hangups = reload::hangups();
         let clock = SharedClock::new(clock);
         let (routes, _) = reload::compile(&config)?;
         if !config::is_valid_api_key(&api_key) {
@@ -252,6 +253,7 @@ impl App {
             redis,
             api_key,
             running: config,
+            hangups,
         });
         Ok(Self {
             listener,

@@ -92,13 +92,11 @@ async fn key_generation(app: &TestApp) -> u64 {
 
 /// Waits (at most 10 s) until the proxy uses key number `generation`.
 async fn await_key(app: &TestApp, generation: u64) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while key_generation(app).await != generation {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    let what = format!("the proxy picks up key {generation}");
+    common::eventually(Duration::from_secs(10), &what, || async {
+        key_generation(app).await == generation
     })
-    .await
-    .unwrap_or_else(|_| panic!("the proxy did not pick up key {generation}"));
+    .await;
 }
 
 #[tokio::test]
@@ -413,6 +411,8 @@ async fn hits_and_misses_through_20_reloads_and_3_rotations_see_no_error_and_pay
             upstream.set_key(&key);
             await_key(&app, rotations + 1).await;
         }
+        // The load's own time between reloads (the test's pace, not a wait
+        // for the proxy): each configuration serves some hits and misses.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -461,16 +461,11 @@ async fn sighup_reloads_the_binary() {
     let pid = i32::try_from(child.id().unwrap()).unwrap();
     // SAFETY: sends a signal to our own child process.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    let reloaded = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let stats = stats().await;
-            if stats["reloads"]["applied"] == 1 {
-                return stats;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    let reloaded = reloaded.await.expect("SIGHUP reloads");
+    common::eventually(Duration::from_secs(10), "SIGHUP reloads", || async {
+        stats().await["reloads"]["applied"] == 1
+    })
+    .await;
+    let reloaded = stats().await;
     let last = &reloaded["reloads"]["last"];
     assert_eq!(
         last["applied"],

@@ -335,6 +335,8 @@ pub(crate) struct Reloader {
     running: Config,
     /// Each warm-up's schedule, by name, with the warm-up it runs.
     schedules: HashMap<String, (Arc<Warmup>, Task)>,
+    /// `SIGHUP`s since the app began to build.
+    hangups: Hangups,
 }
 
 /// What the reloader is built from ([`Reloader::new`]).
@@ -347,6 +349,9 @@ pub(crate) struct ReloaderParts {
     pub(crate) redis: Option<Arc<RedisConn>>,
     pub(crate) api_key: Arc<LiveKey>,
     pub(crate) running: Config,
+    /// Caught from the start of the build ([`hangups`]): a `SIGHUP` while a
+    /// large snapshot loads must not end the process (its default action).
+    pub(crate) hangups: Hangups,
 }
 
 impl Reloader {
@@ -362,6 +367,7 @@ impl Reloader {
             api_key: parts.api_key,
             running: parts.running,
             schedules: HashMap::new(),
+            hangups: parts.hangups,
         }
     }
 
@@ -375,7 +381,7 @@ impl Reloader {
             tracing::warn!(%error, "cannot watch the KeyAPI key file's directory; the key is read again on reload only");
             None
         });
-        let mut hangups = hangups();
+        let mut hangups = self.hangups.take();
         loop {
             let (trigger, reply) = tokio::select! {
                 Some(request) = requests.recv() => (request.trigger, Some(request.reply)),
@@ -551,13 +557,15 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// The stream of `SIGHUP`s, if the handler could be set up.
 #[cfg(unix)]
-type Hangups = Option<tokio::signal::unix::Signal>;
+pub(crate) type Hangups = Option<tokio::signal::unix::Signal>;
+/// No `SIGHUP` where there are no signals.
 #[cfg(not(unix))]
-type Hangups = Option<()>;
+pub(crate) type Hangups = Option<()>;
 
 /// `SIGHUP`s, where there are such (none if the handler cannot be set up).
-fn hangups() -> Hangups {
+pub(crate) fn hangups() -> Hangups {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
