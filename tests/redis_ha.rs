@@ -19,7 +19,7 @@ use common::{
     TestApp, assert_ledger_equals_bill, client,
     entries::hashtag_key,
     eventually, hashtag_path, header,
-    redis_ha::{RedisCluster, Sentinels, with_cluster, with_sentinels},
+    redis_ha::{RedisCluster, SentinelAuth, Sentinels, with_cluster, with_sentinels},
     spawn_app_with, stampede,
 };
 use keyapi_proxy::{
@@ -142,6 +142,27 @@ async fn two_proxies_on_sentinels_share_the_tier() {
     assert_eq!(ready["redis"]["mode"], "sentinel", "{ready}");
 }
 
+/// Managed Redis comes with passwords: the Sentinel's own in its URL, the
+/// primary's in `master_password`. Both proxies share the tier through
+/// them, and neither password shows in `/stats`, `/readyz` or `/metrics`.
+#[tokio::test]
+async fn two_proxies_on_password_protected_sentinels_share_the_tier() {
+    let auth = SentinelAuth {
+        data: "data-pass-5f1c9e",
+        sentinel: "sentinel-pass-a73d20",
+    };
+    let Some(sentinels) = Sentinels::start_with(Duration::from_secs(1), Some(auth)).await else {
+        return;
+    };
+    let urls = sentinels.urls();
+    let redis = |c: &mut Config| {
+        with_sentinels(&urls)(c);
+        c.cache.redis.master_password = Some(auth.data.to_owned().into());
+    };
+    let (a, b) = two_proxies_share_the_tier(&redis).await;
+    assert_no_answer_shows(&[&a, &b], &[auth.data, auth.sentinel]).await;
+}
+
 #[tokio::test]
 async fn two_proxies_on_a_cluster_share_the_tier_and_spread_its_keys() {
     let Some(cluster) = RedisCluster::start().await else {
@@ -163,6 +184,32 @@ async fn two_proxies_on_a_cluster_share_the_tier_and_spread_its_keys() {
     assert_eq!(stats["redisTier"]["mode"], "cluster", "{stats}");
     let masters = stats["redisTier"]["nodes"].as_array().unwrap();
     assert_eq!(masters.len(), 3, "{stats}");
+}
+
+/// A cluster whose nodes require a password (in every seed URL): both
+/// proxies share it, and the password shows nowhere they answer.
+#[tokio::test]
+async fn two_proxies_on_a_password_protected_cluster_share_the_tier() {
+    const PASSWORD: &str = "cluster-pass-0b9e44";
+    let Some(cluster) = RedisCluster::start_with(Some(PASSWORD)).await else {
+        return;
+    };
+    let urls = cluster.urls();
+    let (a, b) = two_proxies_share_the_tier(&with_cluster(&urls)).await;
+    assert_no_answer_shows(&[&a, &b], &[PASSWORD]).await;
+}
+
+/// Fails if any of `secrets` is in `/stats`, `/readyz` or `/metrics` of `apps`.
+async fn assert_no_answer_shows(apps: &[&TestApp], secrets: &[&str]) {
+    for app in apps {
+        for path in ["/stats", "/readyz", "/metrics"] {
+            let answer = app.client.get(app.url(path)).send().await.unwrap();
+            let body = answer.text().await.unwrap();
+            for secret in secrets {
+                assert!(!body.contains(secret), "{path} shows a Redis password");
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -38,22 +38,49 @@ pub struct Sentinels {
     dir: PathBuf,
 }
 
+/// Passwords of a protected Sentinel setup, as managed Redis gives them.
+#[derive(Clone, Copy)]
+pub struct SentinelAuth {
+    /// `requirepass` of the primary and the replica (and `masterauth`).
+    pub data: &'static str,
+    /// The Sentinel's own `requirepass`.
+    pub sentinel: &'static str,
+}
+
 impl Sentinels {
     /// Starts all three; the Sentinel declares the primary down after
     /// `down_after` without an answer. Returns once the replica is in sync
     /// and the Sentinel knows it (so it can promote it).
     pub async fn start(down_after: Duration) -> Option<Self> {
-        let primary = RedisServer::start().await?;
+        Self::start_with(down_after, None).await
+    }
+
+    /// [`Sentinels::start`], every process requiring a password when `auth` says.
+    pub async fn start_with(down_after: Duration, auth: Option<SentinelAuth>) -> Option<Self> {
+        // Both data nodes require the password and give it to their primary:
+        // either may be the replica after a failover.
+        let data_auth: Vec<String> = auth
+            .iter()
+            .flat_map(|a| ["--requirepass", a.data, "--masterauth", a.data])
+            .map(str::to_owned)
+            .collect();
+        let data_password = auth.map(|a| a.data);
+        let primary = RedisServer::start_with_args(data_auth.clone())
+            .await?
+            .requiring(data_password);
         let dir = scratch_dir("sentinel", primary.port);
         // The replica stores the primary's snapshot in its `--dir`.
-        let replica = RedisServer::start_with_args(vec![
+        let mut replica_args = vec![
             "--replicaof".into(),
             "127.0.0.1".into(),
             primary.port.to_string(),
             "--dir".into(),
             dir.display().to_string(),
-        ])
-        .await?;
+        ];
+        replica_args.extend(data_auth);
+        let replica = RedisServer::start_with_args(replica_args)
+            .await?
+            .requiring(data_password);
         eventually(Duration::from_secs(20), "the replica syncs", || async {
             let info: Option<String> = ask(&replica, redis::cmd("INFO").arg("replication")).await;
             info.is_some_and(|i| i.contains("master_link_status:up"))
@@ -61,19 +88,24 @@ impl Sentinels {
         .await;
         let config = dir.join("sentinel.conf");
         let down_ms = down_after.as_millis();
-        std::fs::write(
-            &config,
-            format!(
-                "sentinel monitor {MASTER_NAME} 127.0.0.1 {} 1\n\
-                 sentinel down-after-milliseconds {MASTER_NAME} {down_ms}\n\
-                 sentinel failover-timeout {MASTER_NAME} {}\n\
-                 sentinel parallel-syncs {MASTER_NAME} 1\n",
-                primary.port,
-                down_ms * 4
-            ),
-        )
-        .unwrap();
-        let sentinel = RedisServer::start_sentinel(config).await?;
+        let mut lines = format!(
+            "sentinel monitor {MASTER_NAME} 127.0.0.1 {} 1\n\
+             sentinel down-after-milliseconds {MASTER_NAME} {down_ms}\n\
+             sentinel failover-timeout {MASTER_NAME} {}\n\
+             sentinel parallel-syncs {MASTER_NAME} 1\n",
+            primary.port,
+            down_ms * 4
+        );
+        if let Some(auth) = auth {
+            lines += &format!(
+                "sentinel auth-pass {MASTER_NAME} {}\nrequirepass {}\n",
+                auth.data, auth.sentinel
+            );
+        }
+        std::fs::write(&config, lines).unwrap();
+        let sentinel = RedisServer::start_sentinel(config)
+            .await?
+            .requiring(auth.map(|a| a.sentinel));
         let setup = Self {
             primary,
             replica,
@@ -101,9 +133,10 @@ impl Sentinels {
         Some(setup)
     }
 
-    /// The sentinels as a proxy is configured with them.
+    /// The sentinels as a proxy is configured with them (with the
+    /// Sentinel's own password, when it has one).
     pub fn urls(&self) -> Vec<String> {
-        vec![format!("redis://127.0.0.1:{}", self.sentinel.port)]
+        vec![self.sentinel.url()]
     }
 
     /// The primary's port as the Sentinel names it.
@@ -147,6 +180,11 @@ impl RedisCluster {
     /// Starts the nodes, joins them, and returns once every node says
     /// `cluster_state:ok` with all 16384 slots served.
     pub async fn start() -> Option<Self> {
+        Self::start_with(None).await
+    }
+
+    /// [`RedisCluster::start`], every node requiring `password` when given.
+    pub async fn start_with(password: Option<&str>) -> Option<Self> {
         if !available("redis-cli") {
             return None;
         }
@@ -165,9 +203,18 @@ impl RedisCluster {
                 "--dir".into(),
                 dir.display().to_string(),
             ];
-            nodes.push(RedisServer::start_with_args(args).await?);
+            let auth = password
+                .iter()
+                .flat_map(|p| ["--requirepass", p, "--masterauth", p]);
+            let args = args.into_iter().chain(auth.map(str::to_owned)).collect();
+            nodes.push(
+                RedisServer::start_with_args(args)
+                    .await?
+                    .requiring(password),
+            );
         }
         let created = tokio::process::Command::new("redis-cli")
+            .args(password.iter().flat_map(|p| ["-a", p, "--no-auth-warning"]))
             .arg("--cluster")
             .arg("create")
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))

@@ -86,8 +86,9 @@ impl RedisServer {
                 .flat_map(|p| ["--requirepass".to_owned(), p.clone()])
                 .collect(),
         };
-        let mut server = Self::start_with_args(extra_args).await?;
-        server.password = password;
+        let mut server = Self::start_with_args(extra_args)
+            .await?
+            .requiring(password.as_deref());
         server.tls_port = tls_port;
         Some(server)
     }
@@ -118,6 +119,13 @@ impl RedisServer {
         };
         server.restart().await;
         Some(server)
+    }
+
+    /// This server as one that requires `password` (given to it in its
+    /// arguments or configuration file): its [`RedisServer::url`] carries it.
+    pub fn requiring(mut self, password: Option<&str>) -> Self {
+        self.password = password.map(str::to_owned);
+        self
     }
 
     /// `redis://127.0.0.1:<port>`, with the password when there is one.
