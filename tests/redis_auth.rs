@@ -8,9 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    binary::{run_binary, spawn_binary},
+    binary::{run_binary, spawn_binary_on_tls_redis},
     header, parts,
-    redis_server::RedisServer,
+    redis_server::{RedisServer, self_signed_cert},
     spawn_app_with,
 };
 use redis::AsyncCommands;
@@ -143,60 +143,18 @@ fn a_config_naming_no_single_redis_mode_refuses_to_start_with_one_line() {
     }
 }
 
-/// A self-signed server certificate for 127.0.0.1 in `dir` (cert, key); `None`
-/// (after a loud message) without the `openssl` command.
-fn self_signed(dir: &std::path::Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        // A server certificate, not a CA: webpki refuses a CA as the end entity.
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !made {
-        eprintln!(
-            "\n*** SKIPPED: openssl is not on PATH; it makes the TLS test's certificate ***\n"
-        );
-    }
-    made.then_some((cert, key))
-}
-
 #[tokio::test]
 async fn a_rediss_url_reaches_redis_over_tls() {
     let dir = std::env::temp_dir().join(format!("keyapi-proxy-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let Some((cert, key)) = self_signed(&dir) else {
+    let Some((cert, key)) = self_signed_cert(&dir) else {
         return;
     };
     let Some(redis) = RedisServer::start_with_tls(&cert, &key).await else {
         return;
     };
     let url = format!("rediss://127.0.0.1:{}", redis.tls_port.unwrap());
-    // The system's trust store, extended for this certificate the standard way.
-    let (_child, addr) = spawn_binary(
-        None,
-        &[
-            ("KEYAPI_PROXY__CACHE__REDIS__URL", &url),
-            // A debug build's first TLS handshake can take longer than the default 50 ms.
-            ("KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT", "2s"),
-            ("SSL_CERT_FILE", cert.to_str().unwrap()),
-        ],
-    )
-    .await;
+    let (_child, addr) = spawn_binary_on_tls_redis("URL", &url, &cert).await;
     let response = reqwest::get(format!(
         "http://{addr}/v1/tiktok/trending/hashtag/detail?hashtag_name=ufc324"
     ))

@@ -16,10 +16,13 @@ use std::{
 };
 
 use common::{
-    TestApp, assert_ledger_equals_bill, client,
+    TestApp, assert_ledger_equals_bill,
+    binary::spawn_binary_on_tls_redis,
+    client,
     entries::hashtag_key,
     eventually, hashtag_path, header,
     redis_ha::{RedisCluster, SentinelAuth, Sentinels, with_cluster, with_sentinels},
+    redis_server::self_signed_cert,
     spawn_app_with, stampede,
 };
 use keyapi_proxy::{
@@ -191,12 +194,62 @@ async fn two_proxies_on_a_cluster_share_the_tier_and_spread_its_keys() {
 #[tokio::test]
 async fn two_proxies_on_a_password_protected_cluster_share_the_tier() {
     const PASSWORD: &str = "cluster-pass-0b9e44";
-    let Some(cluster) = RedisCluster::start_with(Some(PASSWORD)).await else {
+    let Some(cluster) = RedisCluster::start_with(Some(PASSWORD), None).await else {
         return;
     };
     let urls = cluster.urls();
     let (a, b) = two_proxies_share_the_tier(&with_cluster(&urls)).await;
     assert_no_answer_shows(&[&a, &b], &[PASSWORD]).await;
+}
+
+/// Managed clusters speak TLS: with `rediss://` seeds the binary (trusting
+/// the cluster's certificate through `SSL_CERT_FILE`) reaches every master
+/// over TLS, on the TLS ports the cluster names to a TLS client.
+#[tokio::test]
+async fn a_rediss_cluster_is_reached_over_tls_on_every_master() {
+    let dir = std::env::temp_dir().join(format!("keyapi-tls-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let Some((cert, key)) = self_signed_cert(&dir) else {
+        return;
+    };
+    let Some(cluster) = RedisCluster::start_with(None, Some((&cert, &key))).await else {
+        return;
+    };
+    let seeds = format!("{:?}", cluster.tls_urls());
+    let (_child, addr) = spawn_binary_on_tls_redis("CLUSTER_NODES", &seeds, &cert).await;
+    let http = reqwest::Client::new();
+    for i in 0..30 {
+        let path = hashtag_path(&format!("hashtag_name=tls{i}"));
+        let answer = http
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    // Read back over the plain ports: every master stored entries sent through TLS.
+    for i in 0..cluster.nodes.len() {
+        let keys = cluster.keys_on(i).await;
+        let entries = keys.iter().filter(|k| k.contains(":entry:")).count();
+        assert!(entries > 0, "master {i} holds no entry: {keys:?}");
+    }
+    let ready = http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&ready.text().await.unwrap()).unwrap();
+    let listed = ready["redis"]["nodes"].as_array().unwrap();
+    for node in &cluster.nodes {
+        let tls_addr = format!("127.0.0.1:{}", node.tls_port.unwrap());
+        assert!(
+            listed
+                .iter()
+                .any(|n| n["addr"] == tls_addr.as_str() && n["answers"] == true),
+            "{ready}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Fails if any of `secrets` is in `/stats`, `/readyz` or `/metrics` of `apps`.

@@ -3,14 +3,18 @@
 //! with `redis-cli --cluster create`. Each waits for its own signal (the
 //! replica's link, the sentinel's view, `cluster_state:ok`), never a fixed sleep.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 
 use keyapi_proxy::config::Config;
 use redis::AsyncCommands as _;
 
 use super::{
     eventually,
-    redis_server::{RedisServer, available},
+    redis_server::{RedisServer, available, tls_args},
 };
 
 /// The name the test Sentinel monitors.
@@ -180,11 +184,14 @@ impl RedisCluster {
     /// Starts the nodes, joins them, and returns once every node says
     /// `cluster_state:ok` with all 16384 slots served.
     pub async fn start() -> Option<Self> {
-        Self::start_with(None).await
+        Self::start_with(None, None).await
     }
 
-    /// [`RedisCluster::start`], every node requiring `password` when given.
-    pub async fn start_with(password: Option<&str>) -> Option<Self> {
+    /// [`RedisCluster::start`], every node requiring `password` when given,
+    /// and also speaking TLS with `tls` (certificate, key) when given: on its
+    /// [`RedisServer::tls_port`] and on the cluster bus (`tls-cluster`), so
+    /// the cluster names TLS ports to TLS clients and plain ones to the rest.
+    pub async fn start_with(password: Option<&str>, tls: Option<(&Path, &Path)>) -> Option<Self> {
         if !available("redis-cli") {
             return None;
         }
@@ -206,12 +213,18 @@ impl RedisCluster {
             let auth = password
                 .iter()
                 .flat_map(|p| ["--requirepass", p, "--masterauth", p]);
-            let args = args.into_iter().chain(auth.map(str::to_owned)).collect();
-            nodes.push(
-                RedisServer::start_with_args(args)
-                    .await?
-                    .requiring(password),
-            );
+            let mut args: Vec<String> = args.into_iter().chain(auth.map(str::to_owned)).collect();
+            let tls_port = tls.map(|(cert, key)| {
+                let port = super::redis_server::free_port();
+                args.extend(tls_args(cert, key, port));
+                args.extend(["--tls-cluster".into(), "yes".into()]);
+                port
+            });
+            let mut node = RedisServer::start_with_args(args)
+                .await?
+                .requiring(password);
+            node.tls_port = tls_port;
+            nodes.push(node);
         }
         let created = tokio::process::Command::new("redis-cli")
             .args(password.iter().flat_map(|p| ["-a", p, "--no-auth-warning"]))
@@ -244,6 +257,13 @@ impl RedisCluster {
     /// Seed URLs as a proxy is configured with them.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// `rediss://` seed URLs, on the nodes' TLS ports (started with TLS).
+    pub fn tls_urls(&self) -> Vec<String> {
+        let port = |n: &RedisServer| n.tls_port.expect("started with TLS");
+        let url = |n: &RedisServer| format!("rediss://127.0.0.1:{}", port(n));
+        self.nodes.iter().map(url).collect()
     }
 
     /// The slot of `key`.

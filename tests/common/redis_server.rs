@@ -69,18 +69,7 @@ impl RedisServer {
     async fn start_inner(password: Option<String>, tls: Option<(&Path, &Path)>) -> Option<Self> {
         let tls_port = tls.map(|_| free_port());
         let extra_args = match (tls, tls_port) {
-            (Some((cert, key)), Some(tls_port)) => vec![
-                "--tls-port".into(),
-                tls_port.to_string(),
-                "--tls-cert-file".into(),
-                cert.display().to_string(),
-                "--tls-key-file".into(),
-                key.display().to_string(),
-                "--tls-ca-cert-file".into(),
-                cert.display().to_string(),
-                "--tls-auth-clients".into(),
-                "no".into(),
-            ],
+            (Some((cert, key)), Some(tls_port)) => tls_args(cert, key, tls_port),
             _ => password
                 .iter()
                 .flat_map(|p| ["--requirepass".to_owned(), p.clone()])
@@ -192,6 +181,59 @@ impl RedisServer {
             .await
             .expect("connect to redis")
     }
+}
+
+/// Arguments that make a server also speak TLS on `tls_port`, with this
+/// certificate (its own CA too) and key, not asking clients for theirs.
+pub fn tls_args(cert: &Path, key: &Path, tls_port: u16) -> Vec<String> {
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    [
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &cert,
+        "--tls-auth-clients",
+        "no",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// A self-signed certificate for 127.0.0.1 in `dir` (cert, key); `None`
+/// (after a loud message) without the `openssl` command.
+pub fn self_signed_cert(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        // A server certificate, not a CA: webpki refuses a CA as the end entity.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        // Client use too: cluster nodes present it to each other on the bus.
+        .args(["-addext", "extendedKeyUsage=serverAuth,clientAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        eprintln!(
+            "\n*** SKIPPED: openssl is not on PATH; it makes the TLS test's certificate ***\n"
+        );
+    }
+    made.then_some((cert, key))
 }
 
 /// Whether `program` runs; a loud skip without it, a failure under
