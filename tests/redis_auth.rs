@@ -153,8 +153,7 @@ async fn a_rediss_url_reaches_redis_over_tls() {
     let Some(redis) = RedisServer::start_with_tls(&cert, &key).await else {
         return;
     };
-    let url = format!("rediss://127.0.0.1:{}", redis.tls_port.unwrap());
-    let (_child, addr) = spawn_binary_on_tls_redis("URL", &url, &cert).await;
+    let (_child, addr) = spawn_binary_on_tls_redis(&[("URL", &redis.served_url())], &cert).await;
     let response = reqwest::get(format!(
         "http://{addr}/v1/tiktok/trending/hashtag/detail?hashtag_name=ufc324"
     ))

@@ -8,6 +8,8 @@ mod common;
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -21,7 +23,7 @@ use common::{
     client,
     entries::hashtag_key,
     eventually, hashtag_path, header,
-    redis_ha::{RedisCluster, SentinelAuth, Sentinels, with_cluster, with_sentinels},
+    redis_ha::{MASTER_NAME, RedisCluster, SentinelAuth, Sentinels, with_cluster, with_sentinels},
     redis_server::self_signed_cert,
     spawn_app_with, stampede,
 };
@@ -29,6 +31,7 @@ use keyapi_proxy::{
     config::{Config, QuestionValue, WarmupConfig},
     redis_conn::{Mode, NodeRole},
 };
+use redis::AsyncCommands as _;
 
 const LIMITED: &str = "kp_limited_client";
 
@@ -154,7 +157,8 @@ async fn two_proxies_on_password_protected_sentinels_share_the_tier() {
         data: "data-pass-5f1c9e",
         sentinel: "sentinel-pass-a73d20",
     };
-    let Some(sentinels) = Sentinels::start_with(Duration::from_secs(1), Some(auth)).await else {
+    let Some(sentinels) = Sentinels::start_with(Duration::from_secs(1), Some(auth), None).await
+    else {
         return;
     };
     let urls = sentinels.urls();
@@ -207,49 +211,80 @@ async fn two_proxies_on_a_password_protected_cluster_share_the_tier() {
 /// over TLS, on the TLS ports the cluster names to a TLS client.
 #[tokio::test]
 async fn a_rediss_cluster_is_reached_over_tls_on_every_master() {
-    let dir = std::env::temp_dir().join(format!("keyapi-tls-cluster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let Some((cert, key)) = self_signed_cert(&dir) else {
+    let Some((dir, cert, key)) = tls_material("cluster") else {
         return;
     };
     let Some(cluster) = RedisCluster::start_with(None, Some((&cert, &key))).await else {
         return;
     };
-    let seeds = format!("{:?}", cluster.tls_urls());
-    let (_child, addr) = spawn_binary_on_tls_redis("CLUSTER_NODES", &seeds, &cert).await;
-    let http = reqwest::Client::new();
-    for i in 0..30 {
-        let path = hashtag_path(&format!("hashtag_name=tls{i}"));
-        let answer = http
-            .get(format!("http://{addr}{path}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
-    }
+    let seeds = format!("{:?}", cluster.urls());
+    let (_child, addr) = spawn_binary_on_tls_redis(&[("CLUSTER_NODES", &seeds)], &cert).await;
+    let nodes = ask_then_list_nodes(addr, 30).await;
     // Read back over the plain ports: every master stored entries sent through TLS.
-    for i in 0..cluster.nodes.len() {
+    for (i, node) in cluster.nodes.iter().enumerate() {
         let keys = cluster.keys_on(i).await;
         let entries = keys.iter().filter(|k| k.contains(":entry:")).count();
         assert!(entries > 0, "master {i} holds no entry: {keys:?}");
-    }
-    let ready = http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    let ready: serde_json::Value = serde_json::from_str(&ready.text().await.unwrap()).unwrap();
-    let listed = ready["redis"]["nodes"].as_array().unwrap();
-    for node in &cluster.nodes {
-        let tls_addr = format!("127.0.0.1:{}", node.tls_port.unwrap());
-        assert!(
-            listed
-                .iter()
-                .any(|n| n["addr"] == tls_addr.as_str() && n["answers"] == true),
-            "{ready}"
-        );
+        assert!(answers(&nodes, node.served_port(), "master"), "{nodes:?}");
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Managed Sentinel setups speak TLS too: from a `rediss://` sentinel URL the
+/// binary asks the Sentinel over TLS and reaches the primary it names (by
+/// its TLS port) over TLS as well.
+#[tokio::test]
+async fn rediss_sentinels_lead_to_the_primary_over_tls() {
+    let Some((dir, cert, key)) = tls_material("sentinel") else {
+        return;
+    };
+    let tls = Some((cert.as_path(), key.as_path()));
+    let Some(sentinels) = Sentinels::start_with(Duration::from_secs(1), None, tls).await else {
+        return;
+    };
+    let seeds = format!("{:?}", sentinels.urls());
+    let redis = [("SENTINELS", seeds.as_str()), ("MASTER_NAME", MASTER_NAME)];
+    let (_child, addr) = spawn_binary_on_tls_redis(&redis, &cert).await;
+    let nodes = ask_then_list_nodes(addr, 5).await;
+    // Read back over the primary's plain port: the entries came through TLS.
+    let mut conn = sentinels.primary.connection().await;
+    let entries: Vec<String> = conn.keys("keyapi-proxy:v1:entry:*").await.unwrap();
+    assert_eq!(entries.len(), 5, "{entries:?}");
+    let primary = sentinels.primary.served_port();
+    assert!(answers(&nodes, primary, "primary"), "{nodes:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A directory of its own for a TLS test of `kind`, with a certificate and
+/// key in it: (dir, cert, key); `None` without `openssl`.
+fn tls_material(kind: &str) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("keyapi-tls-{kind}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = self_signed_cert(&dir)?;
+    Some((dir, cert, key))
+}
+
+/// Asks the binary at `addr` `count` new questions (each answered 200),
+/// then returns the Redis nodes its `/readyz` lists.
+async fn ask_then_list_nodes(addr: SocketAddr, count: usize) -> Vec<serde_json::Value> {
+    let http = reqwest::Client::new();
+    for i in 0..count {
+        let path = hashtag_path(&format!("hashtag_name=tls{i}"));
+        let answer = http.get(format!("http://{addr}{path}")).send().await;
+        assert_eq!(answer.unwrap().status(), 200);
+    }
+    let ready = http.get(format!("http://{addr}/readyz")).send().await;
+    let ready = ready.unwrap().text().await.unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    ready["redis"]["nodes"].as_array().unwrap().clone()
+}
+
+/// Whether `nodes` (from `/readyz`) has `127.0.0.1:<port>` in `role`, answering.
+fn answers(nodes: &[serde_json::Value], port: u16, role: &str) -> bool {
+    let addr = format!("127.0.0.1:{port}");
+    nodes
+        .iter()
+        .any(|n| n["addr"] == addr.as_str() && n["role"] == role && n["answers"] == true)
 }
 
 /// Fails if any of `secrets` is in `/stats`, `/readyz` or `/metrics` of `apps`.

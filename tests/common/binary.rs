@@ -38,21 +38,22 @@ pub async fn spawn_binary(nofile: Option<u64>, env: &[(&str, &str)]) -> (Child, 
     spawn_binary_with(nofile, env, &[]).await
 }
 
-/// [`spawn_binary`] with its Redis tier set by `KEYAPI_PROXY__CACHE__REDIS__<redis>`
-/// (`URL`, `CLUSTER_NODES`) to `value`, over TLS with `cert` trusted: the
+/// [`spawn_binary`] with its Redis tier set by `redis`, pairs of a
+/// `[cache.redis]` key in capitals (`URL`, `SENTINELS`, `MASTER_NAME`,
+/// `CLUSTER_NODES`) and its value, over TLS with `cert` trusted: the
 /// system's trust store, extended for it the standard way (`SSL_CERT_FILE`).
 pub async fn spawn_binary_on_tls_redis(
-    redis: &str,
-    value: &str,
+    redis: &[(&str, &str)],
     cert: &std::path::Path,
 ) -> (Child, SocketAddr) {
-    let var = format!("KEYAPI_PROXY__CACHE__REDIS__{redis}");
-    let env = [
-        (var.as_str(), value),
-        // A debug build's first TLS handshakes can take longer than the default 50 ms.
-        ("KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT", "2s"),
-        ("SSL_CERT_FILE", cert.to_str().expect("a UTF-8 path")),
-    ];
+    let vars: Vec<(String, &str)> = redis
+        .iter()
+        .map(|(key, value)| (format!("KEYAPI_PROXY__CACHE__REDIS__{key}"), *value))
+        .collect();
+    let mut env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    // A debug build's first TLS handshakes can take longer than the default 50 ms.
+    env.push(("KEYAPI_PROXY__CACHE__REDIS__OP_TIMEOUT", "2s"));
+    env.push(("SSL_CERT_FILE", cert.to_str().expect("a UTF-8 path")));
     spawn_binary(None, &env).await
 }
 

@@ -14,7 +14,7 @@ use redis::AsyncCommands as _;
 
 use super::{
     eventually,
-    redis_server::{RedisServer, available, tls_args},
+    redis_server::{Guard, RedisServer, available},
 };
 
 /// The name the test Sentinel monitors.
@@ -56,35 +56,37 @@ impl Sentinels {
     /// `down_after` without an answer. Returns once the replica is in sync
     /// and the Sentinel knows it (so it can promote it).
     pub async fn start(down_after: Duration) -> Option<Self> {
-        Self::start_with(down_after, None).await
+        Self::start_with(down_after, None, None).await
     }
 
-    /// [`Sentinels::start`], every process requiring a password when `auth` says.
-    pub async fn start_with(down_after: Duration, auth: Option<SentinelAuth>) -> Option<Self> {
+    /// [`Sentinels::start`], every process requiring a password when `auth`
+    /// says, and also speaking TLS with `tls` (certificate, key) when given:
+    /// replication and the Sentinel's checks go over TLS, and the Sentinel
+    /// names the primary by its TLS port.
+    pub async fn start_with(
+        down_after: Duration,
+        auth: Option<SentinelAuth>,
+        tls: Option<(&Path, &Path)>,
+    ) -> Option<Self> {
         // Both data nodes require the password and give it to their primary:
         // either may be the replica after a failover.
-        let data_auth: Vec<String> = auth
-            .iter()
-            .flat_map(|a| ["--requirepass", a.data, "--masterauth", a.data])
-            .map(str::to_owned)
-            .collect();
-        let data_password = auth.map(|a| a.data);
-        let primary = RedisServer::start_with_args(data_auth.clone())
-            .await?
-            .requiring(data_password);
+        let guard = Guard {
+            password: auth.map(|a| a.data),
+            tls,
+            links: "--tls-replication",
+        };
+        let start_data_node = |args| RedisServer::start_guarded(args, guard);
+        let primary = start_data_node(Vec::new()).await?;
         let dir = scratch_dir("sentinel", primary.port);
         // The replica stores the primary's snapshot in its `--dir`.
-        let mut replica_args = vec![
+        let replica = start_data_node(vec![
             "--replicaof".into(),
             "127.0.0.1".into(),
-            primary.port.to_string(),
+            primary.served_port().to_string(),
             "--dir".into(),
             dir.display().to_string(),
-        ];
-        replica_args.extend(data_auth);
-        let replica = RedisServer::start_with_args(replica_args)
-            .await?
-            .requiring(data_password);
+        ])
+        .await?;
         eventually(Duration::from_secs(20), "the replica syncs", || async {
             let info: Option<String> = ask(&replica, redis::cmd("INFO").arg("replication")).await;
             info.is_some_and(|i| i.contains("master_link_status:up"))
@@ -97,7 +99,7 @@ impl Sentinels {
              sentinel down-after-milliseconds {MASTER_NAME} {down_ms}\n\
              sentinel failover-timeout {MASTER_NAME} {}\n\
              sentinel parallel-syncs {MASTER_NAME} 1\n",
-            primary.port,
+            primary.served_port(),
             down_ms * 4
         );
         if let Some(auth) = auth {
@@ -106,17 +108,27 @@ impl Sentinels {
                 auth.data, auth.sentinel
             );
         }
+        let sentinel_tls_port = tls.map(|(cert, key)| {
+            let port = super::redis_server::free_port();
+            let (cert, key) = (cert.display(), key.display());
+            lines += &format!(
+                "tls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\n\
+                 tls-ca-cert-file {cert}\ntls-auth-clients no\ntls-replication yes\n"
+            );
+            port
+        });
         std::fs::write(&config, lines).unwrap();
-        let sentinel = RedisServer::start_sentinel(config)
+        let mut sentinel = RedisServer::start_sentinel(config)
             .await?
             .requiring(auth.map(|a| a.sentinel));
+        sentinel.tls_port = sentinel_tls_port;
         let setup = Self {
             primary,
             replica,
             sentinel,
             dir,
         };
-        let replica_port = setup.replica.port.to_string();
+        let replica_port = setup.replica.served_port().to_string();
         eventually(
             Duration::from_secs(20),
             "the sentinel sees the replica",
@@ -138,9 +150,9 @@ impl Sentinels {
     }
 
     /// The sentinels as a proxy is configured with them (with the
-    /// Sentinel's own password, when it has one).
+    /// Sentinel's own password, when it has one; `rediss://` with TLS).
     pub fn urls(&self) -> Vec<String> {
-        vec![self.sentinel.url()]
+        vec![self.sentinel.served_url()]
     }
 
     /// The primary's port as the Sentinel names it.
@@ -210,20 +222,12 @@ impl RedisCluster {
                 "--dir".into(),
                 dir.display().to_string(),
             ];
-            let auth = password
-                .iter()
-                .flat_map(|p| ["--requirepass", p, "--masterauth", p]);
-            let mut args: Vec<String> = args.into_iter().chain(auth.map(str::to_owned)).collect();
-            let tls_port = tls.map(|(cert, key)| {
-                let port = super::redis_server::free_port();
-                args.extend(tls_args(cert, key, port));
-                args.extend(["--tls-cluster".into(), "yes".into()]);
-                port
-            });
-            let mut node = RedisServer::start_with_args(args)
-                .await?
-                .requiring(password);
-            node.tls_port = tls_port;
+            let guard = Guard {
+                password,
+                tls,
+                links: "--tls-cluster",
+            };
+            let node = RedisServer::start_guarded(args, guard).await?;
             nodes.push(node);
         }
         let created = tokio::process::Command::new("redis-cli")
@@ -254,16 +258,10 @@ impl RedisCluster {
         Some(cluster)
     }
 
-    /// Seed URLs as a proxy is configured with them.
+    /// Seed URLs as a proxy is configured with them (`rediss://` on the
+    /// nodes' TLS ports when they speak TLS).
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(RedisServer::url).collect()
-    }
-
-    /// `rediss://` seed URLs, on the nodes' TLS ports (started with TLS).
-    pub fn tls_urls(&self) -> Vec<String> {
-        let port = |n: &RedisServer| n.tls_port.expect("started with TLS");
-        let url = |n: &RedisServer| format!("rediss://127.0.0.1:{}", port(n));
-        self.nodes.iter().map(url).collect()
+        self.nodes.iter().map(RedisServer::served_url).collect()
     }
 
     /// The slot of `key`.

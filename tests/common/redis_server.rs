@@ -52,34 +52,28 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server, or `None` (after a loud message) if the binary is missing.
     pub async fn start() -> Option<Self> {
-        Self::start_inner(None, None).await
+        Self::start_with_args(Vec::new()).await
     }
 
     /// Starts a server that requires `password` (`--requirepass`).
     pub async fn start_with_password(password: &str) -> Option<Self> {
-        Self::start_inner(Some(password.to_owned()), None).await
+        let guard = Guard {
+            password: Some(password),
+            tls: None,
+            links: "--tls-replication",
+        };
+        Self::start_guarded(Vec::new(), guard).await
     }
 
     /// Starts a server that also speaks TLS on [`RedisServer::tls_port`], with
     /// this PEM certificate (which clients must trust) and key.
     pub async fn start_with_tls(cert: &Path, key: &Path) -> Option<Self> {
-        Self::start_inner(None, Some((cert, key))).await
-    }
-
-    async fn start_inner(password: Option<String>, tls: Option<(&Path, &Path)>) -> Option<Self> {
-        let tls_port = tls.map(|_| free_port());
-        let extra_args = match (tls, tls_port) {
-            (Some((cert, key)), Some(tls_port)) => tls_args(cert, key, tls_port),
-            _ => password
-                .iter()
-                .flat_map(|p| ["--requirepass".to_owned(), p.clone()])
-                .collect(),
+        let guard = Guard {
+            password: None,
+            tls: Some((cert, key)),
+            links: "--tls-replication",
         };
-        let mut server = Self::start_with_args(extra_args)
-            .await?
-            .requiring(password.as_deref());
-        server.tls_port = tls_port;
-        Some(server)
+        Self::start_guarded(Vec::new(), guard).await
     }
 
     /// Starts a server with `args` beyond port, bind and persistence (a
@@ -122,6 +116,23 @@ impl RedisServer {
         match &self.password {
             Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
             None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The port a proxy is given: the TLS one when the server speaks TLS.
+    pub fn served_port(&self) -> u16 {
+        self.tls_port.unwrap_or(self.port)
+    }
+
+    /// [`RedisServer::url`], but `rediss://` on the TLS port when the server
+    /// speaks TLS: what a proxy is configured with.
+    pub fn served_url(&self) -> String {
+        match self.tls_port {
+            Some(port) => match &self.password {
+                Some(password) => format!("rediss://:{password}@127.0.0.1:{port}"),
+                None => format!("rediss://127.0.0.1:{port}"),
+            },
+            None => self.url(),
         }
     }
 
@@ -183,9 +194,39 @@ impl RedisServer {
     }
 }
 
+/// How a server guards itself: a password (`requirepass`, and `masterauth`
+/// toward its primary), and TLS beside its plain port with this certificate
+/// and key, `links` (`--tls-replication`, `--tls-cluster`) putting its links
+/// to other servers on TLS too.
+#[derive(Clone, Copy)]
+pub struct Guard<'a> {
+    pub password: Option<&'a str>,
+    pub tls: Option<(&'a Path, &'a Path)>,
+    pub links: &'a str,
+}
+
+impl RedisServer {
+    /// A server started with `args` beyond port, bind and persistence, and
+    /// guarded by `guard`; `None` if the binary is missing.
+    pub async fn start_guarded(mut args: Vec<String>, guard: Guard<'_>) -> Option<Self> {
+        if let Some(password) = guard.password {
+            args.extend(["--requirepass", password, "--masterauth", password].map(str::to_owned));
+        }
+        let tls_port = guard.tls.map(|(cert, key)| {
+            let port = free_port();
+            args.extend(tls_args(cert, key, port));
+            args.extend([guard.links.to_owned(), "yes".to_owned()]);
+            port
+        });
+        let mut server = Self::start_with_args(args).await?.requiring(guard.password);
+        server.tls_port = tls_port;
+        Some(server)
+    }
+}
+
 /// Arguments that make a server also speak TLS on `tls_port`, with this
 /// certificate (its own CA too) and key, not asking clients for theirs.
-pub fn tls_args(cert: &Path, key: &Path, tls_port: u16) -> Vec<String> {
+fn tls_args(cert: &Path, key: &Path, tls_port: u16) -> Vec<String> {
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
     [
         "--tls-port",
