@@ -43,8 +43,9 @@ small{color:#666}@media(max-width:480px){td,th{padding:.2em .35em}}\
 .failing,.open{color:#c62828}.half_open,.rejected{color:#b26a00}\
 .spent{color:#e8710a}.saved{color:#18794e}\
 .charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,420px),1fr));gap:1em}\
-svg{width:100%;height:auto;display:block}figure{margin:0}\
-figcaption{font-size:.9em;color:#555}";
+svg{width:100%;height:100px;display:block}figure{margin:0}\
+figcaption{font-size:.9em;color:#555}\
+.axis{display:flex;justify-content:space-between;font-size:.8em;color:#555}";
 
 /// The page of `stats`.
 pub(crate) fn render(stats: &Stats) -> String {
@@ -248,10 +249,9 @@ fn chart(
     let _ = write!(
         html,
         "<figure><figcaption>{unit} per minute · peak {peak}</figcaption>\
-         <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {}\" role=\"img\" \
-         aria-label=\"{unit} per minute over the last hour\">\
-         <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>",
-        H + 16
+         <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {H}\" \
+         preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{unit} per minute over the last hour\">\
+         <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>"
     );
     for (i, m) in minutes.iter().enumerate() {
         let v = value(m);
@@ -264,11 +264,15 @@ fn chart(
             bar.saturating_sub(1),
         );
     }
+    end_chart(html, "-60 min", "now");
+}
+
+/// Closes a chart's `<svg>` and labels its two ends under it: in HTML, so
+/// the labels keep the page's type size however wide the chart is drawn.
+fn end_chart(html: &mut String, first: &str, last: &str) {
     let _ = write!(
         html,
-        "<text x=\"0\" y=\"{y}\" font-size=\"11\">-60 min</text>\
-         <text x=\"{W}\" y=\"{y}\" font-size=\"11\" text-anchor=\"end\">now</text></svg></figure>",
-        y = H + 13,
+        "</svg><div class=\"axis\"><span>{first}</span><span>{last}</span></div></figure>"
     );
 }
 
@@ -291,8 +295,11 @@ fn spend_chart(html: &mut String, days: &[SpendDay]) {
     let saved: u64 = days.iter().map(|d| d.credits_saved).sum();
     let _ = write!(
         html,
-        "<h2>Last {n} days</h2><figure><figcaption>credits per UTC day ·          <span class=\"spent\">spent {spent}</span> · <span class=\"saved\">saved {saved}</span></figcaption>         <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {}\" role=\"img\"          aria-label=\"credits spent and saved per day over the last {n} days\">         <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>",
-        H + 16,
+        "<h2>Last {n} days</h2><figure><figcaption>credits per UTC day · \
+         <span class=\"spent\">spent {spent}</span> · <span class=\"saved\">saved {saved}</span></figcaption>\
+         <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {H}\" preserveAspectRatio=\"none\" \
+         role=\"img\" aria-label=\"credits spent and saved per day over the last {n} days\">\
+         <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>",
         n = days.len(),
     );
     for (i, d) in days.iter().enumerate() {
@@ -305,17 +312,15 @@ fn spend_chart(html: &mut String, days: &[SpendDay]) {
         );
         let _ = write!(
             html,
-            "<g><title>{title}</title>             <rect x=\"{x}\" y=\"{}\" width=\"{width}\" height=\"{saved_height}\" fill=\"{SAVED}\"/>             <rect x=\"{x}\" y=\"{}\" width=\"{width}\" height=\"{spent_height}\" fill=\"{SPENT}\"/></g>",
+            "<g><title>{title}</title>\
+             <rect x=\"{x}\" y=\"{}\" width=\"{width}\" height=\"{saved_height}\" fill=\"{SAVED}\"/>\
+             <rect x=\"{x}\" y=\"{}\" width=\"{width}\" height=\"{spent_height}\" fill=\"{SPENT}\"/></g>",
             H - spent_height - saved_height,
             H - spent_height,
         );
     }
     let first = days.first().map_or("", |d| d.day.as_str());
-    let _ = write!(
-        html,
-        "<text x=\"0\" y=\"{y}\" font-size=\"11\">{first}</text>         <text x=\"{W}\" y=\"{y}\" font-size=\"11\" text-anchor=\"end\">today</text></svg></figure>",
-        y = H + 13,
-    );
+    end_chart(html, first, "today");
 }
 
 fn bytes_text(bytes: u64) -> String {
