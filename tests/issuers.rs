@@ -228,10 +228,7 @@ async fn jwks_keys_are_fetched_when_needed_and_at_most_once_a_minute() {
 
 #[tokio::test]
 async fn unreachable_keys_are_a_503_not_a_401() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_held, closed) = common::refusing_addr();
     let app = spawn_app_with(|c| {
         c.issuers = vec![jwks_issuer(&format!("http://{closed}/jwks.json"))];
     })

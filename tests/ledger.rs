@@ -7,7 +7,6 @@
 mod common;
 
 use std::{
-    net::TcpListener,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -219,10 +218,7 @@ async fn twenty_waiters_on_one_failing_call_pay_for_one_call() {
 #[tokio::test]
 async fn connection_refused_costs_nothing_and_keeps_the_budget() {
     // A port nobody listens on: KeyAPI is never reached.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_held, closed) = common::refusing_addr();
     let app = spawn_app_with(|c| {
         c.upstream.base_url = format!("http://{closed}");
         c.upstream.retries = 1;

@@ -232,9 +232,7 @@ async fn sampled_out_requests_export_nothing() {
 #[tokio::test]
 async fn a_dead_collector_costs_no_failed_request_and_its_spans_are_counted() {
     // A port nobody listens on: every export is refused.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let (_held, dead_addr) = common::refusing_addr();
     let mut collector = Collector::start().await;
     collector.url = format!("http://{dead_addr}/v1/traces");
     let (child, addr) = spawn_traced(&collector, &[]).await;

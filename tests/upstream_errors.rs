@@ -169,16 +169,9 @@ async fn a_failed_fetch_is_shared_by_its_waiters_then_forgotten() {
 
 #[tokio::test]
 async fn unreachable_upstream_is_a_502() {
-    let app = spawn_app_with(|c| {
-        // A port nothing listens on: bind one, note it, free it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        c.upstream.base_url = format!("http://127.0.0.1:{port}");
-    })
-    .await;
+    // A port nothing listens on.
+    let (_held, closed) = common::refusing_addr();
+    let app = spawn_app_with(|c| c.upstream.base_url = format!("http://{closed}")).await;
     let (status, headers, body) = parts(app.get_hashtag("hashtag_name=a").await).await;
     assert_eq!(status, 502);
     assert!(header(&headers, "cache-status").contains("detail=connect"));

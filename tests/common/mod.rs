@@ -565,6 +565,19 @@ impl StalledH2 {
     }
 }
 
+/// An address that refuses connections for as long as the returned socket
+/// lives: bound but never listening. Binding a port and freeing it again is
+/// not enough: the next listener of any test in the same binary may be given
+/// it, and the "unreachable" KeyAPI answers.
+pub fn refusing_addr() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("an address"))
+        .expect("a port");
+    let addr = socket.local_addr().expect("its address");
+    (socket, addr)
+}
+
 /// Polls `check` every 10 ms until it holds, failing with `what` after
 /// `within`: the bounded wait for what the app does in the background and
 /// announces to no one (a reconnect, a pub/sub message, an export).
