@@ -277,10 +277,10 @@ impl SpendHistory {
     }
 
     /// One request of `tally`'s answered without a call of its own, saving
-    /// `credits`; `now` when the caller has read the clock already (a hit has).
-    pub fn saved(&self, tally: &Tally, credits: u64, now: Option<std::time::SystemTime>) {
-        let day = now.map_or_else(|| self.today(), clock::utc_day);
-        tally.add(day, |c| c.credits_saved += credits);
+    /// `credits`, dated by `now`: the time the cache judged the answer (a hit
+    /// has read the clock already).
+    pub fn saved(&self, tally: &Tally, credits: u64, now: std::time::SystemTime) {
+        tally.add(clock::utc_day(now), |c| c.credits_saved += credits);
     }
 
     /// One request of `tally`'s refused by a budget or a rate limit.
@@ -481,7 +481,7 @@ mod tests {
         let history = SpendHistory::new(2, SharedClock::new(manual.clone()), None);
         let app = history.tally("client:app");
         history.spent(&app, 2);
-        history.saved(&app, 2, None);
+        history.saved(&app, 2, crate::clock::Clock::now(&*manual));
         history.refused(history.visitors());
         manual.advance(Duration::from_secs(DAY_SECS));
         history.spent(&app, 2);

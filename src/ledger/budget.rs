@@ -12,7 +12,11 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 
 use super::refusal::Refusal;
-use crate::{clock, metrics::Scope, spend::Tally};
+use crate::{
+    clock,
+    metrics::Scope,
+    spend::{SpendHistory, Tally},
+};
 
 /// One day of a budget as this replica sees it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -135,6 +139,12 @@ pub struct Account {
 }
 
 impl Account {
+    /// The spend-history line of a request paid by `account`: its own, or
+    /// the visitors' as a whole for a caller without one.
+    pub fn tally_of<'a>(account: Option<&'a Self>, spend: &'a SpendHistory) -> &'a Tally {
+        account.map_or(spend.visitors(), |account| &account.tally)
+    }
+
     /// Starts from `previous`'s counts of today: a reload replacing its
     /// configuration (a new limit) does not make a new day.
     pub fn carry_over(&self, previous: &Account) {

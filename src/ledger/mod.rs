@@ -231,8 +231,8 @@ impl Ledger {
     /// The spend history's line of `payer`.
     fn tally<'a>(&'a self, payer: &'a Payer) -> &'a Tally {
         match payer {
-            Payer::Request(Some(account)) | Payer::Warmup(account) => &account.tally,
-            Payer::Request(None) => self.spend.visitors(),
+            Payer::Request(account) => Account::tally_of(account.as_deref(), &self.spend),
+            Payer::Warmup(account) => &account.tally,
             Payer::Proxy(_) => self.spend.refresh(),
         }
     }

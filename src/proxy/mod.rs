@@ -21,7 +21,8 @@
 //! others the fresh copy answers. `max-stale` and `only-if-cached` take
 //! stale copies kept only for stale-if-error, without a call; nothing is
 //! served past the windows. `only-if-cached` never causes a call, neither
-//! its own nor a background refresh: the copy, or [`Outcome::NotCached`].//!
+//! its own nor a background refresh: the copy, or [`Outcome::NotCached`].
+//!
 //! `outcome` names what a request and a fetch produce; `fetch` is the fetch
 //! task; this file decides, per request, what to serve and when to fetch.
 

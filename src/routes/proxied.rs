@@ -7,7 +7,7 @@
 //! and its `Cache-Control` directives (read by [`crate::directives`];
 //! `no-cache` only if allowed) is used.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use axum::{
     body::Body,
@@ -49,18 +49,14 @@ pub(super) async fn answer(
         may_refresh: state.allow_client_refresh() || caller.may_refresh(),
     };
     // A fetch this request starts is charged to its caller (and the global budget).
-    let payer = Payer::Request(caller.account());
+    let payer = Payer::Request(caller.account().cloned());
     let outcome = state.proxy().serve(&key, route, &ask, payer).await;
-    // A cached answer was judged at this time: its day is the saving's day.
-    let judged_at = match &outcome {
-        Ok(Outcome::Cached { now, .. }) => Some(*now),
-        _ => None,
-    };
-    let (response, served, upstream_status) = respond(headers, outcome);
-    if served.saved_a_call() {
+    let (response, served, upstream_status, judged_at) = respond(headers, outcome);
+    // A cached answer's day (the time the cache judged it) is the saving's day.
+    if let (true, Some(now)) = (served.saved_a_call(), judged_at) {
         state
             .spend()
-            .saved(caller.tally(state), route.credits(), judged_at);
+            .saved(caller.tally(state), route.credits(), now);
     }
     AccessLog {
         client: caller.id(),
@@ -75,10 +71,12 @@ pub(super) async fn answer(
 
 /// The answer to one request: the response, how it was served, and the
 /// upstream status to log (when this request's own fetch got one).
+/// The response to `outcome`, how it was served, the upstream status it
+/// carries, and for a cached answer the time the cache judged it.
 fn respond(
     headers: &HeaderMap,
     outcome: Result<Outcome, ProxyError>,
-) -> (Response, Served, Option<u16>) {
+) -> (Response, Served, Option<u16>, Option<SystemTime>) {
     match outcome {
         Ok(Outcome::Cached { entry, state, now }) => {
             let response = negotiate::cached_response(headers, &entry, state, now);
@@ -92,7 +90,7 @@ fn respond(
                     Some(entry.status.as_u16())
                 }
             };
-            (response, Served::Cached(state), upstream)
+            (response, Served::Cached(state), upstream, Some(now))
         }
         Ok(Outcome::Declined { status, body }) => {
             let mut response = Response::new(Body::from(body));
@@ -100,16 +98,16 @@ fn respond(
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, APPLICATION_JSON);
             cache_status::set_forwarded_uncached(headers, Some(status.as_u16()), "declined");
-            (response, Served::Declined, Some(status.as_u16()))
+            (response, Served::Declined, Some(status.as_u16()), None)
         }
         Ok(Outcome::NotCached) => {
             let response = ApiError::NotCached.into_response();
-            (response, Served::NotCached, None)
+            (response, Served::NotCached, None, None)
         }
         Err(error) => {
             let upstream_status = error.upstream_status();
             let response = ApiError::from(error).into_response();
-            (response, Served::Failed, upstream_status)
+            (response, Served::Failed, upstream_status, None)
         }
     }
 }
@@ -133,11 +131,11 @@ impl Caller {
     }
 
     /// The account its fetches are charged to (none: the global budget only).
-    fn account(&self) -> Option<Arc<Account>> {
+    fn account(&self) -> Option<&Arc<Account>> {
         match self {
             Self::Anonymous => None,
-            Self::Client(c) => Some(Arc::clone(&c.account)),
-            Self::Subject(p) | Self::Visitor(p) => Some(Arc::clone(&p.account)),
+            Self::Client(c) => Some(&c.account),
+            Self::Subject(p) | Self::Visitor(p) => Some(&p.account),
         }
     }
 
@@ -152,11 +150,7 @@ impl Caller {
 
     /// Its line in the spend history.
     fn tally<'a>(&'a self, state: &'a AppState) -> &'a Tally {
-        match self {
-            Self::Anonymous => state.spend().visitors(),
-            Self::Client(c) => &c.account.tally,
-            Self::Subject(p) | Self::Visitor(p) => &p.account.tally,
-        }
+        Account::tally_of(self.account().map(|a| &**a), state.spend())
     }
 
     /// Its name in the access log: a client's id, a subject's hashed name.
