@@ -11,7 +11,7 @@
 //! Nothing here prints a key: [`ApiKey`] shows its generation only.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -153,11 +153,6 @@ impl LiveKey {
     /// The search for the key (and the one before it) in bodies.
     pub fn echo(&self) -> Arc<KeyEcho> {
         Arc::clone(&self.echo)
-    }
-
-    /// The key file, if the key came from one.
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
     }
 
     /// Reads the key file (`None` when the key was given once): checked, not yet used.

@@ -100,7 +100,7 @@ impl App {
         config.validate()?;
         let hangups = reload::hangups();
         let clock = SharedClock::new(clock);
-        let (routes, _) = reload::compile(&config)?;
+        let compiled = reload::compile(&config)?;
         if !config::is_valid_api_key(&api_key) {
             return Err(config::ConfigError::BadApiKey("the caller").into());
         }
@@ -116,7 +116,7 @@ impl App {
         // Redis and the snapshot hand back what anyone could have written:
         // both are held to what these routes could have stored.
         let check = Arc::new(EntryCheck::new(
-            routes.entry_limits(config.upstream.max_body_bytes),
+            compiled.0.entry_limits(config.upstream.max_body_bytes),
             upstream.key_echo(),
             Arc::clone(&metrics),
             clock.clone(),
@@ -169,7 +169,7 @@ impl App {
             spend,
             ready: AtomicBool::new(false),
         });
-        let live = reload::build_live(&config, &shared, redis.as_ref(), None)?;
+        let live = reload::build_live(&config, compiled, &shared, redis.as_ref(), None)?;
         let state = AppState::new(Arc::clone(&shared), Arc::new(live));
         let current = Arc::new(ArcSwap::from_pointee(reload::generation(
             state.clone(),
@@ -297,16 +297,25 @@ impl App {
             drain_delay,
             snapshot,
         } = self;
-        let purges = state.proxy().redis().cloned().map(|redis| {
-            let cache = state.proxy().cache().clone();
+        // Only what lives as long as the process: holding `state` here would
+        // keep the first configuration generation (its tables of visitors and
+        // subjects) alive past every reload.
+        let lasting = Arc::clone(state.shared());
+        drop(state);
+        let purges = lasting.proxy.redis().cloned().map(|redis| {
+            let cache = lasting.proxy.cache().clone();
             tokio::spawn(async move { redis.follow_purges(cache).await })
         });
         // Reloads, the key file's watch and the warm-ups' schedules.
         let reloads = tokio::spawn(reloader.run(reload_requests));
         let saver = snapshot.as_ref().map(|(path, interval)| {
-            tokio::spawn(save_periodically(path.clone(), *interval, state.clone()))
+            tokio::spawn(save_periodically(
+                path.clone(),
+                *interval,
+                Arc::clone(&lasting),
+            ))
         });
-        let spend = Arc::clone(state.spend());
+        let spend = Arc::clone(&lasting.spend);
         let flusher = tokio::spawn(async move {
             let mut ticks = tokio::time::interval(spend::FLUSH_EVERY);
             loop {
@@ -317,10 +326,10 @@ impl App {
         // Set when draining starts: connections and fetches must end by then.
         let (deadline_tx, deadline_rx) = tokio::sync::watch::channel(None::<Instant>);
         let shutdown_grace = limits.shutdown_grace;
-        let signal_state = state.clone();
+        let signal_lasting = Arc::clone(&lasting);
         let signal = async move {
             shutdown.await;
-            signal_state.set_ready(false);
+            signal_lasting.set_ready(false);
             if !drain_delay.is_zero() {
                 tracing::info!(
                     ?drain_delay,
@@ -330,9 +339,9 @@ impl App {
             }
             deadline_tx.send_replace(Some(Instant::now() + shutdown_grace));
         };
-        state.set_ready(true);
+        lasting.set_ready(true);
         tracing::info!(%local_addr, max_connections = limits.max_connections, "listening");
-        let connections = state.metrics().connections();
+        let connections = lasting.metrics.connections();
         server::serve(listener, front, limits, connections, signal).await;
         // No reloads nor new warm-up calls once draining; fetches they
         // started go on below.
@@ -343,7 +352,7 @@ impl App {
         let deadline = deadline_rx
             .borrow()
             .unwrap_or_else(|| Instant::now() + shutdown_grace);
-        if tokio::time::timeout_at(deadline, state.proxy().idle())
+        if tokio::time::timeout_at(deadline, lasting.proxy.idle())
             .await
             .is_err()
         {
@@ -353,27 +362,27 @@ impl App {
             task.abort();
         }
         // The last counts: to Redis, or into memory for the snapshot below.
-        state.spend().flush().await;
+        lasting.spend.flush().await;
         if let Some((path, _)) = &snapshot {
-            save_snapshot(path, &state).await;
+            save_snapshot(path, &lasting).await;
         }
         tracing::info!("stopped");
     }
 }
 
-async fn save_periodically(path: PathBuf, interval: Duration, state: AppState) {
+async fn save_periodically(path: PathBuf, interval: Duration, lasting: Arc<Lasting>) {
     let mut ticks = tokio::time::interval(interval);
     ticks.tick().await; // the first tick is immediate
     loop {
         ticks.tick().await;
-        save_snapshot(&path, &state).await;
+        save_snapshot(&path, &lasting).await;
     }
 }
 
-async fn save_snapshot(path: &Path, state: &AppState) {
+async fn save_snapshot(path: &Path, lasting: &Lasting) {
     // Kept in Redis when configured: the snapshot then holds none.
-    let spend = state.spend().export().await;
-    match snapshot::save(path, state.proxy().cache(), spend, state.clock().now()).await {
+    let spend = lasting.spend.export().await;
+    match snapshot::save(path, lasting.proxy.cache(), spend, lasting.clock.now()).await {
         Ok(count) => tracing::info!(path = %path.display(), count, "cache snapshot written"),
         Err(e) => tracing::warn!(error = %e, "cache snapshot not written"),
     }

@@ -147,9 +147,11 @@ impl AppState {
     pub fn is_ready(&self) -> bool {
         self.shared.ready.load(Ordering::Relaxed)
     }
+}
 
+impl Lasting {
     /// Marks the service ready (serving) or not (starting, draining).
     pub fn set_ready(&self, ready: bool) {
-        self.shared.ready.store(ready, Ordering::Relaxed);
+        self.ready.store(ready, Ordering::Relaxed);
     }
 }

@@ -1,6 +1,7 @@
 //! Configuration: the compiled-in `config/default.toml`, then an optional `--config`
 //! file, then `KEYAPI_PROXY__<SECTION>__<KEY>` environment variables, merged by
-//! `figment` into one typed tree that is validated once at start-up.
+//! `figment` into one typed tree, validated when loaded (and again by `App::build`, which
+//! may be given a configuration made in code).
 //!
 //! The KeyAPI key is deliberately *not* part of this tree: it comes only from
 //! `KEYAPI_API_KEY` / `KEYAPI_API_KEY_FILE` and lives in a [`secrecy::SecretString`], so

@@ -11,7 +11,7 @@
 //! inherit (TTLs apply to new entries; a removed route's entries are
 //! dropped, the others kept), `[[warmup]]`, `[credits]`, all of
 //! `[upstream]` (fetches in flight keep the settings they started with),
-//! and the key. What takes a restart ([`RESTART_ONLY`]) is reported and
+//! and the key. What takes a restart (`keep_running` lists it) is reported and
 //! keeps its running value. Whatever a reload leaves as it is keeps its
 //! state: an unchanged client, issuer, visitor section, rate limit or
 //! warm-up is the same object; a changed client or warm-up carries its
@@ -51,17 +51,6 @@ use crate::{
     visitors::Visitors,
     warmup::{Warmup, WarmupConfigError, WarmupPlan},
 };
-
-/// The keys a reload cannot change while running: reported, kept as they run.
-pub const RESTART_ONLY: [&str; 7] = [
-    "server",
-    "log.format",
-    "telemetry",
-    "cache.max_bytes",
-    "cache.snapshot_path",
-    "cache.snapshot_interval",
-    "cache.redis",
-];
 
 /// Why a configuration cannot be put in use (at start-up or on reload).
 /// Messages never contain the API key.
@@ -110,16 +99,17 @@ pub fn compile(config: &Config) -> Result<(RouteTable, Vec<WarmupPlan>), LiveErr
     Ok((routes, warmups))
 }
 
-/// The generation `config` describes. With `previous` (the running
+/// The generation `config` describes, with its routes and warm-ups as
+/// [`compile`] made them (start-up has them already). With `previous` (the running
 /// generation and its configuration), what is unchanged is kept.
 pub(crate) fn build_live(
     config: &Config,
+    (routes, plans): (RouteTable, Vec<WarmupPlan>),
     shared: &Lasting,
     redis: Option<&Arc<RedisConn>>,
     previous: Option<(&Live, &Config)>,
 ) -> Result<Live, LiveError> {
     let (metrics, clock, spend) = (&shared.metrics, &shared.clock, &*shared.spend);
-    let (routes, plans) = compile(config)?;
     let kept =
         |section: fn(&Config) -> Value| previous.filter(|(_, old)| section(old) == section(config));
     let issuers = match kept(|c| json(&c.issuers)) {
@@ -470,6 +460,7 @@ impl Reloader {
         let current = self.current.load_full();
         let live = build_live(
             &config,
+            compile(&config)?,
             &self.shared,
             self.redis.as_ref(),
             Some((current.state().live(), &self.running)),
