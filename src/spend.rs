@@ -119,13 +119,8 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Its payer's name in the history.
-    pub fn payer(&self) -> &str {
-        &self.payer
-    }
-
     fn add(&self, day: u64, count: impl FnOnce(&mut Counts)) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = lock(&self.pending);
         match pending.iter_mut().find(|(d, _)| *d == day) {
             Some((_, counts)) => count(counts),
             None => {
@@ -139,7 +134,7 @@ impl Tally {
     /// The pending counts; the tally keeps its room, so counting (on every
     /// hit) does not allocate again.
     fn take(&self) -> Vec<(u64, Counts)> {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = lock(&self.pending);
         pending.drain(..).collect()
     }
 }

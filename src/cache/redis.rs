@@ -192,9 +192,10 @@ impl RedisTier {
 
     /// Deletes every entry of the route at `path` (a reload removed it); returns how many.
     pub async fn clear_route(&self, path: &str) -> u64 {
+        // The path alone (a route without parameters): one key, no scan.
+        let alone = u64::from(self.remove(&CacheKey::copied(path)).await);
+        // The path followed by a query.
         let key = glob_escape(&self.entry_key(&CacheKey::copied(path)));
-        // The path alone (a route without parameters), or followed by its query.
-        let alone = self.conn.delete_matching(&key).await;
         alone + self.conn.delete_matching(&format!("{key}\\?*")).await
     }
 

@@ -1,6 +1,6 @@
 //! The connection to Redis (or Valkey) behind everything replicas share: the
-//! cache tier, its fetch locks, the ledger's budget counters, the rate limits
-//! and the warm-up leases. One type, [`RedisConn`], hides which of three
+//! cache tier, its fetch locks, the ledger's budget counters, the spend
+//! history, the rate limits and the warm-up leases. One type, [`RedisConn`], hides which of three
 //! modes `[cache.redis]` chose:
 //!
 //! - **server**: one `url`;
@@ -33,10 +33,13 @@
 //! | `<prefix>rate:<name>` | a GCRA limit's next allowed time | rate limits |
 //! | `<prefix>{ledger}:count:<budget>:<day>` | a budget's credits of one UTC day | the ledger |
 //! | `<prefix>{ledger}:op:<id>` | what became of one money operation | the ledger |
+//! | `<prefix>{ledger}:spend:<day>` | one UTC day's counts per payer (a hash) | the spend history |
+//! | `<prefix>{ledger}:spendop:<id>` | a batch of counts already added | the spend history |
 //! | `<prefix>purge` (channel) | purges published to every replica | the cache tier |
 //!
-//! Only the ledger's scripts touch several keys at once (an operation's
-//! record and every budget it charges), so in cluster mode its keys carry the
+//! Only the ledger's and the spend history's scripts touch several keys at
+//! once (an operation's record and every budget it charges; a batch's record
+//! and its days), so in cluster mode their keys carry the
 //! hash tag `{ledger}`: one slot, never `CROSSSLOT`. In the other modes the
 //! tag is left out, so an upgrade keeps the day's counters where they were.
 //! Entries, locks, leases and limits are single-key operations and spread
