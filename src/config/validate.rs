@@ -108,8 +108,8 @@ impl Config {
     }
 }
 
-/// Client ids become metric labels and log fields; hashes must be usable.
-pub(super) fn validate_telemetry(telemetry: &TelemetryConfig) -> Result<(), ConfigError> {
+/// The OTLP endpoint and the sample ratio are usable.
+fn validate_telemetry(telemetry: &TelemetryConfig) -> Result<(), ConfigError> {
     if !(0.0..=1.0).contains(&telemetry.sample_ratio) {
         return Err(ConfigError::Invalid(format!(
             "telemetry.sample_ratio {} must be between 0 and 1",
@@ -129,7 +129,8 @@ pub(super) fn validate_telemetry(telemetry: &TelemetryConfig) -> Result<(), Conf
     Ok(())
 }
 
-pub(super) fn validate_clients(clients: &[ClientConfig]) -> Result<(), ConfigError> {
+/// Client ids become metric labels and log fields; hashes must be usable.
+fn validate_clients(clients: &[ClientConfig]) -> Result<(), ConfigError> {
     let mut ids = std::collections::HashSet::new();
     let mut hashes = std::collections::HashSet::new();
     for client in clients {
@@ -166,8 +167,8 @@ pub(super) fn is_label(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Issuer names become metric labels and ledger names; each names one key.
-pub(super) fn validate_visitors(visitors: &VisitorsConfig) -> Result<(), ConfigError> {
+/// The visitors' address prefixes and tracking bound are in range.
+fn validate_visitors(visitors: &VisitorsConfig) -> Result<(), ConfigError> {
     if !(1..=32).contains(&visitors.ipv4_prefix) || !(1..=128).contains(&visitors.ipv6_prefix) {
         return Err(ConfigError::Invalid(
             "visitors.ipv4_prefix must be 1-32 and visitors.ipv6_prefix 1-128".into(),
@@ -181,7 +182,8 @@ pub(super) fn validate_visitors(visitors: &VisitorsConfig) -> Result<(), ConfigE
     Ok(())
 }
 
-pub(super) fn validate_issuers(issuers: &[IssuerConfig]) -> Result<(), ConfigError> {
+/// Issuer names become metric labels and ledger names; each names one key.
+fn validate_issuers(issuers: &[IssuerConfig]) -> Result<(), ConfigError> {
     let invalid = |msg: String| Err(ConfigError::Invalid(msg));
     let mut names = std::collections::HashSet::new();
     let mut iss = std::collections::HashSet::new();
@@ -229,7 +231,7 @@ pub(super) fn validate_issuers(issuers: &[IssuerConfig]) -> Result<(), ConfigErr
 /// carries no query, fragment or credentials. Plain http is only accepted to
 /// loopback: anywhere else the KeyAPI key (or a JWKS) would cross the network
 /// in clear text, open to reading (or forging).
-pub(super) fn validate_url(what: &str, raw: &str) -> Result<(), ConfigError> {
+fn validate_url(what: &str, raw: &str) -> Result<(), ConfigError> {
     let url = reqwest::Url::parse(raw)
         .map_err(|e| ConfigError::Invalid(format!("{what} {raw:?}: {e}")))?;
     let loopback = match url.host() {
