@@ -96,7 +96,7 @@ pub(crate) fn render(stats: &Stats) -> String {
         &mut html,
         &stats.last_hour,
         |m| m.credits_spent,
-        ("credits spent", "#e8710a"),
+        ("credits spent", SPENT),
     );
     html.push_str("</div>");
     spend_chart(&mut html, &stats.spend_last_30_days);
@@ -241,18 +241,11 @@ fn chart(
     value: fn(&Minute) -> u64,
     (unit, color): (&str, &str),
 ) {
-    const W: usize = 600;
-    const H: u64 = 100;
-    let bar = W / minutes.len().max(1);
     let peak = minutes.iter().map(value).max().unwrap_or(0);
     let scale = peak.max(1);
-    let _ = write!(
-        html,
-        "<figure><figcaption>{unit} per minute · peak {peak}</figcaption>\
-         <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {H}\" \
-         preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{unit} per minute over the last hour\">\
-         <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>"
-    );
+    let caption = format!("{unit} per minute · peak {peak}");
+    let aria = format!("{unit} per minute over the last hour");
+    let bar = begin_chart(html, &caption, &aria, minutes.len());
     for (i, m) in minutes.iter().enumerate() {
         let v = value(m);
         let height = v * H / scale;
@@ -265,6 +258,26 @@ fn chart(
         );
     }
     end_chart(html, "-60 min", "now");
+}
+
+/// A chart's width and height in its own units (drawn 100 px high, as wide
+/// as the page allows).
+const W: usize = 600;
+const H: u64 = 100;
+/// Spent and saved credits, as the page's `.spent` and `.saved` text.
+const SPENT: &str = "#e8710a";
+const SAVED: &str = "#18794e";
+
+/// Opens a chart of `bars` bars under `caption` (HTML); returns a bar's width.
+fn begin_chart(html: &mut String, caption: &str, aria: &str, bars: usize) -> usize {
+    let _ = write!(
+        html,
+        "<figure><figcaption>{caption}</figcaption>\
+         <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {H}\" \
+         preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{aria}\">\
+         <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>"
+    );
+    W / bars.max(1)
 }
 
 /// Closes a chart's `<svg>` and labels its two ends under it: in HTML, so
@@ -280,11 +293,6 @@ fn end_chart(html: &mut String, first: &str, last: &str) {
 /// have cost, spent (paid to KeyAPI) below and saved (answered without a
 /// call) above, on one scale.
 fn spend_chart(html: &mut String, days: &[SpendDay]) {
-    const W: usize = 600;
-    const H: u64 = 100;
-    const SPENT: &str = "#e8710a";
-    const SAVED: &str = "#18794e";
-    let bar = W / days.len().max(1);
     let peak = days
         .iter()
         .map(|d| d.credits_spent + d.credits_saved)
@@ -293,15 +301,14 @@ fn spend_chart(html: &mut String, days: &[SpendDay]) {
     let scale = peak.max(1);
     let spent: u64 = days.iter().map(|d| d.credits_spent).sum();
     let saved: u64 = days.iter().map(|d| d.credits_saved).sum();
-    let _ = write!(
-        html,
-        "<h2>Last {n} days</h2><figure><figcaption>credits per UTC day · \
-         <span class=\"spent\">spent {spent}</span> · <span class=\"saved\">saved {saved}</span></figcaption>\
-         <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {H}\" preserveAspectRatio=\"none\" \
-         role=\"img\" aria-label=\"credits spent and saved per day over the last {n} days\">\
-         <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>",
-        n = days.len(),
+    let n = days.len();
+    let _ = write!(html, "<h2>Last {n} days</h2>");
+    let caption = format!(
+        "credits per UTC day · <span class=\"spent\">spent {spent}</span> · \
+         <span class=\"saved\">saved {saved}</span>"
     );
+    let aria = format!("credits spent and saved per day over the last {n} days");
+    let bar = begin_chart(html, &caption, &aria, n);
     for (i, d) in days.iter().enumerate() {
         let spent_height = d.credits_spent * H / scale;
         let saved_height = (d.credits_spent + d.credits_saved) * H / scale - spent_height;
