@@ -107,7 +107,8 @@ pub struct LiveKey {
     echo: Arc<KeyEcho>,
     metrics: Arc<Metrics>,
     clock: SharedClock,
-    /// Rotations and rejections, for [`LiveKey::status`]; also serializes
+    /// Rotations and rejections, for [`LiveKey::status`] (which takes the
+    /// generation from `current`); also serializes
     /// rotations (a watch event and a rejected call may race).
     status: Mutex<KeyStatus>,
 }
@@ -138,10 +139,7 @@ impl LiveKey {
             }),
             metrics,
             clock,
-            status: Mutex::new(KeyStatus {
-                generation: 1,
-                ..KeyStatus::default()
-            }),
+            status: Mutex::new(KeyStatus::default()),
         }
     }
 
@@ -177,7 +175,6 @@ impl LiveKey {
             secret: key,
             generation,
         }));
-        status.generation = generation;
         status.rotated_at = Some(clock::unix_secs(self.clock.now()));
         drop(status);
         self.metrics.api_key_rotated();
@@ -233,7 +230,10 @@ impl LiveKey {
 
     /// Rotations and rejections so far.
     pub fn status(&self) -> KeyStatus {
-        *self.lock_status()
+        KeyStatus {
+            generation: self.current.load().generation,
+            ..*self.lock_status()
+        }
     }
 
     /// Watches the key file's directory (a secret replaced by a rename, a
