@@ -300,8 +300,9 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// What is needed once the response exists (borrowed from [`Observe`]:
-/// no reference count moves per request).
+/// What is needed once the response exists: borrowed from [`Observe`], but
+/// for the route labels of the generation the request began under (one
+/// reference count per request, so a reload cannot change them mid-way).
 struct Done<'a> {
     route: &'static str,
     /// The index of the KeyAPI route, if it is one.
