@@ -61,6 +61,7 @@ impl Client {
         clock: &SharedClock,
         redis: Option<&Arc<RedisConn>>,
         spend: &SpendHistory,
+        previous: Option<&Account>,
     ) -> Option<Self> {
         let id = Arc::<str>::from(c.id.as_str());
         // Its rate limit and budget counters in Redis.
@@ -74,14 +75,17 @@ impl Client {
                 RateLimit::new(rate, c.burst.unwrap_or(0), Scope::Client, clock)
                     .map(|l| l.shared(redis, &name))
             }),
-            account: Arc::new(Account {
-                budget: c
-                    .daily_budget
-                    .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
-                charged: counters.credits_spent,
-                spent: DaySpend::default(),
-                tally: spend.tally(&name),
-            }),
+            account: Arc::new(
+                Account {
+                    budget: c
+                        .daily_budget
+                        .and_then(|limit| Budget::new(limit, Scope::Client, name.clone())),
+                    charged: counters.credits_spent,
+                    spent: DaySpend::default(),
+                    tally: spend.tally(&name),
+                }
+                .continuing(previous),
+            ),
             token_sha256: words(&digest::parse_sha256_hex(&c.token_sha256)?),
             config: c.clone(),
             id,
@@ -127,10 +131,8 @@ impl Access {
             .filter_map(|c| match before(&c.id) {
                 Some(old) if old.config == *c => Some(Arc::clone(old)),
                 old => {
-                    let client = Client::new(c, metrics, clock, redis, spend)?;
-                    if let Some(old) = old {
-                        client.account.carry_over(&old.account);
-                    }
+                    let previous = old.map(|old| &*old.account);
+                    let client = Client::new(c, metrics, clock, redis, spend, previous)?;
                     Some(Arc::new(client))
                 }
             })

@@ -446,6 +446,52 @@ async fn hits_and_misses_through_20_reloads_and_3_rotations_see_no_error_and_pay
     common::assert_ledger_equals_bill(&[&app]).await;
 }
 
+/// A reload that changes a client's entry while one of its calls is in
+/// flight: the new entry's budget goes on with the old one's count, so the
+/// call in progress shows as reserved there and settles there.
+#[tokio::test]
+async fn a_call_in_flight_across_a_reload_settles_on_the_budget_in_use() {
+    let entries = |budget: &str| clients(&[("ops", ADMIN, "admin = true"), ("team", TEAM, budget)]);
+    let (files, upstream, app) = start("in-flight", &entries("daily_budget = 100")).await;
+    let team = |stats: &Value| {
+        let clients = stats["clients"].as_array().unwrap();
+        let team = clients.iter().find(|c| c["id"] == "team").unwrap();
+        (
+            team["creditsSpentToday"].clone(),
+            team["creditsReserved"].clone(),
+        )
+    };
+    upstream.hold();
+    let call = app.get_hashtag_as(TEAM, "hashtag_name=inflight");
+    let across = async {
+        common::eventually(
+            Duration::from_secs(10),
+            "the call reaches KeyAPI",
+            || async { upstream.calls() == 1 },
+        )
+        .await;
+        files.write_config(&upstream, &entries("daily_budget = 50"));
+        let (status, report) = reload(&app, ADMIN).await;
+        assert_eq!((status, &report["outcome"]), (200, &Value::from("applied")));
+        let during = team(&app.stats().await);
+        upstream.release();
+        during
+    };
+    let (answer, during) = tokio::join!(call, across);
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        during,
+        (Value::from(0), Value::from(2)),
+        "in flight, on the new entry"
+    );
+    // The fetch task settles just after the answer is sent.
+    common::eventually(Duration::from_secs(10), "the call settles", || async {
+        team(&app.stats().await) == (Value::from(2), Value::from(0))
+    })
+    .await;
+    common::assert_ledger_equals_bill(&[&app]).await;
+}
+
 #[tokio::test]
 async fn sighup_reloads_the_binary() {
     let files = LiveFiles::new("sighup");

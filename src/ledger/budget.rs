@@ -30,6 +30,16 @@ pub(super) struct Day {
     pub(super) outage_spent: u64,
 }
 
+/// What a budget has counted: shared by the budgets a reload puts in each
+/// other's place, so a call still in flight settles on the count the new
+/// one reads.
+#[derive(Debug, Default)]
+struct Count {
+    today: Mutex<Day>,
+    /// Credits charged by this replica's calls not yet settled.
+    reserved: AtomicU64,
+}
+
 /// Credits that may be spent per UTC day, by the whole proxy or one client.
 #[derive(Debug)]
 pub struct Budget {
@@ -38,9 +48,7 @@ pub struct Budget {
     pub(super) scope: Scope,
     /// The counter's name in Redis (`global`, `client:<id>`).
     pub(super) name: String,
-    pub(super) today: Mutex<Day>,
-    /// Credits charged by this replica's calls not yet settled.
-    pub(super) reserved: AtomicU64,
+    count: Arc<Count>,
 }
 
 impl Budget {
@@ -55,8 +63,7 @@ impl Budget {
             limit: AtomicU64::new(limit),
             scope,
             name,
-            today: Mutex::new(Day::default()),
-            reserved: AtomicU64::new(0),
+            count: Arc::default(),
         }
     }
 
@@ -65,16 +72,27 @@ impl Budget {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// Starts from `previous`'s count of today (a reload replacing a
-    /// client's or warm-up's account): a new limit, not a new day.
-    pub fn carry_over(&self, previous: &Budget) {
-        *self.lock_today() = *previous.lock_today();
+    /// Goes on counting with `previous` (the budget of the client or
+    /// warm-up a reload replaces): a new limit, not a new day.
+    fn continuing(mut self, previous: &Budget) -> Self {
+        self.count = Arc::clone(&previous.count);
+        self
     }
 
     /// Credits this replica's calls in progress have been charged but not
     /// yet settled (kept, or given back).
     pub fn reserved(&self) -> u64 {
-        self.reserved.load(Ordering::Relaxed)
+        self.count.reserved.load(Ordering::Relaxed)
+    }
+
+    /// A call of `cost` is charged and in progress.
+    pub(super) fn reserve(&self, cost: u64) {
+        self.count.reserved.fetch_add(cost, Ordering::Relaxed);
+    }
+
+    /// A call of `cost` has settled (kept, or given back).
+    pub(super) fn release(&self, cost: u64) {
+        self.count.reserved.fetch_sub(cost, Ordering::Relaxed);
     }
 
     /// The entry of UTC day `day`, started afresh when `day` is a new one.
@@ -98,7 +116,7 @@ impl Budget {
     }
 
     fn lock_today(&self) -> MutexGuard<'_, Day> {
-        self.today.lock().unwrap_or_else(|e| e.into_inner())
+        self.count.today.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Why this budget refuses a call of `cost` while it holds `count`:
@@ -145,13 +163,18 @@ impl Account {
         account.map_or(spend.visitors(), |account| &account.tally)
     }
 
-    /// Starts from `previous`'s counts of today: a reload replacing its
-    /// configuration (a new limit) does not make a new day.
-    pub fn carry_over(&self, previous: &Account) {
-        if let (Some(budget), Some(old)) = (&self.budget, &previous.budget) {
-            budget.carry_over(old);
+    /// Goes on from `previous`'s counts of today (the account a reload
+    /// replaces): a new configuration, not a new day. Its budget shares the
+    /// old one's count, so calls still in flight settle where it reads.
+    pub fn continuing(mut self, previous: Option<&Account>) -> Self {
+        if let Some(previous) = previous {
+            self.budget = self.budget.map(|budget| match &previous.budget {
+                Some(old) => budget.continuing(old),
+                None => budget,
+            });
+            *self.spent.lock() = *previous.spent.lock();
         }
-        *self.spent.lock() = *previous.spent.lock();
+        self
     }
 }
 

@@ -189,7 +189,7 @@ impl Ledger {
         };
         let counted = counted.inspect_err(|_| self.spend.refused(self.tally(payer)))?;
         for budget in budgets.iter().flatten() {
-            budget.reserved.fetch_add(cost, Ordering::Relaxed);
+            budget.reserve(cost);
         }
         Ok(Charge {
             ledger: self,
@@ -478,7 +478,7 @@ impl Drop for Charge<'_> {
             .into_iter()
             .flatten()
         {
-            budget.reserved.fetch_sub(self.cost, Ordering::Relaxed);
+            budget.release(self.cost);
         }
     }
 }

@@ -14,8 +14,8 @@
 //! and the key. What takes a restart (`keep_running` lists it) is reported and
 //! keeps its running value. Whatever a reload leaves as it is keeps its
 //! state: an unchanged client, issuer, visitor section, rate limit or
-//! warm-up is the same object; a changed client or warm-up carries its
-//! budget count of today over.
+//! warm-up is the same object; a changed client or warm-up goes on with
+//! its budget's count of today (shared, so calls in flight settle on it).
 //!
 //! The first generation is built here too (`build_live`), so start-up
 //! and reload assemble a configuration the same way. The reloader runs in
@@ -156,11 +156,8 @@ pub(crate) fn build_live(
                 before => {
                     let charged = metrics.client(&plan.name).credits_spent;
                     let tally = spend.tally(&plan.name);
-                    let warmup = Warmup::new(plan, charged, tally);
-                    if let Some((old, _)) = before {
-                        warmup.carry_over(old);
-                    }
-                    Arc::new(warmup)
+                    let previous = before.map(|(old, _)| &**old);
+                    Arc::new(Warmup::new(plan, charged, tally, previous))
                 }
             }
         })

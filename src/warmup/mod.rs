@@ -392,26 +392,31 @@ pub struct WarmupStats {
 impl Warmup {
     /// A warm-up charging its calls to an account whose spend is
     /// `charged`, its spend history in `tally`.
-    pub fn new(plan: WarmupPlan, charged: Counter, tally: Arc<Tally>) -> Self {
+    /// With `previous`, the warm-up of the same name a reload replaces, it
+    /// takes over its spend of today and its last run.
+    pub fn new(
+        plan: WarmupPlan,
+        charged: Counter,
+        tally: Arc<Tally>,
+        previous: Option<&Warmup>,
+    ) -> Self {
         let budget = Budget::new(plan.allowance, Scope::Warmup, plan.name.clone());
-        let account = Arc::new(Account {
+        let account = Account {
             budget,
             charged,
             spent: DaySpend::default(),
             tally,
-        });
+        }
+        .continuing(previous.map(|p| &*p.account));
+        let state = WarmupState {
+            last_run: previous.and_then(|p| p.lock().last_run.clone()),
+            ..WarmupState::default()
+        };
         Self {
             plan,
-            account,
-            state: Mutex::new(WarmupState::default()),
+            account: Arc::new(account),
+            state: Mutex::new(state),
         }
-    }
-
-    /// Takes over from `previous`, the warm-up of the same name a reload
-    /// replaces: its spend of today and its last run.
-    pub fn carry_over(&self, previous: &Warmup) {
-        self.account.carry_over(&previous.account);
-        self.lock().last_run = previous.lock().last_run.clone();
     }
 
     /// Its checked configuration.
