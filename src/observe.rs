@@ -300,9 +300,8 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// What is needed once the response exists: borrowed from [`Observe`], but
-/// for the route labels of the generation the request began under (one
-/// reference count per request, so a reload cannot change them mid-way).
+/// What is needed once the response exists: borrowed from [`Observe`], but for
+/// the labels the request began under (held, so a reload cannot change them).
 struct Done<'a> {
     route: &'static str,
     /// The index of the KeyAPI route, if it is one.
